@@ -1,0 +1,109 @@
+"""`lmforge <command>`: each command is a config dataclass plus the library function that takes it.
+
+The table below is the whole CLI. Modules are imported only when their command runs, so
+`lmforge --help` is instant and a stage's dependencies load only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lmforge.config import parse_config, to_dict
+from lmforge.errors import LmforgeError
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    config: str
+    function: str
+    summary: str
+    recipe: bool = True  # accepts a recipe file as the first positional argument
+
+
+COMMANDS: dict[str, Command] = {
+    "quickstart": Command("lmforge.quickstart", "QuickstartConfig", "run_quickstart",
+                          "the whole lifecycle on a corpus built from this machine's Python stdlib"),
+    "tokenizer train": Command("lmforge.tokenizer", "TokenizerTrainConfig", "train_tokenizer_cmd",
+                               "train a byte-level BPE tokenizer and save tokenizer.json"),
+    "data tokenize": Command("lmforge.data.tokenize", "TokenizeConfig", "tokenize_cmd",
+                             "tokenize documents into memory-mapped token shards"),
+    "pretrain": Command("lmforge.train.trainer", "PretrainConfig", "pretrain",
+                        "pretrain a model on token shards"),
+    "eval": Command("lmforge.eval.perplexity", "EvalConfig", "eval_cmd",
+                    "perplexity and bits-per-byte of a checkpoint on token shards"),
+    "generate": Command("lmforge.generate.cli", "GenerateConfig", "generate_cmd",
+                        "generate text from a checkpoint (KV cache, greedy or sampling, streaming)", recipe=False),
+    "convert from-hf": Command("lmforge.model.hf", "FromHFConfig", "from_hf_cmd",
+                               "import a Hugging Face LLaMA-family checkpoint", recipe=False),
+    "convert to-hf": Command("lmforge.model.hf", "ToHFConfig", "to_hf_cmd",
+                             "export a checkpoint as a Hugging Face LlamaForCausalLM directory", recipe=False),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: lmforge <command> [RECIPE] [--section.key VALUE ...]", "",
+             "Every option is a dotted config key; `lmforge <command> --help` lists them with defaults.", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {cmd.summary}" for name, cmd in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _find_command(argv: Sequence[str]) -> tuple[str, list[str]] | None:
+    for n in (2, 1):
+        name = " ".join(argv[:n])
+        if len(argv) >= n and name in COMMANDS:
+            return name, list(argv[n:])
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from lmforge import __version__
+
+        print(__version__)
+        return 0
+    found = _find_command(argv)
+    if found is None:
+        groups = sorted({n.split()[0] for n in COMMANDS if " " in n})
+        if argv[0] in groups:
+            subs = [n for n in COMMANDS if n.startswith(argv[0] + " ")]
+            print(f"lmforge: error: '{argv[0]}' needs a subcommand: {', '.join(subs)}", file=sys.stderr)
+            return 2
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], [n.split()[0] for n in COMMANDS], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"lmforge: error: unknown command '{argv[0]}'{hint}; run 'lmforge --help'", file=sys.stderr)
+        return 2
+    name, rest = found
+    cmd = COMMANDS[name]
+    try:
+        module = importlib.import_module(cmd.module)
+        cfg, print_only = parse_config(getattr(module, cmd.config), rest, prog=f"lmforge {name}",
+                                       description=cmd.summary, recipe=cmd.recipe)
+        if print_only:
+            import json
+
+            print(json.dumps(to_dict(cfg), indent=2))
+            return 0
+        result = getattr(module, cmd.function)(cfg)
+        return result if isinstance(result, int) else 0
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

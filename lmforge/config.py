@@ -1,0 +1,353 @@
+"""One config system: dataclasses are the schema, recipes (TOML/YAML/JSON) and dotted CLI flags fill them.
+
+A command's options are the leaf fields of its config dataclass, spelled with dots
+(`train.lr`). The same names work in a recipe (`[train] lr = 3e-4`), on the command line
+(`--train.lr 3e-4`) and in Python (`cfg.train.lr`). Precedence: dataclass defaults < recipe <
+command line. Anything that does not fit raises `ConfigError` with one line that names the key
+and, for a typo, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from lmforge.errors import ConfigError, LmforgeError
+
+T = TypeVar("T")
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
+           positional: bool = False) -> Any:
+    """A dataclass field with the help text the CLI shows; `positional` makes it a bare CLI argument."""
+    meta = {"help": help, "positional": positional}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# dict -> dataclass, with type checks
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
+    """Build `cls` from a nested mapping; unknown keys and wrong types raise `ConfigError`."""
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a table of options, got {data!r}")
+    expand = getattr(cls, "__config_expand__", None)
+    if expand is not None:
+        data = expand(dict(data), prefix)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(unknown_key_message(prefix + str(key), leaf_keys(cls, prefix)))
+        kwargs[key] = coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field was not given
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def unknown_key_message(key: str, candidates: Sequence[str]) -> str:
+    msg = f"unknown config key '{key}'"
+    hint = suggest(key, candidates)
+    return msg + (f" (did you mean '{hint}'?)" if hint else "")
+
+
+def suggest(key: str, candidates: Sequence[str]) -> str | None:
+    """Closest valid key: whole dotted name first, then just its last part."""
+    key = key.lstrip("-")
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.7)
+    return tails[close[0]] if close else None
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting CLI strings; raise a one-line error."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        for c in choices:
+            if value == c or (isinstance(value, str) and str(c) == value):
+                return c
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, key + ".")
+    if origin in (list, tuple, Sequence, typing.Sequence):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        elem = args[0] if args else Any
+        items = [coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if _is_integral(value) else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise ConfigError(f"{key}: expected a path, got {value!r}")
+    return value
+
+
+def _is_integral(s: str) -> bool:
+    try:
+        f = float(s)
+    except ValueError:
+        return False
+    return f.is_integer() and any(c in s for c in "eE.")
+
+
+# ----------------------------------------------------------------------------------------------
+# dataclass -> dict, files
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain nested dict (lists for tuples, str for paths) suitable for JSON/TOML."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON recipe into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"recipe not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: recipe must be .toml, .yaml, .yml or .json")
+    except ConfigError:
+        raise
+    except Exception as e:  # parser errors carry line numbers in their message
+        raise ConfigError(f"{path}: cannot parse recipe: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a table of options at the top level")
+    return data
+
+
+def save_config(obj: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(obj), indent=2) + "\n", encoding="utf-8")
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = data.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"'{p}' is an option, not a section (in '{key}')")
+        data = nxt
+    data[parts[-1]] = value
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: tables merge key by key, anything else in `override` wins."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    key: str
+    type: Any
+    default: Any
+    help: str
+    positional: bool
+
+
+def leaves(cls: type, prefix: str = "") -> list[Leaf]:
+    """Every option of `cls`, nested sections flattened to dotted keys."""
+    out = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(leaves(tp, f"{prefix}{f.name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        out.append(Leaf(prefix + f.name, tp, default, f.metadata.get("help", ""),
+                        bool(f.metadata.get("positional", False))))
+    return out
+
+
+def leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    return [leaf.key for leaf in leaves(cls, prefix)]
+
+
+def _metavar(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "{" + ",".join(map(str, get_args(tp))) + "}"
+    if origin in (Union, types.UnionType):
+        return "|".join(_metavar(a) for a in get_args(tp) if a is not type(None))
+    if origin in (list, tuple):
+        return _metavar(get_args(tp)[0]) if get_args(tp) else "ITEM"
+    return getattr(tp, "__name__", str(tp)).upper()
+
+
+def _is_list(tp: Any) -> bool:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_is_list(a) for a in get_args(tp))
+    return origin in (list, tuple)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def build_parser(cls: type, prog: str, description: str = "", recipe: bool = True) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if recipe:
+        parser.add_argument("recipe", nargs="?", default=None,
+                            help="TOML/YAML/JSON recipe; command-line options override it")
+    for leaf in leaves(cls):
+        default = "required" if leaf.default is dataclasses.MISSING else json.dumps(to_dict(leaf.default))
+        help_text = f"{leaf.help} (default: {default})".strip()
+        is_list = _is_list(leaf.type)
+        if leaf.positional:
+            nargs = ("*" if is_list else "?") if leaf.default is not dataclasses.MISSING else ("+" if is_list else None)
+            parser.add_argument(leaf.key, nargs=nargs, default=argparse.SUPPRESS,
+                                metavar=leaf.key.upper().replace(".", "_"), help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"dest": leaf.key, "default": argparse.SUPPRESS, "help": help_text,
+                                  "metavar": _metavar(leaf.type)}
+        if leaf.type is bool:
+            kwargs.update(nargs="?", const="true")
+        elif is_list:
+            kwargs.update(nargs="+")
+        parser.add_argument("--" + leaf.key, **kwargs)
+    parser.add_argument("--print-config", action="store_true", default=False,
+                        help="print the resolved config as JSON and exit")
+    return parser
+
+
+def parse_config(cls: type[T], argv: Sequence[str], prog: str, description: str = "",
+                 recipe: bool = True) -> tuple[T, bool]:
+    """Parse `argv` into `cls`; returns (config, print_config_only)."""
+    parser = build_parser(cls, prog, description, recipe)
+    ns, unknown = parser.parse_known_args(list(argv))
+    if unknown:
+        flags = [u for u in unknown if u.startswith("-")]
+        if flags:
+            bad = flags[0].split("=", 1)[0]
+            hint = suggest(bad, leaf_keys(cls))
+            raise ConfigError(f"{prog}: unknown option '{bad}'" + (f" (did you mean '--{hint}'?)" if hint else ""))
+        raise ConfigError(f"{prog}: unexpected argument '{unknown[0]}'")
+    values = vars(ns)
+    data: dict[str, Any] = {}
+    if recipe and values.get("recipe"):
+        data = load_recipe(values["recipe"])
+    for leaf in leaves(cls):
+        if leaf.key in values:
+            set_dotted(data, leaf.key, values[leaf.key])
+    return from_dict(cls, data), bool(values.get("print_config"))

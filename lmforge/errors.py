@@ -1,0 +1,19 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad path, a malformed line, a wrong config key) is raised as
+`LmforgeError`; the CLI prints its one-line message and exits non-zero instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class LmforgeError(Exception):
+    """An error caused by user input; `str(err)` is the whole message shown to the user."""
+
+    exit_code = 1
+
+
+class ConfigError(LmforgeError):
+    """A recipe or command line that does not fit the config dataclasses."""
+
+    exit_code = 2

@@ -1,0 +1,102 @@
+"""The causal decoder every stage shares. Pure modules: no losses, optimizers or parallelism here."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.model.attention import Attention, KVCache
+from lmforge.model.config import ModelConfig
+from lmforge.model.layers import MLP, make_norm
+from lmforge.model.positions import RotaryEmbedding, sinusoidal_table
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm_placement == "pre"
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, start_pos: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cache, start_pos, attn_mask))
+            return x + self.mlp(self.mlp_norm(x))
+        x = self.attn_norm(x + self.resid_dropout(self.attn(x, rope, cache, start_pos, attn_mask)))
+        return self.mlp_norm(x + self.mlp(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only Transformer: embeddings -> blocks -> final norm -> LM head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set before building the model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rope = (RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+                     if cfg.position == "rope" else None)
+        if cfg.position == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        elif cfg.position == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # Post-norm blocks already end in a norm; pre-norm stacks need one before the head.
+        self.norm = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2 * layers)."""
+        std = self.cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith((".out", ".down")) else std
+                nn.init.normal_(module.weight, mean=0.0, std=s)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif hasattr(module, "weight") and isinstance(getattr(module, "weight"), nn.Parameter):
+                nn.init.ones_(module.weight)  # norms
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
+                      positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, d]. `positions` ([T] or [B, T]) default to start_pos + arange(T)."""
+        T = input_ids.shape[1]
+        if T + start_pos > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T + start_pos} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        x = self.embed(input_ids)
+        if self.cfg.position == "learned":
+            x = x + self.pos_embed(positions)
+        elif self.cfg.position == "sinusoidal":
+            x = x + self.pos_table[positions].to(x.dtype)
+        x = self.embed_dropout(x)
+        rope = self.rope(positions) if self.rope is not None else None
+        for block in self.blocks:
+            x = block(x, rope, cache, start_pos, attn_mask)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab]."""
+        return self.lm_head(self.hidden_states(input_ids, cache, start_pos, positions, attn_mask))
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, dtype=p.dtype, device=p.device)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
