@@ -1,0 +1,46 @@
+"""Where and in what precision tensors run: one place that picks the device and the autocast context."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' prefers CUDA, then CPU; an explicit 'cuda' on a machine without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LmforgeError(f"device '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    """'auto' is bf16 where the hardware has fast bf16 (CUDA with bf16, or a CPU with AMX/AVX512-BF16)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision keeps fp32 master weights; matmuls run in the low-precision dtype."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
