@@ -325,7 +325,10 @@ def build_parser(cls: type, prog: str, description: str = "", recipe: bool = Tru
             kwargs.update(nargs="?", const="true")
         elif is_list:
             kwargs.update(nargs="+")
-        parser.add_argument("--" + leaf.key, **kwargs)
+        flags = ["--" + leaf.key]
+        if "_" in leaf.key:  # --max-new-tokens and --max_new_tokens both work
+            flags.append("--" + leaf.key.replace("_", "-"))
+        parser.add_argument(*flags, **kwargs)
     parser.add_argument("--print-config", action="store_true", default=False,
                         help="print the resolved config as JSON and exit")
     return parser
@@ -340,7 +343,7 @@ def parse_config(cls: type[T], argv: Sequence[str], prog: str, description: str 
         flags = [u for u in unknown if u.startswith("-")]
         if flags:
             bad = flags[0].split("=", 1)[0]
-            hint = suggest(bad, leaf_keys(cls))
+            hint = suggest(bad.lstrip("-").replace("-", "_"), leaf_keys(cls))
             raise ConfigError(f"{prog}: unknown option '{bad}'" + (f" (did you mean '--{hint}'?)" if hint else ""))
         raise ConfigError(f"{prog}: unexpected argument '{unknown[0]}'")
     values = vars(ns)
