@@ -57,11 +57,25 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") ->
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(unknown_key_message(prefix + str(key), leaf_keys(cls, prefix)))
+        default = _default_of(fields[key])
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, Mapping) and default is not None:
+            # A section given in part keeps the field's own default for the rest (which may differ
+            # from the section class's defaults); naming a new preset starts that section afresh.
+            if not ("preset" in value and hasattr(hints[key], "__config_expand__")):
+                value = merge(to_dict(default), value)
         kwargs[key] = coerce(value, hints[key], prefix + key)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field was not given
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def unknown_key_message(key: str, candidates: Sequence[str]) -> str:
@@ -255,23 +269,21 @@ class Leaf:
     positional: bool
 
 
-def leaves(cls: type, prefix: str = "") -> list[Leaf]:
-    """Every option of `cls`, nested sections flattened to dotted keys."""
+def leaves(cls: type, prefix: str = "", instance: Any = None) -> list[Leaf]:
+    """Every option of `cls`, nested sections flattened to dotted keys; defaults come from
+    `instance` when given (a section's default may differ from its class's defaults)."""
     out = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out.extend(leaves(tp, f"{prefix}{f.name}."))
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
+        default = getattr(instance, f.name) if instance is not None else _default_of(f)
+        if default is None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             default = dataclasses.MISSING
+        if dataclasses.is_dataclass(tp):
+            out.extend(leaves(tp, f"{prefix}{f.name}.", default if dataclasses.is_dataclass(default) else None))
+            continue
         out.append(Leaf(prefix + f.name, tp, default, f.metadata.get("help", ""),
                         bool(f.metadata.get("positional", False))))
     return out

@@ -1,0 +1,86 @@
+"""Single-sequence generation with a KV cache: prefill the prompt once, then decode one token at a time.
+
+The prompt's keys and values are computed in one forward pass and kept in a preallocated
+`KVCache`; every later step feeds only the newest token at `start_pos` = tokens so far, so a
+step costs O(length) attention instead of re-running the whole sequence.
+
+Stop tokens end generation and are NOT yielded (unlike HF `generate`, which appends eos to its
+output): callers get exactly the text the model produced. The whole sequence (prompt + new
+tokens) never exceeds the model's `max_seq_len`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.generate.sampling import SamplingParams, sample_next
+
+log = logging.getLogger(__name__)
+
+
+def fit_prompt(prompt_ids: Sequence[int], max_seq_len: int) -> list[int]:
+    """Keep the last `max_seq_len - 1` tokens so at least one new token fits; warn when cutting."""
+    room = max_seq_len - 1
+    if len(prompt_ids) <= room:
+        return list(prompt_ids)
+    log.warning("prompt of %d tokens is longer than the model's max_seq_len=%d allows; "
+                "keeping its last %d tokens", len(prompt_ids), max_seq_len, room)
+    return list(prompt_ids[-room:])
+
+
+def check_prompt(prompt_ids: Sequence[int], vocab_size: int) -> None:
+    if len(prompt_ids) == 0:
+        raise LmforgeError("generate: the prompt is empty; give at least one token (e.g. the tokenizer's bos)")
+    for i, t in enumerate(prompt_ids):
+        if not 0 <= int(t) < vocab_size:
+            raise LmforgeError(f"generate: prompt token {i} is {t}, outside the model's vocabulary [0, {vocab_size})")
+
+
+def new_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+@torch.no_grad()
+def generate_stream(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+    """Yield new token ids one at a time, as soon as each is sampled.
+
+    Stops on a stop token (not yielded), after `params.max_new_tokens`, or when the sequence
+    reaches the model's `max_seq_len`. The model runs in eval mode (no dropout) while generating.
+    """
+    cfg = model.cfg
+    check_prompt(prompt_ids, cfg.vocab_size)
+    if params.max_new_tokens == 0:
+        return
+    prompt = fit_prompt(prompt_ids, cfg.max_seq_len)
+    budget = min(params.max_new_tokens, cfg.max_seq_len - len(prompt))
+    device = next(model.parameters()).device
+    generator = new_generator(params.seed, device)
+    stop = set(params.stop_token_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        # The last sampled token is never fed back, so the cache needs one slot less than the total.
+        cache = model.new_cache(1, len(prompt) + budget - 1)
+        logits = model(torch.tensor([prompt], device=device), cache=cache, start_pos=0)[:, -1]
+        pos = len(prompt)
+        for step in range(budget):
+            token = int(sample_next(logits, params, generator)[0])
+            if token in stop:
+                return
+            yield token
+            if step + 1 == budget:
+                return
+            logits = model(torch.tensor([[token]], device=device), cache=cache, start_pos=pos)[:, -1]
+            pos += 1
+    finally:
+        model.train(was_training)
+
+
+def generate(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+    """The new token ids only (the prompt is not repeated); see `generate_stream`."""
+    return list(generate_stream(model, prompt_ids, params))

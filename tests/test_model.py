@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmforge.config import from_dict
+from lmforge.model import ModelConfig, Transformer
+
+VARIANTS = {
+    "llama-gqa": {},
+    "mha-tied": dict(n_kv_heads=4, tie_embeddings=True),
+    "mqa": dict(n_kv_heads=1),
+    "gpt2-like": dict(norm="layernorm", mlp="gelu", position="learned", bias=True, tie_embeddings=True),
+    "post-norm-sinusoidal-relu": dict(norm_placement="post", position="sinusoidal", mlp="relu"),
+    "qkv-bias-no-pos": dict(qkv_bias=True, position="none"),
+}
+
+
+def build(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    cfg = from_dict(ModelConfig, {"preset": "debug", "vocab_size": 97, **overrides})
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variants_forward_and_count_parameters(name):
+    model = build(**VARIANTS[name])
+    ids = torch.randint(0, 97, (2, 12))
+    logits = model(ids)
+    assert logits.shape == (2, 12, 97) and torch.isfinite(logits).all()
+    assert model.cfg.num_params() == model.num_params()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_causality_future_tokens_do_not_change_the_past(name):
+    model = build(**VARIANTS[name])
+    ids = torch.randint(0, 97, (1, 10))
+    changed = ids.clone()
+    changed[0, 6:] = (changed[0, 6:] + 1) % 97
+    torch.testing.assert_close(model(ids)[:, :6], model(changed)[:, :6])
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_kv_cache_prefill_then_decode_equals_full_forward(name):
+    model = build(**VARIANTS[name])
+    ids = torch.randint(0, 97, (2, 11))
+    full = model(ids)
+    cache = model.new_cache(2, 16)
+    parts = [model(ids[:, :5], cache=cache, start_pos=0), model(ids[:, 5:8], cache=cache, start_pos=5)]
+    parts += [model(ids[:, t:t + 1], cache=cache, start_pos=t) for t in range(8, 11)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def naive_attention_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    """Reference forward with explicit softmax(QK^T/sqrt(d) + mask)V and repeated KV heads."""
+    cfg = model.cfg
+    x = model.embed(ids)
+    T = ids.shape[1]
+    cos, sin = model.rope(torch.arange(T))
+    from lmforge.model.positions import apply_rope
+
+    for block in model.blocks:
+        h = block.attn_norm(x)
+        H, KV, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, k, v = block.attn.qkv(h).split([H * D, KV * D, KV * D], dim=-1)
+        q = apply_rope(q.view(1, T, H, D).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(1, T, KV, D).transpose(1, 2), cos, sin).repeat_interleave(H // KV, dim=1)
+        v = v.view(1, T, KV, D).transpose(1, 2).repeat_interleave(H // KV, dim=1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D)
+        scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(1, T, H * D)
+        x = x + block.attn.out(y)
+        x = x + block.mlp(block.mlp_norm(x))
+    return model.lm_head(model.norm(x))
+
+
+def test_sdpa_gqa_matches_a_naive_reference():
+    model = build()
+    ids = torch.randint(0, 97, (1, 9))
+    torch.testing.assert_close(model(ids), naive_attention_logits(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_share_storage_and_presets_have_published_sizes():
+    model = build(tie_embeddings=True)
+    assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
+    assert abs(from_dict(ModelConfig, {"preset": "llama2-7b"}).num_params() - 6.74e9) < 0.01e9
+    assert abs(from_dict(ModelConfig, {"preset": "llama3-8b"}).num_params() - 8.03e9) < 0.01e9
+
+
+def test_sequence_longer_than_max_seq_len_is_refused():
+    model = build(max_seq_len=8)
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
