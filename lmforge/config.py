@@ -60,9 +60,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") ->
         default = _default_of(fields[key])
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, Mapping) and default is not None:
             # A section given in part keeps the field's own default for the rest (which may differ
-            # from the section class's defaults); naming a new preset starts that section afresh.
-            if not ("preset" in value and hasattr(hints[key], "__config_expand__")):
-                value = merge(to_dict(default), value)
+            # from the section class's defaults).
+            value = merge(to_dict(default), value)
         kwargs[key] = coerce(value, hints[key], prefix + key)
     try:
         return cls(**kwargs)
@@ -246,7 +245,10 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep merge: tables merge key by key, anything else in `override` wins."""
+    """Deep merge: tables merge key by key, anything else in `override` wins. A table that names a
+    new `preset` replaces its base table: the preset defines every key the user did not give."""
+    if "preset" in override and override.get("preset") != base.get("preset"):
+        return dict(override)
     out = dict(base)
     for k, v in override.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
@@ -324,7 +326,7 @@ def build_parser(cls: type, prog: str, description: str = "", recipe: bool = Tru
                             help="TOML/YAML/JSON recipe; command-line options override it")
     for leaf in leaves(cls):
         default = "required" if leaf.default is dataclasses.MISSING else json.dumps(to_dict(leaf.default))
-        help_text = f"{leaf.help} (default: {default})".strip()
+        help_text = f"{leaf.help} (default: {default})".strip().replace("%", "%%")
         is_list = _is_list(leaf.type)
         if leaf.positional:
             nargs = ("*" if is_list else "?") if leaf.default is not dataclasses.MISSING else ("+" if is_list else None)

@@ -70,8 +70,10 @@ class ShardWriter:
         self.eos_id = eos_id
         self.max_shard_tokens = max_shard_tokens
         self.dtype = token_dtype(vocab_size)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise LmforgeError(f"{self.directory}: exists and is not a directory")
         self.directory.mkdir(parents=True, exist_ok=True)
-        for old in [self.directory / INDEX_NAME, *self.directory.iterdir()]:
+        for old in self.directory.iterdir():
             if old.name == INDEX_NAME or _SHARD_FILE.fullmatch(old.name):
                 old.unlink(missing_ok=True)
         self._shards: list[dict[str, Any]] = []
@@ -273,8 +275,10 @@ def _read_index(path: Path) -> dict[str, Any]:
         raise LmforgeError(f"{path}: field 'dtype' must be 'uint16' or 'uint32', got {index.get('dtype')!r}")
     for key in ("vocab_size", "n_tokens", "n_docs", "n_bytes"):
         if not _is_count(index.get(key)):
-            raise LmforgeError(f"{path}: field '{key}' must be a non-negative integer, got {index.get(key)!r}")
-    if index["vocab_size"] == 0 or np.dtype(index["dtype"]).itemsize < token_dtype(index["vocab_size"]).itemsize:
+            raise LmforgeError(f"{path}: field '{key}' must be a non-negative integer, "
+                               f"got {index.get(key)!r}")
+    too_narrow = np.dtype(index["dtype"]).itemsize < token_dtype(index["vocab_size"]).itemsize
+    if index["vocab_size"] == 0 or too_narrow:
         raise LmforgeError(f"{path}: dtype {index['dtype']} does not fit vocab_size {index['vocab_size']}")
     if not isinstance(index.get("tokenizer_sha256", ""), str):
         raise LmforgeError(f"{path}: field 'tokenizer_sha256' must be a string")
@@ -291,7 +295,8 @@ def _read_index(path: Path) -> dict[str, Any]:
         for key in ("tokens", "doc_ends"):
             name = entry.get(key)
             if not isinstance(name, str) or not name or Path(name).name != name:
-                raise LmforgeError(f"{path}: shards[{i}].{key} must be a file name in the directory, got {name!r}")
+                raise LmforgeError(f"{path}: shards[{i}].{key} must be a file name in the directory, "
+                                   f"got {name!r}")
         for key in ("n_tokens", "n_docs", "n_bytes"):
             if not _is_count(entry.get(key)):
                 raise LmforgeError(f"{path}: shards[{i}].{key} must be a non-negative integer, "

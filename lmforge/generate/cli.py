@@ -31,7 +31,8 @@ class GenerateConfig:
     top_p: float = option(1.0, "nucleus sampling mass; 1 keeps all")
     max_new_tokens: int = option(100, "most tokens to generate")
     seed: int = option(0, "seed of the sampling generator (same seed, same text)")
-    json: bool = option(False, "print one JSON object {\"ids\": [new ids], \"text\": new text} instead of streaming")
+    json: bool = option(False, "print one JSON object {\"ids\": [new ids], \"text\": new text} "
+                                     "instead of streaming")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
 
 
@@ -83,8 +84,8 @@ def generate_cmd(cfg: GenerateConfig) -> int:
     model = load_model(checkpoint, device=resolve_device(cfg.device))
     tokenizer = load_tokenizer(checkpoint)
     if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
-        raise LmforgeError(f"{checkpoint / TOKENIZER_NAME}: tokenizer has {tokenizer.vocab_size} tokens but the "
-                           f"model's vocab_size is {model.cfg.vocab_size}")
+        raise LmforgeError(f"{checkpoint / TOKENIZER_NAME}: tokenizer has {tokenizer.vocab_size} tokens but "
+                           f"the model's vocab_size is {model.cfg.vocab_size}")
     ids = prompt_ids(cfg, tokenizer)
     params = sampling_params(cfg, tokenizer)
     stream = generate_stream(model, ids, params)

@@ -35,29 +35,35 @@ def fit_prompt(prompt_ids: Sequence[int], max_seq_len: int) -> list[int]:
 
 def check_prompt(prompt_ids: Sequence[int], vocab_size: int) -> None:
     if len(prompt_ids) == 0:
-        raise LmforgeError("generate: the prompt is empty; give at least one token (e.g. the tokenizer's bos)")
+        raise LmforgeError("generate: the prompt is empty; give at least one token (e.g. a bos token)")
     for i, t in enumerate(prompt_ids):
         if not 0 <= int(t) < vocab_size:
-            raise LmforgeError(f"generate: prompt token {i} is {t}, outside the model's vocabulary [0, {vocab_size})")
+            raise LmforgeError(f"generate: prompt token {i} is {t}, "
+                               f"outside the model's vocabulary [0, {vocab_size})")
 
 
 def new_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
-@torch.no_grad()
 def generate_stream(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
     """Yield new token ids one at a time, as soon as each is sampled.
 
     Stops on a stop token (not yielded), after `params.max_new_tokens`, or when the sequence
-    reaches the model's `max_seq_len`. The model runs in eval mode (no dropout) while generating.
+    reaches the model's `max_seq_len`. The prompt is checked (and cut) now, before the first
+    token is asked for, so a bad prompt fails where the stream is created. The model runs in
+    eval mode (no dropout) while generating.
     """
-    cfg = model.cfg
-    check_prompt(prompt_ids, cfg.vocab_size)
+    check_prompt(prompt_ids, model.cfg.vocab_size)
     if params.max_new_tokens == 0:
-        return
-    prompt = fit_prompt(prompt_ids, cfg.max_seq_len)
-    budget = min(params.max_new_tokens, cfg.max_seq_len - len(prompt))
+        return iter(())
+    return decode(model, fit_prompt(prompt_ids, model.cfg.max_seq_len), params)
+
+
+@torch.no_grad()
+def decode(model: nn.Module, prompt: list[int], params: SamplingParams) -> Iterator[int]:
+    """Prefill `prompt` (which leaves room for a token) into a fresh cache, then decode step by step."""
+    budget = min(params.max_new_tokens, model.cfg.max_seq_len - len(prompt))
     device = next(model.parameters()).device
     generator = new_generator(params.seed, device)
     stop = set(params.stop_token_ids)

@@ -1,0 +1,134 @@
+"""Perplexity and bits-per-byte of a model on token shards (`lmforge eval`).
+
+Loss is the mean next-token cross-entropy in nats over scored tokens; perplexity is exp(loss).
+Bits-per-byte, loss / ln 2 / (bytes per token), divides out the tokenizer, so models with
+different vocabularies compare on the same text (Gao et al., 2020, "The Pile", Sec. 5.1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from lmforge.config import option
+from lmforge.data.loader import SequenceLoader
+from lmforge.data.shards import INDEX_NAME, ShardSet
+from lmforge.errors import LmforgeError
+from lmforge.runtime import autocast, resolve_device, resolve_precision
+from lmforge.train.objectives import causal_lm_loss
+
+
+def evaluate_perplexity(model: torch.nn.Module, shards: ShardSet, seq_len: int, batch_size: int = 8,
+                        max_batches: int = 50, device: torch.device | str = "cpu", precision: str = "fp32",
+                        *, progress: bool = False) -> dict[str, float]:
+    """Score sequential windows from the start of `shards`, each at most once.
+
+    At most `max_batches` batches (0 = every window); the last batch is cut short rather than
+    wrapping around to windows already scored. The model must already be on `device`; its
+    train/eval mode is restored afterwards. Returns {"loss", "perplexity", "bits_per_byte", "tokens"};
+    bits_per_byte is NaN when the shards carry no byte counts.
+    """
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)  # type: ignore[arg-type]
+    loader = SequenceLoader(shards, batch_size, seq_len, shuffle=False)
+    n_windows = loader.n_windows if max_batches <= 0 else min(loader.n_windows, max_batches * batch_size)
+    n_batches = math.ceil(n_windows / batch_size)
+    total_nats, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in tqdm(range(n_batches), desc="eval", unit="batch", disable=not progress):
+                inputs, targets = loader.next_batch()
+                keep = min(batch_size, n_windows - i * batch_size)
+                inputs, targets = inputs[:keep].to(device), targets[:keep].to(device)
+                with autocast(device, precision):
+                    logits = model(inputs)
+                total_nats += causal_lm_loss(logits, targets, reduction="sum").item()
+                total_tokens += targets.numel()
+    finally:
+        model.train(was_training)
+    loss = total_nats / total_tokens
+    bytes_per_token = shards.bytes_per_token
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": loss / math.log(2) / bytes_per_token if bytes_per_token > 0 else math.nan,
+        "tokens": total_tokens,
+    }
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = option(help="model directory (config.json + model.safetensors)")
+    data: str = option(help="a token shard directory (has index.json), or a directory holding val/ "
+                            "(preferred) or train/ shard directories")
+    seq_len: int = option(0, "tokens per scored window; 0 means the model's max_seq_len")
+    batch_size: int = option(8, "windows per forward pass")
+    max_batches: int = option(50, "stop after this many batches; 0 scores every window once")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto")
+    precision: Literal["auto", "fp32", "bf16"] = option("fp32", "autocast precision of the forward pass")
+
+
+def resolve_shard_dir(data: str | Path) -> Path:
+    """`data` itself when it holds index.json, else its val/ split, else its train/ split."""
+    root = Path(data)
+    for candidate in (root, root / "val", root / "train"):
+        if (candidate / INDEX_NAME).is_file():
+            if candidate.name == "train" and candidate != root:
+                print(f"lmforge eval: no val/ split in {root}; evaluating on {candidate}", file=sys.stderr)
+            return candidate
+    if not root.exists():
+        raise LmforgeError(f"data: {root} does not exist")
+    raise LmforgeError(f"data: no token shards in {root} (expected {INDEX_NAME}, val/{INDEX_NAME} or "
+                       f"train/{INDEX_NAME}); run `lmforge data tokenize` first")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def eval_cmd(cfg: EvalConfig) -> int:
+    from lmforge.model import load_model
+
+    for name in ("batch_size", "seq_len", "max_batches"):
+        if getattr(cfg, name) < (1 if name == "batch_size" else 0):
+            raise LmforgeError(f"{name} must be {'positive' if name == 'batch_size' else '>= 0'}, "
+                               f"got {getattr(cfg, name)}")
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    shard_dir = resolve_shard_dir(cfg.data)
+    shards = ShardSet(shard_dir)
+    model = load_model(cfg.checkpoint, device)
+    model_vocab = model.cfg.vocab_size
+    if shards.vocab_size > model_vocab:
+        raise LmforgeError(f"shards at {shard_dir} have vocab_size {shards.vocab_size}, larger than the "
+                           f"checkpoint's {model_vocab} ({cfg.checkpoint}): mismatched tokenizer")
+    tokenizer_file = Path(cfg.checkpoint) / "tokenizer.json"
+    sha = shards.tokenizer_sha256
+    if sha and tokenizer_file.is_file() and file_sha256(tokenizer_file) != sha:
+        print(f"lmforge eval: warning: {tokenizer_file} differs from the tokenizer the shards at {shard_dir} "
+              "were made with", file=sys.stderr)
+    seq_len = cfg.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise LmforgeError(f"seq_len {seq_len} exceeds the checkpoint's max_seq_len {model.cfg.max_seq_len}")
+    result = evaluate_perplexity(model, shards, seq_len, cfg.batch_size, cfg.max_batches, device, precision,
+                                 progress=True)
+    rows = [("checkpoint", cfg.checkpoint), ("data", str(shard_dir)), ("tokens", f"{result['tokens']:,}"),
+            ("loss", f"{result['loss']:.4f}"), ("perplexity", f"{result['perplexity']:.3f}"),
+            ("bits_per_byte", f"{result['bits_per_byte']:.4f}")]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    record = {"checkpoint": cfg.checkpoint, "data": str(shard_dir), "seq_len": seq_len, **result}
+    if math.isnan(record["bits_per_byte"]):
+        record["bits_per_byte"] = None  # JSON has no NaN
+    print(json.dumps(record))
+    return 0

@@ -1,0 +1,221 @@
+"""Training checkpoints: atomic, pickle-free, and complete enough to resume a run bit for bit.
+
+Layout of RUN/checkpoints/:
+    step_000123/model.safetensors + config.json   a model directory (`lmforge.model.load_model` reads it)
+    step_000123/optimizer.safetensors             every optimizer state tensor, "state.<param_index>.<name>"
+    step_000123/trainer_state.json                step, loader position, optimizer hyperparameters and
+                                                  scalar state, RNG states, and the caller's own keys
+    latest                                        the name of the newest complete checkpoint
+
+A checkpoint is written into a hidden temp directory, fsynced, and renamed into place; only then is
+`latest` replaced (atomically) and old checkpoints pruned. A process killed at any moment therefore
+leaves `latest` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lmforge.config import to_dict
+from lmforge.errors import LmforgeError
+from lmforge.files import atomic_write_text, fsync_dir
+from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME, load_into, load_weights, read_model_config, save_model
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_NAME = "latest"
+OPTIMIZER_NAME = "optimizer.safetensors"
+STATE_NAME = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer and RNG state <-> (tensors, JSON)
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into tensors (for safetensors) and JSON (hyperparameters, scalars).
+
+    0-dim tensors such as Adam's 'step' go to JSON as {"tensor": value, "dtype": ...}; so does any
+    non-tensor state value.
+    """
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, param_state in sd["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            elif isinstance(value, torch.Tensor):
+                scalars.setdefault(str(idx), {})[name] = {"tensor": value.item(),
+                                                          "dtype": str(value.dtype).removeprefix("torch.")}
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    groups = [{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in g.items()}
+              for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalar_state": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `optimizer_to_files`: a dict `optimizer.load_state_dict` accepts."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["scalar_state"].items():
+        for name, value in values.items():
+            if isinstance(value, dict) and "tensor" in value:
+                value = torch.tensor(value["tensor"], dtype=getattr(torch, value["dtype"]))
+            state.setdefault(int(idx), {})[name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's CPU (and CUDA) generator states; dropout and any sampling in the loop draw from them."""
+    out: dict[str, Any] = {"torch_cpu": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["torch_cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_unb64(state["torch_cpu"]))
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["torch_cuda"]])
+
+
+# ----------------------------------------------------------------------------------------------
+# save / load
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoint directories as (step, path), oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The directory `latest` names, or None when the run has no checkpoint yet."""
+    root = checkpoints_dir(run_dir)
+    pointer = root / LATEST_NAME
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8").strip()
+    path = root / name
+    if not _STEP_DIR.match(name) or not (path / STATE_NAME).is_file():
+        raise LmforgeError(f"{pointer}: names '{name}', which is not a complete checkpoint in {root}")
+    return path
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _remove_tree(path: Path) -> None:
+    """Rename to a temp name first so a half-deleted directory never looks like a checkpoint."""
+    trash = path.with_name(f"{_TMP_PREFIX}del-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: int) -> Path:
+    """Write RUN/checkpoints/step_<step>/ atomically, point `latest` at it, keep the newest `keep` (<=0: all).
+
+    `model` must be the plain model (not a `torch.compile` wrapper) with a `.cfg` ModelConfig.
+    `state` is the caller's JSON-serializable resume state (loader position, counters).
+    """
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(_TMP_PREFIX + "*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    name = checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=root))
+    try:
+        save_model(model, tmp)  # each file written and fsynced atomically
+        tensors, optim_meta = optimizer_to_files(optimizer)
+        save_file(tensors, str(tmp / OPTIMIZER_NAME), metadata={"format": "pt"})
+        _fsync_file(tmp / OPTIMIZER_NAME)
+        trainer_state = {"step": step, **state, "optimizer": optim_meta, "rng": rng_state()}
+        atomic_write_text(tmp / STATE_NAME, json.dumps(trainer_state, indent=1) + "\n")
+        fsync_dir(tmp)
+        final = root / name
+        if final.exists():  # re-saving a step (e.g. the final step of a finished run)
+            _remove_tree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST_NAME, name + "\n")
+    fsync_dir(root)
+    if keep > 0:
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            if old.name != name:
+                _remove_tree(old)
+    return final
+
+
+def check_model_config(checkpoint: Path, model: torch.nn.Module) -> None:
+    """Raise one line naming the first model config key that differs from the checkpoint's."""
+    saved = to_dict(read_model_config(checkpoint))
+    current = to_dict(model.cfg)
+    for key in current:
+        if key != "preset" and saved.get(key) != current[key]:
+            raise LmforgeError(f"{checkpoint / CONFIG_NAME}: checkpoint has model.{key}={saved.get(key)!r} "
+                               f"but this run has model.{key}={current[key]!r}; use the original config "
+                               "or a new run_dir")
+
+
+def load_checkpoint(run_dir: str | Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+    """Restore model, optimizer and RNG from `latest`; return the saved state, or None if there is none."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return None
+    check_model_config(path, model)
+    load_into(model, load_weights(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
+    try:
+        state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{path / STATE_NAME}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if optimizer is not None:
+        sd = optimizer_from_files(load_weights(path / OPTIMIZER_NAME), state["optimizer"])
+        sizes = [len(g["params"]) for g in sd["param_groups"]]
+        if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+            raise LmforgeError(f"{path / OPTIMIZER_NAME}: optimizer parameter groups {sizes} do not match "
+                               "this model's")
+        optimizer.load_state_dict(sd)
+    set_rng_state(state["rng"])
+    return state

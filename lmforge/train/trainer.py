@@ -1,0 +1,399 @@
+"""The training loop every stage shares, and `pretrain`, which feeds it token shards and the LM loss.
+
+`train_loop` knows nothing of what it trains: it takes a model, `loss_fn(model, batch) -> (loss,
+metrics)` and a batch source with next_batch()/state_dict()/load_state_dict(). It owns the rest:
+AdamW + warmup/cosine lr, gradient accumulation and clipping, mixed precision, periodic evaluation,
+metrics, plots, and atomic checkpoints that resume bit for bit. SFT, DPO and GRPO reuse it with
+their own loss and batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.config import option, save_config
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.files import atomic_write
+from lmforge.model.config import ModelConfig
+from lmforge.runtime import autocast, resolve_device, resolve_precision
+from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.metrics import METRICS_NAME, PLOT_NAME, MetricsLogger, plot_curves
+from lmforge.train.objectives import causal_lm_loss
+from lmforge.train.optim import build_optimizer
+from lmforge.train.schedule import lr_at, resolve_warmup
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class DataConfig:
+    path: str = option("shards", "directory made by `lmforge data tokenize` (train/, optional val/, "
+                                 "tokenizer.json)")
+    seq_len: int = option(256, "tokens per training sequence")
+    batch_size: int = option(16, "sequences per micro-batch")
+    seed: int = option(0, "seed of the data order")
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 1, "data.seq_len", self.seq_len, "positive")
+        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "positive")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = option(1000, "optimizer steps")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "final lr of the cosine decay, as a fraction of the peak")
+    warmup_steps: int = option(-1, "linear warmup steps; -1 means 1% of steps (at least 1)")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay on weight matrices (not on embeddings, "
+                                      "norms or biases)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "autocast precision (fp32 master weights); auto is bf16 where the hardware is fast at it")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto")
+    compile: bool = option(False, "torch.compile the model (pays 20-40 s up front; worth it for long runs)")
+    seed: int = option(0, "seed of weight init and dropout")
+    log_every: int = option(10, "write a metrics row every this many steps")
+    eval_every: int = option(100, "validate every this many steps (and at the end); 0 only at the end")
+    eval_batches: int = option(20, "batches per validation")
+    save_every: int = option(200, "checkpoint every this many steps (and at the end); 0 only at the end")
+    keep_checkpoints: int = option(2, "newest checkpoints kept on disk; 0 keeps all")
+    plot_every: int = option(50, "redraw RUN/loss.png every this many steps (and at the end); 0 only at "
+                                 "the end")
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "train.steps", self.steps, "positive")
+        _require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "positive")
+        _require(self.lr > 0, "train.lr", self.lr, "positive")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _require(self.warmup_steps >= -1, "train.warmup_steps", self.warmup_steps,
+                 ">= 0, or -1 for 1% of steps")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _require(0 <= self.beta1 < 1, "train.beta1", self.beta1, "in [0, 1)")
+        _require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "in [0, 1)")
+        _require(self.eps > 0, "train.eps", self.eps, "positive")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "positive")
+        _require(self.eval_batches >= 1, "train.eval_batches", self.eval_batches, "positive")
+        for name in ("eval_every", "save_every", "keep_checkpoints", "plot_every"):
+            _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
+
+
+@dataclass
+class PretrainConfig:
+    run_dir: str = option("runs/pretrain", "where checkpoints, metrics, plots and the final model go")
+    resume: bool = option(False, "continue from RUN/checkpoints/latest (starts fresh, with a note, if none)")
+    model: ModelConfig = option(default_factory=ModelConfig, help="model architecture")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training data"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimization"})
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# one optimizer step
+
+
+class Batches(Protocol):
+    """A resumable batch source (e.g. `lmforge.data.loader.SequenceLoader`)."""
+
+    def next_batch(self) -> Any: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
+Evaluate = Callable[[nn.Module], dict[str, float]]
+
+
+def tokens_in(batch: Any) -> int:
+    """Tokens in a batch: the input tensor's size (first element of a tuple, or 'input_ids')."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0].numel()
+    if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
+        return batch["input_ids"].numel()
+    return 0
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean of the micro-batch losses
+    metrics: dict[str, float]  # loss_fn's extra metrics, averaged over micro-batches
+    tokens: int
+
+
+def forward_backward(model: nn.Module, loss_fn: LossFn, batches: Batches, grad_accum: int,
+                     device: torch.device, precision: str, scaler: torch.amp.GradScaler | None = None,
+                     count_tokens: Callable[[Any], int] = tokens_in) -> StepStats:
+    """Accumulate gradients of mean(loss over `grad_accum` micro-batches) into `.grad`.
+
+    Each micro-batch loss is divided by grad_accum, so with equal-sized micro-batches the gradient
+    equals that of one batch grad_accum times larger. Backward runs outside autocast, as PyTorch's
+    AMP recipe prescribes.
+    """
+    total = torch.zeros((), device=device)
+    sums: dict[str, float] = {}
+    tokens = 0
+    for _ in range(grad_accum):
+        batch = batches.next_batch()
+        tokens += count_tokens(batch)
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            loss, extra = loss_fn(model, batch)
+        scaled = loss / grad_accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total += loss.detach().float()
+        for k, v in extra.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return StepStats(total.item() / grad_accum, {k: v / grad_accum for k, v in sums.items()}, tokens)
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                   scaler: torch.amp.GradScaler | None = None) -> float:
+    """Clip the global grad norm (unscaled first under fp16), step, zero grads; returns the pre-clip norm."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step when the fp16 gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.item()
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class LoopState:
+    """Counters that survive a resume (saved in trainer_state.json under "loop")."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    train_time: float = 0.0  # seconds spent in training steps (not eval or checkpointing)
+    last_loss: float | None = None
+    last_eval: dict[str, Any] | None = None
+    window: dict[str, float] = field(default_factory=dict)  # sums since the last metrics row
+
+    def add_to_window(self, stats: StepStats, grad_norm: float, seconds: float) -> None:
+        w = self.window
+        for k, v in {"steps": 1, "loss": stats.loss, "grad_norm": grad_norm, "tokens": stats.tokens,
+                     "time": seconds, **{f"m.{k}": v for k, v in stats.metrics.items()}}.items():
+            w[k] = w.get(k, 0.0) + v
+
+    def pop_window_row(self, lr: float) -> dict[str, Any]:
+        w, self.window = self.window, {}
+        n = w["steps"]
+        row = {"step": self.step, "loss": w["loss"] / n, "lr": lr, "grad_norm": w["grad_norm"] / n,
+               "tokens_seen": self.tokens_seen, "tokens_per_s": w["tokens"] / w["time"] if w["time"] else 0.0}
+        row.update({k[2:]: v / n for k, v in w.items() if k.startswith("m.")})
+        return row
+
+
+def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainConfig, run_dir: str | Path, *,
+               evaluate: Evaluate | None = None, resume: bool = False,
+               count_tokens: Callable[[Any], int] = tokens_in, desc: str = "train") -> dict[str, Any]:
+    """Train `model` for cfg.steps optimizer steps; checkpoints, metrics.jsonl, tb/, loss.png go in run_dir.
+
+    `model` must be the plain module with a `.cfg` (checkpoints are model directories); it is moved
+    to the device and trained in place. `evaluate(model) -> {"val_loss": ..., ...}` runs every
+    cfg.eval_every steps and at the end. With `resume`, model, optimizer, loader, RNG and counters
+    come back from RUN/checkpoints/latest, so the rest of the run repeats an uninterrupted one.
+    Returns {"steps", "final_loss", "tokens_seen", "tokens_per_s", **last evaluation}.
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    state = LoopState()
+    saved = None
+    if resume:
+        saved = load_checkpoint(run_dir, model, optimizer)
+        if saved is None:
+            print(f"note: no checkpoint in {run_dir}; starting a fresh run", file=sys.stderr)
+    elif latest_checkpoint(run_dir) is not None:
+        raise LmforgeError(f"{run_dir} already holds checkpoints; pass --resume true to continue that run, "
+                           "or choose another run_dir")
+    if saved is not None:
+        state = LoopState(**saved["loop"])
+        batches.load_state_dict(saved["loader"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        print(f"resuming {run_dir} from step {state.step}", file=sys.stderr)
+    metrics = MetricsLogger(run_dir, resume_step=state.step if saved is not None else None)
+    train_model = torch.compile(model) if cfg.compile else model
+    warmup = resolve_warmup(cfg.warmup_steps, cfg.steps)
+
+    def checkpoint() -> None:
+        extra = {"loop": dataclasses.asdict(state), "loader": batches.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None}
+        save_checkpoint(run_dir, state.step, model, optimizer, extra, cfg.keep_checkpoints)
+
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
+    try:
+        while state.step < cfg.steps:
+            lr = lr_at(state.step, cfg.lr, warmup, cfg.steps, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            stats = forward_backward(train_model, loss_fn, batches, cfg.grad_accum, device, precision, scaler,
+                                     count_tokens)
+            if not math.isfinite(stats.loss):
+                raise LmforgeError(f"step {state.step + 1}: loss is {stats.loss} (training diverged); "
+                                   "lower train.lr or raise train.warmup_steps, then resume from the last "
+                                   "checkpoint")
+            grad_norm = optimizer_step(model, optimizer, cfg.grad_clip, scaler)
+            seconds = time.perf_counter() - t0
+            state.step += 1
+            state.tokens_seen += stats.tokens
+            state.train_time += seconds
+            state.last_loss = stats.loss
+            state.add_to_window(stats, grad_norm, seconds)
+            bar.update(1)
+            done = state.step == cfg.steps
+            if state.step % cfg.log_every == 0 or done:
+                row = state.pop_window_row(lr)
+                metrics.log(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+            if evaluate is not None and (done or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+                state.last_eval = evaluate(model)
+                model.train()
+                metrics.log({"step": state.step, **state.last_eval})
+                shown = [f"{k} {v:.4f}" for k, v in state.last_eval.items() if isinstance(v, float)]
+                bar.write(f"step {state.step}: " + ", ".join(shown))
+            if done or (cfg.save_every and state.step % cfg.save_every == 0):
+                checkpoint()
+            if cfg.plot_every and state.step % cfg.plot_every == 0:
+                metrics.flush()
+                plot_curves(metrics.path, run_dir / PLOT_NAME)
+    finally:
+        bar.close()
+        metrics.close()
+    plot_curves(run_dir / METRICS_NAME, run_dir / PLOT_NAME)
+    return {"steps": state.step, "final_loss": state.last_loss, "tokens_seen": state.tokens_seen,
+            "tokens_per_s": state.tokens_seen / state.train_time if state.train_time else 0.0,
+            **(state.last_eval or {})}
+
+
+# ----------------------------------------------------------------------------------------------
+# pretraining
+
+
+def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+            ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Next-token cross-entropy on an (inputs, targets) batch from `SequenceLoader`."""
+    inputs, targets = batch
+    return causal_lm_loss(model(inputs), targets), {}
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Pretrain a model on DATA/train shards; the result lands in RUN/model with the data's tokenizer."""
+    from lmforge.data.loader import SequenceLoader
+    from lmforge.data.shards import INDEX_NAME, ShardSet
+    from lmforge.eval.perplexity import evaluate_perplexity, file_sha256
+    from lmforge.model.io import save_model
+    from lmforge.model.transformer import Transformer
+
+    data_dir = Path(cfg.data.path)
+    train_dir = data_dir / "train" if (data_dir / "train" / INDEX_NAME).is_file() else data_dir
+    if not (train_dir / INDEX_NAME).is_file():
+        raise LmforgeError(f"data.path: no token shards in {data_dir} (expected train/{INDEX_NAME}); "
+                           "run `lmforge data tokenize` first")
+    shards = ShardSet(train_dir)
+    model_cfg = cfg.model
+    if model_cfg.vocab_size == 0:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=shards.vocab_size)
+    if shards.vocab_size > model_cfg.vocab_size:
+        raise LmforgeError(f"model.vocab_size {model_cfg.vocab_size} is smaller than the vocab_size "
+                           f"{shards.vocab_size} of the shards in {train_dir}")
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise LmforgeError(f"data.seq_len {cfg.data.seq_len} exceeds model.max_seq_len "
+                           f"{model_cfg.max_seq_len}")
+    tokenizer = data_dir / TOKENIZER_FILES[0]
+    if shards.tokenizer_sha256 and tokenizer.is_file() and file_sha256(tokenizer) != shards.tokenizer_sha256:
+        print(f"warning: {tokenizer} is not the tokenizer the shards in {train_dir} were made with",
+              file=sys.stderr)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.json")
+
+    loader = SequenceLoader(shards, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.data.seed)
+    precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
+    evaluate = None
+    val_dir = data_dir / "val"
+    if (val_dir / INDEX_NAME).is_file():
+        val = ShardSet(val_dir)
+        if val.n_tokens > cfg.data.seq_len:
+            def evaluate(model: nn.Module) -> dict[str, float | None]:
+                r = evaluate_perplexity(model, val, cfg.data.seq_len, cfg.data.batch_size,
+                                        cfg.train.eval_batches, device=next(model.parameters()).device,
+                                        precision=precision)
+                bpb = r["bits_per_byte"]
+                return {"val_loss": r["loss"], "val_bpb": None if math.isnan(bpb) else bpb}
+        else:
+            print(f"note: {val_dir} has {val.n_tokens} tokens, fewer than data.seq_len+1; "
+                  "skipping validation", file=sys.stderr)
+
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(model_cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"pretrain: {n_params / 1e6:.2f}M parameters, {shards.n_tokens:,} training tokens, "
+          f"run dir {run_dir}", file=sys.stderr)
+    result = train_loop(model, lm_loss, loader, cfg.train, run_dir, evaluate=evaluate, resume=cfg.resume,
+                        desc="pretrain")
+
+    model_dir = run_dir / "model"
+    save_model(model, model_dir)
+    for name in TOKENIZER_FILES:
+        if (data_dir / name).is_file():
+            atomic_write(model_dir / name, lambda tmp, src=data_dir / name: shutil.copyfile(src, tmp))
+    out = {"final_loss": result["final_loss"], "val_loss": result.get("val_loss"),
+           "val_bpb": result.get("val_bpb"), "model_dir": str(model_dir), "steps": result["steps"],
+           "tokens_per_s": result["tokens_per_s"]}
+    val_text = "" if out["val_loss"] is None else f", val loss {out['val_loss']:.4f}"
+    if out["val_bpb"] is not None:
+        val_text += f", val bpb {out['val_bpb']:.4f}"
+    print(f"pretrain: {out['steps']} steps, final loss {out['final_loss']:.4f}{val_text}, "
+          f"{out['tokens_per_s']:,.0f} tokens/s -> {model_dir}")
+    return out
