@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
@@ -16,8 +16,7 @@ from lmforge.generate.engine import generate_stream
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import load_model
 from lmforge.runtime import resolve_device
-
-TOKENIZER_NAME = "tokenizer.json"
+from lmforge.tokenizer import TOKENIZER_FILE, StreamDecoder, Tokenizer
 
 
 @dataclass
@@ -32,7 +31,7 @@ class GenerateConfig:
     max_new_tokens: int = option(100, "most tokens to generate")
     seed: int = option(0, "seed of the sampling generator (same seed, same text)")
     json: bool = option(False, "print one JSON object {\"ids\": [new ids], \"text\": new text} "
-                                     "instead of streaming")
+                               "instead of streaming")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
 
 
@@ -47,22 +46,18 @@ def parse_input_ids(text: str) -> list[int]:
     return ids
 
 
-def load_tokenizer(checkpoint: Path) -> Any | None:
+def load_tokenizer(checkpoint: Path) -> Tokenizer | None:
     """The tokenizer saved beside the weights, or None when the directory has none."""
-    if not (checkpoint / TOKENIZER_NAME).is_file():
-        return None
-    from lmforge.tokenizer import Tokenizer
-
-    return Tokenizer.load(checkpoint)
+    return Tokenizer.load(checkpoint) if (checkpoint / TOKENIZER_FILE).is_file() else None
 
 
-def prompt_ids(cfg: GenerateConfig, tokenizer: Any | None) -> list[int]:
+def prompt_ids(cfg: GenerateConfig, tokenizer: Tokenizer | None) -> list[int]:
     if cfg.input_ids.strip() and cfg.prompt:
         raise LmforgeError("give --prompt or --input-ids, not both")
     if cfg.input_ids.strip():
         return parse_input_ids(cfg.input_ids)
     if tokenizer is None:
-        raise LmforgeError(f"{cfg.checkpoint} has no {TOKENIZER_NAME}: pass token ids with --input-ids")
+        raise LmforgeError(f"{cfg.checkpoint} has no {TOKENIZER_FILE}: pass token ids with --input-ids")
     ids = tokenizer.encode(cfg.prompt, add_bos=tokenizer.bos_id is not None) if cfg.prompt else []
     if not ids:
         if tokenizer.bos_id is None:
@@ -72,8 +67,8 @@ def prompt_ids(cfg: GenerateConfig, tokenizer: Any | None) -> list[int]:
     return ids
 
 
-def sampling_params(cfg: GenerateConfig, tokenizer: Any | None) -> SamplingParams:
-    eos = getattr(tokenizer, "eos_id", None)
+def sampling_params(cfg: GenerateConfig, tokenizer: Tokenizer | None) -> SamplingParams:
+    eos = tokenizer.eos_id if tokenizer is not None else None
     return SamplingParams(greedy=cfg.greedy, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                           stop_token_ids=[] if eos is None else [eos])
@@ -84,7 +79,7 @@ def generate_cmd(cfg: GenerateConfig) -> int:
     model = load_model(checkpoint, device=resolve_device(cfg.device))
     tokenizer = load_tokenizer(checkpoint)
     if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
-        raise LmforgeError(f"{checkpoint / TOKENIZER_NAME}: tokenizer has {tokenizer.vocab_size} tokens but "
+        raise LmforgeError(f"{checkpoint / TOKENIZER_FILE}: tokenizer has {tokenizer.vocab_size} tokens but "
                            f"the model's vocab_size is {model.cfg.vocab_size}")
     ids = prompt_ids(cfg, tokenizer)
     params = sampling_params(cfg, tokenizer)
@@ -99,7 +94,8 @@ def generate_cmd(cfg: GenerateConfig) -> int:
     return 0
 
 
-def stream_to_terminal(stream: Any, prompt: list[int], prompt_text: str, tokenizer: Any | None) -> None:
+def stream_to_terminal(stream: Iterator[int], prompt: list[int], prompt_text: str,
+                       tokenizer: Tokenizer | None) -> None:
     """Print the prompt, then each piece of text (or each id, without a tokenizer) as it arrives."""
     out = sys.stdout
     if tokenizer is None:
@@ -108,8 +104,6 @@ def stream_to_terminal(stream: Any, prompt: list[int], prompt_text: str, tokeniz
             out.write(f" {token}")
             out.flush()
     else:
-        from lmforge.tokenizer import StreamDecoder
-
         out.write(prompt_text or tokenizer.decode(prompt))
         out.flush()
         decoder = StreamDecoder(tokenizer)

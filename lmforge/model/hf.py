@@ -156,7 +156,7 @@ def module_map(cfg: ModelConfig) -> list[tuple[str, list[tuple[str, int]]]]:
             (f"blocks.{i}.attn.qkv", [(at + "q_proj", q), (at + "k_proj", kv), (at + "v_proj", kv)]),
             (f"blocks.{i}.attn.out", [(at + "o_proj", d)]),
             (f"blocks.{i}.mlp_norm", [(hf + "post_attention_layernorm", d)]),
-            (f"blocks.{i}.mlp.up", [(mlp + "gate_proj", ff), (mlp + "up_proj", ff)]),
+            (f"blocks.{i}.mlp.up", [(mlp + "up_proj", ff), (mlp + "gate_proj", ff)]),
             (f"blocks.{i}.mlp.down", [(mlp + "down_proj", d)]),
         ]
     out.append(("norm", [("model.norm", d)]))
@@ -202,7 +202,8 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> d
             state[key] = tensor
     ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()  # some tied checkpoints store the copy
     unexpected = sorted(k for k in hf_state if k not in used and k not in ignorable
-                        and not k.endswith("rotary_emb.inv_freq"))
+                        and not k.endswith("rotary_emb.inv_freq")
+                        and not (k.endswith(".bias") and not hf_state[k].any()))  # a zero bias is no bias
     if unexpected:
         more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
         raise LmforgeError(f"HF weights have tensors the config does not explain: {unexpected[:3]}{more}")

@@ -107,12 +107,16 @@ class MetricsLogger:
         self.close()
 
 
-def ema(values: list[float], beta: float = 0.9) -> list[float]:
-    """Bias-corrected exponential moving average (as Adam's moments, Kingma & Ba 2015, Alg. 1)."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values, start=1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**i))
+def smooth(values: list[float], window: int) -> list[float]:
+    """Centered moving average (shrinking at the ends): unlike an EMA it does not lag the curve."""
+    half = window // 2
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
     return out
 
 
@@ -130,7 +134,9 @@ def plot_curves(metrics_jsonl: str | Path, png: str | Path) -> Path:
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
-        ax.plot(steps, ema(list(losses)), color="tab:blue", linewidth=2, label="train loss (smoothed)")
+        window = 2 * (len(losses) // 40) + 1  # ~5% of the points
+        ax.plot(steps, smooth(list(losses), window), color="tab:blue", linewidth=2,
+                label="train loss (smoothed)")
     if val:
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="val loss")

@@ -1,0 +1,32 @@
+"""The main job end to end on a tiny budget: every stage runs, writes its outputs, and a rerun reuses them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmforge.cli import main
+
+
+@pytest.mark.slow
+def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
+    run = tmp_path / "qs"
+    argv = ["quickstart", "--run-dir", str(run), "--corpus-max-bytes", "400000", "--vocab-size", "512",
+            "--sample-tokens", "8", "--pretrain.model.preset", "debug", "--pretrain.train.steps", "30",
+            "--pretrain.train.eval-every", "15", "--pretrain.train.save-every", "15",
+            "--pretrain.data.seq-len", "64", "--pretrain.data.batch-size", "8", "--pretrain.train.precision", "fp32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "samples after pretraining" in out and "lmforge generate --checkpoint" in out
+    summary = json.loads((run / "summary.json").read_text())
+    pt = summary["stages"]["pretrain"]
+    assert pt["val_after"]["loss"] < pt["val_before"]["loss"]
+    for path in ["corpus/corpus.jsonl", "tokenizer/tokenizer.json", "shards/train/index.json",
+                 "shards/val/index.json", "pretrain/metrics.jsonl", "pretrain/loss.png", "pretrain/model/model.safetensors",
+                 "pretrain/model/tokenizer.json", "summary.md"]:
+        assert (run / path).is_file(), path
+
+    assert main(argv) == 0  # second run reuses every finished stage
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 4
