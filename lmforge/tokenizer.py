@@ -76,8 +76,8 @@ class Tokenizer:
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
-            where = f"no {TOKENIZER_FILE} in {path}" if path.is_dir() else f"{path}: no such tokenizer file"
-            raise LmforgeError(where)
+            raise LmforgeError(f"no {TOKENIZER_FILE} in {path}" if path.is_dir() else
+                               f"tokenizer not found: {path} (expected {TOKENIZER_FILE} or a directory with one)")
         try:
             tk = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises a bare Exception with a serde message

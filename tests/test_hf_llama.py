@@ -108,6 +108,10 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 def test_from_hf_matches_hf_logits_and_round_trips(tmp_path, name):
     hf_model, hf_dir = save_hf(tmp_path, **HF_VARIANTS[name])
     ours = from_hf(hf_dir, tmp_path / "ours")
+    cfg, hf_cfg = load_model(ours).cfg, hf_model.config
+    assert (cfg.norm_eps, cfg.rope_theta, cfg.n_kv_heads, cfg.tie_embeddings) == (
+        hf_cfg.rms_norm_eps, hf_cfg.rope_parameters["rope_theta"], hf_cfg.num_key_value_heads,
+        hf_cfg.tie_word_embeddings)
     expected = hf_logits(hf_model)
     assert max_diff(our_logits(ours), expected) < 1e-4
     back = load_hf(to_hf(ours, tmp_path / "back"))

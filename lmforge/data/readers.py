@@ -168,5 +168,5 @@ def read_text_file(path: Path) -> Document:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise LmforgeError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start} in the file)") from None
+        raise BadRecord(f"{path}:{line}", f"not valid UTF-8 (byte offset {e.start} in the file)") from None
     return Document(id=str(path), text=text, source=str(path))

@@ -39,7 +39,7 @@ class TokenizeConfig:
 
 
 def is_val_doc(index: int, seed: int, val_fraction: float) -> bool:
-    """A document's split depends only on (seed, its index): reruns and resumptions agree."""
+    """A document's split depends only on (seed, its index among non-empty documents): reruns agree."""
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
@@ -68,12 +68,16 @@ def tokenize_to_shards(paths: Sequence[str | Path], tokenizer: Tokenizer, output
     eos_id = tokenizer.eos_id
     if eos_id is None:
         raise LmforgeError("the tokenizer has no eos token; documents in shards must end with one")
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     output = Path(output)
     start = time.perf_counter()
 
+    sha256 = tokenizer.sha256
     splits = ["train", "val"] if val_fraction > 0 else ["train"]
-    writers = {split: ShardWriter(output / split, tokenizer.vocab_size, tokenizer.sha256, eos_id,
-                                  max_shard_tokens) for split in splits}
+    if "val" not in splits and (output / "val").is_dir():  # a stale val set from an earlier run would
+        ShardWriter(output / "val", tokenizer.vocab_size).abort()  # be mistaken for this one's: clear it
+    writers = {split: ShardWriter(output / split, tokenizer.vocab_size, sha256, eos_id, max_shard_tokens)
+               for split in splits}
     n_docs = dict.fromkeys(splits, 0)
 
     def add(split: str, ids: list[int], n_bytes: int) -> None:

@@ -156,7 +156,7 @@ def module_map(cfg: ModelConfig) -> list[tuple[str, list[tuple[str, int]]]]:
             (f"blocks.{i}.attn.qkv", [(at + "q_proj", q), (at + "k_proj", kv), (at + "v_proj", kv)]),
             (f"blocks.{i}.attn.out", [(at + "o_proj", d)]),
             (f"blocks.{i}.mlp_norm", [(hf + "post_attention_layernorm", d)]),
-            (f"blocks.{i}.mlp.up", [(mlp + "up_proj", ff), (mlp + "gate_proj", ff)]),
+            (f"blocks.{i}.mlp.up", [(mlp + "gate_proj", ff), (mlp + "up_proj", ff)]),
             (f"blocks.{i}.mlp.down", [(mlp + "down_proj", d)]),
         ]
     out.append(("norm", [("model.norm", d)]))
