@@ -77,7 +77,7 @@ class Tokenizer:
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise LmforgeError(f"no {TOKENIZER_FILE} in {path}" if path.is_dir() else
-                               f"tokenizer not found: {path} (expected {TOKENIZER_FILE} or a directory with one)")
+                               f"tokenizer not found: {path} (want {TOKENIZER_FILE} or a dir with one)")
         try:
             tk = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises a bare Exception with a serde message

@@ -66,7 +66,8 @@ def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path):
     assert loaded["param_groups"] == saved["param_groups"]
     for idx, s in saved["state"].items():
         for k, v in s.items():
-            assert torch.equal(loaded["state"][idx][k], v) and loaded["state"][idx][k].dtype == v.dtype, (idx, k)
+            got = loaded["state"][idx][k]
+            assert torch.equal(got, v) and got.dtype == v.dtype, (idx, k)
     assert torch.equal(torch.rand(5), expected_draw)
     # both optimizers take the same next step
     for m, o in ((model, opt), (other, other_opt)):

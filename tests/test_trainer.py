@@ -220,7 +220,8 @@ PRETRAIN_FLAGS = ["--model.preset", "debug", "--data.seq_len", "32", "--data.bat
 
 def test_cli_pretrain_writes_a_usable_run(shakespeare_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["pretrain", "--run_dir", str(run), "--data.path", str(shakespeare_data), *PRETRAIN_FLAGS]) == 0
+    flags = ["--run_dir", str(run), "--data.path", str(shakespeare_data), *PRETRAIN_FLAGS]
+    assert main(["pretrain", *flags]) == 0
     out = capsys.readouterr().out
     assert "pretrain: 6 steps, final loss" in out and "val bpb" in out
 
@@ -228,7 +229,7 @@ def test_cli_pretrain_writes_a_usable_run(shakespeare_data, tmp_path, capsys):
     assert saved["model"]["vocab_size"] == 300 and saved["train"]["steps"] == 6  # vocab from the shards
     model = load_model(run / "model")
     assert model.cfg.vocab_size == 300
-    assert (run / "model" / "tokenizer.json").read_bytes() == (shakespeare_data / "tokenizer.json").read_bytes()
+    assert (run / "model/tokenizer.json").read_bytes() == (shakespeare_data / "tokenizer.json").read_bytes()
     assert (run / "loss.png").stat().st_size > 1000
     assert list((run / "tb").glob("events.out.tfevents.*"))
     rows = read_metrics(run / "metrics.jsonl")
@@ -238,11 +239,10 @@ def test_cli_pretrain_writes_a_usable_run(shakespeare_data, tmp_path, capsys):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000006"
 
     # the same run dir again without --resume would silently mix two runs: refuse
-    assert main(["pretrain", "--run_dir", str(run), "--data.path", str(shakespeare_data), *PRETRAIN_FLAGS]) == 1
+    assert main(["pretrain", *flags]) == 1
     assert "--resume true" in capsys.readouterr().err
     # a checkpoint of another architecture: one line naming the key
-    assert main(["pretrain", "--run_dir", str(run), "--data.path", str(shakespeare_data), *PRETRAIN_FLAGS,
-                 "--resume", "true", "--model.n_layers", "3"]) == 1
+    assert main(["pretrain", *flags, "--resume", "true", "--model.n_layers", "3"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "".join(err) and err[-1].startswith("lmforge: error: ")
     assert "model.n_layers=2" in err[-1] and "model.n_layers=3" in err[-1]
@@ -268,6 +268,7 @@ def test_vocab_larger_than_model_is_an_error(shakespeare_data, tmp_path):
 
 
 def test_missing_data_is_an_error(tmp_path):
-    cfg = from_dict(PretrainConfig, {"run_dir": str(tmp_path / "run"), "data": {"path": str(tmp_path / "nope")}})
+    cfg = from_dict(PretrainConfig, {"run_dir": str(tmp_path / "run"),
+                                     "data": {"path": str(tmp_path / "nope")}})
     with pytest.raises(LmforgeError, match="no token shards"):
         pretrain(cfg)
