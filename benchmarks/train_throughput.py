@@ -122,7 +122,8 @@ def main() -> int:
                   f"ratio {tps / hf_tps:.2f}x   {mfu:.1%} of bf16 peak")
             del model, runner
 
-    machine = f"{platform.machine()} {threads} threads, torch {torch.__version__}, bf16 peak {peak_bf16 / 1e9:.0f} GFLOP/s"
+    machine = (f"{platform.machine()} {threads} threads, torch {torch.__version__}, "
+               f"bf16 peak {peak_bf16 / 1e9:.0f} GFLOP/s")
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     lines = [f"| {fig} (lmforge = {mfu:.1%} of bf16 matmul peak) | {ours:,.0f} | {peer:,.0f} | {ours / peer:.2f} | "
              f"{machine} | `{command}` |" for fig, ours, peer, mfu in rows]

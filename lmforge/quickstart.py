@@ -29,8 +29,8 @@ def _default_pretrain() -> PretrainConfig:
         run_dir="",
         model=from_dict(ModelConfig, {"preset": "tiny"}),
         data=DataConfig(path="", seq_len=256, batch_size=16),
-        train=TrainConfig(steps=400, lr=2e-3, warmup_steps=40, eval_every=100, eval_batches=10, save_every=100,
-                          log_every=10, plot_every=50),
+        train=TrainConfig(steps=400, lr=2e-3, warmup_steps=40, compile=True, eval_every=100, eval_batches=10,
+                          save_every=100, log_every=10, plot_every=50),
     )
 
 
@@ -175,7 +175,8 @@ def _summary_text(summary: dict[str, Any]) -> str:
         "",
         "=" * 72,
         f"lmforge quickstart finished in {summary['seconds']} s  ->  {summary['run_dir']}",
-        f"  corpus:    {st['corpus'].get('docs')} documents, {st['corpus'].get('bytes', 0) / 1e6:.1f} MB of stdlib code + docs",
+        f"  corpus:    {st['corpus'].get('docs')} documents, "
+        f"{st['corpus'].get('bytes', 0) / 1e6:.1f} MB of stdlib code + docs",
         f"  tokenizer: byte-level BPE, {st['tokenizer']['vocab_size']} tokens",
         f"  shards:    {st['shards']['train_tokens']:,} train / {st['shards']['val_tokens']:,} val tokens",
         f"  pretrain:  {pt.get('steps')} steps, {pt.get('tokens_per_s', 0):,.0f} tokens/s",

@@ -44,3 +44,20 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile where it can work; otherwise (no C++ compiler for inductor on CPU) the eager model.
+
+    Compile errors fall back to eager execution instead of ending a run: speed is optional, the run is not.
+    """
+    import shutil
+    import warnings
+
+    if not torch.cuda.is_available() and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        warnings.warn("train.compile: no C++ compiler found for inductor; training eagerly", stacklevel=2)
+        return model
+    from torch import _dynamo
+
+    _dynamo.config.suppress_errors = True
+    return torch.compile(model)

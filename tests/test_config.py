@@ -106,7 +106,8 @@ def test_every_command_help_lists_its_options_with_defaults(capsys):
 
 @dataclass
 class Outer:
-    root: Root = option(default_factory=lambda: Root(run_dir="custom", model=from_dict(ModelConfig, {"preset": "tiny"})),
+    root: Root = option(default_factory=lambda: Root(run_dir="custom",
+                                                     model=from_dict(ModelConfig, {"preset": "tiny"})),
                         help="a section whose default differs from its class's defaults")
 
 

@@ -23,7 +23,8 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
     pt = summary["stages"]["pretrain"]
     assert pt["val_after"]["loss"] < pt["val_before"]["loss"]
     for path in ["corpus/corpus.jsonl", "tokenizer/tokenizer.json", "shards/train/index.json",
-                 "shards/val/index.json", "pretrain/metrics.jsonl", "pretrain/loss.png", "pretrain/model/model.safetensors",
+                 "shards/val/index.json", "pretrain/metrics.jsonl", "pretrain/loss.png",
+                 "pretrain/model/model.safetensors",
                  "pretrain/model/tokenizer.json", "summary.md"]:
         assert (run / path).is_file(), path
 

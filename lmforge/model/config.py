@@ -23,7 +23,8 @@ class ModelConfig:
     max_seq_len: int = option(256, "longest sequence (sizes learned positions and the KV cache)")
     norm: Literal["rmsnorm", "layernorm"] = option("rmsnorm", "normalization layer")
     norm_eps: float = option(1e-5, "epsilon of the norm layers")
-    norm_placement: Literal["pre", "post"] = option("pre", "norm before each sublayer (pre) or after the residual add (post)")
+    norm_placement: Literal["pre", "post"] = option(
+        "pre", "norm before each sublayer (pre) or after the residual add (post)")
     mlp: Literal["swiglu", "gelu", "relu"] = option("swiglu", "MLP type: gated SwiGLU or plain GeLU/ReLU")
     position: Literal["rope", "learned", "sinusoidal", "none"] = option("rope", "position encoding")
     rope_theta: float = option(10000.0, "RoPE base frequency")

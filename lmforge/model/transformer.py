@@ -65,7 +65,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=s)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif hasattr(module, "weight") and isinstance(getattr(module, "weight"), nn.Parameter):
+            elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
                 nn.init.ones_(module.weight)  # norms
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)

@@ -27,7 +27,7 @@ from lmforge.config import option, save_config
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.files import atomic_write
 from lmforge.model.config import ModelConfig
-from lmforge.runtime import autocast, resolve_device, resolve_precision
+from lmforge.runtime import autocast, compile_model, resolve_device, resolve_precision
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.metrics import METRICS_NAME, PLOT_NAME, MetricsLogger, plot_curves
 from lmforge.train.objectives import causal_lm_loss
@@ -258,7 +258,7 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
             scaler.load_state_dict(saved["scaler"])
         print(f"resuming {run_dir} from step {state.step}", file=sys.stderr)
     metrics = MetricsLogger(run_dir, resume_step=state.step if saved is not None else None)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = compile_model(model) if cfg.compile else model
     warmup = resolve_warmup(cfg.warmup_steps, cfg.steps)
 
     def checkpoint() -> None:
