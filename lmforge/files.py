@@ -45,3 +45,21 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; any problem is one LmforgeError line naming the file."""
+    from lmforge.errors import LmforgeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{path}: expected a JSON object at the top level")
+    return data

@@ -20,7 +20,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.config import option
 from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write_json, atomic_write_text
+from lmforge.files import atomic_write_json, atomic_write_text, read_json_object
 
 SPECIAL_TOKENS = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "pad": "<|pad|>"}
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -207,14 +207,7 @@ def _compile_template(source: str) -> Any:
 def _read_tokenizer_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LmforgeError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise LmforgeError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
-    if not isinstance(config, dict):
-        raise LmforgeError(f"{path}: expected a JSON object")
+    config = read_json_object(path)
     template = config.get("chat_template")
     if isinstance(template, list):  # several named templates: use the default one
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

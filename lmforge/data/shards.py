@@ -20,7 +20,6 @@ directory with a valid index always holds complete shards.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write_json
+from lmforge.files import atomic_write_json, read_json_object
 
 FORMAT = "lmforge-shards/1"
 INDEX_NAME = "index.json"
@@ -261,14 +260,7 @@ def _read_index(path: Path) -> dict[str, Any]:
     """Load and validate index.json; every problem is one LmforgeError line naming the file."""
     if not path.is_file():
         raise LmforgeError(f"{path}: no shard index (is {path.parent} a token shard directory?)")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LmforgeError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    except UnicodeDecodeError:
-        raise LmforgeError(f"{path}: not UTF-8 text") from None
-    if not isinstance(index, dict):
-        raise LmforgeError(f"{path}: expected a JSON object")
+    index = read_json_object(path)
     if index.get("format") != FORMAT:
         raise LmforgeError(f"{path}: format is {index.get('format')!r}, expected {FORMAT!r}")
     if index.get("dtype") not in ("uint16", "uint32"):

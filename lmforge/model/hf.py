@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lmforge.config import from_dict, option
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.files import atomic_write, atomic_write_json
+from lmforge.files import atomic_write, atomic_write_json, read_json_object
 from lmforge.model.config import ModelConfig
 from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config, save_model
 from lmforge.model.transformer import Transformer
@@ -242,23 +242,11 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 # directories
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LmforgeError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    except UnicodeDecodeError:
-        raise LmforgeError(f"{path}: not UTF-8 text") from None
-    if not isinstance(data, dict):
-        raise LmforgeError(f"{path}: expected a JSON object at the top level")
-    return data
-
-
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of `model.safetensors` or of the shards named by `model.safetensors.index.json`."""
     index = hf_dir / HF_INDEX_NAME
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise LmforgeError(f"{index}: no 'weight_map' object")
         files = sorted(set(weight_map.values()))
@@ -298,7 +286,7 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     config_path = hf_dir / CONFIG_NAME
     if not config_path.is_file():
         raise LmforgeError(f"{hf_dir}: no {CONFIG_NAME} (is this a Hugging Face model directory?)")
-    hf = read_json(config_path)
+    hf = read_json_object(config_path)
     cfg = model_config_from_hf(hf, source=str(config_path))
     hf_state = read_hf_weights(hf_dir)
     try:
@@ -318,12 +306,12 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
 
 def token_ids_of(checkpoint_dir: Path) -> dict[str, Any]:
     """bos/eos/pad ids `from_hf` recorded, else tokenizer_config.json's tokens found in tokenizer.json."""
-    ids = read_json(checkpoint_dir / CONFIG_NAME).get("hf") or {}
+    ids = read_json_object(checkpoint_dir / CONFIG_NAME).get("hf") or {}
     ids = {k: ids[k] for k in TOKEN_ID_KEYS if ids.get(k) is not None}
     tok_cfg, tok = checkpoint_dir / "tokenizer_config.json", checkpoint_dir / "tokenizer.json"
     if tok_cfg.is_file() and tok.is_file():
-        vocab = {t["content"]: t["id"] for t in read_json(tok).get("added_tokens", [])}
-        for key, value in read_json(tok_cfg).items():
+        vocab = {t["content"]: t["id"] for t in read_json_object(tok).get("added_tokens", [])}
+        for key, value in read_json_object(tok_cfg).items():
             content = value.get("content") if isinstance(value, dict) else value
             id_key = f"{key}_id"
             if id_key in TOKEN_ID_KEYS and id_key not in ids and content in vocab:

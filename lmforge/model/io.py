@@ -6,7 +6,6 @@ lmforge runs: generate, eval, convert, and every post-training stage.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import ConfigError, from_dict, to_dict
 from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write, atomic_write_json
+from lmforge.files import atomic_write, atomic_write_json, read_json_object
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 
@@ -47,10 +46,7 @@ def read_model_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise LmforgeError(f"not a model directory (no {CONFIG_NAME}): {directory}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LmforgeError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    data = read_json_object(path)
     if "model" not in data:
         raise LmforgeError(f"{path}: no 'model' section (is this an lmforge checkpoint?)")
     cfg = dict(data["model"])

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from lmforge.config import to_dict
 from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write_text, fsync_dir
+from lmforge.files import atomic_write_text, fsync_dir, read_json_object
 from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME, load_into, load_weights, read_model_config, save_model
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -206,10 +206,7 @@ def load_checkpoint(run_dir: str | Path, model: torch.nn.Module,
         return None
     check_model_config(path, model)
     load_into(model, load_weights(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
-    try:
-        state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LmforgeError(f"{path / STATE_NAME}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    state = read_json_object(path / STATE_NAME)
     if optimizer is not None:
         sd = optimizer_from_files(load_weights(path / OPTIMIZER_NAME), state["optimizer"])
         sizes = [len(g["params"]) for g in sd["param_groups"]]
