@@ -319,8 +319,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(cls: type, prog: str, description: str = "", recipe: bool = True) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
+    usage = f"{prog} {'[RECIPE] ' if recipe else ''}[--section.key VALUE ...]"
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False, usage=usage,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups: dict[str, Any] = {}
     if recipe:
         parser.add_argument("recipe", nargs="?", default=None,
                             help="TOML/YAML/JSON recipe; command-line options override it")
@@ -342,7 +344,10 @@ def build_parser(cls: type, prog: str, description: str = "", recipe: bool = Tru
         flags = ["--" + leaf.key]
         if "_" in leaf.key:  # --max-new-tokens and --max_new_tokens both work
             flags.append("--" + leaf.key.replace("_", "-"))
-        parser.add_argument(*flags, **kwargs)
+        section = leaf.key.rsplit(".", 1)[0] if "." in leaf.key else ""
+        if section and section not in groups:
+            groups[section] = parser.add_argument_group(f"[{section}]")
+        (groups[section] if section else parser).add_argument(*flags, **kwargs)
     parser.add_argument("--print-config", action="store_true", default=False,
                         help="print the resolved config as JSON and exit")
     return parser
