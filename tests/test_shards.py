@@ -3,12 +3,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from textdata import SHAKESPEARE
 
 from lmforge.data import shards as shards_mod
 from lmforge.data.shards import INDEX_NAME, ShardSet, ShardWriter
 from lmforge.errors import LmforgeError
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 
 
 def random_docs(n: int, vocab: int, seed: int = 0, max_len: int = 40) -> list[np.ndarray]:

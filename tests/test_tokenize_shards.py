@@ -4,14 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from textdata import SHAKESPEARE
 
 from lmforge.cli import main
 from lmforge.data.shards import ShardSet
 from lmforge.data.tokenize import is_val_doc, tokenize_to_shards
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer, byte_level_bpe, train_bpe
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 
 
 def documents() -> list[str]:

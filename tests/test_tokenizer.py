@@ -2,15 +2,14 @@ import hashlib
 import importlib.util
 import json
 import random
-from pathlib import Path
 
 import pytest
+from textdata import SHAKESPEARE
 
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, StreamDecoder, Tokenizer, byte_level_bpe, train_bpe
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 UNICODE_SAMPLES = [
     "Hello, world! It's 2024: 1234567 items.",
     "naïve café — ‘quotes’ «guillemets» ½ ∑ ∞",

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from textdata import SHAKESPEARE
 
 from lmforge.cli import main
 from lmforge.config import from_dict
@@ -14,7 +15,6 @@ from lmforge.model import ModelConfig, Transformer, load_model
 from lmforge.train.metrics import read_metrics
 from lmforge.train.trainer import PretrainConfig, TrainConfig, forward_backward, lm_loss, pretrain, train_loop
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 VOCAB = 64
 
 
