@@ -1,8 +1,10 @@
 """Training throughput: lmforge vs HF transformers LlamaForCausalLM, same config, data, optimizer, threads.
 
 Measures tokens/s of full training steps (forward, loss, backward, AdamW step) for fp32 and bf16
-autocast, plus achieved FLOP/s as a fraction of this machine's bf16 matmul peak, measured in the
-same run. Appends its table to benchmarks/RESULTS.md.
+autocast: lmforge through the trainer's own loss (`lm_loss`: LM head fused with the cross-entropy) and
+compile path (`CompiledModel`), HF through its logits, both with `build_optimizer`'s AdamW. Reports
+achieved FLOP/s as a fraction of this machine's bf16 matmul peak, measured in the same run, and
+appends its table to benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/train_throughput.py --preset tiny --steps 8
 """
@@ -21,6 +23,8 @@ from lmforge.config import from_dict
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runtime import autocast
 from lmforge.train.objectives import causal_lm_loss
+from lmforge.train.optim import build_optimizer
+from lmforge.train.trainer import CompiledModel, TrainConfig, lm_loss
 
 SHAPES = {
     # the DESIGN.md reference shapes
@@ -53,15 +57,15 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
 
 
 def step_fn(model: torch.nn.Module, is_hf: bool, precision: str):
-    from lmforge.train.optim import param_groups
-
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    opt = build_optimizer(model, TrainConfig(lr=1e-4))
     device = torch.device("cpu")
 
     def step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
         with autocast(device, precision):
-            logits = model(inputs).logits if is_hf else model(inputs)
-            loss = causal_lm_loss(logits, targets)
+            if is_hf:
+                loss = causal_lm_loss(model(inputs).logits, targets)
+            else:
+                loss, _ = lm_loss(model, (inputs, targets))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -112,7 +116,7 @@ def main() -> int:
         for label, compiled in variants:
             torch.manual_seed(0)
             model = Transformer(cfg)
-            runner = torch.compile(model) if compiled else model
+            runner = CompiledModel(model) if compiled else model
             tps = measure(step_fn(runner, False, precision), batch, seq_len, cfg.vocab_size, args.steps,
                           args.warmup + (2 if compiled else 0))
             mfu = tps * flops_per_token / peak_bf16

@@ -1,9 +1,9 @@
 """LM head + cross-entropy fused and chunked, so the [tokens, vocab] logits never exist in full.
 
 With a 32K vocabulary the logits of a 4096-token batch take 0.5 GB in fp32, and their gradient as
-much again; on a CPU that traffic, not the matmul, bounds the step. Here the head runs a chunk of
-rows at a time: logits_chunk = h_chunk W^T, its log-softmax and loss, and at once the gradient of the
-mean loss w.r.t. those logits, d loss / d z = (softmax(z) - onehot(y)) / n_valid, which gives the
+much again; on a CPU moving them costs as much time as the head's matmuls. Here the head runs a chunk
+of rows at a time: logits_chunk = h_chunk W^T, its log-softmax and loss, and at once the gradient of
+the mean loss w.r.t. those logits, d loss / d z = (softmax(z) - onehot(y)) / n_valid, which gives the
 chunk's d h = g W and adds g^T h into d W. Forward therefore does the whole backward of the head too
 and keeps only d h [N, d] and d W [V, d]; autograd's backward merely scales them by grad_output.
 Memory: one [chunk, V] block instead of two [N, V] tensors. This is the idea of Liger Kernel's
@@ -51,12 +51,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int,
                 chunk_size: int, compute_dtype: torch.dtype, needs_grad: bool) -> Tensor:
-        d = hidden.shape[-1]
-        h = hidden.reshape(-1, d)  # copies only when hidden is not contiguous
-        y = targets.reshape(-1).long()
-        valid = y != ignore_index
-        # 1/n as a tensor: no host sync, and 0 * (1/1) = 0 when every target is ignored
-        inv_n = 1.0 / valid.sum().clamp(min=1).float()
+        h = hidden.reshape(-1, hidden.shape[-1])  # copies only when hidden is not contiguous
+        y = targets.reshape(-1, 1).long()
+        valid = y.squeeze(1) != ignore_index
+        safe_y = y.masked_fill(~valid[:, None], 0)  # any in-range class; those rows are masked out below
+        # d mean-loss / d loss_i: 1/n on counted rows, 0 on ignored ones; no host sync, and no 0/0 when
+        # every target is ignored
+        row_scale = valid.float() / valid.sum().clamp(min=1)
         want_h = needs_grad and hidden.requires_grad
         want_w = needs_grad and weight.requires_grad
         want_b = needs_grad and bias is not None and bias.requires_grad
@@ -70,39 +71,52 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):  # the dtypes below are chosen explicitly
             for start in range(0, h.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
-                h_c, y_c, valid_c = h[rows].to(compute_dtype), y[rows], valid[rows]
-                safe_y = y_c.masked_fill(~valid_c, 0)  # any in-range index; masked out below
-                logits = F.linear(h_c, w, b).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                target_logit = logits.gather(1, safe_y[:, None]).squeeze(1)
-                loss_sum += ((lse - target_logit) * valid_c).sum()
-                if not (want_h or want_w or want_b):
-                    continue
-                # d mean-loss / d logits = (softmax - onehot) * valid / n, built in place in `logits`
-                g = logits.sub_(lse[:, None]).exp_()
-                g.scatter_add_(1, safe_y[:, None], torch.full_like(lse[:, None], -1.0))
-                g.mul_((valid_c * inv_n)[:, None])
-                if want_b:
-                    grad_b += g.sum(0)
-                g = g.to(compute_dtype)
+                scale = row_scale[rows, None]
+                h_c = h[rows].to(compute_dtype)
+                logits = F.linear(h_c, w, b)  # [chunk, V] in compute_dtype; overwritten by d loss / d logits
+                loss_sum += _softmax_grad_(logits, safe_y[rows], scale, grad_b)
                 if want_h:
-                    grad_h[rows] = g @ w
+                    grad_h[rows] = (logits @ w).float() * scale
                 if want_w:
+                    scaled_h = (h[rows].float() * scale).to(compute_dtype)
                     if compute_dtype == torch.float32:
-                        grad_w.addmm_(g.t(), h_c)
-                    else:  # low-precision matmul (fp32 inside), summed over chunks in fp32
-                        grad_w += g.t() @ h_c
+                        grad_w.addmm_(logits.t(), scaled_h)
+                    else:  # a low-precision product (fp32 inside), summed over chunks in fp32
+                        grad_w += logits.t() @ scaled_h
 
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.shapes = hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype
-        return loss_sum * inv_n
+        ctx.input_meta = hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype
+        return loss_sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        hidden_shape, hidden_dtype, weight_dtype, bias_dtype = ctx.shapes
+        hidden_shape, hidden_dtype, weight_dtype, bias_dtype = ctx.input_meta
         dh = None if grad_h is None else (grad_h * grad_output).to(hidden_dtype).reshape(hidden_shape)
         dw = None if grad_w is None else (grad_w * grad_output).to(weight_dtype)
         db = None if grad_b is None else (grad_b * grad_output).to(bias_dtype)
         return dh, dw, db, None, None, None, None, None
+
+
+SOFTMAX_BLOCK_ROWS = 128  # [128, 32K] fp32 is 16 MB: the log-softmax work stays in the last-level cache
+
+
+def _softmax_grad_(logits: Tensor, targets: Tensor, scale: Tensor, grad_bias: Tensor | None) -> Tensor:
+    """Overwrite `logits` [n, V] with softmax - onehot(targets); return sum_i scale_i * CE_i.
+
+    Works in fp32 on blocks of rows, so the one [n, V] tensor of the chunk is the only large one, kept in
+    the compute dtype. Adds sum_i scale_i (softmax_i - onehot_i), the bias gradient, into `grad_bias`.
+    The per-row `scale` (1/n or 0) is applied by the caller on the small [n, d] side of the matmuls.
+    """
+    loss = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, logits.shape[0], SOFTMAX_BLOCK_ROWS):
+        rows = slice(start, start + SOFTMAX_BLOCK_ROWS)
+        logp = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)
+        logp_target = logp.gather(1, targets[rows])
+        loss -= (logp_target * scale[rows]).sum()
+        grad = logp.exp_().scatter_(1, targets[rows], logp_target.exp() - 1)
+        if grad_bias is not None:
+            grad_bias += scale[rows, 0] @ grad
+        logits[rows] = grad
+    return loss

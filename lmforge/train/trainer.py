@@ -29,6 +29,7 @@ from lmforge.files import atomic_write
 from lmforge.model.config import ModelConfig
 from lmforge.runtime import autocast, compile_model, resolve_device, resolve_precision
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.fused_ce import linear_cross_entropy
 from lmforge.train.metrics import METRICS_NAME, PLOT_NAME, MetricsLogger, plot_curves
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.optim import build_optimizer
@@ -68,6 +69,10 @@ class TrainConfig:
         "auto", "autocast precision (fp32 master weights); auto is bf16 where the hardware is fast at it")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto")
     compile: bool = option(False, "torch.compile the model (pays 20-40 s up front; worth it for long runs)")
+    fused_ce: bool = option(True, "LM loss: run the head and cross-entropy chunk by chunk "
+                                  "(linear_cross_entropy), so [tokens, vocab] logits and their gradient never "
+                                  "exist in full: less memory, faster with large vocabularies; false "
+                                  "materializes them (the reference path)")
     seed: int = option(0, "seed of weight init and dropout")
     log_every: int = option(10, "write a metrics row every this many steps")
     eval_every: int = option(100, "validate every this many steps (and at the end); 0 only at the end")
@@ -195,6 +200,44 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip
     return norm.item()
 
 
+class CompiledModel(nn.Module):
+    """`model` for loss functions, with both `forward` and `hidden_states` torch.compile'd.
+
+    torch.compile(model) compiles only `forward`; a loss that applies the LM head itself (`lm_loss`) calls
+    `model.hidden_states`, which would then run eagerly. Each entry point compiles on first use; every
+    other attribute (lm_head, cfg, ...) is the model's own.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.compiled_forward = compile_model(model)
+        self.compiled_hidden_states = compile_model(HiddenStates(model))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.compiled_forward(*args, **kwargs)
+
+    def hidden_states(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.compiled_hidden_states(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # own submodules
+        except AttributeError:
+            return getattr(self.model, name)
+
+
+class HiddenStates(nn.Module):
+    """A module whose forward is `model.hidden_states`: the trunk without its head, for torch.compile."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model.hidden_states(*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------
 # the loop
 
@@ -258,7 +301,7 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
             scaler.load_state_dict(saved["scaler"])
         print(f"resuming {run_dir} from step {state.step}", file=sys.stderr)
     metrics = MetricsLogger(run_dir, resume_step=state.step if saved is not None else None)
-    train_model = compile_model(model) if cfg.compile else model
+    train_model = CompiledModel(model) if cfg.compile else model
     warmup = resolve_warmup(cfg.warmup_steps, cfg.steps)
 
     def checkpoint() -> None:
@@ -318,7 +361,18 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
 
 def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
             ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Next-token cross-entropy on an (inputs, targets) batch from `SequenceLoader`."""
+    """Next-token cross-entropy on an (inputs, targets) batch from `SequenceLoader`.
+
+    The LM head runs fused with the loss (`linear_cross_entropy`), so the logits are never materialized;
+    `model` needs `hidden_states(ids)` and `lm_head` (a `Transformer`, or a `CompiledModel` of one).
+    """
+    inputs, targets = batch
+    return linear_cross_entropy(model.hidden_states(inputs), model.lm_head.weight, targets), {}
+
+
+def lm_loss_unfused(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+                    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """`lm_loss` through materialized [B, T, vocab] logits: the reference (train.fused_ce=false)."""
     inputs, targets = batch
     return causal_lm_loss(model(inputs), targets), {}
 
@@ -380,7 +434,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"pretrain: {n_params / 1e6:.2f}M parameters, {shards.n_tokens:,} training tokens, "
           f"run dir {run_dir}", file=sys.stderr)
-    result = train_loop(model, lm_loss, loader, cfg.train, run_dir, evaluate=evaluate, resume=cfg.resume,
+    loss_fn = lm_loss if cfg.train.fused_ce else lm_loss_unfused
+    result = train_loop(model, loss_fn, loader, cfg.train, run_dir, evaluate=evaluate, resume=cfg.resume,
                         desc="pretrain")
 
     model_dir = run_dir / "model"
