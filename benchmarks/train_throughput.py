@@ -2,7 +2,7 @@
 
 Measures tokens/s of full training steps (forward, loss, backward, AdamW step) for fp32 and bf16
 autocast: lmforge through the trainer's own loss (`lm_loss`: LM head fused with the cross-entropy) and
-compile path (`CompiledModel`), HF through its logits, both with `build_optimizer`'s AdamW. Reports
+compile path (`compile_model`), HF through its logits, both with `build_optimizer`'s AdamW. Reports
 achieved FLOP/s as a fraction of this machine's bf16 matmul peak, measured in the same run, and
 appends its table to benchmarks/RESULTS.md.
 
@@ -21,10 +21,10 @@ import torch
 
 from lmforge.config import from_dict
 from lmforge.model import ModelConfig, Transformer
-from lmforge.runtime import autocast
+from lmforge.runtime import autocast, compile_model
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.optim import build_optimizer
-from lmforge.train.trainer import CompiledModel, TrainConfig, lm_loss
+from lmforge.train.trainer import TrainConfig, lm_loss
 
 SHAPES = {
     # the DESIGN.md reference shapes
@@ -116,7 +116,7 @@ def main() -> int:
         for label, compiled in variants:
             torch.manual_seed(0)
             model = Transformer(cfg)
-            runner = CompiledModel(model) if compiled else model
+            runner = compile_model(model) if compiled else model
             tps = measure(step_fn(runner, False, precision), batch, seq_len, cfg.vocab_size, args.steps,
                           args.warmup + (2 if compiled else 0))
             mfu = tps * flops_per_token / peak_bf16

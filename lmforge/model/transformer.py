@@ -90,9 +90,12 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
-                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab]."""
-        return self.lm_head(self.hidden_states(input_ids, cache, start_pos, positions, attn_mask))
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab], or the final hidden states [B, T, d] with `return_hidden` (for losses
+        that apply the head themselves, chunk by chunk; torch.compile compiles only `forward`)."""
+        h = self.hidden_states(input_ids, cache, start_pos, positions, attn_mask)
+        return h if return_hidden else self.lm_head(h)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.embed.weight

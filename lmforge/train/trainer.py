@@ -200,44 +200,6 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip
     return norm.item()
 
 
-class CompiledModel(nn.Module):
-    """`model` for loss functions, with both `forward` and `hidden_states` torch.compile'd.
-
-    torch.compile(model) compiles only `forward`; a loss that applies the LM head itself (`lm_loss`) calls
-    `model.hidden_states`, which would then run eagerly. Each entry point compiles on first use; every
-    other attribute (lm_head, cfg, ...) is the model's own.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.compiled_forward = compile_model(model)
-        self.compiled_hidden_states = compile_model(HiddenStates(model))
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.compiled_forward(*args, **kwargs)
-
-    def hidden_states(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.compiled_hidden_states(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)  # own submodules
-        except AttributeError:
-            return getattr(self.model, name)
-
-
-class HiddenStates(nn.Module):
-    """A module whose forward is `model.hidden_states`: the trunk without its head, for torch.compile."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.model.hidden_states(*args, **kwargs)
-
-
 # ----------------------------------------------------------------------------------------------
 # the loop
 
@@ -301,7 +263,7 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
             scaler.load_state_dict(saved["scaler"])
         print(f"resuming {run_dir} from step {state.step}", file=sys.stderr)
     metrics = MetricsLogger(run_dir, resume_step=state.step if saved is not None else None)
-    train_model = CompiledModel(model) if cfg.compile else model
+    train_model = compile_model(model) if cfg.compile else model
     warmup = resolve_warmup(cfg.warmup_steps, cfg.steps)
 
     def checkpoint() -> None:
@@ -363,11 +325,10 @@ def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
             ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Next-token cross-entropy on an (inputs, targets) batch from `SequenceLoader`.
 
-    The LM head runs fused with the loss (`linear_cross_entropy`), so the logits are never materialized;
-    `model` needs `hidden_states(ids)` and `lm_head` (a `Transformer`, or a `CompiledModel` of one).
+    The LM head runs fused with the loss (`linear_cross_entropy`), so the logits are never materialized.
     """
     inputs, targets = batch
-    return linear_cross_entropy(model.hidden_states(inputs), model.lm_head.weight, targets), {}
+    return linear_cross_entropy(model(inputs, return_hidden=True), model.lm_head.weight, targets), {}
 
 
 def lm_loss_unfused(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
