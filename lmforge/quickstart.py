@@ -1,7 +1,8 @@
 """`lmforge quickstart`: the lifecycle end to end on a corpus every machine with Python already has.
 
 Stages (each writes its own folder under run_dir and a `done.json`; a second run reuses finished
-stages, `--fresh` redoes them): corpus -> tokenizer -> shards -> pretrain -> samples and eval.
+stages, `--fresh` redoes them; an interrupted pretraining resumes from its last checkpoint):
+corpus -> tokenizer -> shards -> pretrain -> samples and eval.
 Later stages of the project (cleaning, SFT, preference tuning, reports) add themselves here.
 """
 
@@ -20,6 +21,7 @@ import torch
 from lmforge.config import from_dict, option, save_config
 from lmforge.files import atomic_write_json, atomic_write_text
 from lmforge.model import ModelConfig, Transformer, load_model
+from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.trainer import DataConfig, PretrainConfig, TrainConfig
 
 
@@ -53,16 +55,17 @@ class Stages:
         self.run_dir, self.fresh = run_dir, fresh
         self.results: dict[str, Any] = {}
 
-    def run(self, name: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    def run(self, name: str, fn: Callable[[Path], dict[str, Any]], resumable: bool = False) -> dict[str, Any]:
+        """`resumable` stages keep an unfinished folder (their checkpoints) instead of starting afresh."""
         out = self.run_dir / name
         marker = out / "done.json"
         if marker.is_file() and not self.fresh:
             print(f"[quickstart] {name}: reusing {out} (finished earlier; --fresh redoes it)")
             result = json.loads(marker.read_text())
         else:
-            if out.exists():
+            if out.exists() and (self.fresh or not resumable):
                 shutil.rmtree(out)
-            out.mkdir(parents=True)
+            out.mkdir(parents=True, exist_ok=True)
             print(f"[quickstart] {name} ...")
             start = time.perf_counter()
             result = fn(out)
@@ -144,6 +147,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         untrained = Transformer(model_cfg).eval()
         before = _val_metrics(untrained, Path(pt.data.path), pt.data.seq_len)
         samples_before = _samples(untrained, tokenizer, cfg.prompts, cfg.sample_tokens)
+        pt.resume = latest_checkpoint(pt.run_dir) is not None  # an interrupted run continues
         result = pretrain(pt)
         trained = load_model(result["model_dir"])
         after = _val_metrics(trained, Path(pt.data.path), pt.data.seq_len)
@@ -151,7 +155,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         return {**result, "val_before": before, "val_after": after,
                 "samples_before": samples_before, "samples_after": samples_after}
 
-    stages.run("pretrain", _pretrain)
+    stages.run("pretrain", _pretrain, resumable=True)
     summary = {"run_dir": str(run_dir), "seconds": round(time.perf_counter() - start, 1), "stages": stages.results}
     atomic_write_json(run_dir / "summary.json", summary)
     atomic_write_text(run_dir / "summary.md", _summary_markdown(summary))

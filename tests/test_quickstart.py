@@ -15,7 +15,8 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
     argv = ["quickstart", "--run-dir", str(run), "--corpus-max-bytes", "400000", "--vocab-size", "512",
             "--sample-tokens", "8", "--pretrain.model.preset", "debug", "--pretrain.train.steps", "30",
             "--pretrain.train.eval-every", "15", "--pretrain.train.save-every", "15",
-            "--pretrain.data.seq-len", "64", "--pretrain.data.batch-size", "8", "--pretrain.train.precision", "fp32"]
+            "--pretrain.data.seq-len", "64", "--pretrain.data.batch-size", "8", "--pretrain.train.precision", "fp32",
+            "--pretrain.train.compile", "false"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "samples after pretraining" in out and "lmforge generate --checkpoint" in out
@@ -31,3 +32,10 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert main(argv) == 0  # second run reuses every finished stage
     out = capsys.readouterr().out
     assert out.count("reusing") == 4
+
+    # an interrupted pretraining (no done.json) resumes from its last checkpoint instead of starting over
+    (run / "pretrain" / "done.json").unlink()
+    assert main([*argv, "--pretrain.train.steps", "45"]) == 0
+    captured = capsys.readouterr()
+    assert "resuming" in captured.err and "from step 30" in captured.err
+    assert json.loads((run / "summary.json").read_text())["stages"]["pretrain"]["steps"] == 45
