@@ -1,0 +1,290 @@
+"""LoRA: wrapping keeps the base model's outputs, only adapters train, merge/unmerge are exact, adapters
+switch, and adapter files round-trip with lmforge and with HF PEFT (logits equal both ways)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge.config import from_dict
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.model import ModelConfig, Transformer, load_model, save_model
+from lmforge.peft import (
+    LoraConfig,
+    LoraLinear,
+    apply_lora,
+    count_parameters,
+    load_adapter,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+    set_adapter,
+)
+
+VOCAB = 100
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(from_dict(ModelConfig, {"preset": "debug", "vocab_size": VOCAB})).eval()
+
+
+def ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_lora(model: nn.Module, seed: int = 0) -> None:
+    """Random A and B, so an adapter visibly changes the outputs and a mis-mapped tensor cannot hide."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def test_init_keeps_logits_and_trains_only_lora():
+    model = build()
+    x = ids()
+    base_logits = model(x)
+    base_keys = set(model.state_dict())
+    cfg = LoraConfig(r=4, targets=ALL)
+    apply_lora(model, cfg)
+    torch.testing.assert_close(model(x), base_logits, rtol=0, atol=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert base_keys <= set(model.state_dict())  # base tensors keep their names
+    c = model.cfg
+    q, kv, d, ff = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.d_model, c.d_ff
+    per_layer = cfg.r * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + ff) + (ff + d))
+    lora_total = c.n_layers * per_layer
+    assert count_parameters(model) == (lora_total, model.cfg.num_params() + lora_total)
+    assert isinstance(model.blocks[0].attn.qkv, LoraLinear)
+    assert isinstance(model.blocks[1].mlp.down, LoraLinear)
+
+
+def test_lora_linear_adds_scaled_update_on_its_rows_only():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 10)
+    layer = LoraLinear(base)
+    layer.add_part("a", "k_proj", 3, 7, LoraConfig(r=2, alpha=4.0))
+    layer.set_adapter("a")
+    part = layer.adapters["a"]["k_proj"]
+    nn.init.normal_(part.lora_B.weight)
+    x = torch.randn(5, 6)
+    expected = base(x).detach().clone()
+    expected[:, 3:7] += 2.0 * x @ part.lora_A.weight.T @ part.lora_B.weight.T  # alpha / r = 2
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_scaling_and_rslora():
+    assert LoraConfig(r=4, alpha=8.0).scaling == 2.0
+    assert LoraConfig(r=4, alpha=8.0, rslora=True).scaling == 4.0
+    assert LoraConfig(r=16, alpha=8.0, rslora=True).scaling == pytest.approx(8.0 / math.sqrt(16))
+    model = build()
+    apply_lora(model, LoraConfig(r=4, alpha=8.0, rslora=True))
+    assert model.blocks[0].attn.qkv.adapters["default"]["q_proj"].scaling == 4.0
+
+
+def test_training_changes_only_lora_then_merge_unmerge_and_merge_lora():
+    model = build()
+    apply_lora(model, LoraConfig(r=4, targets=ALL))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(4):
+        x = ids(step)
+        loss = nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+    assert all(not torch.equal(params[n], v) for n, v in lora.items())
+
+    x = ids()
+    unmerged = model(x)
+    base_weight = model.blocks[0].attn.qkv.weight.detach().clone()
+    for layer in (m for m in model.modules() if isinstance(m, LoraLinear)):
+        layer.merge()
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, base_weight)
+    torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-5)
+    for layer in (m for m in model.modules() if isinstance(m, LoraLinear)):
+        layer.unmerge()
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, base_weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-5)
+
+    merged = merge_lora(model)
+    assert not any(isinstance(m, LoraLinear) for m in merged.modules())
+    assert set(merged.state_dict()) == set(build().state_dict())
+    torch.testing.assert_close(merged(x), unmerged, rtol=0, atol=1e-5)
+
+
+def test_merged_model_saves_and_loads_as_a_plain_checkpoint(tmp_path):
+    model = build()
+    apply_lora(model, LoraConfig(r=2))
+    randomize_lora(model)
+    x = ids()
+    expected = model(x)
+    save_model(merge_lora(model), tmp_path / "merged")
+    torch.testing.assert_close(load_model(tmp_path / "merged")(x), expected, rtol=0, atol=1e-5)
+
+
+def test_two_named_adapters_switch():
+    model = build()
+    x = ids()
+    base = model(x)
+    apply_lora(model, LoraConfig(r=2, targets=["q_proj", "v_proj"]), "first")
+    randomize_lora(model, seed=1)
+    first = model(x)
+    apply_lora(model, LoraConfig(r=4, targets=["o_proj", "down_proj"]), "second")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".second." in n for n in trainable)  # a new adapter trains, the old one rests
+    with torch.no_grad():
+        for p in lora_state_dict(model, "second").values():
+            p.normal_(std=0.2)
+    second = model(x)  # the adapter just applied is active
+    assert not torch.allclose(first, second, atol=1e-3) and not torch.allclose(base, second, atol=1e-3)
+    set_adapter(model, "first")
+    torch.testing.assert_close(model(x), first)
+    set_adapter(model, None)
+    torch.testing.assert_close(model(x), base)
+    with pytest.raises(LmforgeError, match="no LoRA adapter named 'third'"):
+        set_adapter(model, "third")
+    with pytest.raises(LmforgeError, match="already has a LoRA adapter named 'first'"):
+        apply_lora(model, LoraConfig(), "first")
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="did you mean 'q_proj'"):
+        LoraConfig(targets=["q_prj"])
+    with pytest.raises(ConfigError, match="lora.r must be positive"):
+        LoraConfig(r=0)
+    with pytest.raises(ConfigError, match="lora.dropout"):
+        from_dict(LoraConfig, {"dropout": 1.5}, "lora.")
+
+
+def test_save_load_round_trip(tmp_path):
+    model = build()
+    cfg = LoraConfig(r=4, alpha=8.0, targets=["q_proj", "gate_proj", "down_proj"], rslora=True)
+    apply_lora(model, cfg)
+    randomize_lora(model)
+    x = ids()
+    expected = model(x)
+    out = save_adapter(model, tmp_path / "adapter", cfg)
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert written["peft_type"] == "LORA" and written["r"] == 4 and written["use_rslora"] is True
+    fresh = build()
+    assert not torch.allclose(fresh(x), expected, atol=1e-3)
+    assert load_adapter(fresh, out) == cfg
+    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+
+
+def test_load_adapter_errors_leave_the_model_untouched(tmp_path):
+    model = build()
+    cfg = LoraConfig(r=4)
+    apply_lora(model, cfg)
+    out = save_adapter(model, tmp_path / "a", cfg)
+    config = json.loads((out / "adapter_config.json").read_text())
+    weights = out / "adapter_model.safetensors"
+
+    def rewrite(**changes):
+        (out / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+
+    def load_fails(match, directory=out):
+        fresh = build()
+        with pytest.raises(LmforgeError, match=match) as err:
+            load_adapter(fresh, directory)
+        assert "\n" not in str(err.value)
+        assert not any(isinstance(m, LoraLinear) for m in fresh.modules())
+
+    load_fails("adapter directory not found", tmp_path / "nope")
+    rewrite(peft_type="PREFIX_TUNING")
+    load_fails("peft_type 'PREFIX_TUNING' is not supported")
+    rewrite(use_dora=True)
+    load_fails("use_dora=True is not supported")
+    rewrite(target_modules=["q_proj", "nonsense"])
+    load_fails("adapter_config.json: lora.targets: unknown module 'nonsense'")
+    rewrite(r=8)  # the tensors have rank 4
+    load_fails("adapter_model.safetensors: tensor .* has shape")
+    rewrite(target_modules=["q_proj"])  # the file also holds v_proj tensors
+    load_fails("tensors that are not LoRA weights.*v_proj")
+    rewrite()
+    weights.write_bytes(b"not safetensors")
+    load_fails("not a readable safetensors file")
+    weights.unlink()
+    load_fails("weights not found")
+    with pytest.raises(LmforgeError, match="rank 4, but the LoraConfig says r=8"):
+        save_adapter(model, tmp_path / "b", LoraConfig(r=8))
+    with pytest.raises(LmforgeError, match="no LoRA adapter named 'other'"):
+        save_adapter(model, tmp_path / "b", cfg, "other")
+
+
+# ----------------------------------------------------------------------------------------------
+# HF PEFT interop
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """A tiny random LlamaForCausalLM on disk and the same weights as an lmforge model directory."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.model.hf import from_hf
+
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=VOCAB, intermediate_size=128,
+                                      max_position_embeddings=64)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(root / "hf", safe_serialization=True)
+    from_hf(root / "hf", root / "lmforge")
+    return root / "hf", root / "lmforge"
+
+
+def hf_model(hf_dir):
+    import transformers
+
+    return transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def test_lmforge_adapter_loads_in_peft(hf_llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    hf_dir, lmforge_dir = hf_llama
+    model = load_model(lmforge_dir)
+    x = ids()
+    base = model(x)
+    cfg = LoraConfig(r=4, alpha=8.0, targets=ALL)
+    apply_lora(model, cfg)
+    randomize_lora(model)
+    ours = model(x)
+    assert not torch.allclose(ours, base, atol=1e-3)
+    save_adapter(model, tmp_path / "adapter", cfg)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf_model(hf_dir), tmp_path / "adapter").eval()(x).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_peft_adapter_loads_in_lmforge(hf_llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    hf_dir, lmforge_dir = hf_llama
+    torch.manual_seed(0)
+    peft_cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=ALL, task_type="CAUSAL_LM", use_rslora=True)
+    peft_model = peft.get_peft_model(hf_model(hf_dir), peft_cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    peft_model.save_pretrained(tmp_path / "adapter", safe_serialization=True)
+    x = ids()
+    with torch.no_grad():
+        theirs = peft_model.eval()(x).logits
+    model = load_model(lmforge_dir)
+    assert not torch.allclose(model(x), theirs, atol=1e-3)
+    cfg = load_adapter(model, tmp_path / "adapter")
+    assert cfg.r == 4 and cfg.rslora and sorted(cfg.targets) == sorted(ALL)
+    torch.testing.assert_close(model(x), theirs, rtol=0, atol=1e-4)
