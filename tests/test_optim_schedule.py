@@ -6,9 +6,10 @@ import torch
 from lmforge.config import from_dict
 from lmforge.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.train.metrics import read_metrics
 from lmforge.train.optim import build_optimizer, param_groups
-from lmforge.train.schedule import lr_at, resolve_warmup
-from lmforge.train.trainer import TrainConfig
+from lmforge.train.schedule import lr_at, resolve_warmup, wsd_decay_start, wsd_lr_at
+from lmforge.train.trainer import TrainConfig, lm_loss, train_loop
 
 
 def test_lr_schedule_hand_checked_values():
@@ -22,6 +23,70 @@ def test_lr_schedule_hand_checked_values():
     assert all(a >= b for a, b in zip(lr[4:], lr[5:]))  # monotone decay
     assert lr_at(0, 3e-4, 0, 10, 0.0) == pytest.approx(3e-4)  # no warmup
     assert lr_at(10, 3e-4, 0, 10, 0.0) == pytest.approx(0.0)
+
+
+def test_wsd_schedule_hand_checked_values():
+    # peak 1, 4 warmup steps, 20 total, floor 0.1, decay_fraction 0.2: the last 4 steps (16..19) decay
+    lr = [lr_at(s, 1.0, 4, 20, 0.1, "wsd", 0.2) for s in range(22)]
+    assert lr[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # same warmup as cosine; its end is the peak
+    assert lr[4:17] == pytest.approx([1.0] * 13)  # stable at the peak (mid-stable: step 10) through decay start
+    assert lr[17] == pytest.approx(0.55)  # t = 1/4: 0.1 + 0.9 * (1 - sqrt(1/4))
+    assert lr[18] == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.5)))
+    assert lr[19] == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.75)))  # the last step is not yet at the floor
+    assert lr[20] == pytest.approx(0.1) and lr[21] == pytest.approx(0.1)  # floor at and after the end
+    assert all(a >= b for a, b in zip(lr[4:], lr[5:]))  # never rises after warmup
+    assert lr_at(10, 1.0, 4, 20, 0.1) != lr[10]  # the default is still cosine
+
+
+def test_wsd_decay_window():
+    assert wsd_decay_start(4, 20, 0.2) == 16
+    assert wsd_decay_start(0, 1000, 0.1) == 900
+    assert wsd_decay_start(0, 10, 0.01) == 9  # at least one decay step
+    assert wsd_decay_start(5, 10, 1.0) == 5  # never inside warmup: decay_fraction 1 decays right after it
+    # decay_fraction 1 without warmup: a pure 1-sqrt decay from the peak over the whole run
+    assert wsd_lr_at(0, 2.0, 0, 4, 0.0, 1.0) == pytest.approx(2.0)
+    assert wsd_lr_at(1, 2.0, 0, 4, 0.0, 1.0) == pytest.approx(1.0)  # 2 * (1 - sqrt(1/4))
+    assert wsd_lr_at(4, 2.0, 0, 4, 0.0, 1.0) == pytest.approx(0.0)
+
+
+def test_train_config_schedule_options():
+    cfg = from_dict(TrainConfig, {"schedule": "wsd", "decay_fraction": "0.5"}, "train.")
+    assert cfg.schedule == "wsd" and cfg.decay_fraction == 0.5
+    assert from_dict(TrainConfig, {}).schedule == "cosine"
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"^train.decay_fraction must be in \(0, 1\], got"):
+            from_dict(TrainConfig, {"decay_fraction": bad})
+    with pytest.raises(ConfigError, match="train.schedule: 'linear' is not one of cosine, wsd"):
+        from_dict(TrainConfig, {"schedule": "linear"}, "train.")
+
+
+class RepeatBatch:
+    """One batch forever, resumable: enough for train_loop to run."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def next_batch(self):
+        return self.batch
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_train_loop_follows_the_wsd_schedule(tmp_path):
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    cfg = from_dict(TrainConfig, {"steps": 10, "lr": 1e-3, "warmup_steps": 2, "min_lr_ratio": 0.0,
+                                  "schedule": "wsd", "decay_fraction": 0.4, "precision": "fp32",
+                                  "device": "cpu", "log_every": 1, "eval_every": 0, "save_every": 0,
+                                  "plot_every": 0})
+    train_loop(model_with(), lm_loss, RepeatBatch((ids[:, :-1], ids[:, 1:])), cfg, tmp_path)
+    logged = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if "lr" in r]  # [i]: step i's lr
+    assert logged == pytest.approx([wsd_lr_at(s, 1e-3, 2, 10, 0.0, 0.4) for s in range(10)])
+    assert logged[1:7] == pytest.approx([1e-3] * 6)  # warmup end .. decay start (10 - 0.4 * 10 = 6)
+    assert logged[7] == pytest.approx(1e-3 * (1 - 0.5))  # t = 1/4
 
 
 def test_warmup_default_is_one_percent():

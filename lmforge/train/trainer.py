@@ -2,7 +2,7 @@
 
 `train_loop` knows nothing of what it trains: it takes a model, `loss_fn(model, batch) -> (loss,
 metrics)` and a batch source with next_batch()/state_dict()/load_state_dict(). It owns the rest:
-AdamW + warmup/cosine lr, gradient accumulation and clipping, mixed precision, periodic evaluation,
+AdamW + warmup with cosine or WSD lr, gradient accumulation and clipping, mixed precision, periodic evaluation,
 metrics, plots, and atomic checkpoints that resume bit for bit. SFT, DPO and GRPO reuse it with
 their own loss and batches.
 """
@@ -33,7 +33,7 @@ from lmforge.train.fused_ce import linear_cross_entropy
 from lmforge.train.metrics import METRICS_NAME, PLOT_NAME, MetricsLogger, plot_curves
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.optim import build_optimizer
-from lmforge.train.schedule import lr_at, resolve_warmup
+from lmforge.train.schedule import Schedule, lr_at, resolve_warmup
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -57,7 +57,12 @@ class TrainConfig:
     steps: int = option(1000, "optimizer steps")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(3e-4, "peak learning rate")
-    min_lr_ratio: float = option(0.1, "final lr of the cosine decay, as a fraction of the peak")
+    min_lr_ratio: float = option(0.1, "final lr of the decay (cosine or wsd), as a fraction of the peak")
+    schedule: Schedule = option("cosine", "lr after warmup: cosine decays over the whole run; wsd holds the "
+                                          "peak, then decays (1-sqrt) at the end, so a run can be extended "
+                                          "from a stable-phase checkpoint")
+    decay_fraction: float = option(0.2, "wsd only: share of train.steps in the final decay (Hägele et al. "
+                                        "2024 find 20% matches cosine)")
     warmup_steps: int = option(-1, "linear warmup steps; -1 means 1% of steps (at least 1)")
     weight_decay: float = option(0.1, "AdamW decoupled weight decay on weight matrices (not on embeddings, "
                                       "norms or biases)")
@@ -87,6 +92,7 @@ class TrainConfig:
         _require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "positive")
         _require(self.lr > 0, "train.lr", self.lr, "positive")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _require(0 < self.decay_fraction <= 1, "train.decay_fraction", self.decay_fraction, "in (0, 1]")
         _require(self.warmup_steps >= -1, "train.warmup_steps", self.warmup_steps,
                  ">= 0, or -1 for 1% of steps")
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
@@ -274,7 +280,8 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
     bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
     try:
         while state.step < cfg.steps:
-            lr = lr_at(state.step, cfg.lr, warmup, cfg.steps, cfg.min_lr_ratio)
+            lr = lr_at(state.step, cfg.lr, warmup, cfg.steps, cfg.min_lr_ratio, cfg.schedule,
+                       cfg.decay_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
