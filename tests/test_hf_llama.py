@@ -237,14 +237,14 @@ def test_pickle_only_checkpoint_is_refused(tmp_path, capsys):
     assert_one_line_error(code, err, "pickle", str(hf_dir))
 
 
-def test_rope_scaling_is_not_supported_yet(tmp_path, capsys):
+def test_unsupported_rope_scaling_is_refused(tmp_path, capsys):
     _, hf_dir = save_hf(tmp_path)
     config = json.loads((hf_dir / "config.json").read_text())
-    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    config["rope_scaling"] = {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}
     (hf_dir / "config.json").write_text(json.dumps(config))
     assert_one_line_error(*run_cli(["convert", "from-hf", str(hf_dir), str(tmp_path / "o")], capsys),
                           "rope_scaling", "not supported yet", "config.json")
-    v5_style = {**TINY, "model_type": "llama", "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}
+    v5_style = {**TINY, "model_type": "llama", "rope_parameters": {"rope_type": "longrope", "factor": 8.0}}
     with pytest.raises(LmforgeError, match="rope_parameters.*not supported yet"):
         model_config_from_hf(v5_style)
 

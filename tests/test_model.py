@@ -87,6 +87,9 @@ def test_tied_embeddings_share_storage_and_presets_have_published_sizes():
     assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
     assert abs(from_dict(ModelConfig, {"preset": "llama2-7b"}).num_params() - 6.74e9) < 0.01e9
     assert abs(from_dict(ModelConfig, {"preset": "llama3-8b"}).num_params() - 8.03e9) < 0.01e9
+    llama31 = from_dict(ModelConfig, {"preset": "llama3.1-8b"})
+    assert llama31.num_params() == from_dict(ModelConfig, {"preset": "llama3-8b"}).num_params()
+    assert (llama31.rope_scaling, llama31.rope_factor, llama31.max_seq_len) == ("llama3", 8.0, 131072)
 
 
 def test_sequence_longer_than_max_seq_len_is_refused():

@@ -28,6 +28,14 @@ class ModelConfig:
     mlp: Literal["swiglu", "gelu", "relu"] = option("swiglu", "MLP type: gated SwiGLU or plain GeLU/ReLU")
     position: Literal["rope", "learned", "sinusoidal", "none"] = option("rope", "position encoding")
     rope_theta: float = option(10000.0, "RoPE base frequency")
+    rope_scaling: Literal["none", "linear", "dynamic", "yarn", "llama3"] = option(
+        "none", "RoPE context extension: position interpolation, dynamic NTK, YaRN or LLaMA 3.1 style")
+    rope_factor: float = option(1.0, "RoPE scaling factor s (new context / original context)")
+    rope_original_max_seq_len: int = option(0, "context the model was pretrained with; 0 means max_seq_len")
+    rope_low_freq_factor: float = option(1.0, "llama3: wavelengths over original/low_freq_factor are divided by s")
+    rope_high_freq_factor: float = option(4.0, "llama3: wavelengths under original/high_freq_factor are kept")
+    rope_beta_fast: float = option(32.0, "yarn: dims rotating more than this over the original context are kept")
+    rope_beta_slow: float = option(1.0, "yarn: dims rotating less than this over the original context are scaled")
     tie_embeddings: bool = option(False, "share the input embedding with the output projection")
     bias: bool = option(False, "bias in every linear layer (GPT-2 style)")
     qkv_bias: bool = option(False, "bias on the q/k/v projections only (Qwen2 style)")
@@ -54,6 +62,26 @@ class ModelConfig:
                               f"({self.n_kv_heads})")
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        if self.rope_scaling == "none":
+            return
+        if self.position != "rope":
+            raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} needs model.position='rope', "
+                              f"got {self.position!r}")
+        if self.rope_factor < 1:
+            raise ConfigError(f"model.rope_factor must be >= 1, got {self.rope_factor}")
+        if self.rope_original_max_seq_len < 0:
+            raise ConfigError(f"model.rope_original_max_seq_len must be >= 0, got {self.rope_original_max_seq_len}")
+        if self.rope_scaling == "dynamic" and self.head_dim <= 2:
+            raise ConfigError(f"model.head_dim must be > 2 for dynamic RoPE, got {self.head_dim}")
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ConfigError(f"model.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
+                              f"model.rope_low_freq_factor ({self.rope_low_freq_factor}) > 0")
+        if self.rope_scaling == "yarn" and not 0 < self.rope_beta_slow < self.rope_beta_fast:
+            raise ConfigError(f"model.rope_beta_fast ({self.rope_beta_fast}) must exceed "
+                              f"model.rope_beta_slow ({self.rope_beta_slow}) > 0")
 
     @property
     def gated_mlp(self) -> bool:

@@ -26,6 +26,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.files import atomic_write, atomic_write_json, read_json_object
 from lmforge.model.config import ModelConfig
 from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config, save_model
+from lmforge.model.positions import yarn_mscale
 from lmforge.model.transformer import Transformer
 
 HF_INDEX_NAME = "model.safetensors.index.json"
@@ -52,7 +53,7 @@ REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 
 def model_config_from_hf(hf: dict[str, Any], source: str = "HF config") -> ModelConfig:
     """ModelConfig for a LLaMA/Mistral/Qwen2 `config.json` dict; anything lmforge would compute
-    differently (RoPE scaling, sliding windows, another activation) raises instead of converting."""
+    differently (longrope, sliding windows, another activation) raises instead of converting."""
     family = hf.get("model_type")
     if family not in FAMILY_DEFAULTS:
         raise LmforgeError(f"{source}: model_type '{family}' is not supported; supported: "
@@ -82,7 +83,7 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "HF config") -> Model
         n_heads=heads, n_kv_heads=get("num_key_value_heads", heads),
         head_dim=get("head_dim") or int(get("hidden_size")) // heads, d_ff=get("intermediate_size"),
         max_seq_len=max_len, norm="rmsnorm", norm_eps=get("rms_norm_eps"), norm_placement="pre", mlp="swiglu",
-        position="rope", rope_theta=rope_theta_from_hf(hf, get("rope_theta"), source),
+        position="rope", **rope_from_hf(hf, get("rope_theta"), max_len, source),
         tie_embeddings=bool(get("tie_word_embeddings")), qkv_bias=qkv_only,
         bias=bool(get("mlp_bias")) or (bool(get("attention_bias")) and not qkv_only),
         init_std=get("initializer_range", 0.02),
@@ -93,17 +94,79 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "HF config") -> Model
         raise LmforgeError(f"{source}: {e}") from None
 
 
-def rope_theta_from_hf(hf: dict[str, Any], default: float, source: str = "HF config") -> float:
-    """RoPE base from transformers 4.x (`rope_theta`, `rope_scaling`) or 5.x (`rope_parameters`) keys;
-    any scaled RoPE (linear, dynamic, YaRN, llama3, ...) would give different positions, so it is refused."""
+# HF rope_type -> the rope_parameters keys it reads beside rope_type/rope_theta/factor, and the ModelConfig
+# field each one fills. The names of the types are the same on both sides.
+ROPE_KEYS: dict[str, dict[str, str]] = {
+    "default": {}, "linear": {}, "dynamic": {},
+    "yarn": {"original_max_position_embeddings": "rope_original_max_seq_len", "beta_fast": "rope_beta_fast",
+             "beta_slow": "rope_beta_slow"},
+    "llama3": {"original_max_position_embeddings": "rope_original_max_seq_len",
+               "low_freq_factor": "rope_low_freq_factor", "high_freq_factor": "rope_high_freq_factor"},
+}
+
+
+def rope_from_hf(hf: dict[str, Any], default_theta: float, max_len: int,
+                 source: str = "HF config") -> dict[str, Any]:
+    """ModelConfig `rope_*` values from transformers 4.x (`rope_theta`, `rope_scaling`) or 5.x
+    (`rope_parameters`) keys, read as HF 5.x reads them (`rope_scaling` wins, llama3/yarn's original context
+    defaults to max_position_embeddings). A type or key lmforge does not compute (longrope, YaRN's mscale,
+    partial rotary, ...) raises rather than convert to different positions."""
     params = hf.get("rope_parameters") or {}
-    for key, value in (("rope_scaling", hf.get("rope_scaling")), ("rope_parameters", params)):
-        if not value:
-            continue
-        plain = isinstance(value, dict) and value.get("rope_type", value.get("type", "default")) == "default"
-        if not plain or any(isinstance(v, dict) for v in value.values()):
-            raise LmforgeError(f"{source}: {key} {json.dumps(value)} is not supported yet (plain RoPE only)")
-    return float(params.get("rope_theta", hf.get("rope_theta", default)))
+    key, spec = ("rope_scaling", hf["rope_scaling"]) if hf.get("rope_scaling") else ("rope_parameters", params)
+    rope_type = spec.get("rope_type", spec.get("type", "default")) if isinstance(spec, dict) else None
+
+    def refuse(why: str) -> LmforgeError:
+        return LmforgeError(f"{source}: {key} {json.dumps(spec)} is not supported yet ({why})")
+
+    if rope_type not in ROPE_KEYS or any(isinstance(v, dict) for v in spec.values()):
+        raise refuse(f"RoPE types: {', '.join(ROPE_KEYS)}")
+    theta = spec.get("rope_theta", params.get("rope_theta", default_theta))
+    out: dict[str, Any] = {"rope_theta": float(theta)}
+    if rope_type == "default":
+        return out
+    fields = ROPE_KEYS[rope_type]
+    extra = dict(spec)
+    for known in ("rope_type", "type", "rope_theta", "factor", *fields):
+        extra.pop(known, None)
+    if extra.get("partial_rotary_factor", 1.0) == 1.0:
+        extra.pop("partial_rotary_factor", None)
+    if rope_type == "dynamic":  # HF's dynamic NTK measures from max_position_embeddings and ignores this
+        extra.pop("original_max_position_embeddings", None)
+    original = hf.get("original_max_position_embeddings") or spec.get("original_max_position_embeddings") or max_len
+    factor = spec.get("factor") or (max_len / original if rope_type == "yarn" else None)
+    if rope_type == "yarn":
+        if extra.get("truncate", True) is True:
+            extra.pop("truncate", None)
+        if "attention_factor" in extra and extra["attention_factor"] == yarn_mscale(float(factor)):
+            extra.pop("attention_factor")
+    if extra:
+        raise refuse(f"key '{sorted(extra)[0]}'")
+    if factor is None:
+        raise refuse("no 'factor'")
+    out.update(rope_scaling=rope_type, rope_factor=float(factor))
+    for hf_key, field in fields.items():
+        if hf_key in spec:
+            out[field] = spec[hf_key]
+    if "rope_original_max_seq_len" in fields.values():
+        out["rope_original_max_seq_len"] = int(original)
+    return out
+
+
+def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """`rope_parameters` (5.x), `rope_scaling` (4.x) and `max_position_embeddings` for cfg's RoPE. HF's
+    dynamic NTK takes max_position_embeddings as the original context, so that is what it gets."""
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    max_len = cfg.max_seq_len
+    if cfg.rope_scaling != "none":
+        params.update(rope_type=cfg.rope_scaling, factor=cfg.rope_factor)
+        original = cfg.rope_original_max_seq_len or cfg.max_seq_len
+        for hf_key, field in ROPE_KEYS[cfg.rope_scaling].items():
+            params[hf_key] = original if field == "rope_original_max_seq_len" else getattr(cfg, field)
+        if cfg.rope_scaling == "dynamic":
+            max_len = original
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"} if cfg.rope_scaling != "none" else None
+    return {"max_position_embeddings": max_len, "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
+            "rope_parameters": params}
 
 
 def check_llama_compatible(cfg: ModelConfig) -> None:
@@ -131,9 +194,7 @@ def hf_config_from_model(cfg: ModelConfig, torch_dtype: str = "float32",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rms_norm_eps": cfg.norm_eps, **rope_to_hf(cfg),
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.bias or cfg.qkv_bias,
         "mlp_bias": cfg.bias, "attention_dropout": 0.0, "initializer_range": cfg.init_std, "use_cache": True,
         **ids, "dtype": torch_dtype, "torch_dtype": torch_dtype,

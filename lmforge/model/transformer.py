@@ -41,8 +41,7 @@ class Transformer(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set before building the model")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rope = (RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-                     if cfg.position == "rope" else None)
+        self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         if cfg.position == "learned":
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         elif cfg.position == "sinusoidal":
