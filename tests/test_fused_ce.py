@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import RepeatedBatch
 
 from lmforge.config import from_dict
 from lmforge.data.shards import ShardWriter
@@ -123,20 +124,6 @@ def test_trainer_lm_loss_gives_every_parameter_the_reference_gradient(tied):
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
     for name, g, r in zip(params, grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=name)
-
-
-class RepeatedBatch:
-    def __init__(self, batch):
-        self.batch = batch
-
-    def next_batch(self):
-        return self.batch
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 def test_compiled_training_compiles_the_trunk_that_lm_loss_calls(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from fakes import RepeatedBatch
 
 from lmforge.config import from_dict
 from lmforge.errors import ConfigError
@@ -60,29 +61,13 @@ def test_train_config_schedule_options():
         from_dict(TrainConfig, {"schedule": "linear"}, "train.")
 
 
-class RepeatBatch:
-    """One batch forever, resumable: enough for train_loop to run."""
-
-    def __init__(self, batch):
-        self.batch = batch
-
-    def next_batch(self):
-        return self.batch
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
 def test_train_loop_follows_the_wsd_schedule(tmp_path):
     ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
     cfg = from_dict(TrainConfig, {"steps": 10, "lr": 1e-3, "warmup_steps": 2, "min_lr_ratio": 0.0,
                                   "schedule": "wsd", "decay_fraction": 0.4, "precision": "fp32",
                                   "device": "cpu", "log_every": 1, "eval_every": 0, "save_every": 0,
                                   "plot_every": 0})
-    train_loop(model_with(), lm_loss, RepeatBatch((ids[:, :-1], ids[:, 1:])), cfg, tmp_path)
+    train_loop(model_with(), lm_loss, RepeatedBatch((ids[:, :-1], ids[:, 1:])), cfg, tmp_path)
     logged = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if "lr" in r]  # [i]: step i's lr
     assert logged == pytest.approx([wsd_lr_at(s, 1e-3, 2, 10, 0.0, 0.4) for s in range(10)])
     assert logged[1:7] == pytest.approx([1e-3] * 6)  # warmup end .. decay start (10 - 0.4 * 10 = 6)
