@@ -1,5 +1,6 @@
 import gzip
 import importlib.util
+import io
 import json
 
 import pytest
@@ -124,3 +125,50 @@ def test_zst_jsonl(tmp_path):
     path = tmp_path / "a.jsonl.zst"
     path.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "zst one"}\n{"text": "zst two"}\n'))
     assert [d.text for d in read_documents([path])] == ["zst one", "zst two"]
+
+
+def test_parquet_rows_with_configurable_fields(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmforge.data.readers import BadRecord, iter_records
+
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"body": ["one", None, "three"], "key": ["k1", "k2", "k3"], "lang": ["en"] * 3}), path)
+    items = list(iter_records(path, text_field="body", id_field="key"))
+    assert [(d.id, d.text, d.metadata) for d in (items[0], items[2])] == [("k1", "one", {"lang": "en"}),
+                                                                          ("k3", "three", {"lang": "en"})]
+    assert isinstance(items[1], BadRecord) and items[1].source == f"{path}:2" and "must be a string" in items[1].problem
+    assert "no column 'text'" in error_of([path])
+
+
+def test_warc_response_and_wet_conversion_records(tmp_path):
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    path = tmp_path / "crawl.warc.gz"
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        html = b"<html><head><style>x{}</style><script>var a;</script></head><body><p>Hello page.</p><p>Two</p></body>"
+        headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
+        writer.write_record(writer.create_warc_record("http://example.org/", "response", payload=io.BytesIO(html),
+                                                      http_headers=headers))
+        writer.write_record(writer.create_warc_record("http://example.org/img", "response",
+                                                      payload=io.BytesIO(b"\x89PNG"), http_headers=StatusAndHeaders(
+                                                          "200 OK", [("Content-Type", "image/png")],
+                                                          protocol="HTTP/1.1")))
+        writer.write_record(writer.create_warc_record("http://example.org/t", "conversion",
+                                                      payload=io.BytesIO(b"plain extracted text")))
+    docs = list(read_documents([path]))
+    assert [d.text for d in docs] == ["Hello page.\nTwo", "plain extracted text"]
+    assert docs[0].metadata["url"] == "http://example.org/" and docs[0].id.startswith("<urn:uuid:")
+
+
+def test_invalid_utf8_repair_and_binary_files(tmp_path):
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes(b'{"text": "caf\xe9 and cr\xe8me"}\n')
+    doc = next(read_documents([jsonl], invalid_utf8="repair"))
+    assert doc.text == "caf\ufffd and cr\ufffdme" and doc.metadata["utf8_repaired"] == 2
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(b"GIF89a\x00\x01")
+    assert "binary file (NUL byte at offset 6)" in error_of([binary], invalid_utf8="repair")

@@ -1,9 +1,13 @@
-"""Read documents from JSONL (plain, .gz, .zst) and text files, one streamed `Document` at a time.
+"""Read documents from JSONL (plain, .gz, .zst), Parquet, WARC/WET and text files, one streamed `Document` at a time.
 
 Every stage that takes text (tokenizer training, tokenization, data pipelines) reads it here, so a
 malformed input fails the same way everywhere: one `LmforgeError` line naming `file:line` and the
-problem. All per-record checks go through `parse_jsonl_line`, which raises `BadRecord`; a
-"rejects" mode only has to catch that one exception around it and keep going.
+problem. All per-record checks go through `parse_jsonl_line`/`record_to_document`, which raise
+`BadRecord`; `iter_records` yields those instead of raising, so a "rejects" mode (the cleaning
+pipeline) keeps going and sends each bad record to its rejects file.
+
+Invalid UTF-8 is rejected by default; `invalid_utf8="repair"` decodes with U+FFFD replacements
+and counts them in `metadata["utf8_repaired"]`.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from lmforge.errors import LmforgeError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 COMPRESSED_SUFFIXES = (".gz", ".zst")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+WARC_SUFFIXES = (".warc", ".wet", ".arc")
+InvalidUTF8 = Literal["reject", "repair"]
 
 
 @dataclass
@@ -36,20 +43,43 @@ class Document:
 class BadRecord(LmforgeError):
     """A record that cannot be read; `source` is "path:line", `problem` says why."""
 
-    def __init__(self, source: str, problem: str) -> None:
+    def __init__(self, source: str, problem: str, raw: str = "") -> None:
         super().__init__(f"{source}: {problem}")
         self.source = source
         self.problem = problem
+        self.raw = raw  # the record as text (undecodable bytes replaced), kept so a rejects file loses nothing
 
 
-def read_documents(paths: Sequence[str | Path], text_field: str = "text",
-                   id_field: str = "id") -> Iterator[Document]:
-    """Stream documents from files and directories (walked recursively, sorted, hidden files skipped)."""
+def read_documents(paths: Sequence[str | Path], text_field: str = "text", id_field: str = "id",
+                   invalid_utf8: InvalidUTF8 = "reject") -> Iterator[Document]:
+    """Stream documents from files and directories (walked recursively, sorted, hidden files skipped).
+
+    The first bad record raises `BadRecord`; use `iter_records` to get them as values instead.
+    """
     for path in iter_input_files(paths):
-        if is_jsonl(path):
-            yield from read_jsonl(path, text_field, id_field)
-        else:
-            yield read_text_file(path)
+        for item in iter_records(path, text_field, id_field, invalid_utf8):
+            if isinstance(item, BadRecord):
+                raise item
+            yield item
+
+
+def iter_records(path: Path, text_field: str = "text", id_field: str = "id",
+                 invalid_utf8: InvalidUTF8 = "reject") -> Iterator[Document | BadRecord]:
+    """Every record of one file by format: a Document, or a BadRecord for one that cannot be read.
+
+    File-level failures (a corrupt archive, an unreadable Parquet footer) still raise LmforgeError.
+    """
+    if is_jsonl(path):
+        yield from read_jsonl(path, text_field, id_field, invalid_utf8, bad="yield")
+    elif is_parquet(path):
+        yield from read_parquet(path, text_field, id_field)
+    elif is_warc(path):
+        yield from read_warc(path)
+    else:
+        try:
+            yield read_text_file(path, invalid_utf8)
+        except BadRecord as e:
+            yield e
 
 
 def iter_input_files(paths: Sequence[str | Path]) -> Iterator[Path]:
@@ -76,6 +106,22 @@ def is_jsonl(path: Path) -> bool:
     return bool(suffixes) and suffixes[-1] in JSONL_SUFFIXES
 
 
+def _base_suffix(path: Path) -> str:
+    suffixes = path.suffixes
+    if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
+        suffixes = suffixes[:-1]
+    return suffixes[-1].lower() if suffixes else ""
+
+
+def is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in PARQUET_SUFFIXES
+
+
+def is_warc(path: Path) -> bool:
+    """`.warc`/`.wet`/`.arc`, optionally gzipped (warcio reads both)."""
+    return _base_suffix(path) in WARC_SUFFIXES
+
+
 def open_binary(path: Path) -> IO[bytes]:
     """Open for reading bytes, decompressing `.gz` and `.zst` on the fly."""
     if path.suffix == ".gz":
@@ -91,12 +137,113 @@ def open_binary(path: Path) -> IO[bytes]:
     return open(path, "rb")
 
 
-def read_jsonl(path: Path, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
-    """One document per non-blank line, streamed (the file is never held in memory)."""
+def read_jsonl(path: Path, text_field: str = "text", id_field: str = "id", invalid_utf8: InvalidUTF8 = "reject",
+               bad: Literal["raise", "yield"] = "raise") -> Iterator[Any]:
+    """One document per non-blank line, streamed (the file is never held in memory).
+
+    `bad="yield"` yields a BadRecord for a line that cannot be read and goes on with the next.
+    """
     with open_binary(path) as f:
         for lineno, raw in _numbered_lines(f, path):
             if raw.strip():
-                yield parse_jsonl_line(raw, f"{path}:{lineno}", text_field, id_field)
+                try:
+                    yield parse_jsonl_line(raw, f"{path}:{lineno}", text_field, id_field, invalid_utf8)
+                except BadRecord as e:
+                    if bad == "raise":
+                        raise
+                    e.raw = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    yield e
+
+
+def read_parquet(path: Path, text_field: str = "text", id_field: str = "id",
+                 batch_rows: int = 1024) -> Iterator[Document | BadRecord]:
+    """One document per row, read a row group batch at a time; the source is "path:row" (1-based)."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses for a bad footer
+        raise LmforgeError(f"{path}: cannot read Parquet file ({str(e).splitlines()[0]})") from None
+    if text_field not in pf.schema_arrow.names:
+        raise LmforgeError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)})")
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_rows):
+        for record in batch.to_pylist():
+            row += 1
+            try:
+                yield record_to_document(record, f"{path}:{row}", text_field, id_field)
+            except BadRecord as e:
+                e.raw = json.dumps(record, default=str, ensure_ascii=False)
+                yield e
+
+
+def read_warc(path: Path) -> Iterator[Document | BadRecord]:
+    """Text of WARC `response`/`resource` records (HTML reduced to its visible text) and WET `conversion`
+    records; the id is the WARC-Record-ID, `metadata` holds url and date. Non-text records are skipped."""
+    try:
+        from warcio.archiveiterator import ArchiveIterator
+    except ImportError:
+        raise LmforgeError(f"{path}: reading WARC files needs the warcio package (pip install warcio)") from None
+    from warcio.exceptions import ArchiveLoadFailed
+
+    n = 0
+    with open(path, "rb") as f:
+        try:
+            for record in ArchiveIterator(f):
+                if record.rec_type not in ("response", "resource", "conversion"):
+                    continue
+                n += 1
+                source = f"{path}:record {n}"
+                if record.rec_type == "conversion":  # WET: already extracted plain text
+                    content_type = "text/plain"
+                else:
+                    content_type = (record.http_headers.get_header("Content-Type") if record.http_headers
+                                    else record.rec_headers.get_header("Content-Type")) or "text/plain"
+                if not content_type.startswith("text/"):
+                    continue
+                text = record.content_stream().read().decode("utf-8", "replace")
+                if "html" in content_type:
+                    text = html_to_text(text)
+                rid = record.rec_headers.get_header("WARC-Record-ID") or source
+                meta = {"url": record.rec_headers.get_header("WARC-Target-URI"),
+                        "date": record.rec_headers.get_header("WARC-Date")}
+                yield Document(id=rid, text=text, source=source, metadata=meta)
+        except ArchiveLoadFailed as e:
+            raise LmforgeError(f"{path}: not a readable WARC file ({str(e).splitlines()[0]})") from None
+
+
+def html_to_text(html: str) -> str:
+    """Visible text of an HTML page: script/style dropped, block elements become line breaks."""
+    from html.parser import HTMLParser
+
+    blocks = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article", "title"}
+
+    class _Text(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.parts: list[str] = []
+            self.skip = 0
+
+        def handle_starttag(self, tag: str, attrs: Any) -> None:
+            if tag in ("script", "style", "noscript"):
+                self.skip += 1
+            elif tag in blocks:
+                self.parts.append("\n")
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag in ("script", "style", "noscript"):
+                self.skip = max(0, self.skip - 1)
+            elif tag in blocks:
+                self.parts.append("\n")
+
+        def handle_data(self, data: str) -> None:
+            if not self.skip:
+                self.parts.append(data)
+
+    parser = _Text()
+    parser.feed(html)
+    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
+    return "\n".join(line for line in lines if line)
 
 
 def _numbered_lines(f: IO[bytes], path: Path) -> Iterator[tuple[int, bytes]]:
@@ -120,19 +267,37 @@ def decompress_errors() -> tuple[type[BaseException], ...]:
     return (*errors, zstandard.ZstdError)
 
 
-def parse_jsonl_line(raw: bytes, source: str, text_field: str = "text", id_field: str = "id") -> Document:
+def decode_utf8(data: bytes, source: str, invalid_utf8: InvalidUTF8 = "reject",
+                where: str = "line") -> tuple[str, int]:
+    """(text, number of invalid byte sequences replaced); "reject" raises BadRecord naming the offset."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError as e:
+        if invalid_utf8 != "repair":
+            raise BadRecord(source, f"not valid UTF-8 (byte offset {e.start} in the {where})") from None
+    text = data.decode("utf-8", "replace")
+    return text, text.count("\ufffd") - data.count(b"\xef\xbf\xbd")
+
+
+def parse_jsonl_line(raw: bytes, source: str, text_field: str = "text", id_field: str = "id",
+                     invalid_utf8: InvalidUTF8 = "reject") -> Document:
     """Decode and validate one JSONL record; every problem raises `BadRecord(source, problem)`.
 
     Keys other than text and id go to `metadata` (a nested "metadata" object is merged in).
     """
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRecord(source, f"not valid UTF-8 (byte offset {e.start} in the line)") from None
+    line, repaired = decode_utf8(raw, source, invalid_utf8)
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise BadRecord(source, f"malformed JSON: {e.msg} at column {e.colno}") from None
+    doc = record_to_document(record, source, text_field, id_field)
+    if repaired:
+        doc.metadata["utf8_repaired"] = repaired
+    return doc
+
+
+def record_to_document(record: Any, source: str, text_field: str = "text", id_field: str = "id") -> Document:
+    """Validate one decoded record (a JSON object or a Parquet row); problems raise BadRecord."""
     if not isinstance(record, dict):
         raise BadRecord(source, f"expected a JSON object, got {type(record).__name__}")
     if text_field not in record:
@@ -157,16 +322,27 @@ def _check_encodable(text: str, source: str, text_field: str) -> None:
                                 f"character {e.start}") from None
 
 
-def read_text_file(path: Path) -> Document:
-    """The whole file is one document (compressed `.gz`/`.zst` text is decompressed)."""
+def read_text_file(path: Path, invalid_utf8: InvalidUTF8 = "reject") -> Document:
+    """The whole file is one document (compressed `.gz`/`.zst` text is decompressed).
+
+    A file with NUL bytes is binary, not text: BadRecord, whatever `invalid_utf8` says.
+    """
     with open_binary(path) as f:
         try:
             data = f.read()
         except decompress_errors() as e:
             raise LmforgeError(f"{path}: cannot decompress ({e})") from None
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise BadRecord(str(path), f"binary file (NUL byte at offset {nul}), not text",
+                        raw=data[:1000].decode("utf-8", "replace"))
     try:
-        text = data.decode("utf-8")
+        text, repaired = data.decode("utf-8"), 0
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise BadRecord(f"{path}:{line}", f"not valid UTF-8 (byte offset {e.start} in the file)") from None
-    return Document(id=str(path), text=text, source=str(path))
+        if invalid_utf8 != "repair":
+            line = data.count(b"\n", 0, e.start) + 1
+            raise BadRecord(f"{path}:{line}", f"not valid UTF-8 (byte offset {e.start} in the file)",
+                            raw=data.decode("utf-8", "replace")) from None
+        text, repaired = decode_utf8(data, str(path), "repair")
+    meta = {"utf8_repaired": repaired} if repaired else {}
+    return Document(id=str(path), text=text, source=str(path), metadata=meta)

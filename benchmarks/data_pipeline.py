@@ -1,0 +1,164 @@
+"""lmforge's cleaning pipeline vs datatrove on the same corpus: Gopher repetition -> Gopher quality -> C4 ->
+FineWeb -> MinHash (5-grams, 14 x 8), both with a 2-process local executor, one run each.
+
+The corpus (>= 100k documents) is built from tinyshakespeare and the Python stdlib (code and pydoc
+topics): random spans of 8-40 lines, perturbed (word substitutions, boilerplate, shouting, lorem ipsum),
+so filters and near-duplicate removal both have work. Prints docs/s for both, the ratio, and how often
+the two agree on keep/remove, per filter chain and end to end (with dedup).
+
+    .venv/bin/python benchmarks/data_pipeline.py --docs 100000 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from textdata import SHAKESPEARE  # noqa: E402
+
+from lmforge.data.corpus import pydoc_topic_documents, stdlib_code_documents  # noqa: E402
+from lmforge.data.pipeline import Pipeline, make_step  # noqa: E402
+
+BOILERPLATE = ["Home | About | Contact", "Subscribe to our newsletter!", "All rights reserved."]
+
+
+def build_corpus(out: Path, n_docs: int, n_files: int, seed: int = 0) -> list[Path]:
+    rng = random.Random(seed)
+    sources = [SHAKESPEARE.read_text(encoding="utf-8").split("\n")]
+    sources.append([line for d in pydoc_topic_documents() for line in d["text"].split("\n")])
+    sources.append([line for d in stdlib_code_documents() for line in d["text"].split("\n")][:400_000])
+    vocab = list({w for line in sources[0][:20000] for w in line.split()})
+    files = [out / f"part{i:02d}.jsonl" for i in range(n_files)]
+    handles = [open(f, "w", encoding="utf-8") for f in files]
+    for i in range(n_docs):
+        lines = sources[rng.choices((0, 1, 2), weights=(5, 3, 2))[0]]
+        start = rng.randrange(len(lines) - 40)
+        text = "\n".join(lines[start:start + rng.randint(8, 40)])
+        r = rng.random()
+        if r < 0.3:  # light edit: a near-duplicate of whatever shares the span
+            words = text.split(" ")
+            for _ in range(max(1, len(words) // 50)):
+                words[rng.randrange(len(words))] = rng.choice(vocab)
+            text = " ".join(words)
+        elif r < 0.4:
+            text += "\n" + "\n".join(rng.choice(BOILERPLATE) for _ in range(rng.randint(3, 10)))
+        elif r < 0.45:
+            text = text.upper()
+        elif r < 0.48:
+            text += "\nLorem ipsum dolor sit amet, consectetur adipiscing elit."
+        handles[i % n_files].write(json.dumps({"id": f"doc{i}", "text": text}) + "\n")
+    for h in handles:
+        h.close()
+    return files
+
+
+def run_lmforge(inputs: Path, out: Path, workers: int) -> tuple[float, set[str], set[str]]:
+    steps = [make_step(n) for n in ("gopher_repetition", "gopher_quality", "c4", "fineweb", "minhash")]
+    start = time.perf_counter()
+    Pipeline(steps, workers=workers, progress=False).run([inputs], out)
+    seconds = time.perf_counter() - start
+    kept = {json.loads(line)["id"] for f in (out / "kept").glob("*.jsonl") for line in open(f)}
+    deduped = {json.loads(line)["id"] for line in open(out / "rejects" / "minhash.jsonl")} \
+        if (out / "rejects" / "minhash.jsonl").exists() else set()
+    return seconds, kept | deduped, kept  # (passed the filters, kept after dedup)
+
+
+def _patch_datatrove_xxhash() -> None:
+    """datatrove passes str to xxhash, which xxhash>=4 refuses; encode first (workers fork, so they inherit it)."""
+    import xxhash
+    from datatrove.utils.hashes import xxhash as dt_xxhash
+
+    dt_xxhash.xxhash64 = lambda data: xxhash.xxh64_intdigest(data.encode() if isinstance(data, str) else data)
+    dt_xxhash.xxhash32 = lambda data: xxhash.xxh32_intdigest(data.encode() if isinstance(data, str) else data)
+
+
+def run_datatrove(inputs: Path, out: Path, workers: int, n_files: int) -> tuple[float, set[str], set[str]]:
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
+    from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    _patch_datatrove_xxhash()
+    config = MinhashConfig()  # 5-grams, 14 buckets x 8 hashes: the same as lmforge's defaults
+    logs = out / "logs"
+    stage1 = LocalPipelineExecutor(pipeline=[
+        JsonlReader(str(inputs), glob_pattern="*.jsonl"), GopherRepetitionFilter(), GopherQualityFilter(),
+        C4QualityFilter(), FineWebQualityFilter(),
+        JsonlWriter(str(out / "filtered"), output_filename="${rank}.jsonl", compression=None),
+        MinhashDedupSignature(output_folder=str(out / "sigs"), config=config)],
+        tasks=n_files, workers=workers, logging_dir=str(logs / "1"), start_method="fork")
+    stage2 = LocalPipelineExecutor(
+        pipeline=[MinhashDedupBuckets(str(out / "sigs"), str(out / "buckets"), config=config)],
+        tasks=config.num_buckets, workers=workers, logging_dir=str(logs / "2"), start_method="fork")
+    stage3 = LocalPipelineExecutor(pipeline=[MinhashDedupCluster(str(out / "buckets"), str(out / "remove"),
+                                                                 config=config)],
+                                   tasks=1, logging_dir=str(logs / "3"), start_method="fork")
+    stage4 = LocalPipelineExecutor(pipeline=[
+        JsonlReader(str(out / "filtered"), glob_pattern="*.jsonl"), MinhashDedupFilter(str(out / "remove")),
+        JsonlWriter(str(out / "kept"), output_filename="${rank}.jsonl", compression=None)],
+        tasks=n_files, workers=workers, logging_dir=str(logs / "4"), start_method="fork")
+    start = time.perf_counter()
+    for stage in (stage1, stage2, stage3, stage4):
+        stage.run()
+    seconds = time.perf_counter() - start
+    filtered = {json.loads(line)["id"] for f in (out / "filtered").glob("*.jsonl") for line in open(f)}
+    kept = {json.loads(line)["id"] for f in (out / "kept").glob("*.jsonl") for line in open(f)}
+    return seconds, filtered, kept
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--docs", type=int, default=100_000)
+    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-data-"))
+    try:
+        (tmp / "in").mkdir()
+        build_corpus(tmp / "in", args.docs, args.files)
+        ids = [f"doc{i}" for i in range(args.docs)]
+        lm_s, lm_filtered, lm_kept = run_lmforge(tmp / "in", tmp / "lmforge", args.workers)
+        dt_s, dt_filtered, dt_kept = run_datatrove(tmp / "in", tmp / "datatrove", args.workers, args.files)
+        agree_filters = sum((i in lm_filtered) == (i in dt_filtered) for i in ids) / len(ids)
+        agree_all = sum((i in lm_kept) == (i in dt_kept) for i in ids) / len(ids)
+        machine = f"{platform.processor() or platform.machine()}, {args.workers} workers"
+        command = f"benchmarks/data_pipeline.py --docs {args.docs} --workers {args.workers}"
+        rows = [
+            ("documents/s (filters + MinHash)", f"{args.docs / lm_s:,.0f}", f"{args.docs / dt_s:,.0f}",
+             f"{dt_s / lm_s:.2f}x"),
+            ("wall time, s", f"{lm_s:.1f}", f"{dt_s:.1f}", f"{dt_s / lm_s:.2f}x"),
+            ("docs passing the 4 filters", f"{len(lm_filtered):,}", f"{len(dt_filtered):,}", "-"),
+            ("docs kept after MinHash", f"{len(lm_kept):,}", f"{len(dt_kept):,}", "-"),
+            ("decision agreement, filters", f"{agree_filters:.2%}", "-", "-"),
+            ("decision agreement, filters + MinHash", f"{agree_all:.2%}", "-", "-"),
+        ]
+        print("| figure | lmforge | datatrove | ratio | machine | command |")
+        print("|---|---:|---:|---:|---|---|")
+        for figure, a, b, ratio in rows:
+            print(f"| {figure} | {a} | {b} | {ratio} | {machine} | `{command}` |")
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Document filters: each a small `Step` dataclass with the published default thresholds."""
