@@ -207,8 +207,8 @@ def test_load_adapter_errors_leave_the_model_untouched(tmp_path):
     load_fails("adapter directory not found", tmp_path / "nope")
     rewrite(peft_type="PREFIX_TUNING")
     load_fails("peft_type 'PREFIX_TUNING' is not supported")
-    rewrite(use_dora=True)
-    load_fails("use_dora=True is not supported")
+    rewrite(fan_in_fan_out=True)
+    load_fails("fan_in_fan_out=True is not supported")
     rewrite(target_modules=["q_proj", "nonsense"])
     load_fails("adapter_config.json: lora.targets: unknown module 'nonsense'")
     rewrite(r=8)  # the tensors have rank 4
@@ -288,3 +288,108 @@ def test_peft_adapter_loads_in_lmforge(hf_llama, tmp_path):
     cfg = load_adapter(model, tmp_path / "adapter")
     assert cfg.r == 4 and cfg.rslora and sorted(cfg.targets) == sorted(ALL)
     torch.testing.assert_close(model(x), theirs, rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# DoRA
+
+
+def randomize_dora(model: nn.Module, seed: int = 0) -> None:
+    """Random A, B and a magnitude moved off its init, so every DoRA term shows in the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_magnitude"):
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def test_dora_init_is_identity_and_merge_unmerge_restore():
+    model = build()
+    x = ids()
+    base = model(x)
+    apply_lora(model, LoraConfig(r=4, targets=ALL, dora=True))
+    torch.testing.assert_close(model(x), base, rtol=0, atol=1e-5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("lora_magnitude") for n in trainable)
+    randomize_dora(model)
+    adapted = model(x)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    weight = model.blocks[0].attn.qkv.weight.detach().clone()
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    for layer in layers:
+        layer.merge()
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5)
+    for layer in layers:
+        layer.unmerge()
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5)
+    torch.testing.assert_close(merge_lora(model)(x), adapted, rtol=0, atol=1e-5)
+
+
+def test_dora_gradient_reaches_magnitude_and_low_rank_factors():
+    model = build()
+    apply_lora(model, LoraConfig(r=2, targets=["q_proj", "down_proj"], dora=True))
+    randomize_dora(model)
+    model(ids()).square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_dora_adapter_matches_peft_both_ways(hf_llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    hf_dir, lmforge_dir = hf_llama
+    x = ids()
+    # lmforge -> PEFT
+    model = load_model(lmforge_dir)
+    cfg = LoraConfig(r=4, alpha=8.0, targets=ALL, dora=True)
+    apply_lora(model, cfg)
+    randomize_dora(model)
+    ours = model(x)
+    save_adapter(model, tmp_path / "ours", cfg)
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_dora"] is True
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf_model(hf_dir), tmp_path / "ours").eval()(x).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    # PEFT -> lmforge
+    torch.manual_seed(1)
+    peft_model = peft.get_peft_model(hf_model(hf_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL,
+                                                                        use_dora=True, task_type="CAUSAL_LM"))
+    randomize_dora(peft_model, seed=2)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.1)
+        theirs = peft_model.eval()(x).logits
+    peft_model.save_pretrained(tmp_path / "theirs", safe_serialization=True)
+    fresh = load_model(lmforge_dir)
+    assert load_adapter(fresh, tmp_path / "theirs").dora
+    torch.testing.assert_close(fresh(x), theirs, rtol=0, atol=1e-4)
+
+
+def test_lora_trained_by_train_loop_loads_in_peft_on_the_exported_base(tmp_path):
+    """The issue's round trip: lmforge trains a LoRA, `convert to-hf` exports the base, PEFT loads both."""
+    peft = pytest.importorskip("peft")
+    from fakes import RepeatedBatch
+
+    from lmforge.cli import main
+    from lmforge.peft import PeftConfig, apply_peft, save_trained
+    from lmforge.train.trainer import TrainConfig, lm_loss, train_loop
+
+    base = build()
+    save_model(base, tmp_path / "base")
+    assert main(["convert", "to-hf", str(tmp_path / "base"), str(tmp_path / "hf")]) == 0
+    cfg = from_dict(PeftConfig, {"method": "lora", "lora": {"r": 4, "targets": ALL}})
+    apply_peft(base, cfg)
+    x = ids()
+    train_loop(base, lm_loss, RepeatedBatch((x[:, :-1], x[:, 1:])),
+               from_dict(TrainConfig, {"steps": 5, "lr": 1e-2, "warmup_steps": 1, "precision": "fp32",
+                                       "device": "cpu", "eval_every": 0, "save_every": 0, "plot_every": 0}),
+               tmp_path / "run")
+    ours = base.eval()(x)
+    save_trained(base, cfg, tmp_path / "adapter")
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf_model(tmp_path / "hf"), tmp_path / "adapter").eval()(x).logits
+    assert not torch.allclose(load_model(tmp_path / "base")(x), ours, atol=1e-3)  # training moved the outputs
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)

@@ -22,6 +22,8 @@ from lmforge.tokenizer import TOKENIZER_FILE, StreamDecoder, Tokenizer
 @dataclass
 class GenerateConfig:
     checkpoint: str = option(help="model directory (config.json + model.safetensors [+ tokenizer.json])")
+    adapter: str = option("", "adapter directory to run on the checkpoint: HF PEFT LoRA/DoRA, prefix or prompt "
+                              "tuning, or an lmforge bottleneck adapter")
     prompt: str = option("", "text to continue; empty starts from the tokenizer's bos token")
     input_ids: str = option("", "token ids to continue instead of text, e.g. \"1 2 3\" (no tokenizer needed)")
     greedy: bool = option(False, "always take the most likely token")
@@ -77,6 +79,10 @@ def sampling_params(cfg: GenerateConfig, tokenizer: Tokenizer | None) -> Samplin
 def generate_cmd(cfg: GenerateConfig) -> int:
     checkpoint = Path(cfg.checkpoint)
     model = load_model(checkpoint, device=resolve_device(cfg.device))
+    if cfg.adapter:
+        from lmforge.peft.config import load_any_adapter
+
+        load_any_adapter(model, cfg.adapter)
     tokenizer = load_tokenizer(checkpoint)
     if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
         raise LmforgeError(f"{checkpoint / TOKENIZER_FILE}: tokenizer has {tokenizer.vocab_size} tokens but "

@@ -50,9 +50,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, start_pos: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`attn_mask` (bool, True = may attend, broadcastable to [B, H, T, S]) replaces the causal
-        mask when given; the engine uses it for left-padded batches."""
+        mask when given; the engine uses it for left-padded batches.
+
+        `prefix` ([B, KV, P, D] keys and values, prefix tuning) goes in front of this chunk's keys, as P
+        cached positions would: the chunk starts at `start_pos` = P, and a cache is written from slot 0."""
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=-1)
@@ -61,8 +65,10 @@ class Attention(nn.Module):
         v = v.view(B, T, KV, D).transpose(1, 2)
         if self.use_rope and rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if prefix is not None:
+            k, v = torch.cat([prefix[0].to(k.dtype), k], dim=2), torch.cat([prefix[1].to(v.dtype), v], dim=2)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, start_pos)
+            k, v = cache.update(self.layer_idx, k, v, start_pos - (0 if prefix is None else prefix[0].shape[2]))
         S = k.shape[2]
         is_causal = False
         if attn_mask is None and T > 1:

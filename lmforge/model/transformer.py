@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.attention import Attention, KVCache
@@ -24,16 +25,24 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, start_pos: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
+                cache: KVCache | None, start_pos: int, attn_mask: torch.Tensor | None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cache, start_pos, attn_mask))
+            x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cache, start_pos, attn_mask, prefix))
             return x + self.mlp(self.mlp_norm(x))
-        x = self.attn_norm(x + self.resid_dropout(self.attn(x, rope, cache, start_pos, attn_mask)))
+        x = self.attn_norm(x + self.resid_dropout(self.attn(x, rope, cache, start_pos, attn_mask, prefix)))
         return self.mlp_norm(x + self.mlp(x))
 
 
 class Transformer(nn.Module):
-    """Decoder-only Transformer: embeddings -> blocks -> final norm -> LM head."""
+    """Decoder-only Transformer: embeddings -> blocks -> final norm -> LM head.
+
+    `virtual_tokens` (None, or a module set by `lmforge.peft` prompt/prefix tuning) adds `n_tokens`
+    trainable positions in front of every sequence: `embeddings(B)` ([B, n, d] inputs, prompt tuning)
+    and/or `layer_kv(B)` (per-layer [B, KV, n, D] keys and values, prefix tuning). They take positions
+    0..n-1 and KV-cache slots 0..n-1; callers keep counting `start_pos` over their own tokens only, and
+    outputs cover their tokens only, so training losses and generation work unchanged.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -53,6 +62,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.virtual_tokens: nn.Module | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -73,20 +83,51 @@ class Transformer(nn.Module):
                       positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, d]. `positions` ([T] or [B, T]) default to start_pos + arange(T)."""
         T = input_ids.shape[1]
-        if T + start_pos > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {T + start_pos} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        n = 0 if self.virtual_tokens is None else self.virtual_tokens.n_tokens
+        if T + start_pos + n > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T + start_pos + n} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}"
+                             + (f" ({n} of them virtual)" if n else ""))
         if positions is None:
             positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
         x = self.embed(input_ids)
+        prefix: list | None = None
+        n_prompt = 0
+        if n:
+            x, positions, attn_mask, prefix, n_prompt = self._add_virtual(x, positions, attn_mask, start_pos == 0)
+            start_pos += n - n_prompt  # prepended prompt rows are part of this chunk; prefix rows are not
         if self.cfg.position == "learned":
             x = x + self.pos_embed(positions)
         elif self.cfg.position == "sinusoidal":
             x = x + self.pos_table[positions].to(x.dtype)
         x = self.embed_dropout(x)
         rope = self.rope(positions) if self.rope is not None else None
-        for block in self.blocks:
-            x = block(x, rope, cache, start_pos, attn_mask)
-        return self.norm(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, start_pos, attn_mask, None if prefix is None else prefix[i])
+        return self.norm(x[:, n_prompt:] if n_prompt else x)
+
+    def _add_virtual(self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None,
+                     first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list | None, int]:
+        """Shift positions past the n virtual tokens; on the first chunk, prepend soft-prompt rows and fetch
+        the per-layer prefix K/V (later chunks find them in the cache). Masks gain n always-visible keys."""
+        vt, B = self.virtual_tokens, x.shape[0]
+        n = vt.n_tokens
+        positions = positions + n
+        if attn_mask is not None:
+            attn_mask = F.pad(attn_mask, (n, 0), value=True)
+        if not first:
+            return x, positions, attn_mask, None, 0
+        prompt, prefix = vt.embeddings(B), vt.layer_kv(B)
+        if prompt is None:
+            return x, positions, attn_mask, prefix, 0
+        T = x.shape[1]
+        x = torch.cat([prompt.to(x.dtype), x], dim=1)
+        own = torch.arange(n, device=x.device)
+        positions = torch.cat([own.expand(*positions.shape[:-1], n), positions], dim=-1)
+        if attn_mask is not None:  # virtual rows see the virtual tokens before them only
+            lead, S = attn_mask.shape[:-2], attn_mask.shape[-1]
+            rows = own[:, None] >= torch.arange(S, device=x.device)[None, :]
+            attn_mask = torch.cat([rows.expand(*lead, n, S), attn_mask.expand(*lead, T, S)], dim=-2)
+        return x, positions, attn_mask, prefix, n
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
@@ -97,8 +138,11 @@ class Transformer(nn.Module):
         return h if return_hidden else self.lm_head(h)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A cache for `max_len` caller tokens (plus the virtual tokens' slots, if any)."""
         p = self.embed.weight
-        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, dtype=p.dtype, device=p.device)
+        n = 0 if self.virtual_tokens is None else self.virtual_tokens.n_tokens
+        size = self.cfg.max_seq_len if max_len is None else max_len + n
+        return KVCache(self.cfg, batch_size, size, dtype=p.dtype, device=p.device)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,4 +1,5 @@
-"""LoRA (Hu et al., 2021): a frozen linear layer plus a trainable low-rank update, h = W x + s * B A x.
+"""LoRA (Hu et al., 2021): a frozen linear layer plus a trainable low-rank update, h = W x + s * B A x;
+optionally DoRA (Liu et al., 2024), which rescales each output row of W + s B A to a trained magnitude.
 
 lmforge fuses projections (`attn.qkv` = [q; k; v], `mlp.up` = [gate; up]) where HF LLaMA keeps them
 apart, so one adapter here is a set of *parts*, each a (A, B) pair on a row range of one fused layer.
@@ -32,6 +33,8 @@ class LoraConfig:
     targets: list[str] = option(default_factory=lambda: ["q_proj", "v_proj"],
                                 help=f"HF/PEFT module names to adapt: {', '.join(TARGET_NAMES)}")
     rslora: bool = option(False, "scale by alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023), stable at high rank")
+    dora: bool = option(False, "DoRA (Liu et al. 2024): a trainable per-row magnitude times the LoRA-updated "
+                               "direction W + sBA, normalized row by row")
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -54,11 +57,22 @@ class LoraConfig:
 
 
 class LoraPart(nn.Module):
-    """One low-rank pair on output rows [row_start, row_end) of a base layer: s * B(A(dropout(x)))."""
+    """One low-rank pair on output rows [row_start, row_end) of a base layer: s * B(A(dropout(x))).
+
+    With DoRA, `lora_magnitude` (m, one entry per row) starts at the row norms of the base rows, so
+    the init is still the identity (Liu et al. 2024, eq. 2: W' = m (W + sBA) / ||W + sBA||_row).
+    """
 
     def __init__(self, in_features: int, row_start: int, row_end: int, cfg: LoraConfig,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 base_rows: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.lora_magnitude: nn.Parameter | None = None
+        self.merge_scale: torch.Tensor | None = None  # DoRA's m / ||W + sBA|| at merge time, for unmerge
+        if cfg.dora:
+            if base_rows is None:
+                raise ValueError("DoRA needs the base rows to initialize its magnitude")
+            self.lora_magnitude = nn.Parameter(base_rows.detach().float().norm(dim=1).to(base_rows.dtype))
         self.row_start, self.row_end, self.scaling = row_start, row_end, cfg.scaling
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, cfg.r, bias=False, device=device, dtype=dtype)
@@ -68,11 +82,29 @@ class LoraPart(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        # s scales the small B, not the [tokens, rows] output: the same product, one full-size pass less
+        return F.linear(self.lora_A(self.dropout(x)), self.lora_B.weight * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A, the [rows, in] change this part makes to the base weight (computed in fp32)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def dora_scale(self, rows: torch.Tensor) -> torch.Tensor:
+        """m / ||W + sBA||_row. The norm is a constant for backprop (DoRA sec. 4.3: saves memory, same accuracy)."""
+        with torch.no_grad():
+            norm = (rows.float() + self.delta_weight()).norm(dim=1)
+        return self.lora_magnitude / norm.to(self.lora_magnitude.dtype)
+
+    def dora_delta(self, x: torch.Tensor, base_rows_out: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the rows' output W x: (k - 1) W x + k s B A x with k = m / ||W + sBA||.
+
+        Dropout, when active, is applied to x once for both terms (as PEFT does); `base_rows_out` = W x
+        (no bias) is reused when dropout is off."""
+        xd = self.dropout(x)
+        if base_rows_out is None or not isinstance(self.dropout, nn.Identity):
+            base_rows_out = F.linear(xd, rows)
+        k = self.dora_scale(rows).to(x.dtype)
+        return (k - 1) * base_rows_out + k * F.linear(self.lora_A(xd), self.lora_B.weight * self.scaling)
 
 
 class LoraLinear(nn.Module):
@@ -97,8 +129,8 @@ class LoraLinear(nn.Module):
             raise ValueError(f"rows [{row_start}, {row_end}) outside a layer with "
                              f"{self.out_features} outputs")
         parts = self.adapters[adapter_name] if adapter_name in self.adapters else nn.ModuleDict()
-        parts[part_name] = LoraPart(self.in_features, row_start, row_end, cfg,
-                                    device=self.weight.device, dtype=self.weight.dtype)
+        parts[part_name] = LoraPart(self.in_features, row_start, row_end, cfg, device=self.weight.device,
+                                    dtype=self.weight.dtype, base_rows=self.weight[row_start:row_end])
         self.adapters[adapter_name] = parts
 
     def active_parts(self) -> list[LoraPart]:
@@ -110,10 +142,31 @@ class LoraLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged is not None:
             return y
-        for part in self.active_parts():
-            # Pad the part's rows out to the full width: out-of-place, so autograd sees a plain sum.
-            y = y + F.pad(part(x), (part.row_start, self.out_features - part.row_end))
-        return y
+        parts = self.active_parts()
+        plain = [part for part in parts if part.lora_magnitude is None]
+        out = y + self.low_rank(x, plain) if plain else y
+        for part in parts:
+            if part.lora_magnitude is not None:
+                rows = self.weight[part.row_start:part.row_end]
+                base = y[..., part.row_start:part.row_end]
+                if self.bias is not None:
+                    base = base - self.bias[part.row_start:part.row_end]
+                delta = part.dora_delta(x, base, rows)
+                # Pad the part's rows out to the full width: out-of-place, so autograd sees a plain sum.
+                out = out + F.pad(delta, (part.row_start, self.out_features - part.row_end))
+        return out
+
+    def low_rank(self, x: torch.Tensor, parts: list[LoraPart]) -> torch.Tensor:
+        """Sum over parts of s B A x at full width, as two matmuls: x [A_1; ...; A_k]^T, then a block
+        matrix whose column block i holds s_i B_i on part i's rows (zeros elsewhere). One pass over x and
+        one full-width add instead of one per part (the parts of an adapter share their dropout config)."""
+        if len(parts) == 1 and parts[0].row_end - parts[0].row_start == self.out_features:
+            return parts[0](x)
+        a = F.linear(parts[0].dropout(x), torch.cat([part.lora_A.weight for part in parts]))
+        b = torch.cat([F.pad(part.lora_B.weight * part.scaling, (0, 0, part.row_start,
+                                                                 self.out_features - part.row_end))
+                       for part in parts], dim=1)
+        return F.linear(a, b)
 
     def set_adapter(self, name: str | None) -> None:
         """Make `name` active (None: base layer only); a merged adapter is unmerged first."""
@@ -128,7 +181,11 @@ class LoraLinear(nn.Module):
             return
         for part in self.active_parts():
             rows = self.weight[part.row_start:part.row_end]
-            rows.copy_((rows.float() + part.delta_weight()).to(rows.dtype))
+            merged = rows.float() + part.delta_weight()
+            if part.lora_magnitude is not None:  # W' = m (W + sBA) / ||W + sBA||
+                part.merge_scale = part.dora_scale(rows).float()
+                merged = merged * part.merge_scale[:, None]
+            rows.copy_(merged.to(rows.dtype))
         self.merged = self.active
 
     @torch.no_grad()
@@ -138,7 +195,10 @@ class LoraLinear(nn.Module):
             return
         for part in self.adapters[self.merged].values():
             rows = self.weight[part.row_start:part.row_end]
-            rows.copy_((rows.float() - part.delta_weight()).to(rows.dtype))
+            weight = rows.float()
+            if part.merge_scale is not None:
+                weight, part.merge_scale = weight / part.merge_scale[:, None], None
+            rows.copy_((weight - part.delta_weight()).to(rows.dtype))
         self.merged = None
 
     def extra_repr(self) -> str:
@@ -245,6 +305,8 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
             for part_name, part in layer.adapters[adapter_name].items():
                 state[f"{name}.{part_name}.lora_A.weight"] = part.lora_A.weight.detach()
                 state[f"{name}.{part_name}.lora_B.weight"] = part.lora_B.weight.detach()
+                if part.lora_magnitude is not None:
+                    state[f"{name}.{part_name}.lora_magnitude"] = part.lora_magnitude.detach()
     return state
 
 

@@ -2,6 +2,9 @@
 
 Layout of RUN/checkpoints/:
     step_000123/model.safetensors + config.json   a model directory (`lmforge.model.load_model` reads it)
+    step_000123/trainable.safetensors + config.json  instead, when some parameters are frozen (PEFT): only the
+                                                  trainable tensors, by parameter name; the frozen rest is the
+                                                  base model the run starts from, so it is not copied
     step_000123/optimizer.safetensors             every optimizer state tensor, "state.<param_index>.<name>"
     step_000123/trainer_state.json                step, loader position, optimizer hyperparameters and
                                                   scalar state, RNG states, and the caller's own keys
@@ -28,12 +31,13 @@ from safetensors.torch import save_file
 
 from lmforge.config import to_dict
 from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write_text, fsync_dir, read_json_object
+from lmforge.files import atomic_write, atomic_write_json, atomic_write_text, fsync_dir, read_json_object
 from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME, load_into, load_weights, read_model_config, save_model
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
 OPTIMIZER_NAME = "optimizer.safetensors"
+TRAINABLE_NAME = "trainable.safetensors"
 STATE_NAME = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
@@ -163,7 +167,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     name = checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=root))
     try:
-        save_model(model, tmp)  # each file written and fsynced atomically
+        save_model_state(model, tmp)
         tensors, optim_meta = optimizer_to_files(optimizer)
         save_file(tensors, str(tmp / OPTIMIZER_NAME), metadata={"format": "pt"})
         _fsync_file(tmp / OPTIMIZER_NAME)
@@ -187,6 +191,44 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     return final
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The trainable tensors by name when some parameters are frozen (PEFT); None when everything trains."""
+    params = dict(model.named_parameters())
+    if all(p.requires_grad for p in params.values()):
+        return None
+    return {name: p.detach().contiguous() for name, p in params.items() if p.requires_grad}
+
+
+def save_model_state(model: torch.nn.Module, directory: Path) -> None:
+    """A full model directory, or config.json + trainable.safetensors when some parameters are frozen."""
+    state = trainable_state(model)
+    if state is None:
+        save_model(model, directory)  # each file written and fsynced atomically
+        return
+    atomic_write(directory / TRAINABLE_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_json(directory / CONFIG_NAME, {"model": to_dict(model.cfg), "trainable_only": True})
+
+
+def load_model_state(path: Path, model: torch.nn.Module) -> None:
+    """Inverse of `save_model_state`: a trainable-only checkpoint must name exactly this run's trainable tensors."""
+    if not (path / TRAINABLE_NAME).is_file():
+        load_into(model, load_weights(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
+        return
+    source = path / TRAINABLE_NAME
+    saved, own = load_weights(source), trainable_state(model) or {}
+    if set(saved) != set(own):
+        missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+        raise LmforgeError(f"{source}: trainable tensors differ from this run's (missing {missing[:3]}, "
+                           f"unexpected {extra[:3]}); resume with the same peft config")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved.items():
+            if value.shape != own[name].shape:
+                raise LmforgeError(f"{source}: tensor '{name}' has shape {tuple(value.shape)}, this run has "
+                                   f"{tuple(own[name].shape)}")
+            params[name].copy_(value)
+
+
 def check_model_config(checkpoint: Path, model: torch.nn.Module) -> None:
     """Raise one line naming the first model config key that differs from the checkpoint's."""
     saved = to_dict(read_model_config(checkpoint))
@@ -205,7 +247,7 @@ def load_checkpoint(run_dir: str | Path, model: torch.nn.Module,
     if path is None:
         return None
     check_model_config(path, model)
-    load_into(model, load_weights(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
+    load_model_state(path, model)
     state = read_json_object(path / STATE_NAME)
     if optimizer is not None:
         sd = optimizer_from_files(load_weights(path / OPTIMIZER_NAME), state["optimizer"])

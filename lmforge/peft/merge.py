@@ -1,0 +1,31 @@
+"""`lmforge merge-adapter`: base model + LoRA/DoRA adapter -> one plain model directory.
+
+The result loads, generates and converts (`convert to-hf`) like any checkpoint, with no adapter cost at
+inference. Only weight-space methods merge: prompt/prefix tuning add positions and bottleneck adapters add a
+nonlinear MLP, so those are refused with one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.config import option
+from lmforge.model.hf import copy_tokenizer_files
+from lmforge.model.io import save_model
+from lmforge.peft.config import load_trained, merge_adapter
+
+
+@dataclass
+class MergeAdapterConfig:
+    checkpoint: str = option(help="base model directory (config.json + model.safetensors)")
+    adapter: str = option(help="LoRA/DoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
+    output: str = option(help="model directory to write the merged model (and the base's tokenizer) into")
+
+
+def merge_adapter_cmd(cfg: MergeAdapterConfig) -> int:
+    model = merge_adapter(load_trained(cfg.checkpoint, cfg.adapter))
+    out = save_model(model, cfg.output)
+    copy_tokenizer_files(Path(cfg.checkpoint), out)
+    print(f"wrote {out} (base {cfg.checkpoint} + adapter {cfg.adapter}, merged)")
+    return 0
