@@ -1,0 +1,164 @@
+"""`lmforge ppo`: RLHF with PPO (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022).
+
+The policy carries a value head on its last hidden state. Each rollout samples completions, scores the
+whole completion (reward model or the task verifier), and turns it into per-token rewards: the score on
+the last token minus beta * (log pi - log ref) on every token, so the KL penalty is paid where the policy
+drifts. GAE (gamma, lambda) gives advantages (whitened per rollout) and value targets; the policy and value
+losses are both clipped, and each rollout is reused for several PPO epochs. beta is fixed, or adapted
+toward a KL target by Ziegler's proportional controller.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.config import option, save_config
+from lmforge.errors import ConfigError
+from lmforge.model.transformer import Transformer
+from lmforge.peft.config import PeftConfig, apply_peft
+from lmforge.posttrain.grpo import RolloutConfig, Scorer, rl_train_defaults, rollout_prompts, sample_rollout
+from lmforge.posttrain.models import load_policy, load_reference, save_result
+from lmforge.posttrain.rl_losses import (
+    AdaptiveKLController,
+    clipped_surrogate,
+    clipped_value_loss,
+    entropy_from_logits,
+    gae,
+    masked_mean,
+    whiten,
+)
+from lmforge.posttrain.rollout import Rollout, RolloutBatches, heldout_exact_match, model_token_logps, token_logps
+from lmforge.posttrain.tasks import make_examples
+from lmforge.train.trainer import TrainConfig, train_loop
+
+
+class PolicyWithValue(nn.Module):
+    """The policy Transformer plus a scalar value head V(s_t) read from the same final hidden states."""
+
+    def __init__(self, policy: Transformer) -> None:
+        super().__init__()
+        self.policy = policy
+        self.cfg = policy.cfg  # train_loop checkpoints need it
+        self.value_head = nn.Linear(policy.cfg.d_model, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits [B, T, V], values [B, T]); values[t] estimates the return from the state ending at t."""
+        h = self.policy(input_ids, return_hidden=True)
+        return self.policy.lm_head(h), self.value_head(h).squeeze(-1).float()
+
+
+@torch.no_grad()
+def model_values(model: PolicyWithValue, ids: Tensor, batch_size: int = 64) -> Tensor:
+    device = next(model.parameters()).device
+    return torch.cat([model(ids[i:i + batch_size].to(device))[1].cpu() for i in range(0, len(ids), batch_size)])
+
+
+def kl_shaped_rewards(scores: Tensor, logps: Tensor, ref_logps: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """Per-token rewards r_t = -beta (log pi - log ref)_t, plus the sequence score on its last token
+    (Ziegler et al. 2019 eq. 2, per token as in Stiennon et al. 2020)."""
+    rewards = -kl_coef * (logps - ref_logps) * mask
+    last = (mask * torch.arange(mask.shape[1])).argmax(1)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+@dataclass
+class PpoConfig:
+    checkpoint: str = option("", "policy init: a model directory with tokenizer.json (e.g. RUN/model of `lmforge sft`)")
+    ref_checkpoint: str = option("", "frozen reference for the KL penalty; empty = the policy's initial weights")
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "prompts, sampling, reward"})
+    samples_per_prompt: int = option(4, "completions sampled per prompt")
+    epochs: int = option(2, "PPO epochs over each rollout batch")
+    minibatches: int = option(2, "optimizer steps per epoch")
+    clip_eps: float = option(0.2, "clip range of the policy ratio")
+    value_clip: float = option(0.2, "clip range of the value update")
+    vf_coef: float = option(0.1, "weight of the value loss")
+    gamma: float = option(1.0, "discount of GAE")
+    lam: float = option(0.95, "lambda of GAE")
+    kl_coef: float = option(0.05, "initial beta of the per-token KL penalty")
+    kl_target: float = option(0.0, "adaptive controller's KL target (Ziegler 2019: 6 nats); 0 keeps beta fixed")
+    kl_horizon: int = option(10000, "adaptive controller's horizon (samples)")
+    seed: int = option(0, "seed of prompts and sampling")
+    run_dir: str = option("runs/ppo", "checkpoints, metrics and RUN/model")
+    resume: bool = option(False, "continue from RUN/checkpoints/latest")
+    train: TrainConfig = field(default_factory=rl_train_defaults,
+                               metadata={"help": "optimization (a step = a minibatch)"})
+    peft: PeftConfig = field(default_factory=PeftConfig, metadata={"help": "parameter-efficient fine-tuning"})
+
+    def __post_init__(self) -> None:
+        if self.samples_per_prompt < 1 or self.epochs < 1 or self.minibatches < 1:
+            raise ConfigError("samples_per_prompt, epochs and minibatches must be >= 1")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ConfigError("gamma and lam must be in [0, 1]")
+        if self.kl_coef < 0 or self.kl_target < 0:
+            raise ConfigError("kl_coef and kl_target must be >= 0")
+
+
+def run_ppo(cfg: PpoConfig) -> dict[str, Any]:
+    """Train with PPO; returns held-out greedy exact match before and after, and the final KL coefficient."""
+    policy, tokenizer = load_policy(cfg.checkpoint, cfg.train.device)
+    device = next(policy.parameters()).device
+    ref = load_reference(cfg.ref_checkpoint, policy, tokenizer)
+    scorer = Scorer(cfg.rollout, tokenizer, device)
+    heldout = make_examples(cfg.rollout.eval_prompts, seed=2 * cfg.seed + 1, kinds=cfg.rollout.kinds)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.json")
+    before = heldout_exact_match(policy, tokenizer, heldout, cfg.rollout.max_new_tokens) if heldout else None
+    apply_peft(policy, cfg.peft)
+    model = PolicyWithValue(policy).to(device)
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
+
+    def make_rollout(index: int) -> Rollout:
+        examples = rollout_prompts(cfg.rollout, cfg.seed, index)
+        batch, _ = sample_rollout(policy, tokenizer, cfg.rollout, examples, cfg.samples_per_prompt, scorer,
+                                  seed=cfg.seed * 1_000_003 + index)
+        mask = batch["mask"]
+        ref_logps = model_token_logps(ref, batch["input_ids"], batch["labels"])
+        values = model_values(model, batch["input_ids"]) * mask
+        kl = ((batch["old_logps"] - ref_logps) * mask).sum(1)  # per-sequence KL estimate
+        beta = kl_ctl.value
+        rewards = kl_shaped_rewards(batch["rewards"], batch["old_logps"], ref_logps, mask, beta)
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        kl_ctl.update(kl.mean().item(), len(kl))
+        n = len(kl)
+        return {**batch, "old_values": values, "returns": returns, "advantages": whiten(advantages, mask),
+                "seq_kl": kl, "kl_coef": torch.full((n,), beta)}
+
+    def loss_fn(m: PolicyWithValue, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        logits, values = m(batch["input_ids"])
+        logps = token_logps(logits, batch["labels"])
+        mask = batch["mask"]
+        pg, clipped = clipped_surrogate(logps, batch["old_logps"], batch["advantages"], cfg.clip_eps)
+        pg_loss = masked_mean(pg, mask)
+        vf_loss, vf_clip = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip)
+        entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
+        return pg_loss + cfg.vf_coef * vf_loss, {
+            "reward": batch["rewards"].mean().item(), "kl": batch["seq_kl"].mean().item(),
+            "kl_coef": batch["kl_coef"].mean().item(), "entropy": entropy.item(),
+            "clip_frac": masked_mean(clipped, mask).item(), "value_loss": vf_loss.item(),
+            "value_clip_frac": vf_clip.item()}
+
+    def evaluate(m: PolicyWithValue) -> dict[str, float]:
+        return {"heldout_exact_match": heldout_exact_match(m.policy, tokenizer, heldout, cfg.rollout.max_new_tokens)}
+
+    print(f"ppo: {cfg.rollout.prompts_per_rollout} prompts x {cfg.samples_per_prompt} samples per rollout, "
+          f"{cfg.epochs} epochs x {cfg.minibatches} minibatches, kl_coef {cfg.kl_coef}; held-out exact match "
+          f"before {before}", file=sys.stderr)
+    batches = RolloutBatches(make_rollout, cfg.epochs, cfg.minibatches, seed=cfg.seed)
+    result = train_loop(model, loss_fn, batches, cfg.train, run_dir, resume=cfg.resume, desc="ppo",
+                        evaluate=evaluate if heldout else None)
+    model_dir = save_result(policy, cfg.peft, run_dir / "model", cfg.checkpoint)
+    out = {"heldout_exact_match_before": before, "heldout_exact_match": result.get("heldout_exact_match"),
+           "kl_coef": kl_ctl.value, "rollouts": batches.index, "final_loss": result["final_loss"],
+           "steps": result["steps"], "model_dir": str(model_dir)}
+    print(f"ppo: held-out exact match {before} -> {out['heldout_exact_match']} -> {model_dir}")
+    return out

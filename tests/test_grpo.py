@@ -1,0 +1,126 @@
+"""GRPO: group advantages, k3 KL, clipped objective on hand-computed values; rollouts; a short end-to-end run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from rl_fixtures import save_checkpoint, tiny_model, tiny_tokenizer
+
+from lmforge.config import from_dict
+from lmforge.errors import ConfigError
+from lmforge.posttrain.grpo import GrpoConfig, run_grpo
+from lmforge.posttrain.rl_losses import clipped_surrogate, group_advantages, grpo_loss, k3_kl
+from lmforge.posttrain.rollout import RolloutBatches, pack_sequences, token_logps
+from lmforge.train.objectives import IGNORE_INDEX
+
+T = torch.tensor
+
+
+def test_group_advantages_by_hand():
+    # group 1: rewards 1, 0, 0, 1 -> mean 0.5, unbiased std sqrt(1/3); group 2 all equal -> 0
+    adv = group_advantages(T([1.0, 0, 0, 1, 1, 1, 1, 1]), group_size=4, eps=1e-4)
+    s = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    torch.testing.assert_close(adv, T([s, -s, -s, s, 0, 0, 0, 0]))
+    with pytest.raises(ValueError):
+        group_advantages(T([1.0, 2, 3]), 2)
+
+
+def test_k3_kl_by_hand_and_nonnegative():
+    # logp = -1, ref = -2: diff = -1 -> e^-1 + 1 - 1 = 0.36788
+    torch.testing.assert_close(k3_kl(T([-1.0]), T([-2.0])), T([math.exp(-1)]))
+    x = torch.randn(100)
+    assert (k3_kl(x, torch.randn(100)) >= 0).all() and k3_kl(x, x).abs().max() == 0
+
+
+def test_clipped_surrogate_by_hand():
+    old = T([[0.0, 0.0, 0.0]])
+    logps = torch.log(T([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    loss, clipped = clipped_surrogate(logps, old, T([2.0]), clip_eps=0.2)
+    # A>0: min(1.5*2, 1.2*2)=2.4 (clipped); min(0.5*2, 0.8*2)=1.0 (unclipped); 1.1*2=2.2
+    torch.testing.assert_close(loss, -T([[2.4, 1.0, 2.2]]))
+    assert clipped.tolist() == [[1.0, 0.0, 0.0]]
+    loss, clipped = clipped_surrogate(logps, old, T([-1.0]), clip_eps=0.2)
+    # A<0: min(-1.5, -1.2) = -1.5; min(-0.5, -0.8) = -0.8 (clipped); -1.1
+    torch.testing.assert_close(loss, T([[1.5, 0.8, 1.1]]))
+    assert clipped.tolist() == [[0.0, 1.0, 0.0]]
+
+
+def test_grpo_loss_sequence_vs_token_norm_and_kl():
+    logps = torch.zeros(2, 3)
+    mask = T([[1.0, 1, 1], [1, 0, 0]])
+    adv = T([1.0, -1.0])
+    loss, stats = grpo_loss(logps, logps, None, adv, mask, norm="sequence")
+    assert loss.item() == pytest.approx(0.0)  # (-1 + 1) / 2
+    loss, _ = grpo_loss(logps, logps, None, adv, mask, norm="token")
+    assert loss.item() == pytest.approx((-3 + 1) / 4)
+    ref = torch.full((2, 3), -1.0)
+    loss, stats = grpo_loss(logps, logps, ref, adv, mask, kl_coef=0.5)
+    kl = math.exp(-1)  # diff = -1
+    assert stats["kl"].item() == pytest.approx(kl)
+    assert loss.item() == pytest.approx(0.5 * kl)
+
+
+def test_grpo_gradient_raises_good_samples():
+    """One step on the loss moves probability toward the positive-advantage token."""
+    logits = torch.zeros(2, 1, 4, requires_grad=True)
+    labels = T([[1], [2]])
+    lp = token_logps(logits, labels)
+    loss, _ = grpo_loss(lp, lp.detach(), None, T([1.0, -1.0]), torch.ones(2, 1))
+    loss.backward()
+    assert logits.grad[0, 0, 1] < 0 and logits.grad[1, 0, 2] > 0
+
+
+def test_pack_sequences_masks_prompts():
+    ids, labels = pack_sequences([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3, 5], [4, 7, 8, 0]]
+    assert labels.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 5, 6], [7, 8, 9, IGNORE_INDEX]]
+
+
+def test_rollout_batches_reuse_each_rollout_for_epochs():
+    made = []
+
+    def make(i):
+        made.append(i)
+        return {"x": torch.arange(8) + 100 * i}
+
+    b = RolloutBatches(make, epochs=2, minibatches=2, seed=0)
+    seen = [b.next_batch()["x"] for _ in range(4)]
+    assert made == [0]
+    assert sorted(torch.cat(seen[:2]).tolist()) == list(range(8)) == sorted(torch.cat(seen[2:]).tolist())
+    b.next_batch()
+    assert made == [0, 1] and b.state_dict() == {"index": 2}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tok = tiny_tokenizer()
+    return save_checkpoint(tiny_model(tok.vocab_size), tok, tmp_path_factory.mktemp("grpo") / "base")
+
+
+def test_grpo_end_to_end_logs_and_saves(checkpoint, tmp_path):
+    cfg = from_dict(GrpoConfig, {
+        "checkpoint": str(checkpoint), "run_dir": str(tmp_path / "run"), "group_size": 4, "epochs": 2,
+        "minibatches": 2, "rollout": {"prompts_per_rollout": 4, "max_new_tokens": 6, "eval_prompts": 6},
+        "train": {"steps": 8, "device": "cpu", "log_every": 1, "eval_every": 0}})
+    out = run_grpo(cfg)
+    assert out["rollouts"] == 2 and out["steps"] == 8
+    assert 0 <= out["heldout_exact_match"] <= 1
+    rows = [r for r in map(eval_json, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "kl" in r]
+    assert {"reward", "kl", "clip_frac", "entropy"} <= set(rows[0])
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first minibatch: policy == reference
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def eval_json(line: str) -> dict:
+    import json
+
+    return json.loads(line)
+
+
+def test_grpo_config_errors():
+    with pytest.raises(ConfigError, match="group_size"):
+        from_dict(GrpoConfig, {"group_size": 1})
+    with pytest.raises(ConfigError, match="reward_model"):
+        from_dict(GrpoConfig, {"rollout": {"reward": "model"}})
