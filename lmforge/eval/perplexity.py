@@ -69,8 +69,14 @@ def evaluate_perplexity(model: torch.nn.Module, shards: ShardSet, seq_len: int, 
 @dataclass
 class EvalConfig:
     checkpoint: str = option(help="model directory (config.json + model.safetensors)")
-    data: str = option(help="a token shard directory (has index.json), or a directory holding val/ "
-                            "(preferred) or train/ shard directories")
+    data: str = option("", "a token shard directory (has index.json), or a directory holding val/ "
+                           "(preferred) or train/ shard directories; empty skips perplexity")
+    tasks: list[str] = option(default_factory=list, help="task YAML files or directories of them "
+                                                         "(see `lmforge eval make-tasks`)")
+    limit: int = option(0, "score at most this many examples per task; 0 = all")
+    adapter: str = option("", "PEFT adapter directory to apply on top of the checkpoint")
+    tokenizer: str = option("", "tokenizer directory for tasks; empty uses the checkpoint's tokenizer.json")
+    output: str = option("", "write every result (and per-example task records) to this JSON file")
     seq_len: int = option(0, "tokens per scored window; 0 means the model's max_seq_len")
     batch_size: int = option(8, "windows per forward pass")
     max_batches: int = option(50, "stop after this many batches; 0 scores every window once")
@@ -103,11 +109,45 @@ def eval_cmd(cfg: EvalConfig) -> int:
         if getattr(cfg, name) < (1 if name == "batch_size" else 0):
             raise LmforgeError(f"{name} must be {'positive' if name == 'batch_size' else '>= 0'}, "
                                f"got {getattr(cfg, name)}")
+    if not cfg.data and not cfg.tasks:
+        raise LmforgeError("eval: nothing to do; pass --data SHARDS (perplexity) and/or --tasks TASKS")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    if cfg.adapter:
+        from lmforge.peft.config import load_trained
+
+        model = load_trained(cfg.checkpoint, cfg.adapter, device=str(device))
+    else:
+        model = load_model(cfg.checkpoint, device)
+    record: dict = {"checkpoint": cfg.checkpoint, "adapter": cfg.adapter or None}
+    if cfg.data:
+        record.update(_perplexity(cfg, model, device, precision))
+    if cfg.tasks:
+        record["tasks"] = _tasks(cfg, model)
+    if cfg.output:
+        from lmforge.files import atomic_write_json
+
+        atomic_write_json(cfg.output, record)
+        print(f"results: {cfg.output}", file=sys.stderr)
+    return 0
+
+
+def _tasks(cfg: EvalConfig, model: torch.nn.Module) -> dict:
+    from lmforge.eval.harness import results_table, run_tasks, strip_examples
+    from lmforge.tokenizer import Tokenizer
+
+    tok_dir = Path(cfg.tokenizer or cfg.checkpoint)
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise LmforgeError(f"tasks need a tokenizer: no tokenizer.json in {tok_dir} (pass --tokenizer DIR)")
+    results = run_tasks(model, Tokenizer.load(tok_dir), cfg.tasks, cfg.batch_size, cfg.limit, progress=True)
+    print(results_table(results))
+    print(json.dumps(strip_examples(results)))
+    return results
+
+
+def _perplexity(cfg: EvalConfig, model: torch.nn.Module, device: torch.device, precision: str) -> dict:
     shard_dir = resolve_shard_dir(cfg.data)
     shards = ShardSet(shard_dir)
-    model = load_model(cfg.checkpoint, device)
     model_vocab = model.cfg.vocab_size
     if shards.vocab_size > model_vocab:
         raise LmforgeError(f"shards at {shard_dir} have vocab_size {shards.vocab_size}, larger than the "
@@ -131,4 +171,4 @@ def eval_cmd(cfg: EvalConfig) -> int:
     if math.isnan(record["bits_per_byte"]):
         record["bits_per_byte"] = None  # JSON has no NaN
     print(json.dumps(record))
-    return 0
+    return {k: v for k, v in record.items() if k != "checkpoint"}

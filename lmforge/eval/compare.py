@@ -1,0 +1,135 @@
+"""`lmforge compare RUN_A RUN_B`: two runs' curves overlaid and their metrics side by side, in one HTML page.
+
+Stages are matched by name (`pretrain` with `pretrain`, ...); two single-stage runs are matched
+whatever their stage folders are called. Run A is drawn solid, run B dashed, one color per curve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import option
+from lmforge.eval.report import (
+    TASK_METRICS,
+    RunData,
+    collect_run,
+    column,
+    esc,
+    finite,
+    page,
+    table,
+)
+from lmforge.eval.svg import PALETTE, Series, line_chart
+from lmforge.files import atomic_write_text
+
+
+def stage_pairs(a: RunData, b: RunData) -> list[tuple[str, str, str]]:
+    """(title, stage in A, stage in B) for the stages both runs trained."""
+    common = [s for s in a.metrics if s in b.metrics]
+    if common:
+        return [(s, s, s) for s in common]
+    if len(a.metrics) == 1 and len(b.metrics) == 1:
+        sa, sb = next(iter(a.metrics)), next(iter(b.metrics))
+        return [(sa if sa == sb else f"{sa} / {sb}", sa, sb)]
+    return []
+
+
+def overlay_charts(a: RunData, b: RunData, sa: str, sb: str, title: str) -> str:
+    names = (f"A {a.name}", f"B {b.name}")
+    charts = []
+    for key, ylabel in (("loss", "nats/token"), ("val_loss", "nats/token"), ("lr", "lr")):
+        series = []
+        for i, (run, stage) in enumerate(((a, sa), (b, sb))):
+            xs, ys = column(run.metrics[stage], key)
+            if xs:
+                series.append(Series(f"{names[i]}: {key}", xs, ys, PALETTE[i], 2, dashed=i == 1,
+                                     markers=key == "val_loss"))
+        if series:
+            charts.append(line_chart(series, f"{title}: {key}", ylabel=ylabel))
+    return f'<div class="charts">{"".join(charts)}</div>'
+
+
+def final_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Last train loss, last/best validation values, steps, throughput of one stage's metrics."""
+    out: dict[str, float] = {}
+    _, loss = column(rows, "loss")
+    if loss:
+        out["last train loss"] = loss[-1]
+    for key in sorted({k for r in rows for k in r if k.startswith("val_") and finite(r[k])}):
+        _, ys = column(rows, key)
+        out[f"last {key}"] = ys[-1]
+        out[f"best {key}"] = min(ys) if ("loss" in key or "bpb" in key) else max(ys)
+    out["steps"] = max(r["step"] for r in rows)
+    _, tps = column(rows, "tokens_per_s")
+    if tps:
+        out["tokens/s (median)"] = sorted(tps)[len(tps) // 2]
+    return out
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(w in metric for w in ("loss", "bpb", "perplexity", "bits"))
+
+
+def delta_cell(metric: str, va: Any, vb: Any) -> str:
+    if not (finite(va) and finite(vb)):
+        return ""
+    d = vb - va
+    better = d < 0 if lower_is_better(metric) else d > 0
+    cls = "" if d == 0 or metric in ("steps", "tokens/s (median)") else (' class="up"' if better else ' class="down"')
+    return f"<span{cls}>{d:+.4g}</span>"
+
+
+def eval_pairs(a: RunData, b: RunData) -> list[list[Any]]:
+    """task / metric rows of the last eval results file of each run."""
+    if not a.evals or not b.evals:
+        return []
+    ra, rb = a.evals[sorted(a.evals)[-1]]["tasks"], b.evals[sorted(b.evals)[-1]]["tasks"]
+    rows = []
+    for task in [t for t in ra if t in rb]:
+        for m in TASK_METRICS:
+            va, vb = ra[task].get(m), rb[task].get(m)
+            if finite(va) and finite(vb):
+                rows.append([esc(task), esc(m), f"{va:.4f}", f"{vb:.4f}", delta_cell(m, va, vb)])
+    return rows
+
+
+def render_compare(a: RunData, b: RunData) -> str:
+    body = [table(["", "run", "directory"], [["A (solid)", a.name, str(a.root)], ["B (dashed)", b.name, str(b.root)]])]
+    pairs = stage_pairs(a, b)
+    if not pairs:
+        body.append("<p class=\"muted\">No stage trained in both runs: nothing to overlay.</p>")
+    for title, sa, sb in pairs:
+        body.append(f"<h2>{esc(title)}</h2>" + overlay_charts(a, b, sa, sb, title))
+        fa, fb = final_metrics(a.metrics[sa]), final_metrics(b.metrics[sb])
+        rows = [[esc(k), esc(f"{fa[k]:.4g}") if k in fa else "", esc(f"{fb[k]:.4g}") if k in fb else "",
+                 delta_cell(k, fa.get(k), fb.get(k))] for k in dict.fromkeys([*fa, *fb])]
+        body.append(table(["metric", "A", "B", "B - A"], rows, raw=True))
+    evals = eval_pairs(a, b)
+    if evals:
+        body.append("<h2>Evaluation</h2>" + table(["task", "metric", "A", "B", "B - A"], evals, raw=True))
+    if a.summary and b.summary:
+        rows = [[esc(s), a.stages.get(s, {}).get("seconds", ""), b.stages.get(s, {}).get("seconds", "")]
+                for s in dict.fromkeys([*a.stages, *b.stages])]
+        body.append("<h2>Stage seconds</h2>" + table(["stage", "A", "B"], rows, raw=True))
+    return page(f"lmforge compare: {a.name} vs {b.name}", body)
+
+
+@dataclass
+class CompareConfig:
+    run_a: str = option(help="first run directory (drawn solid)", positional=True)
+    run_b: str = option(help="second run directory (drawn dashed)", positional=True)
+    output: str = option("compare.html", "HTML file to write")
+
+
+def write_compare(run_a: str | Path, run_b: str | Path, output: str | Path) -> Path:
+    html = render_compare(collect_run(run_a), collect_run(run_b))
+    atomic_write_text(output, html)
+    return Path(output)
+
+
+def compare_cmd(cfg: CompareConfig) -> int:
+    out = write_compare(cfg.run_a, cfg.run_b, cfg.output)
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KB)")
+    return 0

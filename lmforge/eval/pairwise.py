@@ -1,0 +1,148 @@
+"""Judged comparisons: pairwise win rate of two checkpoints, and reward-model accuracy on held-out pairs.
+
+Win rate (as in AlpacaEval / the RLHF papers' head-to-head evaluations): both models answer the
+same held-out prompts; a judge prefers one answer or calls a tie; win_rate = (wins + ties / 2) / n.
+The judge is either the synthetic suite's verifier (an answer is right or wrong: exact) or a
+trained reward model (`lmforge reward`: the higher reward wins).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+from lmforge.config import option
+from lmforge.errors import LmforgeError
+from lmforge.tokenizer import Tokenizer
+
+
+def answers(model: nn.Module, tokenizer: Tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 32,
+            batch_size: int = 16) -> list[str]:
+    """Greedy chat answers, batched, each prompt encoded exactly as SFT encodes it."""
+    from lmforge.generate.batch import generate_batch
+    from lmforge.generate.sampling import SamplingParams
+    from lmforge.posttrain.chat_data import prompt_ids, stop_token_ids
+
+    params = SamplingParams(greedy=True, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer))
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    out = []
+    for i in range(0, len(ids), batch_size):
+        out += [tokenizer.decode(x) for x in generate_batch(model, ids[i:i + batch_size], params)]
+    return out
+
+
+def tally(scores_a: list[float], scores_b: list[float]) -> dict[str, Any]:
+    """wins / ties / losses of A against B, and A's win rate counting a tie as half a win."""
+    if len(scores_a) != len(scores_b) or not scores_a:
+        raise ValueError("need the same, non-zero number of scores on both sides")
+    wins = sum(a > b for a, b in zip(scores_a, scores_b))
+    ties = sum(a == b for a, b in zip(scores_a, scores_b))
+    n = len(scores_a)
+    return {"n": n, "wins": wins, "ties": ties, "losses": n - wins - ties, "win_rate": (wins + ties / 2) / n}
+
+
+def win_rate(model_a: nn.Module, model_b: nn.Module, tokenizer: Tokenizer, n: int = 100, seed: int = 1,
+             judge: Literal["verifier", "reward"] = "verifier", reward_model: nn.Module | None = None,
+             max_new_tokens: int = 32) -> dict[str, Any]:
+    """A's win rate over B on `n` held-out synthetic-suite prompts (odd `seed`: never seen in training)."""
+    from lmforge.posttrain.tasks import make_examples, task_reward
+
+    examples = make_examples(n, seed)
+    prompts = [[{"role": "user", "content": e.prompt}] for e in examples]
+    out_a = answers(model_a, tokenizer, prompts, max_new_tokens)
+    out_b = answers(model_b, tokenizer, prompts, max_new_tokens)
+    if judge == "verifier":
+        sa = [task_reward(e, c) for e, c in zip(examples, out_a)]
+        sb = [task_reward(e, c) for e, c in zip(examples, out_b)]
+    else:
+        if reward_model is None:
+            raise LmforgeError("judge 'reward' needs a reward model (--reward-model DIR from `lmforge reward`)")
+        from lmforge.posttrain.reward import score_texts
+
+        sa = score_texts(reward_model, tokenizer, prompts, out_a)
+        sb = score_texts(reward_model, tokenizer, prompts, out_b)
+    result = tally(sa, sb)
+    result.update(judge=judge, accuracy_a=None, accuracy_b=None,
+                  examples=[{"prompt": e.prompt, "a": a, "b": b} for e, a, b in zip(examples[:20], out_a, out_b)])
+    if judge == "verifier":
+        result.update(accuracy_a=sum(sa) / n, accuracy_b=sum(sb) / n)
+    return result
+
+
+def reward_accuracy(reward_model: nn.Module, tokenizer: Tokenizer, data: str = "", format: str = "auto",
+                    n: int = 200, seed: int = 1, max_len: int = 128) -> dict[str, float]:
+    """Held-out preference accuracy of a reward model: on `data` (a preference file), else on `n`
+    synthetic pairs from the held-out prompt half (odd seed)."""
+    from lmforge.posttrain.models import pad_id_of
+    from lmforge.posttrain.pairs import encode_pairs, synthetic_pairs
+    from lmforge.posttrain.reward import evaluate_pairs
+
+    if data:
+        from lmforge.data.formats import read_preference_pairs
+
+        pairs = read_preference_pairs(data, format)
+    else:
+        if seed % 2 == 0:
+            raise LmforgeError(f"seed must be odd (the held-out prompt half), got {seed}")
+        pairs = synthetic_pairs(n, seed)
+    result = evaluate_pairs(reward_model, encode_pairs(tokenizer, pairs, max_len), pad_id_of(tokenizer))
+    return {"n": len(pairs), "reward_accuracy": result["heldout_accuracy"], "margin": result["heldout_margin"]}
+
+
+@dataclass
+class WinRateConfig:
+    checkpoint: str = option(help="model A (the candidate)")
+    baseline: str = option(help="model B (the baseline), e.g. the SFT model when A is the DPO one")
+    adapter: str = option("", "PEFT adapter on top of model A")
+    baseline_adapter: str = option("", "PEFT adapter on top of model B")
+    judge: Literal["verifier", "reward"] = option("verifier", "verifier: the synthetic task's exact answer; "
+                                                              "reward: a reward model's score")
+    reward_model: str = option("", "reward model directory (`lmforge reward` output) for judge=reward")
+    reward_data: str = option("", "with a reward model: preference file for its accuracy (empty: synthetic)")
+    n: int = option(100, "held-out prompts (and pairs, for reward accuracy)")
+    seed: int = option(1, "odd seed: the held-out half of the synthetic prompts")
+    max_new_tokens: int = option(32, "most tokens per answer")
+    output: str = option("", "write the result JSON here")
+    device: str = option("auto", "auto, cpu, cuda, ...")
+
+
+def win_rate_cmd(cfg: WinRateConfig) -> int:
+    import json
+
+    from lmforge.peft.config import load_trained
+    from lmforge.runtime import resolve_device
+
+    device = str(resolve_device(cfg.device))
+    model_a = load_trained(cfg.checkpoint, cfg.adapter or None, device=device)
+    model_b = load_trained(cfg.baseline, cfg.baseline_adapter or None, device=device)
+    tokenizer = Tokenizer.load(cfg.checkpoint)
+    rm = None
+    if cfg.reward_model:
+        from lmforge.posttrain.reward import load_reward_model
+
+        rm = load_reward_model(cfg.reward_model, device)
+    result = win_rate(model_a, model_b, tokenizer, cfg.n, cfg.seed, cfg.judge, rm, cfg.max_new_tokens)
+    if rm is not None:
+        result["reward_model"] = reward_accuracy(rm, tokenizer, cfg.reward_data, n=cfg.n, seed=cfg.seed)
+    print(f"A {cfg.checkpoint} vs B {cfg.baseline}, judged by {cfg.judge} on {result['n']} held-out prompts: "
+          f"win rate {result['win_rate']:.3f} ({result['wins']} wins, {result['ties']} ties, "
+          f"{result['losses']} losses)")
+    if result["accuracy_a"] is not None:
+        print(f"exact-answer accuracy: A {result['accuracy_a']:.3f}, B {result['accuracy_b']:.3f}")
+    if rm is not None:
+        print(f"reward model accuracy on {result['reward_model']['n']} held-out pairs: "
+              f"{result['reward_model']['reward_accuracy']:.3f}")
+    if cfg.output:
+        from lmforge.files import atomic_write_json
+
+        record = dict(result)
+        record["tasks"] = {"winrate": {"n": result["n"], "win_rate": result["win_rate"]}}
+        if rm is not None:
+            record["tasks"]["reward_model"] = {"n": result["reward_model"]["n"],
+                                               "reward_accuracy": result["reward_model"]["reward_accuracy"]}
+        atomic_write_json(cfg.output, {**record, "config": dataclasses.asdict(cfg)})
+    print(json.dumps({k: v for k, v in result.items() if k != "examples"}))
+    return 0

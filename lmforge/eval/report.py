@@ -1,0 +1,370 @@
+"""`lmforge report RUN_DIR`: one self-contained HTML page about a run, readable offline.
+
+The run directory is searched (a few levels deep, skipping checkpoints and TensorBoard folders)
+for what the stages leave behind, so the same command works on a single `lmforge pretrain` run
+and on a quickstart run with one subfolder per stage:
+
+- `metrics.jsonl` (any stage that trained) -> loss, validation loss and learning-rate curves (inline SVG)
+- `config.json` / `*_config.json` of runs (not of model or tokenizer folders) -> the configuration
+- `stats.json` (data pipeline) and shard `index.json` files -> data statistics
+- `summary.json` (quickstart) -> stage timings, results and samples before/after
+- JSON files with a "tasks" mapping -> the evaluation table (one column per file) and decontamination
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import option
+from lmforge.errors import LmforgeError
+from lmforge.eval.svg import PALETTE, Series, line_chart
+from lmforge.files import atomic_write_text
+
+SKIP_DIRS = {"checkpoints", "tb", "__pycache__", ".git"}
+MAX_JSON_BYTES = 20_000_000
+MAX_DEPTH = 4
+TASK_METRICS = ("acc", "acc_norm", "exact_match", "f1", "win_rate", "reward_accuracy")
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
+padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ddd;padding:.3em .6em;
+text-align:left;vertical-align:top}th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em;white-space:pre-wrap}
+.muted{color:#777}.charts{display:flex;flex-wrap:wrap;gap:1em}.chart text{font-size:11px;fill:#333}
+.chart .title{font-size:13px;font-weight:600}.chart .grid{stroke:#eee}.chart .frame{fill:none;stroke:#999}
+.up{color:#1a7f37}.down{color:#cf222e}td.sample{font-family:ui-monospace,monospace;white-space:pre-wrap;
+font-size:.85em;max-width:500px}
+"""
+
+
+@dataclass
+class RunData:
+    root: Path
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    summary: dict[str, Any] | None = None
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    decontam: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+
+def _walk(root: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        depth = len(Path(dirpath).relative_to(root).parts)
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".") and depth < MAX_DEPTH)
+        files += [Path(dirpath) / f for f in sorted(filenames)]
+    return files
+
+
+def _load_json(path: Path) -> Any:
+    if path.stat().st_size > MAX_JSON_BYTES:
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _is_model_dir(directory: Path) -> bool:
+    return any((directory / f).is_file() for f in ("model.safetensors", "adapter_model.safetensors",
+                                                   "adapter_config.json", "tokenizer.json"))
+
+
+def _task_kind(data: Any) -> str | None:
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if not isinstance(tasks, dict) or not tasks or not all(isinstance(t, dict) for t in tasks.values()):
+        return None
+    first = next(iter(tasks.values()))
+    if "contaminated" in first:
+        return "decontam"
+    if any(m in first for m in TASK_METRICS):
+        return "eval"
+    return None
+
+
+def collect_run(run_dir: str | Path) -> RunData:
+    """Everything a report shows, found under `run_dir`."""
+    from lmforge.train.metrics import read_metrics
+
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise LmforgeError(f"run directory not found: {root}")
+    run = RunData(root)
+    for path in _walk(root):
+        rel = path.relative_to(root)
+        label = str(rel.parent) if str(rel.parent) != "." else "run"
+        if path.name == "metrics.jsonl":
+            rows = read_metrics(path)
+            if rows:
+                run.metrics[label] = rows
+            continue
+        if path.suffix != ".json":
+            continue
+        if path.name in ("config.json", "quickstart_config.json") or (
+                path.name.endswith("_config.json") and path.name not in ("tokenizer_config.json",
+                                                                         "adapter_config.json")):
+            if not _is_model_dir(path.parent):
+                data = _load_json(path)
+                if isinstance(data, dict):
+                    run.configs[str(rel)] = data
+            continue
+        data = _load_json(path)
+        if not isinstance(data, dict):
+            continue
+        if path.name == "stats.json":
+            run.stats[label] = data
+        elif path.name == "index.json" and "n_tokens" in data:
+            run.stats[label] = {k: data[k] for k in ("n_tokens", "n_docs", "n_bytes", "vocab_size") if k in data}
+        elif path.name == "summary.json" and rel.parent == Path(".") and isinstance(data.get("stages"), dict):
+            run.summary = data
+        elif path.name == "done.json":
+            run.stages[label] = data
+        elif (kind := _task_kind(data)) == "eval":
+            run.evals[str(rel.with_suffix(""))] = data
+        elif kind == "decontam":
+            run.decontam[str(rel.with_suffix(""))] = data
+    if run.summary is not None:
+        run.stages = {k: v for k, v in run.summary["stages"].items() if isinstance(v, dict)}
+    if not (run.metrics or run.configs or run.summary or run.evals or run.stats):
+        raise LmforgeError(f"{root}: nothing to report (no metrics.jsonl, config, summary.json, stats or eval "
+                           "results found)")
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces of HTML
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def fmt_value(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:,.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3g}"
+    return str(v)
+
+
+def table(header: list[str], rows: list[list[Any]], raw: bool = False) -> str:
+    """An HTML table; numbers right-aligned. `raw` cells are inserted unescaped (already HTML)."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = []
+        for v in row:
+            cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
+            cells.append(f"<td{cls}>{v if raw and isinstance(v, str) else esc(fmt_value(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def flatten(data: dict[str, Any], prefix: str = "", depth: int = 2) -> dict[str, Any]:
+    """Scalar leaves of a nested dict as dotted keys (lists and deep values left out)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and depth > 0:
+            out.update(flatten(v, key + ".", depth - 1))
+        elif isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) <= 120) or v is None:
+            out[key] = v
+    return out
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def column(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if finite(r.get(key))]
+    return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
+
+
+def loss_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """Train-row keys worth a curve: loss first, then other losses/rewards/margins that a stage logs."""
+    keys = {k for r in rows for k, v in r.items() if finite(v)}
+    skip = {"step", "lr", "tokens_seen", "tokens_per_s", "grad_norm", "seconds", "elapsed"}
+    main = [k for k in ("loss", "val_loss") if k in keys]
+    return main + sorted(k for k in keys - skip - set(main) if not k.startswith("val_"))
+
+
+def stage_charts(label: str, rows: list[dict[str, Any]]) -> str:
+    from lmforge.train.metrics import smooth
+
+    charts = []
+    xs, ys = column(rows, "loss")
+    vx, vy = column(rows, "val_loss")
+    series = []
+    if xs:
+        window = 2 * (len(ys) // 40) + 1
+        series += [Series("train loss", xs, ys, PALETTE[0], 1, 0.35),
+                   Series("train loss (smoothed)", xs, smooth(ys, window), PALETTE[0], 2)]
+    if vx:
+        series.append(Series("val loss", vx, vy, PALETTE[1], 2, markers=True))
+    if series:
+        charts.append(line_chart(series, f"{label}: loss", ylabel="nats/token"))
+    lx, ly = column(rows, "lr")
+    if lx:
+        charts.append(line_chart([Series("lr", lx, ly, PALETTE[2], 2)], f"{label}: learning rate", ylabel="lr"))
+    for i, key in enumerate(k for k in loss_keys(rows) if k not in ("loss", "val_loss")):
+        kx, ky = column(rows, key)
+        if len(kx) > 1 and i < 6:
+            charts.append(line_chart([Series(key, kx, ky, PALETTE[(3 + i) % len(PALETTE)], 2)], f"{label}: {key}"))
+    return f'<div class="charts">{"".join(charts)}</div>'
+
+
+def val_rows(run: RunData) -> list[list[Any]]:
+    """Last validation metrics of each trained stage: stage | metric | first | last | best."""
+    rows = []
+    for label, metrics in run.metrics.items():
+        keys = sorted({k for r in metrics for k in r if k.startswith("val_") and finite(r[k])})
+        for key in keys:
+            _, ys = column(metrics, key)
+            best = min(ys) if "loss" in key or "bpb" in key else max(ys)
+            rows.append([label, key, ys[0], ys[-1], best, len(ys)])
+    return rows
+
+
+def eval_table(evals: dict[str, dict[str, Any]]) -> str:
+    """Rows task/metric, one column per results file: stages side by side show what each one changed."""
+    labels = list(evals)
+    keys: list[tuple[str, str]] = []
+    for record in evals.values():
+        for task, r in record["tasks"].items():
+            keys += [(task, m) for m in TASK_METRICS if m in r and (task, m) not in keys]
+    rows = []
+    for task, m in keys:
+        cells: list[Any] = [task, m]
+        n = None
+        for label in labels:
+            r = evals[label]["tasks"].get(task, {})
+            n = n or r.get("n")
+            cells.append(f"{r[m]:.3f} ± {r.get(m + '_stderr', 0):.3f}" if finite(r.get(m)) else "")
+        rows.append([*cells[:2], n or "", *cells[2:]])
+    extra = []
+    for label, record in evals.items():
+        for key in ("loss", "perplexity", "bits_per_byte"):
+            if finite(record.get(key)):
+                extra.append([label, key, record[key]])
+    html_rows = table(["task", "metric", "n", *labels], rows)
+    return html_rows + (table(["results", "metric", "value"], extra) if extra else "")
+
+
+def decontam_table(reports: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for label, rep in reports.items():
+        for task, t in rep["tasks"].items():
+            rows.append([label, task, rep.get("n", ""), t["examples"], t["too_short"], t["contaminated"],
+                         f"{100 * t.get('contaminated_fraction', 0):.1f}%"])
+    return table(["report", "task", "n-gram", "examples", "too short (unchecked)", "contaminated", "of checked"], rows)
+
+
+def samples_html(stages: dict[str, dict[str, Any]]) -> str:
+    """Every `samples_*` list of strings in the stage results, side by side per prompt."""
+    out = []
+    for stage, result in stages.items():
+        lists = {k: v for k, v in result.items()
+                 if k.startswith("samples") and isinstance(v, list) and all(isinstance(s, str) for s in v)}
+        if not lists:
+            continue
+        names = list(lists)
+        n = max(len(v) for v in lists.values())
+        rows = [[f'<td class="sample">{esc(lists[k][i]) if i < len(lists[k]) else ""}</td>' for k in names]
+                for i in range(n)]
+        head = "".join(f"<th>{esc(k.replace('_', ' '))}</th>" for k in names)
+        body = "".join("<tr>" + "".join(r) + "</tr>" for r in rows)
+        out.append(f"<h3>{esc(stage)}</h3><table><tr>{head}</tr>{body}</table>")
+    return "".join(out)
+
+
+def stage_results_table(stages: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for stage, result in stages.items():
+        flat = flatten({k: v for k, v in result.items() if not k.startswith("samples")})
+        for key, value in flat.items():
+            if key not in ("sha256",) and not key.endswith(".sha256"):
+                rows.append([stage, key, value])
+    return table(["stage", "result", "value"], rows)
+
+
+def page(title: str, body: list[str]) -> str:
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>"
+            f"<p class=\"muted\">generated by lmforge on {stamp}</p>{''.join(body)}</body></html>\n")
+
+
+def render_report(run: RunData) -> str:
+    body = []
+    if run.summary is not None:
+        body.append(f"<p>Finished in <b>{fmt_value(run.summary.get('seconds'))} s</b> "
+                    f"({len(run.stages)} stages).</p>")
+    if run.stages:
+        timing = [[s, r.get("seconds", "")] for s, r in run.stages.items()]
+        body.append("<h2>Stages</h2>" + table(["stage", "seconds"], timing))
+    if run.metrics:
+        body.append("<h2>Training curves</h2>")
+        body += [f"<h3>{esc(label)}</h3>{stage_charts(label, rows)}" for label, rows in run.metrics.items()]
+        vr = val_rows(run)
+        if vr:
+            body.append("<h2>Validation metrics</h2>" + table(["stage", "metric", "first", "last", "best", "evals"],
+                                                             vr))
+    if run.evals:
+        body.append("<h2>Evaluation</h2>" + eval_table(run.evals))
+    if run.decontam:
+        body.append("<h2>Decontamination</h2>" + decontam_table(run.decontam))
+    samples = samples_html(run.stages)
+    if samples:
+        body.append("<h2>Samples</h2>" + samples)
+    if run.stages:
+        body.append("<h2>Stage results</h2>" + stage_results_table(run.stages))
+    if run.stats:
+        body.append("<h2>Data</h2>")
+        for label, stats in run.stats.items():
+            body.append(f"<h3>{esc(label)}</h3>" + table(["statistic", "value"], list(map(list, flatten(stats,
+                                                                                                      depth=3).items()))))
+    if run.configs:
+        body.append("<h2>Configuration</h2>")
+        body += [f"<details><summary>{esc(name)}</summary><pre>{esc(json.dumps(cfg, indent=2))}</pre></details>"
+                 for name, cfg in run.configs.items()]
+    return page(f"lmforge run report: {run.name}", body)
+
+
+@dataclass
+class ReportConfig:
+    run_dir: str = option(help="a run directory (pretrain run, or a quickstart run with stage folders)",
+                          positional=True)
+    output: str = option("", "HTML file to write; default RUN_DIR/report.html")
+
+
+def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    run = collect_run(run_dir)
+    out = Path(output) if output else Path(run_dir) / "report.html"
+    atomic_write_text(out, render_report(run))
+    return out
+
+
+def report_cmd(cfg: ReportConfig) -> int:
+    out = write_report(cfg.run_dir, cfg.output or None)
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KB; open it in a browser, it needs no network)")
+    return 0

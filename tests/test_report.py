@@ -1,0 +1,118 @@
+import json
+import re
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.errors import LmforgeError
+from lmforge.eval.compare import write_compare
+from lmforge.eval.report import collect_run, write_report
+from lmforge.eval.svg import Series, line_chart, nice_ticks
+
+
+def write_metrics(directory, steps=50, start=8.0, lr=1e-3):
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for s in range(10, steps + 1, 10):
+        rows.append({"step": s, "loss": start - s / 20, "lr": lr * s / steps, "grad_norm": 1.0, "tokens_seen": s * 64})
+        if s % 20 == 0:
+            rows.append({"step": s, "val_loss": start - s / 25, "val_bpb": 2.0 - s / 100})
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "config.json").write_text(json.dumps({"train": {"steps": steps, "lr": lr}}))
+    model = directory / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model": {"d_model": 64}}))  # a model's, not the run's
+    (model / "model.safetensors").write_bytes(b"")
+    (directory / "tb").mkdir()
+    (directory / "tb" / "stats.json").write_text(json.dumps({"never": "read"}))
+
+
+def eval_record(acc):
+    return {"checkpoint": "x", "tasks": {
+        "synthetic": {"name": "synthetic", "type": "generate", "n": 40, "exact_match": acc, "exact_match_stderr": 0.05,
+                      "f1": acc + 0.1, "f1_stderr": 0.05},
+        "cloze": {"name": "cloze", "type": "multiple_choice", "n": 50, "acc": 0.3, "acc_stderr": 0.06,
+                  "acc_norm": 0.32, "acc_norm_stderr": 0.06}}}
+
+
+@pytest.fixture
+def quickstart_run(tmp_path):
+    root = tmp_path / "qs"
+    write_metrics(root / "pretrain")
+    write_metrics(root / "sft", steps=30, start=3.0)
+    (root / "eval").mkdir()
+    (root / "eval" / "base.json").write_text(json.dumps(eval_record(0.05)))
+    (root / "eval" / "sft.json").write_text(json.dumps(eval_record(0.625)))
+    (root / "eval" / "decontam.json").write_text(json.dumps({"n": 13, "training_words": 1000, "tasks": {
+        "cloze": {"examples": 50, "too_short": 0, "contaminated": 2, "contaminated_fraction": 0.04, "flagged": []}}}))
+    (root / "clean").mkdir()
+    (root / "clean" / "stats.json").write_text(json.dumps({"kept": 410, "dropped": {"repetition": 17}}))
+    summary = {"run_dir": str(root), "seconds": 321.5, "stages": {
+        "pretrain": {"seconds": 200.0, "val_before": {"loss": 8.3}, "val_after": {"loss": 2.8},
+                     "samples_before": ["def f(<gibberish> & co"], "samples_after": ["def f(x):\n    return x"]},
+        "sft": {"seconds": 60.0, "accuracy": 0.625}}}
+    (root / "summary.json").write_text(json.dumps(summary))
+    (root / "quickstart_config.json").write_text(json.dumps({"vocab_size": 4096}))
+    return root
+
+
+def test_nice_ticks_and_chart_geometry():
+    assert nice_ticks(0, 1, 5) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(3, 17, 5) == [5, 10, 15]
+    svg = line_chart([Series("a", [0, 10], [1.0, 2.0])], "t", width=400, height=200)
+    points = re.search(r'<polyline points="([^"]+)"', svg).group(1).split()
+    (x0, y0), (x1, y1) = (map(float, p.split(",")) for p in points)
+    assert (x0, x1) == (64.0, 400 - 16.0) and y1 < y0  # left to right across the plot; higher value is higher up
+
+
+def test_collect_finds_stage_outputs(quickstart_run):
+    run = collect_run(quickstart_run)
+    assert set(run.metrics) == {"pretrain", "sft"}
+    assert set(run.configs) == {"pretrain/config.json", "sft/config.json", "quickstart_config.json"}
+    assert set(run.evals) == {"eval/base", "eval/sft"} and set(run.decontam) == {"eval/decontam"}
+    assert set(run.stats) == {"clean"} and run.summary["seconds"] == 321.5
+
+
+def test_report_is_self_contained_html(quickstart_run):
+    out = write_report(quickstart_run)
+    assert out == quickstart_run / "report.html"
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") >= 4  # loss + lr for both stages
+    assert not re.search(r"<(script|link|img)\b|src=|url\(", page)  # nothing fetched: readable offline
+    assert "def f(&lt;gibberish&gt; &amp; co" in page and "return x" in page  # samples, escaped
+    assert "0.050 ± 0.050" in page and "0.625 ± 0.050" in page  # base and sft side by side
+    assert "<th>eval/base</th><th>eval/sft</th>" in page
+    assert "dropped.repetition" in page and "410" in page  # data stats
+    assert "val_loss" in page and "6.4" in page  # validation: first value 8 - 40/25
+    assert "contaminated" in page and "4.0%" in page
+    assert "quickstart_config.json" in page and "d_model" not in page  # run configs, not the model's
+
+
+def test_report_on_a_single_pretrain_run(tmp_path):
+    write_metrics(tmp_path / "run")
+    assert main(["report", str(tmp_path / "run"), "--output", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "run: loss" in page and "run: learning rate" in page
+
+
+def test_report_of_an_empty_directory_is_a_user_error(tmp_path):
+    with pytest.raises(LmforgeError, match="nothing to report"):
+        collect_run(tmp_path)
+    assert main(["report", str(tmp_path / "missing")]) == 1
+
+
+def test_compare_overlays_two_runs(tmp_path, quickstart_run):
+    other = tmp_path / "other"
+    write_metrics(other / "pretrain", start=7.0)
+    (other / "eval").mkdir()
+    (other / "eval" / "sft.json").write_text(json.dumps(eval_record(0.5)))
+    out = write_compare(quickstart_run, other, tmp_path / "c.html")
+    page = out.read_text()
+    assert "<h2>pretrain</h2>" in page and "<h2>sft</h2>" not in page  # only stages both runs trained
+    chart = page[page.index("pretrain: loss"):]
+    chart = chart[:chart.index("</svg>")]
+    assert chart.count("<polyline") == 2 and 'stroke-dasharray="6 4"' in chart  # A solid, B dashed
+    # last train loss: A 8 - 50/20 = 5.5, B 7 - 2.5 = 4.5: B lower is better
+    assert re.search(r"last train loss</td><td>5\.5</td><td>4\.5</td><td><span class=\"up\">-1</span>", page)
+    assert re.search(r"exact_match</td><td>0\.6250</td><td>0\.5000</td><td><span class=\"down\">-0\.125", page)
+    assert main(["compare", str(quickstart_run), str(other), "--output", str(tmp_path / "c2.html")]) == 0
