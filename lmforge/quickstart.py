@@ -1,28 +1,36 @@
 """`lmforge quickstart`: the lifecycle end to end on a corpus every machine with Python already has.
 
-Stages (each writes its own folder under run_dir and a `done.json`; a second run reuses finished
-stages, `--fresh` redoes them; an interrupted pretraining resumes from its last checkpoint):
-corpus -> tokenizer -> shards -> pretrain -> samples and eval.
-Later stages of the project (cleaning, SFT, preference tuning, reports) add themselves here.
+Stages, each in its own folder under run_dir with a `done.json` once finished:
+corpus -> clean -> tokenizer -> shards -> pretrain -> sft -> dpo (LoRA) -> eval, then report.html.
+A second run reuses finished stages (`--fresh` redoes all, `--rerun sft dpo` redoes some); an
+interrupted pretraining resumes from its last checkpoint; `--skip dpo` leaves optional stages out.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmforge.config import from_dict, option, save_config
+from lmforge.config import from_dict, option, save_config, suggest
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.files import atomic_write_json, atomic_write_text
 from lmforge.model import ModelConfig, Transformer, load_model
+from lmforge.peft.config import PeftConfig
+from lmforge.posttrain.dpo import DpoConfig
+from lmforge.posttrain.sft import SftConfig
 from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.trainer import DataConfig, PretrainConfig, TrainConfig
+
+STAGES = ("corpus", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval")
+OPTIONAL_STAGES = ("clean", "sft", "dpo", "eval")
 
 
 def _default_pretrain() -> PretrainConfig:
@@ -36,34 +44,77 @@ def _default_pretrain() -> PretrainConfig:
     )
 
 
+QUICKSTART_TASKS = ["copy", "reverse", "sort", "count_letter"]
+
+
+def _default_sft() -> SftConfig:
+    # Task kinds a few-million-parameter model learns in minutes (held-out `add`/`spell` prompts need more
+    # generalization than that). The eval stage measures exact match, so SFT itself skips it.
+    return SftConfig(tasks=6000, task_kinds=list(QUICKSTART_TASKS), eval_tasks=0, max_len=128, batch_size=8,
+                     train=TrainConfig(steps=400, lr=1.5e-3, warmup_steps=20, eval_every=0, save_every=100,
+                                       log_every=10, plot_every=50))
+
+
+def _default_dpo() -> DpoConfig:
+    return DpoConfig(synthetic_pairs=600, max_len=128, batch_size=16, peft=PeftConfig(method="lora"),
+                     train=TrainConfig(steps=60, lr=2e-3, warmup_steps=5, weight_decay=0.0, eval_every=30,
+                                       save_every=30, log_every=5, plot_every=0))
+
+
 @dataclass
 class QuickstartConfig:
     run_dir: str = option("runs/quickstart", "where every stage writes its outputs")
     fresh: bool = option(False, "redo every stage even if a previous run finished it")
+    rerun: list[str] = option(default_factory=list, help=f"stages to redo although finished: {', '.join(STAGES)}")
+    skip: list[str] = option(default_factory=list, help=f"optional stages to leave out: {', '.join(OPTIONAL_STAGES)}")
     corpus_max_bytes: int = option(6_000_000, "bytes of stdlib code and docs to put in the corpus")
+    clean_steps: list[str] = option(default_factory=lambda: ["exact_dedup", "minhash", "pii"],
+                                    help="cleaning steps (`lmforge data clean --help`); the web-text quality "
+                                         "filters would reject source code, so the default only de-duplicates "
+                                         "and redacts PII")
     vocab_size: int = option(4096, "BPE vocabulary size")
     prompts: list[str] = option(default_factory=lambda: ["def parse_args(", "The module ", "class Stack:\n"],
                                 help="prompts sampled before and after pretraining")
     sample_tokens: int = option(60, "new tokens per sample")
+    eval_examples: int = option(60, "held-out synthetic task examples scored by exact match")
+    cloze_examples: int = option(200, "cloze multiple-choice examples from held-out corpus text (at most)")
     pretrain: PretrainConfig = option(default_factory=_default_pretrain, help="the pretraining stage")
+    sft: SftConfig = field(default_factory=_default_sft, metadata={"help": "supervised fine-tuning on the "
+                                                                           "synthetic task suite"})
+    dpo: DpoConfig = field(default_factory=_default_dpo, metadata={"help": "DPO with LoRA on synthetic "
+                                                                           "preference pairs"})
+
+    def __post_init__(self) -> None:
+        for key, names, allowed in (("rerun", self.rerun, STAGES), ("skip", self.skip, OPTIONAL_STAGES)):
+            for name in names:
+                if name not in allowed:
+                    hint = suggest(name, allowed)
+                    raise ConfigError(f"{key}: unknown stage '{name}'" + (f" (did you mean '{hint}'?)" if hint else "")
+                                      + f"; choose from {', '.join(allowed)}")
 
 
 class Stages:
     """Runs named stages once: a finished stage leaves `done.json` with its results."""
 
-    def __init__(self, run_dir: Path, fresh: bool) -> None:
+    def __init__(self, run_dir: Path, fresh: bool, rerun: list[str] | None = None,
+                 skip: list[str] | None = None) -> None:
         self.run_dir, self.fresh = run_dir, fresh
+        self.rerun, self.skip = set(rerun or ()), set(skip or ())
         self.results: dict[str, Any] = {}
 
-    def run(self, name: str, fn: Callable[[Path], dict[str, Any]], resumable: bool = False) -> dict[str, Any]:
+    def run(self, name: str, fn: Callable[[Path], dict[str, Any]], resumable: bool = False) -> dict[str, Any] | None:
         """`resumable` stages keep an unfinished folder (their checkpoints) instead of starting afresh."""
+        if name in self.skip:
+            print(f"[quickstart] {name}: skipped")
+            return None
         out = self.run_dir / name
         marker = out / "done.json"
-        if marker.is_file() and not self.fresh:
-            print(f"[quickstart] {name}: reusing {out} (finished earlier; --fresh redoes it)")
+        redo = self.fresh or name in self.rerun
+        if marker.is_file() and not redo:
+            print(f"[quickstart] {name}: reusing {out} (finished earlier; --rerun {name} redoes it)")
             result = json.loads(marker.read_text())
         else:
-            if out.exists() and (self.fresh or not resumable):
+            if out.exists() and (redo or not resumable):
                 shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
             print(f"[quickstart] {name} ...")
@@ -80,6 +131,14 @@ def _corpus(out: Path, max_bytes: int) -> dict[str, Any]:
     from lmforge.data.corpus import build_stdlib_corpus
 
     return build_stdlib_corpus(out / "corpus.jsonl", max_bytes=max_bytes)
+
+
+def _clean(out: Path, corpus: Path, steps: list[str]) -> dict[str, Any]:
+    from lmforge.data.pipeline import clean_documents
+
+    stats = clean_documents([corpus], out, steps=steps, overwrite=True)
+    return {"docs_in": stats["docs_in"], "docs_kept": stats["docs_kept"], "steps": steps,
+            "docs_per_second": stats.get("docs_per_second"), "kept_dir": str(out / "kept")}
 
 
 def _tokenizer(out: Path, corpus: Path, vocab_size: int) -> dict[str, Any]:
@@ -121,7 +180,43 @@ def _val_metrics(model: Transformer, shards_dir: Path, seq_len: int) -> dict[str
     return evaluate_perplexity(model, ShardSet(shards_dir / "val"), seq_len=seq_len, batch_size=8, max_batches=20)
 
 
+def _eval(out: Path, run_dir: Path, models: dict[str, tuple[str, str | None]], n_tasks: int, n_cloze: int,
+          kinds: list[str]) -> dict[str, Any]:
+    """Every model on the same held-out synthetic tasks (exact match) and corpus cloze (log-likelihood)."""
+    from lmforge.eval.decontam import find_contamination, task_texts
+    from lmforge.eval.harness import run_tasks, strip_examples
+    from lmforge.eval.make_tasks import make_cloze_task, make_synthetic_task, texts_from_source
+    from lmforge.eval.tasks import load_task
+    from lmforge.peft.config import load_trained
+    from lmforge.tokenizer import Tokenizer
+
+    tasks = out / "tasks"
+    synthetic = load_task(make_synthetic_task(tasks, n=n_tasks, kinds=kinds))
+    notes = []
+    try:  # held-out prose sentences; a small or code-only validation split may have none
+        make_cloze_task(tasks, run_dir / "shards" / "val", tokenizer_dir=run_dir / "tokenizer", n=n_cloze)
+    except LmforgeError as e:
+        notes.append(f"cloze task left out: {e}")
+        print(f"note: {notes[-1]}", file=sys.stderr)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    scores: dict[str, Any] = {}
+    for label, (checkpoint, adapter) in models.items():
+        results = run_tasks(load_trained(checkpoint, adapter), tokenizer, [tasks], batch_size=32)
+        atomic_write_json(out / f"{label}.json", {"checkpoint": checkpoint, "adapter": adapter, "tasks": results})
+        scores[label] = strip_examples(results)
+        scores[label]["samples"] = [
+            {"prompt": synthetic.examples[r["index"]].fields["prompt"], "output": r["output"],
+             "answer": r["answers"][0]} for r in results["synthetic"]["examples"][:3]]
+    contamination = find_contamination(task_texts([tasks]),
+                                       texts_from_source(run_dir / "shards" / "train", run_dir / "tokenizer"))
+    atomic_write_json(out / "decontam.json", contamination)
+    return {"models": scores, "contaminated": contamination.get("contaminated"), "notes": notes}
+
+
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
+    from lmforge.eval.report import write_report
+    from lmforge.posttrain.dpo import run_dpo
+    from lmforge.posttrain.sft import run_sft
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.trainer import pretrain
 
@@ -129,10 +224,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "quickstart_config.json")
     start = time.perf_counter()
-    stages = Stages(run_dir, cfg.fresh)
+    stages = Stages(run_dir, cfg.fresh, cfg.rerun, cfg.skip)
 
     corpus = run_dir / "corpus" / "corpus.jsonl"
     stages.run("corpus", lambda out: _corpus(out, cfg.corpus_max_bytes))
+    if stages.run("clean", lambda out: _clean(out, corpus, cfg.clean_steps)) is not None:
+        corpus = run_dir / "clean" / "kept"
     stages.run("tokenizer", lambda out: _tokenizer(out, corpus, cfg.vocab_size))
     stages.run("shards", lambda out: _shards(out, corpus, run_dir / "tokenizer"))
 
@@ -155,12 +252,33 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         return {**result, "val_before": before, "val_after": after,
                 "samples_before": samples_before, "samples_after": samples_after}
 
-    stages.run("pretrain", _pretrain, resumable=True)
-    summary = {"run_dir": str(run_dir), "seconds": round(time.perf_counter() - start, 1), "stages": stages.results}
+    base_model = stages.run("pretrain", _pretrain, resumable=True)["model_dir"]
+    models: dict[str, tuple[str, str | None]] = {"base": (base_model, None)}
+    sft_model = base_model
+    if stages.run("sft", lambda out: _posttrain(run_sft, cfg.sft, out, base_model), resumable=True):
+        sft_model = stages.results["sft"]["model_dir"]
+        models["sft"] = (sft_model, None)
+    if stages.run("dpo", lambda out: _posttrain(run_dpo, cfg.dpo, out, sft_model), resumable=True):
+        models["dpo"] = (sft_model, stages.results["dpo"]["model_dir"]) if cfg.dpo.peft.method != "none" \
+            else (stages.results["dpo"]["model_dir"], None)
+    stages.run("eval", lambda out: _eval(out, run_dir, models, cfg.eval_examples, cfg.cloze_examples,
+                                         cfg.sft.task_kinds))
+
+    summary = {"run_dir": str(run_dir), "seconds": round(time.perf_counter() - start, 1), "stages": stages.results,
+               "models": {k: {"checkpoint": c, "adapter": a} for k, (c, a) in models.items()}}
     atomic_write_json(run_dir / "summary.json", summary)
     atomic_write_text(run_dir / "summary.md", _summary_markdown(summary))
-    print(_summary_text(summary))
+    report = write_report(run_dir)
+    print(_summary_text(summary, report))
     return summary
+
+
+def _posttrain(run: Callable[[Any], dict[str, Any]], stage_cfg: Any, out: Path, checkpoint: str) -> dict[str, Any]:
+    """Run an SFT/DPO-style stage in `out`, resuming its checkpoints when a previous run was cut short."""
+    stage_cfg.checkpoint = stage_cfg.checkpoint or checkpoint
+    stage_cfg.run_dir = str(out)
+    stage_cfg.resume = latest_checkpoint(out) is not None
+    return run(stage_cfg)
 
 
 def _model_dict(cfg: ModelConfig) -> dict[str, Any]:
@@ -171,42 +289,77 @@ def _model_dict(cfg: ModelConfig) -> dict[str, Any]:
     return data
 
 
-def _summary_text(summary: dict[str, Any]) -> str:
+def _metric(stages: dict[str, Any], label: str, task: str, metric: str) -> float | None:
+    return (stages.get("eval") or {}).get("models", {}).get(label, {}).get(task, {}).get(metric)
+
+
+def _task_lines(st: dict[str, Any]) -> list[str]:
+    labels = list((st.get("eval") or {}).get("models", {}))
+    if not labels:
+        return []
+    lines = []
+    for task, metric in (("synthetic", "exact_match"), ("cloze", "acc_norm")):
+        values = [_metric(st, label, task, metric) for label in labels]
+        shown = " -> ".join(f"{label} {v:.3f}" for label, v in zip(labels, values) if v is not None)
+        if shown:
+            lines.append(f"  {task + ' ' + metric + ':':<24} {shown}")
+    return lines
+
+
+def _summary_text(summary: dict[str, Any], report: Path) -> str:
     st = summary["stages"]
     pt = st["pretrain"]
     b, a = pt["val_before"], pt["val_after"]
+    run = Path(summary["run_dir"])
     lines = [
         "",
         "=" * 72,
-        f"lmforge quickstart finished in {summary['seconds']} s  ->  {summary['run_dir']}",
+        f"lmforge quickstart finished in {summary['seconds']} s  ->  {run}",
         f"  corpus:    {st['corpus'].get('docs')} documents, "
         f"{st['corpus'].get('bytes', 0) / 1e6:.1f} MB of stdlib code + docs",
+    ]
+    if st.get("clean"):
+        lines.append(f"  clean:     kept {st['clean']['docs_kept']} of {st['clean']['docs_in']} documents "
+                     f"({', '.join(st['clean']['steps'])}); report {run / 'clean' / 'report.md'}")
+    lines += [
         f"  tokenizer: byte-level BPE, {st['tokenizer']['vocab_size']} tokens",
         f"  shards:    {st['shards']['train_tokens']:,} train / {st['shards']['val_tokens']:,} val tokens",
         f"  pretrain:  {pt.get('steps')} steps, {pt.get('tokens_per_s', 0):,.0f} tokens/s",
         f"  val loss:  {b['loss']:.3f} -> {a['loss']:.3f} nats/token;  bits/byte {b['bits_per_byte']:.3f} -> "
         f"{a['bits_per_byte']:.3f}",
-        "",
-        "samples before pretraining:",
-        *[f"  | {s!r}" for s in pt["samples_before"]],
-        "samples after pretraining:",
-        *[f"  | {s!r}" for s in pt["samples_after"]],
+    ]
+    if st.get("sft"):
+        lines.append(f"  sft:       {st['sft']['steps']} steps on {st['sft']['train_conversations']} synthetic "
+                     f"task conversations, final loss {st['sft']['final_loss']:.3f}")
+    if st.get("dpo"):
+        d = st["dpo"]
+        lines.append(f"  dpo+lora:  held-out log-prob margin {d['heldout_logp_margin_before']:.3f} -> "
+                     f"{d['heldout_logp_margin']:.3f}, preference accuracy "
+                     f"{d['heldout_preference_accuracy_before']:.3f} -> {d['heldout_preference_accuracy']:.3f}")
+    lines += _task_lines(st)
+    lines += ["", "samples after pretraining:", *[f"  | {s!r}" for s in pt["samples_after"]]]
+    chat = summary["models"].get("dpo") or summary["models"].get("sft") or summary["models"]["base"]
+    adapter = f" --adapter {chat['adapter']}" if chat.get("adapter") else ""
+    lines += [
         "",
         "next:",
+        f"  lmforge chat --checkpoint {chat['checkpoint']}{adapter}      (try: reverse: a b c, or add: 3 + 4)",
         f"  lmforge generate --checkpoint {pt['model_dir']} --prompt 'def main(' --max-new-tokens 80",
-        f"  lmforge eval --checkpoint {pt['model_dir']} --data {Path(summary['run_dir']) / 'shards'}",
-        f"  metrics: {Path(summary['run_dir']) / 'pretrain' / 'metrics.jsonl'}   loss curve: "
-        f"{Path(summary['run_dir']) / 'pretrain' / 'loss.png'}",
+        f"  lmforge eval --checkpoint {pt['model_dir']} --data {run / 'shards'}",
+        f"  report: {report}   (lmforge report {run}; lmforge compare RUN_A RUN_B)",
     ]
     return "\n".join(lines)
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
-    pt = summary["stages"]["pretrain"]
-    rows = "\n".join(f"| {name} | {res.get('seconds', '')} |" for name, res in summary["stages"].items())
+    st = summary["stages"]
+    pt = st["pretrain"]
+    rows = "\n".join(f"| {name} | {res.get('seconds', '')} |" for name, res in st.items())
     samples = "\n".join(f"- before: `{b!r}`\n- after: `{a!r}`"
                         for b, a in zip(pt["samples_before"], pt["samples_after"]))
+    tasks = "\n".join(_task_lines(st))
     return (f"# lmforge quickstart\n\nTotal: {summary['seconds']} s\n\n| stage | seconds |\n|---|---|\n{rows}\n\n"
             f"Validation loss {pt['val_before']['loss']:.3f} -> {pt['val_after']['loss']:.3f} nats/token; "
             f"bits per byte {pt['val_before']['bits_per_byte']:.3f} -> {pt['val_after']['bits_per_byte']:.3f}.\n\n"
-            f"![loss curve](pretrain/loss.png)\n\n## Samples\n\n{samples}\n")
+            + (f"Held-out tasks:\n\n```\n{tasks}\n```\n\n" if tasks else "")
+            + f"![loss curve](pretrain/loss.png)\n\n## Samples\n\n{samples}\n")

@@ -16,22 +16,34 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
             "--sample-tokens", "8", "--pretrain.model.preset", "debug", "--pretrain.train.steps", "30",
             "--pretrain.train.eval-every", "15", "--pretrain.train.save-every", "15",
             "--pretrain.data.seq-len", "64", "--pretrain.data.batch-size", "8", "--pretrain.train.precision", "fp32",
-            "--pretrain.train.compile", "false"]
+            "--pretrain.train.compile", "false", "--sft.tasks", "200", "--sft.train.steps", "6",
+            "--sft.max-len", "64", "--sft.batch-size", "4", "--dpo.synthetic-pairs", "24", "--dpo.train.steps", "3",
+            "--dpo.batch-size", "4", "--eval-examples", "6", "--cloze-examples", "10"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "samples after pretraining" in out and "lmforge generate --checkpoint" in out
     summary = json.loads((run / "summary.json").read_text())
     pt = summary["stages"]["pretrain"]
     assert pt["val_after"]["loss"] < pt["val_before"]["loss"]
-    for path in ["corpus/corpus.jsonl", "tokenizer/tokenizer.json", "shards/train/index.json",
-                 "shards/val/index.json", "pretrain/metrics.jsonl", "pretrain/loss.png",
+    assert set(summary["stages"]) == {"corpus", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval"}
+    models = summary["stages"]["eval"]["models"]
+    assert set(models) == {"base", "sft", "dpo"}
+    assert all(0.0 <= m["synthetic"]["exact_match"] <= 1.0 for m in models.values())
+    for path in ["corpus/corpus.jsonl", "clean/stats.json", "clean/kept", "tokenizer/tokenizer.json",
+                 "shards/train/index.json", "shards/val/index.json", "pretrain/metrics.jsonl", "pretrain/loss.png",
                  "pretrain/model/model.safetensors",
-                 "pretrain/model/tokenizer.json", "summary.md"]:
-        assert (run / path).is_file(), path
+                 "pretrain/model/tokenizer.json", "sft/model/model.safetensors", "dpo/model/adapter_config.json",
+                 "eval/base.json", "eval/decontam.json", "summary.md", "report.html"]:
+        assert (run / path).exists(), path
 
     assert main(argv) == 0  # second run reuses every finished stage
     out = capsys.readouterr().out
-    assert out.count("reusing") == 4
+    assert out.count("reusing") == 8
+
+    # one stage rerun alone, an optional one skipped
+    assert main([*argv, "--rerun", "dpo", "--skip", "eval"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 6 and "dpo ..." in out and "eval: skipped" in out
 
     # an interrupted pretraining (no done.json) resumes from its last checkpoint instead of starting over
     (run / "pretrain" / "done.json").unlink()
