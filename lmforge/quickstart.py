@@ -210,7 +210,8 @@ def _eval(out: Path, run_dir: Path, models: dict[str, tuple[str, str | None]], n
     contamination = find_contamination(task_texts([tasks]),
                                        texts_from_source(run_dir / "shards" / "train", run_dir / "tokenizer"))
     atomic_write_json(out / "decontam.json", contamination)
-    return {"models": scores, "contaminated": contamination.get("contaminated"), "notes": notes}
+    contaminated = {task: f"{t['contaminated']} of {t['examples']}" for task, t in contamination["tasks"].items()}
+    return {"models": scores, "contaminated": contaminated, "notes": notes}
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
