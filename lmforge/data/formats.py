@@ -224,15 +224,22 @@ def detect_conversation_format(record: dict[str, Any], source: str) -> str:
                             "replies) or flan (inputs/targets)")
 
 
+def _parse_records(path: str | Path, format: str, formats: dict[str, Any], detect: Any, what: str
+                   ) -> Iterator[tuple[str, Any]]:
+    """(source, parsed) of every record in `path`, each parsed by its format's reader (`format`, or the
+    one `detect` recognizes from the record's keys)."""
+    if format != "auto" and format not in formats:
+        raise LmforgeError(f"unknown {what} format {format!r}; choose auto or one of {', '.join(formats)}")
+    for source, record in iter_records(path):
+        kind = format if format != "auto" else detect(record, source)
+        yield source, formats[kind](record, source)
+
+
 def read_conversations(path: str | Path, format: str = "auto") -> list[Conversation]:
     """All conversations in `path` (file or directory); each ends with an assistant message."""
-    if format != "auto" and format not in CONVERSATION_FORMATS:
-        raise LmforgeError(f"unknown conversation format {format!r}; choose auto or one of "
-                           f"{', '.join(CONVERSATION_FORMATS)}")
     out = []
-    for source, record in iter_records(path):
-        kind = format if format != "auto" else detect_conversation_format(record, source)
-        messages = CONVERSATION_FORMATS[kind](record, source)
+    for source, messages in _parse_records(path, format, CONVERSATION_FORMATS, detect_conversation_format,
+                                           "conversation"):
         check_conversation(messages, source)
         out.append(Conversation(messages, source))
     return out
@@ -357,11 +364,5 @@ def detect_preference_format(record: dict[str, Any], source: str) -> str:
 
 def read_preference_pairs(path: str | Path, format: str = "auto") -> list[PreferencePair]:
     """All preference pairs in `path` (file or directory)."""
-    if format != "auto" and format not in PREFERENCE_FORMATS:
-        raise LmforgeError(f"unknown preference format {format!r}; choose auto or one of "
-                           f"{', '.join(PREFERENCE_FORMATS)}")
-    out = []
-    for source, record in iter_records(path):
-        kind = format if format != "auto" else detect_preference_format(record, source)
-        out.append(PREFERENCE_FORMATS[kind](record, source))
-    return out
+    return [pair for _, pair in _parse_records(path, format, PREFERENCE_FORMATS, detect_preference_format,
+                                               "preference")]

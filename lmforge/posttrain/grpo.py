@@ -66,32 +66,44 @@ class RolloutConfig:
 
 
 @dataclass
-class GrpoConfig:
+class PolicyOptimizationConfig:
+    """What PPO and GRPO share: the policy, its reference, rollouts, the clipped-update schedule, output."""
+
     checkpoint: str = option("", "policy init: a model directory with tokenizer.json (e.g. RUN/model of `lmforge sft`)")
-    ref_checkpoint: str = option("", "reference for the KL term; empty = the policy's initial weights")
+    ref_checkpoint: str = option("", "frozen reference for the KL term; empty = the policy's initial weights")
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "prompts, sampling, reward"})
-    group_size: int = option(8, "G: completions sampled per prompt; advantages are relative within the group")
-    epochs: int = option(2, "inner iterations (mu) over each rollout batch")
+    epochs: int = option(2, "passes (mu) over each rollout batch")
     minibatches: int = option(2, "optimizer steps per pass over a rollout batch")
     clip_eps: float = option(0.2, "PPO clip range epsilon of the ratio pi/pi_old")
-    kl_coef: float = option(0.04, "beta of the k3 KL to the reference (DeepSeekMath: 0.04); 0 loads no reference")
-    loss_norm: Literal["sequence", "token"] = option("sequence", "sequence: mean over each completion, then over "
-                                                                 "completions (GRPO); token: over all tokens (DAPO)")
     seed: int = option(0, "seed of prompts and sampling")
-    run_dir: str = option("runs/grpo", "checkpoints, metrics and RUN/model")
+    run_dir: str = option("runs/rl", "checkpoints, metrics and RUN/model")
     resume: bool = option(False, "continue from RUN/checkpoints/latest")
     train: TrainConfig = field(default_factory=rl_train_defaults,
                                metadata={"help": "optimization (a step = a minibatch)"})
     peft: PeftConfig = field(default_factory=PeftConfig, metadata={"help": "parameter-efficient fine-tuning"})
 
     def __post_init__(self) -> None:
+        if self.epochs < 1 or self.minibatches < 1:
+            raise ConfigError("epochs and minibatches must be >= 1")
+        if self.clip_eps <= 0:
+            raise ConfigError(f"clip_eps must be > 0, got {self.clip_eps}")
+
+
+@dataclass
+class GrpoConfig(PolicyOptimizationConfig):
+    run_dir: str = option("runs/grpo", "checkpoints, metrics and RUN/model")
+    group_size: int = option(8, "G: completions sampled per prompt; advantages are relative within the group")
+    kl_coef: float = option(0.04, "beta of the k3 KL to the reference (DeepSeekMath: 0.04); 0 loads no reference")
+    loss_norm: Literal["sequence", "token"] = option("sequence", "sequence: mean over each completion, then over "
+                                                                 "completions (GRPO); token: over all tokens (DAPO)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2 (samples of a prompt are compared), "
                               f"got {self.group_size}")
-        if self.epochs < 1 or self.minibatches < 1:
-            raise ConfigError("epochs and minibatches must be >= 1")
-        if self.kl_coef < 0 or self.clip_eps <= 0:
-            raise ConfigError("kl_coef must be >= 0 and clip_eps > 0")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
 
 
 class Scorer:

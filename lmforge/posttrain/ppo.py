@@ -11,7 +11,7 @@ toward a KL target by Ziegler's proportional controller.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from lmforge.config import option, save_config
 from lmforge.errors import ConfigError
 from lmforge.model.transformer import Transformer
-from lmforge.peft.config import PeftConfig, apply_peft
-from lmforge.posttrain.grpo import RolloutConfig, Scorer, rl_train_defaults, rollout_prompts, sample_rollout
+from lmforge.peft.config import apply_peft
+from lmforge.posttrain.grpo import PolicyOptimizationConfig, Scorer, rollout_prompts, sample_rollout
 from lmforge.posttrain.models import load_policy, load_reference, save_result
 from lmforge.posttrain.rl_losses import (
     AdaptiveKLController,
@@ -35,7 +35,7 @@ from lmforge.posttrain.rl_losses import (
 )
 from lmforge.posttrain.rollout import Rollout, RolloutBatches, heldout_exact_match, model_token_logps, token_logps
 from lmforge.posttrain.tasks import make_examples
-from lmforge.train.trainer import TrainConfig, train_loop
+from lmforge.train.trainer import train_loop
 
 
 class PolicyWithValue(nn.Module):
@@ -71,14 +71,9 @@ def kl_shaped_rewards(scores: Tensor, logps: Tensor, ref_logps: Tensor, mask: Te
 
 
 @dataclass
-class PpoConfig:
-    checkpoint: str = option("", "policy init: a model directory with tokenizer.json (e.g. RUN/model of `lmforge sft`)")
-    ref_checkpoint: str = option("", "frozen reference for the KL penalty; empty = the policy's initial weights")
-    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "prompts, sampling, reward"})
+class PpoConfig(PolicyOptimizationConfig):
+    run_dir: str = option("runs/ppo", "checkpoints, metrics and RUN/model")
     samples_per_prompt: int = option(4, "completions sampled per prompt")
-    epochs: int = option(2, "PPO epochs over each rollout batch")
-    minibatches: int = option(2, "optimizer steps per epoch")
-    clip_eps: float = option(0.2, "clip range of the policy ratio")
     value_clip: float = option(0.2, "clip range of the value update")
     vf_coef: float = option(0.1, "weight of the value loss")
     gamma: float = option(1.0, "discount of GAE")
@@ -86,16 +81,11 @@ class PpoConfig:
     kl_coef: float = option(0.05, "initial beta of the per-token KL penalty")
     kl_target: float = option(0.0, "adaptive controller's KL target (Ziegler 2019: 6 nats); 0 keeps beta fixed")
     kl_horizon: int = option(10000, "adaptive controller's horizon (samples)")
-    seed: int = option(0, "seed of prompts and sampling")
-    run_dir: str = option("runs/ppo", "checkpoints, metrics and RUN/model")
-    resume: bool = option(False, "continue from RUN/checkpoints/latest")
-    train: TrainConfig = field(default_factory=rl_train_defaults,
-                               metadata={"help": "optimization (a step = a minibatch)"})
-    peft: PeftConfig = field(default_factory=PeftConfig, metadata={"help": "parameter-efficient fine-tuning"})
 
     def __post_init__(self) -> None:
-        if self.samples_per_prompt < 1 or self.epochs < 1 or self.minibatches < 1:
-            raise ConfigError("samples_per_prompt, epochs and minibatches must be >= 1")
+        super().__post_init__()
+        if self.samples_per_prompt < 1:
+            raise ConfigError("samples_per_prompt must be >= 1")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError("gamma and lam must be in [0, 1]")
         if self.kl_coef < 0 or self.kl_target < 0:
