@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from peft_fixtures import VOCAB, hf_model, write_hf_llama
 from torch import nn
 
 from lmforge.config import from_dict
@@ -25,7 +26,6 @@ from lmforge.peft import (
     set_adapter,
 )
 
-VOCAB = 100
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -233,23 +233,7 @@ def test_load_adapter_errors_leave_the_model_untouched(tmp_path):
 @pytest.fixture(scope="module")
 def hf_llama(tmp_path_factory):
     """A tiny random LlamaForCausalLM on disk and the same weights as an lmforge model directory."""
-    transformers = pytest.importorskip("transformers")
-    from lmforge.model.hf import from_hf
-
-    root = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=VOCAB, intermediate_size=128,
-                                      max_position_embeddings=64)
-    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(root / "hf", safe_serialization=True)
-    from_hf(root / "hf", root / "lmforge")
-    return root / "hf", root / "lmforge"
-
-
-def hf_model(hf_dir):
-    import transformers
-
-    return transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return write_hf_llama(tmp_path_factory.mktemp("hf"))
 
 
 def test_lmforge_adapter_loads_in_peft(hf_llama, tmp_path):
