@@ -118,6 +118,13 @@ def test_virtual_tokens_count_against_max_seq_len():
     model(ids(length=12))
     with pytest.raises(ValueError, match="exceeds model.max_seq_len=16 .4 of them virtual"):
         model(ids(length=13))
+    # generation fills exactly the room the virtual tokens leave, single and batched
+    assert model.context_length == 12
+    prompt = ids(length=10)[0].tolist()
+    assert len(generate(model, prompt, SamplingParams(greedy=True, max_new_tokens=50))) == 2
+    assert len(generate(model, ids(length=30)[0].tolist(), SamplingParams(greedy=True, max_new_tokens=5))) == 1
+    assert [len(o) for o in generate_batch(model, [prompt, prompt[:5]], SamplingParams(greedy=True,
+                                                                                      max_new_tokens=50))] == [2, 2]
 
 
 def test_prompt_init_from_vocabulary_text():

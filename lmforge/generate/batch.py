@@ -55,7 +55,7 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], params: SamplingP
         raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
     if not prompts:
         return []
-    max_len = model.cfg.max_seq_len
+    max_len = model.context_length
     fitted = []
     for p in prompts:
         check_prompt(p, model.cfg.vocab_size)

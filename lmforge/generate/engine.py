@@ -57,13 +57,13 @@ def generate_stream(model: nn.Module, prompt_ids: Sequence[int], params: Samplin
     check_prompt(prompt_ids, model.cfg.vocab_size)
     if params.max_new_tokens == 0:
         return iter(())
-    return decode(model, fit_prompt(prompt_ids, model.cfg.max_seq_len), params)
+    return decode(model, fit_prompt(prompt_ids, model.context_length), params)
 
 
 @torch.no_grad()
 def decode(model: nn.Module, prompt: list[int], params: SamplingParams) -> Iterator[int]:
     """Prefill `prompt` (which leaves room for a token) into a fresh cache, then decode step by step."""
-    budget = min(params.max_new_tokens, model.cfg.max_seq_len - len(prompt))
+    budget = min(params.max_new_tokens, model.context_length - len(prompt))
     device = next(model.parameters()).device
     generator = new_generator(params.seed, device)
     stop = set(params.stop_token_ids)

@@ -137,6 +137,11 @@ class Transformer(nn.Module):
         h = self.hidden_states(input_ids, cache, start_pos, positions, attn_mask)
         return h if return_hidden else self.lm_head(h)
 
+    @property
+    def context_length(self) -> int:
+        """Positions left for the caller's tokens: max_seq_len minus prompt/prefix-tuning virtual tokens."""
+        return self.cfg.max_seq_len - (0 if self.virtual_tokens is None else self.virtual_tokens.n_tokens)
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """A cache for `max_len` caller tokens (plus the virtual tokens' slots, if any)."""
         p = self.embed.weight
