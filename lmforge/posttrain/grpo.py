@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lmforge.config import option, save_config
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.generate.sampling import SamplingParams
+from lmforge.model.transformer import Transformer
 from lmforge.peft.config import PeftConfig, apply_peft
 from lmforge.posttrain.models import load_policy, load_reference, pad_id_of, save_result
 from lmforge.posttrain.reward import load_reward_model, score_texts
@@ -75,6 +76,7 @@ class PolicyOptimizationConfig:
     epochs: int = option(2, "passes (mu) over each rollout batch")
     minibatches: int = option(2, "optimizer steps per pass over a rollout batch")
     clip_eps: float = option(0.2, "PPO clip range epsilon of the ratio pi/pi_old")
+    kl_coef: float = option(0.05, "beta of the KL penalty toward the reference")
     seed: int = option(0, "seed of prompts and sampling")
     run_dir: str = option("runs/rl", "checkpoints, metrics and RUN/model")
     resume: bool = option(False, "continue from RUN/checkpoints/latest")
@@ -178,15 +180,25 @@ def run_grpo(cfg: GrpoConfig) -> dict[str, Any]:
     n = cfg.rollout.prompts_per_rollout * cfg.group_size
     if n < cfg.minibatches:
         raise LmforgeError(f"a rollout of {n} completions cannot split into {cfg.minibatches} minibatches")
-    print(f"grpo: {cfg.rollout.prompts_per_rollout} prompts x {cfg.group_size} samples per rollout, "
+    return optimize_policy("grpo", cfg, policy, policy, loss_fn, make_rollout, evaluate if heldout else None,
+                           before, cfg.group_size)
+
+
+def optimize_policy(name: str, cfg: PolicyOptimizationConfig, model: nn.Module, policy: Transformer,
+                    loss_fn: Any, make_rollout: Any, evaluate: Any, before: float | None, samples: int,
+                    extra: Any = None) -> dict[str, Any]:
+    """The loop PPO and GRPO share: rollouts as resumable batches through `train_loop`, then the policy saved.
+
+    `model` is what trains (the policy, or the policy with a value head); `extra()` adds result fields."""
+    print(f"{name}: {cfg.rollout.prompts_per_rollout} prompts x {samples} samples per rollout, "
           f"{cfg.epochs} epochs x {cfg.minibatches} minibatches, kl_coef {cfg.kl_coef}; held-out exact match "
           f"before {before}", file=sys.stderr)
+    run_dir = Path(cfg.run_dir)
     batches = RolloutBatches(make_rollout, cfg.epochs, cfg.minibatches, seed=cfg.seed)
-    result = train_loop(policy, loss_fn, batches, cfg.train, run_dir, resume=cfg.resume, desc="grpo",
-                        evaluate=evaluate if heldout else None)
+    result = train_loop(model, loss_fn, batches, cfg.train, run_dir, resume=cfg.resume, desc=name, evaluate=evaluate)
     model_dir = save_result(policy, cfg.peft, run_dir / "model", cfg.checkpoint)
     out = {"heldout_exact_match_before": before, "heldout_exact_match": result.get("heldout_exact_match"),
-           "rollouts": batches.index, "final_loss": result["final_loss"], "steps": result["steps"],
-           "model_dir": str(model_dir)}
-    print(f"grpo: held-out exact match {before} -> {out['heldout_exact_match']} -> {model_dir}")
+           **(extra() if extra else {}), "rollouts": batches.index, "final_loss": result["final_loss"],
+           "steps": result["steps"], "model_dir": str(model_dir)}
+    print(f"{name}: held-out exact match {before} -> {out['heldout_exact_match']} -> {model_dir}")
     return out

@@ -10,7 +10,6 @@ toward a KL target by Ziegler's proportional controller.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,14 @@ from lmforge.config import option, save_config
 from lmforge.errors import ConfigError
 from lmforge.model.transformer import Transformer
 from lmforge.peft.config import apply_peft
-from lmforge.posttrain.grpo import PolicyOptimizationConfig, Scorer, rollout_prompts, sample_rollout
-from lmforge.posttrain.models import load_policy, load_reference, save_result
+from lmforge.posttrain.grpo import (
+    PolicyOptimizationConfig,
+    Scorer,
+    optimize_policy,
+    rollout_prompts,
+    sample_rollout,
+)
+from lmforge.posttrain.models import load_policy, load_reference
 from lmforge.posttrain.rl_losses import (
     AdaptiveKLController,
     clipped_surrogate,
@@ -33,9 +38,8 @@ from lmforge.posttrain.rl_losses import (
     masked_mean,
     whiten,
 )
-from lmforge.posttrain.rollout import Rollout, RolloutBatches, heldout_exact_match, model_token_logps, token_logps
+from lmforge.posttrain.rollout import Rollout, heldout_exact_match, model_token_logps, token_logps
 from lmforge.posttrain.tasks import make_examples
-from lmforge.train.trainer import train_loop
 
 
 class PolicyWithValue(nn.Module):
@@ -140,15 +144,5 @@ def run_ppo(cfg: PpoConfig) -> dict[str, Any]:
     def evaluate(m: PolicyWithValue) -> dict[str, float]:
         return {"heldout_exact_match": heldout_exact_match(m.policy, tokenizer, heldout, cfg.rollout.max_new_tokens)}
 
-    print(f"ppo: {cfg.rollout.prompts_per_rollout} prompts x {cfg.samples_per_prompt} samples per rollout, "
-          f"{cfg.epochs} epochs x {cfg.minibatches} minibatches, kl_coef {cfg.kl_coef}; held-out exact match "
-          f"before {before}", file=sys.stderr)
-    batches = RolloutBatches(make_rollout, cfg.epochs, cfg.minibatches, seed=cfg.seed)
-    result = train_loop(model, loss_fn, batches, cfg.train, run_dir, resume=cfg.resume, desc="ppo",
-                        evaluate=evaluate if heldout else None)
-    model_dir = save_result(policy, cfg.peft, run_dir / "model", cfg.checkpoint)
-    out = {"heldout_exact_match_before": before, "heldout_exact_match": result.get("heldout_exact_match"),
-           "kl_coef": kl_ctl.value, "rollouts": batches.index, "final_loss": result["final_loss"],
-           "steps": result["steps"], "model_dir": str(model_dir)}
-    print(f"ppo: held-out exact match {before} -> {out['heldout_exact_match']} -> {model_dir}")
-    return out
+    return optimize_policy("ppo", cfg, model, policy, loss_fn, make_rollout, evaluate if heldout else None, before,
+                           cfg.samples_per_prompt, extra=lambda: {"kl_coef": kl_ctl.value})
