@@ -39,7 +39,8 @@ from lmforge.peft import LoraConfig, apply_lora  # noqa: E402
 from lmforge.runtime import autocast, compile_model  # noqa: E402
 from lmforge.train.objectives import causal_lm_loss  # noqa: E402
 from lmforge.train.optim import build_optimizer  # noqa: E402
-from lmforge.train.trainer import TrainConfig, lm_loss  # noqa: E402
+from lmforge.train.pretrain import lm_loss  # noqa: E402
+from lmforge.train.trainer import TrainConfig  # noqa: E402
 
 SHAPE = dict(d_model=512, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=1408, vocab_size=16000, max_seq_len=256)
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",

@@ -25,7 +25,8 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.runtime import autocast, compile_model
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.optim import build_optimizer
-from lmforge.train.trainer import TrainConfig, lm_loss
+from lmforge.train.pretrain import lm_loss
+from lmforge.train.trainer import TrainConfig
 
 SHAPES = {
     # the DESIGN.md reference shapes

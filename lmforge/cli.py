@@ -33,7 +33,7 @@ COMMANDS: dict[str, Command] = {
                              "tokenize documents into memory-mapped token shards"),
     "data clean": Command("lmforge.data.pipeline", "CleanConfig", "clean_cmd",
                           "filter, de-duplicate and redact documents (kept/, rejects/, stats.json, report.md)"),
-    "pretrain": Command("lmforge.train.trainer", "PretrainConfig", "pretrain",
+    "pretrain": Command("lmforge.train.pretrain", "PretrainConfig", "pretrain",
                         "pretrain a model on token shards"),
     "sft": Command("lmforge.posttrain.sft", "SftConfig", "run_sft",
                    "supervised fine-tuning on conversations / synthetic tasks (loss on assistant tokens, packing)"),

@@ -27,7 +27,8 @@ from lmforge.peft.config import PeftConfig
 from lmforge.posttrain.dpo import DpoConfig
 from lmforge.posttrain.sft import SftConfig
 from lmforge.train.checkpoint import latest_checkpoint
-from lmforge.train.trainer import DataConfig, PretrainConfig, TrainConfig
+from lmforge.train.pretrain import DataConfig, PretrainConfig
+from lmforge.train.trainer import TrainConfig
 
 STAGES = ("corpus", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval")
 OPTIONAL_STAGES = ("clean", "sft", "dpo", "eval")
@@ -219,7 +220,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from lmforge.posttrain.dpo import run_dpo
     from lmforge.posttrain.sft import run_sft
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.trainer import pretrain
+    from lmforge.train.pretrain import pretrain
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

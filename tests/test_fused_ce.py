@@ -10,7 +10,8 @@ from lmforge.model import ModelConfig, Transformer, load_model
 from lmforge.train import trainer
 from lmforge.train.fused_ce import linear_cross_entropy
 from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss
-from lmforge.train.trainer import PretrainConfig, TrainConfig, lm_loss, lm_loss_unfused, pretrain, train_loop
+from lmforge.train.pretrain import PretrainConfig, lm_loss, lm_loss_unfused, pretrain
+from lmforge.train.trainer import TrainConfig, train_loop
 
 D, V = 16, 97
 

@@ -359,7 +359,8 @@ def test_lora_trained_by_train_loop_loads_in_peft_on_the_exported_base(tmp_path)
 
     from lmforge.cli import main
     from lmforge.peft import PeftConfig, apply_peft, save_trained
-    from lmforge.train.trainer import TrainConfig, lm_loss, train_loop
+    from lmforge.train.pretrain import lm_loss
+    from lmforge.train.trainer import TrainConfig, train_loop
 
     base = build()
     save_model(base, tmp_path / "base")

@@ -9,8 +9,9 @@ from lmforge.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.metrics import read_metrics
 from lmforge.train.optim import build_optimizer, param_groups
+from lmforge.train.pretrain import lm_loss
 from lmforge.train.schedule import lr_at, resolve_warmup, wsd_decay_start, wsd_lr_at
-from lmforge.train.trainer import TrainConfig, lm_loss, train_loop
+from lmforge.train.trainer import TrainConfig, train_loop
 
 
 def test_lr_schedule_hand_checked_values():

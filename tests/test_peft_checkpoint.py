@@ -12,7 +12,8 @@ from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
 from lmforge.peft import PeftConfig, apply_peft
 from lmforge.train.checkpoint import OPTIMIZER_NAME, TRAINABLE_NAME, latest_checkpoint
-from lmforge.train.trainer import TrainConfig, lm_loss, train_loop
+from lmforge.train.pretrain import lm_loss
+from lmforge.train.trainer import TrainConfig, train_loop
 
 
 class Batches:

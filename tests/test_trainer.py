@@ -13,7 +13,8 @@ from lmforge.data.shards import ShardSet, ShardWriter
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer, load_model
 from lmforge.train.metrics import read_metrics
-from lmforge.train.trainer import PretrainConfig, TrainConfig, forward_backward, lm_loss, pretrain, train_loop
+from lmforge.train.pretrain import PretrainConfig, lm_loss, pretrain
+from lmforge.train.trainer import TrainConfig, forward_backward, train_loop
 
 VOCAB = 64
 

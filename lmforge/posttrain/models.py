@@ -16,7 +16,7 @@ from lmforge.model.transformer import Transformer
 from lmforge.peft.config import PeftConfig, save_trained
 from lmforge.runtime import resolve_device
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
-from lmforge.train.trainer import TOKENIZER_FILES
+from lmforge.train.pretrain import TOKENIZER_FILES
 
 
 def load_policy(checkpoint: str, device: str = "auto") -> tuple[Transformer, Tokenizer]:

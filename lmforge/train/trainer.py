@@ -1,4 +1,4 @@
-"""The training loop every stage shares, and `pretrain`, which feeds it token shards and the LM loss.
+"""The training loop every stage shares (`lmforge.train.pretrain` feeds it token shards and the LM loss).
 
 `train_loop` knows nothing of what it trains: it takes a model, `loss_fn(model, batch) -> (loss,
 metrics)` and a batch source with next_batch()/state_dict()/load_state_dict(). It owns the rest:
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,33 +22,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.config import option, save_config
+from lmforge.config import option
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.files import atomic_write
-from lmforge.model.config import ModelConfig
 from lmforge.runtime import autocast, compile_model, resolve_device, resolve_precision
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lmforge.train.fused_ce import linear_cross_entropy
 from lmforge.train.metrics import METRICS_NAME, PLOT_NAME, MetricsLogger, plot_curves
-from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.optim import build_optimizer
 from lmforge.train.schedule import Schedule, lr_at, resolve_warmup
 
 # ----------------------------------------------------------------------------------------------
 # config
-
-
-@dataclass
-class DataConfig:
-    path: str = option("shards", "directory made by `lmforge data tokenize` (train/, optional val/, "
-                                 "tokenizer.json)")
-    seq_len: int = option(256, "tokens per training sequence")
-    batch_size: int = option(16, "sequences per micro-batch")
-    seed: int = option(0, "seed of the data order")
-
-    def __post_init__(self) -> None:
-        _require(self.seq_len >= 1, "data.seq_len", self.seq_len, "positive")
-        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "positive")
 
 
 @dataclass
@@ -106,15 +88,6 @@ class TrainConfig:
             _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
 
 
-@dataclass
-class PretrainConfig:
-    run_dir: str = option("runs/pretrain", "where checkpoints, metrics, plots and the final model go")
-    resume: bool = option(False, "continue from RUN/checkpoints/latest (starts fresh, with a note, if none)")
-    model: ModelConfig = option(default_factory=ModelConfig, help="model architecture")
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training data"})
-    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimization"})
-
-
 def _require(ok: bool, key: str, value: Any, what: str) -> None:
     if not ok:
         raise ConfigError(f"{key} must be {what}, got {value!r}")
@@ -134,6 +107,7 @@ class Batches(Protocol):
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
 Evaluate = Callable[[nn.Module], dict[str, float]]
+StepEnd = Callable[[nn.Module, int], dict[str, float]]
 
 
 def tokens_in(batch: Any) -> int:
@@ -238,13 +212,16 @@ class LoopState:
 
 def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainConfig, run_dir: str | Path, *,
                evaluate: Evaluate | None = None, resume: bool = False,
-               count_tokens: Callable[[Any], int] = tokens_in, desc: str = "train") -> dict[str, Any]:
+               count_tokens: Callable[[Any], int] = tokens_in, desc: str = "train",
+               on_step_end: list[StepEnd] | None = None) -> dict[str, Any]:
     """Train `model` for cfg.steps optimizer steps; checkpoints, metrics.jsonl, tb/, loss.png go in run_dir.
 
     `model` must be the plain module with a `.cfg` (checkpoints are model directories); it is moved
     to the device and trained in place. `evaluate(model) -> {"val_loss": ..., ...}` runs every
     cfg.eval_every steps and at the end. With `resume`, model, optimizer, loader, RNG and counters
     come back from RUN/checkpoints/latest, so the rest of the run repeats an uninterrupted one.
+    `on_step_end` hooks run after each optimizer step as hook(model, step) (e.g. MoE router-bias
+    updates, data-mixture bookkeeping); the metrics they return are averaged into the next metrics row.
     Returns {"steps", "final_loss", "tokens_seen", "tokens_per_s", **last evaluation}.
     """
     run_dir = Path(run_dir)
@@ -292,6 +269,8 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
                                    "lower train.lr or raise train.warmup_steps, then resume from the last "
                                    "checkpoint")
             grad_norm = optimizer_step(model, optimizer, cfg.grad_clip, scaler)
+            for hook in on_step_end or ():
+                stats.metrics.update(hook(model, state.step + 1))
             seconds = time.perf_counter() - t0
             state.step += 1
             state.tokens_seen += stats.tokens
@@ -322,101 +301,3 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
     return {"steps": state.step, "final_loss": state.last_loss, "tokens_seen": state.tokens_seen,
             "tokens_per_s": state.tokens_seen / state.train_time if state.train_time else 0.0,
             **(state.last_eval or {})}
-
-
-# ----------------------------------------------------------------------------------------------
-# pretraining
-
-
-def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
-            ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Next-token cross-entropy on an (inputs, targets) batch from `SequenceLoader`.
-
-    The LM head runs fused with the loss (`linear_cross_entropy`), so the logits are never materialized.
-    """
-    inputs, targets = batch
-    return linear_cross_entropy(model(inputs, return_hidden=True), model.lm_head.weight, targets), {}
-
-
-def lm_loss_unfused(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
-                    ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """`lm_loss` through materialized [B, T, vocab] logits: the reference (train.fused_ce=false)."""
-    inputs, targets = batch
-    return causal_lm_loss(model(inputs), targets), {}
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Pretrain a model on DATA/train shards; the result lands in RUN/model with the data's tokenizer."""
-    from lmforge.data.loader import SequenceLoader
-    from lmforge.data.shards import INDEX_NAME, ShardSet
-    from lmforge.eval.perplexity import evaluate_perplexity, file_sha256
-    from lmforge.model.io import save_model
-    from lmforge.model.transformer import Transformer
-
-    data_dir = Path(cfg.data.path)
-    train_dir = data_dir / "train" if (data_dir / "train" / INDEX_NAME).is_file() else data_dir
-    if not (train_dir / INDEX_NAME).is_file():
-        raise LmforgeError(f"data.path: no token shards in {data_dir} (expected train/{INDEX_NAME}); "
-                           "run `lmforge data tokenize` first")
-    shards = ShardSet(train_dir)
-    model_cfg = cfg.model
-    if model_cfg.vocab_size == 0:
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=shards.vocab_size)
-    if shards.vocab_size > model_cfg.vocab_size:
-        raise LmforgeError(f"model.vocab_size {model_cfg.vocab_size} is smaller than the vocab_size "
-                           f"{shards.vocab_size} of the shards in {train_dir}")
-    if cfg.data.seq_len > model_cfg.max_seq_len:
-        raise LmforgeError(f"data.seq_len {cfg.data.seq_len} exceeds model.max_seq_len "
-                           f"{model_cfg.max_seq_len}")
-    tokenizer = data_dir / TOKENIZER_FILES[0]
-    if shards.tokenizer_sha256 and tokenizer.is_file() and file_sha256(tokenizer) != shards.tokenizer_sha256:
-        print(f"warning: {tokenizer} is not the tokenizer the shards in {train_dir} were made with",
-              file=sys.stderr)
-    cfg = dataclasses.replace(cfg, model=model_cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
-
-    loader = SequenceLoader(shards, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.data.seed)
-    precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
-    evaluate = None
-    val_dir = data_dir / "val"
-    if (val_dir / INDEX_NAME).is_file():
-        val = ShardSet(val_dir)
-        if val.n_tokens > cfg.data.seq_len:
-            def evaluate(model: nn.Module) -> dict[str, float | None]:
-                r = evaluate_perplexity(model, val, cfg.data.seq_len, cfg.data.batch_size,
-                                        cfg.train.eval_batches, device=next(model.parameters()).device,
-                                        precision=precision)
-                bpb = r["bits_per_byte"]
-                return {"val_loss": r["loss"], "val_bpb": None if math.isnan(bpb) else bpb}
-        else:
-            print(f"note: {val_dir} has {val.n_tokens} tokens, fewer than data.seq_len+1; "
-                  "skipping validation", file=sys.stderr)
-
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(model_cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"pretrain: {n_params / 1e6:.2f}M parameters, {shards.n_tokens:,} training tokens, "
-          f"run dir {run_dir}", file=sys.stderr)
-    loss_fn = lm_loss if cfg.train.fused_ce else lm_loss_unfused
-    result = train_loop(model, loss_fn, loader, cfg.train, run_dir, evaluate=evaluate, resume=cfg.resume,
-                        desc="pretrain")
-
-    model_dir = run_dir / "model"
-    save_model(model, model_dir)
-    for name in TOKENIZER_FILES:
-        if (data_dir / name).is_file():
-            atomic_write(model_dir / name, lambda tmp, src=data_dir / name: shutil.copyfile(src, tmp))
-    out = {"final_loss": result["final_loss"], "val_loss": result.get("val_loss"),
-           "val_bpb": result.get("val_bpb"), "model_dir": str(model_dir), "steps": result["steps"],
-           "tokens_per_s": result["tokens_per_s"]}
-    val_text = "" if out["val_loss"] is None else f", val loss {out['val_loss']:.4f}"
-    if out["val_bpb"] is not None:
-        val_text += f", val bpb {out['val_bpb']:.4f}"
-    print(f"pretrain: {out['steps']} steps, final loss {out['final_loss']:.4f}{val_text}, "
-          f"{out['tokens_per_s']:,.0f} tokens/s -> {model_dir}")
-    return out
