@@ -14,14 +14,24 @@ from lmforge.model.layers import MLP, make_norm
 from lmforge.model.positions import RotaryEmbedding, sinusoidal_table
 
 
+def make_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """The attention sublayer of block `layer_idx` (the seam where attention variants plug in)."""
+    return Attention(cfg, layer_idx)
+
+
+def make_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """The feed-forward sublayer of block `layer_idx` (the seam where MoE layers plug in)."""
+    return MLP(cfg)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.pre_norm = cfg.norm_placement == "pre"
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, layer_idx)
+        self.attn = make_attention(cfg, layer_idx)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = make_ffn(cfg, layer_idx)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
