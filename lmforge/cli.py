@@ -49,6 +49,8 @@ COMMANDS: dict[str, Command] = {
                              "n-gram overlap of task examples with training data"),
     "eval winrate": Command("lmforge.eval.pairwise", "WinRateConfig", "win_rate_cmd",
                             "pairwise win rate of two checkpoints (verifier or reward-model judge)"),
+    "eval reward-accuracy": Command("lmforge.eval.pairwise", "RewardAccuracyConfig", "reward_accuracy_cmd",
+                                    "how often a reward model scores chosen above rejected"),
     "report": Command("lmforge.eval.report", "ReportConfig", "report_cmd",
                       "one self-contained HTML page for a run directory", recipe=False),
     "compare": Command("lmforge.eval.compare", "CompareConfig", "compare_cmd",

@@ -218,3 +218,26 @@ def test_win_rate_verifier_and_reward_judges(tmp_path, tokenizer, model):
                  "--output", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["tasks"]["winrate"] == {"n": 4, "win_rate": 0.5} and record["tasks"]["reward_model"]["n"] == 4
+
+
+def test_reward_accuracy_command_counts_chosen_above_rejected(tmp_path, tokenizer, model):
+    from lmforge.posttrain.reward import RewardModel, save_reward_model, score_texts
+
+    torch.manual_seed(7)
+    rm = RewardModel(Transformer(model.cfg)).eval()
+    save_reward_model(rm, tmp_path / "rm")
+    tokenizer.save(tmp_path / "rm")
+    rows = [{"prompt": f"say {w}", "chosen": w, "rejected": w[::-1] + "x"} for w in ("cat", "dog", "sun", "tree",
+                                                                                    "moon", "river")]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    chosen = score_texts(rm, tokenizer, prompts, [r["chosen"] for r in rows])
+    rejected = score_texts(rm, tokenizer, prompts, [r["rejected"] for r in rows])
+    expected = sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
+    out = tmp_path / "acc.json"
+    assert main(["eval", "reward-accuracy", "--reward-model", str(tmp_path / "rm"), "--data", str(data),
+                 "--output", str(out), "--device", "cpu"]) == 0
+    record = json.loads(out.read_text())
+    assert record["n"] == 6 and record["reward_accuracy"] == pytest.approx(expected)
+    assert main(["eval", "reward-accuracy", "--reward-model", str(tmp_path / "missing")]) != 0

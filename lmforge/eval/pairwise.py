@@ -146,3 +146,38 @@ def win_rate_cmd(cfg: WinRateConfig) -> int:
         atomic_write_json(cfg.output, {**record, "config": dataclasses.asdict(cfg)})
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}))
     return 0
+
+
+@dataclass
+class RewardAccuracyConfig:
+    reward_model: str = option(help="reward model directory (`lmforge reward` output, with its tokenizer)")
+    data: str = option("", "preference file (HH-RLHF, SHP, PKU, Stack Exchange or plain chosen/rejected JSONL); "
+                           "empty: synthetic pairs from the held-out prompt half")
+    format: str = option("auto", "layout of --data (see `lmforge dpo --help`); auto detects it")
+    n: int = option(200, "synthetic pairs when no --data is given")
+    seed: int = option(1, "odd seed: the held-out half of the synthetic prompts")
+    max_len: int = option(128, "tokens per encoded pair (longer ones are cut)")
+    output: str = option("", "write the result JSON here")
+    device: str = option("auto", "auto, cpu, cuda, ...")
+
+
+def reward_accuracy_cmd(cfg: RewardAccuracyConfig) -> int:
+    """`lmforge eval reward-accuracy`: how often the reward model scores chosen above rejected."""
+    import json
+
+    from lmforge.posttrain.reward import load_reward_model
+    from lmforge.runtime import resolve_device
+
+    rm = load_reward_model(cfg.reward_model, str(resolve_device(cfg.device)))
+    result = reward_accuracy(rm, Tokenizer.load(cfg.reward_model), cfg.data, cfg.format, cfg.n, cfg.seed,
+                             cfg.max_len)
+    source = cfg.data or f"{cfg.n} synthetic held-out pairs"
+    print(f"reward model {cfg.reward_model} on {source}: accuracy {result['reward_accuracy']:.3f}, "
+          f"mean margin {result['margin']:.3f} ({result['n']} pairs)")
+    if cfg.output:
+        from lmforge.files import atomic_write_json
+
+        atomic_write_json(cfg.output, {**result, "tasks": {"reward_model": {
+            "n": result["n"], "reward_accuracy": result["reward_accuracy"]}}, "config": dataclasses.asdict(cfg)})
+    print(json.dumps(result))
+    return 0
