@@ -23,12 +23,16 @@ class SequenceLoader:
     sequential when shuffle=False); epochs roll over forever, and a batch may straddle two epochs.
     Under data parallelism each of `world_size` ranks gets a disjoint `batch_size` slice of one
     global batch of batch_size * world_size windows.
+    With `order_scores` (one per window, e.g. from `lmforge.data.curriculum.window_scores`) each
+    epoch serves windows by ascending score, ties in the epoch's shuffled order: the "easy first"
+    ordering of curriculum learning (Bengio et al. 2009).
     Exact resume: state_dict() -> {"epoch": int, "cursor": int} (JSON-serializable);
     load_state_dict() restores it so the next batch equals what an uninterrupted run would get.
     """
 
     def __init__(self, shards: ShardSet, batch_size: int, seq_len: int, seed: int = 0,
-                 shuffle: bool = True, *, rank: int = 0, world_size: int = 1) -> None:
+                 shuffle: bool = True, *, rank: int = 0, world_size: int = 1,
+                 order_scores: np.ndarray | None = None) -> None:
         if batch_size <= 0:
             raise LmforgeError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -45,14 +49,20 @@ class SequenceLoader:
         if self.n_windows == 0:
             raise LmforgeError(f"shard set at {shards.directory} has {shards.n_tokens} tokens, fewer than "
                                f"seq_len+1 ({seq_len + 1})")
+        if order_scores is not None and len(order_scores) != self.n_windows:
+            raise LmforgeError(f"order_scores has {len(order_scores)} entries for the {self.n_windows} windows of "
+                               f"{shards.directory} at seq_len {seq_len}")
+        self.order_scores = order_scores
         self.epoch = 0
         self.cursor = 0  # position in this epoch's window order of the next window to serve
         self._order = self._window_order(0)
 
     def _window_order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n_windows)
-        return np.random.default_rng(self.seed + epoch).permutation(self.n_windows)
+        order = (np.random.default_rng(self.seed + epoch).permutation(self.n_windows) if self.shuffle
+                 else np.arange(self.n_windows))
+        if self.order_scores is not None:
+            order = order[np.argsort(self.order_scores[order], kind="stable")]
+        return order
 
     def next_windows(self, n: int) -> np.ndarray:
         """Indices of the next `n` windows, advancing the cursor (and the epoch when it wraps)."""
@@ -74,9 +84,11 @@ class SequenceLoader:
         # and the resume state is the same on all of them.
         windows = self.next_windows(self.batch_size * self.world_size)
         windows = windows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        rows = np.stack([self.shards.read(int(w) * self.seq_len, self.seq_len + 1) for w in windows])
-        tokens = torch.from_numpy(rows)
-        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        return to_batch(self.read_windows(windows))
+
+    def read_windows(self, windows: np.ndarray) -> np.ndarray:
+        """Tokens of the given windows, int64 [len(windows), seq_len + 1]."""
+        return np.stack([self.shards.read(int(w) * self.seq_len, self.seq_len + 1) for w in windows])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -96,3 +108,9 @@ class SequenceLoader:
                                "(resuming on different data or seq_len?)")
         self.epoch, self.cursor = epoch, cursor
         self._order = self._window_order(epoch)
+
+
+def to_batch(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, seq_len + 1] token rows -> (inputs, targets), each [n, seq_len], targets shifted by one."""
+    tokens = torch.from_numpy(rows)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
