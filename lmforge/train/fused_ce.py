@@ -21,13 +21,15 @@ from lmforge.train.objectives import IGNORE_INDEX
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
-                         chunk_size: int = 1024, bias: Tensor | None = None) -> Tensor:
+                         chunk_size: int = 1024, bias: Tensor | None = None, z_loss: float = 0.0) -> Tensor:
     """Mean next-token cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, chunk by chunk.
 
     hidden [..., d], weight [V, d] (the LM head, possibly tied to the embedding), targets [...].
     Equals `causal_lm_loss(F.linear(hidden, weight, bias), targets, ignore_index)` in value and in
     gradients; with every target ignored it is 0 with zero gradients (where F.cross_entropy gives NaN).
     Under autocast the head's matmuls run in the autocast dtype, log-softmax and dW accumulate in fp32.
+    `z_loss` > 0 adds z_loss * mean(log^2 Z) (PaLM's z-loss, `lmforge.train.stability.z_loss`), with
+    log Z_i = z_{i,y} - log p_{i,y} from the chunk's own log-softmax and d/dz = 2 z_loss log Z softmax(z).
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on "
@@ -44,13 +46,13 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (hidden, weight, bias))
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_size, compute_dtype,
-                                     needs_grad)
+                                     needs_grad, z_loss)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int,
-                chunk_size: int, compute_dtype: torch.dtype, needs_grad: bool) -> Tensor:
+                chunk_size: int, compute_dtype: torch.dtype, needs_grad: bool, z_loss: float) -> Tensor:
         h = hidden.reshape(-1, hidden.shape[-1])  # copies only when hidden is not contiguous
         y = targets.reshape(-1, 1).long()
         valid = y.squeeze(1) != ignore_index
@@ -74,7 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 scale = row_scale[rows, None]
                 h_c = h[rows].to(compute_dtype)
                 logits = F.linear(h_c, w, b)  # [chunk, V] in compute_dtype; overwritten by d loss / d logits
-                loss_sum += _softmax_grad_(logits, safe_y[rows], scale, grad_b)
+                loss_sum += _softmax_grad_(logits, safe_y[rows], scale, grad_b, z_loss)
                 if want_h:
                     grad_h[rows] = (logits @ w).float() * scale
                 if want_w:
@@ -96,13 +98,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = None if grad_h is None else (grad_h * grad_output).to(hidden_dtype).reshape(hidden_shape)
         dw = None if grad_w is None else (grad_w * grad_output).to(weight_dtype)
         db = None if grad_b is None else (grad_b * grad_output).to(bias_dtype)
-        return dh, dw, db, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None
 
 
 SOFTMAX_BLOCK_ROWS = 128  # [128, 32K] fp32 is 16 MB: the log-softmax work stays in the last-level cache
 
 
-def _softmax_grad_(logits: Tensor, targets: Tensor, scale: Tensor, grad_bias: Tensor | None) -> Tensor:
+def _softmax_grad_(logits: Tensor, targets: Tensor, scale: Tensor, grad_bias: Tensor | None,
+                   z_loss: float = 0.0) -> Tensor:
     """Overwrite `logits` [n, V] with softmax - onehot(targets); return sum_i scale_i * CE_i.
 
     Works in fp32 on blocks of rows, so the one [n, V] tensor of the chunk is the only large one, kept in
@@ -115,7 +118,14 @@ def _softmax_grad_(logits: Tensor, targets: Tensor, scale: Tensor, grad_bias: Te
         logp = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)
         logp_target = logp.gather(1, targets[rows])
         loss -= (logp_target * scale[rows]).sum()
-        grad = logp.exp_().scatter_(1, targets[rows], logp_target.exp() - 1)
+        probs, p_target = logp.exp_(), logp_target.exp()
+        if z_loss:  # + c log^2 Z: its gradient is 2 c log Z softmax(z)
+            log_z = logits[rows].gather(1, targets[rows]).float() - logp_target
+            loss += z_loss * (log_z.square() * scale[rows]).sum()
+            factor = 1 + 2 * z_loss * log_z
+            probs.mul_(factor)
+            p_target = p_target * factor
+        grad = probs.scatter_(1, targets[rows], p_target - 1)
         if grad_bias is not None:
             grad_bias += scale[rows, 0] @ grad
         logits[rows] = grad

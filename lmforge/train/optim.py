@@ -1,4 +1,4 @@
-"""AdamW with the usual two parameter groups: weight decay on weight matrices only.
+"""The optimizer (AdamW, or Adafactor) with the usual two parameter groups: weight decay on weight matrices only.
 
 Decay pulls weights toward zero; that regularizes projection matrices but hurts embeddings (rare
 tokens' rows shrink between their updates), norm gains (whose identity value is 1) and biases. This
@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from lmforge.train.adafactor import Adafactor
 
 if TYPE_CHECKING:
     from lmforge.train.trainer import TrainConfig
@@ -34,9 +36,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused kernel where the device has one, multi-tensor otherwise."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """cfg.optimizer over `param_groups`: AdamW (the fused kernel where the device has one, multi-tensor
+    otherwise), or `Adafactor` with the train.adafactor_* options."""
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
+    if cfg.optimizer == "adafactor":
+        return Adafactor(groups, lr=cfg.lr, beta1=cfg.adafactor_beta1, decay_rate=cfg.adafactor_decay_rate,
+                         clip_threshold=cfg.adafactor_clip, weight_decay=cfg.weight_decay,
+                         scale_parameter=cfg.adafactor_scale_parameter,
+                         relative_step=cfg.adafactor_relative_step)
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.device.type in FUSED_DEVICE_TYPES and p.is_floating_point()
                                  for p in params)
