@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "lmforge needs Python >= 3.10" >&2; exit 1; }
+# The web chat test (tests/test_serve_browser.py) drives Debian's chromium; CI installs it, elsewhere the test skips.
+if [ "${CI:-}" = "true" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing chromium for the browser test"
+  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+    || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

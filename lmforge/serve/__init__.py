@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: continuous-batching scheduler, HTTP API (`app.py`) and a web chat page."""

@@ -1,0 +1,287 @@
+"""Continuous batching: one background thread runs the model; requests join and leave between steps.
+
+Static batching waits for a whole batch to finish, so short answers idle behind long ones. Here
+(Orca, Yu et al. 2022, "iteration-level scheduling") the loop repeats one iteration:
+
+1. drop requests whose client went away (their slot is free at once);
+2. admit waiting requests while slots are free: prefill each prompt into its own cache row and
+   sample its first token;
+3. one decode step for every running request together: each feeds its last token at its own
+   position (per-row positions and a per-row key mask, `lmforge.serve.cache`), then samples;
+4. finished requests (stop token, stop string, max_tokens, context full) leave.
+
+A request's rows see exactly what they would see alone (same positions, same keys), so greedy
+output does not depend on what else is running (tested). Each request samples with its own
+generator, so a seed reproduces a request whatever it was batched with. Errors stay local: an
+exception while prefilling or sampling one request fails that request only; an exception in a
+shared decode step fails the requests in that step, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.generate.engine import new_generator
+from lmforge.generate.sampling import SamplingParams, sample_next
+from lmforge.serve.cache import SlotCache, decode_mask
+from lmforge.serve.stops import StopMatcher
+from lmforge.tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Done:
+    finish_reason: str  # "stop" (stop token or string) or "length" (max_tokens or the context is full)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = Delta | Done | Failed
+
+
+class SchedulerBusy(LmforgeError):
+    """More requests in flight than `max_concurrent` allows."""
+
+
+@dataclass
+class Job:
+    """One request: a prompt, how to sample it, and where its events go (called from the loop thread)."""
+
+    prompt: list[int]
+    params: SamplingParams  # max_new_tokens, stop_token_ids, seed, temperature, top_k, top_p
+    emit: Callable[[Event], None]
+    stop: list[str] = field(default_factory=list)
+    cancelled: bool = False
+    # state kept by the scheduler
+    length: int = 0  # tokens in this job's cache row
+    last: int = -1  # the newest sampled token (not in the cache yet)
+    completion_tokens: int = 0
+    finished: bool = False
+    generator: torch.Generator | None = None
+    decoder: StreamDecoder | None = None
+    matcher: StopMatcher | None = None
+
+
+@dataclass
+class Stats:
+    max_batch_seen: int = 0  # most requests decoded in one step: proof that requests were batched
+    steps: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 16, max_concurrent: int = 64) -> None:
+        if max_batch < 1 or max_concurrent < 1:
+            raise LmforgeError(f"max_batch and max_concurrent must be >= 1, got {max_batch} and {max_concurrent}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_concurrent = max_batch, max_concurrent
+        self.context = model.context_length
+        self.device = next(model.parameters()).device
+        self.cache = SlotCache(model, max_batch, self.context)
+        self.stats = Stats()
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []  # job i owns cache row i; touched by the loop thread only
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- called from request handlers ----------------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        if not job.prompt:
+            raise LmforgeError("the prompt is empty")
+        if len(job.prompt) >= self.context:
+            raise LmforgeError(f"the prompt has {len(job.prompt)} tokens; the model's context is {self.context}")
+        with self._cond:
+            if self.in_flight >= self.max_concurrent:
+                raise SchedulerBusy(f"too many concurrent requests: the limit is {self.max_concurrent}")
+            self.waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: the loop frees the job's slot before its next step."""
+        with self._cond:
+            job.cancelled = True
+            self._cond.notify()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def start(self) -> Scheduler:
+        self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # -- the loop thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self.waiting and not self.running:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # a bug in the loop itself: fail what is running, keep serving
+                log.exception("scheduler step failed")
+                for job in self.running:
+                    self._fail(job, "internal error while decoding")
+                self.running = []
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One iteration: drop cancelled requests, admit waiting ones, decode all running ones once."""
+        self._drop_cancelled()
+        self._admit()
+        if not self.running:
+            return
+        lengths = torch.tensor([j.length for j in self.running], device=self.device)
+        tokens = torch.tensor([[j.last] for j in self.running], device=self.device)
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self.running))
+        self.stats.steps += 1
+        try:
+            self.cache.decode(lengths)
+            logits = self.model(tokens, cache=self.cache, start_pos=0, positions=lengths[:, None],
+                                attn_mask=decode_mask(lengths))[:, -1]
+        except Exception:
+            log.exception("decode step failed")
+            for job in self.running:
+                self._fail(job, "internal error while decoding")
+            self.running = []
+            return
+        greedy = logits.argmax(dim=-1).tolist()
+        for i, job in enumerate(self.running):
+            job.length += 1
+            self._take(job, lambda i=i, job=job: self._sample(job, logits[i:i + 1], greedy[i]))
+        self._remove_finished()
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            gone = [j for j in self.waiting if j.cancelled]
+            for job in gone:
+                self.waiting.remove(job)
+        for job in gone + [j for j in self.running if j.cancelled]:
+            job.finished = True
+            self.stats.cancelled += 1
+        self._remove_finished()
+
+    def _admit(self) -> None:
+        while len(self.running) < self.max_batch:
+            with self._cond:
+                if not self.waiting:
+                    return
+                job = self.waiting.popleft()
+            row = len(self.running)
+            try:
+                logits = self._prefill(job, row)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._fail(job, f"prefill failed: {e}")
+                continue
+            self.running.append(job)
+            self._take(job, lambda job=job, logits=logits: self._sample(job, logits, None))
+            if job.finished:
+                self._remove_finished()
+
+    def _prefill(self, job: Job, row: int) -> torch.Tensor:
+        """Run the prompt into cache row `row`; the logits [1, V] of the first new token."""
+        job.generator = new_generator(job.params.seed, self.device)
+        job.decoder = StreamDecoder(self.tokenizer)
+        job.matcher = StopMatcher(job.stop)
+        self.cache.prefill(row)
+        ids = torch.tensor([job.prompt], device=self.device)
+        logits = self.model(ids, cache=self.cache, start_pos=0)[:, -1]
+        job.length = len(job.prompt)
+        return logits
+
+    def _sample(self, job: Job, logits: torch.Tensor, greedy: int | None) -> int:
+        if job.params.is_greedy:
+            return int(logits.argmax(dim=-1)[0]) if greedy is None else greedy
+        return int(sample_next(logits, job.params, job.generator)[0])
+
+    def _take(self, job: Job, sample: Callable[[], int]) -> None:
+        """Sample the job's next token and send what it adds to the text; an error fails this job only."""
+        try:
+            self._advance(job, sample())
+        except Exception as e:
+            log.exception("generation failed")
+            self._fail(job, f"generation failed: {e}")
+
+    def _advance(self, job: Job, token: int) -> None:
+        """Append `token` (or stop on a stop token); mark the job finished when it is done."""
+        if token in job.params.stop_token_ids:
+            return self._finish(job, "stop")
+        job.last = token
+        job.completion_tokens += 1
+        self.stats.tokens += 1
+        self._send(job, job.matcher.push(job.decoder.push(token)))
+        if job.matcher.stopped:
+            return self._finish(job, "stop")
+        if job.completion_tokens >= job.params.max_new_tokens or job.length + 1 >= self.context:
+            self._finish(job, "length")
+
+    def _finish(self, job: Job, reason: str) -> None:
+        if not job.matcher.stopped:
+            self._send(job, job.matcher.push(job.decoder.flush()) + job.matcher.flush())
+        job.finished = True
+        self.stats.completed += 1
+        self._send(job, Done(reason, len(job.prompt), job.completion_tokens))
+
+    def _fail(self, job: Job, message: str) -> None:
+        job.finished = True
+        self.stats.failed += 1
+        self._send(job, Failed(message))
+
+    def _send(self, job: Job, event: Event | str) -> None:
+        if isinstance(event, str):
+            if not event:
+                return
+            event = Delta(event)
+        try:
+            job.emit(event)
+        except Exception:  # the receiver is gone (e.g. its event loop closed): treat as a disconnect
+            job.cancelled = True
+
+    def _remove_finished(self) -> None:
+        """Drop finished rows, moving the last running row into each hole so rows stay 0..n-1."""
+        for i in reversed(range(len(self.running))):
+            if not self.running[i].finished:
+                continue
+            last = len(self.running) - 1
+            if i != last:
+                moved = self.running[last]
+                self.cache.move(last, i, moved.length)
+                self.running[i] = moved
+            self.running.pop()
