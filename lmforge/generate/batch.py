@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lmforge.generate.engine import check_prompt, fit_prompt, new_generator
+from lmforge.generate.processors import History
 from lmforge.generate.sampling import SamplingParams, sample_next
 
 
@@ -81,8 +82,13 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], params: SamplingP
         real_key[:, :L] = torch.arange(L, device=device)[None, :] >= pads[:, None]
         next_pos = L - pads  # each row's own length so far
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        # tokens so far for history-dependent processors: -1 marks padding, generated columns start at L
+        seen = torch.where(real_key[:, :L], ids, -1)
         for step in range(budget):
-            token = sample_next(logits, params, generator)
+            history = History(seen, L) if params.needs_history else None
+            token = sample_next(logits, params, generator, history)
+            if history is not None:
+                seen = torch.cat([seen, token[:, None]], dim=1)
             stopped = torch.isin(token, stop) & ~done
             done |= stopped
             emit = ~done | stopped if keep_stop else ~done

@@ -7,7 +7,8 @@ Lines come from stdin, so a conversation can be piped in (that is how it is test
     printf 'hello\\n/settings temperature=0\\nhello\\n/quit\\n' | lmforge chat --checkpoint DIR
 
 Commands: `/reset` forgets the history, `/settings [key=value ...]` changes and prints the
-sampling settings (temperature, top_k, top_p, max_new_tokens, seed), `/quit` (or end of input) leaves.
+sampling settings (temperature, top_k, top_p, max_new_tokens, seed; also min_p, repetition_penalty,
+frequency_penalty, presence_penalty, no_repeat_ngram_size), `/quit` (or end of input) leaves.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from lmforge.generate.sampling import SamplingParams
 from lmforge.tokenizer import StreamDecoder, Tokenizer
 
 SETTINGS = ("temperature", "top_k", "top_p", "max_new_tokens", "seed")
-HELP = "commands: /reset (forget the conversation), /settings [key=value ...] (" + ", ".join(SETTINGS) + \
-       "), /quit"
+EXTRA_SETTINGS = ("min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "no_repeat_ngram_size")
+HELP = ("commands: /reset (forget the conversation), /settings [key=value ...] ("
+        + ", ".join(SETTINGS + EXTRA_SETTINGS) + "), /quit")
 
 
 def apply_settings(params: SamplingParams, text: str) -> SamplingParams:
@@ -40,16 +42,19 @@ def apply_settings(params: SamplingParams, text: str) -> SamplingParams:
         key, sep, value = part.partition("=")
         if not sep:
             raise LmforgeError(f"/settings: expected key=value, got '{part}'")
-        if key not in SETTINGS:
-            hint = suggest(key, SETTINGS)
+        if key not in SETTINGS + EXTRA_SETTINGS:
+            hint = suggest(key, SETTINGS + EXTRA_SETTINGS)
             raise LmforgeError(f"/settings: unknown setting '{key}'" + (f" (did you mean '{hint}'?)" if hint else "")
-                               + f"; choose from {', '.join(SETTINGS)}")
+                               + f"; choose from {', '.join(SETTINGS + EXTRA_SETTINGS)}")
         changes[key] = coerce(value, hints[key], key)
     return dataclasses.replace(params, **changes)  # __post_init__ checks the ranges again
 
 
 def describe(params: SamplingParams) -> str:
-    return "settings: " + " ".join(f"{k}={getattr(params, k)}" for k in SETTINGS)
+    """The main settings, plus any penalty or min-p setting that is not at its default."""
+    default = SamplingParams()
+    extra = [k for k in EXTRA_SETTINGS if getattr(params, k) != getattr(default, k)]
+    return "settings: " + " ".join(f"{k}={getattr(params, k)}" for k in (*SETTINGS, *extra))
 
 
 class ChatSession:

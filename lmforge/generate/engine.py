@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.generate.processors import History
 from lmforge.generate.sampling import SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,14 @@ def decode(model: nn.Module, prompt: list[int], params: SamplingParams) -> Itera
         cache = model.new_cache(1, len(prompt) + budget - 1)
         logits = model(torch.tensor([prompt], device=device), cache=cache, start_pos=0)[:, -1]
         pos = len(prompt)
+        seq = list(prompt)  # read only by history-dependent processors (penalties, n-gram ban)
         for step in range(budget):
-            token = int(sample_next(logits, params, generator)[0])
+            history = History.of([seq], len(prompt), device) if params.needs_history else None
+            token = int(sample_next(logits, params, generator, history)[0])
             if token in stop:
                 return
             yield token
+            seq.append(token)
             if step + 1 == budget:
                 return
             logits = model(torch.tensor([[token]], device=device), cache=cache, start_pos=pos)[:, -1]

@@ -1,9 +1,8 @@
-"""Logits processors and next-token sampling: small pure functions over [B, V] logits.
+"""Sampling settings and next-token choice: `SamplingParams` -> a list of logits processors -> a token.
 
-Each processor returns new logits with the tokens it removes set to -inf, so they compose in
-any order and the final softmax renormalises over what is left. The order used by
-`sample_next` (temperature, then top-k, then top-p) is the one HF transformers uses, so the
-same settings give the same distribution.
+The processors themselves (and their paper references) live in `lmforge.generate.processors`;
+`processors_for` puts them in HF transformers' order: penalties and the n-gram ban first (they
+apply to greedy decoding too), then temperature, top-k, top-p and min-p (sampling only).
 """
 
 from __future__ import annotations
@@ -14,6 +13,25 @@ import torch
 
 from lmforge.config import option
 from lmforge.errors import ConfigError
+from lmforge.generate.processors import (
+    FrequencyPresencePenalty,
+    History,
+    LogitsProcessor,
+    MinP,
+    NoRepeatNGram,
+    RepetitionPenalty,
+    Temperature,
+    TopK,
+    TopP,
+    apply_processors,
+    apply_temperature,
+    min_p_filter,
+    top_k_filter,
+    top_p_filter,
+)
+
+__all__ = ["SamplingParams", "apply_temperature", "filtered_logits", "min_p_filter", "penalty_processors",
+           "processors_for", "sample_next", "top_k_filter", "top_p_filter"]
 
 
 @dataclass
@@ -22,6 +40,14 @@ class SamplingParams:
     temperature: float = option(1.0, "divide logits by this before sampling; <= 0 means greedy")
     top_k: int = option(0, "sample only among the k most likely tokens; 0 keeps all")
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens whose mass reaches p")
+    min_p: float = option(0.0, "drop tokens less likely than min_p times the most likely one; 0 keeps all")
+    repetition_penalty: float = option(1.0, "CTRL penalty on tokens already in the context; 1 is off, > 1 "
+                                            "discourages repeats")
+    frequency_penalty: float = option(0.0, "OpenAI frequency penalty: subtract this times a token's count "
+                                           "in the generated text")
+    presence_penalty: float = option(0.0, "OpenAI presence penalty: subtract this from every token already "
+                                          "generated")
+    no_repeat_ngram_size: int = option(0, "never repeat an n-gram of this size; 0 is off")
     max_new_tokens: int = option(64, "stop after this many new tokens")
     seed: int | None = option(None, "seed of the sampling generator; None draws from torch's global RNG")
     stop_token_ids: list[int] = option(default_factory=list,
@@ -32,6 +58,15 @@ class SamplingParams:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ConfigError(f"{name} must be in [-2, 2] (OpenAI's range), got {getattr(self, name)}")
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if self.max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
 
@@ -39,47 +74,42 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature <= 0
 
-
-def apply_temperature(logits: torch.Tensor, t: float) -> torch.Tensor:
-    """softmax(z / t): t < 1 sharpens the distribution, t > 1 flattens it."""
-    if t <= 0:
-        raise ValueError(f"temperature must be positive to scale logits, got {t} (use greedy decoding)")
-    return logits / t
+    @property
+    def needs_history(self) -> bool:
+        """Whether choosing a token reads the tokens so far (penalties, n-gram ban)."""
+        return bool(penalty_processors(self))
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep exactly the k largest logits of each row (Fan et al., 2018); k <= 0 or k >= V keeps all."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    top = torch.topk(logits, k, dim=-1)
-    return torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
+def penalty_processors(params: SamplingParams) -> list[LogitsProcessor]:
+    """The history-dependent processors `params` turns on (they change greedy choices too)."""
+    procs: list[LogitsProcessor] = []
+    if params.repetition_penalty != 1.0:
+        procs.append(RepetitionPenalty(params.repetition_penalty))
+    if params.frequency_penalty or params.presence_penalty:
+        procs.append(FrequencyPresencePenalty(params.frequency_penalty, params.presence_penalty))
+    if params.no_repeat_ngram_size > 0:
+        procs.append(NoRepeatNGram(params.no_repeat_ngram_size))
+    return procs
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter (Holtzman et al., 2020, eq. 2): keep the smallest set of most likely tokens
-    whose probability mass is >= p. A token is dropped when the mass strictly before it already
-    reaches p, so the most likely token always survives."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits.float(), dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop_sorted = mass_before >= p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+def processors_for(params: SamplingParams) -> list[LogitsProcessor]:
+    """Every processor `params` turns on, in HF's order; the warpers only when sampling."""
+    procs = penalty_processors(params)
+    if not params.is_greedy:
+        procs += [Temperature(params.temperature), TopK(params.top_k), TopP(params.top_p), MinP(params.min_p)]
+    return procs
 
 
-def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p in that order (for a non-greedy `params`), in float32."""
-    logits = apply_temperature(logits.float(), params.temperature)
-    logits = top_k_filter(logits, params.top_k)
-    return top_p_filter(logits, params.top_p)
+def filtered_logits(logits: torch.Tensor, params: SamplingParams, history: History | None = None) -> torch.Tensor:
+    """`logits` [B, V] after every processor of `params`, in float32."""
+    return apply_processors(logits.float(), processors_for(params), history)
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token of each row of `logits` [B, V] -> [B]; argmax when greedy or temperature <= 0."""
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                history: History | None = None) -> torch.Tensor:
+    """Next token of each row of `logits` [B, V] -> [B]; argmax (after any penalties) when greedy.
+    `history` (the tokens so far) is needed when `params.needs_history`."""
+    logits = filtered_logits(logits, params, history)
     if params.is_greedy:
         return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(filtered_logits(logits, params), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)

@@ -1,0 +1,118 @@
+"""Generation benchmark: batch-1 greedy decode tokens/s, lmforge's KV-cache engine vs HF `generate`.
+
+Both run the same weights (a ~30M-parameter LLaMA-shaped lmforge model exported to a
+LlamaForCausalLM with `lmforge.model.hf.hf_config_from_model` / `state_dict_to_hf`), fp32, greedy,
+128 new tokens after a 32-token prompt, no stop token. HF uses its default (dynamic) KV cache and SDPA
+attention. Timings are the median of interleaved repeats (A B A B ...), so the load other processes
+put on this shared machine falls on both alike; tokens/s counts new tokens over the whole call
+(prefill included). Also: speculative decoding with the model as its own draft (acceptance 100 %,
+an upper bound on what a draft buys) is reported as a row, with the acceptance rate. Prints a markdown table.
+
+    .venv/bin/python benchmarks/generation.py [--repeats 5] [--new-tokens 128] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# benchmarks/ holds tokenize.py: drop this folder from the import path so the stdlib module is found.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+from lmforge.config import from_dict  # noqa: E402
+from lmforge.generate.engine import generate  # noqa: E402
+from lmforge.generate.sampling import SamplingParams  # noqa: E402
+from lmforge.generate.speculative import speculative_generate  # noqa: E402
+from lmforge.model import ModelConfig, Transformer  # noqa: E402
+from lmforge.model.hf import hf_config_from_model, state_dict_to_hf  # noqa: E402
+from lmforge.model.io import model_state_dict  # noqa: E402
+from lmforge.runtime import resolve_device  # noqa: E402
+
+SHAPE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1408, vocab_size=8192, max_seq_len=512)
+PROMPT_LEN = 32
+
+
+def build(device: torch.device) -> tuple[Transformer, torch.nn.Module]:
+    import transformers
+
+    torch.manual_seed(0)
+    ours = Transformer(from_dict(ModelConfig, SHAPE)).eval()
+    config = transformers.LlamaConfig(**hf_config_from_model(ours.cfg))
+    config._attn_implementation = "sdpa"
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.load_state_dict(state_dict_to_hf(model_state_dict(ours), ours.cfg), strict=False)
+    if ours.cfg.tie_embeddings:
+        hf.tie_weights()
+    return ours.to(device), hf.to(device)
+
+
+def timed(fn, device: torch.device) -> tuple[float, list[int]]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    args = parser.parse_args()
+    n = args.new_tokens
+    device = resolve_device(args.device)
+    ours, hf = build(device)
+    prompt = torch.randint(0, SHAPE["vocab_size"], (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = SamplingParams(greedy=True, max_new_tokens=n)
+    x = torch.tensor([prompt], device=device)
+
+    @torch.no_grad()
+    def run_hf() -> list[int]:
+        out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                          min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+        return out[0, PROMPT_LEN:].tolist()
+
+    def run_ours() -> list[int]:
+        return generate(ours, prompt, params)
+
+    def run_spec() -> list[int]:
+        return speculative_generate(ours, ours, prompt, params, num_draft=4)[0]
+
+    cases = {"lmforge": run_ours, "hf": run_hf, "spec": run_spec}
+    for fn in cases.values():  # warm-up (allocator, first-call overheads)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    outputs: dict[str, list[int]] = {}
+    for _ in range(args.repeats):
+        for name, fn in cases.items():
+            t, outputs[name] = timed(fn, device)
+            times[name].append(t)
+    same = outputs["lmforge"] == outputs["hf"] == outputs["spec"]
+    _, stats = speculative_generate(ours, ours, prompt, params, num_draft=4)
+    tps = {k: n / statistics.median(v) for k, v in times.items()}
+    params_m = sum(p.numel() for p in ours.parameters()) / 1e6
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"{platform.machine()} {torch.get_num_threads()} threads") + f", torch {torch.__version__}"
+    command = f"python benchmarks/generation.py --repeats {args.repeats} --new-tokens {n} --device {args.device}"
+    print(f"\n{params_m:.1f}M params, prompt {PROMPT_LEN}, {n} new tokens, greedy fp32, batch 1; "
+          f"same tokens in all three: {same}", file=sys.stderr)
+    print("| figure | lmforge | peer | ratio | machine | command |")
+    print("|---|---|---|---|---|---|")
+    print(f"| batch-1 greedy decode tokens/s ({params_m:.0f}M params, {n} new) | {tps['lmforge']:.1f} | "
+          f"{tps['hf']:.1f} (HF generate) | {tps['lmforge'] / tps['hf']:.2f}x | {machine} | `{command}` |")
+    print(f"| speculative decode tokens/s (self-draft, 4 draft tokens, acceptance {stats.acceptance_rate:.0%}) | "
+          f"{tps['spec']:.1f} | {tps['hf']:.1f} (HF generate) | {tps['spec'] / tps['hf']:.2f}x | {machine} | "
+          f"`{command}` |")
+
+
+if __name__ == "__main__":
+    main()
