@@ -1,4 +1,5 @@
-"""Hugging Face interop for the LLaMA family (LLaMA, Mistral, Qwen2): `lmforge convert from-hf / to-hf`.
+"""Hugging Face interop: `lmforge convert from-hf / to-hf` for the LLaMA family (LLaMA, Mistral with its
+sliding window, Qwen2 with q/k/v biases) here, GPT-2 (`hf_gpt2`) and T5 (`hf_t5`) through adapters.
 
 All HF naming lives here, so the model core never learns it (torchtitan's `state_dict_adapter`).
 The mapping is exact, not approximate: lmforge's RoPE uses HF's half-split (rotate_half) layout,
@@ -10,6 +11,7 @@ pickle checkpoints (`pytorch_model.bin`) can run code when loaded and are refuse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -24,10 +26,11 @@ from tqdm import tqdm
 from lmforge.config import from_dict, option
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.files import atomic_write, atomic_write_json, read_json_object
+from lmforge.model import hf_gpt2, hf_t5
 from lmforge.model.config import ModelConfig
+from lmforge.model.encdec import build_model
 from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config, save_model
 from lmforge.model.positions import yarn_mscale
-from lmforge.model.transformer import Transformer
 
 HF_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -44,6 +47,9 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=32768,
                   tie_word_embeddings=False, sliding_window=None),
 }
+ADAPTERS = {"gpt2": hf_gpt2, "t5": hf_t5}
+LLAMA_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+FAMILIES = (*LLAMA_ARCHITECTURES, *ADAPTERS)
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -55,9 +61,10 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "HF config") -> Model
     """ModelConfig for a LLaMA/Mistral/Qwen2 `config.json` dict; anything lmforge would compute
     differently (longrope, sliding windows, another activation) raises instead of converting."""
     family = hf.get("model_type")
+    if family in ADAPTERS:
+        return ADAPTERS[family].config_from_hf(hf, source)
     if family not in FAMILY_DEFAULTS:
-        raise LmforgeError(f"{source}: model_type '{family}' is not supported; supported: "
-                           f"{', '.join(FAMILY_DEFAULTS)}")
+        raise LmforgeError(f"{source}: model_type '{family}' is not supported; supported: {', '.join(FAMILIES)}")
     # An explicit null means "default" for every key but sliding_window, where it means "no window".
     given = {k: v for k, v in hf.items() if v is not None or k == "sliding_window"}
     get = {**FAMILY_DEFAULTS[family], **given}.get
@@ -71,9 +78,12 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "HF config") -> Model
     uses_window = get("use_sliding_window") or "sliding_attention" in (get("layer_types") or ())
     if family == "qwen2" and not uses_window:
         window = None  # Qwen2 stores a window but uses it only when asked to
-    if window is not None and window < max_len:
-        raise LmforgeError(f"{source}: sliding_window={window} < max_position_embeddings={max_len}: "
-                           "sliding-window attention is not supported yet")
+    # Qwen2 slides only layers >= max_window_layers (4.x), spelled out per layer in 5.x's layer_types
+    all_sliding = set(get("layer_types") or ()) == {"sliding_attention"} or get("max_window_layers") == 0
+    if family == "qwen2" and window is not None and not all_sliding:
+        raise LmforgeError(f"{source}: sliding_window on some layers only (max_window_layers) is not supported")
+    if window is not None and window >= max_len:
+        window = None  # a window as long as the context changes nothing
     heads = int(get("num_attention_heads"))
     # LLaMA's attention_bias puts a bias on q, k, v and o: lmforge spells an o bias as `bias` (which
     # also biases the MLP, loaded as zeros when HF has none). Qwen2 biases q/k/v only.
@@ -86,7 +96,7 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "HF config") -> Model
         position="rope", **rope_from_hf(hf, get("rope_theta"), max_len, source),
         tie_embeddings=bool(get("tie_word_embeddings")), qkv_bias=qkv_only,
         bias=bool(get("mlp_bias")) or (bool(get("attention_bias")) and not qkv_only),
-        init_std=get("initializer_range", 0.02),
+        init_std=get("initializer_range", 0.02), sliding_window=window or 0,
     )
     try:
         return from_dict(ModelConfig, values, "model.")
@@ -169,28 +179,60 @@ def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             "rope_parameters": params}
 
 
-def check_llama_compatible(cfg: ModelConfig) -> None:
-    """Raise naming the first ModelConfig field that LlamaForCausalLM cannot express."""
-    wanted = dict(norm="rmsnorm", norm_placement="pre", mlp="swiglu", position="rope")
+def hf_family(cfg: ModelConfig, recorded: str | None = None) -> str:
+    """The HF model_type a ModelConfig exports as: T5 for encoder-decoders, GPT-2 for learned positions with
+    LayerNorm, Mistral for a sliding window, else the family it was imported from (Qwen2/Mistral) or LLaMA."""
+    if cfg.arch == "encdec":
+        return "t5"
+    if cfg.position == "learned" and cfg.norm == "layernorm":
+        return "gpt2"
+    if cfg.sliding_window:
+        return "mistral"
+    if recorded == "mistral" or (recorded == "qwen2" and cfg.qkv_bias and not cfg.bias):
+        return recorded
+    return "llama"
+
+
+def check_llama_compatible(cfg: ModelConfig, family: str = "llama") -> None:
+    """Raise naming the first ModelConfig field that the LLaMA-family class cannot express."""
+    arch = LLAMA_ARCHITECTURES[family]
+    wanted = dict(norm="rmsnorm", norm_placement="pre", mlp="swiglu", position="rope", arch="decoder",
+                  attn_scale=0.0, output_scale=1.0)
+    if family != "mistral":
+        wanted["sliding_window"] = 0
+    if family != "llama":  # Qwen2 biases q/k/v only, Mistral nothing
+        wanted.update(bias=False, qkv_bias=family == "qwen2")
     for field, value in wanted.items():
         if getattr(cfg, field) != value:
             raise LmforgeError(f"model.{field}={getattr(cfg, field)!r} cannot be exported as "
-                               f"LlamaForCausalLM (it needs {field}={value!r})")
+                               f"{arch} (it needs {field}={value!r})")
     if cfg.vocab_size <= 0:
         raise LmforgeError(f"model.vocab_size must be positive to export, got {cfg.vocab_size}")
 
 
+def check_compatible(cfg: ModelConfig, family: str) -> None:
+    if family in ADAPTERS:
+        ADAPTERS[family].check(cfg)
+    else:
+        check_llama_compatible(cfg, family)
+
+
 def hf_config_from_model(cfg: ModelConfig, torch_dtype: str = "float32",
-                         token_ids: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A LlamaForCausalLM `config.json` dict; read by transformers 4.x and 5.x alike (both spellings of
-    the dtype and RoPE keys). `token_ids` sets bos/eos/pad ids; unknown ones are written as null so HF
-    does not assume LLaMA's 1/2."""
-    check_llama_compatible(cfg)
+                         token_ids: dict[str, Any] | None = None, family: str | None = None) -> dict[str, Any]:
+    """A `config.json` dict for `family` (default: `hf_family(cfg)`); read by transformers 4.x and 5.x alike
+    (both spellings of the dtype and RoPE keys). `token_ids` sets bos/eos/pad ids; unknown ones are written
+    as null so HF does not assume LLaMA's 1/2."""
+    family = family or hf_family(cfg)
+    check_compatible(cfg, family)
     if torch_dtype not in DTYPES:
         raise LmforgeError(f"dtype '{torch_dtype}' is not one of {', '.join(DTYPES)}")
     ids = {k: (token_ids or {}).get(k) for k in TOKEN_ID_KEYS}
+    if family in ADAPTERS:
+        ids = {k: v for k, v in ids.items() if v is not None}  # keep the family's own defaults (T5: pad 0)
+        return {**ADAPTERS[family].config_to_hf(cfg), **ids, "dtype": torch_dtype, "torch_dtype": torch_dtype}
+    window = {"sliding_window": cfg.sliding_window or None} if family != "llama" else {}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [LLAMA_ARCHITECTURES[family]], "model_type": family, **window,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
@@ -205,8 +247,11 @@ def hf_config_from_model(cfg: ModelConfig, torch_dtype: str = "float32",
 # weights
 
 
-def module_map(cfg: ModelConfig) -> list[tuple[str, list[tuple[str, int]]]]:
+def module_map(cfg: ModelConfig, family: str | None = None) -> list[tuple[str, list[tuple[str, int]]]]:
     """(lmforge module, [(HF module, rows), ...]): the HF tensors stacked along dim 0 make the lmforge one."""
+    family = family or hf_family(cfg)
+    if family in ADAPTERS:
+        return ADAPTERS[family].module_map(cfg)
     q, kv, ff = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
     d = cfg.d_model
     out = [("embed", [("model.embed_tokens", cfg.vocab_size)])]
@@ -229,18 +274,23 @@ def module_map(cfg: ModelConfig) -> list[tuple[str, list[tuple[str, int]]]]:
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor an lmforge model directory holds for `cfg`, read off a meta-device model (no memory)."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         shapes.pop("lm_head.weight")
     return shapes
 
 
-def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """lmforge tensors from HF LLaMA-family tensors; a missing, extra or mis-shaped tensor raises."""
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig,
+                       family: str | None = None) -> dict[str, torch.Tensor]:
+    """lmforge tensors from HF tensors of `family`; a missing, extra or mis-shaped tensor raises."""
+    family = family or hf_family(cfg)
+    adapter = ADAPTERS.get(family)
+    if adapter is not None:
+        hf_state = adapter.normalize_state(hf_state)
     shapes = expected_shapes(cfg)
     state, used = {}, set()
-    for ours, theirs in module_map(cfg):
+    for ours, theirs in module_map(cfg, family):
         for suffix in ("weight", "bias"):
             key = f"{ours}.{suffix}"
             if key not in shapes:
@@ -249,7 +299,8 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> d
             for name, rows in theirs:
                 hf_key = f"{name}.{suffix}"
                 if hf_key in hf_state:
-                    parts.append(hf_state[hf_key])
+                    flip = suffix == "weight" and adapter is not None and adapter.transposed(name)
+                    parts.append(hf_state[hf_key].t() if flip else hf_state[hf_key])
                     used.add(hf_key)
                 elif suffix == "bias":  # a bias HF does not have is zero
                     parts.append(torch.zeros(rows, dtype=hf_state[f"{name}.weight"].dtype))
@@ -271,9 +322,13 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> d
     return state
 
 
-def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF LlamaForCausalLM tensors from lmforge ones (views into `state`; clone before saving)."""
-    check_llama_compatible(cfg)
+def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig,
+                     family: str | None = None) -> dict[str, torch.Tensor]:
+    """HF tensors of `family` (default `hf_family(cfg)`) from lmforge ones (views into `state`; clone before
+    saving)."""
+    family = family or hf_family(cfg)
+    check_compatible(cfg, family)
+    adapter = ADAPTERS.get(family)
     shapes = expected_shapes(cfg)
     for key, shape in shapes.items():
         if key not in state:
@@ -284,15 +339,15 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     unexpected = sorted(set(state) - set(shapes) - {"lm_head.weight"})
     if unexpected:
         raise LmforgeError(f"checkpoint has tensors the config does not explain: {unexpected[:3]}")
-    # HF's attention_bias covers q, k, v and o: with lmforge's qkv_bias alone, o_proj gets a zero bias.
-    hf_bias = {"self_attn": cfg.bias or cfg.qkv_bias, "mlp": cfg.bias}
+    # LLaMA's attention_bias covers q, k, v and o: with lmforge's qkv_bias alone, o_proj gets a zero bias.
+    hf_bias = {"self_attn": cfg.bias or cfg.qkv_bias, "mlp": cfg.bias} if family == "llama" else {}
     hf_state = {}
-    for ours, theirs in module_map(cfg):
+    for ours, theirs in module_map(cfg, family):
         weights = state[f"{ours}.weight"].split([rows for _, rows in theirs], dim=0)
         bias = state.get(f"{ours}.bias")
         biases = bias.split([rows for _, rows in theirs], dim=0) if bias is not None else [None] * len(theirs)
         for (name, rows), w, b in zip(theirs, weights, biases):
-            hf_state[f"{name}.weight"] = w
+            hf_state[f"{name}.weight"] = w.t() if adapter is not None and adapter.transposed(name) else w
             wants_bias = any(f".{group}." in name and on for group, on in hf_bias.items())
             if b is not None or wants_bias:
                 hf_state[f"{name}.bias"] = b if b is not None else torch.zeros(rows, dtype=w.dtype)
@@ -348,15 +403,23 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if not config_path.is_file():
         raise LmforgeError(f"{hf_dir}: no {CONFIG_NAME} (is this a Hugging Face model directory?)")
     hf = read_json_object(config_path)
+    if hf.get("model_type") == "deepseek_v3":  # MLA + DeepSeekMoE (+ MTP): lmforge.model.hf_deepseek
+        from lmforge.model.hf_deepseek import from_hf as from_hf_deepseek
+
+        return from_hf_deepseek(hf_dir, out_dir, hf)
     cfg = model_config_from_hf(hf, source=str(config_path))
     hf_state = read_hf_weights(hf_dir)
+    family = hf["model_type"]
+    if family == "t5" and "lm_head.weight" in hf_state and "shared.weight" in hf_state \
+            and not torch.equal(hf_state["lm_head.weight"], hf_state["shared.weight"]):
+        cfg = dataclasses.replace(cfg, tie_embeddings=False)  # transformers 5 calls every T5 tied; v1.1 is not
     try:
-        state = state_dict_from_hf(hf_state, cfg)
+        state = state_dict_from_hf(hf_state, cfg, family)
     except LmforgeError as e:
         raise LmforgeError(f"{hf_dir}: {e}") from None
     del hf_state
     with torch.device("meta"):  # no init work and no second copy of the weights: they are assigned
-        model = Transformer(cfg)
+        model = build_model(cfg)
     model.load_state_dict(state, strict=False, assign=True)  # complete: state_dict_from_hf checked it
     # bos/eos/pad ids have no place in ModelConfig; kept beside it so `to_hf` can write them back.
     source = {"model_type": hf["model_type"], "source": str(hf_dir), **{k: hf.get(k) for k in TOKEN_ID_KEYS}}
@@ -380,16 +443,26 @@ def token_ids_of(checkpoint_dir: Path) -> dict[str, Any]:
     return ids
 
 
-def to_hf(checkpoint_dir: str | Path, hf_dir: str | Path, dtype: str = "float32") -> Path:
-    """Write an lmforge model directory as a LlamaForCausalLM directory `from_pretrained` loads."""
+def to_hf(checkpoint_dir: str | Path, hf_dir: str | Path, dtype: str = "float32", family: str = "auto") -> Path:
+    """Write an lmforge model directory as a HF directory `from_pretrained` loads: `family` (llama, mistral,
+    qwen2, gpt2, t5) or, with "auto", `hf_family` of its config and the family it was imported from."""
     checkpoint_dir, hf_dir = Path(checkpoint_dir), Path(hf_dir)
     if dtype not in DTYPES:
         raise LmforgeError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    from lmforge.model.hf_deepseek import is_deepseek_checkpoint
+    from lmforge.model.hf_deepseek import to_hf as to_hf_deepseek
+
+    if family == "auto" and (checkpoint_dir / CONFIG_NAME).is_file() and is_deepseek_checkpoint(checkpoint_dir):
+        return to_hf_deepseek(checkpoint_dir, hf_dir, dtype)  # MLA/MoE models export as DeepseekV3ForCausalLM
     cfg = read_model_config(checkpoint_dir)
     token_ids = token_ids_of(checkpoint_dir)
-    hf_cfg = hf_config_from_model(cfg, dtype, token_ids)
+    if family == "auto":
+        family = hf_family(cfg, (read_json_object(checkpoint_dir / CONFIG_NAME).get("hf") or {}).get("model_type"))
+    elif family not in FAMILIES:
+        raise LmforgeError(f"family '{family}' is not one of auto, {', '.join(FAMILIES)}")
+    hf_cfg = hf_config_from_model(cfg, dtype, token_ids, family)
     try:
-        hf_state = state_dict_to_hf(load_weights(checkpoint_dir / WEIGHTS_NAME), cfg)
+        hf_state = state_dict_to_hf(load_weights(checkpoint_dir / WEIGHTS_NAME), cfg, family)
     except LmforgeError as e:
         raise LmforgeError(f"{checkpoint_dir}: {e}") from None
     # copy=True: split views share storage, which safetensors refuses to write.
@@ -418,19 +491,24 @@ class FromHFConfig:
 class ToHFConfig:
     checkpoint: str = option(help="lmforge model directory (config.json + model.safetensors)",
                              positional=True)
-    hf_dir: str = option(help="directory to write the LlamaForCausalLM files into", positional=True)
+    hf_dir: str = option(help="directory to write the HF model files into", positional=True)
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the written weights")
+    family: Literal["auto", "llama", "mistral", "qwen2", "gpt2", "t5"] = option(
+        "auto", "HF model class; auto picks it from the config (T5 for encdec, GPT-2 for learned positions + "
+                "LayerNorm, Mistral for a sliding window, else the imported family or LLaMA)")
 
 
 def from_hf_cmd(cfg: FromHFConfig) -> int:
     out = from_hf(cfg.hf_dir, cfg.out_dir)
     model_cfg = read_model_config(out)
-    print(f"wrote {out} ({model_cfg.n_layers} layers, d_model {model_cfg.d_model}, "
-          f"{model_cfg.num_params() / 1e6:.1f}M parameters)")
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in build_model(model_cfg).parameters())
+    print(f"wrote {out} ({model_cfg.arch}, {model_cfg.n_layers} layers, d_model {model_cfg.d_model}, "
+          f"{n_params / 1e6:.1f}M parameters)")
     return 0
 
 
 def to_hf_cmd(cfg: ToHFConfig) -> int:
-    out = to_hf(cfg.checkpoint, cfg.hf_dir, cfg.dtype)
-    print(f"wrote {out} (LlamaForCausalLM, {cfg.dtype})")
+    out = to_hf(cfg.checkpoint, cfg.hf_dir, cfg.dtype, cfg.family)
+    print(f"wrote {out} ({read_json_object(out / CONFIG_NAME)['architectures'][0]}, {cfg.dtype})")
     return 0

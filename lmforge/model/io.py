@@ -90,9 +90,11 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> Transformer:
+    """A model directory as the module its config names (decoder-only `Transformer` or `EncoderDecoder`)."""
+    from lmforge.model.encdec import build_model
+
     directory = Path(directory)
-    cfg = read_model_config(directory)
-    model = Transformer(cfg)
+    model = build_model(read_model_config(directory))
     load_into(model, load_weights(directory / WEIGHTS_NAME), str(directory / WEIGHTS_NAME))
     model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval()

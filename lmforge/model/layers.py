@@ -29,7 +29,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """Feed-forward block. Gated variants (SwiGLU, Shazeer 2020) fuse gate and up into one matmul."""
+    """Feed-forward block. Gated variants (Shazeer 2020, eq. 6: SwiGLU = (Swish(xW) * xV) W2, GeGLU the same
+    with GeLU, tanh-approximated as T5 v1.1 does) fuse gate and up into one matmul."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -44,9 +45,22 @@ class MLP(nn.Module):
         h = self.up(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = (F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")) * up
         elif self.kind == "gelu":
             h = F.gelu(h, approximate="tanh")
         else:
             h = F.relu(h)
         return self.dropout(self.down(h))
+
+
+def deepnorm_constants(cfg: ModelConfig, role: str = "decoder-only") -> tuple[float, float]:
+    """DeepNorm's (alpha, beta) (Wang et al., 2022, table 1), N encoder and M decoder layers:
+    decoder-only (2M)^(1/4), (8M)^(-1/4); encoder 0.81 (N^4 M)^(1/16), 0.87 (N^4 M)^(-1/16);
+    encoder-decoder's decoder (3M)^(1/4), (12M)^(-1/4). cfg.deepnorm_alpha/beta override them when set."""
+    N, M = cfg.n_encoder_layers, cfg.n_layers
+    alpha, beta = {
+        "decoder-only": ((2 * M) ** 0.25, (8 * M) ** -0.25),
+        "encoder": (0.81 * (N ** 4 * M) ** (1 / 16), 0.87 * (N ** 4 * M) ** (-1 / 16)),
+        "decoder": ((3 * M) ** 0.25, (12 * M) ** -0.25),
+    }[role]
+    return cfg.deepnorm_alpha or alpha, cfg.deepnorm_beta or beta

@@ -137,3 +137,58 @@ def sinusoidal_table(max_seq_len: int, dim: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(pos * div)
     table[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
     return table.float()
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al., 2022, sec. 3): the geometric sequence 2^(-8/n), 2^(-16/n), ... for n a
+    power of two; otherwise the slopes of the nearest lower power of two m, then every other slope of 2m."""
+    def geometric(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    m = 2 ** math.floor(math.log2(n_heads))
+    slopes = geometric(m) + geometric(2 * m)[0::2][: n_heads - m]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Additive scores -m_h * |i - j| [1, H, T, S]. Causal rows only see j <= i, where this is the paper's
+    -m_h (i - j); the absolute value extends it symmetrically to bidirectional (prefix/encoder) rows."""
+    dist = (q_pos[:, None] - k_pos[None, :]).abs().float()
+    return -(slopes.to(dist.device)[:, None, None] * dist)[None]
+
+
+def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """T5's bucket of key - query distances (Raffel et al., 2020, sec. 2.1; Mesh TF's scheme): bidirectional
+    stacks split the buckets by sign; causal ones fold every future key into distance 0. Within a sign, the
+    first half of the buckets hold exact distances, the rest log-spaced ones up to max_distance, beyond
+    which all distances share the last bucket."""
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative > 0).long() * num_buckets
+        distance = relative.abs()
+    else:
+        distance = (-relative).clamp(min=0)
+    exact = num_buckets // 2
+    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    large = (exact + (log_ratio * (num_buckets - exact)).long()).clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """T5 relative attention bias: a learned scalar per (bucket, head), added to the scores of every layer
+    of a stack (the first layer owns the table in HF's T5, the others reuse its output)."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool) -> None:
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.num_buckets, self.max_distance = cfg.rel_buckets, cfg.rel_max_distance
+        self.embed = nn.Embedding(cfg.rel_buckets, cfg.n_heads)
+
+    def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Bias [1, H, T, S] for query positions [T] against key positions [S]."""
+        relative = k_pos[None, :] - q_pos[:, None]
+        bucket = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.embed(bucket).permute(2, 0, 1)[None]
