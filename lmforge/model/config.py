@@ -23,10 +23,13 @@ class ModelConfig:
     max_seq_len: int = option(256, "longest sequence (sizes learned positions and the KV cache)")
     norm: Literal["rmsnorm", "layernorm"] = option("rmsnorm", "normalization layer")
     norm_eps: float = option(1e-5, "epsilon of the norm layers")
-    norm_placement: Literal["pre", "post"] = option(
-        "pre", "norm before each sublayer (pre) or after the residual add (post)")
-    mlp: Literal["swiglu", "gelu", "relu"] = option("swiglu", "MLP type: gated SwiGLU or plain GeLU/ReLU")
-    position: Literal["rope", "learned", "sinusoidal", "none"] = option("rope", "position encoding")
+    norm_placement: Literal["pre", "post", "sandwich", "deepnorm"] = option(
+        "pre", "norm before each sublayer (pre), after the residual add (post), both around the sublayer "
+               "(sandwich, CogView) or post-norm with the residual scaled by alpha (deepnorm, Wang et al. 2022)")
+    mlp: Literal["swiglu", "geglu", "gelu", "relu"] = option(
+        "swiglu", "MLP type: gated SwiGLU/GeGLU (Shazeer 2020) or plain GeLU/ReLU")
+    position: Literal["rope", "learned", "sinusoidal", "alibi", "t5", "none"] = option(
+        "rope", "position encoding (alibi: Press et al. 2022 linear biases; t5: bucketed relative bias)")
     rope_theta: float = option(10000.0, "RoPE base frequency")
     rope_scaling: Literal["none", "linear", "dynamic", "yarn", "llama3"] = option(
         "none", "RoPE context extension: position interpolation, dynamic NTK, YaRN or LLaMA 3.1 style")
@@ -41,10 +44,60 @@ class ModelConfig:
     qkv_bias: bool = option(False, "bias on the q/k/v projections only (Qwen2 style)")
     dropout: float = option(0.0, "dropout on attention probabilities and residual branches")
     init_std: float = option(0.02, "std of the normal init; residual output projections get std/sqrt(2*n_layers)")
+    # Mixture-of-Experts FFN (lmforge.model.moe): Switch/GLaM softmax routing or DeepSeekMoE sigmoid routing.
+    moe_experts: int = option(0, "routed experts per MoE layer; 0 keeps every FFN dense")
+    moe_top_k: int = option(2, "experts each token is sent to (Switch: 1, GLaM: 2, DeepSeek-V3: 8)")
+    moe_shared_experts: int = option(0, "always-active shared experts (DeepSeekMoE), each moe_d_ff wide")
+    moe_d_ff: int = option(0, "hidden size of one expert; 0 means d_ff")
+    moe_router: Literal["softmax", "sigmoid"] = option(
+        "softmax", "gate affinity: softmax over experts (Switch/GLaM) or per-expert sigmoid (DeepSeek-V3)")
+    moe_norm_top_k: bool = option(False, "renormalize the top-k gate values to sum to 1 (DeepSeek-V3: true)")
+    moe_routed_scale: float = option(1.0, "multiplier on the routed experts' gate values (DeepSeek-V3: 2.5)")
+    moe_groups: int = option(1, "expert groups for group-limited routing (DeepSeek-V3: 8); 1 disables it")
+    moe_top_groups: int = option(1, "groups a token may route into (DeepSeek-V3: 4)")
+    moe_capacity_factor: float = option(0.0, "expert capacity = factor * tokens * top_k / experts; tokens past "
+                                             "it are dropped (Switch); 0 means no limit")
+    moe_aux_loss_weight: float = option(0.0, "load-balancing loss weight alpha (Switch eq. 4; 0.01 there)")
+    moe_z_loss_weight: float = option(0.0, "router z-loss weight (ST-MoE eq. 5; 0.001 there)")
+    moe_seq_aux_weight: float = option(0.0, "complementary sequence-wise balance loss weight (DeepSeek-V3 eq. 17)")
+    moe_bias_update_rate: float = option(0.0, "aux-loss-free balancing: per-expert bias step gamma after each "
+                                              "optimizer step (DeepSeek-V3: 0.001); 0 disables it")
+    moe_first_dense: int = option(0, "the first this many blocks keep a dense FFN (DeepSeek-V3: 3)")
+    # Multi-head latent attention (lmforge.model.mla, DeepSeek-V2/V3).
+    attention: Literal["mha", "mla"] = option("mha", "attention: mha (MHA/GQA/MQA by n_kv_heads) or mla (latent)")
+    kv_lora_rank: int = option(0, "mla: rank of the compressed joint KV latent (the cached part)")
+    q_lora_rank: int = option(0, "mla: rank of the query compression; 0 projects queries directly")
+    qk_rope_head_dim: int = option(0, "mla: per-head size of the decoupled RoPE query/key (shared key)")
+    qk_nope_head_dim: int = option(0, "mla: per-head size of the position-free query/key part")
+    v_head_dim: int = option(0, "mla: per-head value size; 0 means qk_nope_head_dim")
+    mla_mscale: float = option(0.0, "mla + yarn (DeepSeek's `mscale`): with mla_mscale_all_dim, RoPE's cos/sin get "
+                                    "(0.1 mscale ln s + 1) / (0.1 mscale_all_dim ln s + 1); 0: YaRN's default")
+    mla_mscale_all_dim: float = option(0.0, "mla + yarn (DeepSeek's `mscale_all_dim`): the softmax scale is "
+                                            "multiplied by (0.1 mscale_all_dim ln s + 1)^2; 0: unscaled")
+    # Multi-token prediction (lmforge.model.mtp, DeepSeek-V3 section 2.2).
+    mtp_depth: int = option(0, "MTP modules D: module k predicts the token k+1 ahead; 0 disables MTP")
+    mtp_loss_weight: float = option(0.3, "MTP loss weight lambda (the mean over depths is scaled by it)")
+    # Layer zoo, windows and encoder-decoder (lmforge.model.attention/positions/encdec).
+    sliding_window: int = option(0, "each query sees the last this many keys, itself included (Mistral); 0: all")
+    rel_buckets: int = option(32, "t5 positions: relative-distance buckets (half exact, half log-spaced)")
+    rel_max_distance: int = option(128, "t5 positions: distances past this share the last bucket")
+    attn_scale: float = option(0.0, "multiplier on q.k; 0 means 1/sqrt(head_dim) (T5 uses 1.0)")
+    output_scale: float = option(1.0, "multiplier on the final hidden state before the LM head (T5 tied: d^-0.5)")
+    deepnorm_alpha: float = option(0.0, "deepnorm residual scale; 0 means (2 * n_layers)^(1/4) (decoder-only)")
+    deepnorm_beta: float = option(0.0, "deepnorm init gain of v/out/FFN weights; 0 means (8 * n_layers)^(-1/4)")
+    arch: Literal["decoder", "encdec"] = option(
+        "decoder", "decoder-only Transformer, or encoder-decoder (lmforge.model.encdec, T5/BART style)")
+    n_encoder_layers: int = option(0, "encdec: encoder blocks; 0 means n_layers (decoder blocks)")
+    decoder_start_id: int = option(0, "encdec: first decoder input token (T5: the pad id 0)")
 
     def __post_init__(self) -> None:
         if self.n_kv_heads == 0:
             self.n_kv_heads = self.n_heads
+        if self.attention == "mla":  # MLA rotates only the decoupled RoPE part; RoPE tables are sized by head_dim
+            if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+                raise ConfigError(f"model.qk_rope_head_dim must be positive and even for attention='mla', "
+                                  f"got {self.qk_rope_head_dim}")
+            self.head_dim = self.qk_rope_head_dim
         if self.head_dim == 0 and self.n_heads > 0:
             self.head_dim = self.d_model // self.n_heads
         if self.d_ff == 0:
@@ -63,6 +116,10 @@ class ModelConfig:
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
         self._check_rope_scaling()
+        self._check_zoo()
+        self._check_moe()
+        self._check_mla()
+        _positive(self, "mtp_depth", 0)
 
     def _check_rope_scaling(self) -> None:
         if self.rope_scaling == "none":
@@ -83,9 +140,59 @@ class ModelConfig:
             raise ConfigError(f"model.rope_beta_fast ({self.rope_beta_fast}) must exceed "
                               f"model.rope_beta_slow ({self.rope_beta_slow}) > 0")
 
+    def _check_moe(self) -> None:
+        if self.moe_experts == 0:
+            return
+        if self.moe_d_ff == 0:
+            self.moe_d_ff = self.d_ff
+        _positive(self, "moe_experts", 1)
+        if not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ConfigError(f"model.moe_top_k must be in [1, moe_experts={self.moe_experts}], got {self.moe_top_k}")
+        for name in ("moe_shared_experts", "moe_first_dense", "moe_capacity_factor", "moe_aux_loss_weight",
+                     "moe_z_loss_weight", "moe_seq_aux_weight", "moe_bias_update_rate"):
+            _positive(self, name, 0)
+        if self.moe_experts % self.moe_groups:
+            raise ConfigError(f"model.moe_experts ({self.moe_experts}) must be a multiple of model.moe_groups "
+                              f"({self.moe_groups})")
+        if not 1 <= self.moe_top_groups <= self.moe_groups:
+            raise ConfigError(f"model.moe_top_groups must be in [1, moe_groups={self.moe_groups}], "
+                              f"got {self.moe_top_groups}")
+        if self.moe_top_k > self.moe_top_groups * (self.moe_experts // self.moe_groups):
+            raise ConfigError(f"model.moe_top_k ({self.moe_top_k}) exceeds the experts in moe_top_groups groups")
+        if self.moe_bias_update_rate and self.moe_router != "sigmoid":
+            raise ConfigError("model.moe_bias_update_rate needs model.moe_router='sigmoid' (DeepSeek-V3 balancing)")
+
+    def _check_mla(self) -> None:
+        if self.attention != "mla":
+            return
+        if self.v_head_dim == 0:
+            self.v_head_dim = self.qk_nope_head_dim
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim"):
+            _positive(self, name, 1)
+        _positive(self, "q_lora_rank", 0)
+        if (self.mla_mscale or self.mla_mscale_all_dim) and self.rope_scaling != "yarn":
+            raise ConfigError(f"model.mla_mscale/mla_mscale_all_dim need model.rope_scaling='yarn', "
+                              f"got {self.rope_scaling!r}")
+        if self.position != "rope" or self.qk_rope_head_dim % 2:
+            raise ConfigError(f"model.attention='mla' needs position='rope' and an even qk_rope_head_dim, got "
+                              f"{self.position!r}, {self.qk_rope_head_dim}")
+
+    def _check_zoo(self) -> None:
+        for name in ("sliding_window", "n_encoder_layers", "decoder_start_id", "deepnorm_alpha", "deepnorm_beta",
+                     "attn_scale"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if self.position == "t5" and not 4 <= self.rel_buckets <= self.rel_max_distance:
+            raise ConfigError(f"model.rel_buckets ({self.rel_buckets}) must be in [4, model.rel_max_distance "
+                              f"({self.rel_max_distance})]")
+        if self.output_scale <= 0:
+            raise ConfigError(f"model.output_scale must be positive, got {self.output_scale}")
+        if self.n_encoder_layers == 0:
+            self.n_encoder_layers = self.n_layers
+
     @property
     def gated_mlp(self) -> bool:
-        return self.mlp == "swiglu"
+        return self.mlp in ("swiglu", "geglu")
 
     @classmethod
     def __config_expand__(cls, data: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -115,4 +222,16 @@ class ModelConfig:
         """Training FLOPs per token: 6 * (non-embedding params + lm head) plus attention scores."""
         dense = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
         attn = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len / 2  # causal: half the matrix
+        if self.moe_experts:  # a token runs top_k of the routed experts only
+            from lmforge.model.moe import active_params
+
+            dense -= self.num_params() - active_params(self)
+        if self.attention == "mla":  # scores over qk_nope + qk_rope dims, values of v_head_dim
+            per_head = self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim
+            attn = 6 * self.n_layers * self.n_heads * per_head * seq_len / 2
         return 6 * dense + attn
+
+
+def _positive(cfg: ModelConfig, name: str, minimum: int) -> None:
+    if getattr(cfg, name) < minimum:
+        raise ConfigError(f"model.{name} must be >= {minimum}, got {getattr(cfg, name)}")
