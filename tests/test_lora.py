@@ -378,3 +378,13 @@ def test_lora_trained_by_train_loop_loads_in_peft_on_the_exported_base(tmp_path)
         theirs = peft.PeftModel.from_pretrained(hf_model(tmp_path / "hf"), tmp_path / "adapter").eval()(x).logits
     assert not torch.allclose(load_model(tmp_path / "base")(x), ours, atol=1e-3)  # training moved the outputs
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_targets_missing_from_the_model_are_a_config_error():
+    cfg = from_dict(ModelConfig, {"preset": "mla-tiny", "vocab_size": VOCAB, "n_layers": 1, "d_model": 64,
+                                  "n_heads": 2})
+    with pytest.raises(ConfigError, match=r"lora.targets \['v_proj'\] match no layer of this model; it has "
+                                          r"down_proj, gate_proj, lm_head, o_proj, up_proj"):
+        apply_lora(Transformer(cfg), LoraConfig(targets=["v_proj"]))
+    model = apply_lora(Transformer(cfg), LoraConfig(targets=["o_proj"]))  # MLA keeps the LLaMA output projection
+    assert any(p.requires_grad for p in model.parameters())

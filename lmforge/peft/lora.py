@@ -257,6 +257,9 @@ def apply_lora(model: Transformer, cfg: LoraConfig, adapter_name: str = "default
     if adapter_name in adapter_names(model):
         raise LmforgeError(f"model already has a LoRA adapter named '{adapter_name}'")
     targets = lora_targets(model, cfg.targets)
+    if not targets:
+        present = sorted({t.part for t in lora_targets(model)})
+        raise ConfigError(f"lora.targets {cfg.targets} match no layer of this model; it has {', '.join(present)}")
     for p in model.parameters():
         p.requires_grad_(False)
     layers = lora_layers(model)
