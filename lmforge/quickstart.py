@@ -25,6 +25,7 @@ from lmforge.data.mixture import SourceConfig
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.files import atomic_write_json, atomic_write_text
 from lmforge.model import ModelConfig, Transformer, load_model
+from lmforge.model.encdec import build_model
 from lmforge.peft.config import PeftConfig
 from lmforge.posttrain.dpo import DpoConfig
 from lmforge.posttrain.sft import SftConfig
@@ -34,6 +35,10 @@ from lmforge.train.trainer import TrainConfig
 
 STAGES = ("corpus", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval")
 OPTIONAL_STAGES = ("clean", "sft", "dpo", "eval")
+# --arch: (model preset, pretraining objective), all sized like `tiny` in active parameters.
+ARCHES = {"llama": ("tiny", "causal"), "moe": ("moe-tiny", "causal"), "mla": ("mla-tiny", "causal"),
+          "prefix": ("prefix-tiny", "prefix_lm"), "t5": ("t5-tiny", "span_corruption")}
+DECODER_ONLY_STAGES = ("sft", "dpo", "eval")  # they generate with a decoder-only model; t5 stops after pretrain
 
 
 # The shards stage writes one shard set per corpus source; pretraining mixes them. The English docs are
@@ -73,7 +78,11 @@ def _default_dpo() -> DpoConfig:
 
 @dataclass
 class QuickstartConfig:
-    run_dir: str = option("runs/quickstart", "where every stage writes its outputs")
+    run_dir: str = option("runs/quickstart", "where every stage writes its outputs (runs/quickstart-ARCH for "
+                                              "another --arch)")
+    arch: str = option("llama", "architecture: llama (dense GQA decoder), moe (top-2 of 8 experts), mla "
+                                "(DeepSeek latent attention), prefix (prefix LM), t5 (encoder-decoder with span "
+                                "corruption; post-training and eval are decoder-only, so it stops after pretrain)")
     fresh: bool = option(False, "redo every stage even if a previous run finished it")
     rerun: list[str] = option(default_factory=list, help=f"stages to redo although finished: {', '.join(STAGES)}")
     skip: list[str] = option(default_factory=list, help=f"optional stages to leave out: {', '.join(OPTIONAL_STAGES)}")
@@ -95,6 +104,10 @@ class QuickstartConfig:
                                                                            "preference pairs"})
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHES:
+            hint = suggest(self.arch, ARCHES)
+            raise ConfigError(f"arch: unknown architecture '{self.arch}'" + (f" (did you mean '{hint}'?)" if hint
+                              else "") + f"; choose from {', '.join(ARCHES)}")
         for key, names, allowed in (("rerun", self.rerun, STAGES), ("skip", self.skip, OPTIONAL_STAGES)):
             for name in names:
                 if name not in allowed:
@@ -195,11 +208,20 @@ def _shards(out: Path, corpus: Path, tokenizer_dir: Path) -> dict[str, Any]:
 
 
 def _samples(model: Transformer, tokenizer: Any, prompts: list[str], n_tokens: int) -> list[str]:
+    """Sampled continuations; an encoder-decoder fills a masked span after each prompt instead (greedy)."""
     from lmforge.generate.engine import generate
     from lmforge.generate.sampling import SamplingParams
 
     texts = []
     for i, prompt in enumerate(prompts):
+        if model.cfg.arch == "encdec":
+            from lmforge.model.encdec import greedy_decode
+
+            sentinel = tokenizer.vocab_size  # the first sentinel id sits right past the tokenizer's ids
+            with torch.no_grad():
+                out = greedy_decode(model, torch.tensor([tokenizer.encode(prompt) + [sentinel]]), n_tokens)
+            texts.append(prompt + "<span>" + tokenizer.decode([t for t in out[0].tolist() if t < sentinel]))
+            continue
         params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=n_tokens, seed=i,
                                 stop_token_ids=[tokenizer.eos_id] if tokenizer.eos_id is not None else [])
         ids = generate(model, tokenizer.encode(prompt), params)
@@ -207,10 +229,13 @@ def _samples(model: Transformer, tokenizer: Any, prompts: list[str], n_tokens: i
     return texts
 
 
-def _val_metrics(model: Transformer, shards_dir: Path, seq_len: int) -> dict[str, float]:
+def _val_metrics(model: Transformer, shards_dir: Path, seq_len: int) -> dict[str, float] | None:
+    """Held-out perplexity and bits per byte (None for an encoder-decoder: it is a decoder-only measure)."""
     from lmforge.data.shards import ShardSet
     from lmforge.eval.perplexity import evaluate_perplexity
 
+    if model.cfg.arch == "encdec":
+        return None
     return evaluate_perplexity(model, ShardSet(shards_dir / "val"), seq_len=seq_len, batch_size=8, max_batches=20)
 
 
@@ -253,8 +278,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from lmforge.posttrain.dpo import run_dpo
     from lmforge.posttrain.sft import run_sft
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.pretrain import pretrain
+    from lmforge.train.pretrain import objective_ids, pretrain
 
+    _apply_arch(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "quickstart_config.json")
@@ -274,9 +300,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
 
     def _pretrain(out: Path) -> dict[str, Any]:
-        model_cfg = from_dict(ModelConfig, {**_model_dict(pt.model), "vocab_size": tokenizer.vocab_size})
+        vocab = objective_ids(pt, tokenizer.vocab_size).vocab_size  # + sentinels for span corruption
+        model_cfg = from_dict(ModelConfig, {**_model_dict(pt.model), "vocab_size": vocab})
         torch.manual_seed(pt.train.seed)
-        untrained = Transformer(model_cfg).eval()
+        untrained = build_model(model_cfg).eval()
         before = _val_metrics(untrained, Path(pt.data.path), pt.data.seq_len)
         samples_before = _samples(untrained, tokenizer, cfg.prompts, cfg.sample_tokens)
         pt.resume = latest_checkpoint(pt.run_dir) is not None  # an interrupted run continues
@@ -306,6 +333,26 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     report = write_report(run_dir)
     print(_summary_text(summary, report))
     return summary
+
+
+def _apply_arch(cfg: QuickstartConfig) -> None:
+    """Point the pretraining stage at `cfg.arch`'s preset and objective, in a run directory of its own.
+    A model preset other than `tiny` given by the user wins."""
+    if cfg.arch == "llama":
+        return
+    if cfg.run_dir == "runs/quickstart":
+        cfg.run_dir = f"runs/quickstart-{cfg.arch}"
+    preset, cfg.pretrain.objective = ARCHES[cfg.arch]
+    if cfg.pretrain.model.preset == "tiny":  # keep the user's changes to tiny on top of the arch's preset
+        tiny = _model_dict(from_dict(ModelConfig, {"preset": "tiny"}))
+        changed = {k: v for k, v in _model_dict(cfg.pretrain.model).items() if tiny.get(k) != v}
+        cfg.pretrain.model = from_dict(ModelConfig, {"preset": preset, **changed})
+    if cfg.arch == "t5":
+        cfg.pretrain.train.compile = False  # its first compiled step takes minutes on 2 cores
+        cfg.skip = sorted(set(cfg.skip) | set(DECODER_ONLY_STAGES))
+    lora = cfg.dpo.peft.lora
+    if cfg.arch == "mla" and lora.targets == ["q_proj", "v_proj"]:
+        lora.targets = ["o_proj", "gate_proj", "up_proj", "down_proj"]  # MLA has no q/v projections LoRA maps
 
 
 def _posttrain(run: Callable[[Any], dict[str, Any]], stage_cfg: Any, out: Path, checkpoint: str) -> dict[str, Any]:
@@ -361,7 +408,8 @@ def _summary_text(summary: dict[str, Any], report: Path) -> str:
         f"  shards:    {st['shards']['train_tokens']:,} train / {st['shards']['val_tokens']:,} val tokens",
         f"  pretrain:  {pt.get('steps')} steps, {pt.get('tokens_per_s', 0):,.0f} tokens/s",
         f"  val loss:  {b['loss']:.3f} -> {a['loss']:.3f} nats/token;  bits/byte {b['bits_per_byte']:.3f} -> "
-        f"{a['bits_per_byte']:.3f}",
+        f"{a['bits_per_byte']:.3f}" if b and a else f"  train loss: {pt.get('final_loss', float('nan')):.3f} "
+                                                    "(an encoder-decoder has no validation perplexity)",
     ]
     if st.get("sft"):
         lines.append(f"  sft:       {st['sft']['steps']} steps on {st['sft']['train_conversations']} synthetic "
@@ -375,15 +423,29 @@ def _summary_text(summary: dict[str, Any], report: Path) -> str:
     lines += ["", "samples after pretraining:", *[f"  | {s!r}" for s in pt["samples_after"]]]
     chat = summary["models"].get("dpo") or summary["models"].get("sft") or summary["models"]["base"]
     adapter = f" --adapter {chat['adapter']}" if chat.get("adapter") else ""
-    lines += [
-        "",
-        "next:",
-        f"  lmforge chat --checkpoint {chat['checkpoint']}{adapter}      (try: reverse: a b c, or add: 3 + 4)",
-        f"  lmforge generate --checkpoint {pt['model_dir']} --prompt 'def main(' --max-new-tokens 80",
-        f"  lmforge eval --checkpoint {pt['model_dir']} --data {run / 'shards'}",
-        f"  report: {report}   (lmforge report {run}; lmforge compare RUN_A RUN_B)",
-    ]
+    serve = chat["checkpoint"]
+    lines += ["", "next:"]
+    if chat.get("adapter"):
+        serve = str(run / "chat-model")
+        lines.append(f"  lmforge merge-adapter --checkpoint {chat['checkpoint']} --adapter {chat['adapter']} "
+                     f"--output {serve}")
+    if pt.get("val_after"):  # decoder-only models chat; an encoder-decoder fills spans
+        lines += [
+            f"  lmforge chat --checkpoint {chat['checkpoint']}{adapter}      (try: reverse: a b c, or add: 3 + 4)",
+            f"  lmforge serve --checkpoint {serve}      (then open http://127.0.0.1:8000 for the web chat)",
+            f"  lmforge generate --checkpoint {pt['model_dir']} --prompt 'def main(' --max-new-tokens 80",
+            f"  lmforge eval --checkpoint {pt['model_dir']} --data {run / 'shards'}",
+        ]
+    lines.append(f"  report: {report}   (lmforge report {run}; lmforge compare RUN_A RUN_B)")
     return "\n".join(lines)
+
+
+def _val_markdown(pt: dict[str, Any]) -> str:
+    b, a = pt["val_before"], pt["val_after"]
+    if not (b and a):
+        return f"Final training loss {pt['final_loss']:.3f} (no validation perplexity for this architecture).\n\n"
+    return (f"Validation loss {b['loss']:.3f} -> {a['loss']:.3f} nats/token; "
+            f"bits per byte {b['bits_per_byte']:.3f} -> {a['bits_per_byte']:.3f}.\n\n")
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
@@ -394,7 +456,6 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
                         for b, a in zip(pt["samples_before"], pt["samples_after"]))
     tasks = "\n".join(_task_lines(st))
     return (f"# lmforge quickstart\n\nTotal: {summary['seconds']} s\n\n| stage | seconds |\n|---|---|\n{rows}\n\n"
-            f"Validation loss {pt['val_before']['loss']:.3f} -> {pt['val_after']['loss']:.3f} nats/token; "
-            f"bits per byte {pt['val_before']['bits_per_byte']:.3f} -> {pt['val_after']['bits_per_byte']:.3f}.\n\n"
+            + _val_markdown(pt)
             + (f"Held-out tasks:\n\n```\n{tasks}\n```\n\n" if tasks else "")
             + f"![loss curve](pretrain/loss.png)\n\n## Samples\n\n{samples}\n")

@@ -51,3 +51,36 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "resuming" in captured.err and "from step 30" in captured.err
     assert json.loads((run / "summary.json").read_text())["stages"]["pretrain"]["steps"] == 45
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["moe", "t5", "mla", "prefix"])
+def test_quickstart_other_architectures(tmp_path, capsys, arch):
+    run = tmp_path / arch
+    small = ["--pretrain.model.d-model", "64", "--pretrain.model.n-heads", "2", "--pretrain.model.n-kv-heads", "2",
+             "--pretrain.model.d-ff", "128", "--pretrain.model.n-layers", "2"]
+    argv = ["quickstart", "--arch", arch, "--run-dir", str(run), "--corpus-max-bytes", "200000", "--vocab-size", "384",
+            "--sample-tokens", "6", *small, "--pretrain.train.steps", "12", "--pretrain.train.eval-every", "0",
+            "--pretrain.data.seq-len", "64", "--pretrain.data.batch-size", "8", "--pretrain.train.precision", "fp32",
+            "--pretrain.train.compile", "false", "--sft.tasks", "100", "--sft.train.steps", "3", "--sft.max-len", "64",
+            "--sft.batch-size", "4", "--dpo.synthetic-pairs", "12", "--dpo.train.steps", "2", "--dpo.batch-size", "4",
+            "--eval-examples", "4", "--cloze-examples", "4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    config = json.loads((run / "pretrain" / "model" / "config.json").read_text())["model"]
+    assert config["d_model"] == 64 and config["n_layers"] == 2  # the user's sizes on top of the arch's preset
+    if arch == "moe":
+        assert config["moe_experts"] == 8 and config["moe_top_k"] == 2
+        assert set(summary["stages"]) >= {"sft", "dpo", "eval"} and "lmforge serve --checkpoint" in out
+        assert "moe_load_max_mean" in (run / "pretrain" / "metrics.jsonl").read_text()
+    elif arch == "mla":
+        assert config["attention"] == "mla" and (run / "dpo" / "model" / "adapter_config.json").is_file()
+    elif arch == "prefix":
+        assert json.loads((run / "pretrain" / "config.json").read_text())["objective"] == "prefix_lm"
+    else:
+        assert config["arch"] == "encdec" and config["n_encoder_layers"] == 3
+        assert {"sft", "dpo", "eval"}.isdisjoint(summary["stages"]) and "lmforge chat" not in out
+        assert all("<span>" in s for s in summary["stages"]["pretrain"]["samples_after"])
+    assert main(["quickstart", "--arch", "mo"]) == 2
+    assert "unknown architecture 'mo' (did you mean 'moe'?)" in capsys.readouterr().err
