@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-# benchmarks/ holds tokenize.py: drop this folder from the import path so the stdlib module is found.
+# drop this folder from the import path: benchmarks/peft.py would shadow the peft package.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402

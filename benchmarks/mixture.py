@@ -6,7 +6,7 @@ both serve 16 x 256-token batches. The step is the quickstart's `tiny` model (fo
 backward, AdamW) at the quickstart's precision. Goal: the mixture costs < 1 % of a step more than the
 plain loader.
 
-    OMP_NUM_THREADS=2 .venv/bin/python -P benchmarks/mixture.py   (-P: benchmarks/tokenize.py would shadow the stdlib)
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/mixture.py
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> int:
         t_plain = per_batch_seconds(plain, args.batches)
     t_step = step_seconds(args.steps, precision)
     machine = f"{platform.machine()} {torch.get_num_threads()} threads"
-    command = "`python -P benchmarks/mixture.py`"
+    command = "`python benchmarks/mixture.py`"
     rows = [
         ("batch fetch, ms (16 x 256 tokens)", f"{t_mix * 1e3:.3f}", f"{t_plain * 1e3:.3f} (SequenceLoader)",
          f"{t_mix / t_plain:.2f}x"),

@@ -9,9 +9,8 @@ a dense model vs an MoE with the same active parameters, and MLA vs GQA of the s
 - MLA vs GQA: KV-cache bytes per token (bf16) and greedy decode tokens/s of `mla-tiny` vs `tiny` through the
   generation engine (batch 1 and a batch of 16).
 
-    .venv/bin/python -P benchmarks/moe_mla.py            # CPU, a few minutes
-    .venv/bin/python -P benchmarks/moe_mla.py --device cuda --dtype bfloat16
-(-P: benchmarks/tokenize.py would otherwise shadow the standard library's tokenize module)
+    .venv/bin/python benchmarks/moe_mla.py            # CPU, a few minutes
+    .venv/bin/python benchmarks/moe_mla.py --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -208,7 +207,7 @@ def main() -> int:
     else:
         device_name = torch.cuda.get_device_name()
     machine = f"{device_name}, torch {torch.__version__}, {args.dtype}"
-    command = "python -P benchmarks/moe_mla.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/moe_mla.py " + " ".join(sys.argv[1:])
     rows = moe_layer_rows(args) + train_rows(args) + decode_rows(args)
     print("| figure | lmforge | peer | ratio | machine | command |")
     print("|---|---|---|---|---|---|")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Drop this script's folder from the import path: benchmarks/tokenize.py would shadow the stdlib's `tokenize`.
+# Drop this script's folder from the import path: benchmarks/peft.py would shadow the peft package.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse  # noqa: E402

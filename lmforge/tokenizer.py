@@ -1,4 +1,4 @@
-"""Tokenizers: train a byte-level BPE, load/save `tokenizer.json`, encode/decode, chat templates.
+"""Tokenizers: train byte-level BPE / WordPiece / Unigram, load/save `tokenizer.json`, encode/decode, chat templates.
 
 The Rust `tokenizers` library does the work; `tokenizer.json` (+ `tokenizer_config.json` for the
 special tokens and the chat template) is the ecosystem format, so a tokenizer trained here loads
@@ -7,6 +7,7 @@ in `transformers`, and a Hugging Face model directory's tokenizer loads here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -14,10 +15,10 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmforge.config import option
 from lmforge.errors import LmforgeError
@@ -25,6 +26,8 @@ from lmforge.files import atomic_write_json, atomic_write_text, read_json_object
 
 SPECIAL_TOKENS = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "pad": "<|pad|>"}
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+UNK_TOKEN = "<|unk|>"  # WordPiece and Unigram map characters never seen in training to it
+TokenizerModel = Literal["bpe", "wordpiece", "unigram"]
 
 # The GPT-4 (cl100k_base) pre-tokenizer regex, also Llama 3's: contractions, letter runs with at most
 # one leading non-letter, digit groups of at most 3, punctuation runs, and whitespace kept apart so
@@ -297,16 +300,66 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
               extra_special_tokens: Sequence[str] = (), show_progress: bool = True) -> Tokenizer:
     """Train a byte-level BPE (Sennrich et al. 2016, on bytes as in GPT-2) with all 256 bytes in the
     initial alphabet, so no input is ever out of vocabulary."""
-    special = default_special_tokens(extra_special_tokens)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + len(special):
-        raise LmforgeError(f"vocab_size {vocab_size} is too small: the byte alphabet and special tokens "
-                           f"alone need {len(alphabet) + len(special)}")
+    return train_tokenizer(texts, "bpe", vocab_size, min_frequency, extra_special_tokens, show_progress)
+
+
+def wordpiece() -> tokenizers.Tokenizer:
+    """An untrained BERT-style WordPiece: split on whitespace and punctuation, `##` continuation pieces.
+
+    Lossy by design: whitespace is not kept (decode joins words with single spaces and re-attaches
+    punctuation), control characters are dropped, CJK characters become single-character words, and
+    a word holding any character unseen in training becomes one unk token.
+    """
+    tk = tokenizers.Tokenizer(models.WordPiece(unk_token=UNK_TOKEN))
+    tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
+                                               lowercase=False)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return tk
+
+
+def unigram() -> tokenizers.Tokenizer:
+    """An untrained SentencePiece-style Unigram LM tokenizer (Kudo 2018): spaces become U+2581 and are part of
+    the pieces. No dummy prefix space is added (SentencePiece's default drops a leading space on decode), so
+    text whose characters were seen in training round-trips exactly; an unseen character becomes unk."""
+    tk = tokenizers.Tokenizer(models.Unigram())
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
+    return tk
+
+
+def train_tokenizer(texts: Iterable[str], model: TokenizerModel = "bpe", vocab_size: int = 8192,
+                    min_frequency: int = 2, extra_special_tokens: Sequence[str] = (),
+                    show_progress: bool = True) -> Tokenizer:
+    """Train a tokenizer of the given model with HF `tokenizers`' trainer for it.
+
+    The special tokens (bos, eos, pad, chat tokens, extras; plus `<|unk|>` for WordPiece and Unigram)
+    take the fixed low ids 0, 1, 2, ..., whatever the model, so chat rendering and shard eos ids agree.
+    """
+    if model not in ("bpe", "wordpiece", "unigram"):
+        raise LmforgeError(f"unknown tokenizer model {model!r} (expected bpe, wordpiece or unigram)")
     if min_frequency < 1:
         raise LmforgeError(f"min_frequency must be >= 1, got {min_frequency}")
-    tk = byte_level_bpe()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special,
-                                  initial_alphabet=alphabet, show_progress=show_progress)
+    special = default_special_tokens(extra_special_tokens if model == "bpe" else [*extra_special_tokens, UNK_TOKEN])
+    if model == "bpe":
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        if vocab_size < len(alphabet) + len(special):
+            raise LmforgeError(f"vocab_size {vocab_size} is too small: the byte alphabet and special tokens "
+                               f"alone need {len(alphabet) + len(special)}")
+        tk = byte_level_bpe()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special,
+                                      initial_alphabet=alphabet, show_progress=show_progress)
+    elif vocab_size <= len(special):
+        raise LmforgeError(f"vocab_size {vocab_size} is too small: the {len(special)} special tokens alone "
+                           f"need {len(special)}")
+    elif model == "wordpiece":
+        tk = wordpiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=special, show_progress=show_progress)
+    else:  # unigram has no merge counts: min_frequency does not apply
+        tk = unigram()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=special, unk_token=UNK_TOKEN,
+                                          show_progress=show_progress)
     tk.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(tk, special_tokens=dict(SPECIAL_TOKENS))
 
@@ -319,13 +372,29 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
 class TokenizerTrainConfig:
     input: list[str] = option(default_factory=list, help="text/JSONL files or directories to train on")
     output: str = option("tokenizer", help="directory to write tokenizer.json and tokenizer_config.json to")
+    model: TokenizerModel = option("bpe", help="bpe: byte-level BPE, lossless; wordpiece: BERT-style, lossy "
+                                   "(whitespace normalized, unseen characters -> <|unk|>); unigram: "
+                                   "SentencePiece-style, lossless for characters seen in training")
     vocab_size: int = option(8192, help="vocabulary size, special tokens included")
-    min_frequency: int = option(2, help="a pair must occur this often to be merged")
+    min_frequency: int = option(2, help="a pair must occur this often to be merged (bpe, wordpiece)")
+    special_tokens: list[str] = option(default_factory=list, help="extra special tokens, after the built-in "
+                                       "bos/eos/pad and chat tokens (fixed ids from 0)")
+    chat_template: str = option("", help="a Jinja chat template file to store with the tokenizer "
+                                "(default: lmforge's <|role|> template)")
     text_field: str = option("text", help="JSONL field holding the text")
     max_docs: int = option(0, help="train on at most this many documents (0 = all)")
 
 
 SAMPLE_BYTES = 1_000_000  # text kept aside to report bytes/token
+
+
+@contextlib.contextmanager
+def os_errors() -> Iterator[None]:
+    """Report a file the OS will not read or write (permissions, a device, a full disk) as one line."""
+    try:
+        yield
+    except OSError as e:
+        raise LmforgeError(f"{e.filename or 'file'}: {e.strerror or e}") from None
 
 
 def train_tokenizer_cmd(cfg: TokenizerTrainConfig) -> int:
@@ -336,6 +405,13 @@ def train_tokenizer_cmd(cfg: TokenizerTrainConfig) -> int:
         raise LmforgeError("tokenizer train: no input; pass --input FILE_OR_DIR [...]")
     if cfg.max_docs < 0:
         raise LmforgeError(f"max_docs must be >= 0, got {cfg.max_docs}")
+    template = None
+    if cfg.chat_template:
+        try:
+            template = Path(cfg.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LmforgeError(f"chat template {cfg.chat_template}: cannot read ({e.__class__.__name__})") from None
+        _compile_template(template)  # a syntax error is reported now, not at the first chat
     docs = read_documents(cfg.input, text_field=cfg.text_field)
     if cfg.max_docs:
         docs = itertools.islice(docs, cfg.max_docs)
@@ -355,15 +431,17 @@ def train_tokenizer_cmd(cfg: TokenizerTrainConfig) -> int:
                 sampled += n_bytes
             yield doc.text
 
-    tokenizer = train_bpe(texts(), cfg.vocab_size, cfg.min_frequency)
+    with os_errors():
+        trained = train_tokenizer(texts(), cfg.model, cfg.vocab_size, cfg.min_frequency, cfg.special_tokens)
     if not seen["docs"]:
         raise LmforgeError(f"tokenizer train: no text found in {', '.join(cfg.input)}")
+    tokenizer = Tokenizer(trained.tk, chat_template=template, special_tokens=trained.special_tokens)
     out = tokenizer.save(cfg.output)
     n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(sample))
     n_sample_bytes = sum(len(t.encode("utf-8")) for t in sample)
     print(f"trained on {seen['docs']} documents ({seen['bytes'] / 1e6:.1f} MB); "
           f"saved {out / TOKENIZER_FILE} (sha256 {tokenizer.sha256[:12]})")
-    print(f"vocab size {tokenizer.vocab_size}; {n_sample_bytes / max(n_tokens, 1):.2f} bytes/token "
+    print(f"{cfg.model} vocab size {tokenizer.vocab_size}; {n_sample_bytes / max(n_tokens, 1):.2f} bytes/token "
           f"on a {n_sample_bytes / 1e6:.2f} MB sample of the training text")
     if tokenizer.vocab_size < cfg.vocab_size:
         print(f"note: the corpus supports only {tokenizer.vocab_size} of the {cfg.vocab_size} requested "

@@ -69,12 +69,7 @@ class ShardWriter:
         self.eos_id = eos_id
         self.max_shard_tokens = max_shard_tokens
         self.dtype = token_dtype(vocab_size)
-        if self.directory.exists() and not self.directory.is_dir():
-            raise LmforgeError(f"{self.directory}: exists and is not a directory")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for old in self.directory.iterdir():
-            if old.name == INDEX_NAME or _SHARD_FILE.fullmatch(old.name):
-                old.unlink(missing_ok=True)
+        clear_shard_dir(self.directory)
         self._shards: list[dict[str, Any]] = []
         self._buffer: list[np.ndarray] = []  # token chunks not yet written to the open shard
         self._buffered = 0
@@ -118,18 +113,7 @@ class ShardWriter:
         if self._shard_tokens or self._doc_ends or not self._shards:
             self._finish_shard()
         self._closed = True
-        self._index = {
-            "format": FORMAT,
-            "dtype": self.dtype.name,
-            "vocab_size": self.vocab_size,
-            "tokenizer_sha256": self.tokenizer_sha256,
-            "eos_id": self.eos_id,
-            "n_tokens": sum(s["n_tokens"] for s in self._shards),
-            "n_docs": sum(s["n_docs"] for s in self._shards),
-            "n_bytes": sum(s["n_bytes"] for s in self._shards),
-            "shards": self._shards,
-        }
-        atomic_write_json(self.directory / INDEX_NAME, self._index)
+        self._index = write_index(self.directory, self.vocab_size, self.tokenizer_sha256, self.eos_id, self._shards)
         return self._index
 
     def abort(self) -> None:
@@ -176,6 +160,65 @@ class ShardWriter:
         self._shards.append({"tokens": tokens_name, "doc_ends": ends_name, "n_tokens": self._shard_tokens,
                              "n_docs": len(self._doc_ends), "n_bytes": self._shard_bytes})
         self._shard_tokens, self._doc_ends, self._shard_bytes = 0, [], 0
+
+
+def clear_shard_dir(directory: Path) -> None:
+    """Create `directory`, removing an old index first and then old shard files (never other files)."""
+    if directory.exists() and not directory.is_dir():
+        raise LmforgeError(f"{directory}: exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / INDEX_NAME).unlink(missing_ok=True)
+    for old in directory.iterdir():
+        if _SHARD_FILE.fullmatch(old.name):
+            old.unlink(missing_ok=True)
+
+
+def write_index(directory: Path, vocab_size: int, tokenizer_sha256: str, eos_id: int | None,
+                shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Atomically write `index.json` for shard entries already on disk; returns the index."""
+    index = {
+        "format": FORMAT,
+        "dtype": token_dtype(vocab_size).name,
+        "vocab_size": vocab_size,
+        "tokenizer_sha256": tokenizer_sha256,
+        "eos_id": eos_id,
+        "n_tokens": sum(s["n_tokens"] for s in shards),
+        "n_docs": sum(s["n_docs"] for s in shards),
+        "n_bytes": sum(s["n_bytes"] for s in shards),
+        "shards": shards,
+    }
+    atomic_write_json(directory / INDEX_NAME, index)
+    return index
+
+
+def shard_layout(doc_lengths: np.ndarray, max_shard_tokens: int) -> list[tuple[int, int, int]]:
+    """How documents of these (positive) lengths, in stream order, are cut into shards, exactly as ShardWriter
+    cuts them: every shard but the last holds `max_shard_tokens` tokens, and a document is listed in the shard
+    where it ends. For each shard: (first document overlapping it, one past the last overlapping it, one past
+    the last ending in it); the documents ending in it are [first, third)."""
+    ends = np.cumsum(doc_lengths, dtype=np.int64)
+    starts = ends - np.asarray(doc_lengths, dtype=np.int64)
+    n_tokens = int(ends[-1]) if ends.size else 0
+    layout = []
+    for i in range(max(1, -(-n_tokens // max_shard_tokens))):
+        lo, hi = i * max_shard_tokens, min((i + 1) * max_shard_tokens, n_tokens)
+        layout.append((int(np.searchsorted(ends, lo, side="right")), int(np.searchsorted(starts, hi, side="left")),
+                       int(np.searchsorted(ends, hi, side="right"))))
+    return layout
+
+
+def write_shard(directory: Path, shard: int, dtype: np.dtype, pieces: Sequence[np.ndarray], doc_ends: np.ndarray,
+                n_bytes: int) -> dict[str, Any]:
+    """Write one shard's token file (the concatenated `pieces`) and doc-ends file; returns its index entry."""
+    tokens_name, ends_name = shard_names(shard)
+    n_tokens = 0
+    with open(directory / tokens_name, "wb") as f:
+        for piece in pieces:
+            f.write(np.ascontiguousarray(piece, dtype=dtype).tobytes())
+            n_tokens += len(piece)
+    np.asarray(doc_ends, dtype=DOC_END_DTYPE).tofile(directory / ends_name)
+    return {"tokens": tokens_name, "doc_ends": ends_name, "n_tokens": n_tokens, "n_docs": len(doc_ends),
+            "n_bytes": int(n_bytes)}
 
 
 class ShardSet:

@@ -1,27 +1,35 @@
 """`lmforge data tokenize`: documents -> token shards (train + val), each document followed by eos.
 
 The output directory is self-describing: `train/` and `val/` shard sets (lmforge.data.shards) and
-a copy of the tokenizer, whose sha256 every shard index records.
+a copy of the tokenizer, whose sha256 every shard index records. Encoding and shard writing run in
+`workers` processes; documents can be shuffled across shards (seeded); the bytes written depend on
+neither the worker count nor timing. `--megatron PREFIX` also exports Megatron-LM .bin/.idx files.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import itertools
+import multiprocessing
+import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+import tokenizers
 from tqdm.auto import tqdm
 
 from lmforge.config import option
 from lmforge.data.readers import Document, read_documents
-from lmforge.data.shards import ShardWriter
+from lmforge.data.shards import clear_shard_dir, shard_layout, token_dtype, write_index, write_shard
 from lmforge.errors import LmforgeError
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import Tokenizer, os_errors
 
 T = TypeVar("T")
 
@@ -36,6 +44,10 @@ class TokenizeConfig:
     seed: int = option(0, help="seed of the train/val assignment")
     batch_docs: int = option(256, help="documents encoded per batch")
     max_shard_tokens: int = option(100_000_000, help="tokens per shard file")
+    workers: int = option(1, help="processes that encode and write shards (the output is identical for any number)")
+    shuffle: bool = option(False, help="shuffle documents across the shards of each split (deterministic: --seed)")
+    megatron: str = option("", help="also export each split as a Megatron-LM indexed dataset "
+                           "PREFIX_train.bin/.idx (and PREFIX_val.bin/.idx)")
 
 
 def is_val_doc(index: int, seed: int, val_fraction: float) -> bool:
@@ -50,87 +62,199 @@ def batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
         yield batch
 
 
+BATCH_CHARS = 1 << 20  # a batch also closes at ~1M characters, so long documents still spread over the workers
+
+
+def text_batches(texts: Iterable[str], max_docs: int, max_chars: int = BATCH_CHARS) -> Iterator[list[str]]:
+    """Consecutive texts grouped until `max_docs` texts or `max_chars` characters (a function of the input
+    only, so batching never changes the output)."""
+    batch: list[str] = []
+    chars = 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
 def tokenize_to_shards(paths: Sequence[str | Path], tokenizer: Tokenizer, output: str | Path,
                        text_field: str = "text", val_fraction: float = 0.005, seed: int = 0,
-                       batch_docs: int = 256, max_shard_tokens: int = 100_000_000) -> dict[str, Any]:
+                       batch_docs: int = 256, max_shard_tokens: int = 100_000_000, workers: int = 1,
+                       shuffle: bool = False) -> dict[str, Any]:
     """Encode every non-empty document (+ eos) into OUTPUT/train and OUTPUT/val shard sets.
 
-    With val_fraction > 0 and at least two documents, val is never empty: the last document bound
-    for train is held back one step and goes to val if no other document did.
-    Returns {"train": index, "val": index | None, "seconds": float}.
+    Two passes. (1) Documents are read in order and encoded in batches (`batch_docs` documents or ~1M
+    characters) by `workers` processes into a spill file. (2) Each split's document order is fixed (file
+    order, or a permutation seeded by `seed` when `shuffle`), and the shards, whose contents that order
+    determines, are written by the workers. Nothing depends on the worker count, so the output is
+    byte-identical for any `workers`.
+    With val_fraction > 0 and at least two documents, val is never empty: the last train document goes
+    to val if no other document did. Returns {"train": index, "val": index | None, "seconds": float}.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise LmforgeError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if batch_docs < 1:
-        raise LmforgeError(f"batch_docs must be >= 1, got {batch_docs}")
-    if max_shard_tokens < 1:
-        raise LmforgeError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
+    for name, value in [("batch_docs", batch_docs), ("max_shard_tokens", max_shard_tokens), ("workers", workers)]:
+        if value < 1:
+            raise LmforgeError(f"{name} must be >= 1, got {value}")
     eos_id = tokenizer.eos_id
     if eos_id is None:
         raise LmforgeError("the tokenizer has no eos token; documents in shards must end with one")
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     output = Path(output)
     start = time.perf_counter()
-
-    sha256 = tokenizer.sha256
     splits = ["train", "val"] if val_fraction > 0 else ["train"]
-    if "val" not in splits and (output / "val").is_dir():  # a stale val set from an earlier run would
-        ShardWriter(output / "val", tokenizer.vocab_size).abort()  # be mistaken for this one's: clear it
-    writers = {split: ShardWriter(output / split, tokenizer.vocab_size, sha256, eos_id, max_shard_tokens)
-               for split in splits}
-    n_docs = dict.fromkeys(splits, 0)
-
-    def add(split: str, ids: list[int], n_bytes: int) -> None:
-        writers[split].add(ids, n_bytes=n_bytes)
-        n_docs[split] += 1
-
-    with contextlib.ExitStack() as stack:  # an error aborts every writer: no index, no readable set
-        for w in writers.values():
-            stack.enter_context(w)
-        held: tuple[list[int], int] | None = None  # the latest train-bound document, not yet written
-        n_bytes_total = 0
-        bar = stack.enter_context(tqdm(desc="tokenize", unit="doc", dynamic_ncols=True))
-        for index, doc, ids in _encoded_docs(read_documents(paths, text_field=text_field), tokenizer,
-                                             batch_docs):
-            n_bytes = len(doc.text.encode("utf-8"))
-            if "val" in writers and is_val_doc(index, seed, val_fraction):
-                add("val", ids, n_bytes)
-            else:
-                if held is not None:
-                    add("train", *held)
-                held = (ids, n_bytes)
-            n_bytes_total += n_bytes
-            bar.update(1)
-            if bar.n % batch_docs == 0:
-                bar.set_postfix_str(f"{n_bytes_total / 1e6 / (time.perf_counter() - start):.1f} MB/s")
-        if held is not None:
-            to_val = "val" in writers and n_docs["val"] == 0 and n_docs["train"] > 0
-            add("val" if to_val else "train", *held)
-        if n_docs["train"] == 0:
-            what = "every document went to validation" if n_docs.get("val") else "no non-empty documents"
+    for split in ("train", "val"):  # no index survives from an earlier run, whatever happens to this one
+        if split in splits or (output / split).is_dir():
+            clear_shard_dir(output / split)
+    dtype = token_dtype(tokenizer.vocab_size)
+    spill = output / f".tokenize-spill-{os.getpid()}.bin"
+    with contextlib.ExitStack() as stack:
+        stack.callback(spill.unlink, missing_ok=True)
+        run = stack.enter_context(_Workers(workers, tokenizer.canonical_json(), eos_id, dtype))
+        lengths, n_bytes = _encode_to_spill(read_documents(paths, text_field=text_field), run, spill, batch_docs)
+        is_val = np.array([is_val_doc(i, seed, val_fraction) for i in range(len(lengths))], dtype=bool)
+        if "val" in splits and not is_val.any() and len(lengths) >= 2:
+            is_val[-1] = True
+        if is_val.all():
+            what = "every document went to validation" if len(lengths) else "no non-empty documents"
             raise LmforgeError(f"nothing to tokenize: {what} in {', '.join(map(str, paths))}")
-        indexes = {split: w.close() for split, w in writers.items()}
+        starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
+        tokens = np.memmap(spill, dtype=dtype, mode="r")
+        indexes = {}
+        for split_id, split in enumerate(splits):
+            order = np.flatnonzero(is_val if split == "val" else ~is_val)
+            if shuffle:  # a permutation of the split's documents that depends only on (seed, split)
+                order = order[np.random.default_rng([seed, split_id]).permutation(len(order))]
+            indexes[split] = _write_split(output / split, run, tokens, starts[order], lengths[order],
+                                          n_bytes[order], tokenizer, max_shard_tokens)
+        del tokens
     tokenizer.save(output)
     return {"train": indexes["train"], "val": indexes.get("val"), "seconds": time.perf_counter() - start}
 
 
-def _encoded_docs(docs: Iterable[Document], tokenizer: Tokenizer,
-                  batch_docs: int) -> Iterator[tuple[int, Document, list[int]]]:
-    """(index, document, ids + eos) for each non-empty document, encoded `batch_docs` at a time."""
-    index = 0
-    for batch in batched((d for d in docs if d.text), batch_docs):
-        for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch], add_eos=True)):
-            yield index, doc, ids
-            index += 1
+def _encode_to_spill(docs: Iterable[Document], run: _Workers, spill: Path,
+                     batch_docs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Encode non-empty documents in order into `spill`; returns their token counts and UTF-8 byte counts."""
+    lengths: list[np.ndarray] = []
+    n_bytes: list[np.ndarray] = []
+    batches = text_batches((d.text for d in docs if d.text), batch_docs)
+    with open(spill, "wb") as f, tqdm(desc="tokenize", unit="B", unit_scale=True, dynamic_ncols=True) as bar:
+        for ids, doc_lengths, doc_bytes in run.map(_encode_batch, batches):
+            f.write(ids.tobytes())
+            lengths.append(doc_lengths)
+            n_bytes.append(doc_bytes)
+            bar.update(int(doc_bytes.sum()))
+    empty = np.empty(0, np.int64)
+    return np.concatenate([empty, *lengths]), np.concatenate([empty, *n_bytes])
+
+
+def _write_split(directory: Path, run: _Workers, tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                 n_bytes: np.ndarray, tokenizer: Tokenizer, max_shard_tokens: int) -> dict[str, Any]:
+    """Write the documents (spill offsets `starts`, `lengths`) in this order as a shard set, one task per shard."""
+    jobs = []
+    stream_starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # of each document, and the end
+    for shard, (first, stop, ending) in enumerate(shard_layout(lengths, max_shard_tokens)):
+        lo = shard * max_shard_tokens  # stream offset where the shard begins
+        doc_starts = stream_starts[first:stop + 1]
+        # (spill start, length) of each piece: documents clipped to the shard's token range
+        a = np.maximum(doc_starts[:-1], lo)
+        b = np.minimum(doc_starts[1:], lo + max_shard_tokens)
+        pieces = np.stack([starts[first:stop] + (a - doc_starts[:-1]), b - a], axis=1)
+        doc_ends = doc_starts[1:ending - first + 1] - lo
+        jobs.append((str(directory), shard, str(tokens.filename), tokens.dtype.str, pieces, doc_ends,
+                     int(n_bytes[first:ending].sum())))
+    shards = list(run.map(_write_shard_job, jobs))
+    return write_index(directory, tokenizer.vocab_size, tokenizer.sha256, tokenizer.eos_id, shards)
+
+
+# -- worker processes ----------------------------------------------------------------------------------------
+
+_worker_state: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_json: str, eos_id: int, dtype: str, in_pool: bool = True) -> None:
+    if in_pool:  # one process per core already: no Rust threads inside each
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_state.update(tk=tokenizers.Tokenizer.from_str(tokenizer_json), eos_id=eos_id, dtype=np.dtype(dtype))
+
+
+def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids of all texts, each followed by eos, as one array; tokens per text; UTF-8 bytes per text)."""
+    eos_id = _worker_state["eos_id"]
+    flat: list[int] = []
+    lengths = np.empty(len(texts), np.int64)
+    for i, encoding in enumerate(_worker_state["tk"].encode_batch_fast(texts, add_special_tokens=False)):
+        ids = encoding.ids
+        flat.extend(ids)
+        flat.append(eos_id)
+        lengths[i] = len(ids) + 1
+    n_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), np.int64, len(texts))
+    return np.array(flat, dtype=_worker_state["dtype"]), lengths, n_bytes
+
+
+def _write_shard_job(job: tuple[str, int, str, str, np.ndarray, np.ndarray, int]) -> dict[str, Any]:
+    directory, shard, spill, dtype, pieces, doc_ends, n_bytes = job
+    tokens = np.memmap(spill, dtype=np.dtype(dtype), mode="r")
+    return write_shard(Path(directory), shard, tokens.dtype, [tokens[s:s + n] for s, n in pieces.tolist()],
+                       doc_ends, n_bytes)
+
+
+class _Workers:
+    """`map` in order over a pool of `n` processes, or in this process when n == 1 (same functions, same
+    results). At most 2n tasks are in flight, so reading never runs far ahead of encoding."""
+
+    def __init__(self, n: int, tokenizer_json: str, eos_id: int, dtype: np.dtype) -> None:
+        self.n = n
+        self._init = (tokenizer_json, eos_id, dtype.str)
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> _Workers:
+        if self.n == 1:
+            _init_worker(*self._init, in_pool=False)
+        else:
+            # fork where there is one: workers start in milliseconds and a caller's script needs no
+            # `if __name__ == "__main__"` guard (spawn re-imports it); workers rebuild the tokenizer from JSON
+            # and run it single-threaded, so no Rust thread pool state crosses the fork
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.n, mp_context=multiprocessing.get_context(method), initializer=_init_worker,
+                initargs=self._init)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        _worker_state.clear()
+
+    def map(self, fn: Callable[..., T], items: Iterable[Any]) -> Iterator[T]:
+        if self._pool is None:
+            yield from map(fn, items)
+            return
+        pending: collections.deque[concurrent.futures.Future[T]] = collections.deque()
+        try:
+            for item in items:
+                pending.append(self._pool.submit(fn, item))
+                if len(pending) >= 2 * self.n:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise LmforgeError("a tokenize worker process died (killed, or out of memory?); "
+                               "try fewer --workers or a smaller --batch_docs") from None
 
 
 def tokenize_cmd(cfg: TokenizeConfig) -> int:
     if not cfg.input:
         raise LmforgeError("data tokenize: no input; pass --input FILE_OR_DIR [...]")
     tokenizer = Tokenizer.load(cfg.tokenizer)
-    result = tokenize_to_shards(cfg.input, tokenizer, cfg.output, text_field=cfg.text_field,
-                                val_fraction=cfg.val_fraction, seed=cfg.seed, batch_docs=cfg.batch_docs,
-                                max_shard_tokens=cfg.max_shard_tokens)
+    with os_errors():
+        result = tokenize_to_shards(cfg.input, tokenizer, cfg.output, text_field=cfg.text_field,
+                                    val_fraction=cfg.val_fraction, seed=cfg.seed, batch_docs=cfg.batch_docs,
+                                    max_shard_tokens=cfg.max_shard_tokens, workers=cfg.workers,
+                                    shuffle=cfg.shuffle)
     for split in ("train", "val"):
         index = result[split]
         if index is not None:
@@ -140,4 +264,12 @@ def tokenize_cmd(cfg: TokenizeConfig) -> int:
     total_bytes = result["train"]["n_bytes"] + (result["val"] or {}).get("n_bytes", 0)
     print(f"tokenized {total_bytes / 1e6:.1f} MB in {result['seconds']:.1f} s "
           f"({total_bytes / 1e6 / max(result['seconds'], 1e-9):.1f} MB/s); tokenizer copied to {cfg.output}")
+    if cfg.megatron:
+        from lmforge.data.megatron import export_megatron
+        from lmforge.data.shards import ShardSet
+
+        for split in ("train", "val"):
+            if result[split] is not None:
+                bin_path, idx_path = export_megatron(ShardSet(Path(cfg.output) / split), f"{cfg.megatron}_{split}")
+                print(f"megatron: {bin_path}, {idx_path}")
     return 0

@@ -223,7 +223,7 @@ def _pretrain(cfg: PretrainConfig, run: DistributedRun | None) -> dict[str, Any]
     if cfg.objective != "causal":
         loader = DenoisingBatches(loader, cfg.objective, special, cfg.denoise, model_cfg.arch == "encdec",
                                   model_cfg.decoder_start_id, cfg.data.seed)
-        loss_fn = denoise_loss
+        loss_fn = functools.partial(denoise_loss, aux=with_aux_losses)
     if model_cfg.arch == "encdec":
         evaluate = None  # validation perplexity is a decoder-only measure
     hooks = [plan.hook] if plan else []

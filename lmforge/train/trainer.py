@@ -24,11 +24,16 @@ from tqdm import tqdm
 
 from lmforge.config import option
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.parallel.grad import clip_grad_norm
+from lmforge.parallel.run import DistributedRun, QuietMetrics
 from lmforge.runtime import autocast, compile_model, resolve_device, resolve_precision
-from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import latest_checkpoint, save_checkpoint
+from lmforge.train.dcp import load_any_checkpoint
 from lmforge.train.metrics import METRICS_NAME, PLOT_NAME, MetricsLogger, plot_curves
 from lmforge.train.optim import build_optimizer
+from lmforge.train.ramp import LrRule, ramp_from_config
 from lmforge.train.schedule import Schedule, lr_at, resolve_warmup
+from lmforge.train.stability import SpikeGuard, input_embedding, shrink_embedding_gradient
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -68,6 +73,35 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "newest checkpoints kept on disk; 0 keeps all")
     plot_every: int = option(50, "redraw RUN/loss.png every this many steps (and at the end); 0 only at "
                                  "the end")
+    # optimizer and stability options (lmforge.train.adafactor, .ramp, .stability)
+    optimizer: Literal["adamw", "adafactor"] = option(
+        "adamw", "adamw, or adafactor (factored second moments: O(n+m) state per n x m matrix; "
+                 "train.adafactor_* options; weight_decay applies, beta1/beta2/eps do not)")
+    adafactor_beta1: float = option(0.0, "adafactor: first-moment decay; 0 keeps none (T5), PaLM uses 0.9")
+    adafactor_decay_rate: float = option(-0.8, "adafactor: second-moment decay beta2_t = 1 - step^decay_rate")
+    adafactor_clip: float = option(1.0, "adafactor: clip the update's RMS to this (d in Shazeer & Stern 2018)")
+    adafactor_scale_parameter: bool = option(True, "adafactor: step size relative to the parameter, "
+                                                   "lr * max(1e-3, RMS(param))")
+    adafactor_relative_step: bool = option(True, "adafactor: lr becomes min(train.lr, 1/sqrt(step)); with "
+                                                 "train.lr 1e-2 and a constant schedule this is T5's")
+    z_loss: float = option(0.0, "LM loss: add z_loss * mean(log^2 Z) of the output softmax (PaLM: 1e-4) to "
+                                "keep the logits' normalizer near 1; 0 disables")
+    embed_grad_alpha: float = option(1.0, "scale the token embedding's gradient by this, forward unchanged "
+                                          "(GLM-130B: 0.1); 1 disables")
+    batch_ramp_start: int = option(0, "batch-size ramp (GPT-3): global batch in tokens at the start; it grows "
+                                      "linearly to grad_accum micro-batches over train.batch_ramp_tokens "
+                                      "tokens, in whole micro-batches; 0 disables")
+    batch_ramp_tokens: int = option(0, "tokens seen when the ramp reaches the full batch")
+    batch_ramp_lr: LrRule = option("sqrt", "lr during the ramp times (batch / full batch)^p: sqrt p=1/2 "
+                                           "(Adam), linear p=1 (SGD), none p=0")
+    spike_k: float = option(0.0, "loss-spike rollback: a loss more than k std above the recent window rolls "
+                                 "back to the last checkpoint and skips the batches since it (RUN/spikes.jsonl); "
+                                 "0 disables; checkpoints come from train.save_every")
+    spike_window: int = option(50, "steps in the spike detector's window")
+    spike_warmup: int = option(20, "accepted losses before spikes are detected (non-finite ones always are)")
+    spike_skip_batches: int = option(0, "more micro-batches to skip after a spike's own (PaLM skipped 200-500 "
+                                        "batches around a spike, counting those since the checkpoint)")
+    spike_max_rollbacks: int = option(3, "stop after this many rollbacks to the same checkpoint")
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps", self.steps, "positive")
@@ -86,6 +120,21 @@ class TrainConfig:
         _require(self.eval_batches >= 1, "train.eval_batches", self.eval_batches, "positive")
         for name in ("eval_every", "save_every", "keep_checkpoints", "plot_every"):
             _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
+        _require(0 <= self.adafactor_beta1 < 1, "train.adafactor_beta1", self.adafactor_beta1, "in [0, 1)")
+        _require(self.adafactor_decay_rate < 0, "train.adafactor_decay_rate", self.adafactor_decay_rate,
+                 "negative")
+        _require(self.adafactor_clip > 0, "train.adafactor_clip", self.adafactor_clip, "positive")
+        _require(self.z_loss >= 0, "train.z_loss", self.z_loss, ">= 0")
+        _require(0 < self.embed_grad_alpha <= 1, "train.embed_grad_alpha", self.embed_grad_alpha, "in (0, 1]")
+        _require(self.batch_ramp_start >= 0, "train.batch_ramp_start", self.batch_ramp_start, ">= 0")
+        _require(self.batch_ramp_start == 0 or self.batch_ramp_tokens > 0, "train.batch_ramp_tokens",
+                 self.batch_ramp_tokens, "positive when train.batch_ramp_start is set")
+        _require(self.spike_k >= 0, "train.spike_k", self.spike_k, ">= 0")
+        _require(2 <= self.spike_warmup <= self.spike_window, "train.spike_warmup", self.spike_warmup,
+                 f"in [2, train.spike_window={self.spike_window}]")
+        _require(self.spike_skip_batches >= 0, "train.spike_skip_batches", self.spike_skip_batches, ">= 0")
+        _require(self.spike_max_rollbacks >= 1, "train.spike_max_rollbacks", self.spike_max_rollbacks,
+                 "positive")
 
 
 def _require(ok: bool, key: str, value: Any, what: str) -> None:
@@ -170,14 +219,14 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip
     if scaler is not None:
         scaler.unscale_(optimizer)
     max_norm = grad_clip if grad_clip > 0 else math.inf
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    norm = clip_grad_norm(model.parameters(), max_norm)  # also sharded (DTensor) gradients
     if scaler is not None:
         scaler.step(optimizer)  # skips the step when the fp16 gradients overflowed
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm.item()
+    return norm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +262,7 @@ class LoopState:
 def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainConfig, run_dir: str | Path, *,
                evaluate: Evaluate | None = None, resume: bool = False,
                count_tokens: Callable[[Any], int] = tokens_in, desc: str = "train",
-               on_step_end: list[StepEnd] | None = None) -> dict[str, Any]:
+               on_step_end: list[StepEnd] | None = None, parallel: DistributedRun | None = None) -> dict[str, Any]:
     """Train `model` for cfg.steps optimizer steps; checkpoints, metrics.jsonl, tb/, loss.png go in run_dir.
 
     `model` must be the plain module with a `.cfg` (checkpoints are model directories); it is moved
@@ -225,15 +274,21 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
     Returns {"steps", "final_loss", "tokens_seen", "tokens_per_s", **last evaluation}.
     """
     run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device) if parallel is None else parallel.device
+    main = parallel is None or parallel.is_main  # only rank 0 writes metrics, plots and progress
+    load_ckpt, save_ckpt = ((load_any_checkpoint, save_checkpoint) if parallel is None
+                            else (parallel.load_checkpoint, parallel.save_checkpoint))
     precision = resolve_precision(cfg.precision, device)
     model.to(device).train()
+    forward_model = model if parallel is None else parallel.prepare(model)  # shards before the optimizer sees it
     optimizer = build_optimizer(model, cfg)
+    if parallel is not None:
+        parallel.adapt_optimizer(optimizer)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = LoopState()
     saved = None
     if resume:
-        saved = load_checkpoint(run_dir, model, optimizer)
+        saved = load_ckpt(run_dir, model, optimizer)
         if saved is None:
             print(f"note: no checkpoint in {run_dir}; starting a fresh run", file=sys.stderr)
     elif latest_checkpoint(run_dir) is not None:
@@ -244,26 +299,60 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
         batches.load_state_dict(saved["loader"])
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
-        print(f"resuming {run_dir} from step {state.step}", file=sys.stderr)
-    metrics = MetricsLogger(run_dir, resume_step=state.step if saved is not None else None)
-    train_model = compile_model(model) if cfg.compile else model
+        if main:
+            print(f"resuming {run_dir} from step {state.step}", file=sys.stderr)
+    metrics = (MetricsLogger(run_dir, resume_step=state.step if saved is not None else None) if main
+               else QuietMetrics())
+    ramp = ramp_from_config(cfg, batches, count_tokens)
+    guard = None if cfg.spike_k == 0 else SpikeGuard(run_dir, cfg.spike_k, cfg.spike_window, cfg.spike_warmup,
+                                                    cfg.spike_skip_batches, cfg.spike_max_rollbacks, load_ckpt, main)
+    if guard is not None and saved is not None:
+        guard.detector.load_state_dict(saved.get("spike_window") or {})
+    shrink = (shrink_embedding_gradient(input_embedding(model), cfg.embed_grad_alpha)
+              if cfg.embed_grad_alpha < 1 else None)
+    train_model = compile_model(forward_model) if cfg.compile else forward_model
     warmup = resolve_warmup(cfg.warmup_steps, cfg.steps)
 
     def checkpoint() -> None:
         extra = {"loop": dataclasses.asdict(state), "loader": batches.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None}
-        save_checkpoint(run_dir, state.step, model, optimizer, extra, cfg.keep_checkpoints)
+                 "scaler": scaler.state_dict() if scaler is not None else None,
+                 "spike_window": guard.detector.state_dict() if guard is not None else None}
+        save_ckpt(run_dir, state.step, model, optimizer, extra, cfg.keep_checkpoints)
 
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
+    if guard is not None and latest_checkpoint(run_dir) is None:
+        checkpoint()  # a spike before the first periodic save rolls back to the start
+
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True, disable=not main)
     try:
         while state.step < cfg.steps:
             lr = lr_at(state.step, cfg.lr, warmup, cfg.steps, cfg.min_lr_ratio, cfg.schedule,
                        cfg.decay_fraction)
+            accum = cfg.grad_accum
+            if ramp is not None:  # a pure function of tokens_seen, so resumes repeat it
+                accum, lr = ramp.grad_accum(state.tokens_seen), lr * ramp.lr_scale(state.tokens_seen)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if guard is not None:
+                guard.before_step(batches)
             t0 = time.perf_counter()
-            stats = forward_backward(train_model, loss_fn, batches, cfg.grad_accum, device, precision, scaler,
+            stats = forward_backward(train_model, loss_fn, batches, accum, device, precision, scaler,
                                      count_tokens)
+            if parallel is not None:
+                stats = parallel.reduce_stats(stats)  # global mean loss and total tokens on every rank
+            if guard is not None and guard.is_spike(stats.loss):
+                optimizer.zero_grad(set_to_none=True)
+                saved = guard.recover(state.step + 1, stats.loss, model, optimizer, batches)
+                state = LoopState(**saved["loop"])
+                if scaler is not None and saved.get("scaler"):
+                    scaler.load_state_dict(saved["scaler"])
+                spike = saved["spike"]
+                metrics.log({"step": spike["step"], "spike_loss": spike["loss"],
+                             "rollback_to": spike["rollback_to"]})
+                bar.n = state.step
+                bar.refresh()
+                continue
+            if ramp is not None:
+                stats.metrics["batch_tokens"] = stats.tokens
             if not math.isfinite(stats.loss):
                 raise LmforgeError(f"step {state.step + 1}: loss is {stats.loss} (training diverged); "
                                    "lower train.lr or raise train.warmup_steps, then resume from the last "
@@ -291,13 +380,16 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
                 bar.write(f"step {state.step}: " + ", ".join(shown))
             if done or (cfg.save_every and state.step % cfg.save_every == 0):
                 checkpoint()
-            if cfg.plot_every and state.step % cfg.plot_every == 0:
+            if main and cfg.plot_every and state.step % cfg.plot_every == 0:
                 metrics.flush()
                 plot_curves(metrics.path, run_dir / PLOT_NAME)
     finally:
         bar.close()
         metrics.close()
-    plot_curves(run_dir / METRICS_NAME, run_dir / PLOT_NAME)
+        if shrink is not None:
+            shrink.remove()
+    if main:
+        plot_curves(run_dir / METRICS_NAME, run_dir / PLOT_NAME)
     return {"steps": state.step, "final_loss": state.last_loss, "tokens_seen": state.tokens_seen,
             "tokens_per_s": state.tokens_seen / state.train_time if state.train_time else 0.0,
             **(state.last_eval or {})}

@@ -1,0 +1,175 @@
+"""Data-parallel scaling on this CPU: 2-process DDP / FSDP2 (gloo) vs 1 process, same global batch; and the
+memory activation checkpointing saves.
+
+Throughput comes from full `lmforge pretrain` runs (the launcher, the loader's per-rank slices, all-reduces
+and checkpoints-off training steps): tokens/s over the steps after the first logging window. Honest for 2
+cores: 2 processes x 1 thread use the same cores as 1 process x 2 threads, so the fair peer is the latter;
+scaling efficiency against 1 process x 1 thread (tokens/s of 2 / (2 x tokens/s of 1)) shows what
+communication costs. Data: random token ids (throughput does not depend on content).
+
+Activation checkpointing: bytes saved for backward (`saved_tensors_hooks`, exact) and the peak RSS
+of a fresh process per mode running 3 training steps, and the step time it costs.
+
+    python benchmarks/distributed.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # run as a script: keep benchmarks/ (its peft.py) from shadowing packages
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lmforge.config import from_dict  # noqa: E402
+from lmforge.data.shards import ShardWriter  # noqa: E402
+from lmforge.model import ModelConfig, Transformer  # noqa: E402
+from lmforge.parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
+from lmforge.train.metrics import read_metrics  # noqa: E402
+from lmforge.train.optim import build_optimizer  # noqa: E402
+from lmforge.train.pretrain import lm_loss  # noqa: E402
+from lmforge.train.trainer import TrainConfig  # noqa: E402
+
+VOCAB = 512
+MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "vocab_size": VOCAB, "max_seq_len": 128}
+AC_MODEL = {"d_model": 256, "n_layers": 6, "n_heads": 8, "vocab_size": VOCAB, "max_seq_len": 256}
+AC_BATCH = 8
+COMMAND = "python benchmarks/distributed.py"
+
+
+def write_random_shards(directory: Path, n_tokens: int = 300_000) -> None:
+    rng = np.random.default_rng(0)
+    with ShardWriter(directory / "train", VOCAB) as w:
+        for doc in np.array_split(rng.integers(0, VOCAB, n_tokens), 100):
+            w.add(doc, n_bytes=len(doc))
+
+
+def pretrain_tokens_per_s(root: Path, name: str, threads: int, steps: int, *args: str) -> float:
+    recipe = {"data": {"path": str(root / "shards"), "seq_len": 128, "batch_size": 16},
+              "model": MODEL,
+              "train": {"steps": steps, "lr": 1e-3, "precision": "fp32", "device": "cpu", "log_every": steps // 3,
+                        "eval_every": 0, "save_every": 0, "plot_every": 0}}
+    (root / "recipe.json").write_text(json.dumps(recipe))
+    run = root / name
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", str(root / "recipe.json"), "--run_dir",
+                          str(run), *args], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "tokens_per_s" in r]
+    return float(np.mean([r["tokens_per_s"] for r in rows[1:]]))  # skip the first window (warm-up)
+
+
+def saved_activation_bytes(mode: str) -> tuple[int, float]:
+    """Bytes autograd keeps for backward in one training step, and the step's seconds (median of 3)."""
+    torch.manual_seed(0)
+    model = Transformer(from_dict(ModelConfig, AC_MODEL))
+    apply_activation_checkpointing(model, mode, every=2)
+    x = torch.randint(0, VOCAB, (AC_BATCH, AC_MODEL["max_seq_len"] + 1))
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    times = []
+    for i in range(4):
+        total = 0
+        start = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = lm_loss(model, (x[:, :-1], x[:, 1:]))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - start)
+    return total, float(np.median(times))
+
+
+def child_peak_rss(mode: str) -> None:
+    """In a fresh process: peak RSS (MiB) of 3 AdamW steps; model, gradients and optimizer state are the same
+    in every mode, so the difference between modes is activation memory."""
+    torch.manual_seed(0)
+    model = Transformer(from_dict(ModelConfig, AC_MODEL))
+    apply_activation_checkpointing(model, mode, every=2)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-4))
+    x = torch.randint(0, VOCAB, (AC_BATCH, AC_MODEL["max_seq_len"] + 1))
+    for p in model.parameters():  # allocate gradients and optimizer state first, so only activations differ
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for _ in range(3):
+        loss, _ = lm_loss(model, (x[:, :-1], x[:, 1:]))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def peak_rss_mib(mode: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child-ac", mode], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if out.returncode:
+        raise SystemExit(out.stderr[-2000:])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def fmt(v: float | str) -> str:
+    return v if isinstance(v, str) else f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--child-ac", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_ac:
+        child_peak_rss(args.child_ac)
+        return 0
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_random_shards(root / "shards")
+        one_1 = pretrain_tokens_per_s(root, "one-1t", 1, args.steps)
+        one_2 = pretrain_tokens_per_s(root, "one-2t", 2, args.steps)
+        ddp = pretrain_tokens_per_s(root, "ddp", 1, args.steps, "--nproc", "2", "--parallel.data", "ddp")
+        fsdp = pretrain_tokens_per_s(root, "fsdp", 1, args.steps, "--nproc", "2", "--parallel.data", "fsdp")
+    ac = {mode: saved_activation_bytes(mode) for mode in ("none", "every_n", "full")}
+    rss = {mode: peak_rss_mib(mode) for mode in ("none", "full")}
+    mib = {mode: b / 2**20 for mode, (b, _) in ac.items()}
+    rows = [
+        ("tokens/s, DDP 2 proc x 1 thread vs 1 proc x 1 thread", ddp, one_1, ddp / one_1),
+        ("scaling efficiency DDP (tok/s_2 / (2 x tok/s_1))", f"{ddp / (2 * one_1):.0%}", "100%", ddp / (2 * one_1)),
+        ("tokens/s, DDP 2 proc x 1 thread vs 1 proc x 2 threads", ddp, one_2, ddp / one_2),
+        ("tokens/s, FSDP2 2 proc x 1 thread vs 1 proc x 2 threads", fsdp, one_2, fsdp / one_2),
+        ("activation memory saved for backward, MiB: AC full vs none", mib["full"], mib["none"],
+         mib["full"] / mib["none"]),
+        ("activation memory saved for backward, MiB: AC every 2nd block vs none", mib["every_n"], mib["none"],
+         mib["every_n"] / mib["none"]),
+        ("peak RSS of a 3-step training process, MiB: AC full vs none", rss["full"], rss["none"],
+         rss["full"] / rss["none"]),
+        ("step time (fwd+bwd), s: AC full vs none", ac["full"][1], ac["none"][1], ac["full"][1] / ac["none"][1]),
+    ]
+    print("| figure | lmforge | peer | ratio | machine | command |")
+    print("|---|---|---|---|---|---|")
+    for fig, ours, peer, ratio in rows:
+        print(f"| {fig} | {fmt(ours)} | {fmt(peer)} | {ratio:.2f} | {machine} | `{COMMAND}` |")
+    print(f"\nmodels: scaling d128 x 4 layers, seq 128, global batch 16, {args.steps} steps, fp32; AC d256 x 6 "
+          f"layers, batch {AC_BATCH} x 256. Wall time {time.perf_counter() - t0:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Distributed checkpoints (torch.distributed.checkpoint): saved by 2 processes, resumed by 1 and by 2."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_parallel import REL, base_config, losses, torchrun
+from test_trainer import write_shards
+
+from lmforge.config import from_dict
+from lmforge.train.checkpoint import LATEST_NAME, checkpoint_name, checkpoints_dir, list_checkpoints
+from lmforge.train.dcp import is_dcp_checkpoint
+from lmforge.train.pretrain import PretrainConfig, pretrain
+
+STEPS, SAVED = 6, 3
+
+
+@pytest.fixture(scope="module")
+def saved_at_two(tmp_path_factory):
+    """A 2-process FSDP run of STEPS steps with a DCP checkpoint every SAVED steps (all kept)."""
+    root = tmp_path_factory.mktemp("dcp")
+    write_shards(root / "shards" / "train", n_tokens=6000)
+    config = root / "recipe.json"
+    config.write_text(json.dumps(base_config(root / "shards")))
+    torchrun(config, 2, "--run_dir", str(root / "two"), "--parallel.data", "fsdp")
+    return root
+
+
+def rewind(root: Path, name: str) -> Path:
+    """A copy of the 2-process run whose latest checkpoint is step SAVED (as if it had stopped there)."""
+    run = root / name
+    shutil.copytree(root / "two", run)
+    for step, path in list_checkpoints(run):
+        if step > SAVED:
+            shutil.rmtree(path)
+    (checkpoints_dir(run) / LATEST_NAME).write_text(checkpoint_name(SAVED) + "\n")
+    return run
+
+
+@pytest.mark.slow
+def test_checkpoint_layout(saved_at_two):
+    ckpts = list_checkpoints(saved_at_two / "two")
+    assert [s for s, _ in ckpts] == [3, 6]
+    for _, path in ckpts:
+        assert is_dcp_checkpoint(path)
+        assert sorted(p.name for p in path.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per rank
+        state = json.loads((path / "trainer_state.json").read_text())
+        assert state["parallel"] == {"world_size": 2, "tensor": 1} and state["loader"]["cursor"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["fsdp", "ddp", "none"])
+def test_resume_on_one_process(saved_at_two, data):
+    """FSDP shards from 2 ranks load into 1 process: as FSDP, as DDP, or as a plain run without a process group
+    (DCP reshards by parameter name)."""
+    run = rewind(saved_at_two, f"one-{data}")
+    cfg = from_dict(PretrainConfig, {**base_config(saved_at_two / "shards"), "run_dir": str(run), "resume": True,
+                                     "parallel": {"data": data}})
+    pretrain(cfg)
+    reference = losses(saved_at_two / "two")
+    resumed = losses(run)
+    assert len(resumed) == STEPS
+    assert resumed[SAVED:] == pytest.approx(reference[SAVED:], rel=REL)  # steps 4-6: weights, Adam state, data
+
+
+@pytest.mark.slow
+def test_resume_on_two_processes(saved_at_two):
+    run = rewind(saved_at_two, "two-again")
+    torchrun(saved_at_two / "recipe.json", 2, "--run_dir", str(run), "--parallel.data", "fsdp", "--resume", "true")
+    assert losses(run)[SAVED:] == pytest.approx(losses(saved_at_two / "two")[SAVED:], rel=REL)
+
