@@ -39,7 +39,7 @@ from lmforge.config import from_dict  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
 from lmforge.runtime import compile_model  # noqa: E402
 from lmforge.train.optim import build_optimizer  # noqa: E402
-from lmforge.train.pretrain import lm_loss  # noqa: E402
+from lmforge.train.pretrain import lm_loss, lm_loss_unfused  # noqa: E402
 from lmforge.train.trainer import TrainConfig, forward_backward, optimizer_step  # noqa: E402
 
 H100_BF16_DENSE = 989e12
@@ -83,7 +83,7 @@ def sync(device: torch.device) -> None:
 
 
 def measure(name: str, batch: int, device: torch.device, precision: str, compiled: bool, steps: int,
-            warmup: int) -> dict:
+            warmup: int, loss_fn=lm_loss) -> dict:
     """tokens/s of `steps` lmforge training steps after `warmup` (compilation happens there)."""
     shape, _ = MODELS[name]
     torch.manual_seed(0)
@@ -94,14 +94,14 @@ def measure(name: str, batch: int, device: torch.device, precision: str, compile
     run = compile_model(model) if compiled else model
     data = RandomTokens(batch, seq_len, model.cfg.vocab_size, device)
     for _ in range(warmup):
-        forward_backward(run, lm_loss, data, 1, device, precision)
+        forward_backward(run, loss_fn, data, 1, device, precision)
         optimizer_step(model, optimizer, cfg.grad_clip)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
-        stats = forward_backward(run, lm_loss, data, 1, device, precision)
+        stats = forward_backward(run, loss_fn, data, 1, device, precision)
         optimizer_step(model, optimizer, cfg.grad_clip)
     sync(device)
     seconds = time.perf_counter() - start
@@ -144,6 +144,8 @@ def main() -> int:
     ap.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE, help="dense bf16 peak of the device")
     ap.add_argument("--micro-batch", type=int, default=0, help="sequences per step for every model (default: "
                                                                "32 for 124M, 16 for 350M; halved on OOM)")
+    ap.add_argument("--loss", choices=["fused", "unfused"], default="fused",
+                    help="LM head + cross-entropy chunked (train.fused_ce, the default) or on full logits")
     ap.add_argument("--no-peer", action="store_true", help="skip the eager (uncompiled) peer runs")
     ap.add_argument("--smoke", action="store_true", help="a tiny model on any device (CPU included), 2 steps")
     args = ap.parse_args()
@@ -159,15 +161,17 @@ def main() -> int:
     steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
     precision = "bf16"
     machine = torch.cuda.get_device_name() if cuda else f"{platform.processor() or 'CPU'} (smoke)"
-    command = "python benchmarks/mfu.py" + (" --smoke" if args.smoke else "")
+    command = "python benchmarks/mfu.py" + (" --smoke" if args.smoke else "") + \
+        (f" --loss {args.loss}" if args.loss != "fused" else "")
     rows, measured = [], {}
     for name in models:
         batch = args.micro_batch or MODELS[name][1]
         t0 = time.perf_counter()
         compiled = cuda or not args.smoke  # CPU smoke runs stay eager: inductor on CPU costs minutes to build
-        ours = measure_fitting(name, batch, device, precision, compiled, steps, warmup)
+        loss_fn = lm_loss if args.loss == "fused" else lm_loss_unfused
+        ours = measure_fitting(name, batch, device, precision, compiled, steps, warmup, loss_fn)
         peer = None if args.no_peer else measure_fitting(name, ours["batch"], device, precision, False, steps,
-                                                         warmup)
+                                                         warmup, loss_fn)
         measured[name] = ours
         mfu = ours["tokens_per_s"] * ours["flops_per_token"] / args.peak_flops
         print(f"{name}: {ours['params'] / 1e6:.0f}M params, micro-batch {ours['batch']}x{ours['seq_len']}, "

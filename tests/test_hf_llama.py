@@ -268,7 +268,8 @@ def test_configs_llama_cannot_express(field, value):
     ({"model_type": "gpt2"}, "gpt2"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"vocab_size": None}, "vocab_size"),
-    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}, "sliding_window"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+     "sliding_window"),
 ])
 def test_config_values_we_cannot_import(change, needle):
     with pytest.raises(LmforgeError, match=needle):

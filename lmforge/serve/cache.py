@@ -27,9 +27,14 @@ class SlotCache:
 
     def __init__(self, model: nn.Module, slots: int, max_len: int) -> None:
         base = model.new_cache(slots, max_len)
-        # the buffers, in the order `update` receives them (k, v or latent, rope_key): [layers, slots, ..., T, dim]
-        self.buffers = [t for t in vars(base).values() if isinstance(t, torch.Tensor)]
+        if hasattr(base, "joint"):  # MLA: one [layers, slots, T, latent + rope key] buffer, written in two parts
+            self.storage = [base.kv]
+            self.buffers = [base.latent, base.rope_key]
+        else:
+            self.storage = self.buffers = [base.k, base.v]
+        # `buffers`: views in the order `update` receives them, [layers, slots, ..., T, dim]
         self.slots, self.max_len = slots, max_len
+        self._n = 0
         self._row: int | None = None
         self._lengths: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
@@ -47,7 +52,7 @@ class SlotCache:
         if n > self.slots or int(lengths.max()) >= self.max_len:
             raise ValueError(f"decode of {n} rows up to slot {int(lengths.max())} does not fit "
                              f"{self.slots} rows x {self.max_len} slots")
-        self._row, self._lengths = None, lengths
+        self._row, self._lengths, self._n = None, lengths, n
         self._rows = torch.arange(n, device=lengths.device)
         self._width = int(lengths.max()) + 1
 
@@ -71,9 +76,15 @@ class SlotCache:
         row.narrow(t, start, end - start).copy_(x)
         return row.narrow(t, 0, end)
 
+    def joint(self, layer: int, end: int) -> torch.Tensor:
+        """MLA decode reads [latent; rope key] of slots 0..end-1 in place, for the rows the last update wrote."""
+        buf = self.storage[0][layer]
+        rows = buf[:self._n] if self._lengths is not None else buf[self._row:self._row + 1]
+        return rows[:, :end]
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` slots of row `src` into row `dst` (to keep active rows contiguous)."""
-        for buf in self.buffers:
+        for buf in self.storage:
             t = buf.dim() - 3  # the time axis of buf[:, row]: [layers, ..., T, dim]
             buf[:, dst].narrow(t, 0, length).copy_(buf[:, src].narrow(t, 0, length))
 
