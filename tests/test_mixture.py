@@ -14,7 +14,6 @@ from lmforge.data.mixture import (
     SourceConfig,
     concat_shards,
     format_table,
-    metrics_row_value,
     plan_sources,
 )
 from lmforge.data.shards import ShardSet, ShardWriter
@@ -115,18 +114,6 @@ def test_plan_table_and_max_epochs_error(tmp_path):
 def test_config_errors_name_the_field(source, field):
     with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
         from_dict(PretrainConfig, {"data": {"sources": [{"path": "ok"}, source]}})
-
-
-def test_metrics_row_value_averages_to_the_value():
-    log_every, total = 4, 10
-    window, rows = [], {}
-    for step in range(1, total + 1):  # what train_loop does: average hook metrics between rows
-        v = metrics_row_value(100 + step, step, log_every, total)
-        window.append(v)
-        if step % log_every == 0 or step == total:
-            rows[step] = sum(x for x in window if x is not None) / len(window)
-            window = []
-    assert rows == {4: 104, 8: 108, 10: 110}
 
 
 def test_concat_shards_keeps_documents_and_bytes(tmp_path):

@@ -36,7 +36,6 @@ from lmforge.data.mixture import (
     SourceConfig,
     check_sources,
     format_table,
-    metrics_row_value,
     plan_sources,
     resolve_source_dir,
 )
@@ -246,15 +245,14 @@ def build_data_plan(data: Any, train: TrainConfig, *, batch_size: int | None = N
         loader = CurriculumLoader(mixtures, [p[0] for p in phases], [p[1] * train.grad_accum for p in phases],
                                   train.grad_accum)
     n_tokens = sum(s.n_tokens for s in shard_sets.values())
-    return DataPlan(loader, train, first, n_tokens, "\n".join(tables), _metrics_hook(loader, train))
+    return DataPlan(loader, train, first, n_tokens, "\n".join(tables), _metrics_hook(loader))
 
 
-def _metrics_hook(loader: MixtureLoader | CurriculumLoader, train: TrainConfig) -> StepEnd:
+def _metrics_hook(loader: MixtureLoader | CurriculumLoader) -> StepEnd:
     """Tokens seen per source (and the current phase) as of each metrics row, exactly."""
     def hook(model: nn.Module, step: int) -> dict[str, float]:
         values: dict[str, float] = {f"tokens.{k}": v for k, v in loader.tokens_by_source().items()}
         if isinstance(loader, CurriculumLoader):
             values["phase"] = loader.phase
-        shown = {k: metrics_row_value(v, step, train.log_every, train.steps) for k, v in values.items()}
-        return {k: v for k, v in shown.items() if v is not None}
+        return values
     return hook

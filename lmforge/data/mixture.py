@@ -236,19 +236,6 @@ def format_table(plans: Sequence[SourcePlan], title: str) -> str:
     return "\n".join(lines)
 
 
-def metrics_row_value(value: float, step: int, log_every: int, total_steps: int) -> float | None:
-    """What an `on_step_end` hook returns so the next metrics row shows `value` exactly.
-
-    `train_loop` averages hook metrics over the steps since the last row, which suits rates but not
-    running totals (tokens seen per source, the current phase). A total is therefore returned only on
-    the step that writes a row (None elsewhere: leave the key out), multiplied by the number of steps
-    the row averages over, so the average is the value itself.
-    """
-    if step % log_every and step != total_steps:
-        return None
-    return value * (step - (step - 1) // log_every * log_every)
-
-
 # ----------------------------------------------------------------------------------------------
 # helpers
 

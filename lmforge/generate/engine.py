@@ -7,6 +7,9 @@ step costs O(length) attention instead of re-running the whole sequence.
 Stop tokens end generation and are NOT yielded (unlike HF `generate`, which appends eos to its
 output): callers get exactly the text the model produced. The whole sequence (prompt + new
 tokens) never exceeds the model's `max_seq_len`.
+
+`compile=True` opts into the static-shape step of `lmforge.generate.static` (CUDA graphs on CUDA), the
+same tokens with far less per-token overhead; models it does not support decode the normal way.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.generate.processors import History
 from lmforge.generate.sampling import SamplingParams, sample_next
+from lmforge.generate.static import static_decoder, static_supported
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +51,37 @@ def new_generator(seed: int | None, device: torch.device) -> torch.Generator | N
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
-def generate_stream(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+def generate_stream(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams, *,
+                    compile: bool = False) -> Iterator[int]:
     """Yield new token ids one at a time, as soon as each is sampled.
 
     Stops on a stop token (not yielded), after `params.max_new_tokens`, or when the sequence
     reaches the model's `max_seq_len`. The prompt is checked (and cut) now, before the first
     token is asked for, so a bad prompt fails where the stream is created. The model runs in
-    eval mode (no dropout) while generating.
+    eval mode (no dropout) while generating. `compile`: decode with the static-shape step
+    (`lmforge.generate.static`), compiled; the first call compiles (seconds), later ones reuse it.
     """
     check_prompt(prompt_ids, model.cfg.vocab_size)
     if params.max_new_tokens == 0:
         return iter(())
-    return decode(model, fit_prompt(prompt_ids, model.context_length), params)
+    prompt = fit_prompt(prompt_ids, model.context_length)
+    if compile:
+        reason = static_supported(model)
+        if reason is None:
+            return decode_static(model, prompt, params, compile=True)
+        log.warning("generate: compiled decoding is off for this model (%s); decoding eagerly", reason)
+    return decode(model, prompt, params)
+
+
+def decode_budget(model: nn.Module, prompt: list[int], params: SamplingParams) -> int:
+    return min(params.max_new_tokens, model.context_length - len(prompt))
 
 
 @torch.no_grad()
 def decode(model: nn.Module, prompt: list[int], params: SamplingParams) -> Iterator[int]:
     """Prefill `prompt` (which leaves room for a token) into a fresh cache, then decode step by step."""
-    budget = min(params.max_new_tokens, model.context_length - len(prompt))
+    budget = decode_budget(model, prompt, params)
     device = next(model.parameters()).device
-    generator = new_generator(params.seed, device)
-    stop = set(params.stop_token_ids)
     was_training = model.training
     model.eval()
     try:
@@ -75,22 +89,64 @@ def decode(model: nn.Module, prompt: list[int], params: SamplingParams) -> Itera
         cache = model.new_cache(1, len(prompt) + budget - 1)
         logits = model(torch.tensor([prompt], device=device), cache=cache, start_pos=0)[:, -1]
         pos = len(prompt)
-        seq = list(prompt)  # read only by history-dependent processors (penalties, n-gram ban)
-        for step in range(budget):
-            history = History.of([seq], len(prompt), device) if params.needs_history else None
-            token = int(sample_next(logits, params, generator, history)[0])
-            if token in stop:
-                return
-            yield token
-            seq.append(token)
-            if step + 1 == budget:
-                return
-            logits = model(torch.tensor([[token]], device=device), cache=cache, start_pos=pos)[:, -1]
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            nonlocal pos
             pos += 1
+            return model(token.view(1, 1), cache=cache, start_pos=pos - 1)[:, -1]
+
+        yield from sample_loop(logits, step, prompt, budget, params, device)
     finally:
         model.train(was_training)
 
 
-def generate(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+@torch.no_grad()
+def decode_static(model: nn.Module, prompt: list[int], params: SamplingParams, compile: bool = True
+                  ) -> Iterator[int]:
+    """`decode` through the model's `StaticDecoder`: same prefill, then fixed-shape steps (compiled when
+    `compile`; CUDA graphs on CUDA). Position and token stay on the device between steps."""
+    budget = decode_budget(model, prompt, params)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        dec = static_decoder(model, compile)
+        graphs = compile and device.type == "cuda"
+        logits = dec.prefill(torch.tensor([prompt], device=device))
+        pos = torch.tensor([len(prompt)], device=device)
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            if graphs:  # the previous step's outputs are consumed: let the graph reuse its memory
+                torch.compiler.cudagraph_mark_step_begin()
+            out = dec.step(token.view(1, 1), pos)
+            pos.add_(1)
+            return out
+
+        yield from sample_loop(logits, step, prompt, budget, params, device)
+    finally:
+        model.train(was_training)
+
+
+def sample_loop(logits: torch.Tensor, step, prompt: list[int], budget: int, params: SamplingParams,
+                device: torch.device) -> Iterator[int]:
+    """Sample from `logits`, yield, feed the token to `step` (-> next logits), until a stop token or `budget`."""
+    generator = new_generator(params.seed, device)
+    stop = set(params.stop_token_ids)
+    seq = list(prompt)  # read only by history-dependent processors (penalties, n-gram ban)
+    for i in range(budget):
+        history = History.of([seq], len(prompt), device) if params.needs_history else None
+        next_token = sample_next(logits, params, generator, history)
+        token = int(next_token[0])
+        if token in stop:
+            return
+        yield token
+        seq.append(token)
+        if i + 1 == budget:
+            return
+        logits = step(next_token)
+
+
+def generate(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams, *,
+             compile: bool = False) -> list[int]:
     """The new token ids only (the prompt is not repeated); see `generate_stream`."""
-    return list(generate_stream(model, prompt_ids, params))
+    return list(generate_stream(model, prompt_ids, params, compile=compile))

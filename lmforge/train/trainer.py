@@ -243,6 +243,7 @@ class LoopState:
     last_loss: float | None = None
     last_eval: dict[str, Any] | None = None
     window: dict[str, float] = field(default_factory=dict)  # sums since the last metrics row
+    latest: dict[str, float] = field(default_factory=dict)  # on_step_end hooks' values since the last row
 
     def add_to_window(self, stats: StepStats, grad_norm: float, seconds: float) -> None:
         w = self.window
@@ -256,6 +257,8 @@ class LoopState:
         row = {"step": self.step, "loss": w["loss"] / n, "lr": lr, "grad_norm": w["grad_norm"] / n,
                "tokens_seen": self.tokens_seen, "tokens_per_s": w["tokens"] / w["time"] if w["time"] else 0.0}
         row.update({k[2:]: v / n for k, v in w.items() if k.startswith("m.")})
+        row.update(self.latest)
+        self.latest = {}
         return row
 
 
@@ -270,7 +273,8 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
     cfg.eval_every steps and at the end. With `resume`, model, optimizer, loader, RNG and counters
     come back from RUN/checkpoints/latest, so the rest of the run repeats an uninterrupted one.
     `on_step_end` hooks run after each optimizer step as hook(model, step) (e.g. MoE router-bias
-    updates, data-mixture bookkeeping); the metrics they return are averaged into the next metrics row.
+    updates, data-mixture bookkeeping); the next metrics row shows the latest value of each metric they
+    return (running totals stay exact; loss_fn metrics, by contrast, are averaged over the row's steps).
     Returns {"steps", "final_loss", "tokens_seen", "tokens_per_s", **last evaluation}.
     """
     run_dir = Path(run_dir)
@@ -359,7 +363,7 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
                                    "checkpoint")
             grad_norm = optimizer_step(model, optimizer, cfg.grad_clip, scaler)
             for hook in on_step_end or ():
-                stats.metrics.update(hook(model, state.step + 1))
+                state.latest.update(hook(model, state.step + 1))
             seconds = time.perf_counter() - t0
             state.step += 1
             state.tokens_seen += stats.tokens

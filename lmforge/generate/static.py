@@ -1,0 +1,113 @@
+"""Static-shape decoding: one token per step over the whole preallocated KV cache, for CUDA graphs.
+
+At small model sizes batch-1 decode is bound by Python and kernel-launch overhead, not by the GPU. The
+normal engine's step slices the cache to the current length, so every step has a new shape and cannot be
+captured once. Here a step always attends over all `max_len` cache slots, hiding the unwritten ones with a
+length mask (key slot <= position), and takes its position as a tensor; every step then has the same
+shapes, and `torch.compile(mode="reduce-overhead")` records it once as a CUDA graph and replays it
+(gpt-fast's recipe). Masked slots get zero attention weight, so the tokens match the normal engine.
+
+The prompt is prefilled eagerly through the model's ordinary forward into the same cache. Only plain
+decoder-only models qualify (`static_supported`): multi-head / grouped-query attention with RoPE,
+learned, sinusoidal or no positions, and nothing whose shapes or control flow depend on data (MoE routing,
+MLA, sliding windows, ALiBi/T5 biases, dynamic-NTK RoPE, prefix/prompt tuning).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.model.attention import KVCache
+from lmforge.model.transformer import Transformer
+
+
+class StaticKVCache(KVCache):
+    """A `KVCache` that, given a tensor position, writes one slot in place and returns every slot.
+
+    With an int `start` (the eager prefill) it behaves exactly like `KVCache`."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(start, torch.Tensor):
+            return super().update(layer, k, v, start)
+        self.k[layer].index_copy_(2, start, k)
+        self.v[layer].index_copy_(2, start, v)
+        return self.k[layer], self.v[layer]
+
+
+def static_supported(model: nn.Module) -> str | None:
+    """None when `model` can decode with static shapes, else the reason it cannot (one line)."""
+    if not isinstance(model, Transformer):
+        return f"{type(model).__name__} is not a decoder-only lmforge Transformer"
+    cfg = model.cfg
+    reasons = {
+        "attention is MLA": cfg.attention == "mla",
+        "MoE layers route tokens data-dependently": cfg.moe_experts > 0,
+        f"position '{cfg.position}' adds a per-step bias": cfg.position not in ("rope", "learned", "sinusoidal",
+                                                                                  "none"),
+        "dynamic-NTK RoPE recomputes its tables from the data": cfg.rope_scaling == "dynamic",
+        "sliding-window attention": bool(cfg.sliding_window),
+        "virtual tokens (prompt/prefix tuning)": model.virtual_tokens is not None,
+    }
+    return next((r for r, bad in reasons.items() if bad), None)
+
+
+class StaticDecoder(nn.Module):
+    """Batch-1 decode step of `model` with fixed shapes: `forward(token [1, 1], pos [1]) -> logits [1, V]`.
+
+    Owns a `StaticKVCache` of `model.context_length` slots (registered as buffers, so CUDA graphs treat
+    them as static memory updated in place); `prefill` fills it from a prompt and returns the last
+    position's logits. The cache is reused across calls: slots past the current position are masked."""
+
+    def __init__(self, model: Transformer, compile: bool = False) -> None:
+        super().__init__()
+        reason = static_supported(model)
+        if reason is not None:
+            raise ValueError(f"static decoding does not support this model: {reason}")
+        self.model = model
+        p = model.embed.weight
+        self.cache = StaticKVCache(model.cfg, 1, model.context_length, dtype=p.dtype, device=p.device)
+        self.register_buffer("k", self.cache.k, persistent=False)
+        self.register_buffer("v", self.cache.v, persistent=False)
+        self.register_buffer("slots", torch.arange(model.context_length, device=p.device), persistent=False)
+        self.step = self.forward
+        if compile:
+            mode = "reduce-overhead" if p.device.type == "cuda" else None
+            self.step = torch.compile(self.forward, mode=mode, fullgraph=True)
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Run the prompt [1, T] through the ordinary forward into this cache; logits of its last token."""
+        return self.model(prompt, cache=self.cache, start_pos=0)[:, -1]
+
+    @torch.no_grad()
+    def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits [1, V] of `token` ([1, 1]) at position `pos` ([1], long), its K/V written at slot `pos`."""
+        m, cfg = self.model, self.model.cfg
+        x = m.embed(token)
+        if cfg.position == "learned":
+            x = x + m.pos_embed(pos)
+        elif cfg.position == "sinusoidal":
+            x = x + m.pos_table[pos].to(x.dtype)
+        rope = m.rope(pos) if m.rope is not None else None
+        mask = (self.slots <= pos)[None, None, None, :]  # [1, 1, 1, S]: written slots only
+        for block in m.blocks:
+            x = block(x, rope, self.cache, pos, mask)
+        h = m.norm(x)
+        if cfg.output_scale != 1.0:
+            h = h * cfg.output_scale
+        return m.lm_head(h)[:, -1]
+
+
+def static_decoder(model: Transformer, compile: bool = True) -> StaticDecoder:
+    """The `StaticDecoder` of `model`, built once per (model, compile) and kept while the model lives, so
+    the compiled graph and its CUDA-graph recording are reused across generate calls. A model moved to
+    another device or dtype since gets a fresh one. Kept in the model's __dict__, not as a submodule, so
+    its state_dict and parameters are unchanged."""
+    per_model = model.__dict__.setdefault("_lmforge_static_decoders", {})
+    p = model.embed.weight
+    dec = per_model.get(compile)
+    if dec is None or dec.k.device != p.device or dec.k.dtype != p.dtype:
+        dec = per_model[compile] = StaticDecoder(model, compile)
+    return dec
