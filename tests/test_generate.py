@@ -310,3 +310,19 @@ def test_cli_tokenizer_larger_than_model_vocab(text_checkpoint, tmp_path, capsys
     tokenizer.save(tmp_path / "small_vocab")
     code, _, err = run_cli(capsys, "--checkpoint", str(tmp_path / "small_vocab"), "--prompt", "hi")
     assert code != 0 and "vocab_size" in err and err.count("\n") == 1
+
+
+def test_cli_stop_strings_end_generation(text_checkpoint, capsys):
+    directory, model, tokenizer = text_checkpoint
+    params = SamplingParams(temperature=1.0, seed=3, max_new_tokens=30, stop_token_ids=[tokenizer.eos_id])
+    full_ids = generate(model, tokenizer.encode("Le café", add_bos=True), params)
+    full = tokenizer.decode(full_ids)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    cut = full[:full.find(stop)]
+    n = next(i for i in range(1, len(full_ids) + 1) if stop in tokenizer.decode(full_ids[:i]))
+    args = ["--checkpoint", str(directory), "--prompt", "Le café", "--temperature", "1.0", "--seed", "3",
+            "--max-new-tokens", "30", "--stop", stop]
+    code, out, _ = run_cli(capsys, *args, "--json")
+    assert code == 0 and json.loads(out) == {"ids": full_ids[:n], "text": cut}
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and out == "Le café" + cut + "\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,9 +19,10 @@ from lmforge.generate.engine import generate_stream
 from lmforge.generate.presets import apply_preset, describe_preset, preset_settings
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.speculative import DraftModel, MTPDrafter, SpecStats, check_draft, speculative_stream
+from lmforge.generate.stops import stop_at_strings
 from lmforge.model import load_model
 from lmforge.runtime import resolve_device
-from lmforge.tokenizer import TOKENIZER_FILE, StreamDecoder, Tokenizer
+from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
 @dataclass
@@ -51,6 +52,8 @@ class GenerateConfig:
                             "or 'mtp' to draft with the checkpoint's own multi-token-prediction heads")
     num_draft_tokens: int = option(4, "speculative decoding: tokens the draft proposes per round")
     max_new_tokens: int = option(100, "most tokens to generate")
+    stop: list[str] = option(default_factory=list, help="stop strings: generation ends at the first one, which "
+                                                        "is not printed (needs a tokenizer)")
     seed: int = option(0, "seed of the sampling generator (same seed, same text)")
     json: bool = option(False, "print one JSON object {\"ids\": [new ids], \"text\": new text} "
                                "instead of streaming")
@@ -161,14 +164,20 @@ def generate_cmd(cfg: GenerateConfig) -> int:
         return 0
     stats = SpecStats()
     stream = strategy_stream(cfg, model, ids, params, stats)
+    if cfg.stop and tokenizer is None:
+        raise LmforgeError("--stop needs a tokenizer (tokenizer.json in the checkpoint)")
     if cfg.json:
-        new_ids = list(tqdm(stream, total=params.max_new_tokens, desc="generate", unit="tok", disable=None,
-                            file=sys.stderr))
-        text = tokenizer.decode(new_ids) if tokenizer is not None else None
+        bar = dict(total=params.max_new_tokens, desc="generate", unit="tok", disable=None, file=sys.stderr)
+        if cfg.stop:
+            pieces = list(tqdm(stop_at_strings(stream, tokenizer, cfg.stop), **bar))
+            new_ids, text = [t for t, _ in pieces if t is not None], "".join(p for _, p in pieces)
+        else:
+            new_ids = list(tqdm(stream, **bar))
+            text = tokenizer.decode(new_ids) if tokenizer is not None else None
         extra = {"acceptance_rate": stats.acceptance_rate} if cfg.draft else {}
         print(json.dumps({"ids": new_ids, "text": text, **extra}))
     else:
-        stream_to_terminal(stream, ids, cfg.prompt, tokenizer)
+        stream_to_terminal(stream, ids, cfg.prompt, tokenizer, cfg.stop)
     if cfg.draft:
         print(f"speculative decoding: acceptance rate {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.proposed} "
               f"draft tokens), {stats.tokens_per_target_call:.2f} tokens per target call", file=sys.stderr)
@@ -176,7 +185,7 @@ def generate_cmd(cfg: GenerateConfig) -> int:
 
 
 def stream_to_terminal(stream: Iterator[int], prompt: list[int], prompt_text: str,
-                       tokenizer: Tokenizer | None) -> None:
+                       tokenizer: Tokenizer | None, stops: Sequence[str] = ()) -> None:
     """Print the prompt, then each piece of text (or each id, without a tokenizer) as it arrives."""
     out = sys.stdout
     if tokenizer is None:
@@ -187,10 +196,8 @@ def stream_to_terminal(stream: Iterator[int], prompt: list[int], prompt_text: st
     else:
         out.write(prompt_text or tokenizer.decode(prompt))
         out.flush()
-        decoder = StreamDecoder(tokenizer)
-        for token in stream:
-            out.write(decoder.push(token))
+        for _, text in stop_at_strings(stream, tokenizer, stops):
+            out.write(text)
             out.flush()
-        out.write(decoder.flush())
     out.write("\n")
     out.flush()

@@ -32,7 +32,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generate.engine import new_generator
 from lmforge.generate.sampling import SamplingParams, sample_next
 from lmforge.serve.cache import SlotCache, decode_mask
-from lmforge.serve.stops import StopMatcher
+from lmforge.generate.stops import StopMatcher
 from lmforge.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)

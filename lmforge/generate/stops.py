@@ -7,7 +7,9 @@ into a stop string; once it cannot, it is released. The stop string itself is no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+
+from lmforge.tokenizer import StreamDecoder, Tokenizer
 
 
 class StopMatcher:
@@ -47,3 +49,21 @@ class StopMatcher:
                     best = n
                     break
         return best
+
+
+def stop_at_strings(stream: Iterator[int], tokenizer: Tokenizer, stops: Sequence[str]
+                    ) -> Iterator[tuple[int | None, str]]:
+    """(token, text safe to show) for each generated token, ending after the token that completes a stop
+    string (the stream is closed, so decoding stops too); a last (None, tail) releases held-back text."""
+    decoder, matcher = StreamDecoder(tokenizer), StopMatcher(stops)
+    try:
+        for token in stream:
+            text = matcher.push(decoder.push(token))
+            yield token, text
+            if matcher.stopped:
+                return
+        yield None, matcher.push(decoder.flush()) + matcher.flush()
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
