@@ -467,6 +467,12 @@ def to_hf(checkpoint_dir: str | Path, hf_dir: str | Path, dtype: str = "float32"
         raise LmforgeError(f"{checkpoint_dir}: {e}") from None
     # copy=True: split views share storage, which safetensors refuses to write.
     hf_state = {k: v.to(DTYPES[dtype], copy=True).contiguous() for k, v in hf_state.items()}
+    return write_hf_dir(hf_dir, hf_state, hf_cfg, token_ids, checkpoint_dir)
+
+
+def write_hf_dir(hf_dir: Path, hf_state: dict[str, torch.Tensor], hf_cfg: dict[str, Any],
+                 token_ids: dict[str, Any], checkpoint_dir: Path) -> Path:
+    """An HF model directory: safetensors weights, config.json, generation_config.json, the tokenizer files."""
     hf_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(hf_dir / WEIGHTS_NAME, lambda tmp: save_file(hf_state, tmp, metadata={"format": "pt"}))
     atomic_write_json(hf_dir / CONFIG_NAME, hf_cfg)

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from lmforge.config import from_dict
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.files import atomic_write, atomic_write_json, read_json_object
+from lmforge.files import read_json_object
 from lmforge.model.config import ModelConfig
 from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config, save_model
 from lmforge.model.moe import is_moe_layer
@@ -318,7 +317,7 @@ def from_hf(hf_dir: Path, out_dir: str | Path, hf: dict[str, Any]) -> Path:
 
 
 def to_hf(checkpoint_dir: Path, hf_dir: Path, dtype: str = "float32") -> Path:
-    from lmforge.model.hf import DTYPES, copy_tokenizer_files, token_ids_of
+    from lmforge.model.hf import DTYPES, token_ids_of, write_hf_dir
 
     cfg = read_model_config(checkpoint_dir)
     token_ids = token_ids_of(checkpoint_dir)
@@ -331,14 +330,7 @@ def to_hf(checkpoint_dir: Path, hf_dir: Path, dtype: str = "float32") -> Path:
     # the router bias stays fp32 (HF keeps e_score_correction_bias in fp32 too)
     hf_state = {k: v.to(torch.float32 if k.endswith("e_score_correction_bias") else DTYPES[dtype], copy=True)
                 .contiguous() for k, v in hf_state.items()}
-    hf_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(hf_dir / WEIGHTS_NAME, lambda tmp: save_file(hf_state, tmp, metadata={"format": "pt"}))
-    atomic_write_json(hf_dir / CONFIG_NAME, hf_cfg)
-    generation = {k: token_ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in token_ids}
-    if generation:
-        atomic_write_json(hf_dir / "generation_config.json", generation)
-    copy_tokenizer_files(checkpoint_dir, hf_dir)
-    return hf_dir
+    return write_hf_dir(hf_dir, hf_state, hf_cfg, token_ids, checkpoint_dir)
 
 
 def is_deepseek_checkpoint(checkpoint_dir: Path) -> bool:
