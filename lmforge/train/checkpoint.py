@@ -174,14 +174,21 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         trainer_state = {"step": step, **state, "optimizer": optim_meta, "rng": rng_state()}
         atomic_write_text(tmp / STATE_NAME, json.dumps(trainer_state, indent=1) + "\n")
         fsync_dir(tmp)
-        final = root / name
-        if final.exists():  # re-saving a step (e.g. the final step of a finished run)
-            _remove_tree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
+        return publish_checkpoint(run_dir, tmp, name, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_checkpoint(run_dir: str | Path, tmp: Path, name: str, keep: int) -> Path:
+    """Rename a complete, fsynced temp directory to `name`, then point `latest` at it and prune to the newest
+    `keep`: in this order a crash at any point leaves `latest` on a whole checkpoint."""
+    root = checkpoints_dir(run_dir)
+    final = root / name
+    if final.exists():  # re-saving a step (e.g. the final step of a finished run)
+        _remove_tree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
     atomic_write_text(root / LATEST_NAME, name + "\n")
     fsync_dir(root)
     if keep > 0:

@@ -28,15 +28,13 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.files import atomic_write_json, atomic_write_text, fsync_dir, read_json_object
 from lmforge.model.io import CONFIG_NAME
 from lmforge.train.checkpoint import (
-    LATEST_NAME,
     STATE_NAME,
-    _remove_tree,
     check_model_config,
     checkpoint_name,
     checkpoints_dir,
     latest_checkpoint,
-    list_checkpoints,
     load_checkpoint,
+    publish_checkpoint,
     rng_state,
     set_rng_state,
 )
@@ -81,16 +79,7 @@ def save_dcp_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, 
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
-        if final.exists():  # re-saving a step (the final step of a finished run)
-            _remove_tree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        atomic_write_text(root / LATEST_NAME, name + "\n")
-        fsync_dir(root)
-        if keep > 0:
-            for _, old in list_checkpoints(run_dir)[:-keep]:
-                if old.name != name:
-                    _remove_tree(old)
+        publish_checkpoint(run_dir, tmp, name, keep)
     _barrier()
     return final
 
