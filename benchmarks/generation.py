@@ -6,7 +6,9 @@ LlamaForCausalLM with `lmforge.model.hf.hf_config_from_model` / `state_dict_to_h
 attention. Timings are the median of interleaved repeats (A B A B ...), so the load other processes
 put on this shared machine falls on both alike; tokens/s counts new tokens over the whole call
 (prefill included). Also: speculative decoding with the model as its own draft (acceptance 100 %,
-an upper bound on what a draft buys) is reported as a row, with the acceptance rate. Prints a markdown table.
+an upper bound on what a draft buys) is reported as a row, with the acceptance rate; and the opt-in static-shape
+step (`generate(..., compile=True)`: whole-cache length mask, torch.compile "reduce-overhead", i.e. CUDA graphs on
+CUDA; eager on CPU), its first (compiling) call in the warm-up. Prints a markdown table.
 
     .venv/bin/python benchmarks/generation.py [--repeats 5] [--new-tokens 128] [--device cuda]
 """
@@ -84,10 +86,13 @@ def main() -> None:
     def run_ours() -> list[int]:
         return generate(ours, prompt, params)
 
+    def run_compiled() -> list[int]:
+        return generate(ours, prompt, params, compile=True)
+
     def run_spec() -> list[int]:
         return speculative_generate(ours, ours, prompt, params, num_draft=4)[0]
 
-    cases = {"lmforge": run_ours, "hf": run_hf, "spec": run_spec}
+    cases = {"lmforge": run_ours, "hf": run_hf, "spec": run_spec, "compiled": run_compiled}
     for fn in cases.values():  # warm-up (allocator, first-call overheads)
         fn()
     times: dict[str, list[float]] = {k: [] for k in cases}
@@ -96,7 +101,7 @@ def main() -> None:
         for name, fn in cases.items():
             t, outputs[name] = timed(fn, device)
             times[name].append(t)
-    same = outputs["lmforge"] == outputs["hf"] == outputs["spec"]
+    same = outputs["lmforge"] == outputs["hf"] == outputs["spec"] == outputs["compiled"]
     _, stats = speculative_generate(ours, ours, prompt, params, num_draft=4)
     tps = {k: n / statistics.median(v) for k, v in times.items()}
     params_m = sum(p.numel() for p in ours.parameters()) / 1e6
@@ -104,7 +109,7 @@ def main() -> None:
                f"{platform.machine()} {torch.get_num_threads()} threads") + f", torch {torch.__version__}"
     command = f"python benchmarks/generation.py --repeats {args.repeats} --new-tokens {n} --device {args.device}"
     print(f"\n{params_m:.1f}M params, prompt {PROMPT_LEN}, {n} new tokens, greedy fp32, batch 1; "
-          f"same tokens in all three: {same}", file=sys.stderr)
+          f"same tokens in all four: {same}", file=sys.stderr)
     print("| figure | lmforge | peer | ratio | machine | command |")
     print("|---|---|---|---|---|---|")
     print(f"| batch-1 greedy decode tokens/s ({params_m:.0f}M params, {n} new) | {tps['lmforge']:.1f} | "
@@ -112,6 +117,9 @@ def main() -> None:
     print(f"| speculative decode tokens/s (self-draft, 4 draft tokens, acceptance {stats.acceptance_rate:.0%}) | "
           f"{tps['spec']:.1f} | {tps['hf']:.1f} (HF generate) | {tps['spec'] / tps['hf']:.2f}x | {machine} | "
           f"`{command}` |")
+    print(f"| batch-1 greedy decode tokens/s, `compile=True` (static-shape step, "
+          f"{'CUDA graphs' if device.type == 'cuda' else 'eager on CPU'}) | {tps['compiled']:.1f} | "
+          f"{tps['hf']:.1f} (HF generate) | {tps['compiled'] / tps['hf']:.2f}x | {machine} | `{command}` |")
 
 
 if __name__ == "__main__":

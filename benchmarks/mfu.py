@@ -162,7 +162,8 @@ def main() -> int:
     precision = "bf16"
     machine = torch.cuda.get_device_name() if cuda else f"{platform.processor() or 'CPU'} (smoke)"
     command = "python benchmarks/mfu.py" + (" --smoke" if args.smoke else "") + \
-        (f" --loss {args.loss}" if args.loss != "fused" else "")
+        (f" --loss {args.loss}" if args.loss != "fused" else "") + \
+        (f" --micro-batch {args.micro_batch}" if args.micro_batch else "")
     rows, measured = [], {}
     for name in models:
         batch = args.micro_batch or MODELS[name][1]

@@ -8,8 +8,8 @@ Stop tokens end generation and are NOT yielded (unlike HF `generate`, which appe
 output): callers get exactly the text the model produced. The whole sequence (prompt + new
 tokens) never exceeds the model's `max_seq_len`.
 
-`compile=True` opts into the static-shape step of `lmforge.generate.static` (CUDA graphs on CUDA), the
-same tokens with far less per-token overhead; models it does not support decode the normal way.
+`compile=True` opts into the static-shape step of `lmforge.generate.static` (CUDA graphs on CUDA, eager
+on CPU), the same tokens with far less per-token overhead; models it does not support decode the normal way.
 """
 
 from __future__ import annotations
@@ -104,13 +104,18 @@ def decode(model: nn.Module, prompt: list[int], params: SamplingParams) -> Itera
 def decode_static(model: nn.Module, prompt: list[int], params: SamplingParams, compile: bool = True
                   ) -> Iterator[int]:
     """`decode` through the model's `StaticDecoder`: same prefill, then fixed-shape steps (compiled when
-    `compile`; CUDA graphs on CUDA). Position and token stay on the device between steps."""
+    `compile`; CUDA graphs on CUDA). Position and token stay on the device between steps. The decoder's
+    cache is one per model: a stream started while another is running on it decodes the normal way."""
+    dec = static_decoder(model, compile)
+    if dec.in_use:
+        yield from decode(model, prompt, params)
+        return
     budget = decode_budget(model, prompt, params)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    dec.in_use = True
     try:
-        dec = static_decoder(model, compile)
         graphs = compile and device.type == "cuda"
         logits = dec.prefill(torch.tensor([prompt], device=device))
         pos = torch.tensor([len(prompt)], device=device)
@@ -124,6 +129,7 @@ def decode_static(model: nn.Module, prompt: list[int], params: SamplingParams, c
 
         yield from sample_loop(logits, step, prompt, budget, params, device)
     finally:
+        dec.in_use = False
         model.train(was_training)
 
 

@@ -31,8 +31,8 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import new_generator
 from lmforge.generate.sampling import SamplingParams, sample_next
-from lmforge.serve.cache import SlotCache, decode_mask
 from lmforge.generate.stops import StopMatcher
+from lmforge.serve.cache import SlotCache, decode_mask
 from lmforge.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
