@@ -2,13 +2,13 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from fakes import learnable_shards
 
 from lmforge.config import from_dict
 from lmforge.data.loader import SequenceLoader
-from lmforge.data.shards import ShardSet, ShardWriter
+from lmforge.data.shards import ShardSet
 from lmforge.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.metrics import read_metrics
@@ -72,14 +72,7 @@ def test_config_checks():
 
 
 def write_shards(directory) -> ShardSet:
-    rng = np.random.default_rng(0)
-    stream = np.resize(rng.integers(0, VOCAB, 50), 6000)
-    noise = rng.random(stream.size) < 0.05
-    stream[noise] = rng.integers(0, VOCAB, noise.sum())
-    with ShardWriter(directory, VOCAB, max_shard_tokens=2000) as w:
-        for doc in np.array_split(stream, 10):
-            w.add(doc, n_bytes=len(doc))
-    return ShardSet(directory)
+    return learnable_shards(directory, VOCAB, 6000, 2000)
 
 
 class CrashAfter:

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import learnable_shards
 
 from lmforge.config import from_dict
 from lmforge.data.loader import SequenceLoader
-from lmforge.data.shards import ShardSet, ShardWriter
+from lmforge.data.shards import ShardSet
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.fused_ce import linear_cross_entropy
@@ -58,15 +59,7 @@ def test_detector_hand_checked_threshold():
 
 
 def write_shards(directory) -> ShardSet:
-    """A learnable stream: one 50-id 'sentence' repeated, 5% noise."""
-    rng = np.random.default_rng(0)
-    stream = np.resize(rng.integers(0, VOCAB, 50), 20_000)
-    noise = rng.random(stream.size) < 0.05
-    stream[noise] = rng.integers(0, VOCAB, noise.sum())
-    with ShardWriter(directory, VOCAB, max_shard_tokens=5000) as w:
-        for doc in np.array_split(stream, 10):
-            w.add(doc, n_bytes=len(doc))
-    return ShardSet(directory)
+    return learnable_shards(directory, VOCAB, 20000, 5000)
 
 
 class Poisoned:
