@@ -130,6 +130,7 @@ def _tp_worker(rank: int, world: int, port: int, queue) -> None:
         if rank == 0:
             queue.put(((y_tp - y_ref).abs().max().item(), y_ref.abs().max().item(), norm_ref, norm_tp,
                        same_weights, sorted(layout.permuted)[:2]))
+        dist.barrier()  # no rank tears gloo down while its peer still has traffic in flight (SIGABRT otherwise)
     finally:
         dist.destroy_process_group()
 
