@@ -33,14 +33,14 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lmforge.config import from_dict  # noqa: E402
+from lmforge.core.config import from_dict  # noqa: E402
 from lmforge.data.shards import ShardWriter  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
 from lmforge.parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
+from lmforge.train.config import TrainConfig  # noqa: E402
 from lmforge.train.metrics import read_metrics  # noqa: E402
 from lmforge.train.optim import build_optimizer  # noqa: E402
 from lmforge.train.pretrain import lm_loss  # noqa: E402
-from lmforge.train.trainer import TrainConfig  # noqa: E402
 
 VOCAB = 512
 MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "vocab_size": VOCAB, "max_seq_len": 128}

@@ -27,14 +27,14 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import torch  # noqa: E402
 
-from lmforge.config import from_dict  # noqa: E402
+from lmforge.core.config import from_dict  # noqa: E402
+from lmforge.core.runtime import resolve_device  # noqa: E402
 from lmforge.generate.engine import generate  # noqa: E402
 from lmforge.generate.sampling import SamplingParams  # noqa: E402
 from lmforge.generate.speculative import speculative_generate  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
 from lmforge.model.hf import hf_config_from_model, state_dict_to_hf  # noqa: E402
 from lmforge.model.io import model_state_dict  # noqa: E402
-from lmforge.runtime import resolve_device  # noqa: E402
 
 SHAPE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1408, vocab_size=8192, max_seq_len=512)
 PROMPT_LEN = 32

@@ -35,12 +35,13 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lmforge.config import from_dict  # noqa: E402
+from lmforge.core.config import from_dict  # noqa: E402
+from lmforge.core.runtime import compile_model  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.runtime import compile_model  # noqa: E402
+from lmforge.train.config import TrainConfig  # noqa: E402
 from lmforge.train.optim import build_optimizer  # noqa: E402
 from lmforge.train.pretrain import lm_loss, lm_loss_unfused  # noqa: E402
-from lmforge.train.trainer import TrainConfig, forward_backward, optimizer_step  # noqa: E402
+from lmforge.train.trainer import forward_backward, optimizer_step
 
 H100_BF16_DENSE = 989e12
 GPT = dict(mlp="gelu", norm="layernorm", position="learned", tie_embeddings=True, vocab_size=50304, max_seq_len=1024)

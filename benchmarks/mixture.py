@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
+from lmforge.core.runtime import autocast, resolve_precision
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.mixture import MixtureLoader, concat_shards
 from lmforge.data.shards import ShardSet, ShardWriter
 from lmforge.model import ModelConfig, Transformer
-from lmforge.runtime import autocast, resolve_precision
+from lmforge.train.config import TrainConfig
 from lmforge.train.optim import build_optimizer
 from lmforge.train.pretrain import lm_loss
-from lmforge.train.trainer import TrainConfig
 
 VOCAB, SEQ, BATCH = 4096, 256, 16
 

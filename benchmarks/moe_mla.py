@@ -24,11 +24,12 @@ import time
 
 import torch
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
 from lmforge.generate.batch import generate_batch
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.mla import mla_cache_bytes_per_token
-from lmforge.model.moe import MoE, active_params
+from lmforge.model.moe import MoE
+from lmforge.model.size import active_params
 from lmforge.train.pretrain import lm_loss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -31,16 +31,17 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import torch  # noqa: E402
 
-from lmforge.config import from_dict  # noqa: E402
+from lmforge.core.config import from_dict  # noqa: E402
+from lmforge.core.runtime import autocast, compile_model  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
 from lmforge.model.hf import state_dict_to_hf  # noqa: E402
 from lmforge.model.io import model_state_dict  # noqa: E402
+from lmforge.model.size import num_params  # noqa: E402
 from lmforge.peft import LoraConfig, apply_lora  # noqa: E402
-from lmforge.runtime import autocast, compile_model  # noqa: E402
+from lmforge.train.config import TrainConfig  # noqa: E402
 from lmforge.train.objectives import causal_lm_loss  # noqa: E402
 from lmforge.train.optim import build_optimizer  # noqa: E402
 from lmforge.train.pretrain import lm_loss  # noqa: E402
-from lmforge.train.trainer import TrainConfig  # noqa: E402
 
 SHAPE = dict(d_model=512, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=1408, vocab_size=16000, max_seq_len=256)
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -150,7 +151,7 @@ def main() -> int:
         return 0
 
     c = from_dict(ModelConfig, SHAPE)
-    model_text = (f"{c.d_model}d x{c.n_layers}, vocab {c.vocab_size}, {c.num_params() / 1e6:.1f}M params, "
+    model_text = (f"{c.d_model}d x{c.n_layers}, vocab {c.vocab_size}, {num_params(c) / 1e6:.1f}M params, "
                   f"batch {args.batch}x{args.seq_len}, r={args.rank}")
     machine = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from rl_fixtures import save_checkpoint, tiny_model, tiny_tokenizer  # noqa: E402
 
-from lmforge.config import from_dict  # noqa: E402
+from lmforge.core.config import from_dict  # noqa: E402
 from lmforge.posttrain.dpo import DpoConfig, run_dpo  # noqa: E402
 from lmforge.posttrain.grpo import GrpoConfig, run_grpo  # noqa: E402
 from lmforge.posttrain.reward import RewardConfig, run_reward  # noqa: E402

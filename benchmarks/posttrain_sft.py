@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from textdata import SHAKESPEARE  # noqa: E402
 
 from lmforge.cli import main  # noqa: E402
-from lmforge.config import load_recipe  # noqa: E402
+from lmforge.core.config import load_recipe  # noqa: E402
 from lmforge.model.io import load_model  # noqa: E402
 from lmforge.posttrain.sft import accuracy_by_kind  # noqa: E402
-from lmforge.posttrain.tasks import make_examples  # noqa: E402
+from lmforge.tasks.suite import make_examples  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 
 

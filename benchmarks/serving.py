@@ -34,7 +34,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from lmforge.model import ModelConfig, Transformer, save_model  # noqa: E402
-from lmforge.tokenizer import train_bpe  # noqa: E402
+from lmforge.tokenizer.train import train_bpe  # noqa: E402
 
 SHAPE = dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, max_seq_len=512)
 QUESTIONS = ["What is the difference between a list and a tuple?", "Explain recursion to a child.",

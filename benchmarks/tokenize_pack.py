@@ -33,8 +33,9 @@ from pathlib import Path  # noqa: E402
 
 from lmforge.data.corpus import interleave, pydoc_topic_documents, stdlib_code_documents  # noqa: E402
 from lmforge.data.shards import ShardSet  # noqa: E402
-from lmforge.data.tokenize import tokenize_to_shards  # noqa: E402
-from lmforge.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, train_bpe  # noqa: E402
+from lmforge.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer  # noqa: E402
+from lmforge.tokenizer.pack import tokenize_to_shards  # noqa: E402
+from lmforge.tokenizer.train import train_bpe
 
 
 def build_corpus(out: Path, max_mb: float, n_files: int) -> tuple[list[Path], int]:

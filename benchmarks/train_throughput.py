@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
+from lmforge.core.runtime import autocast, compile_model
 from lmforge.model import ModelConfig, Transformer
-from lmforge.runtime import autocast, compile_model
+from lmforge.model.size import flops_per_token, num_params
+from lmforge.train.config import TrainConfig
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.optim import build_optimizer
 from lmforge.train.pretrain import lm_loss
-from lmforge.train.trainer import TrainConfig
 
 SHAPES = {
     # the DESIGN.md reference shapes
@@ -102,12 +103,12 @@ def main() -> int:
     shape = dict(SHAPES[args.preset])
     batch, seq_len = shape.pop("batch"), shape.pop("seq_len")
     cfg = from_dict(ModelConfig, {**shape, "max_seq_len": seq_len})
-    flops_per_token = cfg.flops_per_token(seq_len)
+    flops = flops_per_token(cfg, seq_len)
     threads = torch.get_num_threads()
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     peak_bf16 = peaks["bf16"]
     print(f"threads={threads}  matmul peak fp32 {peaks['fp32'] / 1e9:.0f} / bf16 {peak_bf16 / 1e9:.0f} GFLOP/s  "
-          f"params {cfg.num_params() / 1e6:.1f}M  FLOPs/token {flops_per_token / 1e6:.1f}M")
+          f"params {num_params(cfg) / 1e6:.1f}M  FLOPs/token {flops / 1e6:.1f}M")
 
     rows = []
     for precision in args.precisions.split(","):
@@ -122,9 +123,9 @@ def main() -> int:
             runner = compile_model(model) if compiled else model
             tps = measure(step_fn(runner, False, precision), batch, seq_len, cfg.vocab_size, args.steps,
                           args.warmup + (2 if compiled else 0))
-            mfu = tps * flops_per_token / peak_bf16
+            mfu = tps * flops / peak_bf16
             # how close the peer already is to this precision's matmul ceiling bounds any ratio
-            hf_of_peak = hf_tps * flops_per_token / peaks.get(precision, peak_bf16)
+            hf_of_peak = hf_tps * flops / peaks.get(precision, peak_bf16)
             rows.append((f"train tokens/s, {args.preset} ({cfg.d_model}d x{cfg.n_layers}), {precision}, "
                          f"lmforge {label} vs HF eager (lmforge = {mfu:.1%} of bf16 matmul peak; "
                          f"HF = {hf_of_peak:.0%} of the {precision} matmul peak)", tps, hf_tps))

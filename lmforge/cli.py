@@ -11,8 +11,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lmforge.config import parse_config, to_dict
-from lmforge.errors import LmforgeError
+from lmforge.core.config import parse_config, to_dict
+from lmforge.core.errors import LmforgeError
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,11 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "quickstart": Command("lmforge.quickstart", "QuickstartConfig", "run_quickstart",
                           "the whole lifecycle on a corpus built from this machine's Python stdlib"),
-    "tokenizer train": Command("lmforge.tokenizer", "TokenizerTrainConfig", "train_tokenizer_cmd",
+    "tokenizer train": Command("lmforge.tokenizer.train", "TokenizerTrainConfig", "train_tokenizer_cmd",
                                "train a BPE / WordPiece / Unigram tokenizer and save tokenizer.json"),
-    "tokenizer eval": Command("lmforge.tokenizer_eval", "TokenizerEvalConfig", "tokenizer_eval_cmd",
+    "tokenizer eval": Command("lmforge.tokenizer.eval", "TokenizerEvalConfig", "tokenizer_eval_cmd",
                               "compression (bytes/token, tokens/word) of several tokenizers side by side"),
-    "data tokenize": Command("lmforge.data.tokenize", "TokenizeConfig", "tokenize_cmd",
+    "data tokenize": Command("lmforge.tokenizer.pack", "TokenizeConfig", "tokenize_cmd",
                              "tokenize documents into memory-mapped token shards"),
     "data export-megatron": Command("lmforge.data.megatron", "ExportMegatronConfig", "export_megatron_cmd",
                                     "write a shard set as a Megatron-LM .bin/.idx indexed dataset"),

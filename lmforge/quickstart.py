@@ -20,18 +20,33 @@ from typing import Any
 
 import torch
 
-from lmforge.config import from_dict, option, save_config, suggest
-from lmforge.data.mixture import SourceConfig
-from lmforge.errors import ConfigError, LmforgeError
-from lmforge.files import atomic_write_json, atomic_write_text
+from lmforge.checkpoint.store import latest_checkpoint
+from lmforge.core.config import from_dict, option, save_config, suggest, to_dict
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.files import atomic_write_json, atomic_write_text
+from lmforge.data.corpus import build_stdlib_corpus
+from lmforge.data.mixture import SourceConfig, concat_shards
+from lmforge.data.pipeline import clean_documents
+from lmforge.data.readers import read_documents
+from lmforge.data.shards import ShardSet
+from lmforge.eval.decontam import find_contamination, task_texts
+from lmforge.eval.harness import run_tasks, strip_examples
+from lmforge.eval.make_tasks import make_cloze_task, make_synthetic_task, texts_from_source
+from lmforge.eval.report import write_report
+from lmforge.eval.tasks import load_task
+from lmforge.generate.engine import generate
+from lmforge.generate.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer, load_model
-from lmforge.model.encdec import build_model
-from lmforge.peft.config import PeftConfig
-from lmforge.posttrain.dpo import DpoConfig
-from lmforge.posttrain.sft import SftConfig
-from lmforge.train.checkpoint import latest_checkpoint
-from lmforge.train.pretrain import DataConfig, PretrainConfig
-from lmforge.train.trainer import TrainConfig
+from lmforge.model.encdec import build_model, greedy_decode
+from lmforge.peft.config import PeftConfig, load_trained
+from lmforge.posttrain.dpo import DpoConfig, run_dpo
+from lmforge.posttrain.sft import SftConfig, run_sft
+from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.pack import tokenize_to_shards
+from lmforge.tokenizer.train import train_bpe
+from lmforge.train.config import TrainConfig
+from lmforge.train.evaluate import evaluate_perplexity
+from lmforge.train.pretrain import DataConfig, PretrainConfig, objective_ids, pretrain
 
 STAGES = ("corpus", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval")
 OPTIONAL_STAGES = ("clean", "sft", "dpo", "eval")
@@ -151,13 +166,11 @@ class Stages:
 
 
 def _corpus(out: Path, max_bytes: int) -> dict[str, Any]:
-    from lmforge.data.corpus import build_stdlib_corpus
 
     return build_stdlib_corpus(out / "corpus.jsonl", max_bytes=max_bytes)
 
 
 def _clean(out: Path, corpus: Path, steps: list[str]) -> dict[str, Any]:
-    from lmforge.data.pipeline import clean_documents
 
     stats = clean_documents([corpus], out, steps=steps, overwrite=True)
     return {"docs_in": stats["docs_in"], "docs_kept": stats["docs_kept"], "steps": steps,
@@ -165,8 +178,6 @@ def _clean(out: Path, corpus: Path, steps: list[str]) -> dict[str, Any]:
 
 
 def _tokenizer(out: Path, corpus: Path, vocab_size: int) -> dict[str, Any]:
-    from lmforge.data.readers import read_documents
-    from lmforge.tokenizer import train_bpe
 
     tok = train_bpe((d.text for d in read_documents([corpus])), vocab_size=vocab_size)
     tok.save(out)
@@ -176,10 +187,6 @@ def _tokenizer(out: Path, corpus: Path, vocab_size: int) -> dict[str, Any]:
 def _shards(out: Path, corpus: Path, tokenizer_dir: Path) -> dict[str, Any]:
     """One shard set per corpus source (OUT/<source>/{train,val}, the pretraining mixture's sources) and
     their union OUT/{train,val}, which evaluation reads; each document is in exactly one split."""
-    from lmforge.data.mixture import concat_shards
-    from lmforge.data.readers import read_documents
-    from lmforge.data.tokenize import tokenize_to_shards
-    from lmforge.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_dir)
     by_source = out / "by_source"
@@ -209,14 +216,10 @@ def _shards(out: Path, corpus: Path, tokenizer_dir: Path) -> dict[str, Any]:
 
 def _samples(model: Transformer, tokenizer: Any, prompts: list[str], n_tokens: int) -> list[str]:
     """Sampled continuations; an encoder-decoder fills a masked span after each prompt instead (greedy)."""
-    from lmforge.generate.engine import generate
-    from lmforge.generate.sampling import SamplingParams
 
     texts = []
     for i, prompt in enumerate(prompts):
         if model.cfg.arch == "encdec":
-            from lmforge.model.encdec import greedy_decode
-
             sentinel = tokenizer.vocab_size  # the first sentinel id sits right past the tokenizer's ids
             with torch.no_grad():
                 out = greedy_decode(model, torch.tensor([tokenizer.encode(prompt) + [sentinel]]), n_tokens)
@@ -231,8 +234,6 @@ def _samples(model: Transformer, tokenizer: Any, prompts: list[str], n_tokens: i
 
 def _val_metrics(model: Transformer, shards_dir: Path, seq_len: int) -> dict[str, float] | None:
     """Held-out perplexity and bits per byte (None for an encoder-decoder: it is a decoder-only measure)."""
-    from lmforge.data.shards import ShardSet
-    from lmforge.eval.perplexity import evaluate_perplexity
 
     if model.cfg.arch == "encdec":
         return None
@@ -242,12 +243,6 @@ def _val_metrics(model: Transformer, shards_dir: Path, seq_len: int) -> dict[str
 def _eval(out: Path, run_dir: Path, models: dict[str, tuple[str, str | None]], n_tasks: int, n_cloze: int,
           kinds: list[str]) -> dict[str, Any]:
     """Every model on the same held-out synthetic tasks (exact match) and corpus cloze (log-likelihood)."""
-    from lmforge.eval.decontam import find_contamination, task_texts
-    from lmforge.eval.harness import run_tasks, strip_examples
-    from lmforge.eval.make_tasks import make_cloze_task, make_synthetic_task, texts_from_source
-    from lmforge.eval.tasks import load_task
-    from lmforge.peft.config import load_trained
-    from lmforge.tokenizer import Tokenizer
 
     tasks = out / "tasks"
     synthetic = load_task(make_synthetic_task(tasks, n=n_tasks, kinds=kinds))
@@ -274,11 +269,6 @@ def _eval(out: Path, run_dir: Path, models: dict[str, tuple[str, str | None]], n
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
-    from lmforge.eval.report import write_report
-    from lmforge.posttrain.dpo import run_dpo
-    from lmforge.posttrain.sft import run_sft
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.pretrain import objective_ids, pretrain
 
     _apply_arch(cfg)
     run_dir = Path(cfg.run_dir)
@@ -364,7 +354,6 @@ def _posttrain(run: Callable[[Any], dict[str, Any]], stage_cfg: Any, out: Path, 
 
 
 def _model_dict(cfg: ModelConfig) -> dict[str, Any]:
-    from lmforge.config import to_dict
 
     data = to_dict(cfg)
     data.pop("preset", None)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
 from lmforge.model import ModelConfig, Transformer
 
 VOCAB = 100

@@ -16,8 +16,9 @@ from textdata import SHAKESPEARE
 from lmforge.model.config import ModelConfig
 from lmforge.model.io import save_model
 from lmforge.model.transformer import Transformer
-from lmforge.posttrain.tasks import make_examples
-from lmforge.tokenizer import Tokenizer, train_bpe
+from lmforge.tasks.suite import make_examples
+from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.train import train_bpe
 
 VOCAB_SIZE = 512
 

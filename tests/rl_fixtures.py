@@ -12,7 +12,8 @@ import torch
 from textdata import SHAKESPEARE
 
 from lmforge.model import ModelConfig, Transformer, save_model
-from lmforge.tokenizer import Tokenizer, train_bpe
+from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.train import train_bpe
 
 
 @lru_cache(maxsize=1)

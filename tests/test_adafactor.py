@@ -4,13 +4,14 @@ import pytest
 import torch
 from fakes import RepeatedBatch
 
-from lmforge.config import from_dict
+from lmforge.checkpoint.store import optimizer_from_files, optimizer_to_files
+from lmforge.core.config import from_dict
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.adafactor import Adafactor
-from lmforge.train.checkpoint import optimizer_from_files, optimizer_to_files
+from lmforge.train.config import TrainConfig
 from lmforge.train.optim import build_optimizer
 from lmforge.train.pretrain import lm_loss
-from lmforge.train.trainer import TrainConfig, train_loop
+from lmforge.train.trainer import train_loop
 
 transformers_optimization = pytest.importorskip("transformers.optimization")
 

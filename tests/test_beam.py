@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.cli import main
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
 from lmforge.generate.beam import BeamParams, beam_search
 from lmforge.generate.contrastive import contrastive_search, degeneration_scores
 from lmforge.generate.engine import generate

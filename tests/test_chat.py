@@ -5,14 +5,14 @@ import torch
 from textdata import SHAKESPEARE
 
 from lmforge.cli import main
-from lmforge.config import from_dict
-from lmforge.errors import LmforgeError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import LmforgeError
 from lmforge.generate.chat import ChatSession, apply_settings, chat_loop
 from lmforge.generate.engine import generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer, save_model
-from lmforge.posttrain.chat_data import prompt_ids, stop_token_ids
-from lmforge.tokenizer import train_bpe
+from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
+from lmforge.tokenizer.train import train_bpe
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,16 @@ import pytest
 import torch
 from posttrain_fixtures import tiny_tokenizer
 
-from lmforge.errors import LmforgeError
-from lmforge.posttrain.chat_data import (
+from lmforge.core.errors import LmforgeError
+from lmforge.core.tensors import IGNORE_INDEX
+from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.chat import (
     encode_conversation,
     encode_prompt_response,
     pad_batch,
     prompt_ids,
     stop_token_ids,
 )
-from lmforge.tokenizer import Tokenizer
-from lmforge.train.objectives import IGNORE_INDEX
 
 CONV = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": "copy: a b c"}, {"role": "assistant", "content": "a b c"},

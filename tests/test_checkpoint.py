@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.config import from_dict
-from lmforge.errors import LmforgeError
-from lmforge.model import ModelConfig, Transformer, load_model
-from lmforge.train.checkpoint import (
+from lmforge.checkpoint.store import (
     LATEST_NAME,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
+from lmforge.core.config import from_dict
+from lmforge.core.errors import LmforgeError
+from lmforge.model import ModelConfig, Transformer, load_model
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
@@ -136,9 +136,9 @@ def test_optimizer_of_a_different_shape_is_an_error(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from lmforge.config import from_dict
+    from lmforge.core.config import from_dict
     from lmforge.model import ModelConfig, Transformer
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.checkpoint.store import save_checkpoint
 
     torch.manual_seed(0)
     model = Transformer(from_dict(ModelConfig, dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4,

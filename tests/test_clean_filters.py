@@ -6,6 +6,7 @@ import pytest
 from cleantext import FRENCH, GERMAN, gibberish, prose
 from textdata import SHAKESPEARE
 
+from lmforge.core.errors import ConfigError
 from lmforge.data.filters.c4 import C4Quality
 from lmforge.data.filters.classifier import ClassifierFilter, HashedLogReg
 from lmforge.data.filters.fineweb import FineWebQuality
@@ -15,7 +16,6 @@ from lmforge.data.filters.language import LanguageFilter
 from lmforge.data.filters.perplexity import NGramModel, PerplexityFilter
 from lmforge.data.filters.text import mix64, ngram_hashes, words
 from lmforge.data.readers import Document
-from lmforge.errors import ConfigError
 
 
 def doc(text: str) -> Document:

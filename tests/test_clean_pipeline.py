@@ -8,11 +8,11 @@ import pytest
 from cleantext import FRENCH, gibberish, prose, read_jsonl, write_jsonl
 
 from lmforge.cli import main
-from lmforge.config import option
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.data.pipeline import Pipeline, clean_documents, default_steps, make_step
 from lmforge.data.readers import Document, read_documents
 from lmforge.data.steps import Step
-from lmforge.errors import ConfigError, LmforgeError
 
 
 def planted_corpus(tmp_path: Path) -> tuple[list[Path], dict[str, str]]:

@@ -6,8 +6,8 @@ from typing import Literal
 import pytest
 
 from lmforge.cli import main
-from lmforge.config import from_dict, option, parse_config, to_dict
-from lmforge.errors import ConfigError
+from lmforge.core.config import from_dict, option, parse_config, to_dict
+from lmforge.core.errors import ConfigError
 from lmforge.model import ModelConfig
 
 

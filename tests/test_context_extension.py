@@ -13,8 +13,8 @@ import pytest
 from textdata import SHAKESPEARE
 
 from lmforge.cli import main
+from lmforge.core.errors import LmforgeError
 from lmforge.data.shards import ShardWriter
-from lmforge.errors import LmforgeError
 from lmforge.eval.context import load_for_length, original_length, parse_lengths, parse_multiples
 from lmforge.model import load_model
 
@@ -66,7 +66,7 @@ def test_lengths_and_learned_positions(tmp_path):
         parse_multiples("0,1")
     with pytest.raises(LmforgeError, match="comma-separated"):
         parse_multiples("1,x")
-    from lmforge.config import from_dict
+    from lmforge.core.config import from_dict
     from lmforge.model import ModelConfig, Transformer, save_model
 
     cfg = from_dict(ModelConfig, {"preset": "debug", "vocab_size": 16, "max_seq_len": 16})

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from lmforge.core.errors import LmforgeError
 from lmforge.data.corpus import build_stdlib_corpus, interleave, stdlib_code_documents
 from lmforge.data.readers import read_documents
-from lmforge.errors import LmforgeError
 
 
 def test_small_corpus_mixes_code_and_docs_within_the_budget(tmp_path):

@@ -8,14 +8,14 @@ import pytest
 import torch
 from test_mixture import OFFSET, SEQ, make_source, tiny_pretrain_config
 
-from lmforge.config import from_dict
-from lmforge.data.curriculum import CurriculumLoader, build_data_plan, window_scores
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.mixture import MixtureLoader
-from lmforge.errors import ConfigError
+from lmforge.train.config import TrainConfig
+from lmforge.train.curriculum import CurriculumLoader, build_data_plan, window_scores
 from lmforge.train.pretrain import DataConfig, pretrain
 from lmforge.train.schedule import lr_at
-from lmforge.train.trainer import TrainConfig
 
 
 def curriculum(tmp_path, grad_accum=1) -> CurriculumLoader:
@@ -138,7 +138,7 @@ def test_pretrain_switches_phase_logs_it_and_resumes_across_the_boundary(tmp_pat
 def test_recipe_parses():
     from pathlib import Path
 
-    from lmforge.config import load_recipe
+    from lmforge.core.config import load_recipe
     from lmforge.train.pretrain import PretrainConfig
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "pretrain-mixture.toml"

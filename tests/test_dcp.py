@@ -8,9 +8,9 @@ import pytest
 from test_parallel import REL, base_config, losses, torchrun
 from test_trainer import write_shards
 
-from lmforge.config import from_dict
-from lmforge.train.checkpoint import LATEST_NAME, checkpoint_name, checkpoints_dir, list_checkpoints
-from lmforge.train.dcp import is_dcp_checkpoint
+from lmforge.checkpoint.dcp import is_dcp_checkpoint
+from lmforge.checkpoint.store import LATEST_NAME, checkpoint_name, checkpoints_dir, list_checkpoints
+from lmforge.core.config import from_dict
 from lmforge.train.pretrain import PretrainConfig, pretrain
 
 STEPS, SAVED = 6, 3

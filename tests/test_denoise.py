@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
+from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.data.shards import ShardWriter
-from lmforge.errors import ConfigError
 from lmforge.model.io import load_model
 from lmforge.train.denoise import (
     UL2_DENOISERS,
@@ -29,7 +30,6 @@ from lmforge.train.denoise import (
     random_spans_noise_mask,
     span_corrupt,
 )
-from lmforge.train.objectives import IGNORE_INDEX
 from lmforge.train.pretrain import PretrainConfig, pretrain
 
 VOCAB = 50

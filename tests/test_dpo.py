@@ -7,11 +7,11 @@ import torch
 from rl_fixtures import save_checkpoint, tiny_model, tiny_tokenizer
 from test_reward import preference_file
 
-from lmforge.config import from_dict
-from lmforge.errors import LmforgeError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import LmforgeError
 from lmforge.posttrain import dpo, losses
 from lmforge.posttrain.dpo import DpoConfig, run_dpo
-from lmforge.tokenizer import train_bpe
+from lmforge.tokenizer.train import train_bpe
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
 from lmforge.model import ModelConfig, save_model
 from lmforge.model.encdec import EncoderDecoder, build_model, greedy_decode, shift_right
 from lmforge.model.io import load_model

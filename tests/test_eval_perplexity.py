@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
 from lmforge.data.shards import ShardSet, ShardWriter
-from lmforge.eval.perplexity import evaluate_perplexity
 from lmforge.model import ModelConfig, Transformer, save_model
+from lmforge.train.evaluate import evaluate_perplexity
 from lmforge.train.objectives import causal_lm_loss
 
 VOCAB = 64

@@ -5,8 +5,8 @@ import torch
 from textdata import SHAKESPEARE
 
 from lmforge.cli import main
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.eval.decontam import ExampleText, find_contamination, ngram_hashes
 from lmforge.eval.harness import encode_pair, evaluate_task, loglikelihoods, prefix_ids, run_tasks
 from lmforge.eval.make_tasks import make_cloze_rows, make_cloze_task, make_synthetic_task, write_task
@@ -15,8 +15,8 @@ from lmforge.eval.tasks import cut_at_stop, load_task, multiple_choice_metrics, 
 from lmforge.generate.engine import generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer, save_model
-from lmforge.posttrain.chat_data import prompt_ids, stop_token_ids
-from lmforge.tokenizer import train_bpe
+from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
+from lmforge.tokenizer.train import train_bpe
 
 TEXT = SHAKESPEARE.read_text(encoding="utf-8")[:200_000]
 
@@ -137,7 +137,7 @@ def test_cloze_rows_come_from_the_text():
 
 
 def test_synthetic_task_is_held_out(tmp_path):
-    from lmforge.posttrain.tasks import make_examples
+    from lmforge.tasks.suite import make_examples
 
     task = load_task(make_synthetic_task(tmp_path, n=30))
     train_prompts = {e.prompt for e in make_examples(600, seed=0)}
@@ -169,7 +169,7 @@ def test_decontamination_flags_copied_examples():
 
 
 def test_eval_cli_runs_tasks_and_perplexity(tmp_path, tokenizer, model):
-    from lmforge.data.tokenize import tokenize_to_shards
+    from lmforge.tokenizer.pack import tokenize_to_shards
 
     (tmp_path / "text.txt").write_text(TEXT[:20_000])
     tokenize_to_shards([tmp_path / "text.txt"], tokenizer, tmp_path / "shards", val_fraction=0.0)

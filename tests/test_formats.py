@@ -3,8 +3,8 @@ import json
 import pytest
 from textdata import shared_file
 
+from lmforge.core.errors import LmforgeError
 from lmforge.data.formats import read_conversations, read_preference_pairs
-from lmforge.errors import LmforgeError
 
 
 def write_jsonl(path, records):

@@ -4,14 +4,16 @@ import torch
 import torch.nn.functional as F
 from fakes import RepeatedBatch
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
+from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.data.shards import ShardWriter
 from lmforge.model import ModelConfig, Transformer, load_model
 from lmforge.train import trainer
+from lmforge.train.config import TrainConfig
 from lmforge.train.fused_ce import linear_cross_entropy
-from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss
+from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.pretrain import PretrainConfig, lm_loss, lm_loss_unfused, pretrain
-from lmforge.train.trainer import TrainConfig, train_loop
+from lmforge.train.trainer import train_loop
 
 D, V = 16, 97
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import from_dict
-from lmforge.errors import LmforgeError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import LmforgeError
 from lmforge.generate.engine import generate, generate_stream
 from lmforge.generate.sampling import SamplingParams, sample_next
 from lmforge.model import ModelConfig, Transformer, load_model, save_model
@@ -242,7 +242,7 @@ def greedy_ids(model: Transformer, prompt: list[int], n: int) -> list[int]:
 @pytest.fixture(scope="module")
 def text_checkpoint(tmp_path_factory):
     """A tiny model saved with a trained byte-level BPE tokenizer; returns (dir, model, tokenizer)."""
-    from lmforge.tokenizer import train_bpe
+    from lmforge.tokenizer.train import train_bpe
 
     tokenizer = train_bpe([TEXT], vocab_size=300, show_progress=False)
     model = tiny_model(vocab_size=tokenizer.vocab_size)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
 from lmforge.generate.engine import decode_static, generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.static import StaticDecoder, static_decoder, static_supported

@@ -8,12 +8,12 @@ import pytest
 import torch
 from rl_fixtures import save_checkpoint, tiny_model, tiny_tokenizer
 
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
+from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.posttrain.grpo import GrpoConfig, run_grpo
 from lmforge.posttrain.rl_losses import clipped_surrogate, group_advantages, grpo_loss, k3_kl
 from lmforge.posttrain.rollout import RolloutBatches, pack_sequences, token_logps
-from lmforge.train.objectives import IGNORE_INDEX
 
 T = torch.tensor
 

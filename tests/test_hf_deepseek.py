@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.cli import main
-from lmforge.config import from_dict
-from lmforge.errors import LmforgeError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import LmforgeError
 from lmforge.generate.engine import generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer, load_model, save_model
@@ -120,10 +120,10 @@ def test_cli_convert_and_one_line_errors(tmp_path, capsys):
 
 
 def test_deepseek_v3_preset_is_the_published_671b_shape():
-    cfg = from_dict(ModelConfig, {"preset": "deepseek-v3", "mtp_depth": 0}, "model.")
-    assert cfg.num_params() == 671_026_404_352  # 671B main model (DeepSeek-V3 report, Table 1)
-    from lmforge.model.moe import active_params
+    from lmforge.model.size import active_params, num_params
 
+    cfg = from_dict(ModelConfig, {"preset": "deepseek-v3", "mtp_depth": 0}, "model.")
+    assert num_params(cfg) == 671_026_404_352  # 671B main model (DeepSeek-V3 report, Table 1)
     assert 37.0e9 < active_params(cfg) < 37.7e9  # 37B activated per token
     from lmforge.model.hf_deepseek import hf_config_from_model
 

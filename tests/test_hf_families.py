@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from lmforge import cli  # noqa: E402
-from lmforge.config import from_dict  # noqa: E402
-from lmforge.errors import LmforgeError  # noqa: E402
+from lmforge.core.config import from_dict  # noqa: E402
+from lmforge.core.errors import LmforgeError  # noqa: E402
 from lmforge.model import ModelConfig, save_model  # noqa: E402
 from lmforge.model.encdec import EncoderDecoder, greedy_decode  # noqa: E402
 from lmforge.model.hf import from_hf, hf_config_from_model, to_hf  # noqa: E402

@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers.generation import logits_process as hf_lp  # noqa: E402
 
-from lmforge.config import from_dict  # noqa: E402
+from lmforge.core.config import from_dict  # noqa: E402
 from lmforge.generate.beam import BeamParams, beam_search  # noqa: E402
 from lmforge.generate.engine import generate  # noqa: E402
 from lmforge.generate.processors import (  # noqa: E402

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from lmforge import cli  # noqa: E402
-from lmforge.config import from_dict  # noqa: E402
-from lmforge.errors import LmforgeError  # noqa: E402
+from lmforge.core.config import from_dict  # noqa: E402
+from lmforge.core.errors import LmforgeError  # noqa: E402
 from lmforge.model import ModelConfig, Transformer, load_model, save_model  # noqa: E402
 from lmforge.model.hf import (  # noqa: E402
     from_hf,

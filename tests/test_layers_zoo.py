@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.attention import attention_mask
 from lmforge.model.layers import MLP, deepnorm_constants

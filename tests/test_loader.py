@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.core.errors import LmforgeError
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.shards import ShardSet, ShardWriter
-from lmforge.errors import LmforgeError
 
 SEQ = 8
 

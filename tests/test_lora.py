@@ -11,9 +11,10 @@ import torch
 from peft_fixtures import VOCAB, hf_model, write_hf_llama
 from torch import nn
 
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.model import ModelConfig, Transformer, load_model, save_model
+from lmforge.model.size import num_params
 from lmforge.peft import (
     LoraConfig,
     LoraLinear,
@@ -62,7 +63,7 @@ def test_init_keeps_logits_and_trains_only_lora():
     q, kv, d, ff = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.d_model, c.d_ff
     per_layer = cfg.r * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + ff) + (ff + d))
     lora_total = c.n_layers * per_layer
-    assert count_parameters(model) == (lora_total, model.cfg.num_params() + lora_total)
+    assert count_parameters(model) == (lora_total, num_params(model.cfg) + lora_total)
     assert isinstance(model.blocks[0].attn.qkv, LoraLinear)
     assert isinstance(model.blocks[1].mlp.down, LoraLinear)
 
@@ -359,8 +360,9 @@ def test_lora_trained_by_train_loop_loads_in_peft_on_the_exported_base(tmp_path)
 
     from lmforge.cli import main
     from lmforge.peft import PeftConfig, apply_peft, save_trained
+    from lmforge.train.config import TrainConfig
     from lmforge.train.pretrain import lm_loss
-    from lmforge.train.trainer import TrainConfig, train_loop
+    from lmforge.train.trainer import train_loop
 
     base = build()
     save_model(base, tmp_path / "base")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from lmforge.cli import main
+from lmforge.core.errors import LmforgeError
 from lmforge.data.megatron import export_megatron
 from lmforge.data.shards import ShardSet, ShardWriter
-from lmforge.errors import LmforgeError
 
 # Megatron-LM's DType enum (megatron/core/datasets/indexed_dataset.py)
 MEGATRON_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.mixture import (
     DeficitSchedule,
@@ -17,7 +18,6 @@ from lmforge.data.mixture import (
     plan_sources,
 )
 from lmforge.data.shards import ShardSet, ShardWriter
-from lmforge.errors import ConfigError
 from lmforge.train.pretrain import PretrainConfig, pretrain
 
 SEQ = 8

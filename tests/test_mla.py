@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.engine import generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import KVCache, ModelConfig, Transformer
 from lmforge.model.mla import MLA, LatentCache, mla_cache_bytes_per_token
+from lmforge.model.size import num_params
 
 
 def mla_model(seed: int = 0, **overrides) -> Transformer:
@@ -57,7 +58,7 @@ def test_kv_bytes_per_token_smaller_than_gqa_for_the_presets():
     assert mla_cache_bytes_per_token(v3) == 61 * 576 * 2
     assert mla_cache_bytes_per_token(v3) < mla_cache_bytes_per_token(v3_gqa) / 3
     # same-sized presets: attention parameters within 15%
-    assert abs(mla.num_params() - gqa.num_params()) / gqa.num_params() < 0.15
+    assert abs(num_params(mla) - num_params(gqa)) / num_params(gqa) < 0.15
 
 
 def test_engine_and_left_padded_batches_decode_mla():
@@ -90,7 +91,7 @@ def test_config_errors_are_one_line():
 
 
 def test_prefix_tuning_is_refused_in_one_line():
-    from lmforge.errors import LmforgeError
+    from lmforge.core.errors import LmforgeError
 
     model = mla_model()
     prefix = (torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8))

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import lmforge.model.moe as moe_module
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.moe import MoE, load_balance_loss, router_z_loss
 from lmforge.train.moe_balance import MoEBalancer, load_stats, update_bias
@@ -193,13 +193,13 @@ def test_config_errors_are_one_line():
 
 
 def test_moe_tiny_preset_matches_tiny_active_params():
-    from lmforge.model.moe import active_params
+    from lmforge.model.size import active_params, flops_per_token, num_params
 
     tiny = from_dict(ModelConfig, {"preset": "tiny", "vocab_size": 256}, "model.")
     moe = from_dict(ModelConfig, {"preset": "moe-tiny", "vocab_size": 256}, "model.")
-    assert moe.num_params() > 2.5 * tiny.num_params()
-    assert abs(active_params(moe) - tiny.num_params()) / tiny.num_params() < 0.01
-    assert abs(moe.flops_per_token(256) / tiny.flops_per_token(256) - 1) < 0.01  # FLOPs follow active params
+    assert num_params(moe) > 2.5 * num_params(tiny)
+    assert abs(active_params(moe) - num_params(tiny)) / num_params(tiny) < 0.01
+    assert abs(flops_per_token(moe, 256) / flops_per_token(tiny, 256) - 1) < 0.01  # FLOPs follow active params
 
 
 def test_bf16_autocast_runs_the_experts_in_bf16_with_fp32_grads():

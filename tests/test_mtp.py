@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
 from lmforge.data.shards import ShardWriter
 from lmforge.model import ModelConfig, Transformer, load_model
 from lmforge.model.mtp import draft_logits, mtp_loss

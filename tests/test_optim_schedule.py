@@ -4,14 +4,15 @@ import pytest
 import torch
 from fakes import RepeatedBatch
 
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import read_metrics
 from lmforge.train.optim import build_optimizer, param_groups
 from lmforge.train.pretrain import lm_loss
 from lmforge.train.schedule import lr_at, resolve_warmup, wsd_decay_start, wsd_lr_at
-from lmforge.train.trainer import TrainConfig, train_loop
+from lmforge.train.trainer import train_loop
 
 
 def test_lr_schedule_hand_checked_values():

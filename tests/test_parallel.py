@@ -13,8 +13,8 @@ import torch
 import torch.multiprocessing as mp
 from test_trainer import VOCAB, write_shards
 
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer, load_model
 from lmforge.parallel import ParallelConfig
 from lmforge.parallel.checkpointing import apply_activation_checkpointing

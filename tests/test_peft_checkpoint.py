@@ -8,12 +8,13 @@ import torch
 from peft_fixtures import VOCAB, build
 from safetensors.torch import load_file
 
-from lmforge.config import from_dict
-from lmforge.errors import LmforgeError
+from lmforge.checkpoint.store import OPTIMIZER_NAME, TRAINABLE_NAME, latest_checkpoint
+from lmforge.core.config import from_dict
+from lmforge.core.errors import LmforgeError
 from lmforge.peft import PeftConfig, apply_peft
-from lmforge.train.checkpoint import OPTIMIZER_NAME, TRAINABLE_NAME, latest_checkpoint
+from lmforge.train.config import TrainConfig
 from lmforge.train.pretrain import lm_loss
-from lmforge.train.trainer import TrainConfig, train_loop
+from lmforge.train.trainer import train_loop
 
 
 class Batches:

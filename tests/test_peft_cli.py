@@ -9,7 +9,7 @@ import torch
 from peft_fixtures import build, hf_model, write_hf_llama
 
 from lmforge.cli import main
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
 from lmforge.generate.engine import generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import load_model, save_model

@@ -11,8 +11,8 @@ import torch
 from peft_fixtures import VOCAB, build, hf_model, ids, write_hf_llama
 from torch import nn
 
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.engine import generate
 from lmforge.generate.sampling import SamplingParams
@@ -141,7 +141,7 @@ def test_prompt_init_from_vocabulary_text():
 def test_prompt_init_text_through_a_tokenizer(tmp_path):
     from textdata import SHAKESPEARE
 
-    from lmforge.tokenizer import train_bpe
+    from lmforge.tokenizer.train import train_bpe
 
     tok = train_bpe([SHAKESPEARE.read_text()[:20000]], vocab_size=300)
     tok.save(tmp_path)

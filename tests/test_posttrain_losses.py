@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
 from lmforge.model import ModelConfig, Transformer
 from lmforge.posttrain import dpo_loss, reward_accuracy, reward_pair_loss, sequence_logps, simpo_loss
 from lmforge.train.objectives import causal_lm_loss

@@ -8,7 +8,7 @@ import pytest
 import torch
 from rl_fixtures import save_checkpoint, tiny_model, tiny_tokenizer
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
 from lmforge.posttrain.ppo import PpoConfig, kl_shaped_rewards, run_ppo
 from lmforge.posttrain.rl_losses import AdaptiveKLController, clipped_value_loss, gae, whiten
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
+from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.attention import attention_mask
 from lmforge.model.encdec import prefix_lm_greedy
 from lmforge.train.denoise import collate, denoise_loss
-from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss
+from lmforge.train.objectives import causal_lm_loss
 
 VOCAB = 64
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.engine import generate
 from lmforge.generate.presets import PRESETS, apply_preset, describe_preset

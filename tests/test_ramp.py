@@ -6,16 +6,17 @@ import pytest
 import torch
 from fakes import learnable_shards
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.shards import ShardSet
-from lmforge.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import lm_loss
 from lmforge.train.ramp import BatchRamp, ramp_from_config
 from lmforge.train.schedule import lr_at
-from lmforge.train.trainer import TrainConfig, train_loop
+from lmforge.train.trainer import train_loop
 
 VOCAB = 64
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from lmforge.core.errors import LmforgeError
 from lmforge.data.readers import Document, read_documents
-from lmforge.errors import LmforgeError
 
 
 def write_jsonl(path, records):

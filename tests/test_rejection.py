@@ -5,10 +5,10 @@ from posttrain_fixtures import tiny_model, tiny_model_dir, tiny_tokenizer
 
 import lmforge.posttrain.rejection as rejection
 from lmforge.cli import main
-from lmforge.config import from_dict
-from lmforge.errors import LmforgeError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import LmforgeError
 from lmforge.posttrain.rejection import RejectionConfig, best_of_n, run_rejection
-from lmforge.posttrain.tasks import make_examples
+from lmforge.tasks.suite import make_examples
 
 
 def test_best_of_n_groups_and_ties():

@@ -4,7 +4,7 @@ import re
 import pytest
 
 from lmforge.cli import main
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.eval.compare import write_compare
 from lmforge.eval.report import collect_run, write_report
 from lmforge.eval.svg import Series, line_chart, nice_ticks

@@ -9,10 +9,10 @@ import torch
 from rl_fixtures import save_checkpoint, tiny_model, tiny_tokenizer
 
 from lmforge.cli import main
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
+from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.posttrain.pairs import near_miss, synthetic_pairs
 from lmforge.posttrain.reward import RewardConfig, RewardModel, last_lengths, load_reward_model, run_reward, score_texts
-from lmforge.train.objectives import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noqa: E402
 
-from lmforge.config import from_dict  # noqa: E402
-from lmforge.errors import ConfigError, LmforgeError  # noqa: E402
+from lmforge.core.config import from_dict  # noqa: E402
+from lmforge.core.errors import ConfigError, LmforgeError  # noqa: E402
 from lmforge.model import ModelConfig, Transformer, load_model  # noqa: E402
 from lmforge.model.hf import from_hf, hf_config_from_model, model_config_from_hf  # noqa: E402
 from lmforge.model.positions import RotaryEmbedding, scaled_rope_frequencies  # noqa: E402

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
 from lmforge.generate.sampling import (
     SamplingParams,
     apply_temperature,

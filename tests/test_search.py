@@ -14,7 +14,7 @@ from lmforge.posttrain.search import (
     step_beam_search,
     verifier_scorer,
 )
-from lmforge.posttrain.tasks import TaskExample
+from lmforge.tasks.suite import TaskExample
 
 PROMPT = [{"role": "user", "content": "copy: a b c"}]
 

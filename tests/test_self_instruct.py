@@ -6,7 +6,7 @@ from posttrain_fixtures import tiny_model_dir
 from textdata import shared_file
 
 from lmforge.cli import main
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.posttrain.self_instruct import (
     SelfInstructConfig,
     Task,

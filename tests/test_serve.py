@@ -27,9 +27,9 @@ from lmforge.generate.engine import generate  # noqa: E402
 from lmforge.generate.sampling import SamplingParams  # noqa: E402
 from lmforge.generate.stops import StopMatcher  # noqa: E402
 from lmforge.model import load_model  # noqa: E402
-from lmforge.posttrain.chat_data import prompt_ids, stop_token_ids  # noqa: E402
 from lmforge.serve.app import BackgroundServer, create_app  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
+from lmforge.tokenizer.chat import prompt_ids, stop_token_ids  # noqa: E402
 
 NAME = "tiny"
 CONTEXT = 128

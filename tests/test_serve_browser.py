@@ -15,7 +15,7 @@ if CHROMIUM is None:
 
 from test_serve import greedy_reference, serving, slow_steps  # noqa: E402
 
-from lmforge.posttrain.chat_data import prompt_ids, stop_token_ids  # noqa: E402
+from lmforge.tokenizer.chat import prompt_ids, stop_token_ids  # noqa: E402
 
 WATCH_REPLY = """() => {
   window.seen = [];  // the reply's text after every DOM change: several distinct values = streamed

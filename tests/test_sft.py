@@ -5,11 +5,11 @@ import torch
 from posttrain_fixtures import tiny_model, tiny_model_dir, tiny_tokenizer
 
 from lmforge.cli import main
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
+from lmforge.core.errors import LmforgeError
+from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.data.formats import Conversation
-from lmforge.errors import LmforgeError
 from lmforge.model.io import load_model
-from lmforge.posttrain.chat_data import encode_conversation
 from lmforge.posttrain.sft import (
     SftBatches,
     SftConfig,
@@ -22,9 +22,9 @@ from lmforge.posttrain.sft import (
     sft_loss,
     task_messages,
 )
-from lmforge.posttrain.tasks import make_examples
+from lmforge.tasks.suite import make_examples
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.objectives import IGNORE_INDEX
+from lmforge.tokenizer.chat import encode_conversation
 
 
 def encoded_tasks(n, seed=0):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from textdata import SHAKESPEARE
 
+from lmforge.core.errors import LmforgeError
 from lmforge.data import shards as shards_mod
 from lmforge.data.shards import INDEX_NAME, ShardSet, ShardWriter
-from lmforge.errors import LmforgeError
 
 
 def random_docs(n: int, vocab: int, seed: int = 0, max_len: int = 40) -> list[np.ndarray]:

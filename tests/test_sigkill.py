@@ -13,7 +13,7 @@ import pytest
 from test_parallel import base_config
 from test_trainer import write_shards
 
-from lmforge.train.checkpoint import latest_checkpoint
+from lmforge.checkpoint.store import latest_checkpoint
 from lmforge.train.metrics import read_metrics
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import from_dict
-from lmforge.errors import LmforgeError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import LmforgeError
 from lmforge.generate.engine import generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.speculative import MTPDrafter, SpecStats, speculative_generate, speculative_stream, verify

@@ -8,17 +8,19 @@ import torch
 import torch.nn.functional as F
 from fakes import learnable_shards
 
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.shards import ShardSet
-from lmforge.errors import ConfigError, LmforgeError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.train.config import TrainConfig
 from lmforge.train.fused_ce import linear_cross_entropy
 from lmforge.train.metrics import read_metrics
-from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss
+from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.pretrain import lm_loss, lm_loss_unfused
 from lmforge.train.stability import SPIKES_NAME, SpikeDetector, shrink_embedding_gradient, z_loss
-from lmforge.train.trainer import TrainConfig, train_loop
+from lmforge.train.trainer import train_loop
 
 VOCAB = 64
 

@@ -1,7 +1,7 @@
 import pytest
 
-from lmforge.errors import LmforgeError
-from lmforge.posttrain.tasks import (
+from lmforge.core.errors import LmforgeError
+from lmforge.tasks.suite import (
     TASK_KINDS,
     TaskExample,
     exact_match,

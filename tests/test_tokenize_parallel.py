@@ -9,10 +9,11 @@ import pytest
 from textdata import SHAKESPEARE
 
 from lmforge.cli import main
+from lmforge.core.errors import LmforgeError
 from lmforge.data.shards import ShardSet, ShardWriter, shard_layout
-from lmforge.data.tokenize import is_val_doc, tokenize_to_shards
-from lmforge.errors import LmforgeError
-from lmforge.tokenizer import Tokenizer, train_bpe
+from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.pack import is_val_doc, tokenize_to_shards
+from lmforge.tokenizer.train import train_bpe
 
 TEXTS = [t for t in SHAKESPEARE.read_text(encoding="utf-8")[:80_000].split("\n\n") if t][:240]
 
@@ -160,7 +161,7 @@ def _dying_encode(texts):
     import os
     import signal
 
-    from lmforge.data import tokenize
+    from lmforge.tokenizer import pack as tokenize
 
     if TEXTS[100] in texts:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -169,7 +170,7 @@ def _dying_encode(texts):
 
 @pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork")
 def test_a_dead_worker_is_a_one_line_error(tok, corpus, tmp_path, monkeypatch):
-    from lmforge.data import tokenize
+    from lmforge.tokenizer import pack as tokenize
 
     monkeypatch.setattr(tokenize, "_original_encode", tokenize._encode_batch, raising=False)
     monkeypatch.setattr(tokenize, "_encode_batch", _dying_encode)

@@ -7,10 +7,11 @@ import pytest
 from textdata import SHAKESPEARE
 
 from lmforge.cli import main
+from lmforge.core.errors import LmforgeError
 from lmforge.data.shards import ShardSet
-from lmforge.data.tokenize import is_val_doc, tokenize_to_shards
-from lmforge.errors import LmforgeError
-from lmforge.tokenizer import Tokenizer, byte_level_bpe, train_bpe
+from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.pack import is_val_doc, tokenize_to_shards
+from lmforge.tokenizer.train import byte_level_bpe, train_bpe
 
 
 def documents() -> list[str]:

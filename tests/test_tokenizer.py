@@ -7,8 +7,9 @@ import pytest
 from textdata import SHAKESPEARE
 
 from lmforge.cli import main
-from lmforge.errors import LmforgeError
-from lmforge.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, StreamDecoder, Tokenizer, byte_level_bpe, train_bpe
+from lmforge.core.errors import LmforgeError
+from lmforge.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, StreamDecoder, Tokenizer
+from lmforge.tokenizer.train import byte_level_bpe, train_bpe
 
 UNICODE_SAMPLES = [
     "Hello, world! It's 2024: 1234567 items.",

@@ -7,9 +7,10 @@ import pytest
 from textdata import SHAKESPEARE
 
 from lmforge.cli import main
-from lmforge.errors import LmforgeError
-from lmforge.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, UNK_TOKEN, Tokenizer, train_tokenizer
-from lmforge.tokenizer_eval import compare_tokenizers, format_table
+from lmforge.core.errors import LmforgeError
+from lmforge.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, UNK_TOKEN, Tokenizer
+from lmforge.tokenizer.eval import compare_tokenizers, format_table
+from lmforge.tokenizer.train import train_tokenizer
 
 TEXT = SHAKESPEARE.read_text(encoding="utf-8")[:120_000]
 TRAIN, HELD_OUT = TEXT[:100_000], TEXT[100_000:]
@@ -101,7 +102,7 @@ def test_llama_style_transformers_directory(tmp_path):
     from tokenizers import pre_tokenizers, processors, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from lmforge.tokenizer import byte_level_bpe
+    from lmforge.tokenizer.train import byte_level_bpe
 
     tk = byte_level_bpe(["<s>", "</s>", "<unk>"])
     tk.train_from_iterator(CHUNKS, trainers.BpeTrainer(vocab_size=500, special_tokens=["<s>", "</s>", "<unk>"],

@@ -7,14 +7,15 @@ import torch
 from textdata import SHAKESPEARE
 
 from lmforge.cli import main
-from lmforge.config import from_dict
+from lmforge.core.config import from_dict
+from lmforge.core.errors import LmforgeError
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.shards import ShardSet, ShardWriter
-from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer, load_model
+from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import PretrainConfig, lm_loss, pretrain
-from lmforge.train.trainer import TrainConfig, forward_backward, train_loop
+from lmforge.train.trainer import forward_backward, train_loop
 
 VOCAB = 64
 

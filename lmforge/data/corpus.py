@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write
 
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
                        "__pycache__"})

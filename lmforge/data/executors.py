@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Literal
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 
 ExecutorName = Literal["local", "ray"]
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.core.errors import LmforgeError
 from lmforge.data.readers import BadRecord, decompress_errors, iter_input_files, open_binary
-from lmforge.errors import LmforgeError
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.core.errors import LmforgeError
 from lmforge.data.shards import ShardSet
-from lmforge.errors import LmforgeError
 
 
 class SequenceLoader:
@@ -23,7 +23,7 @@ class SequenceLoader:
     sequential when shuffle=False); epochs roll over forever, and a batch may straddle two epochs.
     Under data parallelism each of `world_size` ranks gets a disjoint `batch_size` slice of one
     global batch of batch_size * world_size windows.
-    With `order_scores` (one per window, e.g. from `lmforge.data.curriculum.window_scores`) each
+    With `order_scores` (one per window, e.g. from `lmforge.train.curriculum.window_scores`) each
     epoch serves windows by ascending score, ties in the epoch's shuffled order: the "easy first"
     ordering of curriculum learning (Bengio et al. 2009).
     Exact resume: state_dict() -> {"epoch": int, "cursor": int} (JSON-serializable);

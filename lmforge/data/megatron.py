@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lmforge.config import option
+from lmforge.core.config import option
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write
 from lmforge.data.shards import ShardSet
-from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

@@ -18,10 +18,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lmforge.config import option
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.data.loader import SequenceLoader, to_batch
 from lmforge.data.shards import INDEX_NAME, ShardSet, ShardWriter
-from lmforge.errors import ConfigError, LmforgeError
 
 Order = Literal["shuffle", "length", "score"]
 

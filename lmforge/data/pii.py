@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lmforge.config import option
+from lmforge.core.config import option
 from lmforge.data.readers import Document
 from lmforge.data.steps import Step
 

@@ -29,13 +29,13 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
-from lmforge.config import from_dict, option, suggest
+from lmforge.core.config import from_dict, option, suggest
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.files import atomic_write_json, atomic_write_text
 from lmforge.data.executors import ExecutorName, map_shards
 from lmforge.data.readers import BadRecord, Document, InvalidUTF8, iter_input_files, iter_records, read_jsonl
 from lmforge.data.steps import Barrier, Step
 from lmforge.data.writers import JsonlWriter, document_record
-from lmforge.errors import ConfigError, LmforgeError
-from lmforge.files import atomic_write_json, atomic_write_text
 
 STEPS: dict[str, str] = {
     "language": "lmforge.data.filters.language:LanguageFilter",

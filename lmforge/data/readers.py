@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 COMPRESSED_SUFFIXES = (".gz", ".zst")

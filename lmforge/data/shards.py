@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write_json, read_json_object
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write_json, read_json_object
 
 FORMAT = "lmforge-shards/1"
 INDEX_NAME = "index.json"

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import option
+from lmforge.core.config import option
+from lmforge.core.files import atomic_write_text
 from lmforge.eval.report import (
     TASK_METRICS,
     RunData,
@@ -22,7 +23,6 @@ from lmforge.eval.report import (
     table,
 )
 from lmforge.eval.svg import PALETTE, Series, line_chart
-from lmforge.files import atomic_write_text
 
 
 def stage_pairs(a: RunData, b: RunData) -> list[tuple[str, str, str]]:

@@ -17,14 +17,16 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import option
+from lmforge.core.config import option
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write_json
+from lmforge.core.runtime import resolve_device
 from lmforge.data.shards import ShardSet
-from lmforge.errors import LmforgeError
-from lmforge.eval.perplexity import evaluate_perplexity, resolve_shard_dir
+from lmforge.eval.perplexity import resolve_shard_dir
 from lmforge.model.config import ModelConfig
 from lmforge.model.io import WEIGHTS_NAME, load_into, load_weights, read_model_config
 from lmforge.model.transformer import Transformer
-from lmforge.runtime import resolve_device
+from lmforge.train.evaluate import evaluate_perplexity
 
 
 @dataclass
@@ -100,7 +102,6 @@ def table(multiples: list[float], lengths: list[int], results: dict[str, dict[in
 
 
 def context_eval_cmd(cfg: ContextEvalConfig) -> int:
-    from lmforge.files import atomic_write_json
 
     if cfg.batch_size < 1 or cfg.max_batches < 0:
         raise LmforgeError("batch_size must be >= 1 and max_batches >= 0")

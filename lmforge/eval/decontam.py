@@ -20,10 +20,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.config import option
+from lmforge.core.config import option
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write_json
 from lmforge.data.dedup.decontaminate import word_hashes
 from lmforge.data.filters.text import ngram_hashes
-from lmforge.errors import LmforgeError
+from lmforge.eval.harness import find_task_files
+from lmforge.eval.make_tasks import texts_from_source
+from lmforge.eval.tasks import load_task, target
 
 
 @dataclass
@@ -35,8 +39,6 @@ class ExampleText:
 
 def task_texts(task_files: Sequence[str | Path]) -> list[ExampleText]:
     """Prompt + right answer of every example of the given tasks (files or directories)."""
-    from lmforge.eval.harness import find_task_files
-    from lmforge.eval.tasks import load_task, target
 
     out = []
     for file in find_task_files(task_files):
@@ -114,7 +116,6 @@ class DecontamConfig:
 
 
 def decontam(cfg: DecontamConfig) -> dict[str, Any]:
-    from lmforge.eval.make_tasks import texts_from_source
 
     if not cfg.tasks or not cfg.train:
         raise LmforgeError("eval decontam: pass --tasks TASK_FILES_OR_DIRS and --train TRAINING_DATA")
@@ -126,8 +127,6 @@ def decontam(cfg: DecontamConfig) -> dict[str, Any]:
     report = find_contamination(task_texts(cfg.tasks), training_texts(), cfg.n, cfg.min_n, progress=True)
     report["train"] = list(cfg.train)
     if cfg.output:
-        from lmforge.files import atomic_write_json
-
         atomic_write_json(cfg.output, report)
     return report
 

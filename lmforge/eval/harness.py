@@ -18,18 +18,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write_json
 from lmforge.eval.tasks import (
     Example,
     Task,
     chat_messages,
     extract_prediction,
     generate_metrics,
+    load_task,
     multiple_choice_metrics,
 )
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -106,16 +109,12 @@ def generation_prompt(task: Task, tokenizer: Tokenizer, ex: Example) -> list[int
     """Chat tasks: exactly the tokens SFT puts before a response (`chat_data.prompt_ids`); plain
     tasks: eos + the prompt."""
     if task.spec.chat:
-        from lmforge.posttrain.chat_data import prompt_ids
-
         return prompt_ids(tokenizer, chat_messages(ex))
     return prefix_ids(tokenizer) + tokenizer.encode(ex.prompt)
 
 
 def stop_ids(task: Task, tokenizer: Tokenizer) -> list[int]:
     if task.spec.chat:
-        from lmforge.posttrain.chat_data import stop_token_ids
-
         return stop_token_ids(tokenizer)
     return [] if tokenizer.eos_id is None else [tokenizer.eos_id]
 
@@ -188,7 +187,6 @@ def find_task_files(paths: Sequence[str | Path]) -> list[Path]:
 def run_tasks(model: nn.Module, tokenizer: Tokenizer, paths: Sequence[str | Path], batch_size: int = 16,
               limit: int = 0, progress: bool = False) -> dict[str, dict[str, Any]]:
     """Load and score every task found under `paths`; returns {task name: summary}."""
-    from lmforge.eval.tasks import load_task
 
     results = {}
     for file in find_task_files(paths):
@@ -212,7 +210,6 @@ def strip_examples(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
 
 
 def save_results(path: str | Path, record: dict[str, Any]) -> Path:
-    from lmforge.files import atomic_write_json
 
     atomic_write_json(path, record)
     return Path(path)

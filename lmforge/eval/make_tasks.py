@@ -1,6 +1,6 @@
 """Ship-with tasks, generated so they need no download: `lmforge eval make-tasks`.
 
-- `synthetic`: held-out prompts of the verifiable synthetic suite (`lmforge.posttrain.tasks`),
+- `synthetic`: held-out prompts of the verifiable synthetic suite (`lmforge.tasks.suite`),
   generative, exact match; chat-formatted, as the post-trained models are asked.
 - `cloze`: the last word of held-out prose sentences, multiple choice against distractor words
   drawn from the same text (LAMBADA-style, Paperno et al., 2016, but with choices so a small
@@ -17,9 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import option
-from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write_text
+from lmforge.core.config import option
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write_text
+from lmforge.data.readers import read_documents
+from lmforge.data.shards import INDEX_NAME, ShardSet
+from lmforge.tasks.suite import TASK_KINDS, make_examples
+from lmforge.tokenizer import Tokenizer
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _PROSE_WORD = re.compile(r"^[(\"'`]?[A-Za-z][A-Za-z'-]*[)\"'`]?[,;:]?$")
@@ -41,7 +45,6 @@ def write_task(out_dir: str | Path, spec: dict[str, Any], rows: list[dict[str, A
 def make_synthetic_task(out_dir: str | Path, n: int = 120, seed: int = 1, name: str = "synthetic",
                         chat: bool = True, kinds: Sequence[str] | None = None) -> Path:
     """Held-out synthetic examples (an odd seed draws from the half of the prompt space SFT never sees)."""
-    from lmforge.posttrain.tasks import TASK_KINDS, make_examples
 
     if seed % 2 == 0:
         raise LmforgeError(f"synthetic task seed must be odd (the held-out half), got {seed}")
@@ -93,13 +96,9 @@ def make_cloze_rows(texts: Iterable[str], n: int = 200, n_choices: int = 4, seed
 
 def texts_from_source(source: str | Path, tokenizer_dir: str | Path | None = None) -> Iterator[str]:
     """Documents of text/JSONL files, or of a token shard directory decoded with its tokenizer."""
-    from lmforge.data.shards import INDEX_NAME
 
     source = Path(source)
     if (source / INDEX_NAME).is_file():
-        from lmforge.data.shards import ShardSet
-        from lmforge.tokenizer import Tokenizer
-
         if tokenizer_dir is None:
             raise LmforgeError(f"{source} holds token shards: pass --tokenizer to decode them")
         tokenizer, shards = Tokenizer.load(tokenizer_dir), ShardSet(source)
@@ -108,8 +107,6 @@ def texts_from_source(source: str | Path, tokenizer_dir: str | Path | None = Non
             yield tokenizer.decode(shards.read(start, int(end) - start).tolist())
             start = int(end)
     else:
-        from lmforge.data.readers import read_documents
-
         for doc in read_documents([source]):
             yield doc.text
 

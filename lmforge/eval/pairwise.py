@@ -14,17 +14,25 @@ from typing import Any, Literal
 
 from torch import nn
 
-from lmforge.config import option
-from lmforge.errors import LmforgeError
+from lmforge.core.config import option
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write_json
+from lmforge.core.runtime import resolve_device
+from lmforge.data.formats import read_preference_pairs
+from lmforge.generate.batch import generate_batch
+from lmforge.generate.sampling import SamplingParams
+from lmforge.peft.config import load_trained
+from lmforge.posttrain.models import pad_id_of
+from lmforge.posttrain.pairs import encode_pairs, synthetic_pairs
+from lmforge.posttrain.reward import evaluate_pairs, load_reward_model, score_texts
+from lmforge.tasks.suite import make_examples, task_reward
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 
 
 def answers(model: nn.Module, tokenizer: Tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int = 32,
             batch_size: int = 16) -> list[str]:
     """Greedy chat answers, batched, each prompt encoded exactly as SFT encodes it."""
-    from lmforge.generate.batch import generate_batch
-    from lmforge.generate.sampling import SamplingParams
-    from lmforge.posttrain.chat_data import prompt_ids, stop_token_ids
 
     params = SamplingParams(greedy=True, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer))
     ids = [prompt_ids(tokenizer, p) for p in prompts]
@@ -48,7 +56,6 @@ def win_rate(model_a: nn.Module, model_b: nn.Module, tokenizer: Tokenizer, n: in
              judge: Literal["verifier", "reward"] = "verifier", reward_model: nn.Module | None = None,
              max_new_tokens: int = 32) -> dict[str, Any]:
     """A's win rate over B on `n` held-out synthetic-suite prompts (odd `seed`: never seen in training)."""
-    from lmforge.posttrain.tasks import make_examples, task_reward
 
     examples = make_examples(n, seed)
     prompts = [[{"role": "user", "content": e.prompt}] for e in examples]
@@ -60,7 +67,6 @@ def win_rate(model_a: nn.Module, model_b: nn.Module, tokenizer: Tokenizer, n: in
     else:
         if reward_model is None:
             raise LmforgeError("judge 'reward' needs a reward model (--reward-model DIR from `lmforge reward`)")
-        from lmforge.posttrain.reward import score_texts
 
         sa = score_texts(reward_model, tokenizer, prompts, out_a)
         sb = score_texts(reward_model, tokenizer, prompts, out_b)
@@ -76,13 +82,8 @@ def reward_accuracy(reward_model: nn.Module, tokenizer: Tokenizer, data: str = "
                     n: int = 200, seed: int = 1, max_len: int = 128) -> dict[str, float]:
     """Held-out preference accuracy of a reward model: on `data` (a preference file), else on `n`
     synthetic pairs from the held-out prompt half (odd seed)."""
-    from lmforge.posttrain.models import pad_id_of
-    from lmforge.posttrain.pairs import encode_pairs, synthetic_pairs
-    from lmforge.posttrain.reward import evaluate_pairs
 
     if data:
-        from lmforge.data.formats import read_preference_pairs
-
         pairs = read_preference_pairs(data, format)
     else:
         if seed % 2 == 0:
@@ -112,17 +113,12 @@ class WinRateConfig:
 def win_rate_cmd(cfg: WinRateConfig) -> int:
     import json
 
-    from lmforge.peft.config import load_trained
-    from lmforge.runtime import resolve_device
-
     device = str(resolve_device(cfg.device))
     model_a = load_trained(cfg.checkpoint, cfg.adapter or None, device=device)
     model_b = load_trained(cfg.baseline, cfg.baseline_adapter or None, device=device)
     tokenizer = Tokenizer.load(cfg.checkpoint)
     rm = None
     if cfg.reward_model:
-        from lmforge.posttrain.reward import load_reward_model
-
         rm = load_reward_model(cfg.reward_model, device)
     result = win_rate(model_a, model_b, tokenizer, cfg.n, cfg.seed, cfg.judge, rm, cfg.max_new_tokens)
     if rm is not None:
@@ -136,8 +132,6 @@ def win_rate_cmd(cfg: WinRateConfig) -> int:
         print(f"reward model accuracy on {result['reward_model']['n']} held-out pairs: "
               f"{result['reward_model']['reward_accuracy']:.3f}")
     if cfg.output:
-        from lmforge.files import atomic_write_json
-
         record = dict(result)
         record["tasks"] = {"winrate": {"n": result["n"], "win_rate": result["win_rate"]}}
         if rm is not None:
@@ -165,9 +159,6 @@ def reward_accuracy_cmd(cfg: RewardAccuracyConfig) -> int:
     """`lmforge eval reward-accuracy`: how often the reward model scores chosen above rejected."""
     import json
 
-    from lmforge.posttrain.reward import load_reward_model
-    from lmforge.runtime import resolve_device
-
     rm = load_reward_model(cfg.reward_model, str(resolve_device(cfg.device)))
     result = reward_accuracy(rm, Tokenizer.load(cfg.reward_model), cfg.data, cfg.format, cfg.n, cfg.seed,
                              cfg.max_len)
@@ -175,8 +166,6 @@ def reward_accuracy_cmd(cfg: RewardAccuracyConfig) -> int:
     print(f"reward model {cfg.reward_model} on {source}: accuracy {result['reward_accuracy']:.3f}, "
           f"mean margin {result['margin']:.3f} ({result['n']} pairs)")
     if cfg.output:
-        from lmforge.files import atomic_write_json
-
         atomic_write_json(cfg.output, {**result, "tasks": {"reward_model": {
             "n": result["n"], "reward_accuracy": result["reward_accuracy"]}}, "config": dataclasses.asdict(cfg)})
     print(json.dumps(result))

@@ -7,7 +7,6 @@ different vocabularies compare on the same text (Gao et al., 2020, "The Pile", S
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -16,54 +15,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
-from lmforge.config import option
-from lmforge.data.loader import SequenceLoader
+from lmforge.core.config import option
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write_json, file_sha256
+from lmforge.core.runtime import resolve_device, resolve_precision
 from lmforge.data.shards import INDEX_NAME, ShardSet
-from lmforge.errors import LmforgeError
-from lmforge.runtime import autocast, resolve_device, resolve_precision
-from lmforge.train.objectives import causal_lm_loss
-
-
-def evaluate_perplexity(model: torch.nn.Module, shards: ShardSet, seq_len: int, batch_size: int = 8,
-                        max_batches: int = 50, device: torch.device | str = "cpu", precision: str = "fp32",
-                        *, progress: bool = False) -> dict[str, float]:
-    """Score sequential windows from the start of `shards`, each at most once.
-
-    At most `max_batches` batches (0 = every window); the last batch is cut short rather than
-    wrapping around to windows already scored. The model must already be on `device`; its
-    train/eval mode is restored afterwards. Returns {"loss", "perplexity", "bits_per_byte", "tokens"};
-    bits_per_byte is NaN when the shards carry no byte counts.
-    """
-    device = torch.device(device)
-    precision = resolve_precision(precision, device)  # type: ignore[arg-type]
-    loader = SequenceLoader(shards, batch_size, seq_len, shuffle=False)
-    n_windows = loader.n_windows if max_batches <= 0 else min(loader.n_windows, max_batches * batch_size)
-    n_batches = math.ceil(n_windows / batch_size)
-    total_nats, total_tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i in tqdm(range(n_batches), desc="eval", unit="batch", disable=not progress):
-                inputs, targets = loader.next_batch()
-                keep = min(batch_size, n_windows - i * batch_size)
-                inputs, targets = inputs[:keep].to(device), targets[:keep].to(device)
-                with autocast(device, precision):
-                    logits = model(inputs)
-                total_nats += causal_lm_loss(logits, targets, reduction="sum").item()
-                total_tokens += targets.numel()
-    finally:
-        model.train(was_training)
-    loss = total_nats / total_tokens
-    bytes_per_token = shards.bytes_per_token
-    return {
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "bits_per_byte": loss / math.log(2) / bytes_per_token if bytes_per_token > 0 else math.nan,
-        "tokens": total_tokens,
-    }
+from lmforge.eval.harness import results_table, run_tasks, strip_examples
+from lmforge.model import load_model
+from lmforge.peft.config import load_trained
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.evaluate import evaluate_perplexity
 
 
 @dataclass
@@ -98,12 +60,7 @@ def resolve_shard_dir(data: str | Path) -> Path:
                        f"train/{INDEX_NAME}); run `lmforge data tokenize` first")
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def eval_cmd(cfg: EvalConfig) -> int:
-    from lmforge.model import load_model
 
     for name in ("batch_size", "seq_len", "max_batches"):
         if getattr(cfg, name) < (1 if name == "batch_size" else 0):
@@ -114,8 +71,6 @@ def eval_cmd(cfg: EvalConfig) -> int:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if cfg.adapter:
-        from lmforge.peft.config import load_trained
-
         model = load_trained(cfg.checkpoint, cfg.adapter, device=str(device))
     else:
         model = load_model(cfg.checkpoint, device)
@@ -125,16 +80,12 @@ def eval_cmd(cfg: EvalConfig) -> int:
     if cfg.tasks:
         record["tasks"] = _tasks(cfg, model)
     if cfg.output:
-        from lmforge.files import atomic_write_json
-
         atomic_write_json(cfg.output, record)
         print(f"results: {cfg.output}", file=sys.stderr)
     return 0
 
 
 def _tasks(cfg: EvalConfig, model: torch.nn.Module) -> dict:
-    from lmforge.eval.harness import results_table, run_tasks, strip_examples
-    from lmforge.tokenizer import Tokenizer
 
     tok_dir = Path(cfg.tokenizer or cfg.checkpoint)
     if not (tok_dir / "tokenizer.json").is_file():

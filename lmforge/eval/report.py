@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import option
-from lmforge.errors import LmforgeError
+from lmforge.core.config import option
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write_text
 from lmforge.eval.svg import PALETTE, Series, line_chart
-from lmforge.files import atomic_write_text
+from lmforge.train.metrics import read_metrics, smooth
 
 SKIP_DIRS = {"checkpoints", "tb", "__pycache__", ".git"}
 MAX_JSON_BYTES = 20_000_000
@@ -99,7 +100,6 @@ def _task_kind(data: Any) -> str | None:
 
 def collect_run(run_dir: str | Path) -> RunData:
     """Everything a report shows, found under `run_dir`."""
-    from lmforge.train.metrics import read_metrics
 
     root = Path(run_dir)
     if not root.is_dir():
@@ -209,7 +209,6 @@ def loss_keys(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def stage_charts(label: str, rows: list[dict[str, Any]]) -> str:
-    from lmforge.train.metrics import smooth
 
     charts = []
     xs, ys = column(rows, "loss")

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.config import from_dict, option
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.core.config import from_dict, option
+from lmforge.core.errors import ConfigError, LmforgeError
 
 TaskType = Literal["multiple_choice", "generate"]
 

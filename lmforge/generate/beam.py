@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lmforge.config import option
-from lmforge.errors import ConfigError
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError
 from lmforge.generate.engine import check_prompt, fit_prompt
 from lmforge.generate.processors import History, LogitsProcessor, NoRepeatNGram, apply_processors
 

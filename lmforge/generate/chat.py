@@ -1,7 +1,7 @@
 """`lmforge chat`: a terminal conversation with a checkpoint, streamed token by token.
 
 Each turn renders the whole history with the tokenizer's chat template, exactly as SFT encodes
-a prompt (`lmforge.posttrain.chat_data.prompt_ids`), and samples until the end-of-turn token.
+a prompt (`lmforge.tokenizer.chat.prompt_ids`), and samples until the end-of-turn token.
 Lines come from stdin, so a conversation can be piped in (that is how it is tested):
 
     printf 'hello\\n/settings temperature=0\\nhello\\n/quit\\n' | lmforge chat --checkpoint DIR
@@ -22,11 +22,14 @@ from typing import TextIO
 
 from torch import nn
 
-from lmforge.config import coerce, option, suggest
-from lmforge.errors import LmforgeError
+from lmforge.core.config import coerce, option, suggest
+from lmforge.core.errors import LmforgeError
+from lmforge.core.runtime import resolve_device
 from lmforge.generate.engine import generate_stream
 from lmforge.generate.sampling import SamplingParams
+from lmforge.peft.config import load_trained
 from lmforge.tokenizer import StreamDecoder, Tokenizer
+from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 
 SETTINGS = ("temperature", "top_k", "top_p", "max_new_tokens", "seed")
 EXTRA_SETTINGS = ("min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "no_repeat_ngram_size")
@@ -61,8 +64,6 @@ class ChatSession:
     """A conversation: the message history and the sampling settings."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, params: SamplingParams, system: str = "") -> None:
-        from lmforge.posttrain.chat_data import stop_token_ids
-
         self.model, self.tokenizer, self.params, self.system = model, tokenizer, params, system
         self.stop_ids = stop_token_ids(tokenizer)
         self.messages: list[dict[str, str]] = []
@@ -76,7 +77,6 @@ class ChatSession:
 
     def prompt_ids(self) -> list[int]:
         """The history as the model reads it; the oldest exchanges are dropped until there is room to answer."""
-        from lmforge.posttrain.chat_data import prompt_ids
 
         room = self.model.cfg.max_seq_len - min(self.params.max_new_tokens, self.model.cfg.max_seq_len // 2)
         ids = prompt_ids(self.tokenizer, self._conversation())
@@ -151,8 +151,6 @@ class ChatConfig:
 
 
 def chat_cmd(cfg: ChatConfig) -> int:
-    from lmforge.peft.config import load_trained
-    from lmforge.runtime import resolve_device
 
     model = load_trained(cfg.checkpoint, cfg.adapter or None, device=str(resolve_device(cfg.device)))
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.checkpoint)

@@ -11,8 +11,9 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from lmforge.config import option
-from lmforge.errors import LmforgeError
+from lmforge.core.config import option
+from lmforge.core.errors import LmforgeError
+from lmforge.core.runtime import resolve_device
 from lmforge.generate.beam import BeamParams, beam_search
 from lmforge.generate.contrastive import contrastive_stream
 from lmforge.generate.engine import generate_stream
@@ -21,7 +22,7 @@ from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.speculative import DraftModel, MTPDrafter, SpecStats, check_draft, speculative_stream
 from lmforge.generate.stops import stop_at_strings
 from lmforge.model import load_model
-from lmforge.runtime import resolve_device
+from lmforge.peft.config import load_any_adapter
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
@@ -148,8 +149,6 @@ def generate_cmd(cfg: GenerateConfig) -> int:
     checkpoint = Path(cfg.checkpoint)
     model = load_model(checkpoint, device=resolve_device(cfg.device))
     if cfg.adapter:
-        from lmforge.peft.config import load_any_adapter
-
         load_any_adapter(model, cfg.adapter)
     tokenizer = load_tokenizer(checkpoint)
     if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.errors import ConfigError
+from lmforge.core.errors import ConfigError
 from lmforge.generate.engine import check_prompt, fit_prompt
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.generate.processors import History
 from lmforge.generate.sampling import SamplingParams, sample_next
 from lmforge.generate.static import static_decoder, static_supported

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lmforge.config import suggest
-from lmforge.errors import ConfigError
+from lmforge.core.config import suggest
+from lmforge.core.errors import ConfigError
 from lmforge.generate.sampling import SamplingParams
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.config import option
-from lmforge.errors import ConfigError
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError
 from lmforge.generate.processors import (
     FrequencyPresencePenalty,
     History,

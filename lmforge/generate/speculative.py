@@ -23,10 +23,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.generate.engine import check_prompt, fit_prompt, new_generator
 from lmforge.generate.processors import History
 from lmforge.generate.sampling import SamplingParams, filtered_logits
+from lmforge.model.mtp import draft_logits
 
 
 @dataclass
@@ -126,7 +127,6 @@ class MTPDrafter:
 
     def propose(self, seq: list[int], n: int, params: SamplingParams, generator: torch.Generator | None
                 ) -> tuple[list[int], torch.Tensor]:
-        from lmforge.model.mtp import draft_logits
 
         n = min(n, self.depth, self.model.context_length - len(seq) + 1)
         last = len(seq) - 2  # the newest position with a target hidden state

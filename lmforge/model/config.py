@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lmforge.config import option
-from lmforge.errors import ConfigError
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError
+from lmforge.model.presets import preset_dict
 
 
 @dataclass
@@ -200,36 +201,8 @@ class ModelConfig:
         name = data.get("preset")
         if not name:
             return data
-        from lmforge.model.presets import preset_dict
 
         return {**preset_dict(name), **data}
-
-    def num_params(self, include_embeddings: bool = True) -> int:
-        """Exact parameter count, from a model built on the meta device (no memory used)."""
-        import torch
-
-        from lmforge.model.transformer import Transformer
-
-        with torch.device("meta"):
-            model = Transformer(self)
-        total = sum(p.numel() for p in model.parameters())
-        if not include_embeddings:
-            total -= sum(p.numel() for n, p in model.named_parameters() if n in ("embed.weight", "lm_head.weight",
-                                                                                "pos_embed.weight"))
-        return total
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 * (non-embedding params + lm head) plus attention scores."""
-        dense = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
-        attn = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len / 2  # causal: half the matrix
-        if self.moe_experts:  # a token runs top_k of the routed experts only
-            from lmforge.model.moe import active_params
-
-            dense -= self.num_params() - active_params(self)
-        if self.attention == "mla":  # scores over qk_nope + qk_rope dims, values of v_head_dim
-            per_head = self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim
-            attn = 6 * self.n_layers * self.n_heads * per_head * seq_len / 2
-        return 6 * dense + attn
 
 
 def _positive(cfg: ModelConfig, name: str, minimum: int) -> None:

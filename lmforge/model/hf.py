@@ -23,9 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from lmforge.config import from_dict, option
-from lmforge.errors import ConfigError, LmforgeError
-from lmforge.files import atomic_write, atomic_write_json, read_json_object
+from lmforge.core.config import from_dict, option
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.files import atomic_write, atomic_write_json, read_json_object
 from lmforge.model import hf_gpt2, hf_t5
 from lmforge.model.config import ModelConfig
 from lmforge.model.encdec import build_model

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError, LmforgeError
-from lmforge.files import read_json_object
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.files import read_json_object
 from lmforge.model.config import ModelConfig
 from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config, save_model
 from lmforge.model.moe import is_moe_layer

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.model.config import ModelConfig
 
 ARCHITECTURE = "T5ForConditionalGeneration"

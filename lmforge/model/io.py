@@ -13,10 +13,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import ConfigError, from_dict, to_dict
-from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write, atomic_write_json, read_json_object
+from lmforge.core.config import ConfigError, from_dict, to_dict
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write, atomic_write_json, read_json_object
 from lmforge.model.config import ModelConfig
+from lmforge.model.encdec import build_model
 from lmforge.model.transformer import Transformer
 
 CONFIG_NAME = "config.json"
@@ -91,7 +92,6 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> Transformer:
     """A model directory as the module its config names (decoder-only `Transformer` or `EncoderDecoder`)."""
-    from lmforge.model.encdec import build_model
 
     directory = Path(directory)
     model = build_model(read_model_config(directory))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.layers import RMSNorm
 from lmforge.model.positions import apply_rope, yarn_mscale

@@ -216,10 +216,3 @@ class MoE(nn.Module):
 
 def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
     return cfg.moe_experts > 0 and layer_idx >= cfg.moe_first_dense
-
-
-def active_params(cfg: ModelConfig) -> int:
-    """Parameters one token uses: the total minus the E - K routed experts each MoE layer skips for it."""
-    n_moe = sum(is_moe_layer(cfg, i) for i in range(cfg.n_layers + cfg.mtp_depth))
-    skipped = (cfg.moe_experts - cfg.moe_top_k) * 3 * cfg.d_model * cfg.moe_d_ff if cfg.moe_experts else 0
-    return cfg.num_params() - n_moe * skipped

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model.block import Block
 from lmforge.model.config import ModelConfig
 from lmforge.model.layers import make_norm
 
@@ -22,7 +23,6 @@ class MTPModule(nn.Module):
 
     def __init__(self, cfg: ModelConfig, depth: int) -> None:
         super().__init__()
-        from lmforge.model.transformer import Block  # transformer.py builds this module: import lazily
 
         self.enorm, self.hnorm = make_norm(cfg), make_norm(cfg)
         self.proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)  # columns [emb; hidden]

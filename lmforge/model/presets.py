@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmforge.errors import ConfigError
+from lmforge.core.errors import ConfigError
 
 PRESETS: dict[str, dict[str, Any]] = {
     # LLaMA 2 (Touvron et al., 2023): MHA, SwiGLU 11008, RMSNorm 1e-5, RoPE 10k, 4k context.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lmforge.config import option
-from lmforge.errors import ConfigError
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError
 
 DataParallel = Literal["none", "ddp", "fsdp"]
 Checkpointing = Literal["none", "full", "every_n"]

@@ -17,7 +17,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.checkpoint.store import latest_checkpoint
+from lmforge.core.config import to_dict
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.files import atomic_write_json
+from lmforge.core.runtime import resolve_device
 
 WORKER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -47,7 +51,6 @@ def init_process_group(backend: str, device: torch.device) -> bool:
 
 def local_device(name: str) -> torch.device:
     """cuda:LOCAL_RANK under a launcher on a GPU machine, else the requested device."""
-    from lmforge.runtime import resolve_device
 
     device = resolve_device(name)
     if device.type == "cuda" and device.index is None:
@@ -87,8 +90,6 @@ def launch(nproc: int, config_path: Path, run_dir: Path, command: str = "pretrai
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from lmforge.train.checkpoint import latest_checkpoint
-
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"lmforge-{os.getpid()}",
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
                           monitor_interval=0.2)
@@ -107,8 +108,6 @@ def launch(nproc: int, config_path: Path, run_dir: Path, command: str = "pretrai
 
 def launch_pretrain(cfg: Any) -> dict[str, Any]:
     """`lmforge pretrain --nproc N`: write the resolved config to RUN/launch.json and run it on N workers."""
-    from lmforge.config import to_dict
-    from lmforge.files import atomic_write_json
 
     if not cfg.parallel.enabled:
         raise ConfigError(f"nproc={cfg.nproc} needs parallel.data=ddp or fsdp (or parallel.tensor > 1)")

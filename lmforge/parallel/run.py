@@ -19,10 +19,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmforge.errors import ConfigError
+from lmforge.checkpoint.dcp import load_dcp_checkpoint, save_dcp_checkpoint
+from lmforge.core.errors import ConfigError
+from lmforge.model.encdec import build_model
+from lmforge.model.io import save_model
+from lmforge.parallel.checkpointing import apply_activation_checkpointing, transformer_blocks
 from lmforge.parallel.config import ParallelConfig
 from lmforge.parallel.launch import init_process_group, local_device, under_torchrun
-from lmforge.parallel.tp import TensorParallelLayout
+from lmforge.parallel.tp import TensorParallelLayout, apply_tensor_parallel
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -76,12 +80,9 @@ class DistributedRun:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Shard/wrap `model` (already on self.device) in place; returns the module to call forward on."""
-        from lmforge.parallel.checkpointing import apply_activation_checkpointing, transformer_blocks
 
         cfg = self.cfg
         if cfg.tensor > 1:
-            from lmforge.parallel.tp import apply_tensor_parallel
-
             self.layout = apply_tensor_parallel(model, self.mesh["tp"])
         n_ac = apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
         wrapped = self._data_parallel(model, transformer_blocks(model))
@@ -146,14 +147,12 @@ class DistributedRun:
 
     def save_checkpoint(self, run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                         state: dict[str, Any], keep: int) -> Path:
-        from lmforge.train.dcp import save_dcp_checkpoint
 
         state = {**state, "parallel": {"world_size": self.world_size, "tensor": self.cfg.tensor}}
         return save_dcp_checkpoint(run_dir, step, model, optimizer, state, keep, model.cfg)
 
     def load_checkpoint(self, run_dir: str | Path, model: nn.Module,
                         optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
-        from lmforge.train.dcp import load_dcp_checkpoint
 
         return load_dcp_checkpoint(run_dir, model, optimizer, self.cfg.tensor)
 
@@ -168,8 +167,6 @@ class DistributedRun:
 
     def save_model(self, model: nn.Module, directory: str | Path) -> Path:
         """Collective: rank 0 writes a plain model directory (the same files a 1-process run writes)."""
-        from lmforge.model.encdec import build_model
-        from lmforge.model.io import save_model
 
         state = self.full_state_dict(model)
         if self.is_main:

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lmforge.errors import ConfigError
+from lmforge.core.errors import ConfigError
+from lmforge.model.attention import Attention
+from lmforge.model.layers import MLP
 
 
 def interleave_rows(sizes: list[int], k: int) -> torch.Tensor:
@@ -60,9 +62,6 @@ def tp_plan(model: nn.Module, k: int) -> tuple[dict[str, object], TensorParallel
     Blocks of other kinds (MoE, MLA) stay replicated.
     """
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    from lmforge.model.attention import Attention
-    from lmforge.model.layers import MLP
 
     plan: dict[str, object] = {}
     layout = TensorParallelLayout(k)

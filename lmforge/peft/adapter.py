@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import from_dict, option, to_dict
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.core.config import from_dict, option, to_dict
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.model.io import load_weights
 from lmforge.model.transformer import Transformer
 from lmforge.peft.io import ADAPTER_WEIGHTS_NAME, read_adapter_config, write_adapter_dir

@@ -23,8 +23,8 @@ from typing import Literal
 
 from torch import nn
 
-from lmforge.config import option
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.model.io import load_model, save_model
 from lmforge.model.transformer import Transformer
 from lmforge.peft.adapter import PEFT_TYPE as BOTTLENECK_TYPE

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmforge.config import from_dict
-from lmforge.errors import ConfigError, LmforgeError
-from lmforge.files import atomic_write, atomic_write_json, read_json_object
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.files import atomic_write, atomic_write_json, read_json_object
 from lmforge.model.io import load_weights
 from lmforge.model.transformer import Transformer
 from lmforge.peft.lora import (

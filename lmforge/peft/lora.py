@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import option, suggest
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.core.config import option, suggest
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.model.hf import module_map
 from lmforge.model.transformer import Transformer
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.config import option
+from lmforge.core.config import option
 from lmforge.model.hf import copy_tokenizer_files
 from lmforge.model.io import save_model
 from lmforge.peft.config import load_trained, merge_adapter

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.config import option
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.io import load_weights
 from lmforge.model.transformer import Transformer

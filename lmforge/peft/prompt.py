@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.config import option
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.model.io import load_weights
 from lmforge.model.transformer import Transformer
 from lmforge.peft.io import ADAPTER_WEIGHTS_NAME, read_adapter_config, require_fields, write_adapter_dir
+from lmforge.tokenizer import Tokenizer
 
 PEFT_KEY = "prompt_embeddings"
 
@@ -71,8 +72,6 @@ def apply_prompt_tuning(model: Transformer, cfg: PromptConfig, text_ids: list[in
     if model.virtual_tokens is not None:
         raise LmforgeError("the model already has virtual tokens (prompt or prefix tuning)")
     if text_ids is None and cfg.init_text:
-        from lmforge.tokenizer import Tokenizer
-
         text_ids = Tokenizer.load(cfg.tokenizer).encode(cfg.init_text)
     vocab = model.cfg.vocab_size
     if text_ids is None:

@@ -16,14 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmforge.config import option, save_config
-from lmforge.errors import ConfigError
+from lmforge.core.config import option, save_config
+from lmforge.core.errors import ConfigError
 from lmforge.peft.config import PeftConfig, apply_peft
 from lmforge.posttrain import losses
 from lmforge.posttrain.losses import DPOLossType, sequence_logps, simpo_loss
 from lmforge.posttrain.models import device_of, load_policy, load_reference, pad_id_of, save_result
 from lmforge.posttrain.pairs import EncodedPair, PairBatches, collate_pairs, encode_pairs, train_heldout_pairs
-from lmforge.train.trainer import TrainConfig, train_loop
+from lmforge.train.config import TrainConfig
+from lmforge.train.trainer import train_loop
 
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,

@@ -17,8 +17,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lmforge.config import option, save_config
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.core.config import option, save_config
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model.transformer import Transformer
 from lmforge.peft.config import PeftConfig, apply_peft
@@ -35,10 +36,10 @@ from lmforge.posttrain.rollout import (
     task_prompt_ids,
     token_logps,
 )
-from lmforge.posttrain.tasks import TASK_KINDS, TaskExample, make_examples, task_reward
+from lmforge.tasks.suite import TASK_KINDS, TaskExample, make_examples, task_reward
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.objectives import IGNORE_INDEX
-from lmforge.train.trainer import TrainConfig, train_loop
+from lmforge.train.config import TrainConfig
+from lmforge.train.trainer import train_loop
 
 
 def rl_train_defaults() -> TrainConfig:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge.train.objectives import IGNORE_INDEX
+from lmforge.core.tensors import IGNORE_INDEX
 
 DPOLossType = Literal["sigmoid", "ipo", "hinge"]
 """Loss types `dpo_loss` accepts; a trainer config can use this as its field type (validated by config)."""

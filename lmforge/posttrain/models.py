@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write
+from lmforge.core.runtime import resolve_device
 from lmforge.model.io import load_model
 from lmforge.model.transformer import Transformer
 from lmforge.peft.config import PeftConfig, save_trained
-from lmforge.runtime import resolve_device
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 from lmforge.train.pretrain import TOKENIZER_FILES
 

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmforge.core.errors import LmforgeError
 from lmforge.data.formats import PreferencePair, read_preference_pairs
-from lmforge.errors import LmforgeError
-from lmforge.posttrain.chat_data import Encoded, encode_prompt_response, pad_batch
-from lmforge.posttrain.tasks import TASK_KINDS, TaskExample, make_examples
+from lmforge.tasks.suite import TASK_KINDS, TaskExample, make_examples
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.chat import Encoded, encode_prompt_response, pad_batch
 
 
 def near_miss(answer: str, rng: random.Random) -> str:

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmforge.config import option, save_config
-from lmforge.errors import ConfigError
+from lmforge.core.config import option, save_config
+from lmforge.core.errors import ConfigError
 from lmforge.model.transformer import Transformer
 from lmforge.peft.config import apply_peft
 from lmforge.posttrain.grpo import (
@@ -39,7 +39,7 @@ from lmforge.posttrain.rl_losses import (
     whiten,
 )
 from lmforge.posttrain.rollout import Rollout, heldout_exact_match, model_token_logps, token_logps
-from lmforge.posttrain.tasks import make_examples
+from lmforge.tasks.suite import make_examples
 
 
 class PolicyWithValue(nn.Module):

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import option, save_config
+from lmforge.core.config import option, save_config
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.files import atomic_write_text
 from lmforge.data.formats import Conversation, Message, read_conversations
-from lmforge.errors import ConfigError, LmforgeError
-from lmforge.files import atomic_write_text
 from lmforge.generate.sampling import SamplingParams
+from lmforge.posttrain.models import load_policy
+from lmforge.posttrain.reward import load_reward_model, score_texts
 from lmforge.posttrain.sft import SftConfig, complete, run_sft, task_messages
-from lmforge.posttrain.tasks import TASK_KINDS, TaskExample, make_examples, task_reward
+from lmforge.tasks.suite import TASK_KINDS, TaskExample, make_examples, task_reward
 from lmforge.tokenizer import Tokenizer
 
 
@@ -96,7 +98,6 @@ def best_of_n(rewards: list[float], n: int) -> list[tuple[int, float]]:
 def run_rejection(cfg: RejectionConfig) -> dict[str, Any]:
     """Sample, score, keep best-of-N winners (RUN/winners.jsonl; every sample and reward in RUN/samples.jsonl),
     then SFT on them (RUN/sft)."""
-    from lmforge.posttrain.models import load_policy
 
     model, tokenizer = load_policy(cfg.checkpoint, cfg.sft.train.device)
     items = candidates(cfg)
@@ -141,8 +142,6 @@ def score(cfg: RejectionConfig, items: list[Candidate], responses: list[str], to
     """Rewards of the samples (prompt-major, n per prompt): the reward model's, else the verifier's."""
     prompts = [c for c in items for _ in range(cfg.n)]
     if cfg.reward_model:
-        from lmforge.posttrain.reward import load_reward_model, score_texts
-
         rm = load_reward_model(cfg.reward_model)
         return score_texts(rm, tokenizer, [c.prompt for c in prompts], responses)
     return [task_reward(c.example, r) for c, r in zip(prompts, responses)]

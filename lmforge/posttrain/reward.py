@@ -18,20 +18,22 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lmforge.config import option, save_config
+from lmforge.core.config import option, save_config
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.files import atomic_write
+from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.data.formats import Message
-from lmforge.errors import ConfigError, LmforgeError
-from lmforge.files import atomic_write
 from lmforge.model.io import load_model, load_weights, save_model
 from lmforge.model.transformer import Transformer
 from lmforge.peft.config import PeftConfig, apply_peft
-from lmforge.posttrain.chat_data import encode_prompt_response, pad_batch
+from lmforge.peft.lora import merge_lora
 from lmforge.posttrain.losses import reward_accuracy, reward_pair_loss
 from lmforge.posttrain.models import copy_tokenizer, device_of, load_policy, pad_id_of
 from lmforge.posttrain.pairs import EncodedPair, PairBatches, collate_pairs, encode_pairs, train_heldout_pairs
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.objectives import IGNORE_INDEX
-from lmforge.train.trainer import TrainConfig, train_loop
+from lmforge.tokenizer.chat import encode_prompt_response, pad_batch
+from lmforge.train.config import TrainConfig
+from lmforge.train.trainer import train_loop
 
 HEAD_NAME = "reward_head.safetensors"
 
@@ -181,8 +183,6 @@ def run_reward(cfg: RewardConfig) -> dict[str, Any]:
     result = train_loop(rm, loss_fn, batches, cfg.train, run_dir, resume=cfg.resume, desc="reward",
                         evaluate=lambda m: evaluate_pairs(m, held_enc, pad_id))
     if cfg.peft.method == "lora":
-        from lmforge.peft.lora import merge_lora
-
         merge_lora(rm.backbone)
     model_dir = save_reward_model(rm, run_dir / "model")
     copy_tokenizer(cfg.checkpoint, model_dir)

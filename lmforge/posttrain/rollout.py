@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
-from lmforge.posttrain.chat_data import prompt_ids, stop_token_ids
-from lmforge.posttrain.tasks import TaskExample, exact_match
+from lmforge.tasks.suite import TaskExample, exact_match
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.objectives import IGNORE_INDEX
+from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 
 Rollout = dict[str, Tensor]  # every value [N, ...] on the CPU; minibatches slice dim 0
 

@@ -18,10 +18,10 @@ from torch import nn
 from lmforge.data.formats import Message
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
-from lmforge.posttrain.chat_data import prompt_ids, stop_token_ids
 from lmforge.posttrain.reward import RewardModel, score_texts
-from lmforge.posttrain.tasks import TaskExample, task_reward
+from lmforge.tasks.suite import TaskExample, task_reward
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 
 Scorer = Callable[[list[Message], list[str]], list[float]]
 

@@ -26,12 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.config import option, save_config
+from lmforge.core.config import option, save_config
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.files import atomic_write_json, atomic_write_text
 from lmforge.data.formats import iter_records
 from lmforge.data.readers import BadRecord
-from lmforge.errors import ConfigError, LmforgeError
-from lmforge.files import atomic_write_json, atomic_write_text
+from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
+from lmforge.posttrain.models import load_policy
 
 # ----------------------------------------------------------------------------------------------
 # ROUGE-L (Lin 2004): F-measure of the longest common subsequence of word tokens
@@ -261,8 +263,6 @@ def self_instruct(cfg: SelfInstructConfig, seeds: Sequence[Task], generate: Gene
 
 def model_generator(checkpoint: str, sampling: SamplingParams, device: str = "auto") -> Generate:
     """Plain-text continuation with a checkpoint (no chat template: Self-Instruct prompts a base LM)."""
-    from lmforge.generate.batch import generate_batch
-    from lmforge.posttrain.models import load_policy
 
     model, tokenizer = load_policy(checkpoint, device)
     stops = [] if tokenizer.eos_id is None else [tokenizer.eos_id]

@@ -25,18 +25,22 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lmforge.config import option, save_config
+from lmforge.core.config import option, save_config
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.files import atomic_write_text
+from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.data.formats import Conversation, Message, read_conversations
-from lmforge.errors import ConfigError, LmforgeError
-from lmforge.files import atomic_write_text
+from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
 from lmforge.peft.config import PeftConfig, apply_peft
-from lmforge.posttrain.chat_data import Encoded, encode_conversation, pad_batch, prompt_ids, stop_token_ids
-from lmforge.posttrain.tasks import TASK_KINDS, TaskExample, exact_match, make_examples
+from lmforge.posttrain.models import load_policy, pad_id_of, save_result
+from lmforge.tasks.suite import TASK_KINDS, TaskExample, exact_match, make_examples
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.chat import Encoded, encode_conversation, pad_batch, prompt_ids, stop_token_ids
+from lmforge.train.config import TrainConfig
 from lmforge.train.fused_ce import linear_cross_entropy
-from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss
-from lmforge.train.trainer import TrainConfig, train_loop
+from lmforge.train.objectives import causal_lm_loss
+from lmforge.train.trainer import train_loop
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -52,7 +56,7 @@ class SftConfig:
     data: list[str] = option(default_factory=list, help="conversation files or directories (alpaca, sharegpt, chat, "
                                                         "oasst, flan, self-instruct; JSONL or a JSON array)")
     format: str = option("auto", "format of the data files; auto recognizes each record by its keys")
-    tasks: int = option(0, "add this many synthetic task conversations (lmforge.posttrain.tasks, train split)")
+    tasks: int = option(0, "add this many synthetic task conversations (lmforge.tasks.suite, train split)")
     task_kinds: list[str] = option(default_factory=lambda: list(TASK_KINDS), help="synthetic task kinds")
     task_seed: int = option(0, "seed of the synthetic examples (even: train split; held-out uses seed + 1)")
     eval_tasks: int = option(120, "held-out synthetic examples scored by greedy exact match; 0 disables")
@@ -225,7 +229,6 @@ def validation_loss(model: nn.Module, encoded: Sequence[Encoded], pad_id: int, b
 def complete(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[list[Message]], params: SamplingParams,
              num_return_sequences: int = 1, batch_size: int = 64) -> list[str]:
     """Assistant replies to chat prompts (prompt-major: the samples of prompt i are i*n .. i*n+n-1)."""
-    from lmforge.generate.batch import generate_batch
 
     params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids or stop_token_ids(tokenizer))
     ids = [prompt_ids(tokenizer, p) for p in prompts]
@@ -327,7 +330,6 @@ def run_sft(cfg: SftConfig) -> dict[str, Any]:
     Returns {"steps", "final_loss", "val_loss", "exact_match", "base_val_loss", "base_exact_match",
     "model_dir", "train_conversations", "truncated", "rejected"}.
     """
-    from lmforge.posttrain.models import load_policy, pad_id_of, save_result
 
     model, tokenizer = load_policy(cfg.checkpoint, cfg.train.device)
     apply_peft(model, cfg.peft)

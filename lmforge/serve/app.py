@@ -21,8 +21,10 @@ from typing import Any
 
 from torch import nn
 
-from lmforge.config import option
-from lmforge.errors import LmforgeError
+from lmforge.core.config import option
+from lmforge.core.errors import LmforgeError
+from lmforge.core.runtime import resolve_device
+from lmforge.model import load_model
 from lmforge.serve.protocol import (
     ApiError,
     GenRequest,
@@ -39,6 +41,7 @@ from lmforge.serve.protocol import (
 )
 from lmforge.serve.scheduler import Delta, Event, Failed, Job, Scheduler, SchedulerBusy
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.chat import stop_token_ids
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -56,8 +59,6 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException
-
-    from lmforge.posttrain.chat_data import stop_token_ids
 
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise LmforgeError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
@@ -225,8 +226,6 @@ def serve_cmd(cfg: ServeConfig) -> int:
         import uvicorn
     except ImportError:
         raise LmforgeError("lmforge serve needs fastapi and uvicorn: pip install 'lmforge[serve]'") from None
-    from lmforge.model import load_model
-    from lmforge.runtime import resolve_device
 
     model = load_model(cfg.checkpoint, device=resolve_device(cfg.device))
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.checkpoint)

@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.generate.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.chat import prompt_ids
 
 Kind = Literal["chat", "completion"]
 ROLES = ("system", "user", "assistant")
@@ -122,7 +123,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
 
 
 def _chat_prompt(body: dict[str, Any], info: ModelInfo) -> list[int]:
-    from lmforge.posttrain.chat_data import prompt_ids
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:

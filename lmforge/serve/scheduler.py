@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 from lmforge.generate.engine import new_generator
 from lmforge.generate.sampling import SamplingParams, sample_next
 from lmforge.generate.stops import StopMatcher

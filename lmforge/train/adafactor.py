@@ -37,7 +37,7 @@ class Adafactor(torch.optim.Optimizer):
 
     `lr` is rho_t when relative_step is off, and caps it (rho_t = min(lr, 1/sqrt(t))) when on; the
     trainer's schedule writes it each step. State per parameter: step (int), exp_avg_sq_row/col or
-    exp_avg_sq, and exp_avg when beta1 > 0; all checkpointable by `lmforge.train.checkpoint`.
+    exp_avg_sq, and exp_avg when beta1 > 0; all checkpointable by `lmforge.checkpoint.store`.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, eps1: float = 1e-30, eps2: float = 1e-3,

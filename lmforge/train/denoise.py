@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.config import option
-from lmforge.errors import ConfigError
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError
+from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.train.fused_ce import linear_cross_entropy
-from lmforge.train.objectives import IGNORE_INDEX
 
 Objective = Literal["causal", "prefix_lm", "span_corruption", "ul2"]
 MODES = ("R", "S", "X")

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write, atomic_write_text
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write, atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 TB_DIR = "tb"

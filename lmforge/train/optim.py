@@ -15,7 +15,7 @@ from torch import nn
 from lmforge.train.adafactor import Adafactor
 
 if TYPE_CHECKING:
-    from lmforge.train.trainer import TrainConfig
+    from lmforge.train.config import TrainConfig
 
 FUSED_DEVICE_TYPES = ("cuda", "cpu")
 

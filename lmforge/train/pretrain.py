@@ -14,20 +14,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.config import option, save_config
-from lmforge.data.curriculum import PhaseConfig
+from lmforge.core.config import option, require, save_config
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write, file_sha256
+from lmforge.core.runtime import resolve_device, resolve_precision
+from lmforge.data.loader import SequenceLoader
 from lmforge.data.mixture import SourceConfig
-from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write
+from lmforge.data.shards import INDEX_NAME, ShardSet
 from lmforge.model.config import ModelConfig
+from lmforge.model.encdec import build_model
+from lmforge.model.io import WEIGHTS_NAME, load_into, load_weights, save_model
 from lmforge.parallel import DistributedRun, ParallelConfig, setup_parallel
+from lmforge.parallel.launch import launch_pretrain, under_torchrun
 from lmforge.parallel.run import data_slice
-from lmforge.runtime import resolve_device, resolve_precision
-from lmforge.train.denoise import DenoiseConfig, Objective, SpecialIds
+from lmforge.train.config import TrainConfig
+from lmforge.train.curriculum import PhaseConfig, build_data_plan
+from lmforge.train.denoise import DenoiseConfig, DenoisingBatches, Objective, SpecialIds, denoise_loss
+from lmforge.train.evaluate import evaluate_perplexity
 from lmforge.train.fused_ce import linear_cross_entropy
+from lmforge.train.moe_balance import MoEBalancer
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.stability import z_loss as log_z_squared
-from lmforge.train.trainer import TrainConfig, _require, train_loop
+from lmforge.train.trainer import train_loop
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -48,8 +56,8 @@ class DataConfig:
                                        "train.steps")
 
     def __post_init__(self) -> None:
-        _require(self.seq_len >= 1, "data.seq_len", self.seq_len, "positive")
-        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "positive")
+        require(self.seq_len >= 1, "data.seq_len", self.seq_len, "positive")
+        require(self.batch_size >= 1, "data.batch_size", self.batch_size, "positive")
         for i, source in enumerate(self.sources):
             source.check(f"data.sources[{i}]")
         for i, phase in enumerate(self.phases):
@@ -126,7 +134,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     Under torchrun (or with --nproc N) every process runs this; `cfg.parallel` says how they split the work.
     """
-    from lmforge.parallel.launch import launch_pretrain, under_torchrun
 
     if cfg.nproc > 1 and not under_torchrun():
         return launch_pretrain(cfg)
@@ -148,17 +155,10 @@ def objective_ids(cfg: PretrainConfig, base_vocab: int) -> SpecialIds:
 
 
 def _pretrain(cfg: PretrainConfig, run: DistributedRun | None) -> dict[str, Any]:
-    from lmforge.data.loader import SequenceLoader
-    from lmforge.data.shards import INDEX_NAME, ShardSet
-    from lmforge.eval.perplexity import evaluate_perplexity, file_sha256
-    from lmforge.model.encdec import build_model
-    from lmforge.model.io import save_model
-    from lmforge.train.denoise import DenoisingBatches, denoise_loss
 
     data_dir = Path(cfg.data.path)
     plan = None
     if cfg.data.sources or cfg.data.phases:  # a mixture or curriculum over several shard sets
-        from lmforge.data.curriculum import build_data_plan
 
         plan = build_data_plan(cfg.data, cfg.train, **data_slice(cfg.data.batch_size, run))
         cfg = dataclasses.replace(cfg, train=plan.train)
@@ -211,7 +211,6 @@ def _pretrain(cfg: PretrainConfig, run: DistributedRun | None) -> dict[str, Any]
     torch.manual_seed(cfg.train.seed)
     model = build_model(model_cfg)
     if cfg.init_from:  # continued pretraining: same shapes, possibly new RoPE scaling / max_seq_len
-        from lmforge.model.io import WEIGHTS_NAME, load_into, load_weights
 
         load_into(model, load_weights(Path(cfg.init_from) / WEIGHTS_NAME), cfg.init_from)
     n_params = sum(p.numel() for p in model.parameters())
@@ -228,7 +227,6 @@ def _pretrain(cfg: PretrainConfig, run: DistributedRun | None) -> dict[str, Any]
         evaluate = None  # validation perplexity is a decoder-only measure
     hooks = [plan.hook] if plan else []
     if model_cfg.moe_experts:  # expert-utilization metrics, and aux-loss-free bias updates when enabled
-        from lmforge.train.moe_balance import MoEBalancer
 
         hooks.append(MoEBalancer(model_cfg.moe_bias_update_rate))
     result = train_loop(model, loss_fn, loader, cfg.train, run_dir, evaluate=evaluate, resume=cfg.resume,

@@ -20,14 +20,11 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-from lmforge.errors import ConfigError
+from lmforge.core.errors import ConfigError
+from lmforge.train.config import Batches, LrRule, TrainConfig
 
-if TYPE_CHECKING:
-    from lmforge.train.trainer import Batches, TrainConfig
-
-LrRule = Literal["sqrt", "linear", "none"]
 LR_EXPONENT: dict[str, float] = {"sqrt": 0.5, "linear": 1.0, "none": 0.0}
 
 

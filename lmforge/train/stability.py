@@ -27,12 +27,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lmforge.errors import ConfigError, LmforgeError
-from lmforge.train.checkpoint import load_checkpoint
-from lmforge.train.objectives import IGNORE_INDEX
+from lmforge.checkpoint.store import load_checkpoint
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.tensors import IGNORE_INDEX
 
 if TYPE_CHECKING:
-    from lmforge.train.trainer import Batches
+    from lmforge.train.config import Batches
 
 SPIKES_NAME = "spikes.jsonl"
 LoadCheckpoint = Callable[[Path, nn.Module, torch.optim.Optimizer], "dict[str, Any] | None"]

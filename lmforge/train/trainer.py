@@ -16,147 +16,31 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.config import option
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.checkpoint.dcp import load_any_checkpoint
+from lmforge.checkpoint.store import latest_checkpoint, save_checkpoint
+from lmforge.core.errors import LmforgeError
+from lmforge.core.runtime import autocast, compile_model, resolve_device, resolve_precision
 from lmforge.parallel.grad import clip_grad_norm
 from lmforge.parallel.run import DistributedRun, QuietMetrics
-from lmforge.runtime import autocast, compile_model, resolve_device, resolve_precision
-from lmforge.train.checkpoint import latest_checkpoint, save_checkpoint
-from lmforge.train.dcp import load_any_checkpoint
+from lmforge.train.config import Batches, Evaluate, LossFn, StepEnd, TrainConfig
 from lmforge.train.metrics import METRICS_NAME, PLOT_NAME, MetricsLogger, plot_curves
 from lmforge.train.optim import build_optimizer
-from lmforge.train.ramp import LrRule, ramp_from_config
-from lmforge.train.schedule import Schedule, lr_at, resolve_warmup
+from lmforge.train.ramp import ramp_from_config
+from lmforge.train.schedule import lr_at, resolve_warmup
 from lmforge.train.stability import SpikeGuard, input_embedding, shrink_embedding_gradient
 
 # ----------------------------------------------------------------------------------------------
 # config
 
 
-@dataclass
-class TrainConfig:
-    steps: int = option(1000, "optimizer steps")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(3e-4, "peak learning rate")
-    min_lr_ratio: float = option(0.1, "final lr of the decay (cosine or wsd), as a fraction of the peak")
-    schedule: Schedule = option("cosine", "lr after warmup: cosine decays over the whole run; wsd holds the "
-                                          "peak, then decays (1-sqrt) at the end, so a run can be extended "
-                                          "from a stable-phase checkpoint")
-    decay_fraction: float = option(0.2, "wsd only: share of train.steps in the final decay (Hägele et al. "
-                                        "2024 find 20% matches cosine)")
-    warmup_steps: int = option(-1, "linear warmup steps; -1 means 1% of steps (at least 1)")
-    weight_decay: float = option(0.1, "AdamW decoupled weight decay on weight matrices (not on embeddings, "
-                                      "norms or biases)")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.95, "AdamW beta2")
-    eps: float = option(1e-8, "AdamW epsilon")
-    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables clipping")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "auto", "autocast precision (fp32 master weights); auto is bf16 where the hardware is fast at it")
-    device: str = option("auto", "cpu, cuda, cuda:N, or auto")
-    compile: bool = option(False, "torch.compile the model (pays 20-40 s up front; worth it for long runs)")
-    fused_ce: bool = option(True, "LM loss: run the head and cross-entropy chunk by chunk "
-                                  "(linear_cross_entropy), so [tokens, vocab] logits and their gradient never "
-                                  "exist in full: less memory, faster with large vocabularies; false "
-                                  "materializes them (the reference path)")
-    seed: int = option(0, "seed of weight init and dropout")
-    log_every: int = option(10, "write a metrics row every this many steps")
-    eval_every: int = option(100, "validate every this many steps (and at the end); 0 only at the end")
-    eval_batches: int = option(20, "batches per validation")
-    save_every: int = option(200, "checkpoint every this many steps (and at the end); 0 only at the end")
-    keep_checkpoints: int = option(2, "newest checkpoints kept on disk; 0 keeps all")
-    plot_every: int = option(50, "redraw RUN/loss.png every this many steps (and at the end); 0 only at "
-                                 "the end")
-    # optimizer and stability options (lmforge.train.adafactor, .ramp, .stability)
-    optimizer: Literal["adamw", "adafactor"] = option(
-        "adamw", "adamw, or adafactor (factored second moments: O(n+m) state per n x m matrix; "
-                 "train.adafactor_* options; weight_decay applies, beta1/beta2/eps do not)")
-    adafactor_beta1: float = option(0.0, "adafactor: first-moment decay; 0 keeps none (T5), PaLM uses 0.9")
-    adafactor_decay_rate: float = option(-0.8, "adafactor: second-moment decay beta2_t = 1 - step^decay_rate")
-    adafactor_clip: float = option(1.0, "adafactor: clip the update's RMS to this (d in Shazeer & Stern 2018)")
-    adafactor_scale_parameter: bool = option(True, "adafactor: step size relative to the parameter, "
-                                                   "lr * max(1e-3, RMS(param))")
-    adafactor_relative_step: bool = option(True, "adafactor: lr becomes min(train.lr, 1/sqrt(step)); with "
-                                                 "train.lr 1e-2 and a constant schedule this is T5's")
-    z_loss: float = option(0.0, "LM loss: add z_loss * mean(log^2 Z) of the output softmax (PaLM: 1e-4) to "
-                                "keep the logits' normalizer near 1; 0 disables")
-    embed_grad_alpha: float = option(1.0, "scale the token embedding's gradient by this, forward unchanged "
-                                          "(GLM-130B: 0.1); 1 disables")
-    batch_ramp_start: int = option(0, "batch-size ramp (GPT-3): global batch in tokens at the start; it grows "
-                                      "linearly to grad_accum micro-batches over train.batch_ramp_tokens "
-                                      "tokens, in whole micro-batches; 0 disables")
-    batch_ramp_tokens: int = option(0, "tokens seen when the ramp reaches the full batch")
-    batch_ramp_lr: LrRule = option("sqrt", "lr during the ramp times (batch / full batch)^p: sqrt p=1/2 "
-                                           "(Adam), linear p=1 (SGD), none p=0")
-    spike_k: float = option(0.0, "loss-spike rollback: a loss more than k std above the recent window rolls "
-                                 "back to the last checkpoint and skips the batches since it (RUN/spikes.jsonl); "
-                                 "0 disables; checkpoints come from train.save_every")
-    spike_window: int = option(50, "steps in the spike detector's window")
-    spike_warmup: int = option(20, "accepted losses before spikes are detected (non-finite ones always are)")
-    spike_skip_batches: int = option(0, "more micro-batches to skip after a spike's own (PaLM skipped 200-500 "
-                                        "batches around a spike, counting those since the checkpoint)")
-    spike_max_rollbacks: int = option(3, "stop after this many rollbacks to the same checkpoint")
-
-    def __post_init__(self) -> None:
-        _require(self.steps >= 1, "train.steps", self.steps, "positive")
-        _require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "positive")
-        _require(self.lr > 0, "train.lr", self.lr, "positive")
-        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
-        _require(0 < self.decay_fraction <= 1, "train.decay_fraction", self.decay_fraction, "in (0, 1]")
-        _require(self.warmup_steps >= -1, "train.warmup_steps", self.warmup_steps,
-                 ">= 0, or -1 for 1% of steps")
-        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
-        _require(0 <= self.beta1 < 1, "train.beta1", self.beta1, "in [0, 1)")
-        _require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "in [0, 1)")
-        _require(self.eps > 0, "train.eps", self.eps, "positive")
-        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0")
-        _require(self.log_every >= 1, "train.log_every", self.log_every, "positive")
-        _require(self.eval_batches >= 1, "train.eval_batches", self.eval_batches, "positive")
-        for name in ("eval_every", "save_every", "keep_checkpoints", "plot_every"):
-            _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
-        _require(0 <= self.adafactor_beta1 < 1, "train.adafactor_beta1", self.adafactor_beta1, "in [0, 1)")
-        _require(self.adafactor_decay_rate < 0, "train.adafactor_decay_rate", self.adafactor_decay_rate,
-                 "negative")
-        _require(self.adafactor_clip > 0, "train.adafactor_clip", self.adafactor_clip, "positive")
-        _require(self.z_loss >= 0, "train.z_loss", self.z_loss, ">= 0")
-        _require(0 < self.embed_grad_alpha <= 1, "train.embed_grad_alpha", self.embed_grad_alpha, "in (0, 1]")
-        _require(self.batch_ramp_start >= 0, "train.batch_ramp_start", self.batch_ramp_start, ">= 0")
-        _require(self.batch_ramp_start == 0 or self.batch_ramp_tokens > 0, "train.batch_ramp_tokens",
-                 self.batch_ramp_tokens, "positive when train.batch_ramp_start is set")
-        _require(self.spike_k >= 0, "train.spike_k", self.spike_k, ">= 0")
-        _require(2 <= self.spike_warmup <= self.spike_window, "train.spike_warmup", self.spike_warmup,
-                 f"in [2, train.spike_window={self.spike_window}]")
-        _require(self.spike_skip_batches >= 0, "train.spike_skip_batches", self.spike_skip_batches, ">= 0")
-        _require(self.spike_max_rollbacks >= 1, "train.spike_max_rollbacks", self.spike_max_rollbacks,
-                 "positive")
-
-
-def _require(ok: bool, key: str, value: Any, what: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} must be {what}, got {value!r}")
-
-
 # ----------------------------------------------------------------------------------------------
 # one optimizer step
-
-
-class Batches(Protocol):
-    """A resumable batch source (e.g. `lmforge.data.loader.SequenceLoader`)."""
-
-    def next_batch(self) -> Any: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
-Evaluate = Callable[[nn.Module], dict[str, float]]
-StepEnd = Callable[[nn.Module, int], dict[str, float]]
 
 
 def tokens_in(batch: Any) -> int:

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from lmforge.config import option
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError
 from lmforge.data.filters.text import ngram_hashes
 from lmforge.data.readers import Document, iter_input_files, open_binary
 from lmforge.data.steps import Step
-from lmforge.errors import ConfigError
 
 _WORD_RE = re.compile(r"[^\W_]+")
 

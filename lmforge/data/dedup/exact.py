@@ -8,7 +8,7 @@ from typing import Any
 
 import xxhash
 
-from lmforge.config import option
+from lmforge.core.config import option
 from lmforge.data.readers import Document
 from lmforge.data.steps import Barrier
 

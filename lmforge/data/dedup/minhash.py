@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from lmforge.config import option
+from lmforge.core.config import option
 from lmforge.data.filters.text import ngram_hashes
 from lmforge.data.readers import Document
 from lmforge.data.steps import Barrier

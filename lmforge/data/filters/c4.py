@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from lmforge.config import option
+from lmforge.core.config import option
 from lmforge.data.filters.text import sentences
 from lmforge.data.readers import Document
 from lmforge.data.steps import Step

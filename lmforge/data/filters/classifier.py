@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.config import option
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.data.dedup.decontaminate import word_hashes
 from lmforge.data.filters.text import ngram_hashes
 from lmforge.data.readers import Document, read_documents
 from lmforge.data.steps import Step
-from lmforge.errors import ConfigError, LmforgeError
 
 
 def features(text: str, dim: int, ngrams: int = 2) -> tuple[np.ndarray, np.ndarray]:

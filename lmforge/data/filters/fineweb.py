@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmforge.config import option
+from lmforge.core.config import option
 from lmforge.data.filters.gopher import duplicates
 from lmforge.data.filters.text import TERMINAL_PUNCTUATION, words
 from lmforge.data.readers import Document

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmforge.config import option
+from lmforge.core.config import option
 from lmforge.data.filters.text import PUNCTUATION, ngram_hash_series, word_ids, words
 from lmforge.data.readers import Document
 from lmforge.data.steps import Step

@@ -10,10 +10,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.config import option
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError
 from lmforge.data.readers import Document
 from lmforge.data.steps import Step
-from lmforge.errors import ConfigError
 
 
 @dataclass

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from lmforge.config import option
+from lmforge.core.config import option
+from lmforge.core.errors import LmforgeError
 from lmforge.data.readers import Document
 from lmforge.data.steps import Step
-from lmforge.errors import LmforgeError
 
 
 @lru_cache(maxsize=1)

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmforge.config import option
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError
 from lmforge.data.dedup.decontaminate import word_hashes
 from lmforge.data.filters.text import ngram_hashes
 from lmforge.data.readers import Document, read_documents
 from lmforge.data.steps import Step
-from lmforge.errors import ConfigError
 
 
 class NGramModel:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.core.errors import ConfigError, LmforgeError
 
 T = TypeVar("T")
 
@@ -373,3 +373,9 @@ def parse_config(cls: type[T], argv: Sequence[str], prog: str, description: str 
         if leaf.key in values:
             set_dotted(data, leaf.key, values[leaf.key])
     return from_dict(cls, data), bool(values.get("print_config"))
+
+
+def require(ok: bool, key: str, value: Any, what: str) -> None:
+    """The one config check: raise a one-line `ConfigError` naming the key when `ok` is false."""
+    if not ok:
+        raise ConfigError(f"{key} must be {what}, got {value!r}")

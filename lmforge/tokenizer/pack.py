@@ -25,11 +25,12 @@ import numpy as np
 import tokenizers
 from tqdm.auto import tqdm
 
-from lmforge.config import option
+from lmforge.core.config import option
+from lmforge.core.errors import LmforgeError, os_errors
+from lmforge.data.megatron import export_megatron
 from lmforge.data.readers import Document, read_documents
-from lmforge.data.shards import clear_shard_dir, shard_layout, token_dtype, write_index, write_shard
-from lmforge.errors import LmforgeError
-from lmforge.tokenizer import Tokenizer, os_errors
+from lmforge.data.shards import ShardSet, clear_shard_dir, shard_layout, token_dtype, write_index, write_shard
+from lmforge.tokenizer import Tokenizer
 
 T = TypeVar("T")
 
@@ -265,9 +266,6 @@ def tokenize_cmd(cfg: TokenizeConfig) -> int:
     print(f"tokenized {total_bytes / 1e6:.1f} MB in {result['seconds']:.1f} s "
           f"({total_bytes / 1e6 / max(result['seconds'], 1e-9):.1f} MB/s); tokenizer copied to {cfg.output}")
     if cfg.megatron:
-        from lmforge.data.megatron import export_megatron
-        from lmforge.data.shards import ShardSet
-
         for split in ("train", "val"):
             if result[split] is not None:
                 bin_path, idx_path = export_megatron(ShardSet(Path(cfg.output) / split), f"{cfg.megatron}_{split}")

@@ -1,7 +1,7 @@
 """Distributed checkpoints (torch.distributed.checkpoint): each rank writes its own shards in parallel, and a
 checkpoint saved by N processes loads on M (DCP reshards by fully-qualified parameter name).
 
-Same layout and atomicity as `lmforge.train.checkpoint` (which single-process runs keep using):
+Same layout and atomicity as `lmforge.checkpoint.store` (which single-process runs keep using):
     RUN/checkpoints/step_000123/.metadata, __<rank>_0.distcp   model + optimizer shards (DCP)
     RUN/checkpoints/step_000123/config.json                     the model config (`check_model_config`)
     RUN/checkpoints/step_000123/trainer_state.json              step, loader, counters, rng (rank 0's)
@@ -23,11 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lmforge.config import to_dict
-from lmforge.errors import ConfigError, LmforgeError
-from lmforge.files import atomic_write_json, atomic_write_text, fsync_dir, read_json_object
-from lmforge.model.io import CONFIG_NAME
-from lmforge.train.checkpoint import (
+from lmforge.checkpoint.store import (
     STATE_NAME,
     check_model_config,
     checkpoint_name,
@@ -38,6 +34,10 @@ from lmforge.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from lmforge.core.config import to_dict
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.files import atomic_write_json, atomic_write_text, fsync_dir, read_json_object
+from lmforge.model.io import CONFIG_NAME
 
 DCP_MARKER = ".metadata"  # torch.distributed.checkpoint itself is imported when used: it costs seconds
 _TMP_PREFIX = ".tmp-"

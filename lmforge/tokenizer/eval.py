@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import option
-from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write_json
-from lmforge.tokenizer import Tokenizer, os_errors
+from lmforge.core.config import option
+from lmforge.core.errors import LmforgeError, os_errors
+from lmforge.core.files import atomic_write_json
+from lmforge.data.readers import read_documents
+from lmforge.tokenizer import Tokenizer
 
 METRICS = ("bytes_per_token", "tokens_per_word", "chars_per_token")
 _BATCH = 256
@@ -74,7 +75,6 @@ def _names(paths: Sequence[str]) -> list[str]:
 
 
 def tokenizer_eval_cmd(cfg: TokenizerEvalConfig) -> int:
-    from lmforge.data.readers import read_documents
 
     if not cfg.tokenizers:
         raise LmforgeError("tokenizer eval: no tokenizers; pass --tokenizers DIR [DIR ...]")

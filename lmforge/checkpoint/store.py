@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmforge.config import to_dict
-from lmforge.errors import LmforgeError
-from lmforge.files import atomic_write, atomic_write_json, atomic_write_text, fsync_dir, read_json_object
+from lmforge.core.config import to_dict
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write, atomic_write_json, atomic_write_text, fsync_dir, read_json_object
 from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME, load_into, load_weights, read_model_config, save_model
 
 CHECKPOINTS_DIR = "checkpoints"

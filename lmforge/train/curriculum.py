@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.config import option
+from lmforge.core.config import option
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.mixture import (
     MixtureLoader,
@@ -40,11 +41,10 @@ from lmforge.data.mixture import (
     resolve_source_dir,
 )
 from lmforge.data.shards import ShardSet
-from lmforge.errors import ConfigError, LmforgeError
 from lmforge.train.schedule import resolve_warmup, wsd_decay_start
 
 if TYPE_CHECKING:
-    from lmforge.train.trainer import StepEnd, TrainConfig
+    from lmforge.train.config import StepEnd, TrainConfig
 
 
 @dataclass

@@ -6,6 +6,9 @@ Anything the user can fix (a bad path, a malformed line, a wrong config key) is 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class LmforgeError(Exception):
     """An error caused by user input; `str(err)` is the whole message shown to the user."""
@@ -17,3 +20,11 @@ class ConfigError(LmforgeError):
     """A recipe or command line that does not fit the config dataclasses."""
 
     exit_code = 2
+
+@contextlib.contextmanager
+def os_errors() -> Iterator[None]:
+    """Report a file the OS will not read or write (permissions, a device, a full disk) as one line."""
+    try:
+        yield
+    except OSError as e:
+        raise LmforgeError(f"{e.filename or 'file'}: {e.strerror or e}") from None

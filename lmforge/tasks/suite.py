@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 
 TASK_KINDS: tuple[str, ...] = ("add", "count_letter", "spell", "sort", "copy", "reverse")
 

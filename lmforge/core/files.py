@@ -5,12 +5,15 @@ A process killed mid-write leaves either the old file or the new one, never half
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from lmforge.core.errors import LmforgeError
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -49,7 +52,6 @@ def fsync_dir(path: str | Path) -> None:
 
 def read_json_object(path: str | Path) -> dict[str, Any]:
     """A JSON file that must hold an object; any problem is one LmforgeError line naming the file."""
-    from lmforge.errors import LmforgeError
 
     path = Path(path)
     if not path.is_file():
@@ -63,3 +65,8 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LmforgeError(f"{path}: expected a JSON object at the top level")
     return data
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (tokenizer and checkpoint identity checks)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.core.errors import LmforgeError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lmforge.core.errors import LmforgeError
+from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.data.formats import Message
-from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.objectives import IGNORE_INDEX
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Run checkpoints: safetensors (one process) and DCP (distributed), published atomically."""
