@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import COMMANDS, main
-from lmforge.core.config import build_parser, parse_config
+from lmforge.core.config import build_parser, leaf_keys, parse_config, suggest
 from lmforge.core.errors import LmforgeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,10 @@ RUN_MARK = re.compile(r"<!--\s*docs-test:\s*run(?P<slow>\s+slow)?\s*-->")
 FENCE = re.compile(r"^\s*```\s*(?P<lang>[\w-]*)")
 OPERATORS = {";", "&&", "||", "|", "&"}
 README_MAX_LINES = 200
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+DOTTED = re.compile(r"\blmforge(?:\.[A-Za-z_]\w*)+")
+# tests/ is left out: the test tree is reorganized separately, and a missing test file fails loudly anyway
+REPO_PATH = re.compile(r"(?<![\w/.])(?:lmforge|benchmarks|recipes|scripts)/[\w./-]*[\w/]")
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,10 @@ class DocCommand:
     argv: tuple[str, ...]  # the words after `lmforge`
     run: str  # "" (parse only), "fast" or "slow": the block is executed by the docs test
     block: int  # index of its code block in the file (runnable lines of one block share a directory)
+    inline: bool = False  # an `lmforge ...` span in prose: may leave out required options, flags must exist
 
 
-def _logical_lines(lines: Sequence[str], console: bool) -> Iterator[tuple[int, str]]:
+def _logical_lines(lines: Sequence[tuple[int, str]], console: bool) -> Iterator[tuple[int, str]]:
     """(first line number, text) per shell command line: backslash continuations joined, console output skipped."""
     start, buf = 0, ""
     for number, line in lines:
@@ -96,34 +101,55 @@ def lmforge_argv(words: Sequence[str]) -> list[str] | None:
     return None
 
 
-def doc_commands(path: Path) -> list[DocCommand]:
-    """Every lmforge command line in the shell blocks of one markdown file."""
-    found: list[DocCommand] = []
+@dataclass(frozen=True)
+class DocLine:
+    number: int
+    text: str
+    lang: str | None  # the code block's language ("" for a bare fence), None outside code blocks
+    run: str  # the block's run mark: "", "fast" or "slow"
+    block: int  # index of the code block (0 outside)
+
+
+def doc_lines(path: Path) -> Iterator[DocLine]:
+    """Every line of a markdown file that is not a fence, with the code block it belongs to."""
     lang: str | None = None
-    run, block, body = "", 0, []
-    mark = ""
-    name = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+    mark = run = ""
+    block = 0
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         fence = FENCE.match(line)
         if fence and lang is None:
-            lang, body, block = fence["lang"], [], block + 1
-            run, mark = mark, ""
-            continue
-        if fence:
-            if lang in SHELL_BLOCKS:
-                for start, text in _logical_lines(body, console=lang == "console"):
-                    for words in _simple_commands(text):
-                        argv = lmforge_argv(words)
-                        if argv is not None:
-                            found.append(DocCommand(f"{name}:{start}", tuple(argv), run, block))
-            lang = None
-            continue
-        if lang is not None:
-            body.append((number, line))
-        elif line.strip():
-            m = RUN_MARK.search(line)
-            mark = ("slow" if m["slow"] else "fast") if m else ""
-    return found
+            lang, run, mark, block = fence["lang"], mark, "", block + 1
+        elif fence:
+            lang, run = None, ""
+        elif lang is None:
+            if line.strip():
+                m = RUN_MARK.search(line)
+                mark = ("slow" if m["slow"] else "fast") if m else ""
+            yield DocLine(number, line, None, "", 0)
+        else:
+            yield DocLine(number, line, lang, run, block)
+
+
+def doc_commands(path: Path) -> list[DocCommand]:
+    """Every lmforge command line in the shell blocks of one markdown file, and inline `lmforge ...` spans."""
+    name = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+    found: list[DocCommand] = []
+    blocks: dict[int, list[DocLine]] = {}
+    for line in doc_lines(path):
+        if line.lang in SHELL_BLOCKS:
+            blocks.setdefault(line.block, []).append(line)
+        elif line.lang is None:
+            for span in CODE_SPAN.findall(line.text):
+                if re.match(r"lmforge [a-z-]", span) and "<" not in span:
+                    found.append(DocCommand(f"{name}:{line.number}", tuple(shlex.split(span)[1:]), "", 0, inline=True))
+    for block, lines in blocks.items():
+        numbered = [(line.number, line.text) for line in lines]
+        for start, text in _logical_lines(numbered, console=lines[0].lang == "console"):
+            for words in _simple_commands(text):
+                argv = lmforge_argv(words)
+                if argv is not None:
+                    found.append(DocCommand(f"{name}:{start}", tuple(argv), lines[0].run, block))
+    return sorted(found, key=lambda c: int(c.where.rsplit(":", 1)[1]))
 
 
 def check_command(cmd: DocCommand) -> str | None:
@@ -131,6 +157,8 @@ def check_command(cmd: DocCommand) -> str | None:
     argv = list(cmd.argv)
     if not argv or argv[0] in ("-h", "--help", "help", "-V", "--version"):
         return None
+    if len(argv) == 1 and any(name.startswith(argv[0] + " ") for name in COMMANDS):
+        return None  # a command group named in prose, e.g. `lmforge convert`
     name = next((" ".join(argv[:n]) for n in (2, 1) if " ".join(argv[:n]) in COMMANDS), None)
     if name is None:
         return f"{cmd.where}: unknown command 'lmforge {' '.join(argv[:2])}'"
@@ -138,8 +166,14 @@ def check_command(cmd: DocCommand) -> str | None:
     config = getattr(importlib.import_module(command.module), command.config)
     rest = argv[len(name.split()):]
     try:
-        if "-h" in rest or "--help" in rest:
+        if cmd.inline or "-h" in rest or "--help" in rest:
             build_parser(config, f"lmforge {name}", recipe=command.recipe)
+            known = {"--help", "--print-config"} | {f"--{k}" for k in leaf_keys(config)}
+            known |= {f"--{k.replace('_', '-')}" for k in leaf_keys(config)}
+            unknown = [f for f in (w.split("=", 1)[0] for w in rest if w.startswith("--")) if f not in known]
+            if unknown:
+                return f"{cmd.where}: {' '.join(['lmforge', *argv])}\n  unknown option {unknown[0]}" + (
+                    f" (did you mean '--{hint}'?)" if (hint := suggest(unknown[0], leaf_keys(config))) else "")
         else:
             parse_config(config, rest, prog=f"lmforge {name}", recipe=command.recipe)
     except LmforgeError as e:
@@ -161,6 +195,18 @@ def test_doc_command_parses(cmd: DocCommand, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(ROOT)  # recipe paths in the docs are relative to the repository root
     error = check_command(cmd)
     assert error is None, error
+
+
+HELP_COMMANDS = [c for c in ALL_COMMANDS if {"-h", "--help"} & set(c.argv)]
+
+
+@pytest.mark.parametrize("cmd", HELP_COMMANDS, ids=[c.where for c in HELP_COMMANDS])
+def test_doc_help_runs(cmd: DocCommand, capsys: pytest.CaptureFixture[str]):
+    try:
+        rc = main(list(cmd.argv))
+    except SystemExit as e:  # a command's --help exits through argparse
+        rc = e.code or 0
+    assert rc == 0 and "usage: lmforge" in capsys.readouterr().out, cmd.where
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +331,17 @@ def test_commands_are_found_the_way_the_shell_splits_them(tmp_path: Path):
     ]
 
 
+def test_inline_commands_are_checked_too(tmp_path: Path):
+    doc = tmp_path / "inline.md"
+    doc.write_text("Run `lmforge convert` or `lmforge eval --checkpoint M --limt 5`; `lmforge <command> --help`.\n")
+    cmds = doc_commands(doc)
+    assert [c.argv for c in cmds] == [("convert",), ("eval", "--checkpoint", "M", "--limt", "5")]
+    assert check_command(cmds[0]) is None
+    assert check_command(DocCommand("x.md:1", ("eval", "--limit", "5"), "", 0, inline=True)) is None
+    error = check_command(cmds[1])
+    assert error is not None and error.startswith("inline.md:1:") and "--limit" in error
+
+
 def test_console_blocks_and_run_marks(tmp_path: Path):
     doc = tmp_path / "c.md"
     doc.write_text("<!-- docs-test: run slow -->\n```console\n$ lmforge report R\nlmforge output line\n```\n"
@@ -294,12 +351,6 @@ def test_console_blocks_and_run_marks(tmp_path: Path):
 
 # ----------------------------------------------------------------------------------------------
 # module paths and Python names the prose points at
-
-
-CODE_SPAN = re.compile(r"`([^`\n]+)`")
-DOTTED = re.compile(r"\blmforge(?:\.[A-Za-z_]\w*)+")
-# tests/ is left out: the test tree is reorganized separately, and a missing test file fails loudly anyway
-REPO_PATH = re.compile(r"(?<![\w/.])(?:lmforge|benchmarks|recipes|scripts)/[\w./-]*[\w/]")
 
 
 def resolve(dotted: str) -> bool:
@@ -319,12 +370,16 @@ def resolve(dotted: str) -> bool:
 
 
 def stale_references(path: Path) -> list[str]:
-    """`lmforge.x.y` names and repository paths in inline code that no longer exist, with their line."""
+    """`lmforge.x.y` names and repository paths in inline code (and paths in shell blocks) that do not exist."""
     stale = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        for span in CODE_SPAN.findall(line):
-            stale += [f"{number}: {n}" for n in DOTTED.findall(span) if not resolve(n)]
-            stale += [f"{number}: {p}" for p in REPO_PATH.findall(span) if not (ROOT / p).exists()]
+    for line in doc_lines(path):
+        if line.lang is None:
+            for span in CODE_SPAN.findall(line.text):
+                stale += [f"{line.number}: {n}" for n in DOTTED.findall(span) if not resolve(n)]
+                stale += [f"{line.number}: {p}" for p in REPO_PATH.findall(span) if not (ROOT / p).exists()]
+        elif line.lang in SHELL_BLOCKS:
+            code = line.text.split(" #")[0]
+            stale += [f"{line.number}: {p}" for p in REPO_PATH.findall(code) if not (ROOT / p).exists()]
     return stale
 
 
@@ -337,4 +392,6 @@ def test_named_modules_and_paths_exist(path: Path):
 def test_a_moved_module_is_reported(tmp_path: Path):
     doc = tmp_path / "moved.md"
     doc.write_text("Loss: `lmforge.train.losses.dpo_loss` in `lmforge/train/checkpoint.py`, ok: `lmforge.cli.main`\n")
-    assert stale_references(doc) == ["1: lmforge.train.losses.dpo_loss", "1: lmforge/train/checkpoint.py"]
+    doc.write_text(doc.read_text() + "```bash\npython benchmarks/gone.py --x 1   # benchmarks/also_gone.py\n```\n")
+    assert stale_references(doc) == ["1: lmforge.train.losses.dpo_loss", "1: lmforge/train/checkpoint.py",
+                                     "3: benchmarks/gone.py"]
