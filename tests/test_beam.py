@@ -109,14 +109,14 @@ def test_contrastive_one_forward_per_token(model):
 def test_cli_beam_and_contrastive(model, tmp_path, capsys):
     ckpt = save_model(model, tmp_path / "m")
     base = ["generate", "--checkpoint", str(ckpt), "--input-ids", " ".join(map(str, PROMPT)),
-            "--max-new-tokens", "10", "--json"]
+            "--sampling.max-new-tokens", "10", "--json"]
     capsys.readouterr()
     assert main([*base, "--num-beams", "3", "--length-penalty", "0.5", "--early-stopping", "never"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     best = beam_search(model, PROMPT, BeamParams(num_beams=3, length_penalty=0.5, early_stopping="never",
                                                  max_new_tokens=10))[0]
     assert out["ids"] == best.tokens and abs(out["score"] - best.score) < 1e-5
-    assert main([*base, "--penalty-alpha", "0.6", "--top-k", "4"]) == 0
+    assert main([*base, "--penalty-alpha", "0.6", "--sampling.top-k", "4"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["ids"] == contrastive_search(model, PROMPT, 0.6, 4, 10)
     assert main([*base, "--num-beams", "3", "--penalty-alpha", "0.5"]) != 0
