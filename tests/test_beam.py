@@ -14,7 +14,7 @@ from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError
 from lmforge.generate.beam import BeamParams, beam_search
 from lmforge.generate.contrastive import contrastive_search, degeneration_scores
-from lmforge.generate.engine import generate
+from lmforge.generate.engine import RunStats, Strategy, generate, generate_stream
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer, save_model
 
@@ -104,6 +104,23 @@ def test_contrastive_one_forward_per_token(model):
     finally:
         handle.remove()
     assert fed == [len(PROMPT)] + [3] * 6  # prefill, then the k candidates in one pass per step
+
+
+def test_one_entry_runs_every_strategy(model):
+    """`generate(model, ids, strategy)` gives what each strategy's own function gives, for one or many prompts."""
+    params = SamplingParams(greedy=True, max_new_tokens=10)
+    greedy = generate(model, PROMPT, params)
+    best = beam_search(model, PROMPT, BeamParams(num_beams=3, length_penalty=0.5, max_new_tokens=10))[0]
+    stats = RunStats()
+    assert list(generate_stream(model, PROMPT, Strategy("beam", params, num_beams=3, length_penalty=0.5),
+                                stats)) == best.tokens
+    assert stats.score == best.score
+    contrastive = Strategy("contrastive", params, penalty_alpha=0.6)
+    assert generate(model, PROMPT, contrastive) == contrastive_search(model, PROMPT, 0.6, 4, 10)
+    assert generate(model, PROMPT, Strategy("speculative", params, draft=model)) == greedy  # exact when greedy
+    short = generate(model, [9, 1], params)
+    assert generate(model, [PROMPT, [9, 1]], params) == [greedy, short]  # one batch
+    assert generate(model, [PROMPT, [9, 1]], Strategy("beam", params, num_beams=1)) == [greedy, short]
 
 
 def test_cli_beam_and_contrastive(model, tmp_path, capsys):
