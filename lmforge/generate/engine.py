@@ -26,7 +26,7 @@ from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.speculative import DraftModel, MTPDrafter, SpecStats, check_draft, speculative_stream
 
 Kind = Literal["sample", "beam", "contrastive", "speculative"]
-CONTRASTIVE_TOP_K = 4  # contrastive candidates when sampling.top_k is 0 (HF's usual setting)
+CONTRASTIVE_TOP_K = 4  # contrastive candidates when sampling.top_k is 0
 
 
 @dataclass
