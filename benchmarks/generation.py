@@ -7,7 +7,7 @@ attention. Timings are the median of interleaved repeats (A B A B ...), so the l
 put on this shared machine falls on both alike; tokens/s counts new tokens over the whole call
 (prefill included). Also: speculative decoding with the model as its own draft (acceptance 100 %,
 an upper bound on what a draft buys) is reported as a row, with the acceptance rate; and the opt-in static-shape
-step (`generate(..., compile=True)`: whole-cache length mask, torch.compile "reduce-overhead", i.e. CUDA graphs on
+step (`Strategy(compile=True)`: whole-cache length mask, torch.compile "reduce-overhead", i.e. CUDA graphs on
 CUDA; eager on CPU), its first (compiling) call in the warm-up. Prints a markdown table.
 
     .venv/bin/python benchmarks/generation.py [--repeats 5] [--new-tokens 128] [--device cuda]
@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from lmforge.core.config import from_dict  # noqa: E402
 from lmforge.core.runtime import resolve_device  # noqa: E402
-from lmforge.generate.engine import generate  # noqa: E402
+from lmforge.generate.engine import Strategy, generate  # noqa: E402
 from lmforge.generate.sampling import SamplingParams  # noqa: E402
 from lmforge.generate.speculative import speculative_generate  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
@@ -87,7 +87,7 @@ def main() -> None:
         return generate(ours, prompt, params)
 
     def run_compiled() -> list[int]:
-        return generate(ours, prompt, params, compile=True)
+        return generate(ours, prompt, Strategy(sampling=params, compile=True))
 
     def run_spec() -> list[int]:
         return speculative_generate(ours, ours, prompt, params, num_draft=4)[0]

@@ -100,7 +100,7 @@ def test_stops_at_max_seq_len(model):
 def test_too_long_prompt_is_cut_from_the_left_with_a_warning(model, caplog):
     max_len = model.cfg.max_seq_len
     prompt = [(7 * i) % VOCAB for i in range(max_len + 30)]
-    with caplog.at_level(logging.WARNING, logger="lmforge.generate.engine"):
+    with caplog.at_level(logging.WARNING, logger="lmforge.generate.prompt"):
         out = generate(model, prompt, SamplingParams(greedy=True, max_new_tokens=5))
     assert "max_seq_len" in caplog.text
     assert out == generate(model, prompt[-(max_len - 1):], SamplingParams(greedy=True, max_new_tokens=5))
@@ -140,8 +140,8 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_cli_json_matches_library(checkpoint, capsys):
-    code, out, _ = run_cli(capsys, "--checkpoint", str(checkpoint), "--input-ids", "5 17 3 42 8", "--greedy",
-                           "--json", "--max-new-tokens", "12")
+    code, out, _ = run_cli(capsys, "--checkpoint", str(checkpoint), "--input-ids", "5 17 3 42 8", "--sampling.greedy",
+                           "--json", "--sampling.max-new-tokens", "12")
     assert code == 0
     result = json.loads(out)
     expected = generate(load_model(checkpoint), PROMPT, SamplingParams(greedy=True, max_new_tokens=12))
@@ -149,17 +149,17 @@ def test_cli_json_matches_library(checkpoint, capsys):
 
 
 def test_cli_sampling_is_seeded(checkpoint, capsys):
-    args = ["--checkpoint", str(checkpoint), "--input_ids", "1,2,3", "--json", "--max_new_tokens", "20",
-            "--temperature", "1.2", "--top-k", "30", "--top-p", "0.9"]
-    outs = [json.loads(run_cli(capsys, *args, "--seed", seed)[1])["ids"] for seed in ("4", "4", "5")]
+    args = ["--checkpoint", str(checkpoint), "--input_ids", "1,2,3", "--json", "--sampling.max_new_tokens", "20",
+            "--sampling.temperature", "1.2", "--sampling.top-k", "30", "--sampling.top-p", "0.9"]
+    outs = [json.loads(run_cli(capsys, *args, "--sampling.seed", seed)[1])["ids"] for seed in ("4", "4", "5")]
     assert outs[0] == outs[1] != outs[2]
     params = SamplingParams(temperature=1.2, top_k=30, top_p=0.9, max_new_tokens=20, seed=4)
     assert outs[0] == generate(load_model(checkpoint), [1, 2, 3], params)
 
 
 def test_cli_streams_ids_without_tokenizer(checkpoint, capsys):
-    code, out, _ = run_cli(capsys, "--checkpoint", str(checkpoint), "--input-ids", "5 17 3 42 8", "--greedy",
-                           "--max-new-tokens", "6")
+    code, out, _ = run_cli(capsys, "--checkpoint", str(checkpoint), "--input-ids", "5 17 3 42 8", "--sampling.greedy",
+                           "--sampling.max-new-tokens", "6")
     assert code == 0
     expected = generate(load_model(checkpoint), PROMPT, SamplingParams(greedy=True, max_new_tokens=6))
     assert out.split() == [str(t) for t in PROMPT + expected]
@@ -171,7 +171,7 @@ def test_cli_streams_ids_without_tokenizer(checkpoint, capsys):
     (["--input-ids", "1 two 3"], "'two' is not an integer"),
     (["--input-ids", "1 999"], "outside the model's vocabulary"),
     (["--input-ids", "1", "--prompt", "hi"], "not both"),
-    (["--input-ids", "1", "--top-p", "0"], "top_p"),
+    (["--input-ids", "1", "--sampling.top-p", "0"], "top_p"),
 ])
 def test_cli_user_errors_are_one_line(checkpoint, capsys, args, message):
     code, out, err = run_cli(capsys, "--checkpoint", str(checkpoint), *args)
@@ -253,8 +253,8 @@ def text_checkpoint(tmp_path_factory):
 
 def test_cli_prompt_text_json(text_checkpoint, capsys):
     directory, model, tokenizer = text_checkpoint
-    code, out, _ = run_cli(capsys, "--checkpoint", str(directory), "--prompt", "Speak, speak.", "--greedy",
-                           "--json", "--max-new-tokens", "15")
+    code, out, _ = run_cli(capsys, "--checkpoint", str(directory), "--prompt", "Speak, speak.", "--sampling.greedy",
+                           "--json", "--sampling.max-new-tokens", "15")
     assert code == 0
     result = json.loads(out)
     prompt = tokenizer.encode("Speak, speak.", add_bos=True)
@@ -266,7 +266,7 @@ def test_cli_prompt_text_json(text_checkpoint, capsys):
 def test_cli_streams_prompt_then_text(text_checkpoint, capsys):
     directory, model, tokenizer = text_checkpoint
     code, out, _ = run_cli(capsys, "--checkpoint", str(directory), "--prompt", "Le café",
-                           "--temperature", "1.0", "--seed", "3", "--max-new-tokens", "20")
+                           "--sampling.temperature", "1.0", "--sampling.seed", "3", "--sampling.max-new-tokens", "20")
     assert code == 0
     params = SamplingParams(temperature=1.0, seed=3, max_new_tokens=20, stop_token_ids=[tokenizer.eos_id])
     expected = generate(model, tokenizer.encode("Le café", add_bos=True), params)
@@ -275,8 +275,8 @@ def test_cli_streams_prompt_then_text(text_checkpoint, capsys):
 
 def test_cli_empty_prompt_starts_from_bos(text_checkpoint, capsys):
     directory, model, tokenizer = text_checkpoint
-    code, out, _ = run_cli(capsys, "--checkpoint", str(directory), "--greedy", "--json",
-                           "--max-new-tokens", "5")
+    code, out, _ = run_cli(capsys, "--checkpoint", str(directory), "--sampling.greedy", "--json",
+                           "--sampling.max-new-tokens", "5")
     assert code == 0
     assert json.loads(out)["ids"] == greedy_ids(model, [tokenizer.bos_id], 5)
 
@@ -299,7 +299,7 @@ def test_cli_stops_on_tokenizer_eos(text_checkpoint, tmp_path, capsys):
     save_model(relabelled, tmp_path / "relabelled")
     tokenizer.save(tmp_path / "relabelled")
     code, out, _ = run_cli(capsys, "--checkpoint", str(tmp_path / "relabelled"), "--prompt", "All:",
-                           "--greedy", "--json", "--max-new-tokens", "10")
+                           "--sampling.greedy", "--json", "--sampling.max-new-tokens", "10")
     assert code == 0
     assert json.loads(out)["ids"] == full[:EOS_AT]
 
@@ -320,8 +320,8 @@ def test_cli_stop_strings_end_generation(text_checkpoint, capsys):
     stop = full[len(full) // 2:len(full) // 2 + 2]
     cut = full[:full.find(stop)]
     n = next(i for i in range(1, len(full_ids) + 1) if stop in tokenizer.decode(full_ids[:i]))
-    args = ["--checkpoint", str(directory), "--prompt", "Le café", "--temperature", "1.0", "--seed", "3",
-            "--max-new-tokens", "30", "--stop", stop]
+    args = ["--checkpoint", str(directory), "--prompt", "Le café", "--sampling.temperature", "1.0",
+            "--sampling.seed", "3", "--sampling.max-new-tokens", "30", "--stop", stop]
     code, out, _ = run_cli(capsys, *args, "--json")
     assert code == 0 and json.loads(out) == {"ids": full_ids[:n], "text": cut}
     code, out, _ = run_cli(capsys, *args)
