@@ -64,15 +64,15 @@ def measure_micro_tokens(batches: Batches, count_tokens: Callable[[Any], int]) -
 
 
 def ramp_from_config(cfg: TrainConfig, batches: Batches, count_tokens: Callable[[Any], int]) -> BatchRamp | None:
-    """The run's ramp, or None when train.batch_ramp_start is 0 (off)."""
-    if cfg.batch_ramp_start == 0:
+    """The run's ramp, or None when train.batch_ramp.start is 0 (off)."""
+    if cfg.batch_ramp.start == 0:
         return None
     micro = measure_micro_tokens(batches, count_tokens)
     if micro <= 0:
-        raise ConfigError("train.batch_ramp_start: cannot count the tokens of a batch from this source")
-    ramp = BatchRamp(cfg.batch_ramp_start, cfg.batch_ramp_tokens, micro, cfg.grad_accum, cfg.batch_ramp_lr)
+        raise ConfigError("train.batch_ramp.start: cannot count the tokens of a batch from this source")
+    ramp = BatchRamp(cfg.batch_ramp.start, cfg.batch_ramp.tokens, micro, cfg.grad_accum, cfg.batch_ramp.lr)
     if ramp.start_tokens > ramp.target_tokens:
-        raise ConfigError(f"train.batch_ramp_start must be at most the target batch of {ramp.target_tokens} "
+        raise ConfigError(f"train.batch_ramp.start must be at most the target batch of {ramp.target_tokens} "
                           f"tokens (train.grad_accum {cfg.grad_accum} x {micro} tokens per micro-batch), "
-                          f"got {cfg.batch_ramp_start}")
+                          f"got {cfg.batch_ramp.start}")
     return ramp
