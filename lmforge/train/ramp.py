@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lmforge.core.config import require
 from lmforge.core.errors import ConfigError
 from lmforge.train.config import Batches, LrRule, TrainConfig
 
@@ -71,8 +72,7 @@ def ramp_from_config(cfg: TrainConfig, batches: Batches, count_tokens: Callable[
     if micro <= 0:
         raise ConfigError("train.batch_ramp.start: cannot count the tokens of a batch from this source")
     ramp = BatchRamp(cfg.batch_ramp.start, cfg.batch_ramp.tokens, micro, cfg.grad_accum, cfg.batch_ramp.lr)
-    if ramp.start_tokens > ramp.target_tokens:
-        raise ConfigError(f"train.batch_ramp.start must be at most the target batch of {ramp.target_tokens} "
-                          f"tokens (train.grad_accum {cfg.grad_accum} x {micro} tokens per micro-batch), "
-                          f"got {cfg.batch_ramp.start}")
+    require(ramp.start_tokens <= ramp.target_tokens, "train.batch_ramp.start", cfg.batch_ramp.start,
+            f"at most the target batch of {ramp.target_tokens} tokens (train.grad_accum {cfg.grad_accum} x "
+            f"{micro} tokens per micro-batch)")
     return ramp
