@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.core.config import option, suggest
+from lmforge.core.config import option, require, suggest
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.model.hf import module_map
 from lmforge.model.transformer import Transformer
@@ -37,12 +37,9 @@ class LoraConfig:
                                "direction W + sBA, normalized row by row")
 
     def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ConfigError(f"lora.r must be positive, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
-            raise ConfigError("lora.targets must name at least one module")
+        require(self.r > 0, "lora.r", self.r, "positive")
+        require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "in [0, 1)")
+        require(bool(self.targets), "lora.targets", self.targets, "a non-empty list of module names")
         for name in self.targets:
             if name not in TARGET_NAMES:
                 hint = suggest(name, TARGET_NAMES)
