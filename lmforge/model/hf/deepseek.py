@@ -39,8 +39,8 @@ DEFAULTS: dict[str, Any] = dict(  # DeepseekV3Config defaults (save_pretrained d
 # configs
 
 
-def model_config_from_hf(hf: dict[str, Any], source: str = "HF config", mtp_depth: int = 0) -> ModelConfig:
-    """ModelConfig for a DeepseekV3 `config.json`; `mtp_depth` is how many MTP modules the weights hold."""
+def config_from_hf(hf: dict[str, Any], source: str = "HF config") -> ModelConfig:
+    """ModelConfig for a DeepseekV3 `config.json`, without MTP (`fit_weights` counts the modules)."""
     get = {**DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}.get
     if get("hidden_act") != "silu" or get("attention_bias"):
         raise LmforgeError(f"{source}: hidden_act={get('hidden_act')!r}, attention_bias={get('attention_bias')} "
@@ -63,7 +63,7 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "HF config", mtp_dept
         moe_shared_experts=get("n_shared_experts"), moe_d_ff=get("moe_intermediate_size"), moe_router="sigmoid",
         moe_norm_top_k=bool(get("norm_topk_prob")), moe_routed_scale=get("routed_scaling_factor"),
         moe_groups=get("n_group"), moe_top_groups=get("topk_group"), moe_first_dense=get("first_k_dense_replace"),
-        mtp_depth=mtp_depth, mla_mscale=mscale.get("mscale", 0.0), mla_mscale_all_dim=mscale.get("mscale_all_dim", 0.0),
+        mla_mscale=mscale.get("mscale", 0.0), mla_mscale_all_dim=mscale.get("mscale_all_dim", 0.0),
     )
     return config_from_values(values, source)
 
@@ -291,7 +291,7 @@ class DeepSeekV3Adapter(HFAdapter):
         return cfg.attention == "mla" or bool(cfg.moe_experts)
 
     def config_from_hf(self, hf: dict[str, Any], source: str) -> ModelConfig:
-        return model_config_from_hf(hf, source)
+        return config_from_hf(hf, source)
 
     def fit_weights(self, cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> ModelConfig:
         """MTP modules are HF layers n_layers + k with an eh_proj: as many as the checkpoint holds."""
