@@ -131,7 +131,7 @@ class MistralAdapter(LlamaFamily):
     window_key = windowed = True
 
     def claims(self, cfg: ModelConfig, recorded: str | None) -> bool:
-        return bool(cfg.sliding_window) or recorded == "mistral"
+        return bool(cfg.sliding_window) or recorded == self.model_type
 
 
 class Qwen2Adapter(LlamaFamily):
@@ -142,7 +142,7 @@ class Qwen2Adapter(LlamaFamily):
     window_key = True
 
     def claims(self, cfg: ModelConfig, recorded: str | None) -> bool:
-        return recorded == "qwen2" and cfg.qkv_bias and not cfg.bias
+        return recorded == self.model_type and cfg.qkv_bias and not cfg.bias
 
     def sliding_window(self, get: Callable[..., Any], source: str) -> int | None:
         """Qwen2 stores a window but uses it only when asked to, and only on layers >= max_window_layers
