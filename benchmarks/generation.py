@@ -1,7 +1,7 @@
 """Generation benchmark: batch-1 greedy decode tokens/s, lmforge's KV-cache engine vs HF `generate`.
 
 Both run the same weights (a ~30M-parameter LLaMA-shaped lmforge model exported to a
-LlamaForCausalLM with `lmforge.model.hf.hf_config_from_model` / `state_dict_to_hf`), fp32, greedy,
+LlamaForCausalLM with `lmforge.model.hf.registry.hf_config_from_model` / `state_dict_to_hf`), fp32, greedy,
 128 new tokens after a 32-token prompt, no stop token. HF uses its default (dynamic) KV cache and SDPA
 attention. Timings are the median of interleaved repeats (A B A B ...), so the load other processes
 put on this shared machine falls on both alike; tokens/s counts new tokens over the whole call
@@ -33,7 +33,7 @@ from lmforge.generate.engine import Strategy, generate  # noqa: E402
 from lmforge.generate.sampling import SamplingParams  # noqa: E402
 from lmforge.generate.speculative import speculative_generate  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.model.hf import hf_config_from_model, state_dict_to_hf  # noqa: E402
+from lmforge.model.hf.registry import hf_config_from_model, state_dict_to_hf  # noqa: E402
 from lmforge.model.io import model_state_dict  # noqa: E402
 
 SHAPE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1408, vocab_size=8192, max_seq_len=512)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.generate.engine import generate, generate_stream
 from lmforge.generate.sampling import SamplingParams, sample_next
 from lmforge.model import ModelConfig, Transformer, load_model, save_model
+from lmforge.model.hf.convert import from_hf
 
 VOCAB = 64
 PROMPT = [5, 17, 3, 42, 8]
@@ -188,23 +188,8 @@ def test_cli_missing_checkpoint(tmp_path, capsys):
 # parity with Hugging Face transformers
 
 
-def wait_for_hf_import(timeout_s: float = 900.0):
-    """hf.py is written in parallel with this test; give it time to appear before skipping."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            from lmforge.model import hf
-
-            return hf
-        except ImportError:
-            if time.monotonic() > deadline:
-                pytest.skip("lmforge.model.hf is not available")
-            time.sleep(10)
-
-
 def test_greedy_matches_hf_generate(tmp_path):
     transformers = pytest.importorskip("transformers")
-    hf = wait_for_hf_import()
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -213,7 +198,7 @@ def test_greedy_matches_hf_generate(tmp_path):
     torch.manual_seed(0)
     hf_model = transformers.LlamaForCausalLM(config).eval()
     hf_model.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    hf.from_hf(tmp_path / "hf", tmp_path / "lmforge")
+    from_hf(tmp_path / "hf", tmp_path / "lmforge")
     model = load_model(tmp_path / "lmforge")
 
     new_tokens = 25
