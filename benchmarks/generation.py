@@ -1,13 +1,13 @@
 """Generation benchmark: batch-1 greedy decode tokens/s, lmforge's KV-cache engine vs HF `generate`.
 
 Both run the same weights (a ~30M-parameter LLaMA-shaped lmforge model exported to a
-LlamaForCausalLM with `lmforge.model.hf.hf_config_from_model` / `state_dict_to_hf`), fp32, greedy,
+LlamaForCausalLM with `lmforge.model.hf.registry.hf_config_from_model` / `state_dict_to_hf`), fp32, greedy,
 128 new tokens after a 32-token prompt, no stop token. HF uses its default (dynamic) KV cache and SDPA
 attention. Timings are the median of interleaved repeats (A B A B ...), so the load other processes
 put on this shared machine falls on both alike; tokens/s counts new tokens over the whole call
 (prefill included). Also: speculative decoding with the model as its own draft (acceptance 100 %,
 an upper bound on what a draft buys) is reported as a row, with the acceptance rate; and the opt-in static-shape
-step (`generate(..., compile=True)`: whole-cache length mask, torch.compile "reduce-overhead", i.e. CUDA graphs on
+step (`Strategy(compile=True)`: whole-cache length mask, torch.compile "reduce-overhead", i.e. CUDA graphs on
 CUDA; eager on CPU), its first (compiling) call in the warm-up. Prints a markdown table.
 
     .venv/bin/python benchmarks/generation.py [--repeats 5] [--new-tokens 128] [--device cuda]
@@ -29,11 +29,11 @@ import torch  # noqa: E402
 
 from lmforge.core.config import from_dict  # noqa: E402
 from lmforge.core.runtime import resolve_device  # noqa: E402
-from lmforge.generate.engine import generate  # noqa: E402
+from lmforge.generate.engine import Strategy, generate  # noqa: E402
 from lmforge.generate.sampling import SamplingParams  # noqa: E402
 from lmforge.generate.speculative import speculative_generate  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.model.hf import hf_config_from_model, state_dict_to_hf  # noqa: E402
+from lmforge.model.hf.registry import hf_config_from_model, state_dict_to_hf  # noqa: E402
 from lmforge.model.io import model_state_dict  # noqa: E402
 
 SHAPE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1408, vocab_size=8192, max_seq_len=512)
@@ -87,7 +87,7 @@ def main() -> None:
         return generate(ours, prompt, params)
 
     def run_compiled() -> list[int]:
-        return generate(ours, prompt, params, compile=True)
+        return generate(ours, prompt, Strategy(sampling=params, compile=True))
 
     def run_spec() -> list[int]:
         return speculative_generate(ours, ours, prompt, params, num_draft=4)[0]

@@ -2,7 +2,7 @@
 
 Every case is one training step repeated (forward, loss, backward, clip, AdamW over the trainable tensors)
 on the same weights: lmforge's model and the HF LlamaForCausalLM hold identical tensors (converted with
-`lmforge.model.hf.state_dict_to_hf`), and both LoRAs have the same rank, alpha and targets. lmforge uses
+`lmforge.model.hf.registry.state_dict_to_hf`), and both LoRAs have the same rank, alpha and targets. lmforge uses
 its trainer's loss (`lm_loss`, head fused with the cross-entropy), HF its logits + cross-entropy.
 
 Step time: the median over steps of all cases interleaved in one process (A B C A B C ...), so the load
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from lmforge.core.config import from_dict  # noqa: E402
 from lmforge.core.runtime import autocast, compile_model  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.model.hf import state_dict_to_hf  # noqa: E402
+from lmforge.model.hf.registry import state_dict_to_hf  # noqa: E402
 from lmforge.model.io import model_state_dict  # noqa: E402
 from lmforge.model.size import num_params  # noqa: E402
 from lmforge.peft import LoraConfig, apply_lora  # noqa: E402

@@ -422,7 +422,7 @@ def _summary_text(summary: dict[str, Any], report: Path) -> str:
         lines += [
             f"  lmforge chat --checkpoint {chat['checkpoint']}{adapter}      (try: reverse: a b c, or add: 3 + 4)",
             f"  lmforge serve --checkpoint {serve}      (then open http://127.0.0.1:8000 for the web chat)",
-            f"  lmforge generate --checkpoint {pt['model_dir']} --prompt 'def main(' --max-new-tokens 80",
+            f"  lmforge generate --checkpoint {pt['model_dir']} --prompt 'def main(' --sampling.max-new-tokens 80",
             f"  lmforge eval --checkpoint {pt['model_dir']} --data {run / 'shards'}",
         ]
     lines.append(f"  report: {report}   (lmforge report {run}; lmforge compare RUN_A RUN_B)")

@@ -25,7 +25,7 @@ def ids(seed: int = 1, batch: int = 2, length: int = 12) -> torch.Tensor:
 def write_hf_llama(root: Path) -> tuple[Path, Path]:
     """A random LlamaForCausalLM (GQA: 4 heads, 2 KV heads) on disk, and the same weights as lmforge."""
     transformers = pytest.importorskip("transformers")
-    from lmforge.model.hf import from_hf
+    from lmforge.model.hf.convert import from_hf
 
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

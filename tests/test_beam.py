@@ -14,7 +14,7 @@ from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError
 from lmforge.generate.beam import BeamParams, beam_search
 from lmforge.generate.contrastive import contrastive_search, degeneration_scores
-from lmforge.generate.engine import generate
+from lmforge.generate.engine import RunStats, Strategy, generate, generate_stream
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer, save_model
 
@@ -106,17 +106,34 @@ def test_contrastive_one_forward_per_token(model):
     assert fed == [len(PROMPT)] + [3] * 6  # prefill, then the k candidates in one pass per step
 
 
+def test_one_entry_runs_every_strategy(model):
+    """`generate(model, ids, strategy)` gives what each strategy's own function gives, for one or many prompts."""
+    params = SamplingParams(greedy=True, max_new_tokens=10)
+    greedy = generate(model, PROMPT, params)
+    best = beam_search(model, PROMPT, BeamParams(num_beams=3, length_penalty=0.5, max_new_tokens=10))[0]
+    stats = RunStats()
+    assert list(generate_stream(model, PROMPT, Strategy("beam", params, num_beams=3, length_penalty=0.5),
+                                stats)) == best.tokens
+    assert stats.score == best.score
+    contrastive = Strategy("contrastive", params, penalty_alpha=0.6)
+    assert generate(model, PROMPT, contrastive) == contrastive_search(model, PROMPT, 0.6, 4, 10)
+    assert generate(model, PROMPT, Strategy("speculative", params, draft=model)) == greedy  # exact when greedy
+    short = generate(model, [9, 1], params)
+    assert generate(model, [PROMPT, [9, 1]], params) == [greedy, short]  # one batch
+    assert generate(model, [PROMPT, [9, 1]], Strategy("beam", params, num_beams=1)) == [greedy, short]
+
+
 def test_cli_beam_and_contrastive(model, tmp_path, capsys):
     ckpt = save_model(model, tmp_path / "m")
     base = ["generate", "--checkpoint", str(ckpt), "--input-ids", " ".join(map(str, PROMPT)),
-            "--max-new-tokens", "10", "--json"]
+            "--sampling.max-new-tokens", "10", "--json"]
     capsys.readouterr()
     assert main([*base, "--num-beams", "3", "--length-penalty", "0.5", "--early-stopping", "never"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     best = beam_search(model, PROMPT, BeamParams(num_beams=3, length_penalty=0.5, early_stopping="never",
                                                  max_new_tokens=10))[0]
     assert out["ids"] == best.tokens and abs(out["score"] - best.score) < 1e-5
-    assert main([*base, "--penalty-alpha", "0.6", "--top-k", "4"]) == 0
+    assert main([*base, "--penalty-alpha", "0.6", "--sampling.top-k", "4"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["ids"] == contrastive_search(model, PROMPT, 0.6, 4, 10)
     assert main([*base, "--num-beams", "3", "--penalty-alpha", "0.5"]) != 0

@@ -86,7 +86,7 @@ def test_cli_unknown_command_and_option_exit_with_one_line(capsys):
     assert err == "lmforge: error: unknown command 'pretrian' (did you mean 'pretrain'?); run 'lmforge --help'"
     assert main(["generate", "--checkpoint", "x", "--temprature", "1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "did you mean '--temperature'" in err and len(err.splitlines()) == 1
+    assert "did you mean '--sampling.temperature'" in err and len(err.splitlines()) == 1
 
 
 def test_every_command_help_lists_its_options_with_defaults(capsys):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.generate.engine import generate, generate_stream
 from lmforge.generate.sampling import SamplingParams, sample_next
 from lmforge.model import ModelConfig, Transformer, load_model, save_model
+from lmforge.model.hf.convert import from_hf
 
 VOCAB = 64
 PROMPT = [5, 17, 3, 42, 8]
@@ -100,7 +100,7 @@ def test_stops_at_max_seq_len(model):
 def test_too_long_prompt_is_cut_from_the_left_with_a_warning(model, caplog):
     max_len = model.cfg.max_seq_len
     prompt = [(7 * i) % VOCAB for i in range(max_len + 30)]
-    with caplog.at_level(logging.WARNING, logger="lmforge.generate.engine"):
+    with caplog.at_level(logging.WARNING, logger="lmforge.generate.prompt"):
         out = generate(model, prompt, SamplingParams(greedy=True, max_new_tokens=5))
     assert "max_seq_len" in caplog.text
     assert out == generate(model, prompt[-(max_len - 1):], SamplingParams(greedy=True, max_new_tokens=5))
@@ -140,8 +140,8 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_cli_json_matches_library(checkpoint, capsys):
-    code, out, _ = run_cli(capsys, "--checkpoint", str(checkpoint), "--input-ids", "5 17 3 42 8", "--greedy",
-                           "--json", "--max-new-tokens", "12")
+    code, out, _ = run_cli(capsys, "--checkpoint", str(checkpoint), "--input-ids", "5 17 3 42 8", "--sampling.greedy",
+                           "--json", "--sampling.max-new-tokens", "12")
     assert code == 0
     result = json.loads(out)
     expected = generate(load_model(checkpoint), PROMPT, SamplingParams(greedy=True, max_new_tokens=12))
@@ -149,17 +149,17 @@ def test_cli_json_matches_library(checkpoint, capsys):
 
 
 def test_cli_sampling_is_seeded(checkpoint, capsys):
-    args = ["--checkpoint", str(checkpoint), "--input_ids", "1,2,3", "--json", "--max_new_tokens", "20",
-            "--temperature", "1.2", "--top-k", "30", "--top-p", "0.9"]
-    outs = [json.loads(run_cli(capsys, *args, "--seed", seed)[1])["ids"] for seed in ("4", "4", "5")]
+    args = ["--checkpoint", str(checkpoint), "--input_ids", "1,2,3", "--json", "--sampling.max_new_tokens", "20",
+            "--sampling.temperature", "1.2", "--sampling.top-k", "30", "--sampling.top-p", "0.9"]
+    outs = [json.loads(run_cli(capsys, *args, "--sampling.seed", seed)[1])["ids"] for seed in ("4", "4", "5")]
     assert outs[0] == outs[1] != outs[2]
     params = SamplingParams(temperature=1.2, top_k=30, top_p=0.9, max_new_tokens=20, seed=4)
     assert outs[0] == generate(load_model(checkpoint), [1, 2, 3], params)
 
 
 def test_cli_streams_ids_without_tokenizer(checkpoint, capsys):
-    code, out, _ = run_cli(capsys, "--checkpoint", str(checkpoint), "--input-ids", "5 17 3 42 8", "--greedy",
-                           "--max-new-tokens", "6")
+    code, out, _ = run_cli(capsys, "--checkpoint", str(checkpoint), "--input-ids", "5 17 3 42 8", "--sampling.greedy",
+                           "--sampling.max-new-tokens", "6")
     assert code == 0
     expected = generate(load_model(checkpoint), PROMPT, SamplingParams(greedy=True, max_new_tokens=6))
     assert out.split() == [str(t) for t in PROMPT + expected]
@@ -171,7 +171,7 @@ def test_cli_streams_ids_without_tokenizer(checkpoint, capsys):
     (["--input-ids", "1 two 3"], "'two' is not an integer"),
     (["--input-ids", "1 999"], "outside the model's vocabulary"),
     (["--input-ids", "1", "--prompt", "hi"], "not both"),
-    (["--input-ids", "1", "--top-p", "0"], "top_p"),
+    (["--input-ids", "1", "--sampling.top-p", "0"], "top_p"),
 ])
 def test_cli_user_errors_are_one_line(checkpoint, capsys, args, message):
     code, out, err = run_cli(capsys, "--checkpoint", str(checkpoint), *args)
@@ -188,23 +188,8 @@ def test_cli_missing_checkpoint(tmp_path, capsys):
 # parity with Hugging Face transformers
 
 
-def wait_for_hf_import(timeout_s: float = 900.0):
-    """hf.py is written in parallel with this test; give it time to appear before skipping."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            from lmforge.model import hf
-
-            return hf
-        except ImportError:
-            if time.monotonic() > deadline:
-                pytest.skip("lmforge.model.hf is not available")
-            time.sleep(10)
-
-
 def test_greedy_matches_hf_generate(tmp_path):
     transformers = pytest.importorskip("transformers")
-    hf = wait_for_hf_import()
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -213,7 +198,7 @@ def test_greedy_matches_hf_generate(tmp_path):
     torch.manual_seed(0)
     hf_model = transformers.LlamaForCausalLM(config).eval()
     hf_model.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    hf.from_hf(tmp_path / "hf", tmp_path / "lmforge")
+    from_hf(tmp_path / "hf", tmp_path / "lmforge")
     model = load_model(tmp_path / "lmforge")
 
     new_tokens = 25
@@ -253,8 +238,8 @@ def text_checkpoint(tmp_path_factory):
 
 def test_cli_prompt_text_json(text_checkpoint, capsys):
     directory, model, tokenizer = text_checkpoint
-    code, out, _ = run_cli(capsys, "--checkpoint", str(directory), "--prompt", "Speak, speak.", "--greedy",
-                           "--json", "--max-new-tokens", "15")
+    code, out, _ = run_cli(capsys, "--checkpoint", str(directory), "--prompt", "Speak, speak.", "--sampling.greedy",
+                           "--json", "--sampling.max-new-tokens", "15")
     assert code == 0
     result = json.loads(out)
     prompt = tokenizer.encode("Speak, speak.", add_bos=True)
@@ -266,7 +251,7 @@ def test_cli_prompt_text_json(text_checkpoint, capsys):
 def test_cli_streams_prompt_then_text(text_checkpoint, capsys):
     directory, model, tokenizer = text_checkpoint
     code, out, _ = run_cli(capsys, "--checkpoint", str(directory), "--prompt", "Le café",
-                           "--temperature", "1.0", "--seed", "3", "--max-new-tokens", "20")
+                           "--sampling.temperature", "1.0", "--sampling.seed", "3", "--sampling.max-new-tokens", "20")
     assert code == 0
     params = SamplingParams(temperature=1.0, seed=3, max_new_tokens=20, stop_token_ids=[tokenizer.eos_id])
     expected = generate(model, tokenizer.encode("Le café", add_bos=True), params)
@@ -275,8 +260,8 @@ def test_cli_streams_prompt_then_text(text_checkpoint, capsys):
 
 def test_cli_empty_prompt_starts_from_bos(text_checkpoint, capsys):
     directory, model, tokenizer = text_checkpoint
-    code, out, _ = run_cli(capsys, "--checkpoint", str(directory), "--greedy", "--json",
-                           "--max-new-tokens", "5")
+    code, out, _ = run_cli(capsys, "--checkpoint", str(directory), "--sampling.greedy", "--json",
+                           "--sampling.max-new-tokens", "5")
     assert code == 0
     assert json.loads(out)["ids"] == greedy_ids(model, [tokenizer.bos_id], 5)
 
@@ -299,7 +284,7 @@ def test_cli_stops_on_tokenizer_eos(text_checkpoint, tmp_path, capsys):
     save_model(relabelled, tmp_path / "relabelled")
     tokenizer.save(tmp_path / "relabelled")
     code, out, _ = run_cli(capsys, "--checkpoint", str(tmp_path / "relabelled"), "--prompt", "All:",
-                           "--greedy", "--json", "--max-new-tokens", "10")
+                           "--sampling.greedy", "--json", "--sampling.max-new-tokens", "10")
     assert code == 0
     assert json.loads(out)["ids"] == full[:EOS_AT]
 
@@ -320,8 +305,8 @@ def test_cli_stop_strings_end_generation(text_checkpoint, capsys):
     stop = full[len(full) // 2:len(full) // 2 + 2]
     cut = full[:full.find(stop)]
     n = next(i for i in range(1, len(full_ids) + 1) if stop in tokenizer.decode(full_ids[:i]))
-    args = ["--checkpoint", str(directory), "--prompt", "Le café", "--temperature", "1.0", "--seed", "3",
-            "--max-new-tokens", "30", "--stop", stop]
+    args = ["--checkpoint", str(directory), "--prompt", "Le café", "--sampling.temperature", "1.0",
+            "--sampling.seed", "3", "--sampling.max-new-tokens", "30", "--stop", stop]
     code, out, _ = run_cli(capsys, *args, "--json")
     assert code == 0 and json.loads(out) == {"ids": full_ids[:n], "text": cut}
     code, out, _ = run_cli(capsys, *args)

@@ -10,7 +10,8 @@ import torch
 
 from lmforge.cli import main
 from lmforge.core.config import from_dict
-from lmforge.generate.engine import decode_static, generate
+from lmforge.generate.decode import decode_static
+from lmforge.generate.engine import Strategy, generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.static import StaticDecoder, static_decoder, static_supported
 from lmforge.model import ModelConfig, Transformer, save_model
@@ -70,7 +71,7 @@ def test_unsupported_models_fall_back(caplog: pytest.LogCaptureFixture) -> None:
         StaticDecoder(model)
     params = SamplingParams(greedy=True, max_new_tokens=5)
     with caplog.at_level("WARNING"):
-        assert generate(model, PROMPT, params, compile=True) == generate(model, PROMPT, params)
+        assert generate(model, PROMPT, Strategy(sampling=params, compile=True)) == generate(model, PROMPT, params)
     assert "decoding eagerly" in caplog.text
 
 
@@ -86,18 +87,19 @@ def test_compiled_cuda_graphs_match_engine() -> None:
     model = tiny_model(n_kv_heads=2).cuda()
     params = SamplingParams(greedy=True, max_new_tokens=40)
     expected = generate(model, PROMPT, params)
-    assert generate(model, PROMPT, params, compile=True) == expected
-    assert generate(model, PROMPT, params, compile=True) == expected  # replays the recorded graph
+    assert generate(model, PROMPT, Strategy(sampling=params, compile=True)) == expected
+    assert generate(model, PROMPT, Strategy(sampling=params, compile=True)) == expected  # replays the recorded graph
     short = generate(model, [9, 1], params)
-    assert generate(model, [9, 1], params, compile=True) == short  # another prompt length, same graph
+    # another prompt length, same graph
+    assert generate(model, [9, 1], Strategy(sampling=params, compile=True)) == short
 
 
 def test_cli_compile_flag_same_tokens(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     checkpoint = save_model(tiny_model(n_kv_heads=2), tmp_path / "model")
     outs = []
     for extra in ([], ["--compile"]):
-        assert main(["generate", "--checkpoint", str(checkpoint), "--input-ids", "5 17 3 42 8", "--greedy",
-                     "--json", "--max-new-tokens", "20", *extra]) == 0
+        assert main(["generate", "--checkpoint", str(checkpoint), "--input-ids", "5 17 3 42 8", "--sampling.greedy",
+                     "--json", "--sampling.max-new-tokens", "20", *extra]) == 0
         outs.append(json.loads(capsys.readouterr().out))
     assert outs[0] == outs[1] and len(outs[0]["ids"]) == 20
 

@@ -10,7 +10,8 @@ from lmforge.core.errors import LmforgeError
 from lmforge.generate.engine import generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer, load_model, save_model
-from lmforge.model.hf import from_hf, to_hf
+from lmforge.model.hf.convert import from_hf, to_hf
+from lmforge.model.hf.registry import hf_config_from_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -125,8 +126,6 @@ def test_deepseek_v3_preset_is_the_published_671b_shape():
     cfg = from_dict(ModelConfig, {"preset": "deepseek-v3", "mtp_depth": 0}, "model.")
     assert num_params(cfg) == 671_026_404_352  # 671B main model (DeepSeek-V3 report, Table 1)
     assert 37.0e9 < active_params(cfg) < 37.7e9  # 37B activated per token
-    from lmforge.model.hf_deepseek import hf_config_from_model
-
     hf = hf_config_from_model(cfg)  # the released config.json's 128K YaRN recipe
     assert hf["max_position_embeddings"] == 163840 and hf["rope_parameters"] == {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,

@@ -17,7 +17,8 @@ from lmforge.core.config import from_dict  # noqa: E402
 from lmforge.core.errors import LmforgeError  # noqa: E402
 from lmforge.model import ModelConfig, save_model  # noqa: E402
 from lmforge.model.encdec import EncoderDecoder, greedy_decode  # noqa: E402
-from lmforge.model.hf import from_hf, hf_config_from_model, to_hf  # noqa: E402
+from lmforge.model.hf.convert import from_hf, to_hf  # noqa: E402
+from lmforge.model.hf.registry import hf_config_from_model, model_config_from_hf  # noqa: E402
 from lmforge.model.io import load_model  # noqa: E402
 
 VOCAB, STEPS = 96, 16
@@ -176,8 +177,6 @@ def test_every_preset_has_a_model_card_line():
 
 
 def test_qwen2_windows_only_when_every_layer_slides():
-    from lmforge.model.hf import model_config_from_hf
-
     base = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                 max_position_embeddings=64, model_type="qwen2", use_sliding_window=True, sliding_window=16)
     assert model_config_from_hf({**base, "max_window_layers": 0}).sliding_window == 16

@@ -25,7 +25,7 @@ from lmforge.generate.processors import (  # noqa: E402
 )
 from lmforge.generate.sampling import SamplingParams  # noqa: E402
 from lmforge.model import ModelConfig, Transformer, save_model  # noqa: E402
-from lmforge.model.hf import to_hf  # noqa: E402
+from lmforge.model.hf.convert import to_hf  # noqa: E402
 
 VOCAB = 64
 PROMPT = [5, 17, 3, 42, 8]

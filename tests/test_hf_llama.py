@@ -16,13 +16,12 @@ from lmforge import cli  # noqa: E402
 from lmforge.core.config import from_dict  # noqa: E402
 from lmforge.core.errors import LmforgeError  # noqa: E402
 from lmforge.model import ModelConfig, Transformer, load_model, save_model  # noqa: E402
-from lmforge.model.hf import (  # noqa: E402
-    from_hf,
+from lmforge.model.hf.convert import from_hf, to_hf  # noqa: E402
+from lmforge.model.hf.registry import (  # noqa: E402
     hf_config_from_model,
     model_config_from_hf,
     state_dict_from_hf,
     state_dict_to_hf,
-    to_hf,
 )
 
 VOCAB = 203

@@ -46,7 +46,8 @@ def test_generate_with_adapter_matches_the_library(method, tmp_path, capsys):
     expected = generate(model, PROMPT, params)
     assert expected != generate(load_model(base_dir), PROMPT, params)
     out = cli_json(capsys, "generate", "--checkpoint", str(base_dir), "--adapter", str(tmp_path / "adapter"),
-                   "--input-ids", " ".join(map(str, PROMPT)), "--greedy", "--json", "--max-new-tokens", "10")
+                   "--input-ids", " ".join(map(str, PROMPT)), "--sampling.greedy", "--json",
+                   "--sampling.max-new-tokens", "10")
     assert out["ids"] == expected
 
 
@@ -62,7 +63,8 @@ def test_generate_with_a_peft_made_lora_adapter(tmp_path, capsys):
                 p.normal_(std=0.5)
     peft_model.save_pretrained(tmp_path / "adapter", safe_serialization=True)
     out = cli_json(capsys, "generate", "--checkpoint", str(lmforge_dir), "--adapter", str(tmp_path / "adapter"),
-                   "--input-ids", " ".join(map(str, PROMPT)), "--greedy", "--json", "--max-new-tokens", "8")
+                   "--input-ids", " ".join(map(str, PROMPT)), "--sampling.greedy", "--json",
+                   "--sampling.max-new-tokens", "8")
     seq = torch.tensor([PROMPT])
     with torch.no_grad():  # HF greedy decoding, one full forward per token
         for _ in range(8):

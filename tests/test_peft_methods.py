@@ -134,7 +134,7 @@ def test_prompt_init_from_vocabulary_text():
     apply_prompt_tuning(model, PromptConfig(n_tokens=5), text_ids=[3, 9])
     torch.testing.assert_close(model.virtual_tokens.weight, model.embed.weight[[3, 9, 3, 9, 3]])
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["virtual_tokens.weight"]
-    with pytest.raises(ConfigError, match="prompt.init_text needs prompt.tokenizer"):
+    with pytest.raises(ConfigError, match="prompt.tokenizer must be .* when prompt.init_text is given"):
         PromptConfig(init_text="hello")
 
 

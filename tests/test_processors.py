@@ -161,13 +161,14 @@ def test_presets_set_what_they_print():
 
 def test_cli_preset_prints_settings_and_user_options_win(model, tmp_path, capsys):
     ckpt = save_model(model, tmp_path / "m")
-    args = ["generate", "--checkpoint", str(ckpt), "--input-ids", "3 4 5", "--max-new-tokens", "8", "--json"]
+    args = ["generate", "--checkpoint", str(ckpt), "--input-ids", "3 4 5", "--sampling.max-new-tokens", "8", "--json"]
     capsys.readouterr()
     assert main([*args, "--preset", "creative"]) == 0
     out = capsys.readouterr()
     assert "preset creative: greedy=False temperature=1.0" in out.err and "min_p=0.05" in out.err
     assert len(json.loads(out.out.strip().splitlines()[-1])["ids"]) == 8
-    assert main([*args, "--preset", "precise", "--repetition-penalty", "1.5", "--no-repeat-ngram-size", "2"]) == 0
+    assert main([*args, "--preset", "precise", "--sampling.repetition-penalty", "1.5",
+                 "--sampling.no-repeat-ngram-size", "2"]) == 0
     out = capsys.readouterr()
     assert "kept yours: repetition_penalty" in out.err
     expected = generate(model, [3, 4, 5], SamplingParams(greedy=True, repetition_penalty=1.5, no_repeat_ngram_size=2,

@@ -51,10 +51,10 @@ def test_schedule_hand_checked_numbers():
 
 
 def test_config_checks():
-    with pytest.raises(ConfigError, match="train.batch_ramp_tokens"):
-        from_dict(TrainConfig, {"batch_ramp_start": 1024})
-    with pytest.raises(ConfigError, match="train.batch_ramp_start"):
-        from_dict(TrainConfig, {"batch_ramp_start": -1})
+    with pytest.raises(ConfigError, match="train.batch_ramp.tokens"):
+        from_dict(TrainConfig, {"batch_ramp": {"start": 1024}})
+    with pytest.raises(ConfigError, match="train.batch_ramp.start"):
+        from_dict(TrainConfig, {"batch_ramp": {"start": -1}})
 
     class Batches:
         def next_batch(self):
@@ -66,7 +66,7 @@ def test_config_checks():
         def load_state_dict(self, state):
             pass
 
-    cfg = from_dict(TrainConfig, {"grad_accum": 4, "batch_ramp_start": 200, "batch_ramp_tokens": 1000})
+    cfg = from_dict(TrainConfig, {"grad_accum": 4, "batch_ramp": {"start": 200, "tokens": 1000}})
     with pytest.raises(ConfigError, match="at most the target batch of 128 tokens"):
         ramp_from_config(cfg, Batches(), lambda b: b.numel())
     assert ramp_from_config(from_dict(TrainConfig, {}), Batches(), lambda b: b.numel()) is None
@@ -98,7 +98,7 @@ def test_loop_ramps_logs_and_resumes_exactly(tmp_path):
     # micro-batch 2 x 16 = 32 tokens, target 4 micro-batches = 128 tokens, from 32 tokens over 320 tokens
     cfg = from_dict(TrainConfig, {"steps": 8, "grad_accum": 4, "lr": 1e-2, "warmup_steps": 0, "precision": "fp32",
                                   "device": "cpu", "log_every": 1, "eval_every": 0, "save_every": 2,
-                                  "plot_every": 0, "batch_ramp_start": 32, "batch_ramp_tokens": 320})
+                                  "plot_every": 0, "batch_ramp": {"start": 32, "tokens": 320}})
     expected = walk(BatchRamp(32, 320, 32, 4), 8)
     # 32 + 96 t/320: t=0 -> 1; 32 -> 41.6 -> 1; 64 -> 51.2 -> 2; 128 -> 70.4 -> 2; 192 -> 89.6 -> 3; 288 -> 118.4 -> 4
     assert [a for _, a in expected] == [1, 1, 2, 2, 3, 4, 4, 4]

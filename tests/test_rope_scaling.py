@@ -16,7 +16,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noq
 from lmforge.core.config import from_dict  # noqa: E402
 from lmforge.core.errors import ConfigError, LmforgeError  # noqa: E402
 from lmforge.model import ModelConfig, Transformer, load_model  # noqa: E402
-from lmforge.model.hf import from_hf, hf_config_from_model, model_config_from_hf  # noqa: E402
+from lmforge.model.hf.convert import from_hf  # noqa: E402
+from lmforge.model.hf.registry import hf_config_from_model, model_config_from_hf  # noqa: E402
 from lmforge.model.positions import RotaryEmbedding, scaled_rope_frequencies  # noqa: E402
 
 HEADS, HEAD_DIM, THETA, MAX_LEN = 4, 16, 10000.0, 256

@@ -100,7 +100,7 @@ def test_cli_draft_reports_acceptance_rate(target, close_draft, tmp_path, capsys
     t, d = save_model(target, tmp_path / "target"), save_model(close_draft, tmp_path / "draft")
     capsys.readouterr()
     code = main(["generate", "--checkpoint", str(t), "--draft", str(d), "--input-ids", " ".join(map(str, PROMPT)),
-                 "--greedy", "true", "--max-new-tokens", "20", "--json"])
+                 "--sampling.greedy", "true", "--sampling.max-new-tokens", "20", "--json"])
     assert code == 0
     out = capsys.readouterr()
     result = json.loads(out.out.strip().splitlines()[-1])
@@ -120,7 +120,7 @@ def test_mtp_heads_as_drafter(tmp_path, capsys):
         MTPDrafter(tiny(0))
     ckpt = save_model(target, tmp_path / "mtp")
     capsys.readouterr()
-    assert main(["generate", "--checkpoint", str(ckpt), "--draft", "mtp", "--input-ids", "5 17 3", "--greedy", "true",
-                 "--max-new-tokens", "12", "--json"]) == 0
+    assert main(["generate", "--checkpoint", str(ckpt), "--draft", "mtp", "--input-ids", "5 17 3",
+                 "--sampling.greedy", "true", "--sampling.max-new-tokens", "12", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["ids"] == generate(target, [5, 17, 3], SamplingParams(greedy=True, max_new_tokens=12))

@@ -52,7 +52,7 @@ def test_detector_hand_checked_threshold():
     restored = SpikeDetector(3.0, 4, 3)
     restored.load_state_dict(det.state_dict())
     assert restored.threshold() == det.threshold()
-    with pytest.raises(ConfigError, match="spike_warmup"):
+    with pytest.raises(ConfigError, match="train.spike.warmup"):
         SpikeDetector(3.0, window=4, warmup=5)
 
 
@@ -91,11 +91,12 @@ BATCH, SEQ = 4, 16
 STEPS, POISON_STEP, SAVE_EVERY, SKIP_AFTER = 40, 27, 5, 3
 
 
-def spike_cfg(**overrides) -> TrainConfig:
+def spike_cfg(spike: dict | None = None, **overrides) -> TrainConfig:
     return from_dict(TrainConfig, {"steps": STEPS, "lr": 1e-2, "warmup_steps": 2, "precision": "fp32",
                                    "device": "cpu", "log_every": 1, "eval_every": 0, "save_every": SAVE_EVERY,
-                                   "plot_every": 0, "spike_k": 6.0, "spike_window": 20, "spike_warmup": 10,
-                                   "spike_skip_batches": SKIP_AFTER, **overrides})
+                                   "plot_every": 0, "spike": {"k": 6.0, "window": 20, "warmup": 10,
+                                                              "skip_batches": SKIP_AFTER, **(spike or {})},
+                                   **overrides})
 
 
 def train_rows(run_dir):
@@ -154,7 +155,7 @@ def test_nan_losses_roll_back_then_give_up(tmp_path):
         def load_state_dict(self, state):
             pass
 
-    cfg = spike_cfg(steps=15, spike_skip_batches=0)
+    cfg = spike_cfg(steps=15, spike={"skip_batches": 0})
     result = train_loop(tiny_model(), loss_fn, Fixed(), cfg, tmp_path / "once")
     assert result["steps"] == 15
     (record,) = [json.loads(x) for x in (tmp_path / "once" / SPIKES_NAME).read_text().splitlines()]
@@ -167,7 +168,7 @@ def test_nan_losses_roll_back_then_give_up(tmp_path):
 
     calls["n"] = 0
     with pytest.raises(LmforgeError, match="spiked again after 2 rollbacks to step 10"):
-        train_loop(tiny_model(), always_nan_after_10, Fixed(), spike_cfg(spike_max_rollbacks=2),
+        train_loop(tiny_model(), always_nan_after_10, Fixed(), spike_cfg(spike={"max_rollbacks": 2}),
                    tmp_path / "always")
 
 
@@ -267,7 +268,7 @@ def test_train_loop_applies_and_removes_the_hook(tmp_path):
     for alpha in (1.0, 0.25):
         model = tiny_model()
         model.embed.weight.register_hook(lambda g, a=alpha: grads.setdefault(a, g.clone()))
-        train_loop(model, lm_loss, Fixed(), spike_cfg(steps=1, spike_k=0.0, embed_grad_alpha=alpha),
+        train_loop(model, lm_loss, Fixed(), spike_cfg(steps=1, spike={"k": 0.0}, embed_grad_alpha=alpha),
                    tmp_path / str(alpha))
         assert not model.embed._forward_hooks  # removed when training ends
     torch.testing.assert_close(grads[0.25], 0.25 * grads[1.0], rtol=0, atol=0)  # 1/4: exact
@@ -286,16 +287,16 @@ def test_cli_pretrain_with_stability_options(tmp_path, capsys):
              "--data.batch_size", "2", "--model.preset", "debug", "--model.max_seq_len", "32",
              "--train.steps", "12", "--train.grad_accum", "2", "--train.precision", "fp32", "--train.device", "cpu",
              "--train.log_every", "1", "--train.save_every", "4", "--train.plot_every", "0",
-             "--train.optimizer", "adafactor", "--train.lr", "0.05", "--train.adafactor_beta1", "0.9",
+             "--train.optimizer", "adafactor", "--train.lr", "0.05", "--train.adafactor.beta1", "0.9",
              "--train.z_loss", "1e-4", "--train.embed_grad_alpha", "0.1",
-             "--train.batch_ramp_start", "32", "--train.batch_ramp_tokens", "256",
-             "--train.spike_k", "6", "--train.spike_warmup", "4", "--train.spike_window", "8"]
+             "--train.batch_ramp.start", "32", "--train.batch_ramp.tokens", "256",
+             "--train.spike.k", "6", "--train.spike.warmup", "4", "--train.spike.window", "8"]
     assert main(["pretrain", *flags]) == 0
     assert "pretrain: 12 steps, final loss" in capsys.readouterr().out
     rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     # 32 + 32 t / 256 tokens: 1 micro-batch of 32 tokens until t = 128 (48 tokens, 1.5 rounds up), then 2
     assert [r["batch_tokens"] for r in rows[:5]] == [32, 32, 32, 32, 64] and rows[-1]["batch_tokens"] == 64
     assert rows[-1]["loss"] < rows[0]["loss"]
-    assert main(["pretrain", *flags[:-2], "--train.spike_window", "1"]) == 2  # a config error: one line
+    assert main(["pretrain", *flags[:-2], "--train.spike.window", "1"]) == 2  # a config error: one line
     err = capsys.readouterr().err
-    assert "train.spike_warmup must be in [2, train.spike_window=1]" in err and "Traceback" not in err
+    assert "train.spike.warmup must be in [2, train.spike.window=1]" in err and "Traceback" not in err

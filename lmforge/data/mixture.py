@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lmforge.core.config import option
+from lmforge.core.config import option, require
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.data.loader import SequenceLoader, to_batch
 from lmforge.data.shards import INDEX_NAME, ShardSet, ShardWriter
@@ -43,27 +43,21 @@ class SourceConfig:
 
     def check(self, key: str) -> None:
         """Validate; `key` (e.g. data.sources[2]) prefixes the field named in the error."""
-        if not self.path:
-            raise ConfigError(f"{key}.path: a data source needs the path of its shard directory")
-        if not (self.weight > 0 and math.isfinite(self.weight)):
-            raise ConfigError(f"{key}.weight must be a positive number, got {self.weight!r}")
-        if not self.max_epochs >= 0:
-            raise ConfigError(f"{key}.max_epochs must be >= 0 (0 = no limit), got {self.max_epochs!r}")
-        if (self.order == "score") != bool(self.score_file):
-            raise ConfigError(f"{key}.score_file must be given exactly when order = 'score' (order is "
-                              f"{self.order!r})")
+        require(bool(self.path), f"{key}.path", self.path, "the path of the source's shard directory")
+        require(self.weight > 0 and math.isfinite(self.weight), f"{key}.weight", self.weight, "a positive number")
+        require(self.max_epochs >= 0, f"{key}.max_epochs", self.max_epochs, ">= 0 (0 = no limit)")
+        require((self.order == "score") == bool(self.score_file), f"{key}.score_file", self.score_file,
+                f"given exactly when order = 'score' (order is {self.order!r})")
 
 
 def check_sources(sources: Sequence[SourceConfig], key: str) -> None:
     """Each source valid and names unique (they label the metrics); errors name `key[i].field`."""
-    if not sources:
-        raise ConfigError(f"{key}: a mixture needs at least one source")
+    require(bool(sources), key, list(sources), "a mixture of at least one source")
     seen: dict[str, int] = {}
     for i, src in enumerate(sources):
         src.check(f"{key}[{i}]")
-        if src.name in seen:
-            raise ConfigError(f"{key}[{i}].name: {src.name!r} is already the name of {key}[{seen[src.name]}]; "
-                              "give the sources distinct names")
+        require(src.name not in seen, f"{key}[{i}].name", src.name,
+                f"distinct from the name of {key}[{seen.get(src.name)}] (names label the metrics)")
         seen[src.name] = i
 
 

@@ -2,8 +2,9 @@
 
 Log-likelihood requests are (context, continuation) token lists. They are sorted by length,
 right-padded and scored one forward per batch: with a causal model, padding after a sequence
-cannot change the logits at its real positions, so no mask is needed. Greedy generation is
-batched by `lmforge.generate.batch.generate_batch` (left padding, masked).
+cannot change the logits at its real positions, so no mask is needed. Greedy generation goes
+through `lmforge.generate.engine.generate`, which decodes a list of prompts as one batch (left padding,
+masked).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from lmforge.eval.tasks import (
     load_task,
     multiple_choice_metrics,
 )
-from lmforge.generate.batch import generate_batch
+from lmforge.generate.engine import Strategy, generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
@@ -151,7 +152,7 @@ def evaluate_task(model: nn.Module, tokenizer: Tokenizer, task: Task, batch_size
         prompts = [generation_prompt(task, tokenizer, ex) for ex in task.examples]
         for s in tqdm(range(0, len(prompts), batch_size), desc=f"generate {task.name}", unit="batch",
                       disable=not progress):
-            outs = generate_batch(model, prompts[s:s + batch_size], params)
+            outs = generate(model, prompts[s:s + batch_size], Strategy(sampling=params))
             for ex, ids in zip(task.examples[s:s + batch_size], outs):
                 output = tokenizer.decode(ids)
                 pred = extract_prediction(output, spec)

@@ -19,7 +19,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json
 from lmforge.core.runtime import resolve_device
 from lmforge.data.formats import read_preference_pairs
-from lmforge.generate.batch import generate_batch
+from lmforge.generate.engine import Strategy, generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.peft.config import load_trained
 from lmforge.posttrain.models import pad_id_of
@@ -38,7 +38,7 @@ def answers(model: nn.Module, tokenizer: Tokenizer, prompts: list[list[dict[str,
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     out = []
     for i in range(0, len(ids), batch_size):
-        out += [tokenizer.decode(x) for x in generate_batch(model, ids[i:i + batch_size], params)]
+        out += [tokenizer.decode(x) for x in generate(model, ids[i:i + batch_size], Strategy(sampling=params))]
     return out
 
 

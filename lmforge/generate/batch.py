@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lmforge.generate.engine import check_prompt, fit_prompt, new_generator
 from lmforge.generate.processors import History
-from lmforge.generate.sampling import SamplingParams, sample_next
+from lmforge.generate.prompt import check_prompt, fit_prompt
+from lmforge.generate.sampling import SamplingParams, new_generator, sample_next
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,8 +25,8 @@ from torch import nn
 
 from lmforge.core.config import option
 from lmforge.core.errors import ConfigError
-from lmforge.generate.engine import check_prompt, fit_prompt
 from lmforge.generate.processors import History, LogitsProcessor, NoRepeatNGram, apply_processors
+from lmforge.generate.prompt import check_prompt, fit_prompt
 
 BIG = 1.0e9  # HF's "impossible" score offset; kept identical so ties break the same way
 

@@ -25,7 +25,7 @@ from torch import nn
 from lmforge.core.config import coerce, option, suggest
 from lmforge.core.errors import LmforgeError
 from lmforge.core.runtime import resolve_device
-from lmforge.generate.engine import generate_stream
+from lmforge.generate.engine import Strategy, generate_stream
 from lmforge.generate.sampling import SamplingParams
 from lmforge.peft.config import load_trained
 from lmforge.tokenizer import StreamDecoder, Tokenizer
@@ -89,10 +89,11 @@ class ChatSession:
         """Add a user turn, stream the assistant's answer through `write`, keep it in the history."""
         self.messages.append({"role": "user", "content": text})
         seed = None if self.params.seed is None else self.params.seed + self.turns
-        params = dataclasses.replace(self.params, seed=seed, stop_token_ids=self.stop_ids)
+        params = dataclasses.replace(self.params, seed=seed, stop_token_ids=[*self.params.stop_token_ids,
+                                                                             *self.stop_ids])
         decoder = StreamDecoder(self.tokenizer)
         pieces = []
-        for token in generate_stream(self.model, self.prompt_ids(), params):
+        for token in generate_stream(self.model, self.prompt_ids(), Strategy(sampling=params)):
             piece = decoder.push(token)
             pieces.append(piece)
             write(piece)
@@ -136,17 +137,19 @@ def chat_loop(session: ChatSession, lines: Iterable[str], out: TextIO, prompt: s
     return answers
 
 
+def _sampling() -> SamplingParams:
+    """chat's own defaults: a conversational temperature and nucleus, answers of up to 200 tokens, seeded."""
+    return SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=200, seed=0)
+
+
 @dataclass
 class ChatConfig:
     checkpoint: str = option(help="model directory (config.json + model.safetensors + tokenizer.json)")
     adapter: str = option("", "PEFT adapter directory to apply on top of the checkpoint")
     tokenizer: str = option("", "tokenizer directory; empty uses the checkpoint's")
     system: str = option("", "system message put before the conversation")
-    temperature: float = option(0.7, "sampling temperature; 0 = greedy")
-    top_k: int = option(0, "sample among the k most likely tokens; 0 keeps all")
-    top_p: float = option(0.9, "nucleus sampling mass")
-    max_new_tokens: int = option(200, "most tokens per answer")
-    seed: int = option(0, "seed of the first answer's sampling (the n-th answer uses seed + n)")
+    sampling: SamplingParams = option(default_factory=_sampling, help="how answers are sampled (the n-th answer "
+                                                                      "uses seed + n); /settings changes it")
     device: str = option("auto", "auto, cpu, cuda, ...")
 
 
@@ -154,8 +157,7 @@ def chat_cmd(cfg: ChatConfig) -> int:
 
     model = load_trained(cfg.checkpoint, cfg.adapter or None, device=str(resolve_device(cfg.device)))
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.checkpoint)
-    params = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    params = cfg.sampling
     session = ChatSession(model, tokenizer, params, cfg.system)
     interactive = sys.stdin.isatty()
     if interactive:

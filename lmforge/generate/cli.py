@@ -1,29 +1,37 @@
-"""`lmforge generate`: text (or token ids) in, streamed text (or one JSON object) out."""
+"""`lmforge generate`: text (or token ids) in, streamed text (or one JSON object) out.
+
+Parse the flags into a `Strategy`, call `lmforge.generate.engine.generate_stream`, print: the decoding
+itself lives in the library, where chat, eval and the quickstart use it too.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from torch import nn
 from tqdm import tqdm
 
-from lmforge.core.config import option
-from lmforge.core.errors import LmforgeError
+from lmforge.core.config import option, require
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.runtime import resolve_device
-from lmforge.generate.beam import BeamParams, beam_search
-from lmforge.generate.contrastive import contrastive_stream
-from lmforge.generate.engine import generate_stream
+from lmforge.generate.engine import Kind, RunStats, Strategy, generate_stream
 from lmforge.generate.presets import apply_preset, describe_preset, preset_settings
 from lmforge.generate.sampling import SamplingParams
-from lmforge.generate.speculative import DraftModel, MTPDrafter, SpecStats, check_draft, speculative_stream
 from lmforge.generate.stops import stop_at_strings
 from lmforge.model import load_model
 from lmforge.peft.config import load_any_adapter
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
+
+
+def _sampling() -> SamplingParams:
+    """generate's own defaults: a little below temperature 1, and a fixed seed (same command, same text)."""
+    return SamplingParams(temperature=0.8, max_new_tokens=100, seed=0)
 
 
 @dataclass
@@ -33,34 +41,42 @@ class GenerateConfig:
                               "tuning, or an lmforge bottleneck adapter")
     prompt: str = option("", "text to continue; empty starts from the tokenizer's bos token")
     input_ids: str = option("", "token ids to continue instead of text, e.g. \"1 2 3\" (no tokenizer needed)")
-    greedy: bool = option(False, "always take the most likely token")
-    temperature: float = option(0.8, "sampling temperature; <= 0 means greedy")
-    top_k: int = option(0, "sample among the k most likely tokens; 0 keeps all")
-    top_p: float = option(1.0, "nucleus sampling mass; 1 keeps all")
-    min_p: float = option(0.0, "drop tokens below min_p times the top token's probability; 0 keeps all")
-    repetition_penalty: float = option(1.0, "CTRL repetition penalty on tokens in the context; 1 is off")
-    frequency_penalty: float = option(0.0, "OpenAI frequency penalty (per repeat of a generated token)")
-    presence_penalty: float = option(0.0, "OpenAI presence penalty (once per generated token)")
-    no_repeat_ngram_size: int = option(0, "never repeat an n-gram of this size; 0 is off")
+    sampling: SamplingParams = option(default_factory=_sampling, help="how tokens are chosen (every strategy "
+                                                                      "reads max_new_tokens and seed from it)")
     preset: str = option("", "sampling preset: precise, balanced or creative (printed when used); options "
                              "you set yourself override it")
     num_beams: int = option(1, "beam search with this many beams when > 1 (prints the best hypothesis)")
     length_penalty: float = option(1.0, "beam search: score = sum log-probs / length ** length_penalty")
     early_stopping: Literal["false", "true", "never"] = option("false", "beam search stopping rule (as HF)")
     penalty_alpha: float = option(0.0, "contrastive search with this degeneration penalty when > 0 "
-                                       "(candidates: --top-k, 4 if 0)")
+                                       "(candidates: --sampling.top-k, 4 if 0)")
     draft: str = option("", "speculative decoding: a draft model directory (same tokenizer as the checkpoint), "
                             "or 'mtp' to draft with the checkpoint's own multi-token-prediction heads")
     num_draft_tokens: int = option(4, "speculative decoding: tokens the draft proposes per round")
     compile: bool = option(False, "decode with the static-shape step under torch.compile (CUDA graphs on CUDA): "
                                   "same tokens, much faster per token on small models; the first call compiles")
-    max_new_tokens: int = option(100, "most tokens to generate")
     stop: list[str] = option(default_factory=list, help="stop strings: generation ends at the first one, which "
                                                         "is not printed (needs a tokenizer)")
-    seed: int = option(0, "seed of the sampling generator (same seed, same text)")
     json: bool = option(False, "print one JSON object {\"ids\": [new ids], \"text\": new text} "
                                "instead of streaming")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+
+    def __post_init__(self) -> None:
+        require(self.num_beams >= 1, "num_beams", self.num_beams, ">= 1")
+        require(0.0 <= self.penalty_alpha <= 1.0, "penalty_alpha", self.penalty_alpha, "in [0, 1]")
+        require(self.num_draft_tokens >= 1, "num_draft_tokens", self.num_draft_tokens, ">= 1")
+        on = {"--num-beams": self.num_beams > 1, "--penalty-alpha": self.penalty_alpha > 0, "--draft": bool(self.draft)}
+        chosen = [name for name, chose in on.items() if chose]
+        if len(chosen) > 1:
+            raise ConfigError(f"choose one decoding strategy, not {' and '.join(chosen)}")
+
+    @property
+    def kind(self) -> Kind:
+        if self.num_beams > 1:
+            return "beam"
+        if self.penalty_alpha > 0:
+            return "contrastive"
+        return "speculative" if self.draft else "sample"
 
 
 def parse_input_ids(text: str) -> list[int]:
@@ -95,54 +111,30 @@ def prompt_ids(cfg: GenerateConfig, tokenizer: Tokenizer | None) -> list[int]:
     return ids
 
 
-SAMPLING_FIELDS = ("greedy", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
-                   "presence_penalty", "no_repeat_ngram_size", "max_new_tokens", "seed")
-
-
 def sampling_params(cfg: GenerateConfig, tokenizer: Tokenizer | None) -> SamplingParams:
-    """The command's settings; with --preset, the preset fills every setting left at its default."""
-    eos = tokenizer.eos_id if tokenizer is not None else None
-    params = SamplingParams(**{k: getattr(cfg, k) for k in SAMPLING_FIELDS},
-                            stop_token_ids=[] if eos is None else [eos])
+    """The command's settings, stopping at eos; with --preset, the preset fills every setting left at its
+    default."""
+    eos = [] if tokenizer is None or tokenizer.eos_id is None else [tokenizer.eos_id]
+    params = dataclasses.replace(cfg.sampling, stop_token_ids=[*cfg.sampling.stop_token_ids, *eos])
     if not cfg.preset:
         return params
-    defaults = GenerateConfig(checkpoint="")
-    explicit = frozenset(k for k in SAMPLING_FIELDS if getattr(cfg, k) != getattr(defaults, k))
+    defaults = _sampling()
+    explicit = frozenset(f.name for f in dataclasses.fields(SamplingParams)
+                         if getattr(cfg.sampling, f.name) != getattr(defaults, f.name))
     kept = sorted(explicit & preset_settings(cfg.preset).keys())
     print(describe_preset(cfg.preset) + (f" (kept yours: {', '.join(kept)})" if kept else ""), file=sys.stderr)
     return apply_preset(params, cfg.preset, explicit)
 
 
-def strategy_stream(cfg: GenerateConfig, model, ids: list[int], params: SamplingParams,
-                    stats: SpecStats) -> Iterator[int]:
-    """The token stream of the chosen strategy: contrastive, speculative, or plain sampling/greedy."""
-    if cfg.penalty_alpha > 0:
-        return contrastive_stream(model, ids, cfg.penalty_alpha, cfg.top_k or 4, params.max_new_tokens,
-                                  params.stop_token_ids)
-    if cfg.draft == "mtp":
-        return speculative_stream(model, MTPDrafter(model), ids, params, cfg.num_draft_tokens, stats)
-    if cfg.draft:
+def strategy(cfg: GenerateConfig, model: nn.Module, params: SamplingParams) -> Strategy:
+    """The decoding strategy the flags choose; a draft directory is loaded onto the model's device."""
+    draft: nn.Module | Literal["mtp"] = "mtp"
+    if cfg.draft and cfg.draft != "mtp":
         draft = load_model(Path(cfg.draft), device=next(model.parameters()).device)
-        check_draft(model, draft)
-        drafter = DraftModel(draft.eval(), min(draft.context_length, model.context_length))
-        return speculative_stream(model, drafter, ids, params, cfg.num_draft_tokens, stats)
-    return generate_stream(model, ids, params, compile=cfg.compile)
-
-
-def run_beam_search(cfg: GenerateConfig, model, ids: list[int], params: SamplingParams,
-                    tokenizer: Tokenizer | None) -> None:
     early = {"true": True, "false": False, "never": "never"}[cfg.early_stopping]
-    beam = BeamParams(num_beams=cfg.num_beams, length_penalty=cfg.length_penalty, early_stopping=early,
-                      no_repeat_ngram_size=cfg.no_repeat_ngram_size, max_new_tokens=max(1, cfg.max_new_tokens),
-                      stop_token_ids=params.stop_token_ids)
-    best = beam_search(model, ids, beam)[0]
-    text = tokenizer.decode(best.tokens) if tokenizer is not None else None
-    if cfg.json:
-        print(json.dumps({"ids": best.tokens, "text": text, "score": best.score}))
-    elif text is None:
-        print(" ".join(map(str, ids + best.tokens)))
-    else:
-        print((cfg.prompt or tokenizer.decode(ids)) + text)
+    return Strategy(cfg.kind, params, compile=cfg.compile, num_beams=cfg.num_beams,
+                    length_penalty=cfg.length_penalty, early_stopping=early, penalty_alpha=cfg.penalty_alpha,
+                    draft=draft, num_draft_tokens=cfg.num_draft_tokens)
 
 
 def generate_cmd(cfg: GenerateConfig) -> int:
@@ -156,33 +148,34 @@ def generate_cmd(cfg: GenerateConfig) -> int:
                            f"the model's vocab_size is {model.cfg.vocab_size}")
     ids = prompt_ids(cfg, tokenizer)
     params = sampling_params(cfg, tokenizer)
-    chosen = [name for name, on in (("--num-beams", cfg.num_beams > 1), ("--penalty-alpha", cfg.penalty_alpha > 0),
-                                    ("--draft", bool(cfg.draft))) if on]
-    if len(chosen) > 1:
-        raise LmforgeError(f"choose one decoding strategy, not {' and '.join(chosen)}")
-    if cfg.num_beams > 1:
-        run_beam_search(cfg, model, ids, params, tokenizer)
-        return 0
-    stats = SpecStats()
-    stream = strategy_stream(cfg, model, ids, params, stats)
     if cfg.stop and tokenizer is None:
         raise LmforgeError("--stop needs a tokenizer (tokenizer.json in the checkpoint)")
+    stats = RunStats()
+    stream = generate_stream(model, ids, strategy(cfg, model, params), stats)
     if cfg.json:
-        bar = dict(total=params.max_new_tokens, desc="generate", unit="tok", disable=None, file=sys.stderr)
-        if cfg.stop:
-            pieces = list(tqdm(stop_at_strings(stream, tokenizer, cfg.stop), **bar))
-            new_ids, text = [t for t, _ in pieces if t is not None], "".join(p for _, p in pieces)
-        else:
-            new_ids = list(tqdm(stream, **bar))
-            text = tokenizer.decode(new_ids) if tokenizer is not None else None
-        extra = {"acceptance_rate": stats.acceptance_rate} if cfg.draft else {}
-        print(json.dumps({"ids": new_ids, "text": text, **extra}))
+        print(json.dumps(collect_json(stream, tokenizer, cfg.stop, params.max_new_tokens, stats, cfg.kind)))
     else:
         stream_to_terminal(stream, ids, cfg.prompt, tokenizer, cfg.stop)
-    if cfg.draft:
-        print(f"speculative decoding: acceptance rate {stats.acceptance_rate:.1%} ({stats.accepted}/{stats.proposed} "
-              f"draft tokens), {stats.tokens_per_target_call:.2f} tokens per target call", file=sys.stderr)
+    if cfg.kind == "speculative":
+        spec = stats.speculative
+        print(f"speculative decoding: acceptance rate {spec.acceptance_rate:.1%} ({spec.accepted}/{spec.proposed} "
+              f"draft tokens), {spec.tokens_per_target_call:.2f} tokens per target call", file=sys.stderr)
     return 0
+
+
+def collect_json(stream: Iterator[int], tokenizer: Tokenizer | None, stops: Sequence[str], total: int,
+                 stats: RunStats, kind: Kind) -> dict[str, Any]:
+    """{"ids", "text"} of the whole answer (a progress bar on stderr meanwhile), plus the beam's score or
+    the speculative acceptance rate."""
+    bar = dict(total=total, desc="generate", unit="tok", disable=None, file=sys.stderr)
+    if stops:
+        pieces = list(tqdm(stop_at_strings(stream, tokenizer, stops), **bar))
+        new_ids, text = [t for t, _ in pieces if t is not None], "".join(p for _, p in pieces)
+    else:
+        new_ids = list(tqdm(stream, **bar))
+        text = tokenizer.decode(new_ids) if tokenizer is not None else None
+    extra = {"beam": {"score": stats.score}, "speculative": {"acceptance_rate": stats.speculative.acceptance_rate}}
+    return {"ids": new_ids, "text": text, **extra.get(kind, {})}
 
 
 def stream_to_terminal(stream: Iterator[int], prompt: list[int], prompt_text: str,

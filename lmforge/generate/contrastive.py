@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.core.errors import ConfigError
-from lmforge.generate.engine import check_prompt, fit_prompt
+from lmforge.generate.prompt import check_prompt, fit_prompt
 
 
 def degeneration_scores(probs: torch.Tensor, cand_hidden: torch.Tensor, context_hidden: torch.Tensor,

@@ -1,158 +1,109 @@
-"""Single-sequence generation with a KV cache: prefill the prompt once, then decode one token at a time.
+"""The one generation entry: `generate(model, ids, strategy)`, used by generate, chat, eval and the quickstart.
 
-The prompt's keys and values are computed in one forward pass and kept in a preallocated
-`KVCache`; every later step feeds only the newest token at `start_pos` = tokens so far, so a
-step costs O(length) attention instead of re-running the whole sequence.
+A `Strategy` names how to decode (plain sampling/greedy, beam search, contrastive search or speculative
+decoding) with that kind's options, and holds the `SamplingParams` every kind reads its length, seed and
+stop tokens from. `generate_stream` dispatches to the strategy's decode loop and yields tokens as they
+are decided; `generate` collects them, for one prompt or for a batch of prompts (batched sampling decodes
+the whole batch at once through `lmforge.generate.batch`). A bare `SamplingParams` means plain sampling.
 
-Stop tokens end generation and are NOT yielded (unlike HF `generate`, which appends eos to its
-output): callers get exactly the text the model produced. The whole sequence (prompt + new
-tokens) never exceeds the model's `max_seq_len`.
-
-`compile=True` opts into the static-shape step of `lmforge.generate.static` (CUDA graphs on CUDA, eager
-on CPU), the same tokens with far less per-token overhead; models it does not support decode the normal way.
+The server keeps its own loop (`lmforge.serve.scheduler`): continuous batching admits and retires
+requests between steps, which no single call can do; it shares the sampling step and its settings.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, overload
 
-import torch
 from torch import nn
 
-from lmforge.core.errors import LmforgeError
-from lmforge.generate.processors import History
-from lmforge.generate.sampling import SamplingParams, sample_next
-from lmforge.generate.static import static_decoder, static_supported
+from lmforge.generate.batch import generate_batch
+from lmforge.generate.beam import BeamParams, beam_search
+from lmforge.generate.contrastive import contrastive_stream
+from lmforge.generate.decode import sample_stream
+from lmforge.generate.sampling import SamplingParams
+from lmforge.generate.speculative import DraftModel, MTPDrafter, SpecStats, check_draft, speculative_stream
 
-log = logging.getLogger(__name__)
-
-
-def fit_prompt(prompt_ids: Sequence[int], max_seq_len: int) -> list[int]:
-    """Keep the last `max_seq_len - 1` tokens so at least one new token fits; warn when cutting."""
-    room = max_seq_len - 1
-    if len(prompt_ids) <= room:
-        return list(prompt_ids)
-    log.warning("prompt of %d tokens is longer than the model's max_seq_len=%d allows; "
-                "keeping its last %d tokens", len(prompt_ids), max_seq_len, room)
-    return list(prompt_ids[-room:])
+Kind = Literal["sample", "beam", "contrastive", "speculative"]
+CONTRASTIVE_TOP_K = 4  # contrastive candidates when sampling.top_k is 0
 
 
-def check_prompt(prompt_ids: Sequence[int], vocab_size: int) -> None:
-    if len(prompt_ids) == 0:
-        raise LmforgeError("generate: the prompt is empty; give at least one token (e.g. a bos token)")
-    for i, t in enumerate(prompt_ids):
-        if not 0 <= int(t) < vocab_size:
-            raise LmforgeError(f"generate: prompt token {i} is {t}, "
-                               f"outside the model's vocabulary [0, {vocab_size})")
+@dataclass
+class Strategy:
+    """How to decode: `kind` plus the options of that kind; the others are ignored."""
+
+    kind: Kind = "sample"
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    compile: bool = False  # sample: the static-shape step, compiled (CUDA graphs on CUDA)
+    num_beams: int = 4  # beam: width
+    length_penalty: float = 1.0  # beam: score = sum log-probs / length ** length_penalty
+    early_stopping: bool | Literal["never"] = False  # beam: HF's stopping rule
+    penalty_alpha: float = 0.6  # contrastive: degeneration penalty (candidates: sampling.top_k, else 4)
+    draft: nn.Module | Literal["mtp"] = "mtp"  # speculative: a draft model, or the target's own MTP heads
+    num_draft_tokens: int = 4  # speculative: tokens drafted per round
 
 
-def new_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+@dataclass
+class RunStats:
+    """What a run reports besides its tokens: the beam's score, speculative decoding's acceptance counts."""
+
+    score: float | None = None
+    speculative: SpecStats = field(default_factory=SpecStats)
 
 
-def generate_stream(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams, *,
-                    compile: bool = False) -> Iterator[int]:
-    """Yield new token ids one at a time, as soon as each is sampled.
-
-    Stops on a stop token (not yielded), after `params.max_new_tokens`, or when the sequence
-    reaches the model's `max_seq_len`. The prompt is checked (and cut) now, before the first
-    token is asked for, so a bad prompt fails where the stream is created. The model runs in
-    eval mode (no dropout) while generating. `compile`: decode with the static-shape step
-    (`lmforge.generate.static`), compiled; the first call compiles (seconds), later ones reuse it.
-    """
-    check_prompt(prompt_ids, model.cfg.vocab_size)
-    if params.max_new_tokens == 0:
-        return iter(())
-    prompt = fit_prompt(prompt_ids, model.context_length)
-    if compile:
-        reason = static_supported(model)
-        if reason is None:
-            return decode_static(model, prompt, params, compile=True)
-        log.warning("generate: compiled decoding is off for this model (%s); decoding eagerly", reason)
-    return decode(model, prompt, params)
+def as_strategy(strategy: Strategy | SamplingParams) -> Strategy:
+    return strategy if isinstance(strategy, Strategy) else Strategy(sampling=strategy)
 
 
-def decode_budget(model: nn.Module, prompt: list[int], params: SamplingParams) -> int:
-    return min(params.max_new_tokens, model.context_length - len(prompt))
+def generate_stream(model: nn.Module, prompt_ids: Sequence[int], strategy: Strategy | SamplingParams,
+                    stats: RunStats | None = None) -> Iterator[int]:
+    """Yield the new tokens of one prompt (stop tokens are not yielded); `stats`, if given, is filled in.
+
+    The prompt is checked when the stream is created. Beam search decides its tokens all at once (the
+    best hypothesis is known only at the end), so its stream is ready when this returns."""
+    s = as_strategy(strategy)
+    stats = stats if stats is not None else RunStats()
+    params = s.sampling
+    if s.kind == "beam":
+        beam = BeamParams(num_beams=s.num_beams, length_penalty=s.length_penalty, early_stopping=s.early_stopping,
+                          no_repeat_ngram_size=params.no_repeat_ngram_size,
+                          max_new_tokens=max(1, params.max_new_tokens), stop_token_ids=params.stop_token_ids)
+        best = beam_search(model, prompt_ids, beam)[0]
+        stats.score = best.score
+        return iter(best.tokens)
+    if s.kind == "contrastive":
+        return contrastive_stream(model, prompt_ids, s.penalty_alpha, params.top_k or CONTRASTIVE_TOP_K,
+                                  params.max_new_tokens, params.stop_token_ids)
+    if s.kind == "speculative":
+        if s.draft == "mtp":
+            drafter = MTPDrafter(model)
+        else:
+            check_draft(model, s.draft)
+            drafter = DraftModel(s.draft.eval(), min(s.draft.context_length, model.context_length))
+        return speculative_stream(model, drafter, prompt_ids, params, s.num_draft_tokens, stats.speculative)
+    return sample_stream(model, prompt_ids, params, compile=s.compile)
 
 
-@torch.no_grad()
-def decode(model: nn.Module, prompt: list[int], params: SamplingParams) -> Iterator[int]:
-    """Prefill `prompt` (which leaves room for a token) into a fresh cache, then decode step by step."""
-    budget = decode_budget(model, prompt, params)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        # The last sampled token is never fed back, so the cache needs one slot less than the total.
-        cache = model.new_cache(1, len(prompt) + budget - 1)
-        logits = model(torch.tensor([prompt], device=device), cache=cache, start_pos=0)[:, -1]
-        pos = len(prompt)
-
-        def step(token: torch.Tensor) -> torch.Tensor:
-            nonlocal pos
-            pos += 1
-            return model(token.view(1, 1), cache=cache, start_pos=pos - 1)[:, -1]
-
-        yield from sample_loop(logits, step, prompt, budget, params, device)
-    finally:
-        model.train(was_training)
+@overload
+def generate(model: nn.Module, prompt_ids: Sequence[int], strategy: Strategy | SamplingParams) -> list[int]: ...
 
 
-@torch.no_grad()
-def decode_static(model: nn.Module, prompt: list[int], params: SamplingParams, compile: bool = True
-                  ) -> Iterator[int]:
-    """`decode` through the model's `StaticDecoder`: same prefill, then fixed-shape steps (compiled when
-    `compile`; CUDA graphs on CUDA). Position and token stay on the device between steps. The decoder's
-    cache is one per model: a stream started while another is running on it decodes the normal way."""
-    dec = static_decoder(model, compile)
-    if dec.in_use:
-        yield from decode(model, prompt, params)
-        return
-    budget = decode_budget(model, prompt, params)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    dec.in_use = True
-    try:
-        graphs = compile and device.type == "cuda"
-        logits = dec.prefill(torch.tensor([prompt], device=device))
-        pos = torch.tensor([len(prompt)], device=device)
-
-        def step(token: torch.Tensor) -> torch.Tensor:
-            if graphs:  # the previous step's outputs are consumed: let the graph reuse its memory
-                torch.compiler.cudagraph_mark_step_begin()
-            out = dec.step(token.view(1, 1), pos)
-            pos.add_(1)
-            return out
-
-        yield from sample_loop(logits, step, prompt, budget, params, device)
-    finally:
-        dec.in_use = False
-        model.train(was_training)
+@overload
+def generate(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
+             strategy: Strategy | SamplingParams) -> list[list[int]]: ...
 
 
-def sample_loop(logits: torch.Tensor, step, prompt: list[int], budget: int, params: SamplingParams,
-                device: torch.device) -> Iterator[int]:
-    """Sample from `logits`, yield, feed the token to `step` (-> next logits), until a stop token or `budget`."""
-    generator = new_generator(params.seed, device)
-    stop = set(params.stop_token_ids)
-    seq = list(prompt)  # read only by history-dependent processors (penalties, n-gram ban)
-    for i in range(budget):
-        history = History.of([seq], len(prompt), device) if params.needs_history else None
-        next_token = sample_next(logits, params, generator, history)
-        token = int(next_token[0])
-        if token in stop:
-            return
-        yield token
-        seq.append(token)
-        if i + 1 == budget:
-            return
-        logits = step(next_token)
+def generate(model: nn.Module, prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+             strategy: Strategy | SamplingParams) -> list[int] | list[list[int]]:
+    """The new token ids only (the prompt is not repeated); see `generate_stream`.
 
-
-def generate(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams, *,
-             compile: bool = False) -> list[int]:
-    """The new token ids only (the prompt is not repeated); see `generate_stream`."""
-    return list(generate_stream(model, prompt_ids, params, compile=compile))
+    A list of prompts gives a list of answers. Plain sampling decodes them as one left-padded batch
+    (greedy answers equal the one-by-one ones; a seed then draws for the whole batch); other strategies
+    decode them one by one."""
+    s = as_strategy(strategy)
+    if prompt_ids and isinstance(prompt_ids[0], (list, tuple)):
+        if s.kind == "sample" and not s.compile:
+            return generate_batch(model, [list(p) for p in prompt_ids], s.sampling)
+        return [list(generate_stream(model, p, s)) for p in prompt_ids]
+    return list(generate_stream(model, prompt_ids, s))

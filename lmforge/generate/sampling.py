@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.core.config import option
-from lmforge.core.errors import ConfigError
+from lmforge.core.config import option, require
 from lmforge.generate.processors import (
     FrequencyPresencePenalty,
     History,
@@ -30,12 +29,15 @@ from lmforge.generate.processors import (
     top_p_filter,
 )
 
-__all__ = ["SamplingParams", "apply_temperature", "filtered_logits", "min_p_filter", "penalty_processors",
-           "processors_for", "sample_next", "top_k_filter", "top_p_filter"]
+__all__ = ["SamplingParams", "apply_temperature", "filtered_logits", "min_p_filter", "new_generator",
+           "penalty_processors", "processors_for", "sample_next", "top_k_filter", "top_p_filter"]
 
 
 @dataclass
 class SamplingParams:
+    """The one sampling config: every command that samples embeds it as `sampling` (`--sampling.temperature`),
+    and every decode strategy reads its length, seed and stop tokens from it."""
+
     greedy: bool = option(False, "always take the most likely token (same as temperature 0)")
     temperature: float = option(1.0, "divide logits by this before sampling; <= 0 means greedy")
     top_k: int = option(0, "sample only among the k most likely tokens; 0 keeps all")
@@ -54,21 +56,15 @@ class SamplingParams:
                                        help="stop when one of these is sampled (it is not returned)")
 
     def __post_init__(self) -> None:
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        require(self.top_k >= 0, "top_k", self.top_k, ">= 0")
+        require(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1]")
+        require(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "in [0, 1]")
+        require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0")
         for name in ("frequency_penalty", "presence_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ConfigError(f"{name} must be in [-2, 2] (OpenAI's range), got {getattr(self, name)}")
-        if self.no_repeat_ngram_size < 0:
-            raise ConfigError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
-        if self.max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            value = getattr(self, name)
+            require(-2.0 <= value <= 2.0, name, value, "in [-2, 2] (OpenAI's range)")
+        require(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", self.no_repeat_ngram_size, ">= 0")
+        require(self.max_new_tokens >= 0, "max_new_tokens", self.max_new_tokens, ">= 0")
 
     @property
     def is_greedy(self) -> bool:
@@ -103,6 +99,11 @@ def processors_for(params: SamplingParams) -> list[LogitsProcessor]:
 def filtered_logits(logits: torch.Tensor, params: SamplingParams, history: History | None = None) -> torch.Tensor:
     """`logits` [B, V] after every processor of `params`, in float32."""
     return apply_processors(logits.float(), processors_for(params), history)
+
+
+def new_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """The seeded generator a decode loop samples with; None (torch's global RNG) without a seed."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,

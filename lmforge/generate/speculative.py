@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import ConfigError, LmforgeError
-from lmforge.generate.engine import check_prompt, fit_prompt, new_generator
 from lmforge.generate.processors import History
-from lmforge.generate.sampling import SamplingParams, filtered_logits
+from lmforge.generate.prompt import check_prompt, fit_prompt
+from lmforge.generate.sampling import SamplingParams, filtered_logits, new_generator
 from lmforge.model.mtp import draft_logits
 
 

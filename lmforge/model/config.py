@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lmforge.core.config import option
-from lmforge.core.errors import ConfigError
+from lmforge.core.config import option, require
 from lmforge.model.presets import preset_dict
 
 
@@ -95,9 +94,8 @@ class ModelConfig:
         if self.n_kv_heads == 0:
             self.n_kv_heads = self.n_heads
         if self.attention == "mla":  # MLA rotates only the decoupled RoPE part; RoPE tables are sized by head_dim
-            if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
-                raise ConfigError(f"model.qk_rope_head_dim must be positive and even for attention='mla', "
-                                  f"got {self.qk_rope_head_dim}")
+            require(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim",
+                    self.qk_rope_head_dim, "positive and even for attention='mla'")
             self.head_dim = self.qk_rope_head_dim
         if self.head_dim == 0 and self.n_heads > 0:
             self.head_dim = self.d_model // self.n_heads
@@ -108,86 +106,75 @@ class ModelConfig:
                 self.d_ff = m * ((hidden + m - 1) // m)
             else:
                 self.d_ff = 4 * self.d_model
-        for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
-                              f"({self.n_kv_heads})")
-        if self.position == "rope" and self.head_dim % 2:
-            raise ConfigError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        self._at_least(1, "d_model", "n_layers", "n_heads", "max_seq_len")
+        require(self.n_heads % self.n_kv_heads == 0, "model.n_heads", self.n_heads,
+                f"a multiple of model.n_kv_heads={self.n_kv_heads}")
+        require(self.position != "rope" or self.head_dim % 2 == 0, "model.head_dim", self.head_dim, "even for RoPE")
         self._check_rope_scaling()
         self._check_zoo()
         self._check_moe()
         self._check_mla()
-        _positive(self, "mtp_depth", 0)
+        self._at_least(0, "mtp_depth")
+
+    def _at_least(self, minimum: int, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            require(value >= minimum, f"model.{name}", value, "positive" if minimum == 1 else f">= {minimum}")
 
     def _check_rope_scaling(self) -> None:
         if self.rope_scaling == "none":
             return
-        if self.position != "rope":
-            raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} needs model.position='rope', "
-                              f"got {self.position!r}")
-        if self.rope_factor < 1:
-            raise ConfigError(f"model.rope_factor must be >= 1, got {self.rope_factor}")
-        if self.rope_original_max_seq_len < 0:
-            raise ConfigError(f"model.rope_original_max_seq_len must be >= 0, got {self.rope_original_max_seq_len}")
-        if self.rope_scaling == "dynamic" and self.head_dim <= 2:
-            raise ConfigError(f"model.head_dim must be > 2 for dynamic RoPE, got {self.head_dim}")
-        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
-            raise ConfigError(f"model.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
-                              f"model.rope_low_freq_factor ({self.rope_low_freq_factor}) > 0")
-        if self.rope_scaling == "yarn" and not 0 < self.rope_beta_slow < self.rope_beta_fast:
-            raise ConfigError(f"model.rope_beta_fast ({self.rope_beta_fast}) must exceed "
-                              f"model.rope_beta_slow ({self.rope_beta_slow}) > 0")
+        require(self.position == "rope", "model.position", self.position,
+                f"'rope' for model.rope_scaling={self.rope_scaling!r}")
+        require(self.rope_factor >= 1, "model.rope_factor", self.rope_factor, ">= 1")
+        self._at_least(0, "rope_original_max_seq_len")
+        require(self.rope_scaling != "dynamic" or self.head_dim > 2, "model.head_dim", self.head_dim,
+                "> 2 for dynamic RoPE")
+        low, high = self.rope_low_freq_factor, self.rope_high_freq_factor
+        require(self.rope_scaling != "llama3" or 0 < low < high, "model.rope_high_freq_factor", high,
+                f"above model.rope_low_freq_factor={low}, itself > 0")
+        slow, fast = self.rope_beta_slow, self.rope_beta_fast
+        require(self.rope_scaling != "yarn" or 0 < slow < fast, "model.rope_beta_fast", fast,
+                f"above model.rope_beta_slow={slow}, itself > 0")
 
     def _check_moe(self) -> None:
         if self.moe_experts == 0:
             return
         if self.moe_d_ff == 0:
             self.moe_d_ff = self.d_ff
-        _positive(self, "moe_experts", 1)
-        if not 1 <= self.moe_top_k <= self.moe_experts:
-            raise ConfigError(f"model.moe_top_k must be in [1, moe_experts={self.moe_experts}], got {self.moe_top_k}")
-        for name in ("moe_shared_experts", "moe_first_dense", "moe_capacity_factor", "moe_aux_loss_weight",
-                     "moe_z_loss_weight", "moe_seq_aux_weight", "moe_bias_update_rate"):
-            _positive(self, name, 0)
-        if self.moe_experts % self.moe_groups:
-            raise ConfigError(f"model.moe_experts ({self.moe_experts}) must be a multiple of model.moe_groups "
-                              f"({self.moe_groups})")
-        if not 1 <= self.moe_top_groups <= self.moe_groups:
-            raise ConfigError(f"model.moe_top_groups must be in [1, moe_groups={self.moe_groups}], "
-                              f"got {self.moe_top_groups}")
-        if self.moe_top_k > self.moe_top_groups * (self.moe_experts // self.moe_groups):
-            raise ConfigError(f"model.moe_top_k ({self.moe_top_k}) exceeds the experts in moe_top_groups groups")
-        if self.moe_bias_update_rate and self.moe_router != "sigmoid":
-            raise ConfigError("model.moe_bias_update_rate needs model.moe_router='sigmoid' (DeepSeek-V3 balancing)")
+        self._at_least(1, "moe_experts")
+        require(1 <= self.moe_top_k <= self.moe_experts, "model.moe_top_k", self.moe_top_k,
+                f"in [1, moe_experts={self.moe_experts}]")
+        self._at_least(0, "moe_shared_experts", "moe_first_dense", "moe_capacity_factor", "moe_aux_loss_weight",
+                       "moe_z_loss_weight", "moe_seq_aux_weight", "moe_bias_update_rate")
+        require(self.moe_experts % self.moe_groups == 0, "model.moe_experts", self.moe_experts,
+                f"a multiple of model.moe_groups={self.moe_groups}")
+        require(1 <= self.moe_top_groups <= self.moe_groups, "model.moe_top_groups", self.moe_top_groups,
+                f"in [1, moe_groups={self.moe_groups}]")
+        reachable = self.moe_top_groups * (self.moe_experts // self.moe_groups)
+        require(self.moe_top_k <= reachable, "model.moe_top_k", self.moe_top_k,
+                f"at most the {reachable} experts in moe_top_groups={self.moe_top_groups} groups")
+        require(not self.moe_bias_update_rate or self.moe_router == "sigmoid", "model.moe_router", self.moe_router,
+                "'sigmoid' when model.moe_bias_update_rate is set (DeepSeek-V3 balancing)")
 
     def _check_mla(self) -> None:
         if self.attention != "mla":
             return
         if self.v_head_dim == 0:
             self.v_head_dim = self.qk_nope_head_dim
-        for name in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim"):
-            _positive(self, name, 1)
-        _positive(self, "q_lora_rank", 0)
-        if (self.mla_mscale or self.mla_mscale_all_dim) and self.rope_scaling != "yarn":
-            raise ConfigError(f"model.mla_mscale/mla_mscale_all_dim need model.rope_scaling='yarn', "
-                              f"got {self.rope_scaling!r}")
-        if self.position != "rope" or self.qk_rope_head_dim % 2:
-            raise ConfigError(f"model.attention='mla' needs position='rope' and an even qk_rope_head_dim, got "
-                              f"{self.position!r}, {self.qk_rope_head_dim}")
+        self._at_least(1, "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim")
+        self._at_least(0, "q_lora_rank")
+        require(not (self.mla_mscale or self.mla_mscale_all_dim) or self.rope_scaling == "yarn",
+                "model.rope_scaling", self.rope_scaling, "'yarn' for model.mla_mscale/mla_mscale_all_dim")
+        # an even qk_rope_head_dim was checked in __post_init__, before head_dim was derived from it
+        require(self.position == "rope", "model.position", self.position, "'rope' for model.attention='mla'")
 
     def _check_zoo(self) -> None:
-        for name in ("sliding_window", "n_encoder_layers", "decoder_start_id", "deepnorm_alpha", "deepnorm_beta",
-                     "attn_scale"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
-        if self.position == "t5" and not 4 <= self.rel_buckets <= self.rel_max_distance:
-            raise ConfigError(f"model.rel_buckets ({self.rel_buckets}) must be in [4, model.rel_max_distance "
-                              f"({self.rel_max_distance})]")
-        if self.output_scale <= 0:
-            raise ConfigError(f"model.output_scale must be positive, got {self.output_scale}")
+        self._at_least(0, "sliding_window", "n_encoder_layers", "decoder_start_id", "deepnorm_alpha",
+                       "deepnorm_beta", "attn_scale")
+        require(self.position != "t5" or 4 <= self.rel_buckets <= self.rel_max_distance, "model.rel_buckets",
+                self.rel_buckets, f"in [4, model.rel_max_distance={self.rel_max_distance}]")
+        require(self.output_scale > 0, "model.output_scale", self.output_scale, "positive")
         if self.n_encoder_layers == 0:
             self.n_encoder_layers = self.n_layers
 
@@ -204,7 +191,3 @@ class ModelConfig:
 
         return {**preset_dict(name), **data}
 
-
-def _positive(cfg: ModelConfig, name: str, minimum: int) -> None:
-    if getattr(cfg, name) < minimum:
-        raise ConfigError(f"model.{name} must be >= {minimum}, got {getattr(cfg, name)}")

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lmforge.core.config import option
-from lmforge.core.errors import ConfigError
+from lmforge.core.config import option, require
 
 DataParallel = Literal["none", "ddp", "fsdp"]
 Checkpointing = Literal["none", "full", "every_n"]
@@ -37,13 +36,11 @@ class ParallelConfig:
                                                                "gloo on CPU")
 
     def __post_init__(self) -> None:
-        if self.tensor < 1:
-            raise ConfigError(f"parallel.tensor must be >= 1, got {self.tensor}")
-        if self.ac_every < 1:
-            raise ConfigError(f"parallel.ac_every must be >= 1, got {self.ac_every}")
-        if self.data == "ddp" and self.tensor > 1:
-            raise ConfigError("parallel.data=ddp cannot be combined with parallel.tensor > 1; "
-                              "use parallel.data=fsdp (2-D FSDP x TP) or none")
+        require(self.tensor >= 1, "parallel.tensor", self.tensor, ">= 1")
+        require(self.ac_every >= 1, "parallel.ac_every", self.ac_every, ">= 1")
+        require(self.data != "ddp" or self.tensor == 1, "parallel.data", self.data,
+                "fsdp (2-D FSDP x TP) or none when parallel.tensor > 1 (ddp cannot be combined with tensor "
+                "parallelism)")
 
     @property
     def enabled(self) -> bool:

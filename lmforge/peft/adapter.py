@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.core.config import from_dict, option, to_dict
+from lmforge.core.config import from_dict, option, require, to_dict
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.model.io import load_weights
 from lmforge.model.transformer import Transformer
@@ -33,8 +33,7 @@ class AdapterConfig:
     activation: Literal["gelu", "relu", "silu", "tanh"] = option("gelu", "nonlinearity between down and up")
 
     def __post_init__(self) -> None:
-        if self.size <= 0:
-            raise ConfigError(f"adapter.size must be positive, got {self.size}")
+        require(self.size > 0, "adapter.size", self.size, "positive")
 
 
 class Bottleneck(nn.Module):

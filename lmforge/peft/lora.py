@@ -4,8 +4,8 @@ optionally DoRA (Liu et al., 2024), which rescales each output row of W + s B A 
 lmforge fuses projections (`attn.qkv` = [q; k; v], `mlp.up` = [gate; up]) where HF LLaMA keeps them
 apart, so one adapter here is a set of *parts*, each a (A, B) pair on a row range of one fused layer.
 A LoRA on `q_proj` is then exactly PEFT's LoRA on `q_proj`, which is what makes the adapter files
-interchangeable (`lmforge.peft.io`). Targets are named as in HF/PEFT; the HF -> lmforge mapping is
-`lmforge.model.hf.module_map`, never repeated here.
+interchangeable (`lmforge.peft.io`). Targets are named as in HF/PEFT; the HF -> lmforge mapping is the
+`module_map` of the model's HF family adapter (`lmforge.model.hf.registry`), never repeated here.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.core.config import option, suggest
+from lmforge.core.config import option, require, suggest
 from lmforge.core.errors import ConfigError, LmforgeError
-from lmforge.model.hf import module_map
+from lmforge.model.hf.registry import module_map
 from lmforge.model.transformer import Transformer
 
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -37,12 +37,9 @@ class LoraConfig:
                                "direction W + sBA, normalized row by row")
 
     def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ConfigError(f"lora.r must be positive, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
-            raise ConfigError("lora.targets must name at least one module")
+        require(self.r > 0, "lora.r", self.r, "positive")
+        require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "in [0, 1)")
+        require(bool(self.targets), "lora.targets", self.targets, "a non-empty list of module names")
         for name in self.targets:
             if name not in TARGET_NAMES:
                 hint = suggest(name, TARGET_NAMES)

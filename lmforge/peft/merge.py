@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.core.config import option
-from lmforge.model.hf import copy_tokenizer_files
+from lmforge.model.hf.io import copy_tokenizer_files
 from lmforge.model.io import save_model
 from lmforge.peft.config import load_trained, merge_adapter
 

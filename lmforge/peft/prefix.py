@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.core.config import option
-from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.config import option, require
+from lmforge.core.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.io import load_weights
 from lmforge.model.transformer import Transformer
@@ -37,10 +37,8 @@ class PrefixConfig:
     hidden: int = option(512, "hidden width of the reparameterization MLP")
 
     def __post_init__(self) -> None:
-        if self.n_tokens <= 0:
-            raise ConfigError(f"prefix.n_tokens must be positive, got {self.n_tokens}")
-        if self.hidden <= 0:
-            raise ConfigError(f"prefix.hidden must be positive, got {self.hidden}")
+        require(self.n_tokens > 0, "prefix.n_tokens", self.n_tokens, "positive")
+        require(self.hidden > 0, "prefix.hidden", self.hidden, "positive")
 
 
 def prefix_width(cfg: ModelConfig) -> int:

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.core.config import option
-from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.config import option, require
+from lmforge.core.errors import LmforgeError
 from lmforge.model.io import load_weights
 from lmforge.model.transformer import Transformer
 from lmforge.peft.io import ADAPTER_WEIGHTS_NAME, read_adapter_config, require_fields, write_adapter_dir
@@ -35,10 +35,9 @@ class PromptConfig:
     tokenizer: str = option("", "directory holding tokenizer.json (or the file) to encode init_text with")
 
     def __post_init__(self) -> None:
-        if self.n_tokens <= 0:
-            raise ConfigError(f"prompt.n_tokens must be positive, got {self.n_tokens}")
-        if self.init_text and not self.tokenizer:
-            raise ConfigError("prompt.init_text needs prompt.tokenizer (the directory holding tokenizer.json)")
+        require(self.n_tokens > 0, "prompt.n_tokens", self.n_tokens, "positive")
+        require(not self.init_text or bool(self.tokenizer), "prompt.tokenizer", self.tokenizer,
+                "the directory holding tokenizer.json when prompt.init_text is given")
 
 
 class SoftPrompt(nn.Module):

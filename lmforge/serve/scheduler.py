@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import LmforgeError
-from lmforge.generate.engine import new_generator
-from lmforge.generate.sampling import SamplingParams, sample_next
+from lmforge.generate.sampling import SamplingParams, new_generator, sample_next
 from lmforge.generate.stops import StopMatcher
 from lmforge.serve.cache import SlotCache, decode_mask
 from lmforge.tokenizer import StreamDecoder, Tokenizer

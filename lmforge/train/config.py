@@ -16,6 +16,60 @@ LrRule = Literal["sqrt", "linear", "none"]  # how lr follows the batch-size ramp
 
 
 @dataclass
+class AdafactorConfig:
+    """`train.adafactor.*`: Adafactor's own knobs (Shazeer & Stern 2018), read when train.optimizer = adafactor."""
+
+    beta1: float = option(0.0, "first-moment decay; 0 keeps none (T5), PaLM uses 0.9")
+    decay_rate: float = option(-0.8, "second-moment decay beta2_t = 1 - step^decay_rate")
+    clip: float = option(1.0, "clip the update's RMS to this (d in Shazeer & Stern 2018)")
+    scale_parameter: bool = option(True, "step size relative to the parameter, lr * max(1e-3, RMS(param))")
+    relative_step: bool = option(True, "lr becomes min(train.lr, 1/sqrt(step)); with train.lr 1e-2 and a "
+                                       "constant schedule this is T5's")
+
+    def __post_init__(self) -> None:
+        require(0 <= self.beta1 < 1, "train.adafactor.beta1", self.beta1, "in [0, 1)")
+        require(self.decay_rate < 0, "train.adafactor.decay_rate", self.decay_rate, "negative")
+        require(self.clip > 0, "train.adafactor.clip", self.clip, "positive")
+
+
+@dataclass
+class BatchRampConfig:
+    """`train.batch_ramp.*`: the GPT-3 batch-size ramp (lmforge.train.ramp); off while start is 0."""
+
+    start: int = option(0, "global batch in tokens at the start; it grows linearly to grad_accum micro-batches "
+                           "over train.batch_ramp.tokens tokens, in whole micro-batches; 0 disables")
+    tokens: int = option(0, "tokens seen when the ramp reaches the full batch")
+    lr: LrRule = option("sqrt", "lr during the ramp times (batch / full batch)^p: sqrt p=1/2 (Adam), "
+                                "linear p=1 (SGD), none p=0")
+
+    def __post_init__(self) -> None:
+        require(self.start >= 0, "train.batch_ramp.start", self.start, ">= 0")
+        require(self.start == 0 or self.tokens > 0, "train.batch_ramp.tokens", self.tokens,
+                "positive when train.batch_ramp.start is set")
+
+
+@dataclass
+class SpikeConfig:
+    """`train.spike.*`: loss-spike rollback (lmforge.train.stability); off while k is 0."""
+
+    k: float = option(0.0, "a loss more than k std above the recent window rolls back to the last checkpoint "
+                           "and skips the batches since it (RUN/spikes.jsonl); 0 disables; checkpoints come "
+                           "from train.save_every")
+    window: int = option(50, "steps in the spike detector's window")
+    warmup: int = option(20, "accepted losses before spikes are detected (non-finite ones always are)")
+    skip_batches: int = option(0, "more micro-batches to skip after a spike's own (PaLM skipped 200-500 "
+                                  "batches around a spike, counting those since the checkpoint)")
+    max_rollbacks: int = option(3, "stop after this many rollbacks to the same checkpoint")
+
+    def __post_init__(self) -> None:
+        require(self.k >= 0, "train.spike.k", self.k, ">= 0")
+        require(2 <= self.warmup <= self.window, "train.spike.warmup", self.warmup,
+                f"in [2, train.spike.window={self.window}]")
+        require(self.skip_batches >= 0, "train.spike.skip_batches", self.skip_batches, ">= 0")
+        require(self.max_rollbacks >= 1, "train.spike.max_rollbacks", self.max_rollbacks, "positive")
+
+
+@dataclass
 class TrainConfig:
     steps: int = option(1000, "optimizer steps")
     grad_accum: int = option(1, "micro-batches per optimizer step")
@@ -52,32 +106,14 @@ class TrainConfig:
     # optimizer and stability options (lmforge.train.adafactor, .ramp, .stability)
     optimizer: Literal["adamw", "adafactor"] = option(
         "adamw", "adamw, or adafactor (factored second moments: O(n+m) state per n x m matrix; "
-                 "train.adafactor_* options; weight_decay applies, beta1/beta2/eps do not)")
-    adafactor_beta1: float = option(0.0, "adafactor: first-moment decay; 0 keeps none (T5), PaLM uses 0.9")
-    adafactor_decay_rate: float = option(-0.8, "adafactor: second-moment decay beta2_t = 1 - step^decay_rate")
-    adafactor_clip: float = option(1.0, "adafactor: clip the update's RMS to this (d in Shazeer & Stern 2018)")
-    adafactor_scale_parameter: bool = option(True, "adafactor: step size relative to the parameter, "
-                                                   "lr * max(1e-3, RMS(param))")
-    adafactor_relative_step: bool = option(True, "adafactor: lr becomes min(train.lr, 1/sqrt(step)); with "
-                                                 "train.lr 1e-2 and a constant schedule this is T5's")
+                 "train.adafactor.* options; weight_decay applies, beta1/beta2/eps do not)")
+    adafactor: AdafactorConfig = option(default_factory=AdafactorConfig)
     z_loss: float = option(0.0, "LM loss: add z_loss * mean(log^2 Z) of the output softmax (PaLM: 1e-4) to "
                                 "keep the logits' normalizer near 1; 0 disables")
     embed_grad_alpha: float = option(1.0, "scale the token embedding's gradient by this, forward unchanged "
                                           "(GLM-130B: 0.1); 1 disables")
-    batch_ramp_start: int = option(0, "batch-size ramp (GPT-3): global batch in tokens at the start; it grows "
-                                      "linearly to grad_accum micro-batches over train.batch_ramp_tokens "
-                                      "tokens, in whole micro-batches; 0 disables")
-    batch_ramp_tokens: int = option(0, "tokens seen when the ramp reaches the full batch")
-    batch_ramp_lr: LrRule = option("sqrt", "lr during the ramp times (batch / full batch)^p: sqrt p=1/2 "
-                                           "(Adam), linear p=1 (SGD), none p=0")
-    spike_k: float = option(0.0, "loss-spike rollback: a loss more than k std above the recent window rolls "
-                                 "back to the last checkpoint and skips the batches since it (RUN/spikes.jsonl); "
-                                 "0 disables; checkpoints come from train.save_every")
-    spike_window: int = option(50, "steps in the spike detector's window")
-    spike_warmup: int = option(20, "accepted losses before spikes are detected (non-finite ones always are)")
-    spike_skip_batches: int = option(0, "more micro-batches to skip after a spike's own (PaLM skipped 200-500 "
-                                        "batches around a spike, counting those since the checkpoint)")
-    spike_max_rollbacks: int = option(3, "stop after this many rollbacks to the same checkpoint")
+    batch_ramp: BatchRampConfig = option(default_factory=BatchRampConfig)
+    spike: SpikeConfig = option(default_factory=SpikeConfig)
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "train.steps", self.steps, "positive")
@@ -96,21 +132,8 @@ class TrainConfig:
         require(self.eval_batches >= 1, "train.eval_batches", self.eval_batches, "positive")
         for name in ("eval_every", "save_every", "keep_checkpoints", "plot_every"):
             require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
-        require(0 <= self.adafactor_beta1 < 1, "train.adafactor_beta1", self.adafactor_beta1, "in [0, 1)")
-        require(self.adafactor_decay_rate < 0, "train.adafactor_decay_rate", self.adafactor_decay_rate,
-                 "negative")
-        require(self.adafactor_clip > 0, "train.adafactor_clip", self.adafactor_clip, "positive")
         require(self.z_loss >= 0, "train.z_loss", self.z_loss, ">= 0")
         require(0 < self.embed_grad_alpha <= 1, "train.embed_grad_alpha", self.embed_grad_alpha, "in (0, 1]")
-        require(self.batch_ramp_start >= 0, "train.batch_ramp_start", self.batch_ramp_start, ">= 0")
-        require(self.batch_ramp_start == 0 or self.batch_ramp_tokens > 0, "train.batch_ramp_tokens",
-                 self.batch_ramp_tokens, "positive when train.batch_ramp_start is set")
-        require(self.spike_k >= 0, "train.spike_k", self.spike_k, ">= 0")
-        require(2 <= self.spike_warmup <= self.spike_window, "train.spike_warmup", self.spike_warmup,
-                 f"in [2, train.spike_window={self.spike_window}]")
-        require(self.spike_skip_batches >= 0, "train.spike_skip_batches", self.spike_skip_batches, ">= 0")
-        require(self.spike_max_rollbacks >= 1, "train.spike_max_rollbacks", self.spike_max_rollbacks,
-                 "positive")
 
 
 class Batches(Protocol):

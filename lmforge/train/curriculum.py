@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.core.config import option
+from lmforge.core.config import option, require
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.mixture import (
@@ -57,8 +57,7 @@ class PhaseConfig:
                                  "at zero)")
 
     def check(self, key: str) -> None:
-        if self.tokens <= 0:
-            raise ConfigError(f"{key}.tokens must be a positive token budget, got {self.tokens!r}")
+        require(self.tokens > 0, f"{key}.tokens", self.tokens, "a positive token budget")
         check_sources(self.sources, f"{key}.sources")
 
 

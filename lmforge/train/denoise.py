@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.core.config import option
+from lmforge.core.config import option, require
 from lmforge.core.errors import ConfigError
 from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.train.fused_ce import linear_cross_entropy
@@ -37,12 +37,9 @@ class DenoiseConfig:
     n_sentinels: int = option(100, "sentinel tokens added past the tokenizer's vocab (T5: 100 extra ids)")
 
     def check(self) -> None:
-        if not 0 < self.noise_density < 1:
-            raise ConfigError(f"denoise.noise_density must be in (0, 1), got {self.noise_density}")
-        if self.mean_span_length < 1:
-            raise ConfigError(f"denoise.mean_span_length must be >= 1, got {self.mean_span_length}")
-        if self.n_sentinels < 1:
-            raise ConfigError(f"denoise.n_sentinels must be positive, got {self.n_sentinels}")
+        require(0 < self.noise_density < 1, "denoise.noise_density", self.noise_density, "in (0, 1)")
+        require(self.mean_span_length >= 1, "denoise.mean_span_length", self.mean_span_length, ">= 1")
+        require(self.n_sentinels >= 1, "denoise.n_sentinels", self.n_sentinels, "positive")
 
 
 @dataclass(frozen=True)

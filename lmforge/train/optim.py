@@ -38,13 +38,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """cfg.optimizer over `param_groups`: AdamW (the fused kernel where the device has one, multi-tensor
-    otherwise), or `Adafactor` with the train.adafactor_* options."""
+    otherwise), or `Adafactor` with the train.adafactor.* options."""
     groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
     if cfg.optimizer == "adafactor":
-        return Adafactor(groups, lr=cfg.lr, beta1=cfg.adafactor_beta1, decay_rate=cfg.adafactor_decay_rate,
-                         clip_threshold=cfg.adafactor_clip, weight_decay=cfg.weight_decay,
-                         scale_parameter=cfg.adafactor_scale_parameter,
-                         relative_step=cfg.adafactor_relative_step)
+        ada = cfg.adafactor
+        return Adafactor(groups, lr=cfg.lr, beta1=ada.beta1, decay_rate=ada.decay_rate, clip_threshold=ada.clip,
+                         weight_decay=cfg.weight_decay, scale_parameter=ada.scale_parameter,
+                         relative_step=ada.relative_step)
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.device.type in FUSED_DEVICE_TYPES and p.is_floating_point()
                                  for p in params)

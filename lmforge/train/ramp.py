@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lmforge.core.config import require
 from lmforge.core.errors import ConfigError
 from lmforge.train.config import Batches, LrRule, TrainConfig
 
@@ -64,15 +65,14 @@ def measure_micro_tokens(batches: Batches, count_tokens: Callable[[Any], int]) -
 
 
 def ramp_from_config(cfg: TrainConfig, batches: Batches, count_tokens: Callable[[Any], int]) -> BatchRamp | None:
-    """The run's ramp, or None when train.batch_ramp_start is 0 (off)."""
-    if cfg.batch_ramp_start == 0:
+    """The run's ramp, or None when train.batch_ramp.start is 0 (off)."""
+    if cfg.batch_ramp.start == 0:
         return None
     micro = measure_micro_tokens(batches, count_tokens)
     if micro <= 0:
-        raise ConfigError("train.batch_ramp_start: cannot count the tokens of a batch from this source")
-    ramp = BatchRamp(cfg.batch_ramp_start, cfg.batch_ramp_tokens, micro, cfg.grad_accum, cfg.batch_ramp_lr)
-    if ramp.start_tokens > ramp.target_tokens:
-        raise ConfigError(f"train.batch_ramp_start must be at most the target batch of {ramp.target_tokens} "
-                          f"tokens (train.grad_accum {cfg.grad_accum} x {micro} tokens per micro-batch), "
-                          f"got {cfg.batch_ramp_start}")
+        raise ConfigError("train.batch_ramp.start: cannot count the tokens of a batch from this source")
+    ramp = BatchRamp(cfg.batch_ramp.start, cfg.batch_ramp.tokens, micro, cfg.grad_accum, cfg.batch_ramp.lr)
+    require(ramp.start_tokens <= ramp.target_tokens, "train.batch_ramp.start", cfg.batch_ramp.start,
+            f"at most the target batch of {ramp.target_tokens} tokens (train.grad_accum {cfg.grad_accum} x "
+            f"{micro} tokens per micro-batch)")
     return ramp

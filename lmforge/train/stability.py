@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lmforge.checkpoint.store import load_checkpoint
+from lmforge.core.config import require
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.tensors import IGNORE_INDEX
 
@@ -63,8 +64,7 @@ def shrink_embedding_gradient(embedding: nn.Module, alpha: float) -> RemovableHa
     """Forward hook giving out.detach() + alpha * (out - out.detach()): the forward value is exactly the
     embedding, the gradient flowing into it exactly alpha times the incoming one (GLM-130B's form,
     a*e + (1-a)*e.detach(), rounds the forward)."""
-    if not 0 < alpha <= 1:
-        raise ConfigError(f"train.embed_grad_alpha must be in (0, 1], got {alpha}")
+    require(0 < alpha <= 1, "train.embed_grad_alpha", alpha, "in (0, 1]")
 
     def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
         frozen = out.detach()
@@ -86,9 +86,7 @@ class SpikeDetector:
     """
 
     def __init__(self, k: float, window: int, warmup: int, min_std_ratio: float = 0.01) -> None:
-        if window < 2 or not 2 <= warmup <= window:
-            raise ConfigError(f"train.spike_window ({window}) and train.spike_warmup ({warmup}) must satisfy "
-                              "2 <= warmup <= window")
+        require(2 <= warmup <= window, "train.spike.warmup", warmup, f"in [2, train.spike.window={window}]")
         self.k, self.warmup, self.min_std_ratio = k, warmup, min_std_ratio
         self.losses: deque[float] = deque(maxlen=window)
 
@@ -161,8 +159,8 @@ class SpikeGuard:
         self._rollbacks[back_to] = self._rollbacks.get(back_to, 0) + 1
         if self._rollbacks[back_to] > self.max_rollbacks:
             raise LmforgeError(f"step {step}: loss {loss} spiked again after {self.max_rollbacks} rollbacks to "
-                               f"step {back_to}; lower train.lr, raise train.spike_skip_batches or "
-                               "train.spike_k, then resume")
+                               f"step {back_to}; lower train.lr, raise train.spike.skip_batches or "
+                               "train.spike.k, then resume")
         batches.load_state_dict(after_spike)
         for _ in range(self.skip_after):
             batches.next_batch()

@@ -192,8 +192,9 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
     metrics = (MetricsLogger(run_dir, resume_step=state.step if saved is not None else None) if main
                else QuietMetrics())
     ramp = ramp_from_config(cfg, batches, count_tokens)
-    guard = None if cfg.spike_k == 0 else SpikeGuard(run_dir, cfg.spike_k, cfg.spike_window, cfg.spike_warmup,
-                                                    cfg.spike_skip_batches, cfg.spike_max_rollbacks, load_ckpt, main)
+    spike = cfg.spike
+    guard = None if spike.k == 0 else SpikeGuard(run_dir, spike.k, spike.window, spike.warmup, spike.skip_batches,
+                                                spike.max_rollbacks, load_ckpt, main)
     if guard is not None and saved is not None:
         guard.detector.load_state_dict(saved.get("spike_window") or {})
     shrink = (shrink_embedding_gradient(input_embedding(model), cfg.embed_grad_alpha)

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from lmforge.core.config import option
-from lmforge.core.errors import ConfigError
+from lmforge.core.config import option, require
 from lmforge.data.filters.text import ngram_hashes
 from lmforge.data.readers import Document, iter_input_files, open_binary
 from lmforge.data.steps import Step
@@ -65,8 +64,8 @@ class Decontaminate(Step):
     _grams: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.eval_files:
-            raise ConfigError("decontaminate: give eval_files")
+        require(bool(self.eval_files), "decontaminate.eval_files", self.eval_files,
+                "a non-empty list of evaluation files or folders")
 
     def grams(self) -> np.ndarray:
         if self._grams is None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.core.config import option
-from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.config import option, require
+from lmforge.core.errors import LmforgeError
 from lmforge.data.dedup.decontaminate import word_hashes
 from lmforge.data.filters.text import ngram_hashes
 from lmforge.data.readers import Document, read_documents
@@ -106,8 +106,8 @@ class ClassifierFilter(Step):
     _clf: HashedLogReg | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.model and not (self.good and self.random):
-            raise ConfigError("classifier: give a trained `model`, or `good` and `random` samples to train one")
+        require(bool(self.model or (self.good and self.random)), "classifier.model", self.model,
+                "a trained classifier, or classifier.good and classifier.random given to train one")
 
     def classifier(self) -> HashedLogReg:
         if self._clf is None:

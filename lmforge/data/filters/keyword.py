@@ -10,8 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.core.config import option
-from lmforge.core.errors import ConfigError
+from lmforge.core.config import option, require
 from lmforge.data.readers import Document
 from lmforge.data.steps import Step
 
@@ -30,12 +29,10 @@ class KeywordFilter(Step):
         entries = [w.strip().lower() for w in self.words if w.strip()]
         if self.file:
             path = Path(self.file)
-            if not path.is_file():
-                raise ConfigError(f"keyword.file: {path}: file not found")
+            require(path.is_file(), "keyword.file", self.file, "an existing file")
             entries += [w.strip().lower() for w in path.read_text(encoding="utf-8").splitlines()
                         if w.strip() and not w.startswith("#")]
-        if not entries:
-            raise ConfigError("keyword: give `words` or `file` (the blocklist is empty)")
+        require(bool(entries), "keyword.words", self.words, "given, or keyword.file: the blocklist is empty")
         alternatives = "|".join(re.escape(w) for w in sorted(set(entries), key=len, reverse=True))
         self._pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmforge.core.config import option
-from lmforge.core.errors import ConfigError
+from lmforge.core.config import option, require
 from lmforge.data.dedup.decontaminate import word_hashes
 from lmforge.data.filters.text import ngram_hashes
 from lmforge.data.readers import Document, read_documents
@@ -78,8 +77,8 @@ class PerplexityFilter(Step):
     _model: NGramModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.reference:
-            raise ConfigError("perplexity: give reference files to train the n-gram model on")
+        require(bool(self.reference), "perplexity.reference", self.reference,
+                "a non-empty list of files to train the n-gram model on")
 
     def model(self) -> NGramModel:
         if self._model is None:

@@ -1,5 +1,5 @@
-"""Hugging Face interop for DeepSeek-V3 (MLA + DeepSeekMoE + MTP): `lmforge convert from-hf / to-hf` dispatch
-here for `model_type: deepseek_v3` and for lmforge models with MLA or MoE layers.
+"""DeepSeek-V3 (`DeepseekV3ForCausalLM`: MLA + DeepSeekMoE + MTP), the family `--family auto` picks for
+lmforge models with MLA or MoE layers.
 
 The mapping is exact. Fused lmforge tensors are row concatenations (`mlp.up = [gate_proj; up_proj]`, expert
 `up[j] = [experts.j.gate_proj; experts.j.up_proj]`); HF's 3-D `experts.gate_up_proj` has that layout already.
@@ -12,18 +12,19 @@ shared ones and are dropped.
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 from typing import Any
 
 import torch
 
-from lmforge.core.config import from_dict
-from lmforge.core.errors import ConfigError, LmforgeError
-from lmforge.core.files import read_json_object
+from lmforge.core.errors import LmforgeError
 from lmforge.model.config import ModelConfig
-from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config, save_model
+from lmforge.model.hf.base import HFAdapter, ModuleMap, config_from_values, expected_shapes, require, unexplained
+from lmforge.model.hf.llama import llama_module_map
+from lmforge.model.hf.rope import rope_from_hf, rope_to_hf
 from lmforge.model.moe import is_moe_layer
-from lmforge.model.transformer import Transformer
+
+ARCHITECTURE = "DeepseekV3ForCausalLM"
 
 DEFAULTS: dict[str, Any] = dict(  # DeepseekV3Config defaults (save_pretrained drops default values)
     vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
@@ -38,10 +39,8 @@ DEFAULTS: dict[str, Any] = dict(  # DeepseekV3Config defaults (save_pretrained d
 # configs
 
 
-def model_config_from_hf(hf: dict[str, Any], source: str = "HF config", mtp_depth: int = 0) -> ModelConfig:
-    """ModelConfig for a DeepseekV3 `config.json`; `mtp_depth` is how many MTP modules the weights hold."""
-    from lmforge.model.hf import rope_from_hf
-
+def config_from_hf(hf: dict[str, Any], source: str = "HF config") -> ModelConfig:
+    """ModelConfig for a DeepseekV3 `config.json`, without MTP (`fit_weights` counts the modules)."""
     get = {**DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}.get
     if get("hidden_act") != "silu" or get("attention_bias"):
         raise LmforgeError(f"{source}: hidden_act={get('hidden_act')!r}, attention_bias={get('attention_bias')} "
@@ -64,12 +63,9 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "HF config", mtp_dept
         moe_shared_experts=get("n_shared_experts"), moe_d_ff=get("moe_intermediate_size"), moe_router="sigmoid",
         moe_norm_top_k=bool(get("norm_topk_prob")), moe_routed_scale=get("routed_scaling_factor"),
         moe_groups=get("n_group"), moe_top_groups=get("topk_group"), moe_first_dense=get("first_k_dense_replace"),
-        mtp_depth=mtp_depth, mla_mscale=mscale.get("mscale", 0.0), mla_mscale_all_dim=mscale.get("mscale_all_dim", 0.0),
+        mla_mscale=mscale.get("mscale", 0.0), mla_mscale_all_dim=mscale.get("mscale_all_dim", 0.0),
     )
-    try:
-        return from_dict(ModelConfig, values, "model.")
-    except ConfigError as e:
-        raise LmforgeError(f"{source}: {e}") from None
+    return config_from_values(values, source)
 
 
 def without_mscale(hf: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
@@ -90,10 +86,7 @@ def check_deepseek_compatible(cfg: ModelConfig) -> None:
     """Raise naming the first ModelConfig value DeepseekV3ForCausalLM cannot express."""
     wanted = dict(attention="mla", norm="rmsnorm", norm_placement="pre", mlp="swiglu", position="rope",
                   moe_router="sigmoid", bias=False, qkv_bias=False, moe_capacity_factor=0.0)
-    for field, value in wanted.items():
-        if getattr(cfg, field) != value:
-            raise LmforgeError(f"model.{field}={getattr(cfg, field)!r} cannot be exported as DeepseekV3ForCausalLM "
-                               f"(it needs {field}={value!r})")
+    require(cfg, wanted, ARCHITECTURE)
     if cfg.rope_scaling not in ("none", "yarn"):
         raise LmforgeError(f"model.rope_scaling={cfg.rope_scaling!r} cannot be exported as DeepseekV3ForCausalLM "
                            "(it needs 'none' or 'yarn')")
@@ -102,18 +95,14 @@ def check_deepseek_compatible(cfg: ModelConfig) -> None:
                            "moe_first_dense < n_layers)")
 
 
-def hf_config_from_model(cfg: ModelConfig, torch_dtype: str = "float32",
-                         token_ids: dict[str, Any] | None = None, interleaved: bool = True) -> dict[str, Any]:
-    from lmforge.model.hf import TOKEN_ID_KEYS, rope_to_hf
-
-    check_deepseek_compatible(cfg)
-    ids = {k: (token_ids or {}).get(k) for k in TOKEN_ID_KEYS}
+def config_to_hf(cfg: ModelConfig, interleaved: bool = True) -> dict[str, Any]:
+    """DeepseekV3 `config.json` keys; `interleaved` is rope_interleave (kept from the imported config)."""
     rope = rope_to_hf(cfg)
     for key, value in (("mscale", cfg.mla_mscale), ("mscale_all_dim", cfg.mla_mscale_all_dim)):
         if value:
             rope["rope_parameters"][key] = rope["rope_scaling"][key] = value
     return {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": cfg.vocab_size,
+        "architectures": [ARCHITECTURE], "model_type": "deepseek_v3", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "moe_intermediate_size": cfg.moe_d_ff,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
         "n_shared_experts": cfg.moe_shared_experts, "n_routed_experts": cfg.moe_experts,
@@ -125,7 +114,7 @@ def hf_config_from_model(cfg: ModelConfig, torch_dtype: str = "float32",
         "initializer_range": cfg.init_std, "rms_norm_eps": cfg.norm_eps, **rope,
         "tie_word_embeddings": cfg.tie_embeddings, "rope_interleave": interleaved, "attention_bias": False,
         "num_nextn_predict_layers": cfg.mtp_depth, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
-        **ids, "dtype": torch_dtype, "torch_dtype": torch_dtype, "use_cache": True,
+        "use_cache": True,
     }
 
 
@@ -220,8 +209,6 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, inte
                        ) -> dict[str, torch.Tensor]:
     """lmforge tensors from DeepseekV3 tensors (`interleaved`: the config's rope_interleave); a missing,
     extra or mis-shaped tensor raises."""
-    from lmforge.model.hf import expected_shapes
-
     used: set[str] = set()
     state = {}
     for ours, theirs in name_map(cfg):
@@ -246,16 +233,13 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, inte
     unexpected = sorted(k for k in hf_state if k not in used and not k.endswith("rotary_emb.inv_freq")
                         and k not in mtp_copies and not (cfg.tie_embeddings and k == "lm_head.weight"))
     if unexpected:
-        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
-        raise LmforgeError(f"HF weights have tensors the config does not explain: {unexpected[:3]}{more}")
+        raise unexplained(unexpected)
     return state
 
 
 def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, interleaved: bool = True
                      ) -> dict[str, torch.Tensor]:
     """DeepseekV3 tensors (per-expert layout, as released checkpoints and `save_pretrained` write them)."""
-    from lmforge.model.hf import expected_shapes
-
     check_deepseek_compatible(cfg)
     for key, shape in expected_shapes(cfg).items():
         if key not in state or tuple(state[key].shape) != shape:
@@ -287,53 +271,56 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, interleav
 
 
 # ----------------------------------------------------------------------------------------------
-# directories
+# the adapter
 
 
-def from_hf(hf_dir: Path, out_dir: str | Path, hf: dict[str, Any]) -> Path:
-    """Convert a DeepseekV3 directory (config already read into `hf`) into an lmforge model directory."""
-    from lmforge.model.hf import TOKEN_ID_KEYS, copy_tokenizer_files, read_hf_weights
-
-    hf_state = read_hf_weights(hf_dir)
-    n_layers = int(hf.get("num_hidden_layers", DEFAULTS["num_hidden_layers"]))
-    depth = 0
-    while f"model.layers.{n_layers + depth}.eh_proj.weight" in hf_state:
-        depth += 1
-    cfg = model_config_from_hf(hf, str(hf_dir / CONFIG_NAME), mtp_depth=depth)
-    try:
-        state = state_dict_from_hf(hf_state, cfg, bool(hf.get("rope_interleave", DEFAULTS["rope_interleave"])))
-    except LmforgeError as e:
-        raise LmforgeError(f"{hf_dir}: {e}") from None
-    del hf_state
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(state, strict=False, assign=True)  # complete (non-persistent buffers are never saved)
-    interleaved = bool(hf.get("rope_interleave", DEFAULTS["rope_interleave"]))  # kept so to_hf writes it back
-    source = {"model_type": "deepseek_v3", "source": str(hf_dir), "rope_interleave": interleaved,
-              **{k: hf.get(k) for k in TOKEN_ID_KEYS}}
-    out = save_model(model, out_dir, extra={"hf": source})
-    copy_tokenizer_files(hf_dir, out)
-    return out
+def lora_module_map(cfg: ModelConfig) -> ModuleMap:
+    """The modules DeepSeek-V3 names as LLaMA does (o_proj, the dense layers' MLP, lm_head): the ones LoRA
+    can target. MLA's projections are left out (HF stores their RoPE rows interleaved), as is MoE."""
+    dense = {f"blocks.{i}.mlp.{m}" for i in range(cfg.n_layers) if not is_moe_layer(cfg, i) for m in ("up", "down")}
+    return [(ours, theirs) for ours, theirs in llama_module_map(cfg)
+            if not (ours.endswith((".mlp.up", ".mlp.down")) and ours not in dense)
+            and not (ours.endswith(".attn.qkv") and cfg.attention == "mla")]
 
 
-def to_hf(checkpoint_dir: Path, hf_dir: Path, dtype: str = "float32") -> Path:
-    from lmforge.model.hf import DTYPES, token_ids_of, write_hf_dir
+class DeepSeekV3Adapter(HFAdapter):
+    model_type, architecture = "deepseek_v3", ARCHITECTURE
+    fp32_suffixes = ("e_score_correction_bias",)  # HF keeps the router bias in fp32 too
 
-    cfg = read_model_config(checkpoint_dir)
-    token_ids = token_ids_of(checkpoint_dir)
-    interleaved = bool((read_json_object(checkpoint_dir / CONFIG_NAME).get("hf") or {}).get("rope_interleave", True))
-    hf_cfg = hf_config_from_model(cfg, dtype, token_ids, interleaved)
-    try:
-        hf_state = state_dict_to_hf(load_weights(checkpoint_dir / WEIGHTS_NAME), cfg, interleaved)
-    except LmforgeError as e:
-        raise LmforgeError(f"{checkpoint_dir}: {e}") from None
-    # the router bias stays fp32 (HF keeps e_score_correction_bias in fp32 too)
-    hf_state = {k: v.to(torch.float32 if k.endswith("e_score_correction_bias") else DTYPES[dtype], copy=True)
-                .contiguous() for k, v in hf_state.items()}
-    return write_hf_dir(hf_dir, hf_state, hf_cfg, token_ids, checkpoint_dir)
+    def claims(self, cfg: ModelConfig, recorded: str | None) -> bool:
+        return cfg.attention == "mla" or bool(cfg.moe_experts)
+
+    def config_from_hf(self, hf: dict[str, Any], source: str) -> ModelConfig:
+        return config_from_hf(hf, source)
+
+    def fit_weights(self, cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> ModelConfig:
+        """MTP modules are HF layers n_layers + k with an eh_proj: as many as the checkpoint holds."""
+        depth = 0
+        while f"model.layers.{cfg.n_layers + depth}.eh_proj.weight" in hf_state:
+            depth += 1
+        return dataclasses.replace(cfg, mtp_depth=depth) if depth else cfg
+
+    def record(self, hf: dict[str, Any]) -> dict[str, Any]:
+        return {"rope_interleave": interleaved(hf)}
+
+    def check(self, cfg: ModelConfig) -> None:
+        check_deepseek_compatible(cfg)
+
+    def config_to_hf(self, cfg: ModelConfig, meta: dict[str, Any]) -> dict[str, Any]:
+        return config_to_hf(cfg, interleaved(meta))
+
+    def module_map(self, cfg: ModelConfig) -> ModuleMap:
+        return lora_module_map(cfg)
+
+    def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], cfg: ModelConfig,
+                           meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return state_dict_from_hf(hf_state, cfg, interleaved(meta))
+
+    def state_dict_to_hf(self, state: dict[str, torch.Tensor], cfg: ModelConfig,
+                         meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return state_dict_to_hf(state, cfg, interleaved(meta))
 
 
-def is_deepseek_checkpoint(checkpoint_dir: Path) -> bool:
-    """True when an lmforge model directory needs the DeepseekV3 exporter (MLA or MoE layers)."""
-    model = read_json_object(checkpoint_dir / CONFIG_NAME).get("model") or {}
-    return model.get("attention") == "mla" or bool(model.get("moe_experts"))
+def interleaved(meta: dict[str, Any]) -> bool:
+    """rope_interleave of an HF config or of what `from_hf` recorded (DeepSeek's default: interleaved)."""
+    return bool(meta.get("rope_interleave", DEFAULTS["rope_interleave"]))

@@ -1,0 +1,94 @@
+"""Files every HF family shares: safetensors weights (sharded or not), tokenizer files, bos/eos/pad ids, and
+the HF directory writer. Only safetensors are read: pickle checkpoints (`pytorch_model.bin`) can run code
+when loaded and are refused.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write, atomic_write_json, read_json_object
+from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME
+
+HF_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise LmforgeError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of `model.safetensors` or of the shards named by `model.safetensors.index.json`."""
+    index = hf_dir / HF_INDEX_NAME
+    if index.is_file():
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LmforgeError(f"{index}: no 'weight_map' object")
+        files = sorted(set(weight_map.values()))
+    elif (hf_dir / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    elif any((hf_dir / name).is_file() for name in PICKLE_NAMES):
+        raise LmforgeError(f"{hf_dir}: only a pickle checkpoint (pytorch_model.bin) is there; pickle "
+                           "checkpoints are refused (loading one can run code): convert it to safetensors")
+    else:
+        raise LmforgeError(f"{hf_dir}: no {WEIGHTS_NAME} or {HF_INDEX_NAME}")
+    state: dict[str, torch.Tensor] = {}
+    for name in tqdm(files, desc="reading shards", unit="shard", disable=len(files) < 2):
+        path = hf_dir / name
+        if not path.is_file():
+            raise LmforgeError(f"{index}: names shard '{name}', which is missing")
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError) as e:
+            raise LmforgeError(f"{path}: not a readable safetensors file ({e})") from None
+    return state
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            atomic_write(dst / name, lambda tmp, name=name: shutil.copyfile(src / name, tmp))
+            copied.append(name)
+    return copied
+
+
+def token_ids_of(checkpoint_dir: Path) -> dict[str, Any]:
+    """bos/eos/pad ids `from_hf` recorded, else tokenizer_config.json's tokens found in tokenizer.json."""
+    ids = read_json_object(checkpoint_dir / CONFIG_NAME).get("hf") or {}
+    ids = {k: ids[k] for k in TOKEN_ID_KEYS if ids.get(k) is not None}
+    tok_cfg, tok = checkpoint_dir / "tokenizer_config.json", checkpoint_dir / "tokenizer.json"
+    if tok_cfg.is_file() and tok.is_file():
+        vocab = {t["content"]: t["id"] for t in read_json_object(tok).get("added_tokens", [])}
+        for key, value in read_json_object(tok_cfg).items():
+            content = value.get("content") if isinstance(value, dict) else value
+            id_key = f"{key}_id"
+            if id_key in TOKEN_ID_KEYS and id_key not in ids and content in vocab:
+                ids[id_key] = vocab[content]
+    return ids
+
+
+def write_hf_dir(hf_dir: Path, hf_state: dict[str, torch.Tensor], hf_cfg: dict[str, Any],
+                 token_ids: dict[str, Any], checkpoint_dir: Path) -> Path:
+    """An HF model directory: safetensors weights, config.json, generation_config.json, the tokenizer files."""
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(hf_dir / WEIGHTS_NAME, lambda tmp: save_file(hf_state, tmp, metadata={"format": "pt"}))
+    atomic_write_json(hf_dir / CONFIG_NAME, hf_cfg)
+    generation = {k: token_ids[k] for k in TOKEN_ID_KEYS if k in token_ids}
+    if generation:
+        atomic_write_json(hf_dir / "generation_config.json", generation)
+    copy_tokenizer_files(checkpoint_dir, hf_dir)
+    return hf_dir
