@@ -22,22 +22,19 @@ from lmforge.data.formats import Conversation, Message, read_conversations
 from lmforge.generate.sampling import SamplingParams
 from lmforge.posttrain.models import load_policy
 from lmforge.posttrain.reward import load_reward_model, score_texts
-from lmforge.posttrain.sft import SftConfig, complete, run_sft, task_messages
+from lmforge.posttrain.sft import ConversationSource, SftConfig, complete, run_sft, task_messages
 from lmforge.posttrain.stage import RunConfig, open_run, run_dir_option
-from lmforge.tasks.suite import TASK_KINDS, TaskExample, make_examples, task_reward
+from lmforge.tasks.suite import TaskExample, task_reward
 from lmforge.tokenizer import Tokenizer
 
 
 @dataclass
-class RejectionConfig(RunConfig):
+class RejectionConfig(ConversationSource, RunConfig):
     run_dir: str = run_dir_option("runs/rejection", "config.json, samples.jsonl, winners.jsonl, and the SFT run "
                                                     "under RUN/sft")
+    tasks: int = option(600, "synthetic task prompts (train split), scored by their exact answers")
     prompts: list[str] = option(default_factory=list, help="conversation files whose prompts (all but the last "
                                                            "assistant turn) are sampled; needs reward_model")
-    format: str = option("auto", "format of the prompt files")
-    tasks: int = option(600, "synthetic task prompts (train split), scored by their exact answers")
-    task_kinds: list[str] = option(default_factory=lambda: list(TASK_KINDS), help="synthetic task kinds")
-    task_seed: int = option(0, "seed of the synthetic prompts (even = train split)")
     n: int = option(8, "samples per prompt (best-of-N)")
     sampling: SamplingParams = option(default_factory=lambda: SamplingParams(max_new_tokens=16, seed=0),
                                       help="how responses are sampled")
@@ -50,8 +47,8 @@ class RejectionConfig(RunConfig):
                                  "to RUN/sft")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.n >= 1, "n", self.n, ">= 1")
-        require(self.tasks >= 0, "tasks", self.tasks, ">= 0")
 
 
 @dataclass
@@ -64,7 +61,7 @@ class Candidate:
 def candidates(cfg: RejectionConfig) -> list[Candidate]:
     """Synthetic task prompts, then the prompts of the conversation files (last assistant turn dropped)."""
     out = [Candidate(task_messages(e, with_answer=False), f"task:{e.kind}:{i}", e)
-           for i, e in enumerate(make_examples(cfg.tasks, cfg.task_seed, cfg.task_kinds))]
+           for i, e in enumerate(cfg.task_examples())]
     for path in cfg.prompts:
         for conv in read_conversations(path, cfg.format):
             out.append(Candidate(conv.messages[:-1], conv.source))

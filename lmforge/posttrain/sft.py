@@ -44,17 +44,33 @@ from lmforge.train.objectives import causal_lm_loss
 
 
 @dataclass
-class SftConfig(StageConfig):
+class ConversationSource:
+    """Where conversations come from (SFT's training data, rejection sampling's prompts): files in `format`,
+    plus `tasks` synthetic task-suite examples of `task_kinds` drawn with `task_seed`."""
+
+    format: str = option("auto", "format of the conversation files; auto recognizes each record by its keys")
+    tasks: int = option(0, "add this many synthetic task conversations (lmforge.tasks.suite, train split)")
+    task_kinds: list[str] = option(default_factory=lambda: list(TASK_KINDS), help="synthetic task kinds")
+    task_seed: int = option(0, "seed of the synthetic examples (even: the train split; SFT's held-out examples "
+                               "use seed + 1)")
+
+    def __post_init__(self) -> None:
+        require(self.tasks >= 0, "tasks", self.tasks, ">= 0")
+        require(bool(self.task_kinds) and set(self.task_kinds) <= set(TASK_KINDS), "task_kinds", self.task_kinds,
+                f"a non-empty list of {', '.join(TASK_KINDS)}")
+
+    def task_examples(self) -> list[TaskExample]:
+        return make_examples(self.tasks, self.task_seed, self.task_kinds)
+
+
+@dataclass
+class SftConfig(ConversationSource, StageConfig):
     run_dir: str = run_dir_option("runs/sft", "config.json, checkpoints, metrics, plots and RUN/model (RUN/adapter "
                                               "under PEFT)")
     train: TrainConfig = train_option(steps=300, lr=1e-3, warmup_steps=20, eval_every=100, save_every=100,
                                       log_every=10)
     data: list[str] = option(default_factory=list, help="conversation files or directories (alpaca, sharegpt, chat, "
                                                         "oasst, flan, self-instruct; JSONL or a JSON array)")
-    format: str = option("auto", "format of the data files; auto recognizes each record by its keys")
-    tasks: int = option(0, "add this many synthetic task conversations (lmforge.tasks.suite, train split)")
-    task_kinds: list[str] = option(default_factory=lambda: list(TASK_KINDS), help="synthetic task kinds")
-    task_seed: int = option(0, "seed of the synthetic examples (even: train split; held-out uses seed + 1)")
     eval_tasks: int = option(120, "held-out synthetic examples scored by greedy exact match; 0 disables")
     val_fraction: float = option(0.05, "share of the data files' conversations held out for the validation loss")
     max_len: int = option(0, "tokens per training sequence; 0 means the model's max_seq_len")
@@ -66,13 +82,11 @@ class SftConfig(StageConfig):
     max_new_tokens: int = option(16, "generation budget of the exact-match evaluation")
 
     def __post_init__(self) -> None:
-        require(self.tasks >= 0, "tasks", self.tasks, ">= 0")
+        super().__post_init__()
         require(self.eval_tasks >= 0, "eval_tasks", self.eval_tasks, ">= 0")
         require(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
         require(self.max_len >= 0, "max_len", self.max_len, ">= 0")
         require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        require(bool(self.task_kinds) and set(self.task_kinds) <= set(TASK_KINDS), "task_kinds", self.task_kinds,
-                f"a non-empty list of {', '.join(TASK_KINDS)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,8 +296,7 @@ def load_sft_data(cfg: SftConfig, tokenizer: Tokenizer, max_len: int) -> SftData
     if cfg.val_fraction > 0 and len(files) > 1:
         n_val = max(n_val, 1)
     train_convs = files[n_val:]
-    train_convs += [Conversation(task_messages(e), f"task:{e.kind}:{i}")
-                    for i, e in enumerate(make_examples(cfg.tasks, cfg.task_seed, cfg.task_kinds))]
+    train_convs += [Conversation(task_messages(e), f"task:{e.kind}:{i}") for i, e in enumerate(cfg.task_examples())]
     val_convs = files[:n_val] + [Conversation(task_messages(e), f"heldout-task:{e.kind}:{i}")
                                  for i, e in enumerate(held_out_examples(cfg))]
     train, truncated, rejected = encode_all(tokenizer, train_convs, max_len, cfg.too_long)
