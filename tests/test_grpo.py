@@ -131,6 +131,8 @@ def test_grpo_config_errors():
         from_dict(GrpoConfig, {"group_size": 1})
     with pytest.raises(ConfigError, match="reward_model"):
         from_dict(GrpoConfig, {"rollout": {"reward": "model"}})
+    with pytest.raises(ConfigError, match="minibatches"):
+        from_dict(GrpoConfig, {"group_size": 2, "minibatches": 3, "rollout": {"prompts_per_rollout": 1}})
     with pytest.raises(ConfigError, match="sampling.max_new_tokens"):
         from_dict(GrpoConfig, {"sampling": {"max_new_tokens": 0}})
 

@@ -15,7 +15,6 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from lmforge.core.config import option, require
-from lmforge.core.errors import LmforgeError
 from lmforge.posttrain.rl import PolicyOptimizationConfig, RLStage
 from lmforge.posttrain.rl_losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean
 from lmforge.posttrain.rollout import Rollout, model_token_logps, token_logps
@@ -33,6 +32,8 @@ class GrpoConfig(PolicyOptimizationConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.group_size >= 2, "group_size", self.group_size, ">= 2 (samples of a prompt are compared)")
+        n = self.rollout.prompts_per_rollout * self.group_size
+        require(self.minibatches <= n, "minibatches", self.minibatches, f"at most the {n} completions of a rollout")
 
 
 def run_grpo(cfg: GrpoConfig) -> dict[str, Any]:
@@ -57,7 +58,4 @@ def run_grpo(cfg: GrpoConfig) -> dict[str, Any]:
                       "clip_frac": stats["clip_frac"].item(), "entropy": entropy.item(),
                       "completion_len": mask.sum(1).mean().item()}
 
-    n = cfg.rollout.prompts_per_rollout * cfg.group_size
-    if n < cfg.minibatches:
-        raise LmforgeError(f"a rollout of {n} completions cannot split into {cfg.minibatches} minibatches")
     return rl.optimize(rl.policy, loss_fn, make_rollout, cfg.group_size)

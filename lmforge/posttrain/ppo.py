@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lmforge.core.config import option, require
 from lmforge.model.transformer import Transformer
+from lmforge.posttrain.models import scalar_head
 from lmforge.posttrain.rl import PolicyOptimizationConfig, RLStage
 from lmforge.posttrain.rl_losses import (
     AdaptiveKLController,
@@ -39,9 +40,7 @@ class PolicyWithValue(nn.Module):
         super().__init__()
         self.policy = policy
         self.cfg = policy.cfg  # train_loop checkpoints need it
-        self.value_head = nn.Linear(policy.cfg.d_model, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = scalar_head(policy.cfg.d_model)  # V = 0 before training
 
     def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(logits [B, T, V], values [B, T]); values[t] estimates the return from the state ending at t."""

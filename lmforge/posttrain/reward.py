@@ -27,7 +27,7 @@ from lmforge.model.io import load_model, load_weights, save_model
 from lmforge.model.transformer import Transformer
 from lmforge.peft.lora import merge_lora
 from lmforge.posttrain.losses import reward_accuracy, reward_pair_loss
-from lmforge.posttrain.models import copy_tokenizer, device_of, pad_id_of
+from lmforge.posttrain.models import copy_tokenizer, device_of, pad_id_of, scalar_head
 from lmforge.posttrain.pairs import EncodedPair, PairBatches, PairStageConfig, load_pairs, score_pairs
 from lmforge.posttrain.stage import Stage, run_dir_option, summary, train_option
 from lmforge.tokenizer import Tokenizer
@@ -44,9 +44,7 @@ class RewardModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.cfg = backbone.cfg  # train_loop checkpoints need it
-        self.head = nn.Linear(backbone.cfg.d_model, 1)
-        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(backbone.cfg.d_model + 1))
-        nn.init.zeros_(self.head.bias)
+        self.head = scalar_head(backbone.cfg.d_model, std=1.0 / math.sqrt(backbone.cfg.d_model + 1))
 
     def score(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         """Rewards [B] of right-padded `input_ids` [B, T] whose rows hold `lengths` real tokens."""
