@@ -64,7 +64,7 @@ class PolicyOptimizationConfig(StageConfig):
     rollout: RolloutConfig = option(default_factory=RolloutConfig, help="prompts, reward, evaluation")
     sampling: SamplingParams = option(default_factory=lambda: SamplingParams(max_new_tokens=16),
                                       help="how rollout completions are sampled (max_new_tokens also bounds the "
-                                           "greedy held-out evaluation)")
+                                           "greedy held-out evaluation; rollouts are seeded from `seed`)")
     epochs: int = option(2, "passes (mu) over each rollout batch")
     minibatches: int = option(2, "optimizer steps per pass over a rollout batch")
     clip_eps: float = option(0.2, "PPO clip range epsilon of the ratio pi/pi_old")
