@@ -141,11 +141,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _remove_tree(path: Path) -> None:
     """Rename to a temp name first so a half-deleted directory never looks like a checkpoint."""
     trash = path.with_name(f"{_TMP_PREFIX}del-{path.name}-{os.getpid()}")
@@ -169,8 +164,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     try:
         save_model_state(model, tmp)
         tensors, optim_meta = optimizer_to_files(optimizer)
-        save_file(tensors, str(tmp / OPTIMIZER_NAME), metadata={"format": "pt"})
-        _fsync_file(tmp / OPTIMIZER_NAME)
+        atomic_write(tmp / OPTIMIZER_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
         trainer_state = {"step": step, **state, "optimizer": optim_meta, "rng": rng_state()}
         atomic_write_text(tmp / STATE_NAME, json.dumps(trainer_state, indent=1) + "\n")
         fsync_dir(tmp)
