@@ -19,6 +19,7 @@ from typing import Any, Literal
 from lmforge.core.errors import LmforgeError
 
 ExecutorName = Literal["local", "ray"]
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal a process gets when its parent dies
 
 
 def default_workers() -> int:
@@ -63,9 +64,6 @@ def die_with_parent(parent_pid: int) -> None:
         except (OSError, AttributeError):
             pass
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="lmforge-parent-watch", daemon=True).start()
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _watch_parent(parent_pid: int, interval_s: float = 1.0) -> None:
