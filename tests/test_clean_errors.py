@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -232,30 +231,46 @@ def test_rejects_after_a_barrier_name_the_input_line(tmp_path, capsys):
     assert all(set(r) == {"id", "text", "metadata"} for r in kept)  # the kept layout is unchanged
 
 
+POOL = """
+import time
+from lmforge.data.executors import map_shards
+map_shards(time.sleep, [120, 120], workers=2)
+"""
+
+# a worker of a platform without PR_SET_PDEATHSIG: the watchdog thread must end it
+WATCHED = """
+import os, sys, time
+if os.fork() == 0:
+    sys.platform = "elsewhere"
+    from lmforge.data.executors import die_with_parent
+    die_with_parent(os.getppid())
+    time.sleep(120)
+    os._exit(0)
+time.sleep(120)
+"""
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads process trees from /proc")
-def test_pool_workers_die_with_a_killed_parent(tmp_path):
-    script = textwrap.dedent("""
-        import time
-        from lmforge.data.executors import map_shards
-        map_shards(time.sleep, [120, 120], workers=2)
-    """)
+@pytest.mark.parametrize(("script", "n_workers"), [(POOL, 2), (WATCHED, 1)], ids=["pool", "watchdog"])
+def test_workers_die_with_a_killed_parent(script, n_workers):
     parent = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])})
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 30
-        while len(workers) < 2 and time.monotonic() < deadline:
+        while len(workers) < n_workers and time.monotonic() < deadline:
             time.sleep(0.1)
             children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
             workers = [int(p) for p in children.read_text().split()] if children.exists() else []
-        assert len(workers) == 2, "the pool did not start"
+        assert len(workers) == n_workers, "the workers did not start"
         time.sleep(0.5)  # let the workers run their initializer
+        assert all(alive(pid) for pid in workers), "a worker ended before its parent was killed"
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         deadline = time.monotonic() + 10
         while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(alive(pid) for pid in workers), "pool workers outlived their parent"
+        assert not any(alive(pid) for pid in workers), "workers outlived their parent"
     finally:
         if parent.poll() is None:
             parent.kill()
