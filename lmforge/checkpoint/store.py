@@ -22,16 +22,16 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from lmforge.core.config import to_dict
 from lmforge.core.errors import LmforgeError
-from lmforge.core.files import atomic_write, atomic_write_json, atomic_write_text, fsync_dir, read_json_object
+from lmforge.core.files import atomic_write, atomic_write_json, atomic_write_text, fsync_dir, read_json_object, temp_dir
 from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME, load_into, load_weights, read_model_config, save_model
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -141,11 +141,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _remove_tree(path: Path) -> None:
     """Rename to a temp name first so a half-deleted directory never looks like a checkpoint."""
     trash = path.with_name(f"{_TMP_PREFIX}del-{path.name}-{os.getpid()}")
@@ -165,19 +160,29 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     for stale in root.glob(_TMP_PREFIX + "*"):  # left by a process killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     name = checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=root))
+    tmp = temp_dir(root, f"{_TMP_PREFIX}{name}-")
     try:
         save_model_state(model, tmp)
         tensors, optim_meta = optimizer_to_files(optimizer)
-        save_file(tensors, str(tmp / OPTIMIZER_NAME), metadata={"format": "pt"})
-        _fsync_file(tmp / OPTIMIZER_NAME)
+        atomic_write(tmp / OPTIMIZER_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
         trainer_state = {"step": step, **state, "optimizer": optim_meta, "rng": rng_state()}
         atomic_write_text(tmp / STATE_NAME, json.dumps(trainer_state, indent=1) + "\n")
         fsync_dir(tmp)
         return publish_checkpoint(run_dir, tmp, name, keep)
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, a vanished mount: one line, not a traceback
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LmforgeError(f"{root / name}: cannot write the checkpoint ({write_failure(e)})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_failure(e: OSError | SafetensorError) -> str:
+    """The OS's reason for a failed write; safetensors wraps it as '... message: "No space left on device" }'."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    found = re.search(r'message: "([^"]+)"', str(e))
+    return found.group(1) if found else str(e).splitlines()[0]
 
 
 def publish_checkpoint(run_dir: str | Path, tmp: Path, name: str, keep: int) -> Path:
@@ -256,6 +261,10 @@ def load_checkpoint(run_dir: str | Path, model: torch.nn.Module,
     check_model_config(path, model)
     load_model_state(path, model)
     state = read_json_object(path / STATE_NAME)
+    missing = [key for key in ("step", "optimizer", "rng") if key not in state]
+    if missing:
+        raise LmforgeError(f"{path / STATE_NAME}: no '{missing[0]}' entry; the checkpoint is incomplete or "
+                           "was not written by lmforge")
     if optimizer is not None:
         sd = optimizer_from_files(load_weights(path / OPTIMIZER_NAME), state["optimizer"])
         sizes = [len(g["params"]) for g in sd["param_groups"]]

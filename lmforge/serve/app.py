@@ -12,6 +12,7 @@ relay events: one background thread runs the model for every request (`scheduler
 import asyncio
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from lmforge.core.config import option
+from lmforge.core.config import option, require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.runtime import resolve_device
 from lmforge.model import load_model
@@ -220,6 +221,20 @@ class ServeConfig:
     max_concurrent: int = option(64, "most requests running or waiting; more get HTTP 429")
     device: str = option("auto", "auto, cpu, cuda, ...")
 
+    def __post_init__(self) -> None:
+        require(1 <= self.port <= 65535, "port", self.port, "a TCP port in [1, 65535]")
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind HOST:PORT once before the model loads, so a taken port or an unknown host is one line, at once."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind((host, port))
+    except OSError as e:
+        raise LmforgeError(f"cannot listen on host {host!r} port {port}: {e.strerror or e}") from None
+
 
 def serve_cmd(cfg: ServeConfig) -> int:
     try:
@@ -227,6 +242,7 @@ def serve_cmd(cfg: ServeConfig) -> int:
     except ImportError:
         raise LmforgeError("lmforge serve needs fastapi and uvicorn: pip install 'lmforge[serve]'") from None
 
+    check_address(cfg.host, cfg.port)
     model = load_model(cfg.checkpoint, device=resolve_device(cfg.device))
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.checkpoint)
     name = cfg.name or Path(cfg.checkpoint).resolve().name

@@ -16,7 +16,7 @@ from torch import nn
 
 from lmforge.core.config import option, require, save_config
 from lmforge.core.errors import LmforgeError
-from lmforge.core.files import atomic_write, file_sha256
+from lmforge.core.files import atomic_write, file_sha256, writable_dir
 from lmforge.core.runtime import resolve_device, resolve_precision
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.mixture import SourceConfig
@@ -186,13 +186,12 @@ def _pretrain(cfg: PretrainConfig, run: DistributedRun | None) -> dict[str, Any]
         print(f"warning: {tokenizer} is not the tokenizer the shards in {train_dir} were made with",
               file=sys.stderr)
     cfg = dataclasses.replace(cfg, model=model_cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = writable_dir(cfg.run_dir, "run_dir")
     save_config(cfg, run_dir / "config.json")
 
     loader = plan.loader if plan else SequenceLoader(shards, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
                                                      **data_slice(cfg.data.batch_size, run))
-    precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
+    precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device, "train.device"))
     evaluate = None
     val_dir = data_dir / "val"
     if (val_dir / INDEX_NAME).is_file():
