@@ -260,6 +260,12 @@ class ServeConfig:
         require(self.read_timeout > 0, "read_timeout", self.read_timeout, "> 0 seconds")
 
 
+def policy_of(cfg: ServeConfig) -> Policy:
+    """Who may call the server `cfg` describes; the API key comes from --api-key, else $LMFORGE_API_KEY."""
+    return Policy(api_key=cfg.api_key or os.environ.get(API_KEY_ENV, ""), bound_host=cfg.host,
+                  allowed_hosts=tuple(cfg.allowed_hosts), max_body_bytes=cfg.max_body_bytes)
+
+
 def serve_cmd(cfg: ServeConfig) -> int:
     try:
         import uvicorn
@@ -269,12 +275,10 @@ def serve_cmd(cfg: ServeConfig) -> int:
     model = load_model(cfg.checkpoint, device=resolve_device(cfg.device))
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.checkpoint)
     name = cfg.name or Path(cfg.checkpoint).resolve().name
-    api_key = cfg.api_key or os.environ.get(API_KEY_ENV, "")
-    policy = Policy(api_key=api_key, bound_host=cfg.host, allowed_hosts=tuple(cfg.allowed_hosts),
-                    max_body_bytes=cfg.max_body_bytes)
+    policy = policy_of(cfg)
     app = create_app(model, tokenizer, name, cfg.max_batch, cfg.max_concurrent, policy)
     print(f"serving '{name}' on http://{cfg.host}:{cfg.port} (chat page at /, API at /v1"
-          f"{', API key required' if api_key else ''})", flush=True)
+          f"{', API key required' if policy.api_key else ''})", flush=True)
     server = uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, cfg.keep_alive_timeout, cfg.read_timeout))
     server.run()
     if not server.started:  # uvicorn logged why (e.g. the address is in use)

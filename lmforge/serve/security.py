@@ -27,6 +27,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,7 @@ DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 DEFAULT_PORTS = {"http": 80, "https": 443}
+HOST_CHARS = re.compile(r"[a-z0-9._:%-]+")  # a DNS name or an IP address (v6 without brackets, zone id)
 
 
 def split_host(value: str, scheme: str = "http") -> tuple[str, int | None] | None:
@@ -54,7 +56,8 @@ def split_host(value: str, scheme: str = "http") -> tuple[str, int | None] | Non
         host, port = parts.hostname, parts.port
     except ValueError:
         return None
-    if not host or parts.path or parts.query or parts.fragment or parts.username is not None:
+    if not host or not HOST_CHARS.fullmatch(host) or parts.path or parts.query or parts.fragment \
+            or parts.username is not None:
         return None
     return host, port
 
