@@ -202,7 +202,7 @@ def uvicorn_config(app: Any, host: str, port: int, keep_alive_timeout: float = 5
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, log_level="warning", http=timed_h11_protocol(read_timeout),
-                          timeout_keep_alive=keep_alive_timeout)  # type: ignore[arg-type]  # float seconds work
+                          timeout_keep_alive=keep_alive_timeout)  # typed int; fractions of a second work too
 
 
 class BackgroundServer:
