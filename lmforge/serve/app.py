@@ -6,16 +6,21 @@
 Routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (the tokenizer's chat template;
 `stream: true` sends server-sent events in OpenAI's chunk format, ending with `data: [DONE]`),
 `/health` (scheduler counters) and `/` (the chat page). Request handlers only check requests and
-relay events: one background thread runs the model for every request (`scheduler.py`).
+relay events: one background thread runs the model for every request (`scheduler.py`); JSON parsing,
+templating and tokenizing run in a small thread pool, so a long prompt never stalls the event loop.
+What reaches a route at all (Host, Origin, API key, content type, body size, timeouts) is
+`security.py`'s.
 """
 
 import asyncio
 import dataclasses
 import logging
+import os
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,18 +46,22 @@ from lmforge.serve.protocol import (
     usage,
 )
 from lmforge.serve.scheduler import Delta, Event, Failed, Job, Scheduler, SchedulerBusy
+from lmforge.serve.security import DEFAULT_MAX_BODY_BYTES, Guard, Policy, timed_h11_protocol
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import stop_token_ids
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+PARSE_THREADS = 2  # requests parsed and tokenized at once (each may hold a few times --max-body-bytes)
+API_KEY_ENV = "LMFORGE_API_KEY"
 
 
 def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int = 16,
-               max_concurrent: int = 64) -> Any:
+               max_concurrent: int = 64, policy: Policy | None = None) -> Any:
     """A FastAPI app serving `model` as `name`; its scheduler thread runs while the app is up
-    (`app.state.scheduler` exposes it, e.g. to tests). No `from __future__ import annotations` in this
+    (`app.state.scheduler` exposes it, e.g. to tests). `policy` says who may call it (default: loopback
+    names only, no API key, bodies up to 2 MiB). No `from __future__ import annotations` in this
     module: FastAPI reads the route functions' annotations, and their types are imported here, locally."""
     from contextlib import asynccontextmanager
 
@@ -66,6 +75,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
                            f"{model.cfg.vocab_size}")
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_concurrent=max_concurrent)
     info = ModelInfo(name, tokenizer, scheduler.context, stop_token_ids(tokenizer))
+    parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="lmforge-parse")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -74,8 +84,10 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
             yield
         finally:
             scheduler.stop()
+            parsers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(Guard, policy=policy or Policy())
     app.state.scheduler = scheduler
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -93,8 +105,9 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
 
     @app.get("/")
-    async def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
+    async def index() -> FileResponse:  # never inside another site's frame (clickjacking)
+        return FileResponse(STATIC / "index.html", headers={"X-Frame-Options": "DENY",
+                                                            "Content-Security-Policy": "frame-ancestors 'none'"})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -106,9 +119,12 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
         return {"status": "ok", "running": len(scheduler.running), "waiting": len(scheduler.waiting),
                 **dataclasses.asdict(scheduler.stats)}
 
+    def parse(kind: Kind, raw: bytes) -> GenRequest:
+        return parse_request(kind, parse_json(raw), info)
+
     async def generate(kind: Kind, request: Request) -> Any:
-        req = parse_request(kind, parse_json(await request.body()), info)
         loop = asyncio.get_running_loop()
+        req = await loop.run_in_executor(parsers, parse, kind, await request.body())
         events: asyncio.Queue[Event] = asyncio.Queue()
         job = Job(req.prompt_ids, req.params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), req.stop)
         try:
@@ -181,13 +197,22 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
     return app
 
 
+def uvicorn_config(app: Any, host: str, port: int, keep_alive_timeout: float = 5.0,
+                   read_timeout: float = 30.0) -> Any:
+    """uvicorn's settings for `app`: its h11 protocol with the read timeouts `security.py` adds."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=timed_h11_protocol(read_timeout),
+                          timeout_keep_alive=keep_alive_timeout)  # typed int; fractions of a second work too
+
+
 class BackgroundServer:
     """uvicorn serving an app from a daemon thread (tests and benchmarks); port 0 picks a free port."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **timeouts: float) -> None:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, host, port, **timeouts))
         self.thread = threading.Thread(target=self.server.run, name="lmforge-uvicorn", daemon=True)
         self.host, self.port = host, port
 
@@ -220,10 +245,26 @@ class ServeConfig:
     max_batch: int = option(16, "most requests decoded together (KV cache rows, each max_seq_len long)")
     max_concurrent: int = option(64, "most requests running or waiting; more get HTTP 429")
     device: str = option("auto", "auto, cpu, cuda, ...")
+    api_key: str = option("", f"require 'Authorization: Bearer KEY' on /v1/ routes (HTTP 401 otherwise); "
+                              f"empty reads ${API_KEY_ENV}, which keeps the key out of the process list")
+    allowed_hosts: list[str] = option(default_factory=list, help="Host header names accepted besides loopback "
+                                      "and --host (comma list; '*' accepts any: only behind a proxy that checks)")
+    max_body_bytes: int = option(DEFAULT_MAX_BODY_BYTES, "largest request body; larger ones get HTTP 413")
+    keep_alive_timeout: float = option(5.0, "seconds an idle connection stays open between requests")
+    read_timeout: float = option(30.0, "seconds a client may take to send a request's headers, and again its "
+                                       "body; slower connections are closed")
 
     def __post_init__(self) -> None:
-        require(1 <= self.port <= 65535, "port", self.port, "a TCP port in [1, 65535]")
+        require(0 <= self.port <= 65535, "port", self.port, "a TCP port in [0, 65535] (0 picks a free one)")
+        require(self.max_body_bytes >= 1, "max_body_bytes", self.max_body_bytes, ">= 1")
+        require(self.keep_alive_timeout > 0, "keep_alive_timeout", self.keep_alive_timeout, "> 0 seconds")
+        require(self.read_timeout > 0, "read_timeout", self.read_timeout, "> 0 seconds")
 
+
+def policy_of(cfg: ServeConfig) -> Policy:
+    """Who may call the server `cfg` describes; the API key comes from --api-key, else $LMFORGE_API_KEY."""
+    return Policy(api_key=cfg.api_key or os.environ.get(API_KEY_ENV, ""), bound_host=cfg.host,
+                  allowed_hosts=tuple(cfg.allowed_hosts), max_body_bytes=cfg.max_body_bytes)
 
 def check_address(host: str, port: int) -> None:
     """Bind HOST:PORT once before the model loads, so a taken port or an unknown host is one line, at once."""
@@ -246,7 +287,12 @@ def serve_cmd(cfg: ServeConfig) -> int:
     model = load_model(cfg.checkpoint, device=resolve_device(cfg.device))
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.checkpoint)
     name = cfg.name or Path(cfg.checkpoint).resolve().name
-    app = create_app(model, tokenizer, name, cfg.max_batch, cfg.max_concurrent)
-    print(f"serving '{name}' on http://{cfg.host}:{cfg.port} (chat page at /, API at /v1)", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    policy = policy_of(cfg)
+    app = create_app(model, tokenizer, name, cfg.max_batch, cfg.max_concurrent, policy)
+    print(f"serving '{name}' on http://{cfg.host}:{cfg.port} (chat page at /, API at /v1"
+          f"{', API key required' if policy.api_key else ''})", flush=True)
+    server = uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, cfg.keep_alive_timeout, cfg.read_timeout))
+    server.run()
+    if not server.started:  # uvicorn logged why (e.g. the address is in use)
+        raise LmforgeError(f"could not listen on {cfg.host}:{cfg.port}")
     return 0

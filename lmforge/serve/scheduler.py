@@ -102,6 +102,7 @@ class Scheduler:
         self.stats = Stats()
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []  # job i owns cache row i; touched by the loop thread only
+        self._unfinished = 0  # jobs submitted and not yet finished (what max_concurrent limits); under _cond
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -114,8 +115,9 @@ class Scheduler:
         if len(job.prompt) >= self.context:
             raise LmforgeError(f"the prompt has {len(job.prompt)} tokens; the model's context is {self.context}")
         with self._cond:
-            if self.in_flight >= self.max_concurrent:
+            if self._unfinished >= self.max_concurrent:
                 raise SchedulerBusy(f"too many concurrent requests: the limit is {self.max_concurrent}")
+            self._unfinished += 1
             self.waiting.append(job)
             self._cond.notify()
         return job
@@ -128,7 +130,10 @@ class Scheduler:
 
     @property
     def in_flight(self) -> int:
-        return len(self.waiting) + len(self.running)
+        """Requests submitted and not finished yet. A finished job stops counting before its last event is
+        sent (its row is freed later in the step), so a client that sends its next request as soon as the
+        answer arrives is never refused for its own previous request."""
+        return self._unfinished
 
     def start(self) -> Scheduler:
         self._thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
@@ -192,7 +197,7 @@ class Scheduler:
             for job in gone:
                 self.waiting.remove(job)
         for job in gone + [j for j in self.running if j.cancelled]:
-            job.finished = True
+            self._end(job)
             self.stats.cancelled += 1
         self._remove_finished()
 
@@ -254,14 +259,21 @@ class Scheduler:
     def _finish(self, job: Job, reason: str) -> None:
         if not job.matcher.stopped:
             self._send(job, job.matcher.push(job.decoder.flush()) + job.matcher.flush())
-        job.finished = True
+        self._end(job)
         self.stats.completed += 1
         self._send(job, Done(reason, len(job.prompt), job.completion_tokens))
 
     def _fail(self, job: Job, message: str) -> None:
-        job.finished = True
+        self._end(job)
         self.stats.failed += 1
         self._send(job, Failed(message))
+
+    def _end(self, job: Job) -> None:
+        """Mark `job` finished; it no longer counts against max_concurrent (once, however it ended)."""
+        with self._cond:
+            if not job.finished:
+                job.finished = True
+                self._unfinished -= 1
 
     def _send(self, job: Job, event: Event | str) -> None:
         if isinstance(event, str):
