@@ -25,6 +25,7 @@ from lmforge.core.config import option
 from lmforge.core.errors import LmforgeError
 from lmforge.core.runtime import resolve_device
 from lmforge.model import load_model
+from lmforge.serve.grammar import Grammars
 from lmforge.serve.protocol import (
     Answer,
     ApiError,
@@ -62,7 +63,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
         raise LmforgeError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                            f"{model.cfg.vocab_size}")
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_concurrent=max_concurrent)
-    info = ModelInfo(name, tokenizer, scheduler.context, stop_token_ids(tokenizer))
+    stops = stop_token_ids(tokenizer)
+    info = ModelInfo(name, tokenizer, scheduler.context, stops, Grammars(tokenizer, model.cfg.vocab_size, stops))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

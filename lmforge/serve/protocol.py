@@ -5,9 +5,10 @@ OpenAI-style error ({"error": {"message", "type", "param", "code"}}) naming the 
 is what the official clients parse and show. Implemented: n, batched prompts, logprobs (chat's
 `logprobs.content[].top_logprobs`, completions' `tokens/token_logprobs/top_logprobs/text_offset`),
 echo with the prompt's logprobs (what lm-evaluation-harness sends to score multiple choice),
-presence/frequency penalties, logit_bias, seed. Fields OpenAI defines but this server does not
+presence/frequency penalties, logit_bias, seed, and `response_format` json_object / json_schema by
+constrained decoding (`grammar.py`). Fields OpenAI defines but this server does not
 implement are refused with a 400 naming them when they would change the output (`UNSUPPORTED`:
-tools, response_format other than text, suffix, best_of != n, ...) and ignored otherwise (user,
+tools, suffix, best_of != n, ...) and ignored otherwise (user,
 metadata, ...). Extensions shared with vLLM: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`.
 """
 
@@ -25,6 +26,7 @@ from typing import Any, Literal
 
 from lmforge.core.errors import LmforgeError
 from lmforge.generate.sampling import SamplingParams
+from lmforge.serve.grammar import GrammarError, Grammars, response_schema
 from lmforge.serve.scheduler import Delta, Done, Event, Failed, Job, PromptLogprobs, TokenLogprob
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids
@@ -76,6 +78,7 @@ class ModelInfo:
     tokenizer: Tokenizer
     context_length: int
     chat_stop_ids: list[int]  # end of an assistant turn, and eos
+    grammars: Grammars | None = None  # compiles response_format schemas (constrained decoding)
 
 
 @dataclass
@@ -93,6 +96,8 @@ class GenRequest:
     echo: bool = False  # completions: the answer starts with the prompt (and its logprobs, if asked)
     logit_bias: dict[int, float] = field(default_factory=dict)
     context_length: int = 0
+    grammar: str | None = None  # response_format compiled for llguidance
+    grammars: Grammars | None = None
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -111,8 +116,10 @@ class GenRequest:
                 params = dataclasses.replace(self.params, seed=seed,
                                              max_new_tokens=min(self.params.max_new_tokens, room))
                 i = p * self.n + j
+                constraint = None if self.grammar is None else self.grammars.matcher(self.grammar)
                 out.append(Job(prompt, params, functools.partial(emit, i), self.stop, logprobs=self.logprobs,
-                               echo_logprobs=self.echo and self.logprobs is not None, logit_bias=self.logit_bias))
+                               echo_logprobs=self.echo and self.logprobs is not None, logit_bias=self.logit_bias,
+                               constraint=constraint))
         return out
 
 
@@ -184,7 +191,20 @@ def parse_request(kind: Kind, body: dict[str, Any], info: ModelInfo) -> GenReque
         raise ApiError(400, "'stream_options' must be an object", param="stream_options")
     return GenRequest(kind, prompts, params, stops, _flag(body, "stream"), bool(options.get("include_usage")), n=n,
                       logprobs=_logprobs(kind, body), echo=echo, logit_bias=_logit_bias(body, info),
-                      context_length=info.context_length)
+                      context_length=info.context_length, grammar=_grammar(body, info), grammars=info.grammars)
+
+
+def _grammar(body: dict[str, Any], info: ModelInfo) -> str | None:
+    """`response_format` json_object / json_schema -> an llguidance grammar (None for text)."""
+    try:
+        schema = response_schema(body.get("response_format"))
+        if schema is None:
+            return None
+        if info.grammars is None:
+            raise GrammarError("constrained decoding is not set up on this server")
+        return info.grammars.compile(schema)
+    except GrammarError as e:
+        raise ApiError(400, f"response_format: {e}", param="response_format") from None
 
 
 def _refuse_unsupported(kind: Kind, body: dict[str, Any]) -> None:
@@ -196,11 +216,6 @@ def _refuse_unsupported(kind: Kind, body: dict[str, Any]) -> None:
             if body.get(name) not in (None, False, 1, ""):
                 raise ApiError(400, f"'{name}' is a /v1/completions field; chat completions do not take it",
                                param=name)
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        kind_of = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise ApiError(400, f"'response_format' {json.dumps(kind_of)} is not supported by this server (only "
-                            f"{{\"type\": \"text\"}})", param="response_format")
     modalities = body.get("modalities")
     if modalities not in (None, ["text"]):
         raise ApiError(400, "'modalities' other than [\"text\"] are not supported", param="modalities")

@@ -37,6 +37,7 @@ from lmforge.generate.processors import History
 from lmforge.generate.sampling import SamplingParams, new_generator, sample_next
 from lmforge.generate.stops import StopMatcher
 from lmforge.serve.cache import SlotCache, decode_mask
+from lmforge.serve.grammar import Constraint
 from lmforge.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Job:
     logprobs: int | None = None  # report each token's logprob and this many alternatives; None: no logprobs
     echo_logprobs: bool = False  # also report the prompt tokens' logprobs (a PromptLogprobs event)
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits before sampling
+    constraint: Constraint | None = None  # response_format: only tokens its grammar allows are sampled
     cancelled: bool = False
     # state kept by the scheduler
     length: int = 0  # tokens in this job's cache row
@@ -274,10 +276,12 @@ class Scheduler:
         history = None
         if job.params.needs_history:
             history = History.of([job.prompt + job.generated], len(job.prompt), self.device)
-        if job.params.is_greedy and job.bias is None and history is None:
+        if job.params.is_greedy and job.bias is None and history is None and job.constraint is None:
             return int(logits.argmax(dim=-1)[0]) if greedy is None else greedy
         if job.bias is not None:
             logits = logits.float() + job.bias
+        if job.constraint is not None:
+            logits = job.constraint.mask(logits)
         return int(sample_next(logits, job.params, job.generator, history)[0])
 
     def _take(self, job: Job, logits: torch.Tensor, greedy: int | None) -> None:
@@ -296,13 +300,15 @@ class Scheduler:
         """Append `token` (or stop on a stop token); mark the job finished when it is done."""
         if token in job.params.stop_token_ids:
             return self._finish(job, "stop")
+        if job.constraint is not None:
+            job.constraint.consume(token)
         job.last = token
         job.generated.append(token)
         job.completion_tokens += 1
         self.stats.tokens += 1
         text = job.matcher.push(job.decoder.push(token))
         self._send(job, Delta(text, [scored]) if scored is not None else text)
-        if job.matcher.stopped:
+        if job.matcher.stopped or (job.constraint is not None and job.constraint.complete):
             return self._finish(job, "stop")
         if job.completion_tokens >= job.params.max_new_tokens or job.length + 1 >= self.context:
             self._finish(job, "length")
