@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import tokenizers
+
 from lmforge.core.errors import LmforgeError
 from lmforge.generate.sampling import SamplingParams
 from lmforge.serve.grammar import GrammarError, Grammars, response_schema
@@ -50,7 +52,7 @@ UNSUPPORTED = {
     "truncate_prompt_tokens": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,), "length_penalty": (1, 1.0, None),
 }
-NOT_IN_CHAT = ("echo", "suffix", "best_of")  # completions-only fields a chat request must not send
+NOT_IN_CHAT = {"echo": (None, False), "best_of": (None, 1)}  # completions-only fields chat must not use
 
 
 class ApiError(Exception):
@@ -212,8 +214,8 @@ def _refuse_unsupported(kind: Kind, body: dict[str, Any]) -> None:
         if name in body and body[name] not in harmless:
             raise ApiError(400, f"'{name}' is not supported by this server", param=name)
     if kind == "chat":
-        for name in NOT_IN_CHAT:
-            if body.get(name) not in (None, False, 1, ""):
+        for name, harmless in NOT_IN_CHAT.items():
+            if name in body and not any(body[name] is h or body[name] == h for h in harmless):
                 raise ApiError(400, f"'{name}' is a /v1/completions field; chat completions do not take it",
                                param=name)
     modalities = body.get("modalities")
@@ -399,6 +401,35 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def token_text(tokenizer: Tokenizer, token: int) -> tuple[str, bytes]:
+    """A token as logprobs show it: (text, its UTF-8 bytes). A byte-level BPE token can hold part of a
+    character; its text is then OpenAI's "bytes:\\xe2\\x80" form, and `bytes` are the true bytes (so the
+    bytes of consecutive tokens join into the output's UTF-8)."""
+    raw = None
+    if isinstance(tokenizer.tk.decoder, tokenizers.decoders.ByteLevel):
+        piece = tokenizer.tk.id_to_token(token)
+        if piece is not None and token not in tokenizer.tk.get_added_tokens_decoder():
+            raw = bytes(_BYTE_OF_CHAR[c] for c in piece if c in _BYTE_OF_CHAR)
+    if raw is None:
+        raw = tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, char -> byte: printable bytes stand for themselves, the other 68 are
+    shifted to U+0100 onwards in byte order (Radford et al. 2019, the `bytes_to_unicode` table)."""
+    kept = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class Choice:
     """One choice's text, logprobs and end, kept in OpenAI's shape as events arrive."""
 
@@ -437,21 +468,21 @@ class Choice:
             out["content"].append({**self._chat_token(token, e.logprob),
                                    "top_logprobs": [self._chat_token(self._token(t), lp) for t, lp in e.top]})
             return
-        out["tokens"].append(token)
+        out["tokens"].append(token[0])
         out["token_logprobs"].append(e.logprob)
         top = None
         if e.logprob is not None:  # the sampled token is always listed, as vLLM does
-            top = {self._token(t): lp for t, lp in e.top}
-            top.setdefault(token, e.logprob)
+            top = {self._token(t)[0]: lp for t, lp in e.top}
+            top.setdefault(token[0], e.logprob)
         out["top_logprobs"].append(top)
         out["text_offset"].append(self.offset)
 
-    def _token(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False)
+    def _token(self, token: int) -> tuple[str, bytes]:
+        return token_text(self.tokenizer, token)
 
     @staticmethod
-    def _chat_token(token: str, logprob: float | None) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    def _chat_token(token: tuple[str, bytes], logprob: float | None) -> dict[str, Any]:
+        return {"token": token[0], "logprob": logprob, "bytes": list(token[1])}
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "finish_reason": self.finish_reason, "logprobs": self.logprobs}
