@@ -231,7 +231,7 @@ def test_response_format_json_schema_is_enforced(served, client):
     ("/v1/completions", {"prompt": "a", "n": 200}, "n"),
     ("/v1/completions", {"prompt": ["a", 3]}, "prompt"),
     ("/v1/completions", {"prompt": [[1, 2], []]}, "prompt"),
-    ("/v1/completions", {"prompt": "a", "n": 10, "best_of": 10, "max_tokens": 2} | {"prompt": ["a", "b"]}, "n"),
+    ("/v1/completions", {"prompt": ["a", "b"], "n": 10}, "n"),  # 20 choices > max_concurrent 16
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
                               "top_logprobs": 21}, "top_logprobs"),
@@ -252,3 +252,55 @@ def test_validation_errors_reach_the_sdk(client):
         client.completions.create(model=NAME, prompt="a", seed=2**70)
     with pytest.raises(openai.BadRequestError, match="suffix"):
         client.completions.create(model=NAME, prompt="a", suffix="b")
+
+
+TASK_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_through_the_server_equals_lm_eval_on_the_hf_export(tmp_path, monkeypatch):
+    """lm-evaluation-harness `local-completions` (token-id requests, `echo` + `logprobs`) against `lmforge serve`
+    scores a multiple-choice task exactly as lm-eval `--model hf` does on the `convert to-hf` export."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from lmforge.model.hf.convert import to_hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lines = ["To be, or not to be: that is the", "Now is the winter of our", "Friends, Romans, countrymen, lend me your",
+             "What light through yonder window", "The quality of mercy is not", "All the world's a"]
+    choices = ["question", "discontent", "ears", "breaks", "strained", "stage"]
+    docs = [{"question": q, "choices": [choices[i], choices[(i + 1) % 6], choices[(i + 3) % 6]], "answer": i % 3}
+            for i, q in enumerate(lines)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(TASK_YAML.format(data=tmp_path / "data.jsonl"))
+    tasks = TaskManager(include_path=str(tmp_path / "tasks"))
+    with serving(tmp_path / "ckpt") as (server, model, tok):
+        hf_dir = to_hf(tmp_path / "ckpt", tmp_path / "hf")
+        results = {}
+        for kind, args in [("local-completions", {"model": NAME, "base_url": server.url + "/v1/completions",
+                                                  "tokenizer": str(hf_dir), "tokenizer_backend": "huggingface",
+                                                  "num_concurrent": 2, "max_retries": 1, "batch_size": 3}),
+                           ("hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu"})]:
+            results[kind] = lm_eval.simple_evaluate(model=kind, model_args=args, tasks=["tiny_mc"],
+                                                    task_manager=tasks, log_samples=True)
+    served_run, hf_run = results["local-completions"], results["hf"]
+    assert served_run["results"]["tiny_mc"]["acc,none"] == hf_run["results"]["tiny_mc"]["acc,none"]
+    served_ll = [[r[0] for r in s["filtered_resps"]] for s in served_run["samples"]["tiny_mc"]]
+    hf_ll = [[r[0] for r in s["filtered_resps"]] for s in hf_run["samples"]["tiny_mc"]]
+    assert len(served_ll) == len(docs)
+    assert served_ll == [pytest.approx(row, abs=1e-3) for row in hf_ll]
