@@ -280,7 +280,7 @@ def test_lm_eval_through_the_server_equals_lm_eval_on_the_hf_export(tmp_path, mo
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    lines = ["To be, or not to be: that is the", "Now is the winter of our", "Friends, Romans, countrymen, lend me your",
+    lines = ["To be, or not to be: that is the", "Now is the winter of our", "Friends, Romans, lend me your",
              "What light through yonder window", "The quality of mercy is not", "All the world's a"]
     choices = ["question", "discontent", "ears", "breaks", "strained", "stage"]
     docs = [{"question": q, "choices": [choices[i], choices[(i + 1) % 6], choices[(i + 3) % 6]], "answer": i % 3}
