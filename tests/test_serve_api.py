@@ -14,7 +14,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from rl_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
-from test_serve import NAME, greedy_reference, serving  # noqa: E402
+from test_serve import NAME, client, greedy_reference, served, serving  # noqa: E402, F401 (fixtures)
 
 from lmforge.generate.engine import generate  # noqa: E402
 from lmforge.generate.sampling import SamplingParams  # noqa: E402
@@ -22,17 +22,6 @@ from lmforge.serve.app import BackgroundServer, create_app  # noqa: E402
 from lmforge.serve.protocol import token_text  # noqa: E402
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer  # noqa: E402
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    with serving(tmp_path_factory.mktemp("ckpt"), max_batch=8, max_concurrent=16) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai.OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def log_softmax_rows(model, ids) -> torch.Tensor:
