@@ -296,3 +296,92 @@ def test_lm_eval_through_the_server_equals_lm_eval_on_the_hf_export(tmp_path, mo
     hf_ll = [[r[0] for r in s["filtered_resps"]] for s in hf_run["samples"]["tiny_mc"]]
     assert len(served_ll) == len(docs)
     assert served_ll == [pytest.approx(row, abs=1e-3) for row in hf_ll]
+
+
+TOOL_TEMPLATE = (
+    "{%- if tools -%}<|system|>\nCall a tool as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>. Tools:\n"
+    "{%- for t in tools %}\n{{ t | tojson }}{% endfor %}<|end|>\n{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|' ~ message['role'] ~ '|>\\n' ~ message['content'] -}}"
+    "{%- for c in message.tool_calls or [] -%}"
+    "<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>"
+    "{%- endfor -%}{{- '<|end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def tool_server():
+    pytest.importorskip("llguidance")
+    base = tiny_tokenizer()
+    tok = Tokenizer(base.tk, TOOL_TEMPLATE, special_tokens=base.special_tokens)
+    model = tiny_model(tok.vocab_size, seed=3, init_std=0.2, max_seq_len=1024)  # the tools' JSON is ~400 tokens
+    with BackgroundServer(create_app(model, tok, NAME, max_batch=4)) as server:
+        yield server, model, tok, openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=60)
+
+
+def test_tools_are_rendered_and_forced_calls_come_back_as_tool_calls(tool_server):
+    _, model, tok, client = tool_server
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    out = client.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER, TIME], tool_choice=named,
+                                         temperature=0, max_tokens=40)
+    assert out.usage.prompt_tokens == len(prompt_ids(tok, messages, tools=[WEATHER, TIME]))
+    assert out.usage.prompt_tokens > len(prompt_ids(tok, messages))  # the tools were shown to the model
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Oslo")
+    out = client.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER, TIME], tool_choice="required",
+                                         temperature=1.0, seed=4, max_tokens=120)
+    calls = out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason == "tool_calls" and calls
+    for c in calls:
+        args = json.loads(c.function.arguments)
+        assert (c.function.name, set(args)) in (("get_weather", {"city"}), ("get_time", {"zone"}))
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER, TIME],
+                                                 tool_choice=named, temperature=0, max_tokens=40, stream=True))
+    streamed = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(t.index, t.function.name, t.function.arguments) for t in streamed] == [
+        (0, "get_weather", choice.message.tool_calls[0].function.arguments)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_tool_results_go_back_through_the_template(tool_server):
+    _, model, tok, client = tool_server
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    messages = [{"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": None,
+                                                                  "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "-3 C, snow"}]
+    out = client.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER], temperature=0, max_tokens=8)
+    rendered = tok.apply_chat_template([
+        messages[0], {"role": "assistant", "content": "", "tool_calls": [
+            {**call, "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "-3 C, snow", "tool_call_id": "call_1"}], tools=[WEATHER])
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>' in rendered
+    assert "<|tool|>\n-3 C, snow" in rendered
+    assert out.usage.prompt_tokens == len(tok.encode(rendered, add_bos=True))
+    assert out.choices[0].finish_reason in ("stop", "length")  # auto: a random model writes no call
+
+
+def test_auto_tool_choice_parses_hermes_calls_out_of_the_text():
+    from lmforge.serve.tools import parse_tools
+
+    tools = parse_tools({"tools": [WEATHER, TIME]}, TOOL_TEMPLATE)
+    text = 'Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n' \
+           '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>'
+    content, calls = tools.calls(text)
+    assert content == "Let me check." and [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert tools.calls("no call here") == ("no call here", [])
+    broken = '<tool_call>{"name": "get_weather", "argu</tool_call>'
+    assert tools.calls(broken) == (broken, [])  # a call that does not parse stays text
+    assert tools.calls('<tool_call>{"name": "unknown", "arguments": {}}</tool_call>')[1] == []

@@ -30,6 +30,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.generate.sampling import SamplingParams
 from lmforge.serve.grammar import GrammarError, Grammars, response_schema
 from lmforge.serve.scheduler import Delta, Done, Event, Failed, Job, PromptLogprobs, TokenLogprob
+from lmforge.serve.tools import ToolError, Tools, parse_tools, template_message
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids
 
@@ -45,7 +46,7 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completion
 # Fields that change the output but are not implemented: a 400 naming the field, never ignored. The value
 # each may have without asking for anything (None, or a default that changes nothing) is allowed.
 UNSUPPORTED = {
-    "suffix": ("", None), "tools": ([], None), "tool_choice": ("none", None), "functions": ([], None),
+    "suffix": ("", None), "functions": ([], None),
     "function_call": ("none", None), "audio": (None,), "prediction": (None,), "web_search_options": (None,),
     "use_beam_search": (False, None), "min_tokens": (0, None), "prompt_logprobs": (None,),
     "allowed_token_ids": (None,), "bad_words": ([], None), "include_stop_str_in_output": (False, None),
@@ -100,6 +101,7 @@ class GenRequest:
     context_length: int = 0
     grammar: str | None = None  # response_format compiled for llguidance
     grammars: Grammars | None = None
+    tools: Tools | None = None
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -144,7 +146,8 @@ def parse_request(kind: Kind, body: dict[str, Any], info: ModelInfo) -> GenReque
         raise ApiError(404, f"the model '{model}' does not exist; this server serves '{info.name}'",
                        param="model", code="model_not_found")
     _refuse_unsupported(kind, body)
-    prompts = [_chat_prompt(body, info)] if kind == "chat" else _completion_prompts(body, info)
+    tools = _tools(body, info) if kind == "chat" else None
+    prompts = [_chat_prompt(body, info, tools)] if kind == "chat" else _completion_prompts(body, info)
     for i, prompt in enumerate(prompts):
         if len(prompt) >= info.context_length:
             which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
@@ -193,13 +196,26 @@ def parse_request(kind: Kind, body: dict[str, Any], info: ModelInfo) -> GenReque
         raise ApiError(400, "'stream_options' must be an object", param="stream_options")
     return GenRequest(kind, prompts, params, stops, _flag(body, "stream"), bool(options.get("include_usage")), n=n,
                       logprobs=_logprobs(kind, body), echo=echo, logit_bias=_logit_bias(body, info),
-                      context_length=info.context_length, grammar=_grammar(body, info), grammars=info.grammars)
+                      context_length=info.context_length, grammar=_grammar(body, info, tools),
+                      grammars=info.grammars, tools=tools)
 
 
-def _grammar(body: dict[str, Any], info: ModelInfo) -> str | None:
-    """`response_format` json_object / json_schema -> an llguidance grammar (None for text)."""
+def _tools(body: dict[str, Any], info: ModelInfo) -> Tools | None:
+    try:
+        return parse_tools(body, info.tokenizer.chat_template or "")
+    except ToolError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+
+
+def _grammar(body: dict[str, Any], info: ModelInfo, tools: Tools | None = None) -> str | None:
+    """`response_format` json_object / json_schema, or tool_choice required / a named function -> an llguidance
+    grammar (None when the output is free)."""
     try:
         schema = response_schema(body.get("response_format"))
+        call_schema = None if tools is None else tools.schema()
+        if schema is not None and call_schema is not None:
+            raise GrammarError("cannot be combined with tool_choice 'required' or a named function")
+        schema = schema or call_schema
         if schema is None:
             return None
         if info.grammars is None:
@@ -266,9 +282,9 @@ def _logit_bias(body: dict[str, Any], info: ModelInfo) -> dict[int, float]:
     return out
 
 
-def _chat_prompt(body: dict[str, Any], info: ModelInfo) -> list[int]:
-    """The chat template over the messages; `developer` is OpenAI's new name for `system` (rendered as
-    system), `tool` messages go to the template as they are (a template without a tool role refuses them)."""
+def _chat_prompt(body: dict[str, Any], info: ModelInfo, tools: Tools | None) -> list[int]:
+    """The chat template over the messages (and tools); `developer` is OpenAI's new name for `system` (rendered
+    as system); `tool` messages and assistant `tool_calls` go to the template, which refuses what it cannot show."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
@@ -277,16 +293,20 @@ def _chat_prompt(body: dict[str, Any], info: ModelInfo) -> list[int]:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}]: 'role' must be one of {', '.join(ROLES)}",
                            param=f"messages.[{i}].role")
-        if m.get("tool_calls"):
-            raise ApiError(400, f"messages[{i}]: 'tool_calls' are not supported by this server",
-                           param=f"messages.[{i}].tool_calls")
         role = "system" if m["role"] == "developer" else m["role"]
-        message = {"role": role, "content": _content(m.get("content"), i)}
-        if role == "tool" and isinstance(m.get("tool_call_id"), str):
-            message["tool_call_id"] = m["tool_call_id"]
-        clean.append(message)
+        calls = m.get("tool_calls")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)):
+            raise ApiError(400, f"messages[{i}]: 'tool_calls' must be a list of {{id, type, function}} objects on an "
+                                "assistant message", param=f"messages.[{i}].tool_calls")
+        content = "" if calls and m.get("content") is None else _content(m.get("content"), i)
+        message = {"role": role, "content": content}
+        for key in ("tool_call_id", "name"):
+            if role == "tool" and isinstance(m.get(key), str):
+                message[key] = m[key]
+        clean.append(template_message({**message, "tool_calls": calls}) if calls else message)
     try:
-        return prompt_ids(info.tokenizer, clean)
+        return prompt_ids(info.tokenizer, clean, tools=None if tools is None else tools.specs)
     except LmforgeError as e:
         raise ApiError(400, f"messages: {e}", param="messages") from None
 
@@ -433,8 +453,12 @@ _BYTE_OF_CHAR = _byte_level_alphabet()
 class Choice:
     """One choice's text, logprobs and end, kept in OpenAI's shape as events arrive."""
 
-    def __init__(self, kind: Kind, index: int, tokenizer: Tokenizer, logprobs: bool) -> None:
+    def __init__(self, kind: Kind, index: int, tokenizer: Tokenizer, logprobs: bool,
+                 tools: Tools | None = None) -> None:
         self.kind, self.index, self.tokenizer, self.with_logprobs = kind, index, tokenizer, logprobs
+        self.tools = tools if tools is not None and tools.choice != "none" else None
+        self.tool_calls: list[dict[str, Any]] = []
+        self.content: str | None = None  # the message content once finished (tool calls taken out)
         self.text: list[str] = []
         self.offset = 0  # completions' text_offset: characters before the next token
         self.logprobs = self._empty_logprobs() if logprobs else None
@@ -484,10 +508,24 @@ class Choice:
     def _chat_token(token: tuple[str, bytes], logprob: float | None) -> dict[str, Any]:
         return {"token": token[0], "logprob": logprob, "bytes": list(token[1])}
 
+    def finish(self, reason: str, completion_tokens: int) -> None:
+        self.finish_reason, self.completion_tokens = reason, completion_tokens
+        self.content = "".join(self.text)
+        if self.tools is not None:
+            self.content, self.tool_calls = self.tools.calls(self.content)
+            if self.tool_calls:
+                self.finish_reason = "tool_calls"
+
+    def message(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        return out
+
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "finish_reason": self.finish_reason, "logprobs": self.logprobs}
         if self.kind == "chat":
-            out["message"] = {"role": "assistant", "content": "".join(self.text)}
+            out["message"] = self.message()
         else:
             out["text"] = "".join(self.text)
         return out
@@ -499,7 +537,7 @@ class Answer:
 
     def __init__(self, req: GenRequest, rid: str, model: str, tokenizer: Tokenizer) -> None:
         self.req, self.rid, self.model, self.tokenizer = req, rid, model, tokenizer
-        self.choices = [Choice(req.kind, i, tokenizer, req.logprobs is not None)
+        self.choices = [Choice(req.kind, i, tokenizer, req.logprobs is not None, req.tools)
                         for i in range(len(req.prompts) * req.n)]
         self.echoed = [False] * len(self.choices)
         self.error: str | None = None
@@ -517,9 +555,17 @@ class Answer:
             prompt = self.req.prompts[i // self.req.n]
             chunks.append(self._chunk([choice.add(self.tokenizer.decode(prompt), scored)]))
         if isinstance(event, Delta):
-            chunks.append(self._chunk([choice.add(event.text, event.logprobs)]))
+            piece = choice.add(event.text, event.logprobs)
+            if choice.tools is None:  # with tools, the text is held until it can be told from tool calls
+                chunks.append(self._chunk([piece]))
         elif isinstance(event, Done):
-            choice.finish_reason, choice.completion_tokens = event.finish_reason, event.completion_tokens
+            choice.finish(event.finish_reason, event.completion_tokens)
+            if choice.tools is not None:
+                delta = {k: v for k, v in choice.message().items() if k != "role" and v is not None}
+                if "tool_calls" in delta:
+                    delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(delta["tool_calls"])]
+                chunks.append(self._chunk([{"index": i, "delta": delta, "logprobs": choice.logprobs,
+                                            "finish_reason": None}]))
             chunks.append(self._chunk([self._end(choice)]))
         elif isinstance(event, Failed):
             self.error = event.message
