@@ -167,6 +167,19 @@ def test_roles_and_model_route(served, client):
         client.models.retrieve("gpt-4")
 
 
+def test_tokenizer_routes_as_vllm_has_them(served):
+    url, tok = served[0].url, served[2]
+    r = httpx.post(url + "/tokenize", json={"prompt": "To be", "add_special_tokens": False}).json()
+    assert r["tokens"] == tok.encode("To be") and r["count"] == len(r["tokens"]) and r["max_model_len"] == 128
+    assert httpx.post(url + "/tokenize", json={"prompt": "To be"}).json()["tokens"] == tok.encode("To be", add_bos=True)
+    messages = [{"role": "user", "content": "hi"}]
+    assert httpx.post(url + "/tokenize", json={"messages": messages}).json()["tokens"] == prompt_ids(tok, messages)
+    assert httpx.post(url + "/detokenize", json={"tokens": tok.encode("To be")}).json() == {"prompt": "To be"}
+    info = httpx.get(url + "/tokenizer_info").json()
+    assert info["eos_token"] == tok.special_tokens["eos"] and info["chat_template"] == tok.chat_template
+    assert httpx.post(url + "/detokenize", json={"tokens": [10**6]}).status_code == 400
+
+
 def test_tool_role_renders_through_a_template_that_has_one():
     tok = tiny_tokenizer()
     template = DEFAULT_CHAT_TEMPLATE.replace("['system', 'user', 'assistant']", "['system', 'user', 'assistant', "
@@ -284,18 +297,21 @@ def test_lm_eval_through_the_server_equals_lm_eval_on_the_hf_export(tmp_path, mo
     with serving(tmp_path / "ckpt") as (server, model, tok):
         hf_dir = to_hf(tmp_path / "ckpt", tmp_path / "hf")
         results = {}
-        for kind, args in [("local-completions", {"model": NAME, "base_url": server.url + "/v1/completions",
-                                                  "tokenizer": str(hf_dir), "tokenizer_backend": "huggingface",
-                                                  "num_concurrent": 2, "max_retries": 1, "batch_size": 3}),
-                           ("hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu"})]:
-            results[kind] = lm_eval.simple_evaluate(model=kind, model_args=args, tasks=["tiny_mc"],
-                                                    task_manager=tasks, log_samples=True)
-    served_run, hf_run = results["local-completions"], results["hf"]
-    assert served_run["results"]["tiny_mc"]["acc,none"] == hf_run["results"]["tiny_mc"]["acc,none"]
-    served_ll = [[r[0] for r in s["filtered_resps"]] for s in served_run["samples"]["tiny_mc"]]
+        served = {"model": NAME, "base_url": server.url + "/v1/completions", "max_retries": 1, "batch_size": 3}
+        runs = {"served, HF tokenizer": ("local-completions", {**served, "tokenizer": str(hf_dir),
+                                                               "tokenizer_backend": "huggingface"}),
+                "served, the server's tokenizer": ("local-completions", served),  # /tokenizer_info, /tokenize
+                "hf": ("hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu"})}
+        for key, (kind, args) in runs.items():
+            results[key] = lm_eval.simple_evaluate(model=kind, model_args=args, tasks=["tiny_mc"],
+                                                   task_manager=tasks, log_samples=True)
+    hf_run = results.pop("hf")
     hf_ll = [[r[0] for r in s["filtered_resps"]] for s in hf_run["samples"]["tiny_mc"]]
-    assert len(served_ll) == len(docs)
-    assert served_ll == [pytest.approx(row, abs=1e-3) for row in hf_ll]
+    assert len(hf_ll) == len(docs)
+    for run in results.values():
+        assert run["results"]["tiny_mc"]["acc,none"] == hf_run["results"]["tiny_mc"]["acc,none"]
+        served_ll = [[r[0] for r in s["filtered_resps"]] for s in run["samples"]["tiny_mc"]]
+        assert served_ll == [pytest.approx(row, abs=1e-3) for row in hf_ll]
 
 
 TOOL_TEMPLATE = (

@@ -5,6 +5,7 @@
 
 Routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (the tokenizer's chat template;
 `stream: true` sends server-sent events in OpenAI's chunk format, ending with `data: [DONE]`),
+vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info` (lm-evaluation-harness's remote tokenizer),
 `/health` (scheduler counters) and `/` (the chat page). Request handlers only check requests and
 relay events: one background thread runs the model for every request (`scheduler.py`).
 """
@@ -32,11 +33,14 @@ from lmforge.serve.protocol import (
     GenRequest,
     Kind,
     ModelInfo,
+    detokenize,
     error_body,
     new_id,
     parse_json,
     parse_request,
     sse,
+    tokenize,
+    tokenizer_info,
 )
 from lmforge.serve.scheduler import Event, Job, Scheduler, SchedulerBusy
 from lmforge.tokenizer import Tokenizer
@@ -109,6 +113,18 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
             raise ApiError(404, f"the model '{model_id}' does not exist; this server serves '{name}'",
                            param="model", code="model_not_found")
         return model_card()
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> dict[str, Any]:
+        return tokenize(parse_json(await request.body()), info)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> dict[str, Any]:
+        return detokenize(parse_json(await request.body()), info)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route() -> dict[str, Any]:
+        return tokenizer_info(info)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

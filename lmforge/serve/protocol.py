@@ -408,6 +408,36 @@ def _eos(info: ModelInfo) -> list[int]:
     return [] if eos is None else [eos]
 
 
+def tokenize(body: dict[str, Any], info: ModelInfo) -> dict[str, Any]:
+    """vLLM's POST /tokenize: {"prompt": text, "add_special_tokens": true} (bos, as a completion prompt gets) or
+    {"messages": [...]} (the chat prompt) -> {"tokens", "count", "max_model_len"}."""
+    if "messages" in body:
+        ids = _chat_prompt(body, info, _tools(body, info))
+    else:
+        if not isinstance(body.get("prompt"), str):
+            raise ApiError(400, "'prompt' must be a string (or send 'messages')", param="prompt")
+        bos = _flag(body, "add_special_tokens") if "add_special_tokens" in body else True
+        ids = info.tokenizer.encode(body["prompt"], add_bos=bos and info.tokenizer.bos_id is not None)
+    return {"tokens": ids, "count": len(ids), "max_model_len": info.context_length}
+
+
+def detokenize(body: dict[str, Any], info: ModelInfo) -> dict[str, Any]:
+    """vLLM's POST /detokenize: {"tokens": [...]} -> {"prompt": text} (special tokens kept)."""
+    tokens = body.get("tokens")
+    if not _is_ids(tokens) and tokens != []:
+        raise ApiError(400, "'tokens' must be a list of token ids", param="tokens")
+    return {"prompt": info.tokenizer.decode(_one_prompt(tokens, info, "tokens") if tokens else [],
+                                            skip_special_tokens=False)}
+
+
+def tokenizer_info(info: ModelInfo) -> dict[str, Any]:
+    """vLLM's GET /tokenizer_info: what lm-evaluation-harness's remote tokenizer reads."""
+    special = info.tokenizer.special_tokens
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special.get("bos"),
+            "eos_token": special.get("eos"), "pad_token": special.get("pad"),
+            "chat_template": info.tokenizer.chat_template, "model_max_length": info.context_length}
+
+
 # ------------------------------------------------------------------------------------------------
 # responses
 
