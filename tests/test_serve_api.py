@@ -110,6 +110,11 @@ def test_completion_echo_scores_the_prompt_as_lm_eval_reads_it(served, client):
         text_offsets = lp.text_offset
         assert text_offsets == sorted(text_offsets) and text_offsets[0] == 0
         assert out.usage.completion_tokens == max_tokens
+    chunks = list(client.completions.create(model=NAME, prompt=ids, logprobs=1, echo=True, max_tokens=1,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == \
+        out.choices[0].logprobs.token_logprobs
     last = out.choices[0].logprobs
     greedy = int(rows[-1].argmax())
     assert last.tokens[-1] == token_text(tok, greedy)[0]

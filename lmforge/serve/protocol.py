@@ -247,7 +247,7 @@ def _logprobs(kind: Kind, body: dict[str, Any]) -> int | None:
         top = _integer(body, "top_logprobs", 0)
         if not 0 <= top <= MAX_TOP_LOGPROBS:
             raise ApiError(400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top}", param="top_logprobs")
-        if body.get("top_logprobs") is not None and not wanted:
+        if top > 0 and not wanted:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         return top if wanted else None
     if body.get("logprobs") is None:
