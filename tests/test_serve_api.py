@@ -110,6 +110,8 @@ def test_completion_echo_scores_the_prompt_as_lm_eval_reads_it(served, client):
         text_offsets = lp.text_offset
         assert text_offsets == sorted(text_offsets) and text_offsets[0] == 0
         assert out.usage.completion_tokens == max_tokens
+    one = client.completions.create(model=NAME, prompt=ids[:1], logprobs=1, echo=True, max_tokens=0)
+    assert one.choices[0].logprobs.token_logprobs == [None] and one.choices[0].finish_reason == "length"
     chunks = list(client.completions.create(model=NAME, prompt=ids, logprobs=1, echo=True, max_tokens=1,
                                             temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text

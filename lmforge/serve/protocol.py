@@ -103,10 +103,6 @@ class GenRequest:
     grammars: Grammars | None = None
     tools: Tools | None = None
 
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self.prompts[0]
-
     def jobs(self, emit: Callable[[int, Event], None]) -> list[Job]:
         """One scheduler job per choice, in choice order; choice i's events go to emit(i, event). With a seed,
         sample j of a prompt is seeded with seed + j, so the n samples differ and each is reproducible."""

@@ -267,7 +267,8 @@ class Scheduler:
             job.bias = torch.zeros(logits.shape[-1], device=self.device)
             job.bias[list(job.logit_bias)] = torch.tensor(list(job.logit_bias.values()), device=self.device)
         if job.echo_logprobs:
-            scored = _logprobs(logits[:-1], torch.tensor(job.prompt[1:], device=self.device), job.logprobs or 0)
+            following = torch.tensor(job.prompt[1:], dtype=torch.long, device=self.device)
+            scored = _logprobs(logits[:-1], following, job.logprobs or 0)
             self._send(job, PromptLogprobs([TokenLogprob(job.prompt[0], None), *scored]))
         return logits[-1:]
 
