@@ -279,12 +279,28 @@ doc_to_target: answer
 metric_list:
   - metric: acc
 """
+GEN_YAML = """task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{choices[answer]}}}}"
+generation_kwargs:
+  until: [".", "\\n"]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
 
 
 @pytest.mark.slow
 def test_lm_eval_through_the_server_equals_lm_eval_on_the_hf_export(tmp_path, monkeypatch):
     """lm-evaluation-harness `local-completions` (token-id requests, `echo` + `logprobs`) against `lmforge serve`
-    scores a multiple-choice task exactly as lm-eval `--model hf` does on the `convert to-hf` export."""
+    scores a multiple-choice task and generates exactly as lm-eval `--model hf` does on the `convert to-hf` export."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
@@ -300,6 +316,7 @@ def test_lm_eval_through_the_server_equals_lm_eval_on_the_hf_export(tmp_path, mo
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tiny_mc.yaml").write_text(TASK_YAML.format(data=tmp_path / "data.jsonl"))
+    (tmp_path / "tasks" / "tiny_gen.yaml").write_text(GEN_YAML.format(data=tmp_path / "data.jsonl"))
     tasks = TaskManager(include_path=str(tmp_path / "tasks"))
     with serving(tmp_path / "ckpt") as (server, model, tok):
         hf_dir = to_hf(tmp_path / "ckpt", tmp_path / "hf")
@@ -310,7 +327,7 @@ def test_lm_eval_through_the_server_equals_lm_eval_on_the_hf_export(tmp_path, mo
                 "served, the server's tokenizer": ("local-completions", served),  # /tokenizer_info, /tokenize
                 "hf": ("hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu"})}
         for key, (kind, args) in runs.items():
-            results[key] = lm_eval.simple_evaluate(model=kind, model_args=args, tasks=["tiny_mc"],
+            results[key] = lm_eval.simple_evaluate(model=kind, model_args=args, tasks=["tiny_mc", "tiny_gen"],
                                                    task_manager=tasks, log_samples=True)
     hf_run = results.pop("hf")
     hf_ll = [[r[0] for r in s["filtered_resps"]] for s in hf_run["samples"]["tiny_mc"]]
@@ -319,6 +336,9 @@ def test_lm_eval_through_the_server_equals_lm_eval_on_the_hf_export(tmp_path, mo
         assert run["results"]["tiny_mc"]["acc,none"] == hf_run["results"]["tiny_mc"]["acc,none"]
         served_ll = [[r[0] for r in s["filtered_resps"]] for s in run["samples"]["tiny_mc"]]
         assert served_ll == [pytest.approx(row, abs=1e-3) for row in hf_ll]
+        texts = [s["filtered_resps"] for s in run["samples"]["tiny_gen"]]
+        assert texts == [s["filtered_resps"] for s in hf_run["samples"]["tiny_gen"]]
+    assert any(text[0].strip() for text in texts)  # the model wrote something before its stop string
 
 
 TOOL_TEMPLATE = (
