@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fakes import learnable_shards
+from tinymodels import debug_model
 
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.shards import ShardSet
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import Transformer
 from lmforge.train.config import TrainConfig
 from lmforge.train.fused_ce import linear_cross_entropy
 from lmforge.train.metrics import read_metrics
@@ -26,9 +27,7 @@ VOCAB = 64
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(from_dict(ModelConfig, {"preset": "debug", "vocab_size": VOCAB, "max_seq_len": 32,
-                                               **overrides}))
+    return debug_model(VOCAB, seed, max_seq_len=32, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,7 +60,7 @@ def test_detector_hand_checked_threshold():
 
 
 def write_shards(directory) -> ShardSet:
-    return learnable_shards(directory, VOCAB, 20000, 5000)
+    return learnable_shards(directory, VOCAB, 20000, 5000, n_docs=10, bytes_per_token=1)
 
 
 class Poisoned:
