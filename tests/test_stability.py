@@ -102,6 +102,7 @@ def train_rows(run_dir):
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
+@pytest.mark.slow
 def test_poisoned_batch_rolls_back_skips_and_recovers(tmp_path):
     shards = write_shards(tmp_path / "data")
     poison_at = (POISON_STEP - 1) * BATCH  # data position (window cursor) of step 27's micro-batch
@@ -135,6 +136,7 @@ def test_poisoned_batch_rolls_back_skips_and_recovers(tmp_path):
     assert max(r["loss"] for r in train_rows(tmp_path / "poisoned")[POISON_STEP:]) < spike["threshold"]
 
 
+@pytest.mark.slow
 def test_nan_losses_roll_back_then_give_up(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
     calls = {"n": 0}
