@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tinymodels import debug_model
 
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError
@@ -24,8 +25,7 @@ def cfg(**overrides) -> ModelConfig:
 
 
 def model(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(cfg(**overrides)).eval()
+    return debug_model(VOCAB, 0, max_seq_len=48, **overrides)
 
 
 def ids(T: int = 20, B: int = 2) -> torch.Tensor:

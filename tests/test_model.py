@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tinymodels import debug_model
 
 from lmforge.core.config import from_dict
 from lmforge.model import ModelConfig, Transformer
@@ -43,9 +44,7 @@ PARAMS = {
 
 
 def build(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    cfg = from_dict(ModelConfig, {"preset": "debug", "vocab_size": 97, **overrides})
-    return Transformer(cfg).eval()
+    return debug_model(97, 0, **overrides)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
