@@ -22,7 +22,7 @@ def learnable_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """DATA/ with a train/ split of 6000 learnable tokens (vocab 64): what `recipes.parallel_recipe` reads.
     Shared by the session; tests only read it."""
     data = tmp_path_factory.mktemp("learnable")
-    learnable_shards(data / "train", n_tokens=6000)
+    learnable_shards(data / "train", n_tokens=6000, n_docs=20, bytes_per_token=2)
     return data
 
 

@@ -53,7 +53,7 @@ class CrashAfter:
 
 
 def learnable_shards(directory: Path, vocab: int = 64, n_tokens: int = 4000, max_shard_tokens: int = 1500,
-                     n_docs: int = 20, bytes_per_token: int = 2, seed: int = 0) -> ShardSet:
+                     n_docs: int = 10, bytes_per_token: int = 1, seed: int = 0) -> ShardSet:
     """A stream a tiny model learns fast: one random 50-id 'sentence' repeated, 5% of ids replaced by noise,
     cut into `n_docs` documents."""
     rng = np.random.default_rng(seed)

@@ -73,7 +73,7 @@ def test_config_checks():
 
 
 def write_shards(directory) -> ShardSet:
-    return learnable_shards(directory, VOCAB, 6000, 2000, n_docs=10, bytes_per_token=1)
+    return learnable_shards(directory, VOCAB, 6000, 2000)
 
 
 def test_loop_ramps_logs_and_resumes_exactly(tmp_path):

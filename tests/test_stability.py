@@ -60,7 +60,7 @@ def test_detector_hand_checked_threshold():
 
 
 def write_shards(directory) -> ShardSet:
-    return learnable_shards(directory, VOCAB, 20000, 5000, n_docs=10, bytes_per_token=1)
+    return learnable_shards(directory, VOCAB, 20000, 5000)
 
 
 class Poisoned:

@@ -69,7 +69,7 @@ def test_grad_accum_matches_a_batch_twice_as_large():
 
 
 def test_exact_resume_repeats_the_uninterrupted_run(tmp_path):
-    shards = learnable_shards(tmp_path / "data")
+    shards = learnable_shards(tmp_path / "data", n_docs=20, bytes_per_token=2)
     # dropout on and a shuffled loader: resume must restore RNG and data order, not just weights
     cfg = train_cfg(steps=8, grad_accum=2, save_every=2, keep_checkpoints=1)
 
@@ -95,7 +95,7 @@ def test_exact_resume_repeats_the_uninterrupted_run(tmp_path):
 
 
 def test_bf16_run_on_cpu(tmp_path):
-    shards = learnable_shards(tmp_path / "data")
+    shards = learnable_shards(tmp_path / "data", n_docs=20, bytes_per_token=2)
     model = tiny_model()
     result = train_loop(model, lm_loss, SequenceLoader(shards, 4, 16), train_cfg(steps=6, precision="bf16"),
                         tmp_path / "run")
