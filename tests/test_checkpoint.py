@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from tinymodels import debug_model
 
 from lmforge.checkpoint.store import (
     LATEST_NAME,
@@ -24,8 +25,7 @@ from lmforge.model import ModelConfig, Transformer, load_model
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(from_dict(ModelConfig, {"preset": "debug", "vocab_size": 50, **overrides}))
+    return debug_model(50, seed, **overrides).train()
 
 
 def trained(model: Transformer, steps: int = 2) -> torch.optim.AdamW:
