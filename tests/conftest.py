@@ -30,3 +30,20 @@ def learnable_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tokenizer() -> Tokenizer:
     """`tinymodels.task_tokenizer()`: 512-token BPE with the chat template, trained once per session."""
     return task_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """(server, model, tokenizer): a tiny model behind an in-process `lmforge serve` (the serving extra)."""
+    pytest.importorskip("fastapi")
+    from tinyserver import serving  # imports lmforge.serve, which needs the serving extra
+
+    with serving(tmp_path_factory.mktemp("ckpt"), max_batch=8, max_concurrent=16) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    """The official `openai` client pointed at `served`."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0, timeout=30)

@@ -22,23 +22,12 @@ httpx = pytest.importorskip("httpx")
 from tinymodels import mha_model as tiny_model  # noqa: E402
 from tinymodels import save_checkpoint  # noqa: E402
 from tinymodels import text_tokenizer as tiny_tokenizer  # noqa: E402
-from tinyserver import CONTEXT, NAME, greedy_reference, serving, slow_steps  # noqa: E402
+from tinyserver import CONTEXT, NAME, greedy_reference, slow_steps  # noqa: E402
 
 from lmforge.generate.engine import generate  # noqa: E402
 from lmforge.generate.sampling import SamplingParams  # noqa: E402
 from lmforge.generate.stops import StopMatcher  # noqa: E402
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    with serving(tmp_path_factory.mktemp("ckpt"), max_batch=8, max_concurrent=16) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai.OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 @pytest.fixture

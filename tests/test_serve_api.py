@@ -13,9 +13,9 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-import test_serve  # noqa: E402
-from rl_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
-from test_serve import NAME, greedy_reference, serving  # noqa: E402
+from tinymodels import mha_model as tiny_model  # noqa: E402
+from tinymodels import text_tokenizer as tiny_tokenizer  # noqa: E402
+from tinyserver import NAME, greedy_reference, serving  # noqa: E402
 
 from lmforge.generate.engine import generate  # noqa: E402
 from lmforge.generate.sampling import SamplingParams  # noqa: E402
@@ -23,8 +23,6 @@ from lmforge.serve.app import BackgroundServer, create_app  # noqa: E402
 from lmforge.serve.protocol import token_text  # noqa: E402
 from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer  # noqa: E402
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids  # noqa: E402
-
-served, client = test_serve.served, test_serve.client  # the same fixtures: a tiny model behind a server
 
 
 def log_softmax_rows(model, ids) -> torch.Tensor:
