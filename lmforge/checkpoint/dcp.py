@@ -90,7 +90,9 @@ def save_dcp_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, 
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # a 1-process save: DCP warns that it assumes no process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     if _rank() == 0:
         atomic_write_json(tmp / CONFIG_NAME, {"model": to_dict(model_cfg)})
         atomic_write_text(tmp / STATE_NAME, json.dumps({"step": step, **state, "format": "dcp", "rng": rng_state()},
@@ -125,6 +127,7 @@ def load_dcp_checkpoint(run_dir: str | Path, model: torch.nn.Module, optimizer: 
         raise ConfigError(f"{path}: saved with parallel.tensor={saved_tp}, this run has parallel.tensor={tensor}; "
                           "tensor-parallel checkpoints resume at the same degree (the data-parallel size may "
                           "change)")
+    read_dcp_metadata(path / DCP_MARKER)  # a forged file is one clear line here, not an error from inside DCP
     model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
         get_state_dict(model, [])[0], None)
     target = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
@@ -170,6 +173,15 @@ def _allowed_global(module: str, name: str) -> bool:
             or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
 
 
+def read_dcp_metadata(path: Path) -> Any:
+    """DCP's metadata pickle, unpickled with only DCP's own classes allowed (`_allowed_global`)."""
+    try:
+        with open(path, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError) as e:
+        raise LmforgeError(f"{path}: not a DCP metadata file ({e})") from None
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if not _allowed_global(module, name):
@@ -186,12 +198,8 @@ def _safe_loaders() -> tuple[type, type]:
 
     class Reader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            path = Path(self.path) / (DCP_MARKER if kwargs.get("rank") is None else f"__{kwargs['rank']}{DCP_MARKER}")
-            try:
-                with open(path, "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
-            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
-                raise LmforgeError(f"{path}: not a DCP metadata file ({e})") from None
+            name = DCP_MARKER if kwargs.get("rank") is None else f"__{kwargs['rank']}{DCP_MARKER}"
+            metadata = read_dcp_metadata(Path(self.path) / name)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
