@@ -77,7 +77,8 @@ def save_dcp_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    finite = torch.tensor([float(all_finite(model.parameters()))])
+    device = next(model.parameters()).device  # NCCL reduces only CUDA tensors
+    finite = torch.tensor([float(all_finite(model.parameters()))], device=device)
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     refuse_non_finite(run_dir, step, bool(finite.item()))
