@@ -234,6 +234,26 @@ def test_a_forged_dcp_checkpoint_runs_no_code(tmp_path):
     assert isinstance(error, LmforgeError) and ".metadata" in str(error)
 
 
+def test_a_dcp_checkpoint_without_a_recorded_format_is_not_unpickled(tmp_path):
+    """What an older lmforge saved (no "format", no checksums) or a forger wrote: the .metadata stays unread."""
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters())
+    path = save_dcp_checkpoint(tmp_path / "run", 1, model, opt, {}, keep=1, model_cfg=model.cfg)
+    state = json.loads((path / "trainer_state.json").read_text())
+    state.pop("format", None)
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    (path / "checksums.json").unlink(missing_ok=True)
+    canary = tmp_path / "pwned"
+    plant(path / ".metadata", canary)
+    error = None
+    try:
+        load_any_checkpoint(tmp_path / "run", model, opt)
+    except Exception as e:  # noqa: BLE001
+        error = e
+    assert not canary.exists()
+    assert isinstance(error, LmforgeError) and "not loaded" in str(error)
+
+
 # ----------------------------------------------------------------------------------------------
 # non-finite gradients and weights
 

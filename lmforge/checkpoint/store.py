@@ -366,6 +366,10 @@ def load_checkpoint_at(path: Path, state: dict[str, Any], model: torch.nn.Module
     if state.get("format", "safetensors") != "safetensors":
         raise LmforgeError(f"{path} is a distributed checkpoint (format {state.get('format')!r} in {STATE_NAME}); "
                            "resume it with the parallel settings it was saved with")
+    if "format" not in state and not (path / WEIGHTS_NAME).is_file() and not (path / TRAINABLE_NAME).is_file():
+        raise LmforgeError(f"{path}: no safetensors weights, and {STATE_NAME} records no format (a distributed "
+                           "checkpoint of an older lmforge?); its pickled .metadata is not loaded: start a new "
+                           "run_dir, or resume with the lmforge that saved it")
     check_model_config(path, model)
     load_model_state(path, model)
     if optimizer is not None:
