@@ -21,6 +21,7 @@ from lmforge.cli import main
 from lmforge.core.config import from_dict
 from lmforge.core.errors import LmforgeError
 from lmforge.data.pipeline import clean_documents
+from lmforge.model import load_model
 from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import PretrainConfig, lm_loss, pretrain
 from lmforge.train.trainer import train_loop
@@ -277,11 +278,13 @@ def test_a_non_finite_gradient_with_a_finite_loss_skips_the_step(tmp_path):
 
     model = tiny_model()
     batch = (torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16)))
-    result = train_loop(model, loss_fn, FixedBatches(batch), train_cfg(steps=5, save_every=1, keep_checkpoints=0),
+    result = train_loop(model, loss_fn, FixedBatches(batch), train_cfg(steps=4, save_every=2),
                         tmp_path / "run", on_step_end=[snapshot])
-    assert result["steps"] == 5
+    assert result["steps"] == 4
     assert all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3]))  # step 3 changed nothing
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    saved = load_model(checkpoints_dir(tmp_path / "run") / "step_000004")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert rows[2]["grad_norm"] is None and rows[-1]["skipped_steps"] == 1
 
@@ -305,18 +308,18 @@ def test_without_latest_resume_continues_from_the_newest_complete_step(tmp_path,
     model = tiny_model()
     batch = (torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16)))
     run = tmp_path / "run"
-    train_loop(model, lm_loss, FixedBatches(batch), train_cfg(steps=4, save_every=2, keep_checkpoints=0), run)
+    train_loop(model, lm_loss, FixedBatches(batch), train_cfg(steps=2, save_every=1, keep_checkpoints=0), run)
     before = read_metrics(run / "metrics.jsonl")
     (checkpoints_dir(run) / LATEST_NAME).unlink()
 
     with pytest.raises(LmforgeError, match="already holds checkpoints"):  # a fresh run would delete them
-        train_loop(tiny_model(), lm_loss, FixedBatches(batch), train_cfg(steps=6), run)
+        train_loop(tiny_model(), lm_loss, FixedBatches(batch), train_cfg(steps=3), run)
     assert read_metrics(run / "metrics.jsonl") == before
     result = train_loop(tiny_model(), lm_loss, FixedBatches(batch),
-                        train_cfg(steps=6, save_every=2, keep_checkpoints=0), run, resume=True)
-    assert "newest complete checkpoint, step_000004" in capsys.readouterr().err
+                        train_cfg(steps=3, save_every=1, keep_checkpoints=0), run, resume=True)
+    assert "newest complete checkpoint, step_000002" in capsys.readouterr().err
     rows = read_metrics(run / "metrics.jsonl")
-    assert result["steps"] == 6 and rows[:4] == before and [r["step"] for r in rows] == list(range(1, 7))
+    assert result["steps"] == 3 and rows[:2] == before and [r["step"] for r in rows] == [1, 2, 3]
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
