@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from lmforge.core.config import option
 from lmforge.core.errors import LmforgeError, os_errors
+from lmforge.core.files import dir_lock
 from lmforge.data.megatron import export_megatron
 from lmforge.data.readers import Document, read_documents
 from lmforge.data.shards import ShardSet, clear_shard_dir, shard_layout, token_dtype, write_index, write_shard
@@ -107,12 +108,13 @@ def tokenize_to_shards(paths: Sequence[str | Path], tokenizer: Tokenizer, output
     output = Path(output)
     start = time.perf_counter()
     splits = ["train", "val"] if val_fraction > 0 else ["train"]
-    for split in ("train", "val"):  # no index survives from an earlier run, whatever happens to this one
-        if split in splits or (output / split).is_dir():
-            clear_shard_dir(output / split)
-    dtype = token_dtype(tokenizer.vocab_size)
-    spill = output / f".tokenize-spill-{os.getpid()}.bin"
     with contextlib.ExitStack() as stack:
+        stack.enter_context(dir_lock(output))  # one owner: a second `data tokenize` here is refused
+        for split in ("train", "val"):  # no index survives from an earlier run, whatever happens to this one
+            if split in splits or (output / split).is_dir():
+                clear_shard_dir(output / split)
+        dtype = token_dtype(tokenizer.vocab_size)
+        spill = output / f".tokenize-spill-{os.getpid()}.bin"
         stack.callback(spill.unlink, missing_ok=True)
         run = stack.enter_context(_Workers(workers, tokenizer.canonical_json(), eos_id, dtype))
         lengths, n_bytes = _encode_to_spill(read_documents(paths, text_field=text_field), run, spill, batch_docs)
@@ -132,7 +134,7 @@ def tokenize_to_shards(paths: Sequence[str | Path], tokenizer: Tokenizer, output
             indexes[split] = _write_split(output / split, run, tokens, starts[order], lengths[order],
                                           n_bytes[order], tokenizer, max_shard_tokens)
         del tokens
-    tokenizer.save(output)
+        tokenizer.save(output)
     return {"train": indexes["train"], "val": indexes.get("val"), "seconds": time.perf_counter() - start}
 
 
