@@ -12,29 +12,23 @@ the in-process single-worker runs, MB per CPU-second (steadier than wall time on
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import json
+import logging
 import os
-import sys
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
-# This file's name shadows the stdlib `tokenize` (which `logging`/`linecache` import) when run as a script:
-# drop the script's own directory from the import path before importing anything else.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+from common import machine_line, table
 
-import argparse  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from lmforge.data.corpus import interleave, pydoc_topic_documents, stdlib_code_documents  # noqa: E402
-from lmforge.data.shards import ShardSet  # noqa: E402
-from lmforge.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer  # noqa: E402
-from lmforge.tokenizer.pack import tokenize_to_shards  # noqa: E402
+from lmforge.data.corpus import interleave, pydoc_topic_documents, stdlib_code_documents
+from lmforge.data.shards import ShardSet
+from lmforge.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
+from lmforge.tokenizer.pack import tokenize_to_shards
 from lmforge.tokenizer.train import train_bpe
 
 
@@ -102,7 +96,7 @@ def main() -> None:
         tok.save(tmp / "tok")
         os.environ.pop("TOKENIZERS_PARALLELISM", None)
         mb = n_bytes / 1e6
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        machine = machine_line(parallel=f"{os.cpu_count()} cores")
         command = f"benchmarks/tokenize_pack.py --mb {args.mb:g} --workers {args.workers}"
         rows = []
         for workers in sorted({1, args.workers}):
@@ -125,10 +119,7 @@ def main() -> None:
                              f"{dt_cpu / lm_cpu:.2f}x"))
         rows.append(("corpus", f"{mb:.1f} MB, {sum(1 for f in files for _ in open(f)):,} docs", "same input", "-"))
         print(f"\nvocab {tok.vocab_size}, shuffle on in both\n")
-        print("| figure | lmforge | datatrove | ratio | machine | command |")
-        print("|---|---:|---:|---:|---|---|")
-        for figure, a, b, ratio in rows:
-            print(f"| {figure} | {a} | {b} | {ratio} | {machine} | `{command}` |")
+        print(table(rows, machine, command, peer="datatrove", numeric=True))
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
