@@ -61,7 +61,8 @@ def machine_line(device: torch.device | str = "cpu", parallel: str = "", extra: 
     benchmark ran in parallel, e.g. "2 workers"), torch version, then `extra` (e.g. a measured peak)."""
     device = torch.device(device)
     parts = [torch.cuda.get_device_name(device)] if device.type == "cuda" else []
-    parts += [cpu_name(), parallel or f"{torch.get_num_threads()} threads", f"torch {torch.__version__}"]
+    threads = torch.get_num_threads()
+    parts += [cpu_name(), parallel or f"{threads} thread{'s' if threads != 1 else ''}", f"torch {torch.__version__}"]
     return ", ".join(parts + ([extra] if extra else []))
 
 
