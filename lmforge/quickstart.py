@@ -12,7 +12,7 @@ import copy
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,16 +114,17 @@ class QuickstartConfig:
                                                                            "preference pairs"})
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHES:
-            hint = suggest(self.arch, ARCHES)
-            raise ConfigError(f"arch: unknown architecture '{self.arch}'" + (f" (did you mean '{hint}'?)" if hint
-                              else "") + f"; choose from {', '.join(ARCHES)}")
+        _one_of("arch", "architecture", self.arch, list(ARCHES))
         for key, names, allowed in (("rerun", self.rerun, STAGES), ("skip", self.skip, OPTIONAL_STAGES)):
             for name in names:
-                if name not in allowed:
-                    hint = suggest(name, allowed)
-                    raise ConfigError(f"{key}: unknown stage '{name}'" + (f" (did you mean '{hint}'?)" if hint else "")
-                                      + f"; choose from {', '.join(allowed)}")
+                _one_of(key, "stage", name, allowed)
+
+
+def _one_of(key: str, what: str, name: str, allowed: Sequence[str]) -> None:
+    if name not in allowed:
+        hint = suggest(name, allowed)
+        raise ConfigError(f"{key}: unknown {what} '{name}'" + (f" (did you mean '{hint}'?)" if hint else "")
+                          + f"; choose from {', '.join(allowed)}")
 
 
 class Stages:

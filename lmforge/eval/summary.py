@@ -1,6 +1,7 @@
-"""The quickstart's summary of a run (its summary.json): the text printed at the end and summary.md.
+"""The quickstart's summary of a run: the text printed at the end and summary.md.
 
-Both read only the summary dict, so `lmforge report` and a rerun that reuses every stage show the same figures.
+Both are functions of the summary dict alone (what summary.json holds), so they can be tested and reworded
+without running a stage.
 """
 
 from __future__ import annotations
