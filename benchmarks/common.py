@@ -16,10 +16,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 sys.path.append(os.path.join(os.path.dirname(HERE), "tests"))
 
+import contextlib  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Hashable, Iterable, Sequence  # noqa: E402
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -90,6 +93,17 @@ def append_results(path: Path, rows: Iterable[Sequence[Any]], machine: str, comm
     if header not in text:
         text += "\n" + header
     path.write_text(text.rstrip("\n") + "\n" + "\n".join(table_rows(rows, machine, command)) + "\n")
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, keep: bool = False) -> Iterator[Path]:
+    """A fresh temporary folder for a benchmark's inputs and outputs, removed afterwards unless `keep`."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sync(device: torch.device | str) -> None:

@@ -15,12 +15,10 @@ import argparse
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from common import machine_line, table
+from common import machine_line, scratch_dir, table
 from textdata import SHAKESPEARE  # tests/, on the import path through common
 
 from lmforge.data.corpus import pydoc_topic_documents, stdlib_code_documents
@@ -128,8 +126,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-data-"))
-    try:
+    with scratch_dir("lmforge-bench-data-", keep=args.keep) as tmp:
         (tmp / "in").mkdir()
         build_corpus(tmp / "in", args.docs, args.files)
         ids = [f"doc{i}" for i in range(args.docs)]
@@ -149,9 +146,6 @@ def main() -> None:
             ("decision agreement, filters + MinHash", f"{agree_all:.2%}", "-", "-"),
         ]
         print(table(rows, machine, command, peer="datatrove", numeric=True))
-    finally:
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

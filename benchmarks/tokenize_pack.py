@@ -18,12 +18,10 @@ import json
 import logging
 import os
 import resource
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from common import machine_line, table
+from common import machine_line, scratch_dir, table
 
 from lmforge.data.corpus import interleave, pydoc_topic_documents, stdlib_code_documents
 from lmforge.data.shards import ShardSet
@@ -88,8 +86,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-tokenize-"))
-    try:
+    with scratch_dir("lmforge-bench-tokenize-", keep=args.keep) as tmp:
         files, n_bytes = build_corpus(tmp / "in", args.mb, n_files=max(args.workers, 2))
         sample = (json.loads(line)["text"] for line in itertools.islice(open(files[0], encoding="utf-8"), 2000))
         tok = train_bpe(sample, vocab_size=args.vocab, show_progress=False)
@@ -120,9 +117,6 @@ def main() -> None:
         rows.append(("corpus", f"{mb:.1f} MB, {sum(1 for f in files for _ in open(f)):,} docs", "same input", "-"))
         print(f"\nvocab {tok.vocab_size}, shuffle on in both\n")
         print(table(rows, machine, command, peer="datatrove", numeric=True))
-    finally:
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
