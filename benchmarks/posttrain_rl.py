@@ -15,10 +15,12 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from common import machine_line, table
-from rl_fixtures import save_checkpoint, tiny_model, tiny_tokenizer  # tests/, on the import path through common
+from tinymodels import save_checkpoint, text_tokenizer  # tests/, on the import path through common
 
 from lmforge.core.config import from_dict
+from lmforge.model import ModelConfig, Transformer
 from lmforge.posttrain.dpo import DpoConfig, run_dpo
 from lmforge.posttrain.grpo import GrpoConfig, run_grpo
 from lmforge.posttrain.reward import RewardConfig, run_reward
@@ -34,8 +36,10 @@ def main() -> None:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
-    tok = tiny_tokenizer()
-    base = save_checkpoint(tiny_model(tok.vocab_size), tok, out / "base")
+    tok = text_tokenizer()  # 320-token BPE on real text
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=64, n_layers=2, n_heads=4, max_seq_len=128, vocab_size=tok.vocab_size))
+    base = save_checkpoint(model.eval(), tok, out / "base")
     cpu = {"device": "cpu", "save_every": 0, "eval_every": 0}
     sft = run_sft(from_dict(SftConfig, {"checkpoint": str(base), "run_dir": str(out / "sft"), "tasks": 4000,
                                         "train": {"steps": 400, "lr": 2e-3, **cpu}}))
