@@ -1,6 +1,7 @@
 import random
 
 import numpy as np
+import pytest
 from cleantext import prose, read_jsonl, write_jsonl
 
 from lmforge.data.dedup.decontaminate import Decontaminate
@@ -121,3 +122,38 @@ def test_decontamination_against_eval_files(tmp_path):
     partial = Document("part", " ".join(question.split()[:12]) + " and other things entirely", "")
     assert step(partial) is None  # 12 shared words < 13
     assert step(Document("clean", prose(rng), "")) is None
+
+
+SHORT_RECORDS = [  # e: empty, p: punctuation only, s: under 5 words; l and w: duplicates MinHash must find
+    {"id": "e0", "text": ""}, {"id": "e1", "text": "   \n"}, {"id": "p0", "text": "!!! ... ---"},
+    {"id": "s0", "text": "Hello there"}, {"id": "s1", "text": "Hello there"},
+    {"id": "s2", "text": "one two three four"}, {"id": "s3", "text": "One two three, four!"},
+    {"id": "l0", "text": prose(random.Random(7), lines=2)}, {"id": "l1", "text": prose(random.Random(7), lines=2)},
+    {"id": "w5a", "text": "one two three four five"}, {"id": "w5b", "text": "One two three four five."}]
+
+
+def test_minhash_leaves_empty_and_short_documents_alone(tmp_path):
+    """Documents of fewer than 5 words have no 5-gram and are never removed (before, every empty document
+    fell into one cluster and all but one were dropped, and a short one was a single shingle)."""
+    path = write_jsonl(tmp_path / "a.jsonl", SHORT_RECORDS)
+    clean_documents([path], tmp_path / "o", steps=["minhash"], workers=1, progress=False)
+    rejects = read_jsonl(tmp_path / "o" / "rejects" / "minhash.jsonl")
+    assert sorted((r["id"], r["metadata"]["duplicate_of"]) for r in rejects) == [("l1", "l0"), ("w5b", "w5a")]
+    step = MinHashDedup()
+    keys = [step.key(Document(r["id"], r["text"], "")) for r in SHORT_RECORDS]
+    skip = np.array([r["id"][0] in "eps" for r in SHORT_RECORDS])
+    assert cluster_roots(np.stack(keys), skip=skip).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 7, 9, 9]
+
+
+@pytest.mark.slow  # datatrove's word tokenizer takes seconds to load
+def test_the_documents_minhash_skips_are_those_datatrove_skips(tmp_path):
+    from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
+    from datatrove.utils.hashing import HashConfig
+
+    from lmforge.data.dedup.minhash import shingles
+
+    datatrove = MinhashDedupSignature(output_folder=str(tmp_path / "sigs"),
+                                      config=MinhashConfig(hash_config=HashConfig(hash_fc="sha1")))
+    for r in SHORT_RECORDS:  # datatrove writes no signature for a document without shingles
+        assert datatrove.get_shingles(r["text"]).size == 0 == shingles(r["text"], 5).size or \
+            datatrove.get_shingles(r["text"]).size > 0 and shingles(r["text"], 5).size > 0, r["id"]

@@ -6,6 +6,9 @@ Two documents with Jaccard similarity s share at least one band with probability
 0.009 at 0.4.
 Candidates sharing any band are joined into clusters (connected components, the result of
 union-find over all band collisions) and each cluster keeps its first document in shard order.
+A document with fewer than `n_grams` words has no shingle: like datatrove, MinHash leaves it alone
+(it is never a duplicate nor the original of one), so empty and very short documents are not all
+lumped into one cluster. Exact dedup and the length filters are the steps for those.
 
 Everything per document is numpy: words are hashed once (xxh64 of each distinct word), n-gram
 hashes are combined from word hashes, the b*r permutations are a vectorized multiply-add mod 2^64
@@ -43,13 +46,13 @@ def normalize_words(text: str) -> list[str]:
 
 
 def shingles(text: str, n: int) -> np.ndarray:
-    """Distinct 64-bit hashes of the word n-grams (a shorter document is one shingle of all its words)."""
+    """Distinct 64-bit hashes of the word n-grams; none for a document of fewer than n words."""
     toks = normalize_words(text)
-    if not toks:
+    if len(toks) < n:
         return np.zeros(0, dtype=np.uint64)
     table = {w: xxhash.xxh64_intdigest(w.encode()) for w in set(toks)}
     ids = np.fromiter((table[w] for w in toks), dtype=np.uint64, count=len(toks))
-    return np.unique(ngram_hashes(ids, min(n, len(ids))))
+    return np.unique(ngram_hashes(ids, n))
 
 
 @dataclass
@@ -74,7 +77,7 @@ class MinHashDedup(Barrier):
         return self._params
 
     def signature(self, text: str) -> np.ndarray:
-        """b*r minimum hash values (all max for an empty document)."""
+        """b*r minimum hash values (all max for a document with no shingle: see `no_shingle_key`)."""
         a, b, _ = self.params()
         sig = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
         sh = shingles(text, self.n_grams)
@@ -91,11 +94,18 @@ class MinHashDedup(Barrier):
         with np.errstate(over="ignore"):
             return (sig * fold[None, :]).sum(axis=1, dtype=np.uint64) ^ np.arange(self.bands, dtype=np.uint64)
 
+    def no_shingle_key(self) -> np.ndarray:
+        """The band keys of a document without shingles (every signature value at its maximum)."""
+        _, _, fold = self.params()
+        sig = np.full((self.bands, self.rows), np.iinfo(np.uint64).max, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            return (sig * fold[None, :]).sum(axis=1, dtype=np.uint64) ^ np.arange(self.bands, dtype=np.uint64)
+
     def resolve(self, keys: Sequence[list[Any]], ids: Sequence[list[str]]) -> list[Any]:
         sizes = [len(k) for k in keys]
         all_keys = [np.asarray(k, dtype=np.uint64).reshape(-1, self.bands) for k in keys]
         band_keys = np.concatenate(all_keys) if all_keys else np.zeros((0, self.bands), np.uint64)
-        root = cluster_roots(band_keys)
+        root = cluster_roots(band_keys, skip=(band_keys == self.no_shingle_key()[None, :]).all(axis=1))
         flat_ids = [i for shard in ids for i in shard]
         plans, offset = [], 0
         for size in sizes:
@@ -112,11 +122,16 @@ class MinHashDedup(Barrier):
         return "near_duplicate"
 
 
-def cluster_roots(band_keys: np.ndarray) -> np.ndarray:
+def cluster_roots(band_keys: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
     """For each document the smallest index in its cluster: connected components of the graph joining
-    documents that share a key in any band (what union-find computes), by min-label propagation."""
+    documents that share a key in any band (what union-find computes), by min-label propagation.
+    Documents where `skip` is true stay alone."""
     n = len(band_keys)
     label = np.arange(n)
+    if skip is not None and skip.any():
+        rows = np.flatnonzero(~skip)
+        label[rows] = rows[cluster_roots(band_keys[rows])]
+        return label
     if n == 0:
         return label
     groups = []
