@@ -2,7 +2,7 @@ import random
 
 import numpy as np
 import pytest
-from cleantext import prose, read_jsonl, write_jsonl
+from textdata import prose, read_jsonl, write_jsonl
 
 from lmforge.core.errors import ConfigError
 from lmforge.data.dedup.decontaminate import Decontaminate

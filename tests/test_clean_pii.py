@@ -1,7 +1,7 @@
 import random
 
 import pytest
-from cleantext import prose
+from textdata import prose
 
 from lmforge.core.errors import ConfigError
 from lmforge.data.pii import PIIRedactor, iban_ok, luhn_ok

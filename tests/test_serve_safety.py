@@ -19,8 +19,8 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from rl_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
-from test_serve import slow_steps  # noqa: E402
+from tinymodels import mha_model, text_tokenizer  # noqa: E402
+from tinyserver import slow_steps  # noqa: E402
 
 from lmforge.core.errors import ConfigError  # noqa: E402
 from lmforge.generate.sampling import SamplingParams  # noqa: E402
@@ -34,8 +34,8 @@ COMPLETION = {"model": NAME, "prompt": "Romeo", "max_tokens": 2}
 
 @pytest.fixture(scope="module")
 def parts():
-    tok = tiny_tokenizer()
-    return tiny_model(tok.vocab_size, seed=3, init_std=0.2, max_seq_len=128), tok
+    tok = text_tokenizer()
+    return mha_model(tok.vocab_size, seed=3, init_std=0.2, max_seq_len=128), tok
 
 
 @contextmanager

@@ -5,6 +5,7 @@
 
 Routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (the tokenizer's chat template;
 `stream: true` sends server-sent events in OpenAI's chunk format, ending with `data: [DONE]`),
+vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info` (lm-evaluation-harness's remote tokenizer),
 `/health` (scheduler counters) and `/` (the chat page). Request handlers only check requests and
 relay events: one background thread runs the model for every request (`scheduler.py`); JSON parsing,
 templating and tokenizing run in a small thread pool, so a long prompt never stalls the event loop.
@@ -31,21 +32,23 @@ from lmforge.core.config import option, require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.runtime import resolve_device
 from lmforge.model import load_model
+from lmforge.serve.grammar import Grammars
 from lmforge.serve.protocol import (
+    Answer,
     ApiError,
     GenRequest,
     Kind,
     ModelInfo,
-    chunk,
+    detokenize,
     error_body,
     new_id,
     parse_json,
     parse_request,
-    response,
     sse,
-    usage,
+    tokenize,
+    tokenizer_info,
 )
-from lmforge.serve.scheduler import Delta, Event, Failed, Job, Scheduler, SchedulerBusy
+from lmforge.serve.scheduler import Event, Job, Scheduler, SchedulerBusy
 from lmforge.serve.security import DEFAULT_MAX_BODY_BYTES, Guard, Policy, timed_h11_protocol
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import stop_token_ids
@@ -74,7 +77,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
         raise LmforgeError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                            f"{model.cfg.vocab_size}")
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_concurrent=max_concurrent)
-    info = ModelInfo(name, tokenizer, scheduler.context, stop_token_ids(tokenizer))
+    stops = stop_token_ids(tokenizer)
+    info = ModelInfo(name, tokenizer, scheduler.context, stops, Grammars(tokenizer, model.cfg.vocab_size, stops))
     parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="lmforge-parse")
 
     @asynccontextmanager
@@ -109,10 +113,32 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
         return FileResponse(STATIC / "index.html", headers={"X-Frame-Options": "DENY",
                                                             "Content-Security-Policy": "frame-ancestors 'none'"})
 
+    def model_card() -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "lmforge",
+                "max_model_len": info.context_length}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "lmforge", "max_model_len": info.context_length}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != name:
+            raise ApiError(404, f"the model '{model_id}' does not exist; this server serves '{name}'",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> dict[str, Any]:
+        return tokenize(parse_json(await request.body()), info)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> dict[str, Any]:
+        return detokenize(parse_json(await request.body()), info)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route() -> dict[str, Any]:
+        return tokenizer_info(info)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -125,65 +151,61 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
     async def generate(kind: Kind, request: Request) -> Any:
         loop = asyncio.get_running_loop()
         req = await loop.run_in_executor(parsers, parse, kind, await request.body())
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        job = Job(req.prompt_ids, req.params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), req.stop)
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        jobs = req.jobs(lambda i, ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+        if len(jobs) > scheduler.max_concurrent:
+            raise ApiError(400, f"this request asks for {len(jobs)} choices (prompts x n); the server runs at most "
+                                f"{scheduler.max_concurrent} at once", param="n")
         try:
-            scheduler.submit(job)
+            scheduler.submit_all(jobs)
         except SchedulerBusy as e:
             raise ApiError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded") from None
         except LmforgeError as e:
             raise ApiError(400, str(e)) from None
-        rid = new_id(kind)
+        answer = Answer(req, new_id(kind), name, tokenizer)
         if req.stream:
-            return StreamingResponse(stream(kind, rid, req, job, events), media_type="text/event-stream",
+            return StreamingResponse(stream(req, answer, jobs, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await collect(kind, rid, job, events, request)
+        return await collect(answer, jobs, events, request)
 
-    async def stream(kind: Kind, rid: str, req: GenRequest, job: Job,
-                     events: asyncio.Queue[Event]) -> AsyncIterator[str]:
-        """SSE events until the job ends; if the client goes away first, the job is cancelled (slot freed)."""
-        done = False
+    def cancel(jobs: list[Job]) -> None:
+        for job in jobs:
+            scheduler.cancel(job)
+
+    async def stream(req: GenRequest, answer: Answer, jobs: list[Job],
+                     events: asyncio.Queue[tuple[int, Event]]) -> AsyncIterator[str]:
+        """SSE events until every choice ends; if the client goes away first, its jobs are cancelled (slots freed)."""
         try:
-            if kind == "chat":
-                yield sse(chunk(kind, rid, name, text="", role=True))
-            while True:
-                ev = await events.get()
-                if isinstance(ev, Delta):
-                    yield sse(chunk(kind, rid, name, text=ev.text))
-                    continue
-                done = True
-                if isinstance(ev, Failed):
-                    yield sse(error_body(ev.message, "server_error"))
-                else:
-                    yield sse(chunk(kind, rid, name, finish_reason=ev.finish_reason))
-                    if req.include_usage:
-                        yield sse(chunk(kind, rid, name, usage_counts=usage(ev.prompt_tokens, ev.completion_tokens)))
-                yield sse("[DONE]")
-                return
+            for opening in answer.opening():
+                yield sse(opening)
+            while not answer.done:
+                for piece in answer.add(*await events.get()):
+                    yield sse(piece)
+            if answer.error is not None:
+                yield sse(error_body(answer.error, "server_error"))
+            elif req.include_usage:
+                yield sse(answer.usage_chunk())
+            yield sse("[DONE]")
         finally:
-            if not done:
-                scheduler.cancel(job)
+            if answer.error is not None or not answer.done:
+                cancel(jobs)
 
-    async def collect(kind: Kind, rid: str, job: Job, events: asyncio.Queue[Event], request: Request) -> Any:
-        pieces = []
+    async def collect(answer: Answer, jobs: list[Job], events: asyncio.Queue[tuple[int, Event]],
+                      request: Request) -> Any:
         try:
-            while True:
+            while not answer.done:
                 try:
-                    ev = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                    answer.add(*await asyncio.wait_for(events.get(), DISCONNECT_POLL_S))
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        scheduler.cancel(job)
+                        cancel(jobs)
                         return JSONResponse(error_body("client disconnected"), status_code=499)
-                    continue
-                if isinstance(ev, Delta):
-                    pieces.append(ev.text)
-                elif isinstance(ev, Failed):
-                    return JSONResponse(error_body(ev.message, "server_error"), status_code=500)
-                else:
-                    return response(kind, rid, name, "".join(pieces), ev.finish_reason, ev.prompt_tokens,
-                                    ev.completion_tokens)
+            if answer.error is not None:
+                cancel(jobs)
+                return JSONResponse(error_body(answer.error, "server_error"), status_code=500)
+            return answer.body()
         except asyncio.CancelledError:
-            scheduler.cancel(job)
+            cancel(jobs)
             raise
 
     @app.post("/v1/completions")

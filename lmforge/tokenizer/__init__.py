@@ -176,15 +176,18 @@ class Tokenizer:
 
     # -- chat ----------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render [{"role", "content"}, ...] with the Jinja chat template, as transformers does."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render [{"role", "content"}, ...] with the Jinja chat template, as transformers does; `tools` (OpenAI
+        function specs) are passed to templates that render them, as transformers passes them."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise LmforgeError("chat messages must be a list of {'role': ..., 'content': ...} objects")
         import jinja2
 
         try:
+            extra = {} if tools is None else {"tools": tools}
             return _compile_template(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+                messages=messages, add_generation_prompt=add_generation_prompt, **extra,
                 bos_token=self.special_tokens["bos"] or "", eos_token=self.special_tokens["eos"] or "",
                 pad_token=self.special_tokens["pad"] or "")
         except jinja2.TemplateError as e:
