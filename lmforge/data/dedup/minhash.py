@@ -180,28 +180,30 @@ def datatrove_roots(band_keys: np.ndarray, first_values: np.ndarray, skip: np.nd
     documents sorted by (band value, position), each one joined with the one before it when their band
     values are equal; a union hangs the smaller set under the root of the larger, ties under the first."""
     n = len(band_keys)
-    parent = np.arange(n)
-    size = np.ones(n, dtype=np.int64)
+    parent: dict[int, int] = {}  # only documents in some collision; the rest are their own roots
+    size: dict[int, int] = {}
 
     def find(x: int) -> int:
         root = x
-        while parent[root] != root:
+        while parent.get(root, root) != root:
             root = parent[root]
-        while parent[x] != root:  # path compression
+        while parent.get(x, x) != root:  # path compression
             parent[x], x = root, parent[x]
         return root
 
     live = np.arange(n) if skip is None else np.flatnonzero(~skip)
     for b in range(band_keys.shape[1]):
-        keys = band_keys[live, b]
-        order = live[np.lexsort((live, keys, first_values[live, b]))]
+        order = live[np.lexsort((live, band_keys[live, b], first_values[live, b]))]
         same = band_keys[order[1:], b] == band_keys[order[:-1], b]
         for x, y in zip(order[:-1][same].tolist(), order[1:][same].tolist()):
             ra, rb = find(x), find(y)
             if ra == rb:
                 continue
-            if size[ra] < size[rb]:
+            if size.get(ra, 1) < size.get(rb, 1):
                 ra, rb = rb, ra
             parent[rb] = ra
-            size[ra] += size[rb]
-    return np.array([find(i) for i in range(n)], dtype=np.int64)
+            size[ra] = size.get(ra, 1) + size.pop(rb, 1)
+    root = np.arange(n)
+    for x in list(parent):
+        root[x] = find(x)
+    return root
