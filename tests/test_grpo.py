@@ -143,3 +143,25 @@ def test_rollout_sampling_is_one_sampling_section():
     """`--sampling.*` as in rejection-sample; the defaults are what rollouts always used (16 new tokens)."""
     cfg = from_dict(GrpoConfig, {"sampling": {"temperature": 0.8}})
     assert cfg.sampling == SamplingParams(temperature=0.8, max_new_tokens=16)
+
+
+def test_rollout_logps_are_the_sampling_policys_at_its_temperature(checkpoint):
+    """pi_old of a rollout sampled at temperature 0.5 is softmax(logits / 0.5), as TRL divides the logits."""
+    from lmforge.posttrain.models import load_policy
+    from lmforge.posttrain.rl import sample_rollout
+    from lmforge.tasks.suite import make_examples
+
+    model, tok = load_policy(str(checkpoint), "cpu")
+    params = SamplingParams(temperature=0.5, max_new_tokens=4)
+    batch, _ = sample_rollout(model, tok, params, make_examples(2), 2, lambda ex, texts: torch.zeros(len(texts)),
+                              seed=0)
+    with torch.no_grad():
+        logp = torch.log_softmax(model.eval()(batch["input_ids"]).float() / 0.5, -1)
+    labels = batch["labels"]
+    expected = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * batch["mask"]
+    torch.testing.assert_close(batch["old_logps"], expected)
+
+
+def test_rl_rejects_greedy_rollouts():
+    with pytest.raises(ConfigError, match="sampling.temperature"):
+        from_dict(GrpoConfig, {"sampling": {"temperature": 0}})

@@ -205,3 +205,40 @@ def test_simpo_and_sequence_logps_match_trl(trl_cpo):
     ours = simpo_loss(pc, pr, beta=beta, gamma_beta_ratio=ratio, label_smoothing=eps)
     for a, b in zip(ours, trl_cpo.cpo_loss(trainer, pc, pr)):
         torch.testing.assert_close(a, b)
+
+
+# ---- IPO per token, as TRL's DPOTrainer computes it -----------------------------------------------------------
+
+def test_dpo_stage_ipo_is_length_normalized_as_trl():
+    """The DPO stage's IPO loss on random logits with responses of different lengths equals TRL's DPOTrainer
+    `_compute_loss` "ipo" branch: summed log-ratios / completion tokens, then (delta - 1/(2 beta))^2."""
+    from lmforge.posttrain.dpo import DpoConfig, batch_loss, precompute_logps
+    from lmforge.posttrain.pairs import EncodedPair, PairBatches
+    from lmforge.tokenizer.chat import Encoded
+
+    torch.manual_seed(0)
+    vocab = 11
+
+    def encoded(prompt: int, response: int) -> Encoded:
+        ids = torch.randint(0, vocab, (prompt + response,)).tolist()
+        return Encoded(ids[:-1], [-100] * (prompt - 1) + ids[prompt:])
+
+    pairs = [EncodedPair(encoded(3, c), encoded(3, r), str(i)) for i, (c, r) in enumerate([(1, 6), (5, 2), (3, 3)])]
+    policy, ref = torch.nn.Embedding(vocab, vocab), torch.nn.Embedding(vocab, vocab)  # ids -> logits
+    cfg = from_dict(DpoConfig, {"loss_type": "ipo", "beta": 0.3})
+    ref_logps = precompute_logps(ref, pairs, pad_id=0, average=cfg.average_logps)
+    batch = PairBatches(pairs, 3, pad_id=0, extra={"ref": ref_logps}).next_batch()
+    ours, _ = batch_loss(cfg, policy, batch)
+
+    labels = batch["labels"]
+    mask = labels != -100
+    safe = labels.masked_fill(~mask, 0)
+
+    def summed(model):
+        return (torch.log_softmax(model(batch["input_ids"]), -1).gather(-1, safe[..., None])[..., 0] * mask).sum(1)
+
+    scores = (summed(policy) - summed(ref)).detach()  # TRL: chosen/rejected log-ratios, token-summed
+    chosen_scores, rejected_scores = scores.chunk(2)
+    chosen_mask, rejected_mask = mask.float().chunk(2)
+    delta = chosen_scores / chosen_mask.sum(1) - rejected_scores / rejected_mask.sum(1)
+    torch.testing.assert_close(ours.detach(), (delta - 1 / (2 * 0.3)) ** 2)

@@ -82,3 +82,12 @@ def test_ppo_end_to_end_raises_the_reward_and_adapts_kl(checkpoint, tmp_path):
     first, last = (sum(r["reward"] for r in rows[i:i + 4]) / 4 for i in (0, 8))
     assert last > first + 0.2
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_whiten_uses_the_unbiased_variance_as_trl():
+    """TRL's masked_whiten: (x - mean) * rsqrt(masked_var(unbiased=True) + 1e-8) over the masked entries."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(3, 5), (torch.rand(3, 5) > 0.3).float()
+    kept = x[mask > 0]
+    expected = (x - kept.mean()) * torch.rsqrt(kept.var(unbiased=True) + 1e-8) * mask
+    torch.testing.assert_close(whiten(x, mask), expected)

@@ -42,6 +42,11 @@ class DpoConfig(PairStageConfig):
     simpo: bool = option(False, "SimPO: reference-free, length-normalized log-probs (then beta ~2, see gamma)")
     simpo_gamma_ratio: float = option(0.5, "SimPO target margin gamma as a fraction of beta")
 
+    @property
+    def average_logps(self) -> bool:
+        """Whether responses are scored by their mean token log-prob: SimPO's reward, and IPO's per-token target."""
+        return self.simpo or self.loss_type == "ipo"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.beta > 0, "beta", self.beta, "> 0")
@@ -67,6 +72,13 @@ def preference_loss(cfg: DpoConfig, chosen: Tensor, rejected: Tensor, ref: Tenso
     return dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing)
 
 
+def batch_loss(cfg: DpoConfig, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """Per-pair losses of a `PairBatches` batch (its "ref" from `precompute_logps` with the same averaging)."""
+    chosen, rejected = pair_logps(model, batch["input_ids"], batch["labels"], average=cfg.average_logps)
+    loss, cr, rr = preference_loss(cfg, chosen, rejected, batch.get("ref"))
+    return loss, preference_metrics(cr, rr, chosen, rejected)
+
+
 def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen: Tensor, rejected: Tensor
                        ) -> dict[str, float]:
     """Implicit rewards, their margin and accuracy, and the raw policy log-prob margin."""
@@ -80,7 +92,7 @@ def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen:
 def evaluate_heldout(cfg: DpoConfig, model: nn.Module, pairs: list[EncodedPair], ref: Tensor | None,
                      pad_id: int) -> dict[str, float]:
     """Held-out: policy log-prob margin log pi(y_w) - log pi(y_l), preference accuracy, implicit rewards."""
-    policy = precompute_logps(model, pairs, pad_id, average=cfg.simpo)
+    policy = precompute_logps(model, pairs, pad_id, average=cfg.average_logps)
     _, cr, rr = preference_loss(cfg, policy[:, 0], policy[:, 1], ref)
     return {f"heldout_{k}": v for k, v in preference_metrics(cr, rr, policy[:, 0], policy[:, 1]).items()}
 
@@ -93,17 +105,16 @@ def run_dpo(cfg: DpoConfig) -> dict[str, Any]:
     ref_train = ref_held = None
     if not cfg.simpo:
         ref = stage.reference(cfg.ref_checkpoint)
-        ref_train = precompute_logps(ref, train_enc, pad_id)
-        ref_held = precompute_logps(ref, held_enc, pad_id)
+        ref_train = precompute_logps(ref, train_enc, pad_id, average=cfg.average_logps)
+        ref_held = precompute_logps(ref, held_enc, pad_id, average=cfg.average_logps)
         del ref  # never needed again: the reference log-probs travel with the batches
     stage.open()
     before = evaluate_heldout(cfg, stage.policy, held_enc, ref_held, pad_id)
     stage.add_peft()
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        chosen, rejected = pair_logps(model, batch["input_ids"], batch["labels"], average=cfg.simpo)
-        loss, cr, rr = preference_loss(cfg, chosen, rejected, batch.get("ref"))
-        return loss.mean(), preference_metrics(cr, rr, chosen, rejected)
+        loss, metrics = batch_loss(cfg, model, batch)
+        return loss.mean(), metrics
 
     print(f"dpo: {len(train_enc)} training pairs, {len(held_enc)} held out, "
           f"{'SimPO' if cfg.simpo else cfg.loss_type} beta {cfg.beta}", file=sys.stderr)

@@ -39,16 +39,17 @@ class GrpoConfig(PolicyOptimizationConfig):
 def run_grpo(cfg: GrpoConfig) -> dict[str, Any]:
     """Train with GRPO; returns held-out greedy exact match before and after, and the last rollout metrics."""
     rl = RLStage("grpo", cfg, with_reference=cfg.kl_coef > 0)
+    temperature = cfg.sampling.temperature
 
     def make_rollout(index: int) -> Rollout:
         batch = rl.rollout(index, cfg.group_size)
         batch["advantages"] = group_advantages(batch["rewards"], cfg.group_size)
         if rl.ref is not None:
-            batch["ref_logps"] = model_token_logps(rl.ref, batch["input_ids"], batch["labels"])
+            batch["ref_logps"] = model_token_logps(rl.ref, batch["input_ids"], batch["labels"], temperature)
         return batch
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        logits = model(batch["input_ids"])
+        logits = model(batch["input_ids"]) / temperature  # the sampling policy: ratios and KL at its temperature
         logps = token_logps(logits, batch["labels"])
         mask = batch["mask"]
         loss, stats = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,

@@ -53,8 +53,10 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 
     - "sigmoid": DPO, Rafailov et al. 2023 eq. 7: -log sigma(beta h). With `label_smoothing` eps > 0 it
       is conservative DPO (cDPO, Mitchell 2023): -(1-eps) log sigma(beta h) - eps log sigma(-beta h).
-    - "ipo": IPO, Azar et al. 2023 (empirical IPO loss): (h - 1/(2 beta))^2, which keeps h bounded instead of pushing
-      it to infinity when preferences are deterministic.
+    - "ipo": IPO, Azar et al. 2023 eq. 17 (empirical IPO loss): (h - 1/(2 beta))^2, which keeps h bounded instead of
+      pushing it to infinity when preferences are deterministic. The target 1/(2 beta) is per token: pass
+      log-probs averaged over each response's tokens (`sequence_logps(..., average=True)`, as `lmforge dpo` does
+      for ipo), which is TRL's DPO/CPO IPO (summed log-ratios divided by the completion length).
     - "hinge": SLiC-style hinge, Zhao et al. 2023: relu(1 - beta h).
 
     Returns (per-example losses, chosen_rewards, rejected_rewards); the implicit rewards

@@ -89,11 +89,12 @@ def run_ppo(cfg: PpoConfig) -> dict[str, Any]:
     assert ref is not None  # PPO always loads one (with_reference)
     model = PolicyWithValue(rl.policy).to(rl.device)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
+    temperature = cfg.sampling.temperature
 
     def make_rollout(index: int) -> Rollout:
         batch = rl.rollout(index, cfg.samples_per_prompt)
         mask = batch["mask"]
-        ref_logps = model_token_logps(ref, batch["input_ids"], batch["labels"])
+        ref_logps = model_token_logps(ref, batch["input_ids"], batch["labels"], temperature)
         values = model_values(model, batch["input_ids"]) * mask
         kl = ((batch["old_logps"] - ref_logps) * mask).sum(1)  # per-sequence KL estimate
         beta = kl_ctl.value
@@ -106,6 +107,7 @@ def run_ppo(cfg: PpoConfig) -> dict[str, Any]:
 
     def loss_fn(m: PolicyWithValue, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         logits, values = m(batch["input_ids"])
+        logits = logits / temperature  # the sampling policy: ratios at its temperature
         logps = token_logps(logits, batch["labels"])
         mask = batch["mask"]
         pg, clipped = clipped_surrogate(logps, batch["old_logps"], batch["advantages"], cfg.clip_eps)

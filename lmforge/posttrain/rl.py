@@ -71,6 +71,8 @@ class PolicyOptimizationConfig(StageConfig):
     kl_coef: float = option(0.05, "beta of the KL penalty toward the reference (PPO: its initial value)")
 
     def __post_init__(self) -> None:
+        require(not self.sampling.is_greedy, "sampling.temperature", self.sampling.temperature,
+                "> 0 and sampling.greedy false (on-policy RL compares sampled completions)")
         require(self.sampling.max_new_tokens >= 1, "sampling.max_new_tokens", self.sampling.max_new_tokens, ">= 1")
         require(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         require(self.minibatches >= 1, "minibatches", self.minibatches, ">= 1")
@@ -107,7 +109,7 @@ def sample_rollout(policy: nn.Module, tokenizer: Tokenizer, params: SamplingPara
     ids, labels = pack_sequences(repeated, tokens, pad_id_of(tokenizer))
     rewards = scorer([ex for ex in examples for _ in range(n)], texts).float()
     return {"input_ids": ids, "labels": labels, "mask": (labels != IGNORE_INDEX).float(),
-            "old_logps": model_token_logps(policy, ids, labels), "rewards": rewards}, texts
+            "old_logps": model_token_logps(policy, ids, labels, params.temperature), "rewards": rewards}, texts
 
 
 class RLStage(Stage):

@@ -93,9 +93,11 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
 
 
 def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over the masked entries: PPO's per-batch advantage normalization."""
+    """(x - mean) / std over the masked entries: PPO's per-batch advantage normalization. The variance is the
+    unbiased one, sum (x - mean)^2 / (n - 1), as TRL's `masked_whiten` (via `masked_var(unbiased=True)`)."""
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 

@@ -41,22 +41,27 @@ def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_i
     return ids, labels
 
 
-def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
-    """log p(label_t) per position [N, T] in fp32, 0 where the label is IGNORE_INDEX."""
+def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """log p(label_t) per position [N, T] in fp32, 0 where the label is IGNORE_INDEX.
+
+    `temperature` is the sampling temperature: the policy that sampled a rollout is softmax(logits / T), so
+    its ratios and KL terms must be taken at the same T (as TRL's GRPO/PPO trainers divide the logits)."""
     mask = labels != IGNORE_INDEX
     safe = torch.where(mask, labels, torch.zeros_like(labels))
-    out = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    out = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return out * mask
 
 
 @torch.no_grad()
-def model_token_logps(model: nn.Module, ids: Tensor, labels: Tensor, batch_size: int = 64) -> Tensor:
-    """`token_logps` of `model` on CPU tensors, evaluated in eval mode in chunks; returns CPU fp32."""
+def model_token_logps(model: nn.Module, ids: Tensor, labels: Tensor, temperature: float = 1.0,
+                      batch_size: int = 64) -> Tensor:
+    """`token_logps` of `model` (at `temperature`) on CPU tensors, in eval mode in chunks; returns CPU fp32."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        parts = [token_logps(model(ids[i:i + batch_size].to(device)), labels[i:i + batch_size].to(device)).cpu()
+        parts = [token_logps(model(ids[i:i + batch_size].to(device)), labels[i:i + batch_size].to(device),
+                             temperature).cpu()
                  for i in range(0, len(ids), batch_size)]
     finally:
         model.train(was_training)
