@@ -68,8 +68,8 @@ def test_ppo_end_to_end_raises_the_reward_and_adapts_kl(checkpoint, tmp_path):
     rm = reward_model_dir(tiny_tokenizer(), tmp_path / "rm")
     cfg = from_dict(PpoConfig, {
         "checkpoint": str(checkpoint), "run_dir": str(tmp_path / "run"), "samples_per_prompt": 4,
-        "kl_target": 0.01, "kl_horizon": 20, "rollout": {"prompts_per_rollout": 4, "eval_prompts": 6,
-                                                        "reward": "model", "reward_model": str(rm)},
+        "kl_target": 0.01, "kl_horizon": 20, "rollout": {"prompts_per_rollout": 4, "eval_prompts": 6},
+        "reward": "model", "reward_model": str(rm),
         "sampling": {"max_new_tokens": 6}, "train": {"steps": 12, "lr": 3e-2, "device": "cpu", "log_every": 1,
                                                      "eval_every": 0}})
     out = run_ppo(cfg)

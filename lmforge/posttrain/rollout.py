@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.core.tensors import IGNORE_INDEX
+from lmforge.data.formats import Message
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
-from lmforge.tasks.suite import TaskExample, exact_match
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 
@@ -112,12 +112,12 @@ class RolloutBatches:
 
 
 # ----------------------------------------------------------------------------------------------
-# task-suite prompts: sampling completions and measuring exact match
+# sampling completions of chat prompts
 
 
-def task_prompt_ids(tokenizer: Tokenizer, examples: list[TaskExample]) -> list[list[int]]:
-    """Chat-templated prompt tokens (with the assistant header) of task-suite examples."""
-    return [prompt_ids(tokenizer, [{"role": "user", "content": ex.prompt}]) for ex in examples]
+def chat_prompt_ids(tokenizer: Tokenizer, prompts: list[list[Message]]) -> list[list[int]]:
+    """Chat-templated prompt tokens (with the assistant header), as SFT encodes them."""
+    return [prompt_ids(tokenizer, messages) for messages in prompts]
 
 
 def sample_completions(model: nn.Module, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams,
@@ -130,9 +130,9 @@ def sample_completions(model: nn.Module, tokenizer: Tokenizer, prompts: list[lis
     return tokens, texts
 
 
-def heldout_exact_match(model: nn.Module, tokenizer: Tokenizer, examples: list[TaskExample],
-                        max_new_tokens: int = 24) -> float:
-    """Greedy exact match of `model` on task-suite `examples` (the number every RL stage should raise)."""
-    _, texts = sample_completions(model, tokenizer, task_prompt_ids(tokenizer, examples),
+def greedy_completions(model: nn.Module, tokenizer: Tokenizer, prompts: list[list[Message]],
+                       max_new_tokens: int = 24) -> list[str]:
+    """Greedy replies of `model` to chat prompts (the held-out evaluation of every RL stage)."""
+    _, texts = sample_completions(model, tokenizer, chat_prompt_ids(tokenizer, prompts),
                                   SamplingParams(greedy=True, max_new_tokens=max_new_tokens))
-    return exact_match(examples, texts)
+    return texts
