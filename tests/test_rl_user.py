@@ -206,3 +206,17 @@ def test_grpo_on_a_user_prompt_file_raises_the_heldout_reward(tmp_path):
     out = run_grpo(cfg)
     assert out["heldout_reward"] >= out["heldout_reward_before"] + 0.5
     assert "heldout_exact_match" in out  # every prompt has an answer: exact match is measured too
+
+
+def test_json_schema_reward_from_a_schema_file_or_the_record(tmp_path):
+    pytest.importorskip("jsonschema")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["n"]}))
+    ex = [PromptExample([{"role": "user", "content": "p"}], "", {"schema": '{"type": "array"}'}, "f:1")] * 2
+    from_file = Scorer(from_dict(GrpoConfig, {"reward": "json_schema", "json_schema": str(schema)}), text_tokenizer())
+    assert from_file(ex, ['{"n": 1}', "[1]"]).tolist() == [1.0, 0.0]
+    per_record = Scorer(from_dict(GrpoConfig, {"reward": "json_schema"}), text_tokenizer())
+    assert per_record(ex, ['{"n": 1}', "[1]"]).tolist() == [0.0, 1.0]
+    schema.write_text("[1]")
+    with pytest.raises(LmforgeError, match="schema.json: expected a JSON object"):
+        Scorer(from_dict(GrpoConfig, {"reward": "json_schema", "json_schema": str(schema)}), text_tokenizer())

@@ -23,7 +23,6 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from torch import Tensor
 
 from lmforge.core.config import option, require
 from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.files import read_json_object
 from lmforge.data.readers import BadRecord
 from lmforge.posttrain.reward import load_reward_model, score_texts
 from lmforge.tasks.prompts import PromptExample
@@ -108,18 +108,6 @@ def check_rewards(cfg: RewardSource) -> None:
             raise ConfigError("reward: json_schema needs the jsonschema package (pip install jsonschema)") from None
 
 
-def load_schema(path: str) -> dict[str, Any]:
-    try:
-        schema = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise LmforgeError(f"json_schema: cannot read {path} ({e.strerror})") from None
-    except ValueError as e:
-        raise LmforgeError(f"json_schema: {path} is not JSON ({e})") from None
-    if not isinstance(schema, dict):
-        raise LmforgeError(f"json_schema: {path} must hold a JSON object")
-    return schema
-
-
 def import_reward_function(name: str) -> Callable[..., Any]:
     """`module:function`, imported by module path (the current directory first, as `python -m` would)."""
     module_name, function_name = name.split(":")
@@ -144,7 +132,7 @@ class Scorer:
     def __init__(self, cfg: RewardSource, tokenizer: Tokenizer, device: torch.device | str = "cpu") -> None:
         self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
         self.terms = cfg.reward_terms()
-        self.schema = load_schema(cfg.json_schema) if cfg.json_schema else None
+        self.schema = read_json_object(cfg.json_schema) if cfg.json_schema else None
         self.fns = {t.name: self._term(t.name) for t in self.terms}
 
     @property
