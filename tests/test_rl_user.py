@@ -95,6 +95,7 @@ def test_config_errors():
     # the weighted list, on the command line as a comma list
     cfg = from_dict(GrpoConfig, {"reward": "exact:1,regex:0.5", "regex": "x"})
     assert cfg.reward_terms() == [RewardTerm("exact", 1.0), RewardTerm("regex", 0.5)]
+    assert from_dict(GrpoConfig, {"reward": ["exact:1,regex:0.5"], "regex": "x"}).reward_terms() == cfg.reward_terms()
     assert from_dict(GrpoConfig, {}).reward_terms() == [RewardTerm("exact")]
     assert from_dict(GrpoConfig, {"reward_model": "rm"}).reward_terms() == [RewardTerm("model")]
 

@@ -10,7 +10,7 @@ A reward is a weighted sum of terms, each given as `NAME[:WEIGHT]` (weight 1 whe
   from the current directory or the installed packages), with `prompt` the last user message and `example`
   the record as read from the prompt file.
 
-`--reward exact:1,regex:0.5` (or a list in a recipe) adds 1 x exact + 0.5 x regex.
+`--reward exact:1 regex:0.5` (or `exact:1,regex:0.5`, or a list in a recipe) adds 1 x exact + 0.5 x regex.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class RewardSource:
     def reward_terms(self) -> list[RewardTerm]:
         if not self.reward:
             return [RewardTerm("model" if self.reward_model else "exact")]
-        return [parse_reward(spec) for spec in self.reward]
+        return [parse_reward(spec) for item in self.reward for spec in item.split(",") if spec.strip()]
 
 
 def check_rewards(cfg: RewardSource) -> None:
