@@ -222,3 +222,32 @@ def test_json_schema_reward_from_a_schema_file_or_the_record(tmp_path):
     schema.write_text("[1]")
     with pytest.raises(LmforgeError, match="schema.json: expected a JSON object"):
         Scorer(from_dict(GrpoConfig, {"reward": "json_schema", "json_schema": str(schema)}), text_tokenizer())
+
+
+# ---- eval winrate on a prompt file ----------------------------------------------------------------------------
+
+
+def test_win_rate_on_a_prompt_file_with_a_numeric_verifier(tmp_path, monkeypatch):
+    import lmforge.eval.pairwise as pairwise
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "answer": "4"}, {"prompt": "half of 3?",
+                                                                                   "answer": "1.5"},
+                                              {"instruction": "ten?", "output": "10"}])
+    replies = {"A": ["4", "3/2", "answer: 10.0"], "B": ["4", "2", "ten"]}
+    monkeypatch.setattr(pairwise, "answers", lambda model, tokenizer, prompts, max_new_tokens: replies[model])
+    out = pairwise.win_rate("A", "B", None, examples=read_prompts(path), verifier="numeric")
+    assert (out["n"], out["wins"], out["ties"], out["losses"]) == (3, 2, 1, 0)
+    assert out["accuracy_a"] == 1.0 and out["accuracy_b"] == pytest.approx(1 / 3)
+    exact = pairwise.win_rate("A", "B", None, examples=read_prompts(path))  # "3/2" is not exactly "1.5"
+    assert exact["accuracy_a"] == pytest.approx(1 / 3)
+
+
+def test_win_rate_prompt_file_errors_are_one_line(tmp_path, capsys):
+    tok = text_tokenizer()
+    ckpt = save_checkpoint(mha_model(tok.vocab_size), tok, tmp_path / "base")
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "answer": "1"}, {"prompt": "b"}])
+    code = main(["eval", "winrate", "--checkpoint", str(ckpt), "--baseline", str(ckpt), "--prompts", str(path),
+                 "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "Traceback" not in err
+    assert f"{path}:2: the verifier judge needs a reference answer" in err and len(err.splitlines()) == 1

@@ -34,11 +34,9 @@ from lmforge.core.files import read_json_object
 from lmforge.data.readers import BadRecord
 from lmforge.posttrain.reward import load_reward_model, score_texts
 from lmforge.tasks.prompts import PromptExample
-from lmforge.tasks.verifiers import exact_reward, json_schema_reward, math_reward, numeric_reward, regex_reward
+from lmforge.tasks.verifiers import ANSWER_VERIFIERS, json_schema_reward, regex_reward
 from lmforge.tokenizer import Tokenizer
 
-ANSWER_VERIFIERS: dict[str, Callable[[str, str], float]] = {
-    "exact": exact_reward, "numeric": numeric_reward, "math": math_reward}
 BUILTIN = (*ANSWER_VERIFIERS, "regex", "json_schema", "model")
 ALIASES = {"task": "exact"}
 _USER_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")

@@ -247,3 +247,8 @@ def json_schema_reward(completion: str, schema: dict[str, Any]) -> float:
     except ValueError:
         return 0.0
     return 1.0 if jsonschema.Draft202012Validator(schema).is_valid(value) else 0.0
+
+
+ANSWER_VERIFIERS: dict[str, Callable[[str, str], float]] = {
+    "exact": exact_reward, "numeric": numeric_reward, "math": math_reward}
+"""The verifiers that judge a completion against a reference answer, by name."""
