@@ -67,6 +67,9 @@ def test_regex_and_json_schema():
     assert json_schema_reward('{"n": 3}', schema) == 1.0
     assert json_schema_reward('here:\n```json\n{"n": 3}\n```', schema) == 1.0
     assert json_schema_reward('{"n": "3"}', schema) == 0.0 and json_schema_reward("{n: 3", schema) == 0.0
+    # a remote $ref is never fetched: unresolvable, so not valid
+    assert json_schema_reward("1", {"$ref": "http://127.0.0.1:9/schema.json"}) == 0.0
+    assert json_schema_reward("1", {"type": 12}) == 0.0  # not a schema
 
 
 # ---- reward specs and the scorer ------------------------------------------------------------------------------
@@ -222,6 +225,11 @@ def test_json_schema_reward_from_a_schema_file_or_the_record(tmp_path):
     schema.write_text("[1]")
     with pytest.raises(LmforgeError, match="schema.json: expected a JSON object"):
         Scorer(from_dict(GrpoConfig, {"reward": "json_schema", "json_schema": str(schema)}), text_tokenizer())
+    schema.write_text('{"type": 12}')
+    with pytest.raises(LmforgeError, match="schema.json is not a valid JSON Schema"):
+        Scorer(from_dict(GrpoConfig, {"reward": "json_schema", "json_schema": str(schema)}), text_tokenizer())
+    with pytest.raises(LmforgeError, match="f:2: field 'schema' is not a valid JSON Schema"):
+        per_record.check([PromptExample([{"role": "user", "content": "p"}], "", {"schema": {"type": 12}}, "f:2")])
 
 
 # ---- eval winrate on a prompt file ----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from lmforge.core.files import read_json_object
 from lmforge.data.readers import BadRecord
 from lmforge.posttrain.reward import load_reward_model, score_texts
 from lmforge.tasks.prompts import PromptExample
-from lmforge.tasks.verifiers import ANSWER_VERIFIERS, json_schema_reward, regex_reward
+from lmforge.tasks.verifiers import ANSWER_VERIFIERS, json_schema_reward, regex_reward, schema_validator
 from lmforge.tokenizer import Tokenizer
 
 BUILTIN = (*ANSWER_VERIFIERS, "regex", "json_schema", "model")
@@ -131,6 +131,11 @@ class Scorer:
         self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
         self.terms = cfg.reward_terms()
         self.schema = read_json_object(cfg.json_schema) if cfg.json_schema else None
+        if self.schema is not None:
+            try:
+                schema_validator(self.schema)
+            except ValueError as e:
+                raise LmforgeError(f"json_schema: {cfg.json_schema} is {e}") from None
         self.fns = {t.name: self._term(t.name) for t in self.terms}
 
     @property
@@ -207,4 +212,8 @@ class Scorer:
         if not isinstance(value, dict):
             raise BadRecord(ex.source, "reward json_schema needs field 'schema' (a JSON Schema object) or the "
                                        "json_schema option")
+        try:
+            schema_validator(value)
+        except ValueError as e:
+            raise BadRecord(ex.source, f"field 'schema' is {e}") from None
         return value

@@ -8,7 +8,7 @@ Each verifier is `fn(completion, reference) -> float`:
   (\\frac{a}{b}, \\sqrt{x}, ^, \\cdot, \\boxed{...}) are normalised first.
 - `regex_reward`: the pattern matches somewhere in the completion.
 - `json_schema_reward`: the completion (or its ```json fence) parses as JSON valid under the schema
-  (needs the `jsonschema` package).
+  (needs the `jsonschema` package; a remote `$ref` is never fetched).
 
 The answer of a completion is the content of its last \\boxed{...}, else the text after its last "answer:"
 (`tasks.suite.extract_answer`); a reference written GSM8K-style ("... #### 42") counts from "####".
@@ -209,8 +209,9 @@ def _sympy() -> Any:
 
 
 def math_equal(a: str, b: str, use_sympy: bool = True) -> bool:
-    """Whether two expressions are equal: sympy's simplify(a - b) == 0 when installed (and `use_sympy`), else
-    equal values at three probe points. Either side failing to parse (or blowing up) is "not equal"."""
+    """Whether two expressions are equal: equal values at three probe points of their variables, confirmed by
+    sympy's simplify(a - b) == 0 when sympy is installed (and `use_sympy`). Either side failing to parse (or
+    blowing up) is "not equal"."""
     try:
         ta, tb = parse_math(a), parse_math(b)
         # the float pass first: it rejects huge exponents and undefined values before sympy sees them
@@ -218,7 +219,7 @@ def math_equal(a: str, b: str, use_sympy: bool = True) -> bool:
     except NotMath:
         return False
     sympy = _sympy() if use_sympy else None
-    if sympy is None:
+    if sympy is None or not close:  # unequal values at a probe point: unequal, no need to simplify
         return close
     try:
         return bool(sympy.simplify(_to_sympy(ta, sympy) - _to_sympy(tb, sympy)) == 0)
@@ -237,16 +238,37 @@ def regex_reward(completion: str, pattern: str) -> float:
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
 
-def json_schema_reward(completion: str, schema: dict[str, Any]) -> float:
-    """1.0 when the completion (or the first ```json fenced block in it) is JSON valid under `schema`."""
-    import jsonschema  # optional: checked when the reward is configured
+def schema_validator(schema: dict[str, Any]) -> Any:
+    """A JSON Schema (2020-12) validator that never fetches a remote `$ref`; `ValueError` for a schema that is not
+    one (needs the optional `jsonschema` package)."""
+    import jsonschema
+    from referencing import Registry
+    from referencing.exceptions import NoSuchResource
 
+    def offline(uri: str) -> Any:
+        raise NoSuchResource(ref=uri)
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise ValueError(f"not a valid JSON Schema ({e.message})") from None
+    return jsonschema.Draft202012Validator(schema, registry=Registry(retrieve=offline))
+
+
+def json_schema_reward(completion: str, schema: dict[str, Any]) -> float:
+    """1.0 when the completion (or the first ```json fenced block in it) is JSON valid under `schema`; a `$ref` the
+    schema cannot resolve locally counts as invalid."""
     fenced = _FENCE.search(completion)
     try:
         value = json.loads(fenced.group(1) if fenced else completion)
     except ValueError:
         return 0.0
-    return 1.0 if jsonschema.Draft202012Validator(schema).is_valid(value) else 0.0
+    from referencing.exceptions import Unresolvable
+
+    try:
+        return 1.0 if schema_validator(schema).is_valid(value) else 0.0
+    except (ValueError, Unresolvable):
+        return 0.0
 
 
 ANSWER_VERIFIERS: dict[str, Callable[[str, str], float]] = {
