@@ -1,7 +1,8 @@
 """`lmforge grpo`: Group Relative Policy Optimization with verifiable rewards (Shao et al. 2024, DeepSeekMath).
 
 Each rollout samples G completions of every prompt with the current policy (`generate_batch`), scores
-them with the task verifier (`tasks.task_reward`, exact match) or a reward model, and gives each one
+them with the configured reward (`posttrain.rewards`: built-in verifiers, a reward model, a user function),
+and gives each one
 the advantage (r - mean_group) / (std_group + eps), or with `advantage = rloo` the leave-one-out
 r - mean(other samples of the prompt) (RLOO): no value network. The policy then takes several
 clipped-objective steps on the rollout (`epochs` x `minibatches`), optionally pulled toward the frozen
@@ -47,7 +48,7 @@ class GrpoConfig(PolicyOptimizationConfig):
 
 
 def run_grpo(cfg: GrpoConfig) -> dict[str, Any]:
-    """Train with GRPO; returns held-out greedy exact match before and after, and the last rollout metrics."""
+    """Train with GRPO; returns the held-out greedy reward (and exact match) before and after."""
     rl = RLStage("grpo", cfg, with_reference=cfg.kl_coef > 0)
     temperature = cfg.sampling.temperature
 
