@@ -107,8 +107,8 @@ def test_grpo_end_to_end_raises_the_reward_and_saves(checkpoint, tmp_path):
     rm = reward_model_dir(tiny_tokenizer(), tmp_path / "rm")
     cfg = from_dict(GrpoConfig, {
         "checkpoint": str(checkpoint), "run_dir": str(tmp_path / "run"), "group_size": 4, "epochs": 2,
-        "minibatches": 2, "rollout": {"prompts_per_rollout": 4, "eval_prompts": 6, "reward": "model",
-                                      "reward_model": str(rm)},
+        "minibatches": 2, "rollout": {"prompts_per_rollout": 4, "eval_prompts": 6},
+        "reward": "model", "reward_model": str(rm),
         "sampling": {"max_new_tokens": 6}, "train": {"steps": 12, "lr": 3e-2, "device": "cpu", "log_every": 1,
                                                      "eval_every": 0}})
     out = run_grpo(cfg)
@@ -132,7 +132,7 @@ def test_grpo_config_errors():
     with pytest.raises(ConfigError, match="group_size"):
         from_dict(GrpoConfig, {"group_size": 1})
     with pytest.raises(ConfigError, match="reward_model"):
-        from_dict(GrpoConfig, {"rollout": {"reward": "model"}})
+        from_dict(GrpoConfig, {"reward": "model"})
     with pytest.raises(ConfigError, match="minibatches"):
         from_dict(GrpoConfig, {"group_size": 2, "minibatches": 3, "rollout": {"prompts_per_rollout": 1}})
     with pytest.raises(ConfigError, match="sampling.max_new_tokens"):
@@ -143,3 +143,26 @@ def test_rollout_sampling_is_one_sampling_section():
     """`--sampling.*` as in rejection-sample; the defaults are what rollouts always used (16 new tokens)."""
     cfg = from_dict(GrpoConfig, {"sampling": {"temperature": 0.8}})
     assert cfg.sampling == SamplingParams(temperature=0.8, max_new_tokens=16)
+
+
+def test_rollout_logps_are_the_sampling_policys_at_its_temperature(checkpoint):
+    """pi_old of a rollout sampled at temperature 0.5 is softmax(logits / 0.5), as TRL divides the logits."""
+    from lmforge.posttrain.models import load_policy
+    from lmforge.posttrain.rl import sample_rollout
+    from lmforge.tasks.prompts import task_prompts
+    from lmforge.tasks.suite import make_examples
+
+    model, tok = load_policy(str(checkpoint), "cpu")
+    params = SamplingParams(temperature=0.5, max_new_tokens=4)
+    batch, _ = sample_rollout(model, tok, params, task_prompts(make_examples(2)), 2,
+                              lambda ex, texts: torch.zeros(len(texts)), seed=0)
+    with torch.no_grad():
+        logp = torch.log_softmax(model.eval()(batch["input_ids"]).float() / 0.5, -1)
+    labels = batch["labels"]
+    expected = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * batch["mask"]
+    torch.testing.assert_close(batch["old_logps"], expected)
+
+
+def test_rl_rejects_greedy_rollouts():
+    with pytest.raises(ConfigError, match="sampling.temperature"):
+        from_dict(GrpoConfig, {"sampling": {"temperature": 0}})

@@ -205,3 +205,130 @@ def test_simpo_and_sequence_logps_match_trl(trl_cpo):
     ours = simpo_loss(pc, pr, beta=beta, gamma_beta_ratio=ratio, label_smoothing=eps)
     for a, b in zip(ours, trl_cpo.cpo_loss(trainer, pc, pr)):
         torch.testing.assert_close(a, b)
+
+
+# ---- IPO per token, as TRL's DPOTrainer computes it -----------------------------------------------------------
+
+def test_dpo_stage_ipo_is_length_normalized_as_trl():
+    """The DPO stage's IPO loss on random logits with responses of different lengths equals TRL's DPOTrainer
+    `_compute_loss` "ipo" branch: summed log-ratios / completion tokens, then (delta - 1/(2 beta))^2."""
+    from lmforge.posttrain.dpo import DpoConfig, batch_loss, precompute_logps
+    from lmforge.posttrain.pairs import EncodedPair, PairBatches
+    from lmforge.tokenizer.chat import Encoded
+
+    torch.manual_seed(0)
+    vocab = 11
+
+    def encoded(prompt: int, response: int) -> Encoded:
+        ids = torch.randint(0, vocab, (prompt + response,)).tolist()
+        return Encoded(ids[:-1], [-100] * (prompt - 1) + ids[prompt:])
+
+    pairs = [EncodedPair(encoded(3, c), encoded(3, r), str(i)) for i, (c, r) in enumerate([(1, 6), (5, 2), (3, 3)])]
+    policy, ref = torch.nn.Embedding(vocab, vocab), torch.nn.Embedding(vocab, vocab)  # ids -> logits
+    cfg = from_dict(DpoConfig, {"loss_type": "ipo", "beta": 0.3})
+    ref_logps = precompute_logps(ref, pairs, pad_id=0, average=cfg.average_logps)
+    batch = PairBatches(pairs, 3, pad_id=0, extra={"ref": ref_logps}).next_batch()
+    ours, _ = batch_loss(cfg, policy, batch)
+
+    labels = batch["labels"]
+    mask = labels != -100
+    safe = labels.masked_fill(~mask, 0)
+
+    def summed(model):
+        return (torch.log_softmax(model(batch["input_ids"]), -1).gather(-1, safe[..., None])[..., 0] * mask).sum(1)
+
+    scores = (summed(policy) - summed(ref)).detach()  # TRL: chosen/rejected log-ratios, token-summed
+    chosen_scores, rejected_scores = scores.chunk(2)
+    chosen_mask, rejected_mask = mask.float().chunk(2)
+    delta = chosen_scores / chosen_mask.sum(1) - rejected_scores / rejected_mask.sum(1)
+    torch.testing.assert_close(ours.detach(), (delta - 1 / (2 * 0.3)) ** 2)
+
+
+# ---- KTO, ORPO, RLOO against TRL ------------------------------------------------------------------------------
+
+def test_kto_by_hand_and_as_trls_kto_trainer():
+    from lmforge.posttrain.losses import kto_loss, kto_reference_point
+
+    # r = 1 (desirable) and r = -1 (undesirable), z0 = 0, beta 1: both 1 - sigma(1)
+    losses, rewards = kto_loss(T([0.0, -3.0]), T([-1.0, -2.0]), T([True, False]), 0.0, beta=1.0,
+                               undesirable_weight=2.0)
+    s = 1 - 1 / (1 + math.exp(-1))
+    close(losses, [s, 2 * s])
+    close(rewards, [1.0, -1.0])
+    # TRL's KTOTrainer._compute_loss ("kto"): chosen then rejected, KL from mismatched pairs clamped at 0
+    torch.manual_seed(0)
+    logps, ref = torch.randn(10) * 3 - 20, torch.randn(10) * 3 - 20
+    kl_logps, ref_kl_logps = torch.randn(10) - 20, torch.randn(10) - 20.5
+    label = torch.rand(10) > 0.4
+    beta, wd, wu = 0.2, 1.0, 1.33
+    z0 = kto_reference_point(kl_logps, ref_kl_logps)
+    ours, _ = kto_loss(logps, ref, label, z0, beta, wd, wu)
+    kl = (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    chosen_losses = 1 - torch.sigmoid(beta * ((logps - ref)[label] - kl))
+    rejected_losses = 1 - torch.sigmoid(beta * (kl - (logps - ref)[~label]))
+    theirs = torch.cat((wd * chosen_losses, wu * rejected_losses), 0)
+    torch.testing.assert_close(torch.cat((ours[label], ours[~label])), theirs)
+
+
+def test_orpo_matches_trl():
+    from lmforge.posttrain.losses import log1mexp, orpo_loss
+
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    torch.manual_seed(0)
+    pc, pr = -torch.rand(8) * 3 - 1e-3, -torch.rand(8) * 3 - 1e-3  # averaged log-probs, < 0
+    x = -torch.rand(100) * 5 - 1e-4
+    torch.testing.assert_close(log1mexp(x), orpo.log1mexp(x))
+    torch.testing.assert_close(log1mexp(x), torch.log(1 - torch.exp(x)))
+    beta = 0.25
+    trainer = SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device="cpu"))
+    losses, chosen_r, rejected_r, _, _ = orpo.ORPOTrainer.odds_ratio_loss(trainer, pc, pr)
+    ours = orpo_loss(pc, pr, beta)
+    torch.testing.assert_close(ours[0], -losses)  # TRL returns beta * log sigma(.), and subtracts its mean
+    torch.testing.assert_close(ours[1], chosen_r)
+    torch.testing.assert_close(ours[2], rejected_r)
+    # by hand: P_w = 0.5, P_l = 0.25: odds 1 and 1/3, log-odds ratio log 3
+    close(orpo_loss(T([math.log(0.5)]), T([math.log(0.25)]), beta=1.0)[0], [-math.log(3 / 4)])
+
+
+def test_rloo_advantages_by_hand_and_as_trl():
+    from lmforge.posttrain.rl_losses import rloo_advantages
+
+    # group [1, 0, 0, 1]: baselines 1/3, 2/3, 2/3, 1/3
+    close(rloo_advantages(T([1.0, 0, 0, 1]), 4), [2 / 3, -2 / 3, -2 / 3, 2 / 3])
+    with pytest.raises(ValueError):
+        rloo_advantages(T([1.0, 2, 3]), 2)
+    # TRL's RLOOTrainer._generate_and_score_completions (no unscorable rows, no normalization)
+    torch.manual_seed(0)
+    rewards, g = torch.randn(12), 4
+    grouped = rewards.view(-1, g)
+    baselines = ((grouped.nansum(1, keepdim=True) - grouped) / ((~torch.isnan(grouped)).sum(1, keepdim=True) - 1))
+    torch.testing.assert_close(rloo_advantages(rewards, g), rewards - baselines.view(-1))
+
+
+def test_dpo_stage_orpo_is_sft_plus_odds_ratio_without_a_reference():
+    from lmforge.core.errors import ConfigError
+    from lmforge.posttrain.dpo import DpoConfig, batch_loss
+    from lmforge.posttrain.losses import orpo_loss
+
+    torch.manual_seed(0)
+    policy = torch.nn.Embedding(11, 11)
+    ids = torch.randint(0, 11, (4, 6))
+    labels = torch.randint(0, 11, (4, 6))
+    labels[:, :2] = -100
+    labels[1, -1] = -100
+    cfg = from_dict(DpoConfig, {"orpo": True, "beta": 0.1})
+    assert cfg.reference_free
+    ours, _ = batch_loss(cfg, policy, {"input_ids": ids, "labels": labels})  # no "ref" in the batch
+    chosen, rejected = sequence_logps(policy(ids), labels, average=True).chunk(2)
+    torch.testing.assert_close(ours, -chosen + orpo_loss(chosen, rejected, 0.1)[0])
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        from_dict(DpoConfig, {"orpo": True, "label_smoothing": 0.1})
+
+
+def test_grpo_rloo_advantage_option():
+    from lmforge.core.errors import ConfigError
+    from lmforge.posttrain.grpo import GrpoConfig
+
+    assert from_dict(GrpoConfig, {"advantage": "rloo"}).advantage == "rloo"
+    with pytest.raises(ConfigError, match="advantage"):
+        from_dict(GrpoConfig, {"advantage": "ppo"})

@@ -68,8 +68,8 @@ def test_ppo_end_to_end_raises_the_reward_and_adapts_kl(checkpoint, tmp_path):
     rm = reward_model_dir(tiny_tokenizer(), tmp_path / "rm")
     cfg = from_dict(PpoConfig, {
         "checkpoint": str(checkpoint), "run_dir": str(tmp_path / "run"), "samples_per_prompt": 4,
-        "kl_target": 0.01, "kl_horizon": 20, "rollout": {"prompts_per_rollout": 4, "eval_prompts": 6,
-                                                        "reward": "model", "reward_model": str(rm)},
+        "kl_target": 0.01, "kl_horizon": 20, "rollout": {"prompts_per_rollout": 4, "eval_prompts": 6},
+        "reward": "model", "reward_model": str(rm),
         "sampling": {"max_new_tokens": 6}, "train": {"steps": 12, "lr": 3e-2, "device": "cpu", "log_every": 1,
                                                      "eval_every": 0}})
     out = run_ppo(cfg)
@@ -82,3 +82,12 @@ def test_ppo_end_to_end_raises_the_reward_and_adapts_kl(checkpoint, tmp_path):
     first, last = (sum(r["reward"] for r in rows[i:i + 4]) / 4 for i in (0, 8))
     assert last > first + 0.2
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_whiten_uses_the_unbiased_variance_as_trl():
+    """TRL's masked_whiten: (x - mean) * rsqrt(masked_var(unbiased=True) + 1e-8) over the masked entries."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(3, 5), (torch.rand(3, 5) > 0.3).float()
+    kept = x[mask > 0]
+    expected = (x - kept.mean()) * torch.rsqrt(kept.var(unbiased=True) + 1e-8) * mask
+    torch.testing.assert_close(whiten(x, mask), expected)

@@ -68,8 +68,8 @@ def test_reward_model_scoring_picks_the_argmax(tmp_path):
 def test_bad_inputs(tmp_path):
     ckpt = tiny_model_dir(tmp_path / "base")
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n")
-    with pytest.raises(LmforgeError, match="set reward_model"):
+    prompts.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(LmforgeError, match=r"p.jsonl:1: reward exact needs a reference answer"):
         run_rejection(RejectionConfig(checkpoint=str(ckpt), prompts=[str(prompts)], tasks=0,
                                       run_dir=str(tmp_path / "r")))
     with pytest.raises(LmforgeError, match="no prompts"):

@@ -2,8 +2,9 @@
 
 Win rate (as in AlpacaEval / the RLHF papers' head-to-head evaluations): both models answer the
 same held-out prompts; a judge prefers one answer or calls a tie; win_rate = (wins + ties / 2) / n.
-The judge is either the synthetic suite's verifier (an answer is right or wrong: exact) or a
-trained reward model (`lmforge reward`: the higher reward wins).
+The prompts are held-out synthetic-suite prompts or the user's prompt file (`--prompts`, with reference
+answers). The judge is either a verifier (an answer is right or wrong: exact, numeric or math equivalence
+against the reference) or a trained reward model (`lmforge reward`: the higher reward wins).
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json
 from lmforge.core.runtime import resolve_device
 from lmforge.data.formats import read_preference_pairs
+from lmforge.data.readers import BadRecord
 from lmforge.generate.engine import Strategy, generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.peft.config import load_trained
 from lmforge.posttrain.models import pad_id_of
 from lmforge.posttrain.pairs import encode_pairs, synthetic_pairs
 from lmforge.posttrain.reward import evaluate_pairs, load_reward_model, score_texts
-from lmforge.tasks.suite import make_examples, task_reward
+from lmforge.tasks.prompts import PromptExample, read_prompts, task_prompts
+from lmforge.tasks.suite import make_examples
+from lmforge.tasks.verifiers import ANSWER_VERIFIERS
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 
@@ -54,20 +58,29 @@ def tally(scores_a: list[float], scores_b: list[float]) -> dict[str, Any]:
 
 def win_rate(model_a: nn.Module, model_b: nn.Module, tokenizer: Tokenizer, n: int = 100, seed: int = 1,
              judge: Literal["verifier", "reward"] = "verifier", reward_model: nn.Module | None = None,
-             max_new_tokens: int = 32) -> dict[str, Any]:
-    """A's win rate over B on `n` held-out synthetic-suite prompts (odd `seed`: never seen in training)."""
+             max_new_tokens: int = 32, examples: list[PromptExample] | None = None,
+             verifier: str = "exact") -> dict[str, Any]:
+    """A's win rate over B on `examples` (prompts with reference answers, e.g. `read_prompts`), else on `n`
+    held-out synthetic-suite prompts (odd `seed`: never seen in training). The verifier judge scores each answer
+    with `verifier` (exact, numeric or math) against the reference; the reward judge with `reward_model`."""
 
-    examples = make_examples(n, seed)
-    prompts = [[{"role": "user", "content": e.prompt}] for e in examples]
+    examples = examples if examples is not None else task_prompts(make_examples(n, seed))
+    n = len(examples)
+    prompts = [e.messages for e in examples]
+    if judge == "verifier":
+        verify = ANSWER_VERIFIERS[verifier]
+        for e in examples:
+            if not e.answer:
+                raise BadRecord(e.source, "the verifier judge needs a reference answer (field 'answer', or a last "
+                                          "assistant turn)")
+    elif reward_model is None:
+        raise LmforgeError("judge 'reward' needs a reward model (--reward-model DIR from `lmforge reward`)")
     out_a = answers(model_a, tokenizer, prompts, max_new_tokens)
     out_b = answers(model_b, tokenizer, prompts, max_new_tokens)
     if judge == "verifier":
-        sa = [task_reward(e, c) for e, c in zip(examples, out_a)]
-        sb = [task_reward(e, c) for e, c in zip(examples, out_b)]
+        sa = [verify(c, e.answer) for e, c in zip(examples, out_a)]
+        sb = [verify(c, e.answer) for e, c in zip(examples, out_b)]
     else:
-        if reward_model is None:
-            raise LmforgeError("judge 'reward' needs a reward model (--reward-model DIR from `lmforge reward`)")
-
         sa = score_texts(reward_model, tokenizer, prompts, out_a)
         sb = score_texts(reward_model, tokenizer, prompts, out_b)
     result = tally(sa, sb)
@@ -102,6 +115,11 @@ class WinRateConfig:
     judge: Literal["verifier", "reward"] = option("verifier", "verifier: the synthetic task's exact answer; "
                                                               "reward: a reward model's score")
     reward_model: str = option("", "reward model directory (`lmforge reward` output) for judge=reward")
+    prompts: str = option("", "prompt file (JSONL/JSON, the formats of `lmforge grpo --prompts`): the first n prompts "
+                              "and their reference answers; empty = held-out synthetic prompts")
+    format: str = option("auto", "format of the prompt file (auto recognizes each record)")
+    verifier: Literal["exact", "numeric", "math"] = option("exact", "how the verifier judge compares an answer with "
+                                                                    "the reference")
     reward_data: str = option("", "with a reward model: preference file for its accuracy (empty: synthetic)")
     n: int = option(100, "held-out prompts (and pairs, for reward accuracy)")
     seed: int = option(1, "odd seed: the held-out half of the synthetic prompts")
@@ -120,7 +138,9 @@ def win_rate_cmd(cfg: WinRateConfig) -> int:
     rm = None
     if cfg.reward_model:
         rm = load_reward_model(cfg.reward_model, device)
-    result = win_rate(model_a, model_b, tokenizer, cfg.n, cfg.seed, cfg.judge, rm, cfg.max_new_tokens)
+    examples = read_prompts(cfg.prompts, cfg.format)[:cfg.n] if cfg.prompts else None
+    result = win_rate(model_a, model_b, tokenizer, cfg.n, cfg.seed, cfg.judge, rm, cfg.max_new_tokens, examples,
+                      cfg.verifier)
     if rm is not None:
         result["reward_model"] = reward_accuracy(rm, tokenizer, cfg.reward_data, n=cfg.n, seed=cfg.seed)
     print(f"A {cfg.checkpoint} vs B {cfg.baseline}, judged by {cfg.judge} on {result['n']} held-out prompts: "

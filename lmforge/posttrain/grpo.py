@@ -1,8 +1,10 @@
 """`lmforge grpo`: Group Relative Policy Optimization with verifiable rewards (Shao et al. 2024, DeepSeekMath).
 
 Each rollout samples G completions of every prompt with the current policy (`generate_batch`), scores
-them with the task verifier (`tasks.task_reward`, exact match) or a reward model, and gives each one
-the advantage (r - mean_group) / (std_group + eps): no value network. The policy then takes several
+them with the configured reward (`posttrain.rewards`: built-in verifiers, a reward model, a user function),
+and gives each one
+the advantage (r - mean_group) / (std_group + eps), or with `advantage = rloo` the leave-one-out
+r - mean(other samples of the prompt) (RLOO): no value network. The policy then takes several
 clipped-objective steps on the rollout (`epochs` x `minibatches`), optionally pulled toward the frozen
 reference by the k3 KL estimate. One optimizer step of `train_loop` = one minibatch.
 """
@@ -16,7 +18,13 @@ from torch import Tensor, nn
 
 from lmforge.core.config import option, require
 from lmforge.posttrain.rl import PolicyOptimizationConfig, RLStage
-from lmforge.posttrain.rl_losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean
+from lmforge.posttrain.rl_losses import (
+    entropy_from_logits,
+    group_advantages,
+    grpo_loss,
+    masked_mean,
+    rloo_advantages,
+)
 from lmforge.posttrain.rollout import Rollout, model_token_logps, token_logps
 from lmforge.posttrain.stage import run_dir_option
 
@@ -26,6 +34,9 @@ class GrpoConfig(PolicyOptimizationConfig):
     run_dir: str = run_dir_option("runs/grpo")
     group_size: int = option(8, "G: completions sampled per prompt; advantages are relative within the group")
     kl_coef: float = option(0.04, "beta of the k3 KL to the reference (DeepSeekMath: 0.04); 0 loads no reference")
+    advantage: Literal["group", "rloo"] = option("group", "group: (r - mean) / std within each group (GRPO); rloo: "
+                                                          "r minus the mean of the other samples of its prompt "
+                                                          "(RLOO, Ahmadian et al. 2024)")
     loss_norm: Literal["sequence", "token"] = option("sequence", "sequence: mean over each completion, then over "
                                                                  "completions (GRPO); token: over all tokens (DAPO)")
 
@@ -37,18 +48,20 @@ class GrpoConfig(PolicyOptimizationConfig):
 
 
 def run_grpo(cfg: GrpoConfig) -> dict[str, Any]:
-    """Train with GRPO; returns held-out greedy exact match before and after, and the last rollout metrics."""
+    """Train with GRPO; returns the held-out greedy reward (and exact match) before and after."""
     rl = RLStage("grpo", cfg, with_reference=cfg.kl_coef > 0)
+    temperature = cfg.sampling.temperature
 
     def make_rollout(index: int) -> Rollout:
         batch = rl.rollout(index, cfg.group_size)
-        batch["advantages"] = group_advantages(batch["rewards"], cfg.group_size)
+        advantages = rloo_advantages if cfg.advantage == "rloo" else group_advantages
+        batch["advantages"] = advantages(batch["rewards"], cfg.group_size)
         if rl.ref is not None:
-            batch["ref_logps"] = model_token_logps(rl.ref, batch["input_ids"], batch["labels"])
+            batch["ref_logps"] = model_token_logps(rl.ref, batch["input_ids"], batch["labels"], temperature)
         return batch
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        logits = model(batch["input_ids"])
+        logits = model(batch["input_ids"]) / temperature  # the sampling policy: ratios and KL at its temperature
         logps = token_logps(logits, batch["labels"])
         mask = batch["mask"]
         loss, stats = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,

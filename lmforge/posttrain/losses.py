@@ -7,6 +7,7 @@ loss can be checked against hand-computed numbers.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import torch
@@ -53,8 +54,10 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 
     - "sigmoid": DPO, Rafailov et al. 2023 eq. 7: -log sigma(beta h). With `label_smoothing` eps > 0 it
       is conservative DPO (cDPO, Mitchell 2023): -(1-eps) log sigma(beta h) - eps log sigma(-beta h).
-    - "ipo": IPO, Azar et al. 2023 (empirical IPO loss): (h - 1/(2 beta))^2, which keeps h bounded instead of pushing
-      it to infinity when preferences are deterministic.
+    - "ipo": IPO, Azar et al. 2023 eq. 17 (empirical IPO loss): (h - 1/(2 beta))^2, which keeps h bounded instead of
+      pushing it to infinity when preferences are deterministic. The target 1/(2 beta) is per token: pass
+      log-probs averaged over each response's tokens (`sequence_logps(..., average=True)`, as `lmforge dpo` does
+      for ipo), which is TRL's DPO/CPO IPO (summed log-ratios divided by the completion length).
     - "hinge": SLiC-style hinge, Zhao et al. 2023: relu(1 - beta h).
 
     Returns (per-example losses, chosen_rewards, rejected_rewards); the implicit rewards
@@ -90,6 +93,52 @@ def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, beta:
     logits = beta * ((policy_chosen_logps - policy_rejected_logps) - gamma_beta_ratio)
     losses = _smoothed_logsigmoid_loss(logits, label_smoothing)
     return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+
+
+def kto_reference_point(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
+    """KTO's reference point z0 = max(0, mean(log pi(y'|x) - log ref(y'|x))) over mismatched (x, y') pairs of the
+    batch (Ethayarajh et al. 2024, sec. 4.1: a biased but low-variance estimate of KL(pi || ref)); detached, as no
+    gradient flows through z0."""
+    return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, reference_point: Tensor | float,
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+             ) -> tuple[Tensor, Tensor]:
+    """KTO, Ethayarajh et al. 2024 eq. 8, on unpaired examples labelled desirable or undesirable:
+    L = w(y) (1 - v(x, y)) with r = log pi(y|x) - log ref(y|x), z0 = `reference_point` (`kto_reference_point`),
+    v = sigma(beta (r - z0)) for a desirable y (weight lambda_D) and sigma(beta (z0 - r)) for an undesirable one
+    (weight lambda_U). Each example is judged on its own: no pairs are needed.
+
+    Returns (per-example losses in input order, implicit rewards beta * r, detached)."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    r = policy_logps - ref_logps
+    desirable = desirable.bool()
+    value = torch.where(desirable, torch.sigmoid(beta * (r - reference_point)),
+                        torch.sigmoid(beta * (reference_point - r)))
+    weight = torch.where(desirable, torch.full_like(r, desirable_weight), torch.full_like(r, undesirable_weight))
+    return weight * (1.0 - value), beta * r.detach()
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler 2012)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, beta: float = 0.1
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """ORPO's odds-ratio term, Hong et al. 2024 eqs. 4-7, reference-free: with P = exp(mean token log p(y|x))
+    (pass `sequence_logps(..., average=True)`) and odds(y) = P / (1 - P),
+    L_OR = -log sigma(log odds(y_w) - log odds(y_l)), weighted by lambda = `beta`. The full ORPO objective
+    (eq. 6) adds the SFT loss on the chosen response: L = L_SFT + lambda L_OR.
+
+    Returns (per-example lambda * L_OR, chosen rewards beta * avg log pi(y_w), rejected rewards), rewards detached."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    chosen, rejected = policy_chosen_logps.float(), policy_rejected_logps.float()
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    return -beta * F.logsigmoid(log_odds), beta * chosen.detach(), beta * rejected.detach()
 
 
 def reward_pair_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None) -> Tensor:

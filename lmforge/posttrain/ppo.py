@@ -1,11 +1,11 @@
 """`lmforge ppo`: RLHF with PPO (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022).
 
 The policy carries a value head on its last hidden state. Each rollout samples completions, scores the
-whole completion (reward model or the task verifier), and turns it into per-token rewards: the score on
-the last token minus beta * (log pi - log ref) on every token, so the KL penalty is paid where the policy
-drifts. GAE (gamma, lambda) gives advantages (whitened per rollout) and value targets; the policy and value
-losses are both clipped, and each rollout is reused for several PPO epochs. beta is fixed, or adapted
-toward a KL target by Ziegler's proportional controller.
+whole completion (`posttrain.rewards`: verifiers, a reward model, a user function), and turns it into
+per-token rewards: the score on the last token minus beta * (log pi - log ref) on every token, so the KL
+penalty is paid where the policy drifts. GAE (gamma, lambda) gives advantages (whitened per rollout) and
+value targets; the policy and value losses are both clipped, and each rollout is reused for several PPO
+epochs. beta is fixed, or adapted toward a KL target by Ziegler's proportional controller.
 """
 
 from __future__ import annotations
@@ -83,17 +83,19 @@ class PpoConfig(PolicyOptimizationConfig):
 
 
 def run_ppo(cfg: PpoConfig) -> dict[str, Any]:
-    """Train with PPO; returns held-out greedy exact match before and after, and the final KL coefficient."""
+    """Train with PPO; returns the held-out greedy reward (and exact match) before and after, and the final KL
+    coefficient."""
     rl = RLStage("ppo", cfg)
     ref = rl.ref
     assert ref is not None  # PPO always loads one (with_reference)
     model = PolicyWithValue(rl.policy).to(rl.device)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
+    temperature = cfg.sampling.temperature
 
     def make_rollout(index: int) -> Rollout:
         batch = rl.rollout(index, cfg.samples_per_prompt)
         mask = batch["mask"]
-        ref_logps = model_token_logps(ref, batch["input_ids"], batch["labels"])
+        ref_logps = model_token_logps(ref, batch["input_ids"], batch["labels"], temperature)
         values = model_values(model, batch["input_ids"]) * mask
         kl = ((batch["old_logps"] - ref_logps) * mask).sum(1)  # per-sequence KL estimate
         beta = kl_ctl.value
@@ -106,6 +108,7 @@ def run_ppo(cfg: PpoConfig) -> dict[str, Any]:
 
     def loss_fn(m: PolicyWithValue, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         logits, values = m(batch["input_ids"])
+        logits = logits / temperature  # the sampling policy: ratios at its temperature
         logps = token_logps(logits, batch["labels"])
         mask = batch["mask"]
         pg, clipped = clipped_surrogate(logps, batch["old_logps"], batch["advantages"], cfg.clip_eps)

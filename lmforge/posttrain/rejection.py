@@ -1,7 +1,8 @@
 """`lmforge rejection-sample`: rejection-sampling fine-tuning (Touvron et al. 2023, LLaMA 2 sec. 3.2.3).
 
-For every prompt, sample N responses from the current model, score each with a verifier (the
-synthetic task's exact answer, `task_reward`) or a reward model (`lmforge reward`), keep the best
+For every prompt, sample N responses from the current model, score each with the configured reward
+(`posttrain.rewards`: a verifier against the prompt's reference answer, a reward model from `lmforge reward`,
+or the user's function), keep the best
 one (best-of-N) when it clears `min_reward`, write the winners as chat JSONL, then fine-tune on them
 with `lmforge sft` (same loss, packing and evaluation). Best-of-N turns the model's own lucky samples
 into training targets: the expected reward of the winner grows with N even when the mean does not.
@@ -18,29 +19,29 @@ from typing import Any
 from lmforge.core.config import option, require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_text
-from lmforge.data.formats import Conversation, Message, read_conversations
+from lmforge.data.formats import Conversation
 from lmforge.generate.sampling import SamplingParams
-from lmforge.posttrain.models import load_policy
-from lmforge.posttrain.reward import load_reward_model, score_texts
-from lmforge.posttrain.sft import ConversationSource, SftConfig, complete, run_sft, task_messages
+from lmforge.posttrain.models import device_of, load_policy
+from lmforge.posttrain.rewards import RewardSource, Scorer, check_rewards
+from lmforge.posttrain.sft import ConversationSource, SftConfig, complete, run_sft
 from lmforge.posttrain.stage import RunConfig, open_run, run_dir_option
-from lmforge.tasks.suite import TaskExample, task_reward
-from lmforge.tokenizer import Tokenizer
+from lmforge.tasks.prompts import PromptExample, read_prompts, task_prompts
 
 
 @dataclass
-class RejectionConfig(ConversationSource, RunConfig):
+class RejectionConfig(ConversationSource, RewardSource, RunConfig):
     run_dir: str = run_dir_option("runs/rejection", "config.json, samples.jsonl, winners.jsonl, and the SFT run "
                                                     "under RUN/sft")
     tasks: int = option(600, "synthetic task prompts (train split), scored by their exact answers")
-    prompts: list[str] = option(default_factory=list, help="conversation files whose prompts (all but the last "
-                                                           "assistant turn) are sampled; needs reward_model")
+    prompts: list[str] = option(default_factory=list, help="prompt files (any conversation format, or {prompt, "
+                                                           "answer}): the prompt is all but the last assistant turn, "
+                                                           "which (or 'answer') is the verifiers' reference")
     n: int = option(8, "samples per prompt (best-of-N)")
     sampling: SamplingParams = option(default_factory=lambda: SamplingParams(max_new_tokens=16, seed=0),
                                       help="how responses are sampled")
-    reward_model: str = option("", "reward model directory (`lmforge reward`); empty scores tasks by their answers")
-    min_reward: float | None = option(None, "keep a winner only when its reward reaches this; default 1.0 "
-                                            "(correct) under the verifier, no threshold under a reward model")
+    min_reward: float | None = option(None, "keep a winner only when its reward reaches this; default: the "
+                                            "full reward (every verifier passed) under built-in verifiers, no "
+                                            "threshold with a reward model or a reward function")
     finetune: bool = option(True, "run SFT on the winners (the sft section) after sampling")
     sft: SftConfig = option(default_factory=lambda: SftConfig(run_dir=""),
                             help="fine-tuning on the winners; its checkpoint defaults to this checkpoint, run_dir "
@@ -48,27 +49,17 @@ class RejectionConfig(ConversationSource, RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_rewards(self)
         require(self.n >= 1, "n", self.n, ">= 1")
 
 
-@dataclass
-class Candidate:
-    prompt: list[Message]
-    source: str
-    example: TaskExample | None = None  # set for synthetic prompts: the verifier's answer
-
-
-def candidates(cfg: RejectionConfig) -> list[Candidate]:
-    """Synthetic task prompts, then the prompts of the conversation files (last assistant turn dropped)."""
-    out = [Candidate(task_messages(e, with_answer=False), f"task:{e.kind}:{i}", e)
-           for i, e in enumerate(cfg.task_examples())]
+def candidates(cfg: RejectionConfig) -> list[PromptExample]:
+    """Synthetic task prompts, then the prompts of the prompt files."""
+    out = task_prompts(cfg.task_examples())
     for path in cfg.prompts:
-        for conv in read_conversations(path, cfg.format):
-            out.append(Candidate(conv.messages[:-1], conv.source))
+        out += read_prompts(path, cfg.format)
     if not out:
         raise LmforgeError("rejection-sample: no prompts (set tasks > 0 or give prompts files)")
-    if cfg.prompts and not cfg.reward_model:
-        raise LmforgeError("rejection-sample: prompts from files have no verifier; set reward_model to score them")
     return out
 
 
@@ -90,19 +81,22 @@ def run_rejection(cfg: RejectionConfig) -> dict[str, Any]:
 
     model, tokenizer = load_policy(cfg.checkpoint, cfg.sft.train.device)
     items = candidates(cfg)
+    scorer = Scorer(cfg, tokenizer, device_of(model))
+    scorer.check(items)
     run_dir = open_run(cfg)
     print(f"rejection-sample: {len(items)} prompts x {cfg.n} samples", file=sys.stderr)
-    responses = complete(model, tokenizer, [c.prompt for c in items], cfg.sampling, num_return_sequences=cfg.n)
-    rewards = score(cfg, items, responses, tokenizer)
-    threshold = cfg.min_reward if cfg.min_reward is not None else (1.0 if not cfg.reward_model else float("-inf"))
+    responses = complete(model, tokenizer, [c.messages for c in items], cfg.sampling, num_return_sequences=cfg.n)
+    rewards = scorer([c for c in items for _ in range(cfg.n)], responses).tolist()
+    threshold = cfg.min_reward if cfg.min_reward is not None else (
+        scorer.max_verifier_reward() if scorer.is_verifier else float("-inf"))
     winners = []
     for item, (index, reward) in zip(items, best_of_n(rewards, cfg.n)):
         if reward >= threshold and responses[index].strip():
-            winners.append((Conversation([*item.prompt, {"role": "assistant", "content": responses[index]}],
+            winners.append((Conversation([*item.messages, {"role": "assistant", "content": responses[index]}],
                                          item.source), reward))
     n = cfg.n
     atomic_write_text(run_dir / "samples.jsonl", "".join(
-        json.dumps({"prompt": c.prompt, "responses": responses[i * n:(i + 1) * n],
+        json.dumps({"prompt": c.messages, "responses": responses[i * n:(i + 1) * n],
                     "rewards": rewards[i * n:(i + 1) * n], "source": c.source}) + "\n" for i, c in enumerate(items)))
     winners_path = run_dir / "winners.jsonl"
     atomic_write_text(winners_path, "".join(json.dumps({"messages": c.messages, "reward": r, "source": c.source})
@@ -124,11 +118,3 @@ def run_rejection(cfg: RejectionConfig) -> dict[str, Any]:
         out.update({f"sft_{k}": v for k, v in run_sft(sft_cfg).items()})
     return out
 
-
-def score(cfg: RejectionConfig, items: list[Candidate], responses: list[str], tokenizer: Tokenizer) -> list[float]:
-    """Rewards of the samples (prompt-major, n per prompt): the reward model's, else the verifier's."""
-    prompts = [c for c in items for _ in range(cfg.n)]
-    if cfg.reward_model:
-        rm = load_reward_model(cfg.reward_model)
-        return score_texts(rm, tokenizer, [c.prompt for c in prompts], responses)
-    return [task_reward(c.example, r) for c, r in zip(prompts, responses)]

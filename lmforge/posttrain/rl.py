@@ -1,7 +1,9 @@
 """What the on-policy RL stages (PPO, GRPO) share: their config, the scorer, rollouts and the optimization run.
 
-An RL stage is a `Stage` that also holds a frozen reference, a scorer (task verifier or reward model)
-and held-out task prompts; `RLStage.rollout` samples and scores completions of fresh task prompts, and
+An RL stage is a `Stage` that also holds a frozen reference, a scorer (`posttrain.rewards`: built-in
+verifiers, a reward model, the user's function) and its prompts (the user's prompt files, split into train and
+held out, or the synthetic task suite); `RLStage.rollout` samples and scores completions of a rollout's prompts,
+and
 `RLStage.optimize` feeds the algorithm's rollouts through `train_loop` as resumable minibatches
 (`RolloutBatches`), then saves the policy. An algorithm file adds its config fields, what it computes
 on a rollout (advantages, values, reference log-probs) and its loss.
@@ -12,56 +14,64 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lmforge.core.config import option, require
+from lmforge.core.errors import LmforgeError
 from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.generate.sampling import SamplingParams
 from lmforge.posttrain.models import pad_id_of
-from lmforge.posttrain.reward import load_reward_model, score_texts
+from lmforge.posttrain.rewards import RewardSource, Scorer, check_rewards
 from lmforge.posttrain.rollout import (
     Rollout,
     RolloutBatches,
-    heldout_exact_match,
+    chat_prompt_ids,
+    greedy_completions,
     model_token_logps,
     pack_sequences,
     sample_completions,
-    task_prompt_ids,
 )
 from lmforge.posttrain.stage import Stage, StageConfig, before_after, summary, train_option
-from lmforge.tasks.suite import TASK_KINDS, TaskExample, make_examples, task_reward
+from lmforge.tasks.prompts import PROMPT_FORMATS, PromptExample, read_prompts, task_prompts
+from lmforge.tasks.suite import TASK_KINDS, make_examples
+from lmforge.tasks.verifiers import exact_reward
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import LossFn, TrainConfig
 
 
 @dataclass
 class RolloutConfig:
-    """Where rollout prompts and rewards come from, and the held-out evaluation."""
+    """How many prompts a rollout samples, and the synthetic task suite used when no prompt file is given."""
 
-    kinds: list[str] = option(default_factory=lambda: list(TASK_KINDS), help="task kinds the prompts come from")
+    kinds: list[str] = option(default_factory=lambda: list(TASK_KINDS), help="task kinds the prompts come from "
+                                                                                "(without prompts files)")
     prompts_per_rollout: int = option(16, "prompts sampled per rollout batch")
-    reward: Literal["task", "model"] = option("task", "task = exact-match verifier; model = reward_model's score")
-    reward_model: str = option("", "directory from `lmforge reward` (reward = model)")
-    eval_prompts: int = option(120, "held-out task prompts for greedy exact match (0 skips)")
+    eval_prompts: int = option(120, "held-out task prompts for the greedy evaluation, without prompts files "
+                                    "(0 skips)")
 
     def __post_init__(self) -> None:
         require(self.prompts_per_rollout >= 1, "prompts_per_rollout", self.prompts_per_rollout, ">= 1")
-        require(self.reward != "model" or bool(self.reward_model), "reward_model", self.reward_model,
-                "a directory from `lmforge reward` when reward = model")
 
 
 @dataclass
-class PolicyOptimizationConfig(StageConfig):
-    """What PPO and GRPO share: the reference, rollouts and their sampling, the clipped-update schedule."""
+class PolicyOptimizationConfig(RewardSource, StageConfig):
+    """What PPO and GRPO share: prompts and reward, the reference, rollouts and their sampling, the clipped-update
+    schedule."""
 
     train: TrainConfig = train_option("optimization (a step = a minibatch)", steps=40, lr=2e-5, warmup_steps=0,
                                       weight_decay=0.0, min_lr_ratio=1.0, log_every=4, eval_every=20,
                                       save_every=0, plot_every=0)
+    prompts: list[str] = option(default_factory=list, help="prompt files (JSONL/JSON: alpaca, sharegpt, chat, oasst, "
+                                                           "flan, self-instruct, or {prompt, answer}); the last "
+                                                           "assistant turn or 'answer' is the reference; empty = the "
+                                                           "synthetic task suite")
+    format: str = option("auto", "format of the prompt files (auto recognizes each record; prompt = {prompt, answer})")
+    heldout: float = option(0.1, "fraction of the prompt files' prompts held out for the greedy evaluation")
     ref_checkpoint: str = option("", "frozen reference for the KL term; empty = the policy's initial weights")
-    rollout: RolloutConfig = option(default_factory=RolloutConfig, help="prompts, reward, evaluation")
+    rollout: RolloutConfig = option(default_factory=RolloutConfig, help="prompts per rollout, synthetic tasks")
     sampling: SamplingParams = option(default_factory=lambda: SamplingParams(max_new_tokens=16),
                                       help="how rollout completions are sampled (max_new_tokens also bounds the "
                                            "greedy held-out evaluation; rollouts are seeded from `seed`)")
@@ -71,6 +81,11 @@ class PolicyOptimizationConfig(StageConfig):
     kl_coef: float = option(0.05, "beta of the KL penalty toward the reference (PPO: its initial value)")
 
     def __post_init__(self) -> None:
+        check_rewards(self)
+        require(self.format in PROMPT_FORMATS, "format", self.format, f"one of {', '.join(PROMPT_FORMATS)}")
+        require(0 <= self.heldout < 1, "heldout", self.heldout, "in [0, 1)")
+        require(not self.sampling.is_greedy, "sampling.temperature", self.sampling.temperature,
+                "> 0 and sampling.greedy false (on-policy RL compares sampled completions)")
         require(self.sampling.max_new_tokens >= 1, "sampling.max_new_tokens", self.sampling.max_new_tokens, ">= 1")
         require(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         require(self.minibatches >= 1, "minibatches", self.minibatches, ">= 1")
@@ -78,62 +93,88 @@ class PolicyOptimizationConfig(StageConfig):
         require(self.kl_coef >= 0, "kl_coef", self.kl_coef, ">= 0")
 
 
-class Scorer:
-    """Reward of a batch of completions: the task verifier or a reward model."""
-
-    def __init__(self, cfg: RolloutConfig, tokenizer: Tokenizer, device: torch.device) -> None:
-        self.tokenizer, self.rm = tokenizer, None
-        if cfg.reward == "model":
-            self.rm = load_reward_model(cfg.reward_model, device=device)
-
-    def __call__(self, examples: list[TaskExample], texts: list[str]) -> Tensor:
-        if self.rm is None:
-            return torch.tensor([task_reward(ex, t) for ex, t in zip(examples, texts)])
-        prompts = [[{"role": "user", "content": ex.prompt}] for ex in examples]
-        return torch.tensor(score_texts(self.rm, self.tokenizer, prompts, texts))
+def split_prompts(examples: list[PromptExample], heldout: float, seed: int
+                  ) -> tuple[list[PromptExample], list[PromptExample]]:
+    """(train, held-out): a seeded shuffle, `heldout` of them (at least one when > 0) kept for evaluation."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    k = min(len(examples) - 1, max(1, round(heldout * len(examples)))) if heldout > 0 else 0
+    return [examples[i] for i in order[k:]], [examples[i] for i in order[:k]]
 
 
-def rollout_prompts(cfg: RolloutConfig, seed: int, index: int) -> list[TaskExample]:
-    """Fresh training prompts for rollout `index` (even seeds: the train half of the prompt space)."""
-    return make_examples(cfg.prompts_per_rollout, seed=2 * (seed * 1_000_003 + index), kinds=cfg.kinds)
+class PromptSource:
+    """The prompts of rollout `index`: from the prompt files (shuffled passes, each pass seeded by its number,
+    so a resumed run draws what it would have), else fresh task-suite prompts (even seeds: the train half)."""
+
+    def __init__(self, cfg: PolicyOptimizationConfig, scorer: Scorer) -> None:
+        self.cfg = cfg
+        if cfg.prompts:
+            examples = [ex for path in cfg.prompts for ex in read_prompts(path, cfg.format)]
+            if not examples:
+                raise LmforgeError(f"prompts: no prompt in {', '.join(cfg.prompts)}")
+            scorer.check(examples)
+            self.train, self.heldout = split_prompts(examples, cfg.heldout, cfg.seed)
+        else:
+            self.train = []
+            self.heldout = task_prompts(make_examples(cfg.rollout.eval_prompts, seed=2 * cfg.seed + 1,
+                                                      kinds=cfg.rollout.kinds), "heldout")
+
+    def __call__(self, index: int) -> list[PromptExample]:
+        k, cfg = self.cfg.rollout.prompts_per_rollout, self.cfg
+        if not self.train:
+            return task_prompts(make_examples(k, seed=2 * (cfg.seed * 1_000_003 + index), kinds=cfg.rollout.kinds))
+        n, out = len(self.train), []
+        for position in range(index * k, (index + 1) * k):
+            epoch, i = divmod(position, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+            out.append(self.train[int(order[i])])
+        return out
 
 
-def sample_rollout(policy: nn.Module, tokenizer: Tokenizer, params: SamplingParams, examples: list[TaskExample],
-                   n: int, scorer: Scorer, seed: int) -> tuple[dict[str, Tensor], list[str]]:
-    """n completions per example, packed: input_ids, labels, mask, old_logps, rewards (per sequence)."""
-    prompts = task_prompt_ids(tokenizer, examples)
+def sample_rollout(policy: nn.Module, tokenizer: Tokenizer, params: SamplingParams, examples: list[PromptExample],
+                   n: int, scorer: Callable[[list[PromptExample], list[str]], Tensor], seed: int
+                   ) -> tuple[dict[str, Tensor], list[str]]:
+    """n completions per example, packed: input_ids, labels, mask, old_logps (at the sampling temperature),
+    rewards (per sequence)."""
+    prompts = chat_prompt_ids(tokenizer, [ex.messages for ex in examples])
     tokens, texts = sample_completions(policy, tokenizer, prompts, params, n, seed=seed)
     repeated = [p for p in prompts for _ in range(n)]
     ids, labels = pack_sequences(repeated, tokens, pad_id_of(tokenizer))
     rewards = scorer([ex for ex in examples for _ in range(n)], texts).float()
     return {"input_ids": ids, "labels": labels, "mask": (labels != IGNORE_INDEX).float(),
-            "old_logps": model_token_logps(policy, ids, labels), "rewards": rewards}, texts
+            "old_logps": model_token_logps(policy, ids, labels, params.temperature), "rewards": rewards}, texts
 
 
 class RLStage(Stage):
     """A `Stage` set up for on-policy RL: on construction it loads the reference (when asked for), the
-    scorer and the held-out prompts, opens RUN, measures held-out exact match, then applies PEFT."""
+    scorer and the prompts, opens RUN, measures the held-out reward, then applies PEFT."""
 
     cfg: PolicyOptimizationConfig
 
     def __init__(self, name: str, cfg: PolicyOptimizationConfig, with_reference: bool = True) -> None:
         super().__init__(name, cfg)
         self.ref = self.reference(cfg.ref_checkpoint) if with_reference else None
-        self.scorer = Scorer(cfg.rollout, self.tokenizer, self.device)
-        self.heldout = make_examples(cfg.rollout.eval_prompts, seed=2 * cfg.seed + 1, kinds=cfg.rollout.kinds)
+        self.scorer = Scorer(cfg, self.tokenizer, self.device)
+        self.prompts = PromptSource(cfg, self.scorer)
+        self.heldout = self.prompts.heldout
         self.open()
-        self.before = self.exact_match() if self.heldout else None
+        self.before = self.evaluate() if self.heldout else {}
         self.add_peft()
 
-    def exact_match(self) -> float:
-        """Greedy exact match of the policy on the held-out task prompts."""
-        return heldout_exact_match(self.policy, self.tokenizer, self.heldout, self.cfg.sampling.max_new_tokens)
+    def evaluate(self) -> dict[str, float]:
+        """Greedy completions of the held-out prompts: their mean reward, and their exact match when every
+        prompt has a reference answer."""
+        texts = greedy_completions(self.policy, self.tokenizer, [ex.messages for ex in self.heldout],
+                                   self.cfg.sampling.max_new_tokens)
+        out = {"heldout_reward": self.scorer(self.heldout, texts).mean().item()}
+        if all(ex.answer for ex in self.heldout):
+            out["heldout_exact_match"] = sum(exact_reward(t, ex.answer) for ex, t in zip(self.heldout, texts)
+                                             ) / len(texts)
+        return out
 
     def rollout(self, index: int, samples: int) -> dict[str, Tensor]:
-        """Rollout `index`: `samples` completions of each of its fresh prompts, scored (see `sample_rollout`)."""
-        examples = rollout_prompts(self.cfg.rollout, self.cfg.seed, index)
-        batch, _ = sample_rollout(self.policy, self.tokenizer, self.cfg.sampling, examples, samples, self.scorer,
-                                  seed=self.cfg.seed * 1_000_003 + index)
+        """Rollout `index`: `samples` completions of each of its prompts, scored (see `sample_rollout`)."""
+        batch, _ = sample_rollout(self.policy, self.tokenizer, self.cfg.sampling, self.prompts(index), samples,
+                                  self.scorer, seed=self.cfg.seed * 1_000_003 + index)
         return batch
 
     def optimize(self, model: nn.Module, loss_fn: LossFn, make_rollout: Callable[[int], Rollout], samples: int,
@@ -143,13 +184,13 @@ class RLStage(Stage):
         `model` is what trains (the policy, or the policy with a value head); `extra()` adds result fields."""
         cfg = self.cfg
         print(f"{self.name}: {cfg.rollout.prompts_per_rollout} prompts x {samples} samples per rollout, "
-              f"{cfg.epochs} epochs x {cfg.minibatches} minibatches, kl_coef {cfg.kl_coef}; held-out exact match "
-              f"before {self.before}", file=sys.stderr)
+              f"{cfg.epochs} epochs x {cfg.minibatches} minibatches, kl_coef {cfg.kl_coef}; held-out before "
+              f"{self.before}", file=sys.stderr)
         batches = RolloutBatches(make_rollout, cfg.epochs, cfg.minibatches, seed=cfg.seed)
-        evaluate = (lambda m: {"heldout_exact_match": self.exact_match()}) if self.heldout else None
-        result = self.fit(model, loss_fn, batches, evaluate)
+        result = self.fit(model, loss_fn, batches, (lambda m: self.evaluate()) if self.heldout else None)
         model_dir = self.save()
-        out = summary(result, model_dir, **before_after({"heldout_exact_match": self.before}, result),
-                      **(extra() if extra else {}), rollouts=batches.index)
-        print(f"{self.name}: held-out exact match {self.before} -> {out['heldout_exact_match']} -> {model_dir}")
+        out = summary(result, model_dir, **before_after(self.before, result), **(extra() if extra else {}),
+                      rollouts=batches.index)
+        after = {k: out[k] for k in self.before}
+        print(f"{self.name}: held-out {self.before} -> {after} -> {model_dir}")
         return out

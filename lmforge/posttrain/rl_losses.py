@@ -32,6 +32,20 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Ten
     return adv.view(-1)
 
 
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """REINFORCE Leave-One-Out (Kool et al. 2019; Ahmadian et al. 2024, eq. 6): A_i = r_i - 1/(k-1) sum_{j != i} r_j
+    within each group of k = `group_size` samples of one prompt: each sample's baseline is the mean reward of its
+    siblings, so the baseline is unbiased (it does not depend on the sample it judges) and needs no value network.
+    Equal to k/(k-1) (r_i - mean(r)). As TRL's RLOOTrainer computes it (before its optional normalization)."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if group_size < 2:
+        raise ValueError("leave-one-out advantages need group_size >= 2")
+    groups = rewards.float().view(-1, group_size)
+    baselines = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baselines).view(-1)
+
+
 def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
     """Per-token KL(pi || ref) estimate k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, "Approximating
     KL divergence"; DeepSeekMath eq. 4): unbiased and always >= 0."""
@@ -93,9 +107,11 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
 
 
 def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over the masked entries: PPO's per-batch advantage normalization."""
+    """(x - mean) / std over the masked entries: PPO's per-batch advantage normalization. The variance is the
+    unbiased one, sum (x - mean)^2 / (n - 1), as TRL's `masked_whiten` (via `masked_var(unbiased=True)`)."""
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 

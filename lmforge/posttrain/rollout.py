@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.core.tensors import IGNORE_INDEX
+from lmforge.data.formats import Message
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
-from lmforge.tasks.suite import TaskExample, exact_match
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 
@@ -41,22 +41,27 @@ def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_i
     return ids, labels
 
 
-def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
-    """log p(label_t) per position [N, T] in fp32, 0 where the label is IGNORE_INDEX."""
+def token_logps(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """log p(label_t) per position [N, T] in fp32, 0 where the label is IGNORE_INDEX.
+
+    `temperature` is the sampling temperature: the policy that sampled a rollout is softmax(logits / T), so
+    its ratios and KL terms must be taken at the same T (as TRL's GRPO/PPO trainers divide the logits)."""
     mask = labels != IGNORE_INDEX
     safe = torch.where(mask, labels, torch.zeros_like(labels))
-    out = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    out = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return out * mask
 
 
 @torch.no_grad()
-def model_token_logps(model: nn.Module, ids: Tensor, labels: Tensor, batch_size: int = 64) -> Tensor:
-    """`token_logps` of `model` on CPU tensors, evaluated in eval mode in chunks; returns CPU fp32."""
+def model_token_logps(model: nn.Module, ids: Tensor, labels: Tensor, temperature: float = 1.0,
+                      batch_size: int = 64) -> Tensor:
+    """`token_logps` of `model` (at `temperature`) on CPU tensors, in eval mode in chunks; returns CPU fp32."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        parts = [token_logps(model(ids[i:i + batch_size].to(device)), labels[i:i + batch_size].to(device)).cpu()
+        parts = [token_logps(model(ids[i:i + batch_size].to(device)), labels[i:i + batch_size].to(device),
+                             temperature).cpu()
                  for i in range(0, len(ids), batch_size)]
     finally:
         model.train(was_training)
@@ -107,12 +112,12 @@ class RolloutBatches:
 
 
 # ----------------------------------------------------------------------------------------------
-# task-suite prompts: sampling completions and measuring exact match
+# sampling completions of chat prompts
 
 
-def task_prompt_ids(tokenizer: Tokenizer, examples: list[TaskExample]) -> list[list[int]]:
-    """Chat-templated prompt tokens (with the assistant header) of task-suite examples."""
-    return [prompt_ids(tokenizer, [{"role": "user", "content": ex.prompt}]) for ex in examples]
+def chat_prompt_ids(tokenizer: Tokenizer, prompts: list[list[Message]]) -> list[list[int]]:
+    """Chat-templated prompt tokens (with the assistant header), as SFT encodes them."""
+    return [prompt_ids(tokenizer, messages) for messages in prompts]
 
 
 def sample_completions(model: nn.Module, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams,
@@ -125,9 +130,9 @@ def sample_completions(model: nn.Module, tokenizer: Tokenizer, prompts: list[lis
     return tokens, texts
 
 
-def heldout_exact_match(model: nn.Module, tokenizer: Tokenizer, examples: list[TaskExample],
-                        max_new_tokens: int = 24) -> float:
-    """Greedy exact match of `model` on task-suite `examples` (the number every RL stage should raise)."""
-    _, texts = sample_completions(model, tokenizer, task_prompt_ids(tokenizer, examples),
+def greedy_completions(model: nn.Module, tokenizer: Tokenizer, prompts: list[list[Message]],
+                       max_new_tokens: int = 24) -> list[str]:
+    """Greedy replies of `model` to chat prompts (the held-out evaluation of every RL stage)."""
+    _, texts = sample_completions(model, tokenizer, chat_prompt_ids(tokenizer, prompts),
                                   SamplingParams(greedy=True, max_new_tokens=max_new_tokens))
-    return exact_match(examples, texts)
+    return texts
