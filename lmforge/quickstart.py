@@ -37,7 +37,7 @@ from lmforge.eval.tasks import load_task
 from lmforge.generate.engine import generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer, load_model
-from lmforge.model.encdec import build_model, greedy_decode
+from lmforge.model.encdec import build_model
 from lmforge.peft.config import PeftConfig, load_trained
 from lmforge.posttrain.dpo import DpoConfig, run_dpo
 from lmforge.posttrain.sft import SftConfig, run_sft
@@ -221,9 +221,9 @@ def _samples(model: Transformer, tokenizer: Any, prompts: list[str], n_tokens: i
     for i, prompt in enumerate(prompts):
         if model.cfg.arch == "encdec":
             sentinel = tokenizer.vocab_size  # the first sentinel id sits right past the tokenizer's ids
-            with torch.no_grad():
-                out = greedy_decode(model, torch.tensor([tokenizer.encode(prompt) + [sentinel]]), n_tokens)
-            texts.append(prompt + "<span>" + tokenizer.decode([t for t in out[0].tolist() if t < sentinel]))
+            out = generate(model, tokenizer.encode(prompt) + [sentinel],
+                           SamplingParams(greedy=True, max_new_tokens=n_tokens))
+            texts.append(prompt + "<span>" + tokenizer.decode([t for t in out if t < sentinel]))
             continue
         params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=n_tokens, seed=i,
                                 stop_token_ids=[tokenizer.eos_id] if tokenizer.eos_id is not None else [])
