@@ -79,7 +79,8 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], params: SamplingP
     try:
         cache = model.new_cache(B, L + budget - 1)
         positions = (torch.arange(L, device=device)[None, :] - pads[:, None]).clamp(min=0)
-        logits = model(ids, cache=cache, start_pos=0, positions=positions, attn_mask=prefill_mask(pads, L, getattr(model.cfg, "prefix_lm", False)))[:, -1]
+        mask = prefill_mask(pads, L, prefix=getattr(model.cfg, "prefix_lm", False))
+        logits = model(ids, cache=cache, start_pos=0, positions=positions, attn_mask=mask)[:, -1]
         # keys a decode step may attend to: every real prompt token and every generated slot
         real_key = torch.ones(B, L + budget, dtype=torch.bool, device=device)
         real_key[:, :L] = torch.arange(L, device=device)[None, :] >= pads[:, None]
