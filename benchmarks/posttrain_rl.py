@@ -52,7 +52,7 @@ def main() -> None:
                                         "peft": {"method": "lora"}, "train": {"steps": 60, "lr": 2e-3, **cpu}}))
     grpo = run_grpo(from_dict(GrpoConfig, {
         "checkpoint": model, "run_dir": str(out / "grpo"), "group_size": 8, "kl_coef": 0.0,
-        "rollout": {"prompts_per_rollout": 16, "max_new_tokens": 12, "temperature": 0.8},
+        "rollout": {"prompts_per_rollout": 16}, "sampling": {"max_new_tokens": 12, "temperature": 0.8},
         "train": {"steps": 80, "lr": 5e-5, **cpu}}))
     wall = time.time() - t0
     machine = f"{platform.machine()} {torch.get_num_threads()} threads"

@@ -12,6 +12,7 @@ import torch
 from textdata import SHAKESPEARE
 
 from lmforge.model import ModelConfig, Transformer, save_model
+from lmforge.posttrain.reward import RewardModel, save_reward_model
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.train import train_bpe
 
@@ -36,3 +37,10 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, directory: Path) -
     save_model(model, directory)
     tokenizer.save(directory)
     return directory
+
+
+def reward_model_dir(tokenizer: Tokenizer, directory: Path, seed: int = 1) -> Path:
+    """A randomly initialized reward model as `lmforge reward` writes it: a score an RL run can learn to raise."""
+    rm = save_reward_model(RewardModel(tiny_model(tokenizer.vocab_size, seed=seed)), directory)
+    tokenizer.save(rm)
+    return rm

@@ -52,7 +52,7 @@ def test_reference_runs_only_before_training_and_margin_rises(checkpoint, tmp_pa
 
 def test_ref_forward_is_never_called_in_the_loop(checkpoint, tmp_path, monkeypatch):
     """The reference model object: its forward runs only in the precompute (batches of 32) - not per step."""
-    from lmforge.posttrain import models
+    from lmforge.posttrain import models, stage
 
     forwards = []
     real_load = models.load_reference
@@ -62,7 +62,7 @@ def test_ref_forward_is_never_called_in_the_loop(checkpoint, tmp_path, monkeypat
         ref.register_forward_hook(lambda *a: forwards.append(1))
         return ref
 
-    monkeypatch.setattr(dpo, "load_reference", load_and_count)
+    monkeypatch.setattr(stage, "load_reference", load_and_count)
     run_dpo(cfg_for(checkpoint, tmp_path, 4))
     n4 = len(forwards)
     forwards.clear()

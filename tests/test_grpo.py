@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from rl_fixtures import save_checkpoint, tiny_model, tiny_tokenizer
+from rl_fixtures import reward_model_dir, save_checkpoint, tiny_model, tiny_tokenizer
 
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError
 from lmforge.core.tensors import IGNORE_INDEX
+from lmforge.generate.sampling import SamplingParams
 from lmforge.posttrain.grpo import GrpoConfig, run_grpo
 from lmforge.posttrain.rl_losses import clipped_surrogate, group_advantages, grpo_loss, k3_kl
 from lmforge.posttrain.rollout import RolloutBatches, pack_sequences, token_logps
@@ -99,17 +100,23 @@ def checkpoint(tmp_path_factory):
     return save_checkpoint(tiny_model(tok.vocab_size), tok, tmp_path_factory.mktemp("grpo") / "base")
 
 
-def test_grpo_end_to_end_logs_and_saves(checkpoint, tmp_path):
+def test_grpo_end_to_end_raises_the_reward_and_saves(checkpoint, tmp_path):
+    """Seeded: against a (random) reward model, the third rollout scores clearly higher than the first."""
+    rm = reward_model_dir(tiny_tokenizer(), tmp_path / "rm")
     cfg = from_dict(GrpoConfig, {
         "checkpoint": str(checkpoint), "run_dir": str(tmp_path / "run"), "group_size": 4, "epochs": 2,
-        "minibatches": 2, "rollout": {"prompts_per_rollout": 4, "max_new_tokens": 6, "eval_prompts": 6},
-        "train": {"steps": 8, "device": "cpu", "log_every": 1, "eval_every": 0}})
+        "minibatches": 2, "rollout": {"prompts_per_rollout": 4, "eval_prompts": 6, "reward": "model",
+                                      "reward_model": str(rm)},
+        "sampling": {"max_new_tokens": 6}, "train": {"steps": 12, "lr": 3e-2, "device": "cpu", "log_every": 1,
+                                                     "eval_every": 0}})
     out = run_grpo(cfg)
-    assert out["rollouts"] == 2 and out["steps"] == 8
-    assert 0 <= out["heldout_exact_match"] <= 1
+    assert out["rollouts"] == 3 and out["steps"] == 12
     rows = [r for r in map(eval_json, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "kl" in r]
     assert {"reward", "kl", "clip_frac", "entropy"} <= set(rows[0])
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first minibatch: policy == reference
+    # a rollout is served as 4 minibatches (2 epochs x 2), so 4 rows average to the rollout's mean reward
+    first, last = (sum(r["reward"] for r in rows[i:i + 4]) / 4 for i in (0, 8))
+    assert last > first + 0.2
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
@@ -124,3 +131,13 @@ def test_grpo_config_errors():
         from_dict(GrpoConfig, {"group_size": 1})
     with pytest.raises(ConfigError, match="reward_model"):
         from_dict(GrpoConfig, {"rollout": {"reward": "model"}})
+    with pytest.raises(ConfigError, match="minibatches"):
+        from_dict(GrpoConfig, {"group_size": 2, "minibatches": 3, "rollout": {"prompts_per_rollout": 1}})
+    with pytest.raises(ConfigError, match="sampling.max_new_tokens"):
+        from_dict(GrpoConfig, {"sampling": {"max_new_tokens": 0}})
+
+
+def test_rollout_sampling_is_one_sampling_section():
+    """`--sampling.*` as in rejection-sample; the defaults are what rollouts always used (16 new tokens)."""
+    cfg = from_dict(GrpoConfig, {"sampling": {"temperature": 0.8}})
+    assert cfg.sampling == SamplingParams(temperature=0.8, max_new_tokens=16)

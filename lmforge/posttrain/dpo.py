@@ -9,22 +9,17 @@ no reference at all. The losses themselves live in `lmforge.posttrain.losses` (t
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from lmforge.core.config import option, save_config
-from lmforge.core.errors import ConfigError
-from lmforge.peft.config import PeftConfig, apply_peft
+from lmforge.core.config import option, require
 from lmforge.posttrain import losses
 from lmforge.posttrain.losses import DPOLossType, sequence_logps, simpo_loss
-from lmforge.posttrain.models import device_of, load_policy, load_reference, pad_id_of, save_result
-from lmforge.posttrain.pairs import EncodedPair, PairBatches, collate_pairs, encode_pairs, train_heldout_pairs
+from lmforge.posttrain.pairs import EncodedPair, PairBatches, PairStageConfig, load_pairs, score_pairs
+from lmforge.posttrain.stage import Stage, before_after, run_dir_option, summary, train_option
 from lmforge.train.config import TrainConfig
-from lmforge.train.trainer import train_loop
 
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
@@ -35,39 +30,22 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
                            beta, loss_type, label_smoothing)
 
 
-def _dpo_train() -> TrainConfig:
-    return TrainConfig(steps=200, lr=5e-5, warmup_steps=10, weight_decay=0.0, log_every=10, eval_every=50,
-                       save_every=0, plot_every=0)
-
-
 @dataclass
-class DpoConfig:
-    checkpoint: str = option("", "policy init: a model directory with tokenizer.json (e.g. RUN/model of `lmforge sft`)")
+class DpoConfig(PairStageConfig):
+    run_dir: str = run_dir_option("runs/dpo")
+    train: TrainConfig = train_option(steps=200, lr=5e-5, warmup_steps=10, weight_decay=0.0, log_every=10,
+                                      eval_every=50, save_every=0, plot_every=0)
     ref_checkpoint: str = option("", "reference model directory; empty = the policy's initial weights")
-    data: str = option("", "preference JSONL/JSON (hh-rlhf, shp, pku, se, plain); empty = synthetic task pairs")
-    format: str = option("auto", "preference format of `data` (auto detects it per record)")
-    synthetic_pairs: int = option(1200, "training pairs drawn from the task suite when `data` is empty")
-    heldout: float = option(0.1, "fraction of pairs held out to measure margin and preference accuracy")
     beta: float = option(0.1, "DPO beta: strength of the implicit KL to the reference (SimPO's beta with simpo)")
     loss_type: DPOLossType = option("sigmoid", "sigmoid (DPO), ipo (IPO) or hinge (SLiC)")
     label_smoothing: float = option(0.0, "conservative DPO / SimPO: probability that a preference label is flipped")
     simpo: bool = option(False, "SimPO: reference-free, length-normalized log-probs (then beta ~2, see gamma)")
     simpo_gamma_ratio: float = option(0.5, "SimPO target margin gamma as a fraction of beta")
-    max_len: int = option(128, "tokens per sequence; longer pairs are truncated (counted warning)")
-    batch_size: int = option(16, "pairs per micro-batch")
-    seed: int = option(0, "seed of the data split and order")
-    run_dir: str = option("runs/dpo", "checkpoints, metrics and RUN/model")
-    resume: bool = option(False, "continue from RUN/checkpoints/latest")
-    train: TrainConfig = field(default_factory=_dpo_train, metadata={"help": "optimization"})
-    peft: PeftConfig = field(default_factory=PeftConfig, metadata={"help": "parameter-efficient fine-tuning"})
 
     def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing <= 0.5:
-            raise ConfigError(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
-        if self.batch_size < 1 or self.max_len < 2:
-            raise ConfigError("batch_size must be >= 1 and max_len >= 2")
+        super().__post_init__()
+        require(self.beta > 0, "beta", self.beta, "> 0")
+        require(0 <= self.label_smoothing <= 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5]")
 
 
 def pair_logps(model: nn.Module, input_ids: Tensor, labels: Tensor, average: bool = False) -> tuple[Tensor, Tensor]:
@@ -75,19 +53,10 @@ def pair_logps(model: nn.Module, input_ids: Tensor, labels: Tensor, average: boo
     return sequence_logps(model(input_ids), labels, average=average).chunk(2)
 
 
-@torch.no_grad()
 def precompute_logps(model: nn.Module, pairs: list[EncodedPair], pad_id: int, average: bool = False,
                      batch_size: int = 32) -> Tensor:
     """[N, 2] (chosen, rejected) log-probs of `model`: the reference's, computed once before training."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        ids, labels = collate_pairs(pairs[i:i + batch_size], pad_id)
-        c, r = pair_logps(model, ids.to(device_of(model)), labels.to(device_of(model)), average)
-        out.append(torch.stack([c, r], 1).cpu())
-    model.train(was_training)
-    return torch.cat(out)
+    return score_pairs(model, lambda ids, labels: pair_logps(model, ids, labels, average), pairs, pad_id, batch_size)
 
 
 def preference_loss(cfg: DpoConfig, chosen: Tensor, rejected: Tensor, ref: Tensor | None
@@ -118,22 +87,18 @@ def evaluate_heldout(cfg: DpoConfig, model: nn.Module, pairs: list[EncodedPair],
 
 def run_dpo(cfg: DpoConfig) -> dict[str, Any]:
     """Train the policy on preference pairs; returns held-out margin/accuracy before and after training."""
-    policy, tokenizer = load_policy(cfg.checkpoint, cfg.train.device)
-    train_pairs, held_pairs = train_heldout_pairs(cfg.data, cfg.format, cfg.synthetic_pairs, cfg.heldout, cfg.seed)
-    train_enc = encode_pairs(tokenizer, train_pairs, cfg.max_len)
-    held_enc = encode_pairs(tokenizer, held_pairs, cfg.max_len)
-    pad_id = pad_id_of(tokenizer)
+    stage = Stage("dpo", cfg)
+    train_enc, held_enc = load_pairs(cfg, stage.tokenizer)
+    pad_id = stage.pad_id
     ref_train = ref_held = None
     if not cfg.simpo:
-        ref = load_reference(cfg.ref_checkpoint, policy, tokenizer)
+        ref = stage.reference(cfg.ref_checkpoint)
         ref_train = precompute_logps(ref, train_enc, pad_id)
         ref_held = precompute_logps(ref, held_enc, pad_id)
         del ref  # never needed again: the reference log-probs travel with the batches
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
-    before = evaluate_heldout(cfg, policy, held_enc, ref_held, pad_id)
-    apply_peft(policy, cfg.peft)
+    stage.open()
+    before = evaluate_heldout(cfg, stage.policy, held_enc, ref_held, pad_id)
+    stage.add_peft()
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         chosen, rejected = pair_logps(model, batch["input_ids"], batch["labels"], average=cfg.simpo)
@@ -144,12 +109,9 @@ def run_dpo(cfg: DpoConfig) -> dict[str, Any]:
           f"{'SimPO' if cfg.simpo else cfg.loss_type} beta {cfg.beta}", file=sys.stderr)
     batches = PairBatches(train_enc, cfg.batch_size, pad_id, seed=cfg.seed,
                           extra={} if ref_train is None else {"ref": ref_train})
-    result = train_loop(policy, loss_fn, batches, cfg.train, run_dir, resume=cfg.resume, desc="dpo",
-                        evaluate=lambda m: evaluate_heldout(cfg, m, held_enc, ref_held, pad_id))
-    model_dir = save_result(policy, cfg.peft, run_dir / "model", cfg.checkpoint)
-    out = {**{f"{k}_before": v for k, v in before.items()},
-           **{k: v for k, v in result.items() if k.startswith("heldout_")},
-           "final_loss": result["final_loss"], "steps": result["steps"], "model_dir": str(model_dir)}
+    result = stage.fit(stage.policy, loss_fn, batches, lambda m: evaluate_heldout(cfg, m, held_enc, ref_held, pad_id))
+    model_dir = stage.save()
+    out = summary(result, model_dir, **before_after(before, result))
     print(f"dpo: held-out log-prob margin {out['heldout_logp_margin_before']:.3f} -> {out['heldout_logp_margin']:.3f}, "
           f"preference accuracy {out['heldout_preference_accuracy_before']:.3f} -> "
           f"{out['heldout_preference_accuracy']:.3f} -> {model_dir}")

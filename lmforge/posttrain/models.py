@@ -76,3 +76,15 @@ def pad_id_of(tokenizer: Tokenizer) -> int:
 
 def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def scalar_head(d_model: int, std: float = 0.0) -> nn.Linear:
+    """A d_model -> 1 head on a policy's hidden states (a reward or a value): weights ~ N(0, std), zeros at
+    std 0, bias 0. `nn.Linear` draws its own init first, so a run's random stream is the same either way."""
+    head = nn.Linear(d_model, 1)
+    if std > 0:
+        nn.init.normal_(head.weight, std=std)
+    else:
+        nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from lmforge.core.config import option, require
 from lmforge.core.errors import LmforgeError
 from lmforge.data.formats import PreferencePair, read_preference_pairs
+from lmforge.posttrain.models import device_of
+from lmforge.posttrain.stage import StageConfig
 from lmforge.tasks.suite import TASK_KINDS, TaskExample, make_examples
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import Encoded, encode_prompt_response, pad_batch
@@ -67,6 +70,28 @@ def train_heldout_pairs(data: str, format: str, synthetic: int, heldout: float, 
 
 
 @dataclass
+class PairStageConfig(StageConfig):
+    """The preference pairs a stage trains on (reward model, DPO): a file or synthetic task pairs."""
+
+    data: str = option("", "preference JSONL/JSON (hh-rlhf, shp, pku, se, plain); empty = synthetic task pairs")
+    format: str = option("auto", "preference format of `data` (auto detects it per record)")
+    synthetic_pairs: int = option(1200, "training pairs drawn from the task suite when `data` is empty")
+    heldout: float = option(0.1, "fraction of pairs held out for the before/after evaluation")
+    max_len: int = option(128, "tokens per sequence; longer pairs are truncated (counted warning)")
+    batch_size: int = option(16, "pairs per micro-batch")
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        require(self.max_len >= 2, "max_len", self.max_len, ">= 2")
+
+
+def load_pairs(cfg: PairStageConfig, tokenizer: Tokenizer) -> tuple[list[EncodedPair], list[EncodedPair]]:
+    """(train, held-out) pairs of `cfg`, tokenized."""
+    train, held = train_heldout_pairs(cfg.data, cfg.format, cfg.synthetic_pairs, cfg.heldout, cfg.seed)
+    return encode_pairs(tokenizer, train, cfg.max_len), encode_pairs(tokenizer, held, cfg.max_len)
+
+
+@dataclass
 class EncodedPair:
     chosen: Encoded
     rejected: Encoded
@@ -98,6 +123,24 @@ def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[PreferencePair], max_len:
 def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int) -> tuple[Tensor, Tensor]:
     """(input_ids, labels) [2B, T]: the B chosen sequences, then the B rejected ones (one forward pass)."""
     return pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+
+
+PairScore = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (input_ids, labels) -> (chosen, rejected)
+
+
+@torch.no_grad()
+def score_pairs(model: nn.Module, score: PairScore, pairs: Sequence[EncodedPair], pad_id: int,
+                batch_size: int = 32) -> Tensor:
+    """[N, 2] (chosen, rejected) scores of every pair, `model` in eval mode, in chunks of `batch_size` pairs."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        ids, labels = collate_pairs(pairs[i:i + batch_size], pad_id)
+        c, r = score(ids.to(device_of(model)), labels.to(device_of(model)))
+        out.append(torch.stack([c, r], 1).cpu())
+    model.train(was_training)
+    return torch.cat(out)
 
 
 class PairBatches:

@@ -11,24 +11,15 @@ toward a KL target by Ziegler's proportional controller.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lmforge.core.config import option, save_config
-from lmforge.core.errors import ConfigError
+from lmforge.core.config import option, require
 from lmforge.model.transformer import Transformer
-from lmforge.peft.config import apply_peft
-from lmforge.posttrain.grpo import (
-    PolicyOptimizationConfig,
-    Scorer,
-    optimize_policy,
-    rollout_prompts,
-    sample_rollout,
-)
-from lmforge.posttrain.models import load_policy, load_reference
+from lmforge.posttrain.models import scalar_head
+from lmforge.posttrain.rl import PolicyOptimizationConfig, RLStage
 from lmforge.posttrain.rl_losses import (
     AdaptiveKLController,
     clipped_surrogate,
@@ -38,8 +29,8 @@ from lmforge.posttrain.rl_losses import (
     masked_mean,
     whiten,
 )
-from lmforge.posttrain.rollout import Rollout, heldout_exact_match, model_token_logps, token_logps
-from lmforge.tasks.suite import make_examples
+from lmforge.posttrain.rollout import Rollout, model_token_logps, token_logps
+from lmforge.posttrain.stage import run_dir_option
 
 
 class PolicyWithValue(nn.Module):
@@ -49,9 +40,7 @@ class PolicyWithValue(nn.Module):
         super().__init__()
         self.policy = policy
         self.cfg = policy.cfg  # train_loop checkpoints need it
-        self.value_head = nn.Linear(policy.cfg.d_model, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = scalar_head(policy.cfg.d_model)  # V = 0 before training
 
     def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(logits [B, T, V], values [B, T]); values[t] estimates the return from the state ending at t."""
@@ -76,45 +65,33 @@ def kl_shaped_rewards(scores: Tensor, logps: Tensor, ref_logps: Tensor, mask: Te
 
 @dataclass
 class PpoConfig(PolicyOptimizationConfig):
-    run_dir: str = option("runs/ppo", "checkpoints, metrics and RUN/model")
+    run_dir: str = run_dir_option("runs/ppo")
     samples_per_prompt: int = option(4, "completions sampled per prompt")
     value_clip: float = option(0.2, "clip range of the value update")
     vf_coef: float = option(0.1, "weight of the value loss")
     gamma: float = option(1.0, "discount of GAE")
     lam: float = option(0.95, "lambda of GAE")
-    kl_coef: float = option(0.05, "initial beta of the per-token KL penalty")
     kl_target: float = option(0.0, "adaptive controller's KL target (Ziegler 2019: 6 nats); 0 keeps beta fixed")
     kl_horizon: int = option(10000, "adaptive controller's horizon (samples)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.samples_per_prompt < 1:
-            raise ConfigError("samples_per_prompt must be >= 1")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ConfigError("gamma and lam must be in [0, 1]")
-        if self.kl_coef < 0 or self.kl_target < 0:
-            raise ConfigError("kl_coef and kl_target must be >= 0")
+        require(self.samples_per_prompt >= 1, "samples_per_prompt", self.samples_per_prompt, ">= 1")
+        require(0 <= self.gamma <= 1, "gamma", self.gamma, "in [0, 1]")
+        require(0 <= self.lam <= 1, "lam", self.lam, "in [0, 1]")
+        require(self.kl_target >= 0, "kl_target", self.kl_target, ">= 0")
 
 
 def run_ppo(cfg: PpoConfig) -> dict[str, Any]:
     """Train with PPO; returns held-out greedy exact match before and after, and the final KL coefficient."""
-    policy, tokenizer = load_policy(cfg.checkpoint, cfg.train.device)
-    device = next(policy.parameters()).device
-    ref = load_reference(cfg.ref_checkpoint, policy, tokenizer)
-    scorer = Scorer(cfg.rollout, tokenizer, device)
-    heldout = make_examples(cfg.rollout.eval_prompts, seed=2 * cfg.seed + 1, kinds=cfg.rollout.kinds)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
-    before = heldout_exact_match(policy, tokenizer, heldout, cfg.rollout.max_new_tokens) if heldout else None
-    apply_peft(policy, cfg.peft)
-    model = PolicyWithValue(policy).to(device)
+    rl = RLStage("ppo", cfg)
+    ref = rl.ref
+    assert ref is not None  # PPO always loads one (with_reference)
+    model = PolicyWithValue(rl.policy).to(rl.device)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
 
     def make_rollout(index: int) -> Rollout:
-        examples = rollout_prompts(cfg.rollout, cfg.seed, index)
-        batch, _ = sample_rollout(policy, tokenizer, cfg.rollout, examples, cfg.samples_per_prompt, scorer,
-                                  seed=cfg.seed * 1_000_003 + index)
+        batch = rl.rollout(index, cfg.samples_per_prompt)
         mask = batch["mask"]
         ref_logps = model_token_logps(ref, batch["input_ids"], batch["labels"])
         values = model_values(model, batch["input_ids"]) * mask
@@ -141,8 +118,4 @@ def run_ppo(cfg: PpoConfig) -> dict[str, Any]:
             "clip_frac": masked_mean(clipped, mask).item(), "value_loss": vf_loss.item(),
             "value_clip_frac": vf_clip.item()}
 
-    def evaluate(m: PolicyWithValue) -> dict[str, float]:
-        return {"heldout_exact_match": heldout_exact_match(m.policy, tokenizer, heldout, cfg.rollout.max_new_tokens)}
-
-    return optimize_policy("ppo", cfg, model, policy, loss_fn, make_rollout, evaluate if heldout else None, before,
-                           cfg.samples_per_prompt, extra=lambda: {"kl_coef": kl_ctl.value})
+    return rl.optimize(model, loss_fn, make_rollout, cfg.samples_per_prompt, extra=lambda: {"kl_coef": kl_ctl.value})

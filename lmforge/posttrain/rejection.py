@@ -12,54 +12,43 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from lmforge.core.config import option, save_config
-from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.config import option, require
+from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_text
 from lmforge.data.formats import Conversation, Message, read_conversations
 from lmforge.generate.sampling import SamplingParams
 from lmforge.posttrain.models import load_policy
 from lmforge.posttrain.reward import load_reward_model, score_texts
-from lmforge.posttrain.sft import SftConfig, complete, run_sft, task_messages
-from lmforge.tasks.suite import TASK_KINDS, TaskExample, make_examples, task_reward
+from lmforge.posttrain.sft import ConversationSource, SftConfig, complete, run_sft, task_messages
+from lmforge.posttrain.stage import RunConfig, open_run, run_dir_option
+from lmforge.tasks.suite import TaskExample, task_reward
 from lmforge.tokenizer import Tokenizer
 
 
-def _sampling() -> SamplingParams:
-    return SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, seed=0)
-
-
-def _sft() -> SftConfig:
-    return SftConfig(run_dir="")
-
-
 @dataclass
-class RejectionConfig:
-    checkpoint: str = option("", "model directory to sample from (and to fine-tune), with tokenizer.json")
+class RejectionConfig(ConversationSource, RunConfig):
+    run_dir: str = run_dir_option("runs/rejection", "config.json, samples.jsonl, winners.jsonl, and the SFT run "
+                                                    "under RUN/sft")
+    tasks: int = option(600, "synthetic task prompts (train split), scored by their exact answers")
     prompts: list[str] = option(default_factory=list, help="conversation files whose prompts (all but the last "
                                                            "assistant turn) are sampled; needs reward_model")
-    format: str = option("auto", "format of the prompt files")
-    tasks: int = option(600, "synthetic task prompts (train split), scored by their exact answers")
-    task_kinds: list[str] = option(default_factory=lambda: list(TASK_KINDS), help="synthetic task kinds")
-    task_seed: int = option(0, "seed of the synthetic prompts (even = train split)")
     n: int = option(8, "samples per prompt (best-of-N)")
-    sampling: SamplingParams = field(default_factory=_sampling, metadata={"help": "how responses are sampled"})
+    sampling: SamplingParams = option(default_factory=lambda: SamplingParams(max_new_tokens=16, seed=0),
+                                      help="how responses are sampled")
     reward_model: str = option("", "reward model directory (`lmforge reward`); empty scores tasks by their answers")
     min_reward: float | None = option(None, "keep a winner only when its reward reaches this; default 1.0 "
                                             "(correct) under the verifier, no threshold under a reward model")
     finetune: bool = option(True, "run SFT on the winners (the sft section) after sampling")
-    run_dir: str = option("runs/rejection", "winners.jsonl, and the SFT run under RUN/sft")
-    sft: SftConfig = field(default_factory=_sft, metadata={"help": "fine-tuning on the winners; its checkpoint "
-                                                                    "defaults to this checkpoint, run_dir to RUN/sft"})
+    sft: SftConfig = option(default_factory=lambda: SftConfig(run_dir=""),
+                            help="fine-tuning on the winners; its checkpoint defaults to this checkpoint, run_dir "
+                                 "to RUN/sft")
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ConfigError(f"n must be >= 1, got {self.n}")
-        if self.tasks < 0:
-            raise ConfigError(f"tasks must be >= 0, got {self.tasks}")
+        super().__post_init__()
+        require(self.n >= 1, "n", self.n, ">= 1")
 
 
 @dataclass
@@ -72,7 +61,7 @@ class Candidate:
 def candidates(cfg: RejectionConfig) -> list[Candidate]:
     """Synthetic task prompts, then the prompts of the conversation files (last assistant turn dropped)."""
     out = [Candidate(task_messages(e, with_answer=False), f"task:{e.kind}:{i}", e)
-           for i, e in enumerate(make_examples(cfg.tasks, cfg.task_seed, cfg.task_kinds))]
+           for i, e in enumerate(cfg.task_examples())]
     for path in cfg.prompts:
         for conv in read_conversations(path, cfg.format):
             out.append(Candidate(conv.messages[:-1], conv.source))
@@ -101,9 +90,7 @@ def run_rejection(cfg: RejectionConfig) -> dict[str, Any]:
 
     model, tokenizer = load_policy(cfg.checkpoint, cfg.sft.train.device)
     items = candidates(cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
+    run_dir = open_run(cfg)
     print(f"rejection-sample: {len(items)} prompts x {cfg.n} samples", file=sys.stderr)
     responses = complete(model, tokenizer, [c.prompt for c in items], cfg.sampling, num_return_sequences=cfg.n)
     rewards = score(cfg, items, responses, tokenizer)

@@ -26,14 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.core.config import option, save_config
-from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.config import option, require
+from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json, atomic_write_text
 from lmforge.data.formats import iter_records
 from lmforge.data.readers import BadRecord
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
 from lmforge.posttrain.models import load_policy
+from lmforge.posttrain.stage import RunConfig, open_run, run_dir_option
 
 # ----------------------------------------------------------------------------------------------
 # ROUGE-L (Lin 2004): F-measure of the longest common subsequence of word tokens
@@ -177,10 +178,10 @@ def parse_instance(completion: str) -> tuple[str, str] | None:
 
 
 @dataclass
-class SelfInstructConfig:
-    checkpoint: str = option("", "model directory to generate with (tokenizer.json beside it)")
+class SelfInstructConfig(RunConfig):
+    run_dir: str = run_dir_option("runs/self-instruct", "config.json, instructions.json (Alpaca), rejected.jsonl, "
+                                                        "stats.json")
     seed_tasks: str = option("", "seed tasks: Self-Instruct JSONL (instruction, instances) or Alpaca records")
-    run_dir: str = option("runs/self-instruct", "writes instructions.json (Alpaca), rejected.jsonl, stats.json")
     num_instructions: int = option(100, "stop once this many new instructions are kept")
     requests_per_round: int = option(8, "requests sampled together per round")
     max_rounds: int = option(50, "stop after this many rounds even if fewer instructions were kept")
@@ -190,18 +191,15 @@ class SelfInstructConfig:
     rouge_threshold: float = option(0.7, "keep an instruction only if its ROUGE-L F1 to every kept one is below this")
     min_words: int = option(3, "shorter instructions are dropped")
     max_words: int = option(150, "longer instructions are dropped")
-    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=1.0, top_p=1.0,
-                                                                            max_new_tokens=96, seed=0),
-                                     metadata={"help": "sampling for instructions and instances"})
+    sampling: SamplingParams = option(default_factory=lambda: SamplingParams(max_new_tokens=96, seed=0),
+                                      help="sampling for instructions and instances")
     seed: int = option(0, "seed of the seed-task sampling")
     device: str = option("auto", "cpu, cuda, or auto")
 
     def __post_init__(self) -> None:
         for name in ("num_instructions", "requests_per_round", "max_rounds", "num_human"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.rouge_threshold <= 1:
-            raise ConfigError(f"rouge_threshold must be in (0, 1], got {self.rouge_threshold}")
+            require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        require(0 < self.rouge_threshold <= 1, "rouge_threshold", self.rouge_threshold, "in (0, 1]")
 
 
 Generate = Callable[[list[str]], list[str]]
@@ -287,9 +285,7 @@ def run_self_instruct(cfg: SelfInstructConfig) -> dict[str, Any]:
         raise LmforgeError("self-instruct: give --seed_tasks FILE (e.g. self_instruct_seed_tasks.jsonl)")
     seeds = read_seed_tasks(cfg.seed_tasks)
     generate = model_generator(cfg.checkpoint, cfg.sampling, cfg.device)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
+    run_dir = open_run(cfg)
     result = self_instruct(cfg, seeds, generate)
     out_path = run_dir / "instructions.json"
     atomic_write_json(out_path, [dataclasses.asdict(t) for t in result.kept])

@@ -18,47 +18,59 @@ import json
 import random
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lmforge.core.config import option, save_config
+from lmforge.core.config import option, require
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.files import atomic_write_text
 from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.data.formats import Conversation, Message, read_conversations
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
-from lmforge.peft.config import PeftConfig, apply_peft
-from lmforge.posttrain.models import load_policy, pad_id_of, save_result
+from lmforge.posttrain.stage import Stage, StageConfig, run_dir_option, summary, train_option
 from lmforge.tasks.suite import TASK_KINDS, TaskExample, exact_match, make_examples
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import Encoded, encode_conversation, pad_batch, prompt_ids, stop_token_ids
 from lmforge.train.config import TrainConfig
 from lmforge.train.fused_ce import linear_cross_entropy
 from lmforge.train.objectives import causal_lm_loss
-from lmforge.train.trainer import train_loop
 
 # ----------------------------------------------------------------------------------------------
 # config
 
 
-def _sft_train() -> TrainConfig:
-    return TrainConfig(steps=300, lr=1e-3, warmup_steps=20, eval_every=100, save_every=100, log_every=10)
+@dataclass
+class ConversationSource:
+    """Where conversations come from (SFT's training data, rejection sampling's prompts): files in `format`,
+    plus `tasks` synthetic task-suite examples of `task_kinds` drawn with `task_seed`."""
+
+    format: str = option("auto", "format of the conversation files; auto recognizes each record by its keys")
+    tasks: int = option(0, "add this many synthetic task conversations (lmforge.tasks.suite, train split)")
+    task_kinds: list[str] = option(default_factory=lambda: list(TASK_KINDS), help="synthetic task kinds")
+    task_seed: int = option(0, "seed of the synthetic examples (even: the train split; SFT's held-out examples "
+                               "use seed + 1)")
+
+    def __post_init__(self) -> None:
+        require(self.tasks >= 0, "tasks", self.tasks, ">= 0")
+        require(bool(self.task_kinds) and set(self.task_kinds) <= set(TASK_KINDS), "task_kinds", self.task_kinds,
+                f"a non-empty list of {', '.join(TASK_KINDS)}")
+
+    def task_examples(self) -> list[TaskExample]:
+        return make_examples(self.tasks, self.task_seed, self.task_kinds)
 
 
 @dataclass
-class SftConfig:
-    checkpoint: str = option("", "model directory to fine-tune, with tokenizer.json (e.g. RUN/model of pretrain)")
+class SftConfig(ConversationSource, StageConfig):
+    run_dir: str = run_dir_option("runs/sft", "config.json, checkpoints, metrics, plots and RUN/model (RUN/adapter "
+                                              "under PEFT)")
+    train: TrainConfig = train_option(steps=300, lr=1e-3, warmup_steps=20, eval_every=100, save_every=100,
+                                      log_every=10)
     data: list[str] = option(default_factory=list, help="conversation files or directories (alpaca, sharegpt, chat, "
                                                         "oasst, flan, self-instruct; JSONL or a JSON array)")
-    format: str = option("auto", "format of the data files; auto recognizes each record by its keys")
-    tasks: int = option(0, "add this many synthetic task conversations (lmforge.tasks.suite, train split)")
-    task_kinds: list[str] = option(default_factory=lambda: list(TASK_KINDS), help="synthetic task kinds")
-    task_seed: int = option(0, "seed of the synthetic examples (even: train split; held-out uses seed + 1)")
     eval_tasks: int = option(120, "held-out synthetic examples scored by greedy exact match; 0 disables")
     val_fraction: float = option(0.05, "share of the data files' conversations held out for the validation loss")
     max_len: int = option(0, "tokens per training sequence; 0 means the model's max_seq_len")
@@ -67,23 +79,14 @@ class SftConfig:
                     "RUN/rejected.jsonl with the reason)")
     packing: bool = option(True, "pack several conversations per sequence (attention and position reset)")
     batch_size: int = option(16, "sequences per micro-batch")
-    seed: int = option(0, "seed of the data order")
     max_new_tokens: int = option(16, "generation budget of the exact-match evaluation")
-    run_dir: str = option("runs/sft", "where checkpoints, metrics, plots and the result go")
-    resume: bool = option(False, "continue from RUN/checkpoints/latest")
-    train: TrainConfig = field(default_factory=_sft_train, metadata={"help": "optimization"})
-    peft: PeftConfig = field(default_factory=PeftConfig, metadata={"help": "parameter-efficient fine-tuning"})
 
     def __post_init__(self) -> None:
-        if self.tasks < 0 or self.eval_tasks < 0:
-            raise ConfigError("tasks and eval_tasks must be >= 0")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.max_len < 0 or self.batch_size < 1:
-            raise ConfigError("max_len must be >= 0 and batch_size >= 1")
-        unknown = [k for k in self.task_kinds if k not in TASK_KINDS]
-        if unknown or not self.task_kinds:
-            raise ConfigError(f"task_kinds: unknown {unknown or 'empty list'}; choose from {', '.join(TASK_KINDS)}")
+        super().__post_init__()
+        require(self.eval_tasks >= 0, "eval_tasks", self.eval_tasks, ">= 0")
+        require(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
+        require(self.max_len >= 0, "max_len", self.max_len, ">= 0")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,8 +296,7 @@ def load_sft_data(cfg: SftConfig, tokenizer: Tokenizer, max_len: int) -> SftData
     if cfg.val_fraction > 0 and len(files) > 1:
         n_val = max(n_val, 1)
     train_convs = files[n_val:]
-    train_convs += [Conversation(task_messages(e), f"task:{e.kind}:{i}")
-                    for i, e in enumerate(make_examples(cfg.tasks, cfg.task_seed, cfg.task_kinds))]
+    train_convs += [Conversation(task_messages(e), f"task:{e.kind}:{i}") for i, e in enumerate(cfg.task_examples())]
     val_convs = files[:n_val] + [Conversation(task_messages(e), f"heldout-task:{e.kind}:{i}")
                                  for i, e in enumerate(held_out_examples(cfg))]
     train, truncated, rejected = encode_all(tokenizer, train_convs, max_len, cfg.too_long)
@@ -331,8 +333,9 @@ def run_sft(cfg: SftConfig) -> dict[str, Any]:
     "model_dir", "train_conversations", "truncated", "rejected"}.
     """
 
-    model, tokenizer = load_policy(cfg.checkpoint, cfg.train.device)
-    apply_peft(model, cfg.peft)
+    stage = Stage("sft", cfg)
+    model, tokenizer = stage.policy, stage.tokenizer
+    stage.add_peft()
     virtual = getattr(getattr(model, "virtual_tokens", None), "n_tokens", 0)  # prompt/prefix tuning positions
     room = model.cfg.max_seq_len - virtual
     max_len = cfg.max_len or room
@@ -340,9 +343,7 @@ def run_sft(cfg: SftConfig) -> dict[str, Any]:
         raise ConfigError(f"max_len {max_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}"
                           + (f" minus {virtual} virtual tokens" if virtual else ""))
     data = load_sft_data(cfg, tokenizer, max_len)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
+    run_dir = stage.open()
     if data.truncated:
         print(f"warning: {data.truncated} of {len(data.train)} training conversations were longer than max_len "
               f"{max_len} tokens and were truncated", file=sys.stderr)
@@ -351,7 +352,7 @@ def run_sft(cfg: SftConfig) -> dict[str, Any]:
             json.dumps({"source": s, "reason": r}) + "\n" for s, r in data.rejected))
         print(f"warning: {len(data.rejected)} conversations rejected (first: {data.rejected[0][0]}: "
               f"{data.rejected[0][1]}); all listed in {run_dir / 'rejected.jsonl'}", file=sys.stderr)
-    pad_id = pad_id_of(tokenizer)
+    pad_id = stage.pad_id
     batches = SftBatches(data.train, cfg.batch_size, max_len, cfg.packing, pad_id, cfg.seed)
     held_out = held_out_examples(cfg)
 
@@ -371,13 +372,10 @@ def run_sft(cfg: SftConfig) -> dict[str, Any]:
     print(f"sft: {len(data.train)} conversations ({n_tokens:,} tokens), {len(data.val)} held out, "
           f"{'packed' if cfg.packing else 'padded'} into sequences of <= {max_len} tokens", file=sys.stderr)
     fused = cfg.train.fused_ce
-    result = train_loop(model, lambda m, b: sft_loss(m, b, fused), batches, cfg.train, run_dir,
-                        evaluate=evaluate if base else None, resume=cfg.resume, desc="sft")
-    out_dir = run_dir / ("model" if cfg.peft.method == "none" else "adapter")
-    save_result(model, cfg.peft, out_dir, cfg.checkpoint)
-    out = {"steps": result["steps"], "final_loss": result["final_loss"], "val_loss": result.get("val_loss"),
-           "exact_match": result.get("exact_match"), **base, "model_dir": str(out_dir),
-           "train_conversations": len(data.train), "truncated": data.truncated, "rejected": len(data.rejected)}
+    result = stage.fit(model, lambda m, b: sft_loss(m, b, fused), batches, evaluate if base else None)
+    out_dir = stage.save("model" if cfg.peft.method == "none" else "adapter")
+    out = summary(result, out_dir, val_loss=result.get("val_loss"), exact_match=result.get("exact_match"), **base,
+                  train_conversations=len(data.train), truncated=data.truncated, rejected=len(data.rejected))
     shown = [f"{k} {out[k]:.4f}" for k in ("base_exact_match", "exact_match", "base_val_loss", "val_loss")
              if out.get(k) is not None]
     print(f"sft: {out['steps']} steps, final loss {out['final_loss']:.4f}; {', '.join(shown)} -> {out_dir}")
