@@ -161,6 +161,13 @@ def test_generate_command_refusal_is_one_line(tmp_path, capsys):
     assert rc != 0 and err.count("\n") == 0 and "an encoder-decoder" in err and "Traceback" not in err
 
 
+def test_a_prefix_lm_is_not_exported_to_hf(tmp_path, capsys):
+    save_model(build("prefix"), tmp_path / "m")
+    assert main(["convert", "to-hf", str(tmp_path / "m"), str(tmp_path / "hf")]) != 0
+    assert "model.prefix_lm=true cannot be exported" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_bpe([SHAKESPEARE.read_text(encoding="utf-8")[:60_000]], vocab_size=VOCAB, show_progress=False)
