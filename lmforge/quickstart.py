@@ -38,6 +38,7 @@ from lmforge.generate.engine import generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import ModelConfig, Transformer, load_model
 from lmforge.model.encdec import build_model
+from lmforge.model.io import read_model_config
 from lmforge.peft.config import PeftConfig, load_trained
 from lmforge.posttrain.dpo import DpoConfig, run_dpo
 from lmforge.posttrain.sft import SftConfig, run_sft
@@ -419,9 +420,12 @@ def _summary_text(summary: dict[str, Any], report: Path) -> str:
         lines.append(f"  lmforge merge-adapter --checkpoint {chat['checkpoint']} --adapter {chat['adapter']} "
                      f"--output {serve}")
     if pt.get("val_after"):  # decoder-only models chat; an encoder-decoder fills spans
+        lines.append(f"  lmforge chat --checkpoint {chat['checkpoint']}{adapter}      "
+                     "(try: reverse: a b c, or add: 3 + 4)")
+        if not read_model_config(pt["model_dir"]).prefix_lm:  # serve decodes causal decoders only
+            lines.append(f"  lmforge serve --checkpoint {serve}      "
+                         "(then open http://127.0.0.1:8000 for the web chat)")
         lines += [
-            f"  lmforge chat --checkpoint {chat['checkpoint']}{adapter}      (try: reverse: a b c, or add: 3 + 4)",
-            f"  lmforge serve --checkpoint {serve}      (then open http://127.0.0.1:8000 for the web chat)",
             f"  lmforge generate --checkpoint {pt['model_dir']} --prompt 'def main(' --sampling.max-new-tokens 80",
             f"  lmforge eval --checkpoint {pt['model_dir']} --data {run / 'shards'}",
         ]
