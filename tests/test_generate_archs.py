@@ -26,6 +26,7 @@ from lmforge.model import ModelConfig, save_model
 from lmforge.model.encdec import EncoderDecoder, build_model
 from lmforge.model.hf.convert import from_hf
 from lmforge.model.io import load_model
+from lmforge.peft import PromptConfig, apply_prompt_tuning
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 from lmforge.tokenizer.train import train_bpe
 
@@ -104,6 +105,16 @@ def test_prefix_lm_decodes_its_prompt_as_the_prefix():
     m, p = build("prefix"), prompt(7)
     causal = build("prefix", prefix_lm=False)  # the same weights read causally decode something else
     assert generate(m, p, GREEDY) != generate(causal, p, GREEDY)
+
+
+def test_prefix_lm_with_prompt_tuning_keeps_the_whole_prompt_in_the_prefix():
+    m, p = build("prefix"), prompt(7)
+    apply_prompt_tuning(m, PromptConfig(n_tokens=3))
+    with torch.no_grad():
+        last = p[:-1] + [(p[-1] + 1) % VOCAB]
+        first = [m(torch.tensor([q]), prefix_len=torch.tensor([len(q)]))[0, 0] for q in (p, last)]
+    assert not torch.allclose(*first, atol=1e-4)  # the first prompt token sees the last one, as without tuning
+    assert generate(m, p, GREEDY) == reference_sample(m, p, GREEDY)
 
 
 def test_a_batch_equals_one_by_one(model):
