@@ -41,6 +41,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
 )
 
+GIL_FREE_CHARS = 20_000  # texts longer than this are encoded without holding the GIL (see `encode`)
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where recent transformers versions keep the template
@@ -148,8 +149,14 @@ class Tokenizer:
     # -- encode / decode ----------------------------------------------------------------------------
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Token ids of `text`; bos/eos only when asked (a stored post-processor is not applied)."""
-        ids = self.tk.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; bos/eos only when asked (a stored post-processor is not applied).
+
+        A long text goes through the batch path, which releases the GIL while Rust works (`encode` holds
+        it): the server tokenizes a long prompt in a thread while its event loop keeps answering."""
+        if len(text) > GIL_FREE_CHARS:
+            ids = self.tk.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self.tk.encode(text, add_special_tokens=False).ids
         return self._wrap(ids, add_bos, add_eos)
 
     def encode_batch(self, texts: list[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
@@ -169,15 +176,18 @@ class Tokenizer:
 
     # -- chat ----------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render [{"role", "content"}, ...] with the Jinja chat template, as transformers does."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render [{"role", "content"}, ...] with the Jinja chat template, as transformers does; `tools` (OpenAI
+        function specs) are passed to templates that render them, as transformers passes them."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise LmforgeError("chat messages must be a list of {'role': ..., 'content': ...} objects")
         import jinja2
 
         try:
+            extra = {} if tools is None else {"tools": tools}
             return _compile_template(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+                messages=messages, add_generation_prompt=add_generation_prompt, **extra,
                 bos_token=self.special_tokens["bos"] or "", eos_token=self.special_tokens["eos"] or "",
                 pad_token=self.special_tokens["pad"] or "")
         except jinja2.TemplateError as e:

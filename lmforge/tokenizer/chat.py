@@ -36,36 +36,38 @@ class Encoded:
 
 
 def chat_segments(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False,
-                  loss_on: str = "all") -> list[tuple[str, bool]]:
+                  loss_on: str = "all", tools: list[dict] | None = None) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, has_loss) pieces; assistant contents (with their end marker)
     carry the loss. `loss_on="last"` keeps it only on the final assistant turn."""
     messages = list(messages)
     last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=-1)
     segments: list[tuple[str, bool]] = []
-    done = render_chat(tokenizer, [], add_generation_prompt=False) if messages else ""
+    done = render_chat(tokenizer, [], add_generation_prompt=False, tools=tools) if messages else ""
     if done:
         segments.append((done, False))
     for i, message in enumerate(messages):
         if message.get("role") == "assistant":
-            header = _extend(tokenizer, messages[:i], True, done)
+            header = _extend(tokenizer, messages[:i], True, done, tools)
             segments.append((header[len(done):], False))
             done = header
-        text = _extend(tokenizer, messages[:i + 1], False, done)
+        text = _extend(tokenizer, messages[:i + 1], False, done, tools)
         loss = message.get("role") == "assistant" and (loss_on == "all" or i == last_assistant)
         segments.append((text[len(done):], loss))
         done = text
     if add_generation_prompt:
-        text = _extend(tokenizer, messages, True, done)
+        text = _extend(tokenizer, messages, True, done, tools)
         segments.append((text[len(done):], False))
     return [(text, loss) for text, loss in segments if text]
 
 
-def render_chat(tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+def render_chat(tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool,
+                tools: list[dict] | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
 
-def _extend(tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool, prefix: str) -> str:
-    text = render_chat(tokenizer, messages, add_generation_prompt)
+def _extend(tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool, prefix: str,
+            tools: list[dict] | None = None) -> str:
+    text = render_chat(tokenizer, messages, add_generation_prompt, tools)
     if not text.startswith(prefix):
         raise LmforgeError("the tokenizer's chat template is not incremental (rendering more messages changes "
                            "the text of earlier ones), so assistant tokens cannot be located for the loss mask")
@@ -102,9 +104,10 @@ def encode_prompt_response(tokenizer: Tokenizer, prompt: list[Message], response
     return _shifted(*_tokens(tokenizer, chat_segments(tokenizer, messages, loss_on="last")), max_len)
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: list[Message]) -> list[int]:
-    """The tokens a sampler starts from: the prompt plus the opening of an assistant turn."""
-    return _tokens(tokenizer, chat_segments(tokenizer, prompt, add_generation_prompt=True))[0]
+def prompt_ids(tokenizer: Tokenizer, prompt: list[Message], tools: list[dict] | None = None) -> list[int]:
+    """The tokens a sampler starts from: the prompt plus the opening of an assistant turn (`tools`: OpenAI
+    function specs for templates that render them)."""
+    return _tokens(tokenizer, chat_segments(tokenizer, prompt, add_generation_prompt=True, tools=tools))[0]
 
 
 def stop_token_ids(tokenizer: Tokenizer) -> list[int]:
