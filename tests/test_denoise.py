@@ -147,6 +147,7 @@ def test_pretrain_with_each_objective(tmp_path, objective, preset, model, vocab)
     assert result["steps"] == 25 and curve[-1] < curve[0]
     loaded = load_model(result["model_dir"])
     assert loaded.cfg.vocab_size == vocab and loaded.cfg.arch == ("encdec" if preset == "t5-tiny" else "decoder")
+    assert loaded.cfg.prefix_lm == (preset != "t5-tiny")  # generate and eval then read prompts as the prefix
 
 
 def test_cli_objective_and_encdec_needs_a_denoiser(tmp_path, capsys):

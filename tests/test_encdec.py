@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 
 from lmforge.core.config import from_dict
+from lmforge.generate.engine import generate
+from lmforge.generate.sampling import SamplingParams
 from lmforge.model import ModelConfig, save_model
-from lmforge.model.encdec import EncoderDecoder, build_model, greedy_decode, shift_right
+from lmforge.model.encdec import EncoderDecoder, build_model, shift_right
 from lmforge.model.io import load_model
 
 VOCAB = 64
@@ -61,21 +63,21 @@ def test_source_padding_is_invisible():
 
 
 def test_cached_greedy_equals_recomputing():
+    greedy = SamplingParams(greedy=True, max_new_tokens=10)
     for overrides in ({}, dict(position="alibi"), dict(position="rope"), dict(norm_placement="deepnorm")):
         m, src, n = model(**overrides), ids(9, 1), 10
-        out = greedy_decode(m, src, n)
+        out = generate(m, src.tolist(), greedy)  # both sources decoded as one batch
         tgt = torch.full((2, 1), m.cfg.decoder_start_id)
         with torch.no_grad():
             for _ in range(n):
                 tgt = torch.cat([tgt, m(src, tgt)[:, -1:].argmax(-1)], dim=1)
-        assert torch.equal(out, tgt[:, 1:]), overrides
+        assert out == tgt[:, 1:].tolist(), overrides
 
 
 def test_greedy_stops_at_eos():
-    m, src = model(), ids(9, 1, B=1)
-    first = greedy_decode(m, src, 4)
-    out = greedy_decode(m, src, 10, eos_id=int(first[0, 0]))
-    assert out.tolist() == [[int(first[0, 0])]]
+    m, src = model(), ids(9, 1, B=1)[0].tolist()
+    first = generate(m, src, SamplingParams(greedy=True, max_new_tokens=4))
+    assert generate(m, src, SamplingParams(greedy=True, max_new_tokens=10, stop_token_ids=[first[1]])) == first[:1]
 
 
 def test_shift_right():

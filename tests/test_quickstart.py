@@ -85,6 +85,7 @@ def test_quickstart_other_architectures(tmp_path, capsys, arch):
         assert config["attention"] == "mla" and (run / "dpo" / "model" / "adapter_config.json").is_file()
     elif arch == "prefix":
         assert json.loads((run / "pretrain" / "config.json").read_text())["objective"] == "prefix_lm"
+        assert config["prefix_lm"] and "lmforge chat --checkpoint" in out and "lmforge serve" not in out
     else:
         assert config["arch"] == "encdec" and config["n_encoder_layers"] == 3
         assert {"sft", "dpo", "eval"}.isdisjoint(summary["stages"]) and "lmforge chat" not in out

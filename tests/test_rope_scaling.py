@@ -84,9 +84,8 @@ def test_hf_config_round_trip(case):
     names = [f for f in vars(cfg) if f.startswith("rope_")]
     original = cfg.rope_original_max_seq_len
     expect = {f: getattr(cfg, f) for f in names}
-    if case == "dynamic":  # written as max_position_embeddings, read back as the (whole) context
-        assert (exported["max_position_embeddings"], back.max_seq_len) == (original, original)
-        expect["rope_original_max_seq_len"] = 0
+    if case == "dynamic":  # written as max_position_embeddings, read back as the original context of a longer one
+        assert (exported["max_position_embeddings"], back.max_seq_len) == (original, original * cfg.rope_factor)
     assert {f: getattr(back, f) for f in names} == expect
     # transformers reads the exported dict to the same frequencies (4.x `rope_scaling` spelling included)
     hf = transformers.LlamaConfig(**{k: v for k, v in exported.items() if k != "dtype"})

@@ -2,7 +2,8 @@
 
 Log-likelihood requests are (context, continuation) token lists. They are sorted by length,
 right-padded and scored one forward per batch: with a causal model, padding after a sequence
-cannot change the logits at its real positions, so no mask is needed. Greedy generation goes
+cannot change the logits at its real positions, so no mask is needed (a prefix LM reads the context
+as its prefix, an encoder-decoder as its masked source). Greedy generation goes
 through `lmforge.generate.engine.generate`, which decodes a list of prompts as one batch (left padding,
 masked).
 """
@@ -32,6 +33,7 @@ from lmforge.eval.tasks import (
 )
 from lmforge.generate.engine import Strategy, generate
 from lmforge.generate.sampling import SamplingParams
+from lmforge.model.encdec import EncoderDecoder
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 
@@ -46,41 +48,63 @@ def loglikelihoods(model: nn.Module, requests: Sequence[tuple[list[int], list[in
     """For each (context, continuation): (sum of log p(continuation | context), whether it is greedy).
 
     Contexts longer than the model allows are cut from the left (as lm-evaluation-harness does);
-    a continuation must fit with at least one context token.
+    a continuation must fit with at least one context token. A prefix LM reads the context as its
+    bidirectional prefix; an encoder-decoder reads it as the source and scores the continuation as the
+    decoder's target (each as `lmforge.generate.engine` decodes them).
     """
     max_len = model.cfg.max_seq_len
-    device = model_device(model)
+    encdec = isinstance(model, EncoderDecoder)
     prepared = []
     for i, (ctx, cont) in enumerate(requests):
         if not ctx or not cont:
             raise LmforgeError(f"log-likelihood request {i}: context and continuation must be non-empty")
-        if len(cont) >= max_len:
+        if len(cont) >= max_len + encdec:
             raise LmforgeError(f"log-likelihood request {i}: continuation of {len(cont)} tokens does not fit the "
                                f"model's max_seq_len={max_len}")
-        full = (ctx + cont)[-(max_len + 1):]
-        prepared.append((full[:-1], cont))  # inputs, targets
-    order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
+        if encdec:  # source, decoder inputs (start + cont[:-1]), targets
+            prepared.append((ctx[-max_len:], [model.cfg.decoder_start_id] + cont[:-1], cont))
+        else:
+            full = (ctx + cont)[-(max_len + 1):]
+            prepared.append(([], full[:-1], cont))  # inputs, targets
+    order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][1]))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(prepared)
     was_training = model.training
     model.eval()
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="loglik", unit="batch", disable=not progress):
             idx = order[start:start + batch_size]
-            width = len(prepared[idx[0]][0])
-            batch = torch.zeros(len(idx), width, dtype=torch.long)
+            logprobs = torch.log_softmax(_batch_logits(model, [prepared[i] for i in idx]).float(), dim=-1)
             for row, i in enumerate(idx):
-                inputs = prepared[i][0]
-                batch[row, :len(inputs)] = torch.tensor(inputs)
-            logprobs = torch.log_softmax(model(batch.to(device)).float(), dim=-1)
-            for row, i in enumerate(idx):
-                inputs, cont = prepared[i]
+                _, inputs, cont = prepared[i]
                 span = logprobs[row, len(inputs) - len(cont):len(inputs)]  # positions that predict cont
-                target = torch.tensor(cont, device=device)
+                target = torch.tensor(cont, device=span.device)
                 ll = span.gather(-1, target[:, None]).sum().item()
                 results[i] = (ll, bool((span.argmax(-1) == target).all()))
     finally:
         model.train(was_training)
     return results
+
+
+def _right_pad(rows: Sequence[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, L] and their mask (1 = token)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
+def _batch_logits(model: nn.Module, batch: Sequence[tuple[list[int], list[int], list[int]]]) -> torch.Tensor:
+    """Logits [B, T, V] of right-padded (source, inputs, targets) rows: padding after a row's inputs cannot
+    change its logits (causal after the prompt); an encoder-decoder's padded source keys are masked."""
+    device = model_device(model)
+    inputs, _ = _right_pad([b[1] for b in batch], device)
+    if isinstance(model, EncoderDecoder):
+        src, src_mask = _right_pad([b[0] for b in batch], device)
+        return model(src, inputs, src_mask)
+    if model.cfg.prefix_lm:  # the context part of the inputs is the prefix
+        prefix = torch.tensor([len(b[1]) - len(b[2]) + 1 for b in batch], device=device)
+        return model(inputs, prefix_len=prefix)
+    return model(inputs)
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

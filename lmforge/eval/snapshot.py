@@ -8,13 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lmforge.data.shards import ShardSet
 from lmforge.generate.engine import generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import Transformer
-from lmforge.model.encdec import greedy_decode
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.evaluate import evaluate_perplexity
 
@@ -25,9 +22,9 @@ def sample_texts(model: Transformer, tokenizer: Tokenizer, prompts: list[str], n
     for i, prompt in enumerate(prompts):
         if model.cfg.arch == "encdec":
             sentinel = tokenizer.vocab_size  # the first sentinel id sits right past the tokenizer's ids
-            with torch.no_grad():
-                out = greedy_decode(model, torch.tensor([tokenizer.encode(prompt) + [sentinel]]), n_tokens)
-            texts.append(prompt + "<span>" + tokenizer.decode([t for t in out[0].tolist() if t < sentinel]))
+            out = generate(model, tokenizer.encode(prompt) + [sentinel],
+                           SamplingParams(greedy=True, max_new_tokens=n_tokens))
+            texts.append(prompt + "<span>" + tokenizer.decode([t for t in out if t < sentinel]))
             continue
         params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=n_tokens, seed=i,
                                 stop_token_ids=[tokenizer.eos_id] if tokenizer.eos_id is not None else [])

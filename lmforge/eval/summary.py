@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lmforge.model.io import read_model_config
+
 
 def _metric(stages: dict[str, Any], label: str, task: str, metric: str) -> float | None:
     return (stages.get("eval") or {}).get("models", {}).get(label, {}).get(task, {}).get(metric)
@@ -71,9 +73,12 @@ def summary_text(summary: dict[str, Any], report: Path) -> str:
         lines.append(f"  lmforge merge-adapter --checkpoint {chat['checkpoint']} --adapter {chat['adapter']} "
                      f"--output {serve}")
     if pt.get("val_after"):  # decoder-only models chat; an encoder-decoder fills spans
+        lines.append(f"  lmforge chat --checkpoint {chat['checkpoint']}{adapter}      "
+                     "(try: reverse: a b c, or add: 3 + 4)")
+        if not read_model_config(pt["model_dir"]).prefix_lm:  # serve decodes causal decoders only
+            lines.append(f"  lmforge serve --checkpoint {serve}      "
+                         "(then open http://127.0.0.1:8000 for the web chat)")
         lines += [
-            f"  lmforge chat --checkpoint {chat['checkpoint']}{adapter}      (try: reverse: a b c, or add: 3 + 4)",
-            f"  lmforge serve --checkpoint {serve}      (then open http://127.0.0.1:8000 for the web chat)",
             f"  lmforge generate --checkpoint {pt['model_dir']} --prompt 'def main(' --sampling.max-new-tokens 80",
             f"  lmforge eval --checkpoint {pt['model_dir']} --data {run / 'shards'}",
         ]

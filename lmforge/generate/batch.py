@@ -6,7 +6,8 @@ decoding them one by one leaves the matrix units idle. Here every row shares one
 each decode step writes one slot for the whole batch; an attention mask hides the padding keys and
 per-row positions make every row see exactly the positions it would see alone, so greedy output
 equals `lmforge.generate.engine.generate` row by row (tested). A row that samples a stop token is
-finished (the stop token is not returned); the loop ends when all rows are.
+finished (the stop token is not returned); the loop ends when all rows are. A prefix LM's prompts are
+prefilled bidirectionally over their real tokens.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
     return ids, pads
 
 
-def prefill_mask(pads: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, 1, L, L] bool: causal and not a pad key. A pad query attends to itself only, so no row of the
-    softmax is empty (SDPA would return NaN); its output is never used."""
+def prefill_mask(pads: torch.Tensor, width: int, prefix: bool = False) -> torch.Tensor:
+    """[B, 1, L, L] bool: causal (`prefix`: every prompt token, as a prefix LM reads it) and not a pad key. A pad
+    query attends to itself only, so no row of the softmax is empty (SDPA would return NaN); its output is
+    never used."""
     idx = torch.arange(width, device=pads.device)
-    causal = idx[None, :] <= idx[:, None]
+    causal = idx[None, :] <= idx[:, None] if not prefix else torch.ones(width, width, dtype=torch.bool,
+                                                                           device=pads.device)
     real_key = idx[None, :] >= pads[:, None]  # [B, L]
     mask = causal[None] & real_key[:, None, :]
     return (mask | torch.eye(width, dtype=torch.bool, device=pads.device)[None])[:, None]
@@ -76,7 +79,8 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], params: SamplingP
     try:
         cache = model.new_cache(B, L + budget - 1)
         positions = (torch.arange(L, device=device)[None, :] - pads[:, None]).clamp(min=0)
-        logits = model(ids, cache=cache, start_pos=0, positions=positions, attn_mask=prefill_mask(pads, L))[:, -1]
+        mask = prefill_mask(pads, L, prefix=getattr(model.cfg, "prefix_lm", False))
+        logits = model(ids, cache=cache, start_pos=0, positions=positions, attn_mask=mask)[:, -1]
         # keys a decode step may attend to: every real prompt token and every generated slot
         real_key = torch.ones(B, L + budget, dtype=torch.bool, device=device)
         real_key[:, :L] = torch.arange(L, device=device)[None, :] >= pads[:, None]

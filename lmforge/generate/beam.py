@@ -26,7 +26,7 @@ from torch import nn
 from lmforge.core.config import option
 from lmforge.core.errors import ConfigError
 from lmforge.generate.processors import History, LogitsProcessor, NoRepeatNGram, apply_processors
-from lmforge.generate.prompt import check_prompt, fit_prompt
+from lmforge.generate.prompt import check_prompt, fit_prompt, prefill_kwargs
 
 BIG = 1.0e9  # HF's "impossible" score offset; kept identical so ties break the same way
 
@@ -85,7 +85,8 @@ def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: BeamParams,
     model.eval()
     try:
         cache = model.new_cache(K, L + budget - 1)
-        logits = model(torch.tensor([prompt] * K, device=device), cache=cache, start_pos=0)[:, -1]
+        logits = model(torch.tensor([prompt] * K, device=device), cache=cache, start_pos=0,
+                       **prefill_kwargs(model, K, L, device))[:, -1]
         running = torch.tensor([prompt] * K)  # [K, L + step]
         running_scores = torch.full((K,), -BIG)
         running_scores[0] = 0.0  # only the first beam expands at step 0, so beams start distinct
@@ -128,9 +129,7 @@ def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: BeamParams,
                 running_scores[0], finished_scores, bool(finished_flag.all()), length, params.length_penalty)
             if not improvable or (bool(finished_flag.all()) and params.early_stopping is True):
                 break
-            rows = order.to(device)
-            cache.k.copy_(cache.k.index_select(1, rows))
-            cache.v.copy_(cache.v.index_select(1, rows))
+            cache.reorder(order.to(device))
             logits = model(running[:, -1:].to(device), cache=cache, start_pos=L + step)[:, -1]
     finally:
         model.train(was_training)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.core.errors import ConfigError
-from lmforge.generate.prompt import check_prompt, fit_prompt
+from lmforge.generate.prompt import check_prompt, fit_prompt, prefill_kwargs
 
 
 def degeneration_scores(probs: torch.Tensor, cand_hidden: torch.Tensor, context_hidden: torch.Tensor,
@@ -55,7 +55,8 @@ def _search(model: nn.Module, prompt: list[int], alpha: float, k: int, max_new_t
     try:
         # the k candidates take k cache slots past the last real token
         cache = model.new_cache(1, min(len(prompt) + budget - 1 + k, model.context_length))
-        hidden = model(torch.tensor([prompt], device=device), cache=cache, start_pos=0, return_hidden=True)[0]
+        hidden = model(torch.tensor([prompt], device=device), cache=cache, start_pos=0, return_hidden=True,
+                       **prefill_kwargs(model, 1, len(prompt), device))[0]
         context = hidden  # [t, d], hidden states of every token so far
         logits = model.lm_head(hidden[-1:])[0]
         pos = len(prompt)
@@ -81,8 +82,7 @@ def _search(model: nn.Module, prompt: list[int], alpha: float, k: int, max_new_t
                 return
             if best:  # cache slots come after any prompt/prefix-tuning virtual tokens
                 slot = pos + (0 if model.virtual_tokens is None else model.virtual_tokens.n_tokens)
-                cache.k[:, :, :, slot] = cache.k[:, :, :, slot + best]
-                cache.v[:, :, :, slot] = cache.v[:, :, :, slot + best]
+                cache.copy_slot(slot, slot + best)
             context = torch.cat([context, cand_hidden[best:best + 1]])
             logits = model.lm_head(cand_hidden[best:best + 1])[0]
             pos += 1

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lmforge.generate.processors import History
-from lmforge.generate.prompt import check_prompt, fit_prompt
+from lmforge.generate.prompt import check_prompt, fit_prompt, prefill_kwargs
 from lmforge.generate.sampling import SamplingParams, new_generator, sample_next
 from lmforge.generate.static import static_decoder, static_supported
 
@@ -65,7 +65,8 @@ def decode(model: nn.Module, prompt: list[int], params: SamplingParams) -> Itera
     try:
         # The last sampled token is never fed back, so the cache needs one slot less than the total.
         cache = model.new_cache(1, len(prompt) + budget - 1)
-        logits = model(torch.tensor([prompt], device=device), cache=cache, start_pos=0)[:, -1]
+        logits = model(torch.tensor([prompt], device=device), cache=cache, start_pos=0,
+                       **prefill_kwargs(model, 1, len(prompt), device))[:, -1]
         pos = len(prompt)
 
         def step(token: torch.Tensor) -> torch.Tensor:

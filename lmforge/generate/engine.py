@@ -6,6 +6,11 @@ stop tokens from. `generate_stream` dispatches to the strategy's decode loop and
 are decided; `generate` collects them, for one prompt or for a batch of prompts (batched sampling decodes
 the whole batch at once through `lmforge.generate.batch`). A bare `SamplingParams` means plain sampling.
 
+Every architecture the project trains goes through the same loops: a decoder-only model as it is (a prefix
+LM prefills its prompt bidirectionally, `lmforge.generate.prompt.prefill_kwargs`); an encoder-decoder
+encodes the prompt as its source once (`EncoderDecoder.bind`) and its decoder, started from
+`decoder_start_id`, is decoded like a decoder-only model. Speculative decoding is for causal decoders only.
+
 The server keeps its own loop (`lmforge.serve.scheduler`): continuous batching admits and retires
 requests between steps, which no single call can do; it shares the sampling step and its settings.
 """
@@ -16,14 +21,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, overload
 
+import torch
 from torch import nn
 
+from lmforge.core.errors import LmforgeError
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.beam import BeamParams, beam_search
 from lmforge.generate.contrastive import contrastive_stream
 from lmforge.generate.decode import sample_stream
+from lmforge.generate.prompt import check_prompt, fit_prompt
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.speculative import DraftModel, MTPDrafter, SpecStats, check_draft, speculative_stream
+from lmforge.model.encdec import EncoderDecoder
 
 Kind = Literal["sample", "beam", "contrastive", "speculative"]
 CONTRASTIVE_TOP_K = 4  # contrastive candidates when sampling.top_k is 0
@@ -65,6 +74,12 @@ def generate_stream(model: nn.Module, prompt_ids: Sequence[int], strategy: Strat
     s = as_strategy(strategy)
     stats = stats if stats is not None else RunStats()
     params = s.sampling
+    if s.kind == "speculative" and (isinstance(model, EncoderDecoder) or model.cfg.prefix_lm):
+        raise LmforgeError("speculative decoding needs a causal decoder-only model; this one is "
+                           + ("an encoder-decoder" if isinstance(model, EncoderDecoder) else "a prefix LM"))
+    if isinstance(model, EncoderDecoder):
+        model, prompt_ids = bind_sources(model, [prompt_ids])
+        prompt_ids = prompt_ids[0]
     if s.kind == "beam":
         beam = BeamParams(num_beams=s.num_beams, length_penalty=s.length_penalty, early_stopping=s.early_stopping,
                           no_repeat_ngram_size=params.no_repeat_ngram_size,
@@ -104,6 +119,24 @@ def generate(model: nn.Module, prompt_ids: Sequence[int] | Sequence[Sequence[int
     s = as_strategy(strategy)
     if prompt_ids and isinstance(prompt_ids[0], (list, tuple)):
         if s.kind == "sample" and not s.compile:
-            return generate_batch(model, [list(p) for p in prompt_ids], s.sampling)
+            prompts = [list(p) for p in prompt_ids]
+            if isinstance(model, EncoderDecoder):
+                model, prompts = bind_sources(model, prompts)
+            return generate_batch(model, prompts, s.sampling)
         return [list(generate_stream(model, p, s)) for p in prompt_ids]
     return list(generate_stream(model, prompt_ids, s))
+
+
+def bind_sources(model: EncoderDecoder, prompts: Sequence[Sequence[int]]) -> tuple[nn.Module, list[list[int]]]:
+    """An encoder-decoder's prompts as its sources, encoded once (right-padded, masked): the decoder bound to
+    them, and each row's decoder prompt, `decoder_start_id`. A source too long keeps its last tokens."""
+    sources = []
+    for p in prompts:
+        check_prompt(p, model.cfg.vocab_size)
+        sources.append(fit_prompt(p, model.cfg.max_seq_len))
+    device = next(model.parameters()).device
+    width = max(len(p) for p in sources)
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in sources], device=device)
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in sources], device=device)
+    bound = model.bind(ids, None if bool(mask.all()) else mask)
+    return bound, [[model.cfg.decoder_start_id]] * len(sources)

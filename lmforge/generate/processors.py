@@ -57,24 +57,26 @@ def apply_temperature(logits: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep exactly the k largest logits of each row (Fan et al., 2018); k <= 0 or k >= V keeps all."""
+    """Keep the k largest logits of each row (Fan et al., 2018) and every logit tied with the k-th, as HF's
+    `TopKLogitsWarper` does (a tie is never broken by index); k <= 0 or k >= V keeps all."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    top = torch.topk(logits, k, dim=-1)
-    return torch.full_like(logits, NEG_INF).scatter(-1, top.indices, top.values)
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, NEG_INF)
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter (Holtzman et al., 2020, eq. 2): keep the smallest set of most likely tokens
-    whose probability mass is >= p. A token is dropped when the mass strictly before it already
-    reaches p, so the most likely token always survives."""
+    """Nucleus filter (Holtzman et al., 2020, eq. 2): keep the smallest set of most likely tokens whose
+    probability mass is >= p, computed as HF's `TopPLogitsWarper` does: sorted ascending, a token is dropped
+    when the mass up to and including it is <= 1 - p; the most likely token always survives. Tokens tied at
+    the boundary are resolved by the same stable ascending sort, so the kept set equals HF's."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits.float(), dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop_sorted = mass_before >= p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False, stable=True)
+    mass_upto = torch.softmax(sorted_logits.float(), dim=-1).cumsum(dim=-1)
+    drop_sorted = mass_upto <= (1 - p)
+    drop_sorted[..., -1] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, NEG_INF)
 
 

@@ -1,13 +1,18 @@
-"""The prompt checks every decode loop starts with: ids inside the vocabulary, cut to leave room to answer.
+"""The prompt checks every decode loop starts with: ids inside the vocabulary, cut to leave room to answer;
+and how the prompt is prefilled (a prefix LM reads it as its bidirectional prefix).
 
 They sit below every strategy (sampling, batch, beam, contrastive, speculative) so each loop fails the
-same way on a bad prompt and keeps the same tail of a long one.
+same way on a bad prompt, keeps the same tail of a long one and reads it the way the model was trained to.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
 
 from lmforge.core.errors import LmforgeError
 
@@ -31,3 +36,12 @@ def check_prompt(prompt_ids: Sequence[int], vocab_size: int) -> None:
         if not 0 <= int(t) < vocab_size:
             raise LmforgeError(f"generate: prompt token {i} is {t}, "
                                f"outside the model's vocabulary [0, {vocab_size})")
+
+
+def prefill_kwargs(model: nn.Module, rows: int, length: int, device: torch.device) -> dict[str, Any]:
+    """Extra arguments of the forward that prefills `rows` prompts of `length` tokens into a fresh cache: a
+    prefix LM (`model.cfg.prefix_lm`) reads the whole prompt as its prefix, both ways; later tokens attend
+    causally to it through the cache. Nothing for a causal model."""
+    if not getattr(model.cfg, "prefix_lm", False):
+        return {}
+    return {"prefix_len": torch.full((rows,), length, device=device)}

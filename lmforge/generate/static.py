@@ -50,6 +50,7 @@ def static_supported(model: nn.Module) -> str | None:
         "dynamic-NTK RoPE recomputes its tables from the data": cfg.rope_scaling == "dynamic",
         "sliding-window attention": bool(cfg.sliding_window),
         "virtual tokens (prompt/prefix tuning)": model.virtual_tokens is not None,
+        "a prefix LM prefills its prompt bidirectionally": cfg.prefix_lm,
     }
     return next((r for r, bad in reasons.items() if bad), None)
 

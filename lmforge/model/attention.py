@@ -32,6 +32,16 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i becomes old row rows[i] (beam search keeps the beams it extends)."""
+        self.k.copy_(self.k.index_select(1, rows))
+        self.v.copy_(self.v.index_select(1, rows))
+
+    def copy_slot(self, dst: int, src: int) -> None:
+        """Every layer's and row's slot `src` written to slot `dst` (contrastive search keeps its pick)."""
+        self.k[:, :, :, dst] = self.k[:, :, :, src]
+        self.v[:, :, :, dst] = self.v[:, :, :, src]
+
     def bytes_per_token(self) -> int:
         layers, batch, heads, _, dim = self.k.shape
         return 2 * layers * heads * dim * self.k.element_size()

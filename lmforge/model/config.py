@@ -89,6 +89,8 @@ class ModelConfig:
         "decoder", "decoder-only Transformer, or encoder-decoder (lmforge.model.encdec, T5/BART style)")
     n_encoder_layers: int = option(0, "encdec: encoder blocks; 0 means n_layers (decoder blocks)")
     decoder_start_id: int = option(0, "encdec: first decoder input token (T5: the pad id 0)")
+    prefix_lm: bool = option(False, "decoder: a prefix LM (trained with a denoising objective): generation and "
+                                    "eval read the prompt bidirectionally, the answer causally")
 
     def __post_init__(self) -> None:
         if self.n_kv_heads == 0:
@@ -114,6 +116,8 @@ class ModelConfig:
         self._check_zoo()
         self._check_moe()
         self._check_mla()
+        require(not (self.prefix_lm and self.arch == "encdec"), "model.prefix_lm", self.prefix_lm,
+                "false for model.arch='encdec' (its encoder already reads the prompt both ways)")
         self._at_least(0, "mtp_depth")
 
     def _at_least(self, minimum: int, *names: str) -> None:

@@ -4,7 +4,8 @@
 decoder blocks also cross-attend, plus an encoder stack of the same `Block`s run bidirectionally. T5 relative
 position bias is one table per stack: bidirectional buckets in the encoder, causal ones in the decoder.
 Decoding caches the decoder's self-attention K/V (`KVCache`) and the cross-attention K/V of the encoder
-output, computed once per source (`memory_kv`).
+output, computed once per source (`memory_kv`); `EncoderDecoder.bind` wraps both as a decoder-only module, so
+`lmforge.generate.engine.generate` runs every decode strategy on it.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ class EncoderDecoder(Transformer):
                 for block in stack:
                     block.deepnorm_init(deepnorm_constants(self.cfg, role)[1])
 
-    def _embed(self, ids: torch.Tensor, start_pos: int, encoder: bool) -> tuple[torch.Tensor, tuple | None]:
+    def _embed(self, ids: torch.Tensor, start_pos: int, encoder: bool, positions: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, tuple | None]:
         T = ids.shape[1]
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        positions = torch.arange(start_pos, start_pos + T, device=ids.device)
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + T, device=ids.device)
         x = self.embed(ids)
         if self.cfg.position == "learned":
             x = x + (self.enc_pos_embed if encoder else self.pos_embed)(positions)
@@ -71,15 +74,27 @@ class EncoderDecoder(Transformer):
         return [block.cross_attn.memory_kv(memory) for block in self.blocks]
 
     def decode(self, tgt_ids: torch.Tensor, memory: MemoryKV, cache: KVCache | None = None, start_pos: int = 0,
-               src_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder hidden states [B, T, d] (scaled by cfg.output_scale, ready for the LM head)."""
-        x, rope = self._embed(tgt_ids, start_pos, encoder=False)
-        mask = self_attention_mask(self.cfg, x.shape[1], start_pos, x.dtype, x.device,
+               src_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder hidden states [B, T, d] (scaled by cfg.output_scale, ready for the LM head). `positions` and
+        `attn_mask` (a caller's self-attention mask) are as in `Transformer.forward`."""
+        x, rope = self._embed(tgt_ids, start_pos, encoder=False, positions=positions)
+        mask = self_attention_mask(self.cfg, x.shape[1], start_pos, x.dtype, x.device, base=attn_mask,
                                    alibi=getattr(self, "alibi", None), rel_bias=getattr(self, "rel_bias", None))
         memory_mask = None if src_mask is None else src_mask.bool()[:, None, None, :]
         for block, kv in zip(self.blocks, memory):
             x = block(x, rope, cache, start_pos, mask, None, kv, memory_mask)
         return self.norm(x) * self.cfg.output_scale
+
+    def bind(self, src_ids: torch.Tensor, src_mask: torch.Tensor | None = None) -> SourceBound:
+        """This model's decoder with `src_ids` encoded once: a module every decoder-only decode loop can run."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return SourceBound(self, self.memory_kv(self.encode(src_ids, src_mask)), src_mask)
+        finally:
+            self.train(was_training)
 
     def forward(self, src_ids: torch.Tensor, tgt_ids: torch.Tensor, src_mask: torch.Tensor | None = None,
                 return_hidden: bool = False) -> torch.Tensor:
@@ -94,44 +109,36 @@ def shift_right(targets: torch.Tensor, start_id: int, ignore_index: int = -100) 
     return inputs.masked_fill(inputs == ignore_index, start_id)
 
 
-@torch.no_grad()
-def greedy_decode(model: EncoderDecoder, src_ids: torch.Tensor, max_new_tokens: int,
-                  src_mask: torch.Tensor | None = None, eos_id: int | None = None) -> torch.Tensor:
-    """Greedy generation [B, <= max_new_tokens]: encode once, cache cross K/V once, then one decoder token
-    per step against the self-attention KV cache. Rows that emitted `eos_id` keep emitting it."""
-    memory = model.memory_kv(model.encode(src_ids, src_mask))
-    B = src_ids.shape[0]
-    cache = model.new_cache(B, max_new_tokens)
-    token = torch.full((B, 1), model.cfg.decoder_start_id, dtype=torch.long, device=src_ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=src_ids.device)
-    out = []
-    for step in range(max_new_tokens):
-        h = model.decode(token, memory, cache, step, src_mask)
-        token = model.lm_head(h[:, -1:]).argmax(-1)
-        if eos_id is not None:
-            token = token.masked_fill(done[:, None], eos_id)
-            done |= token[:, 0] == eos_id
-        out.append(token)
-        if eos_id is not None and bool(done.all()):
-            break
-    return torch.cat(out, dim=1)
+class SourceBound(nn.Module):
+    """An `EncoderDecoder`'s decoder over one encoded batch of sources, with the decoder-only interface the
+    decode loops of `lmforge.generate` use: `forward(ids, cache, start_pos, positions, attn_mask,
+    return_hidden)`, `new_cache`, `lm_head`, `context_length`. Memory of one source serves any number of rows
+    (beams, contrastive candidates); otherwise row i reads source i."""
 
+    virtual_tokens = None  # prompt/prefix tuning does not apply to the decoder of a seq2seq model
 
-@torch.no_grad()
-def prefix_lm_greedy(model: Transformer, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy generation from a prefix LM: the prompt is prefilled as the bidirectional prefix, then each new
-    token attends causally (to the whole prefix and the tokens before it) through the KV cache."""
-    B, P = prompt.shape
-    cache = model.new_cache(B, P + max_new_tokens)
-    prefix_len = torch.full((B,), P, device=prompt.device)
-    logits = model(prompt, cache=cache, prefix_len=prefix_len)[:, -1:]
-    out = []
-    for step in range(max_new_tokens):
-        token = logits.argmax(-1)
-        out.append(token)
-        if step + 1 < max_new_tokens:
-            logits = model(token, cache=cache, start_pos=P + step)
-    return torch.cat(out, dim=1)
+    def __init__(self, model: EncoderDecoder, memory: MemoryKV, src_mask: torch.Tensor | None) -> None:
+        super().__init__()
+        self.model, self.memory, self.src_mask = model, memory, src_mask
+        self.cfg, self.lm_head = model.cfg, model.lm_head
+
+    @property
+    def context_length(self) -> int:
+        return self.cfg.max_seq_len
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        return self.model.new_cache(batch_size, max_len)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        B = input_ids.shape[0]
+        memory, src_mask = self.memory, self.src_mask
+        if memory[0][0].shape[0] != B:  # one source for every row
+            memory = [(k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])) for k, v in memory]
+            src_mask = None if src_mask is None else src_mask.expand(B, -1)
+        h = self.model.decode(input_ids, memory, cache, start_pos, src_mask, positions, attn_mask)
+        return h if return_hidden else self.lm_head(h)
 
 
 def build_model(cfg: ModelConfig) -> Transformer:

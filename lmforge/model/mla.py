@@ -59,6 +59,14 @@ class LatentCache:
         """[B, end, r + dr]: [latent; rope key] of slots 0..end-1 (no copy)."""
         return self.kv[layer, :, :end]
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i becomes old row rows[i] (`KVCache.reorder`)."""
+        self.kv.copy_(self.kv.index_select(1, rows))
+
+    def copy_slot(self, dst: int, src: int) -> None:
+        """Slot `src` written to slot `dst` (`KVCache.copy_slot`)."""
+        self.kv[:, :, dst] = self.kv[:, :, src]
+
     def bytes_per_token(self) -> int:
         layers, _, _, width = self.kv.shape
         return layers * width * self.kv.element_size()

@@ -96,8 +96,12 @@ def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, mscale: float) -> t
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables in the half-split layout LLaMA/HF use (rotate_half), so HF q/k
     weights need no permutation. Scaled RoPE (`cfg.rope_scaling`) only changes the frequencies and
-    the cos/sin multiplier; `dynamic` NTK recomputes them per call once a sequence passes the original
-    context (as HF does, which reads the longest position: one host sync, for `dynamic` only)."""
+    the cos/sin multiplier.
+
+    `dynamic` NTK follows HF's `dynamic_rope_update` (it reads the longest position: one host sync, for
+    `dynamic` only): a call reaching past the longest length seen so far (at first the original context)
+    recomputes the frequencies for its length and the table up to it; shorter calls index that table; a
+    call back inside the original context returns to the original frequencies."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -108,15 +112,23 @@ class RotaryEmbedding(nn.Module):
         cos, sin = cos_sin(inv_freq, torch.arange(cfg.max_seq_len), mscale)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.grown: tuple[torch.Tensor, torch.Tensor] | None = None  # dynamic: table of the longest length so far
+
+    def _dynamic_table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq_len = int(positions.max()) + 1 if positions.numel() else 0
+        cached = self.original_len if self.grown is None else self.grown[0].shape[0]
+        if seq_len > cached or (self.grown is not None and self.grown[0].device != positions.device):
+            length = max(seq_len, cached)
+            inv_freq, mscale = scaled_rope_frequencies(self.cfg, length)
+            self.grown = cos_sin(inv_freq, torch.arange(length, device=positions.device), mscale)
+        elif seq_len < self.original_len:
+            self.grown = None
+        return (self.cos, self.sin) if self.grown is None else self.grown
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for `positions` ([T] or [B, T]), shaped to broadcast over heads."""
-        seq_len = int(positions.max()) + 1 if self.dynamic and positions.numel() else 0
-        if seq_len > self.original_len:
-            inv_freq, mscale = scaled_rope_frequencies(self.cfg, seq_len)
-            cos, sin = cos_sin(inv_freq, positions, mscale)
-        else:
-            cos, sin = self.cos[positions], self.sin[positions]
+        cos, sin = self._dynamic_table(positions) if self.dynamic else (self.cos, self.sin)
+        cos, sin = cos[positions], sin[positions]
         if positions.dim() == 1:
             return cos[None, None], sin[None, None]
         return cos[:, None], sin[:, None]

@@ -89,6 +89,8 @@ class Transformer(nn.Module):
         if n:
             x, positions, attn_mask, prefix, n_prompt = self._add_virtual(x, positions, attn_mask, start_pos == 0)
             start_pos += n - n_prompt  # prepended prompt rows are part of this chunk; prefix rows are not
+            if prefix_len is not None:  # the caller counts its own tokens; they sit after the n virtual slots
+                prefix_len = prefix_len + n
         if self.cfg.position == "learned":
             x = x + self.pos_embed(positions)
         elif self.cfg.position == "sinusoidal":

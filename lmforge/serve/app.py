@@ -76,6 +76,10 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise LmforgeError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                            f"{model.cfg.vocab_size}")
+    if model.cfg.arch == "encdec" or model.cfg.prefix_lm:  # the scheduler prefills causally, decoder-only
+        kind = "an encoder-decoder (model.arch='encdec')" if model.cfg.arch == "encdec" else "a prefix LM"
+        raise LmforgeError(f"serve does not run {kind} yet: its scheduler decodes causal decoder-only models; "
+                           "use lmforge generate, chat or eval for this checkpoint")
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_concurrent=max_concurrent)
     stops = stop_token_ids(tokenizer)
     info = ModelInfo(name, tokenizer, scheduler.context, stops, Grammars(tokenizer, model.cfg.vocab_size, stops))

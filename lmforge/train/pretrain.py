@@ -188,6 +188,11 @@ def _pretrain(cfg: PretrainConfig, run: DistributedRun | None) -> dict[str, Any]
     if shards.tokenizer_sha256 and tokenizer.is_file() and file_sha256(tokenizer) != shards.tokenizer_sha256:
         print(f"warning: {tokenizer} is not the tokenizer the shards in {train_dir} were made with",
               file=sys.stderr)
+    if cfg.objective != "causal" and model_cfg.arch == "decoder":  # generate and eval read prompts as the prefix
+        model_cfg = dataclasses.replace(model_cfg, prefix_lm=True)
+    elif model_cfg.prefix_lm and model_cfg.arch == "decoder":
+        raise LmforgeError("model.prefix_lm: objective 'causal' trains a causal LM (prefix_lm, span_corruption "
+                           "and ul2 make a prefix LM)")
     cfg = dataclasses.replace(cfg, model=model_cfg)
     run_dir = writable_dir(cfg.run_dir, "run_dir")
     save_config(cfg, run_dir / "config.json")

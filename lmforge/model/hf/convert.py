@@ -66,6 +66,9 @@ def to_hf(checkpoint_dir: str | Path, hf_dir: str | Path, dtype: str = "float32"
     if family not in FAMILY_CHOICES:
         raise LmforgeError(f"family '{family}' is not one of {', '.join(FAMILY_CHOICES)}")
     cfg = read_model_config(checkpoint_dir)
+    if cfg.prefix_lm:
+        raise LmforgeError(f"{checkpoint_dir}: model.prefix_lm=true cannot be exported: transformers reads every "
+                           "prompt causally, so its outputs would differ from lmforge's")
     meta: dict[str, Any] = read_json_object(checkpoint_dir / CONFIG_NAME).get("hf") or {}
     adapter = export_adapter(cfg, meta.get("model_type")) if family == "auto" else ADAPTERS[family]
     token_ids = token_ids_of(checkpoint_dir)

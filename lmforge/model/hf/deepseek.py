@@ -50,11 +50,12 @@ def config_from_hf(hf: dict[str, Any], source: str = "HF config") -> ModelConfig
                            f"{hf.get('topk_method')!r}: only DeepSeek-V3's sigmoid/noaux_tc routing is supported")
     max_len = int(get("max_position_embeddings"))
     hf, mscale = without_mscale(hf)
+    rope = rope_from_hf(hf, get("rope_theta"), max_len, source)
     values = dict(
         vocab_size=get("vocab_size"), d_model=get("hidden_size"), n_layers=get("num_hidden_layers"),
-        n_heads=get("num_attention_heads"), d_ff=get("intermediate_size"), max_seq_len=max_len, norm="rmsnorm",
-        norm_eps=get("rms_norm_eps"), norm_placement="pre", mlp="swiglu", position="rope",
-        **rope_from_hf(hf, get("rope_theta"), max_len, source), tie_embeddings=bool(get("tie_word_embeddings")),
+        n_heads=get("num_attention_heads"), d_ff=get("intermediate_size"), max_seq_len=rope.pop("max_seq_len", max_len),
+        norm="rmsnorm", norm_eps=get("rms_norm_eps"), norm_placement="pre", mlp="swiglu", position="rope",
+        **rope, tie_embeddings=bool(get("tie_word_embeddings")),
         init_std=get("initializer_range"), attention="mla", kv_lora_rank=get("kv_lora_rank"),
         q_lora_rank=hf.get("q_lora_rank", DEFAULTS["q_lora_rank"]) or 0,  # explicit null: no q compression
         qk_rope_head_dim=get("qk_rope_head_dim"),

@@ -72,12 +72,13 @@ class LlamaFamily(StackedAdapter):
         # LLaMA's attention_bias puts a bias on q, k, v and o: lmforge spells an o bias as `bias` (which
         # also biases the MLP, loaded as zeros when HF has none). Qwen2 biases q/k/v only.
         qkv_only = bool(self.fixed_biases and self.fixed_biases["qkv_bias"])
+        rope = rope_from_hf(hf, get("rope_theta"), max_len, source)
         values = dict(
             vocab_size=get("vocab_size"), d_model=get("hidden_size"), n_layers=get("num_hidden_layers"),
             n_heads=heads, n_kv_heads=get("num_key_value_heads", heads),
             head_dim=get("head_dim") or int(get("hidden_size")) // heads, d_ff=get("intermediate_size"),
-            max_seq_len=max_len, norm="rmsnorm", norm_eps=get("rms_norm_eps"), norm_placement="pre",
-            mlp="swiglu", position="rope", **rope_from_hf(hf, get("rope_theta"), max_len, source),
+            max_seq_len=rope.pop("max_seq_len", max_len), norm="rmsnorm", norm_eps=get("rms_norm_eps"),
+            norm_placement="pre", mlp="swiglu", position="rope", **rope,
             tie_embeddings=bool(get("tie_word_embeddings")), qkv_bias=qkv_only,
             bias=bool(get("mlp_bias")) or (bool(get("attention_bias")) and not qkv_only),
             init_std=get("initializer_range", 0.02), sliding_window=window or 0,

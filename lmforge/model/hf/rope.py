@@ -6,6 +6,7 @@ sides; a type or key lmforge does not compute raises rather than convert to diff
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from lmforge.core.errors import LmforgeError
@@ -25,8 +26,10 @@ def rope_from_hf(hf: dict[str, Any], default_theta: float, max_len: int,
                  source: str = "HF config") -> dict[str, Any]:
     """ModelConfig `rope_*` values from transformers 4.x (`rope_theta`, `rope_scaling`) or 5.x
     (`rope_parameters`) keys, read as HF 5.x reads them (`rope_scaling` wins, llama3/yarn's original context
-    defaults to max_position_embeddings). A type or key lmforge does not compute (longrope, YaRN's mscale,
-    partial rotary, ...) raises rather than convert to different positions."""
+    defaults to max_position_embeddings). Dynamic NTK also gives `max_seq_len`: HF takes max_position_embeddings
+    (`max_len`) as the original context and scales past it, so the model runs up to factor times that.
+    A type or key lmforge does not compute (longrope, YaRN's mscale, partial rotary, ...) raises rather than
+    convert to different positions."""
     params = hf.get("rope_parameters") or {}
     key, spec = ("rope_scaling", hf["rope_scaling"]) if hf.get("rope_scaling") else ("rope_parameters", params)
     rope_type = spec.get("rope_type", spec.get("type", "default")) if isinstance(spec, dict) else None
@@ -65,6 +68,8 @@ def rope_from_hf(hf: dict[str, Any], default_theta: float, max_len: int,
             out[field] = spec[hf_key]
     if "rope_original_max_seq_len" in fields.values():
         out["rope_original_max_seq_len"] = int(original)
+    if rope_type == "dynamic":  # the original context is max_position_embeddings; HF runs longer inputs
+        out.update(rope_original_max_seq_len=max_len, max_seq_len=math.ceil(max_len * float(factor)))
     return out
 
 
