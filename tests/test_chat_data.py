@@ -26,8 +26,9 @@ def test_loss_only_on_assistant_tokens_multi_turn():
     tok = tiny_tokenizer()
     enc = encode_conversation(tok, CONV, max_len=256)
     full = [*enc.input_ids, enc.labels[-1]]
-    assert tok.decode(full, skip_special_tokens=False) == "<|begin_of_text|>" + tok.apply_chat_template(
-        CONV, add_generation_prompt=False)
+    # nothing outside the template: it starts with eos, as documents do in the pretraining shards
+    assert tok.decode(full, skip_special_tokens=False) == tok.apply_chat_template(CONV, add_generation_prompt=False)
+    assert full[0] == tok.eos_id
     assert len(enc.input_ids) == len(enc.labels)
     assert enc.labels == [t if t != IGNORE_INDEX else IGNORE_INDEX for t in enc.labels]
     # the targets with a loss are exactly the two assistant replies with their end markers

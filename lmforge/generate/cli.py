@@ -102,12 +102,10 @@ def prompt_ids(cfg: GenerateConfig, tokenizer: Tokenizer | None) -> list[int]:
         return parse_input_ids(cfg.input_ids)
     if tokenizer is None:
         raise LmforgeError(f"{cfg.checkpoint} has no {TOKENIZER_FILE}: pass token ids with --input-ids")
-    ids = tokenizer.encode(cfg.prompt, add_bos=tokenizer.bos_id is not None) if cfg.prompt else []
+    ids = tokenizer.sequence_start + tokenizer.encode(cfg.prompt)  # a document start (lmforge.tokenizer.chat)
     if not ids:
-        if tokenizer.bos_id is None:
-            raise LmforgeError("the prompt is empty and the tokenizer has no bos token to start from: "
-                               "give --prompt or --input-ids")
-        ids = [tokenizer.bos_id]
+        raise LmforgeError("the prompt is empty and the tokenizer has no bos or eos token to start from: "
+                           "give --prompt or --input-ids")
     return ids
 
 

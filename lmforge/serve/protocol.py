@@ -157,8 +157,7 @@ def _completion_prompt(body: dict[str, Any], info: ModelInfo) -> list[int]:
         prompt = prompt[0]
     tok = info.tokenizer
     if isinstance(prompt, str):
-        ids = tok.encode(prompt, add_bos=tok.bos_id is not None)
-        return ids or ([tok.bos_id] if tok.bos_id is not None else [])
+        return tok.sequence_start + tok.encode(prompt)  # a document start (lmforge.tokenizer.chat)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         bad = [t for t in prompt if not 0 <= t < tok.vocab_size]
         if bad:

@@ -18,6 +18,7 @@ import tokenizers
 
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json, atomic_write_text, read_json_object
+from lmforge.tokenizer.templates import builtin_template
 
 SPECIAL_TOKENS = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "pad": "<|pad|>"}
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -30,8 +31,23 @@ TokenizerModel = Literal["bpe", "wordpiece", "unigram"]
 GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}"""
                       r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
 
-# Each role's message is "<|role|>\n{content}<|end|>\n"; the generation prompt opens an assistant turn.
+# Each role's message is "<|role|>\n{content}<|end|>\n"; the generation prompt opens an assistant turn. The
+# conversation starts with eos, as every document in the pretraining shards follows one (see `sequence_start`).
 DEFAULT_CHAT_TEMPLATE = (
+    "{{- eos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('unknown chat role ' ~ message['role'] ~ ' (expected system, user, assistant)') -}}"
+    "{%- endif -%}"
+    "{{- '<|' ~ message['role'] ~ '|>\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}{%- generation -%}{{- message['content'] ~ '<|end|>\\n' -}}"
+    "{%- endgeneration -%}{%- else -%}{{- message['content'] ~ '<|end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+# The default before sequence starts were written down (lmforge then put bos outside the template): a tokenizer
+# saved with it gets the current default on load, so its chats start as pretraining documents do.
+_LEGACY_DEFAULT_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
     "{{- raise_exception('unknown chat role ' ~ message['role'] ~ ' (expected system, user, assistant)') -}}"
@@ -40,6 +56,9 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
 )
+
+# Private-use characters around the text of a template's `{% generation %}` blocks while rendering.
+GENERATION_START, GENERATION_END = "\U000f0010", "\U000f0011"
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -59,7 +78,9 @@ class Tokenizer:
     def __init__(self, tk: tokenizers.Tokenizer, chat_template: str | None = None, *,
                  special_tokens: dict[str, str | None] | None = None) -> None:
         self.tk = tk
-        self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+        if chat_template is None or chat_template == _LEGACY_DEFAULT_CHAT_TEMPLATE:
+            chat_template = builtin_template(tk) or DEFAULT_CHAT_TEMPLATE
+        self.chat_template = chat_template
         given = special_tokens or {}
         # role -> token string; a role left out is found among the usual spellings present in the vocab
         self.special_tokens: dict[str, str | None] = {
@@ -139,6 +160,33 @@ class Tokenizer:
     def pad_id(self) -> int | None:
         return self.token_id("pad")
 
+    @property
+    def declared_start(self) -> list[int]:
+        """The ids the tokenizer's own post-processor puts before a text (Llama's bos, BERT's [CLS]); [] if none."""
+        probe = "x"
+        plain = self.tk.encode(probe, add_special_tokens=False).ids
+        full = self.tk.encode(probe, add_special_tokens=True).ids
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+        return full[:at]
+
+    @property
+    def sequence_start(self) -> list[int]:
+        """What starts every sequence the model reads (the rule is written in `lmforge.tokenizer.chat`): the
+        post-processor's prefix where the tokenizer declares one, else eos, the document separator of the
+        pretraining shards (every document there follows an eos); [] for a tokenizer with neither."""
+        declared = self.declared_start
+        if declared:
+            return declared
+        return [] if self.eos_id is None else [self.eos_id]
+
+    @functools.cached_property
+    def plain_tk(self) -> tokenizers.Tokenizer:
+        """The same tokenizer reading every special token's text as plain characters (a copy, so the flag never
+        changes how `tk` reads text in another thread)."""
+        tk = tokenizers.Tokenizer.from_str(self.tk.to_str())
+        tk.encode_special_tokens = True
+        return tk
+
     def _require(self, role: str) -> int:
         token_id = self.token_id(role)
         if token_id is None:
@@ -171,6 +219,12 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render [{"role", "content"}, ...] with the Jinja chat template, as transformers does."""
+        text = self.render_marked(messages, add_generation_prompt)
+        return text.replace(GENERATION_START, "").replace(GENERATION_END, "")
+
+    def render_marked(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """The rendered template with each `{% generation %}` block's text between GENERATION_START and
+        GENERATION_END (`lmforge.tokenizer.chat` reads the assistant spans from them)."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise LmforgeError("chat messages must be a list of {'role': ..., 'content': ...} objects")
         import jinja2
@@ -195,8 +249,22 @@ def _compile_template(source: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
+    class Generation(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (transformers' mark for what the assistant writes): the block
+        renders as its body between two private-use characters."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+        def _mark(self, caller: Any) -> str:
+            return GENERATION_START + caller() + GENERATION_END
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+                                        extensions=[jinja2.ext.loopcontrols, Generation])
     env.globals["raise_exception"] = raise_exception
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
     try:
