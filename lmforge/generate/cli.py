@@ -39,7 +39,7 @@ class GenerateConfig:
     checkpoint: str = option(help="model directory (config.json + model.safetensors [+ tokenizer.json])")
     adapter: str = option("", "adapter directory to run on the checkpoint: HF PEFT LoRA/DoRA, prefix or prompt "
                               "tuning, or an lmforge bottleneck adapter")
-    prompt: str = option("", "text to continue; empty starts from the tokenizer's bos token")
+    prompt: str = option("", "text to continue, after the sequence start (eos, or the tokenizer's declared bos)")
     input_ids: str = option("", "token ids to continue instead of text, e.g. \"1 2 3\" (no tokenizer needed)")
     sampling: SamplingParams = option(default_factory=_sampling, help="how tokens are chosen (every strategy "
                                                                       "reads max_new_tokens and seed from it)")

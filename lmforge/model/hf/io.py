@@ -99,7 +99,7 @@ def write_hf_dir(hf_dir: Path, hf_state: dict[str, torch.Tensor], hf_cfg: dict[s
     if (checkpoint_dir / TOKENIZER_FILE).is_file():
         tokenizer = Tokenizer.load(checkpoint_dir)
         write_hf_tokenizer(tokenizer, checkpoint_dir, hf_dir)
-        stops = stop_token_ids(tokenizer)  # the end-of-turn token and eos: HF generate stops where lmforge does
+        stops = generation_stop_ids(token_ids.get("eos_token_id"), tokenizer)
         if stops:
             generation["eos_token_id"] = stops if len(stops) > 1 else stops[0]
     else:
@@ -107,6 +107,16 @@ def write_hf_dir(hf_dir: Path, hf_state: dict[str, torch.Tensor], hf_cfg: dict[s
     if generation:
         atomic_write_json(hf_dir / "generation_config.json", generation)
     return hf_dir
+
+
+def generation_stop_ids(eos: int | list[int] | None, tokenizer: Tokenizer) -> list[int]:
+    """The model's eos id(s), else the tokenizer's, and the end-of-turn token lmforge's chat stops at: HF
+    `generate` then stops where lmforge does."""
+    ids = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
+    stops = stop_token_ids(tokenizer)
+    if not ids:
+        return stops
+    return ids + [t for t in stops if t not in ids and t != tokenizer.eos_id]
 
 
 def write_hf_tokenizer(tokenizer: Tokenizer, src: Path, hf_dir: Path) -> None:
