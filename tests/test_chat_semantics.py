@@ -11,7 +11,6 @@ import pytest
 import torch
 from posttrain_fixtures import tiny_model, tiny_tokenizer
 from textdata import SHAKESPEARE
-from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import processors, trainers
 
 from lmforge.core.tensors import IGNORE_INDEX

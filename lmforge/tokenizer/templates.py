@@ -27,7 +27,8 @@ QWEN2_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
-# Llama 3 Instruct: bos (with the first message), then per message a role header, a blank line, the trimmed content and <|eot_id|>.
+# Llama 3 Instruct: bos (with the first message), then per message a role header, a blank line, the trimmed
+# content and <|eot_id|>.
 LLAMA3_CHAT_TEMPLATE = (
     "{%- if messages -%}{{- bos_token -}}{%- endif -%}"
     "{%- for m in messages -%}"
