@@ -232,9 +232,10 @@ def test_tokenizer_saved_with_the_old_default_template_gets_the_new_one(tmp_path
 # templates that rewrite earlier turns: serving works, SFT masks them
 
 
-# Mistral v0.3-style: the system message goes into the last user turn, so earlier renderings change.
+# Mistral v0.3-style: the system message goes into the last user turn, so earlier renderings change; like
+# Qwen2.5's template it reads messages[0] unguarded, so an empty conversation does not render.
 MOVING_SYSTEM = (
-    "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none -%}"
+    "{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' else none -%}"
     "{%- set users = messages | selectattr('role', 'equalto', 'user') | list -%}"
     "{{- eos_token -}}"
     "{%- for m in messages if m['role'] != 'system' -%}"

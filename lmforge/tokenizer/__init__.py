@@ -78,9 +78,9 @@ class Tokenizer:
     def __init__(self, tk: tokenizers.Tokenizer, chat_template: str | None = None, *,
                  special_tokens: dict[str, str | None] | None = None) -> None:
         self.tk = tk
-        if chat_template is None or chat_template == _LEGACY_DEFAULT_CHAT_TEMPLATE:
-            chat_template = builtin_template(tk) or DEFAULT_CHAT_TEMPLATE
-        self.chat_template = chat_template
+        if chat_template == _LEGACY_DEFAULT_CHAT_TEMPLATE:
+            chat_template = DEFAULT_CHAT_TEMPLATE
+        self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
         given = special_tokens or {}
         # role -> token string; a role left out is found among the usual spellings present in the vocab
         self.special_tokens: dict[str, str | None] = {
@@ -107,6 +107,8 @@ class Tokenizer:
         jinja_file = file.parent / CHAT_TEMPLATE_FILE
         if template is None and jinja_file.is_file():
             template = jinja_file.read_text(encoding="utf-8")
+        if template is None:  # an HF checkpoint without one: the built-in template of its family, if known
+            template = builtin_template(tk)
         special = {role: _token_content(config[f"{role}_token"]) for role in _ROLE_CANDIDATES
                    if f"{role}_token" in config}
         return cls(tk, chat_template=template, special_tokens=special)
@@ -160,7 +162,7 @@ class Tokenizer:
     def pad_id(self) -> int | None:
         return self.token_id("pad")
 
-    @property
+    @functools.cached_property
     def declared_start(self) -> list[int]:
         """The ids the tokenizer's own post-processor puts before a text (Llama's bos, BERT's [CLS]); [] if none."""
         probe = "x"
