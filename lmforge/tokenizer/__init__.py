@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -180,6 +181,13 @@ class Tokenizer:
         if declared:
             return declared
         return [] if self.eos_id is None else [self.eos_id]
+
+    @functools.cached_property
+    def control_pattern(self) -> re.Pattern[str] | None:
+        """Matches the special added tokens (longest first, so a token wins over one it contains); None if none."""
+        tokens = sorted((t.content for t in self.tk.get_added_tokens_decoder().values() if t.special),
+                        key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
     @functools.cached_property
     def plain_tk(self) -> tokenizers.Tokenizer:

@@ -76,7 +76,7 @@ def render_chat(tokenizer: Tokenizer, messages: Sequence[Message], add_generatio
 
 
 def _mark_messages(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[dict[str, Any]]:
-    control = _control_pattern(tokenizer)
+    control = tokenizer.control_pattern
 
     def mark(value: Any) -> Any:
         if isinstance(value, str):
@@ -93,12 +93,6 @@ def _mark_messages(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[di
             for m in messages]
 
 
-def _control_pattern(tokenizer: Tokenizer) -> re.Pattern[str] | None:
-    tokens = sorted((t.content for t in tokenizer.tk.get_added_tokens_decoder().values() if t.special),
-                    key=len, reverse=True)  # a longer token wins over one it contains
-    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
-
-
 def _encode_marked(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[bool]]:
     """Token ids of a marked rendering, and for each whether it overlaps a `{% generation %}` span.
 
@@ -109,7 +103,7 @@ def _encode_marked(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[boo
     read it as running text.
     """
     segments, spans = _segments(tokenizer, text)
-    newline = tokenizer.tk.encode("\n", add_special_tokens=False).ids
+    newline = tokenizer.tk.encode("\n", add_special_tokens=False).ids if len(segments) > 1 else []
     ids: list[int] = []
     mask: list[bool] = []
     for start, piece, plain in segments:
@@ -129,7 +123,7 @@ def _encode_marked(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[boo
 def _segments(tokenizer: Tokenizer, text: str) -> tuple[list[tuple[int, str, bool]], list[tuple[int, int]]]:
     """(start, text, is a marked token) pieces of the rendering with the marks removed, and the generation
     spans, both in characters of that unmarked text."""
-    control = _control_pattern(tokenizer)
+    control = tokenizer.control_pattern
     token = f"{TEXT_START}(?:{control.pattern}){TEXT_END}|" if control else ""
     segments: list[tuple[int, str, bool]] = []
     spans: list[tuple[int, int]] = []
