@@ -128,8 +128,9 @@ def write_hf_tokenizer(tokenizer: Tokenizer, src: Path, hf_dir: Path) -> None:
         tk = type(tk).from_str(tk.to_str())
         names = [(tk.id_to_token(i), i) for i in dict.fromkeys(start)]
         lead = " ".join(tk.id_to_token(i) for i in start)
-        tk.post_processor = processors.TemplateProcessing(single=f"{lead} $A", pair=f"{lead} $A $B:1",
-                                                          special_tokens=names)
+        template = processors.TemplateProcessing(single=f"{lead} $A", pair=f"{lead} $A $B:1", special_tokens=names)
+        kept = tk.post_processor  # e.g. ByteLevel's offset trimming stays
+        tk.post_processor = template if kept is None else processors.Sequence([kept, template])
     atomic_write_text(hf_dir / TOKENIZER_FILE, tk.to_str(pretty=True))
     config = read_json_object(src / TOKENIZER_CONFIG_FILE) if (src / TOKENIZER_CONFIG_FILE).is_file() else {}
     config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
