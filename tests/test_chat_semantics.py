@@ -129,6 +129,8 @@ def family_tokenizer(directory: Path, specials: list[str], bos: str | None, eos:
     if declared_bos:
         tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B:1",
                                                           special_tokens=[(bos, tk.token_to_id(bos))])
+    else:  # as Qwen2's: offsets only, no ids added
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
     directory.mkdir(parents=True, exist_ok=True)
     tk.save(str(directory / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos}
@@ -174,25 +176,33 @@ def test_builtin_templates_render_like_the_official_ones(family, tmp_path):
         assert tok.apply_chat_template(PLAIN[1:2]).startswith("<|im_start|>system\nYou are a helpful assistant.")
 
 
-def test_llama3_template_from_hf_writes_bos_once_and_exports_its_stops(tmp_path):
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_imported_family_round_trips_with_one_start_and_its_stops(family, tmp_path):
+    """Llama 3 ships its template (which writes bos); the Qwen2-style checkpoint ships none (the built-in one)."""
+    specials, bos, eos, declared, template, _, turn_end = FAMILIES[family]
     hf_dir = tmp_path / "hf"
-    tok = family_tokenizer(hf_dir, LLAMA3, "<|begin_of_text|>", "<|end_of_text|>", True,
-                           template=LLAMA3_CHAT_TEMPLATE)
-    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                                      max_position_embeddings=64, bos_token_id=tok.bos_id,
-                                      eos_token_id=tok.eos_id)
-    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
+    tok = family_tokenizer(hf_dir, specials, bos, eos, declared, template=template if family == "llama3" else None)
+    config_cls, model_cls = {"llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    config = config_cls(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    model_cls(config).save_pretrained(hf_dir)
     ours = Tokenizer.load(from_hf(hf_dir, tmp_path / "ours"))
+    assert ours.chat_template == template
     ids = prompt_ids(ours, PLAIN)
-    assert ids[:2] == [ours.bos_id, ours.tk.token_to_id("<|start_header_id|>")] and ids.count(ours.bos_id) == 1
-    assert ours.sequence_start == [ours.bos_id]  # raw text: the declared bos, as HF's tokenizer(text) has it
+    if family == "llama3":  # the template's bos, once; raw text gets the declared bos, as HF's tokenizer(text)
+        assert ids[:2] == [ours.bos_id, ours.tk.token_to_id("<|start_header_id|>")] and ids.count(ours.bos_id) == 1
+        assert ours.sequence_start == [ours.bos_id]
+    else:  # no declared start: raw text follows eos, the shards' separator
+        assert ids[0] == ours.tk.token_to_id("<|im_start|>") and ours.sequence_start == [ours.eos_id]
     back = to_hf(tmp_path / "ours", tmp_path / "back")
     hf = transformers.AutoTokenizer.from_pretrained(back)
+    assert hf.chat_template == template
     assert hf_ids(hf.apply_chat_template(PLAIN, add_generation_prompt=True)) == ids
-    assert hf("Hi")["input_ids"] == ours.sequence_start + ours.encode("Hi")
-    eot = ours.tk.token_to_id("<|eot_id|>")
-    assert json.loads((back / "generation_config.json").read_text())["eos_token_id"] == [ours.eos_id, eot]
+    assert hf("Hi there")["input_ids"] == ours.sequence_start + ours.encode("Hi there")
+    end = ours.tk.token_to_id(turn_end)
+    assert json.loads((back / "generation_config.json").read_text())["eos_token_id"] == [ours.eos_id, end]
 
 
 # ----------------------------------------------------------------------------------------------------------
