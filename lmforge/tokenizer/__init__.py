@@ -166,11 +166,13 @@ class Tokenizer:
     @functools.cached_property
     def declared_start(self) -> list[int]:
         """The ids the tokenizer's own post-processor puts before a text (Llama's bos, BERT's [CLS]); [] if none."""
-        probe = "x"
-        plain = self.tk.encode(probe, add_special_tokens=False).ids
-        full = self.tk.encode(probe, add_special_tokens=True).ids
-        at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
-        return full[:at]
+        for probe in ("x", "a", "0", "hello", "."):  # a text that encodes to something, to see what comes before
+            plain = self.tk.encode(probe, add_special_tokens=False).ids
+            if plain:
+                full = self.tk.encode(probe, add_special_tokens=True).ids
+                return next((full[:i] for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain),
+                            [])
+        return []
 
     @property
     def sequence_start(self) -> list[int]:
