@@ -14,20 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import machine_line, scratch_dir, table
+from textdata import SHAKESPEARE  # tests/, on the import path through common
 
-from textdata import SHAKESPEARE  # noqa: E402
-
-from lmforge.data.corpus import pydoc_topic_documents, stdlib_code_documents  # noqa: E402
-from lmforge.data.pipeline import Pipeline, make_step  # noqa: E402
+from lmforge.data.corpus import pydoc_topic_documents, stdlib_code_documents
+from lmforge.data.pipeline import Pipeline, make_step
 
 BOILERPLATE = ["Home | About | Contact", "Subscribe to our newsletter!", "All rights reserved."]
 
@@ -131,8 +126,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-data-"))
-    try:
+    with scratch_dir("lmforge-bench-data-", keep=args.keep) as tmp:
         (tmp / "in").mkdir()
         build_corpus(tmp / "in", args.docs, args.files)
         ids = [f"doc{i}" for i in range(args.docs)]
@@ -140,7 +134,7 @@ def main() -> None:
         dt_s, dt_filtered, dt_kept = run_datatrove(tmp / "in", tmp / "datatrove", args.workers, args.files)
         agree_filters = sum((i in lm_filtered) == (i in dt_filtered) for i in ids) / len(ids)
         agree_all = sum((i in lm_kept) == (i in dt_kept) for i in ids) / len(ids)
-        machine = f"{platform.processor() or platform.machine()}, {args.workers} workers"
+        machine = machine_line(parallel=f"{args.workers} workers")
         command = f"benchmarks/data_pipeline.py --docs {args.docs} --workers {args.workers}"
         rows = [
             ("documents/s (filters + MinHash)", f"{args.docs / lm_s:,.0f}", f"{args.docs / dt_s:,.0f}",
@@ -151,13 +145,7 @@ def main() -> None:
             ("decision agreement, filters", f"{agree_filters:.2%}", "-", "-"),
             ("decision agreement, filters + MinHash", f"{agree_all:.2%}", "-", "-"),
         ]
-        print("| figure | lmforge | datatrove | ratio | machine | command |")
-        print("|---|---:|---:|---:|---|---|")
-        for figure, a, b, ratio in rows:
-            print(f"| {figure} | {a} | {b} | {ratio} | {machine} | `{command}` |")
-    finally:
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+        print(table(rows, machine, command, peer="datatrove", numeric=True))
 
 
 if __name__ == "__main__":

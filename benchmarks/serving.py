@@ -13,28 +13,24 @@ The machine is shared and noisy, so the two modes alternate `--repeats` times an
 
 from __future__ import annotations
 
+import argparse
+import os
+import socket
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-# Drop this script's folder from the import path: benchmarks/peft.py would shadow the peft package.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import httpx
+import torch
+from common import machine_line, table
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import httpx  # noqa: E402
-import torch  # noqa: E402
-
-from lmforge.model import ModelConfig, Transformer, save_model  # noqa: E402
-from lmforge.tokenizer.train import train_bpe  # noqa: E402
+from lmforge.model import ModelConfig, Transformer, save_model
+from lmforge.tokenizer.train import train_bpe
 
 SHAPE = dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, max_seq_len=512)
 QUESTIONS = ["What is the difference between a list and a tuple?", "Explain recursion to a child.",
@@ -136,9 +132,10 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=60)
     same = sum(a == b for a, b in zip(seq.texts, con.texts))
-    machine = f"{platform.machine()} {os.environ.get('OMP_NUM_THREADS', os.cpu_count())} threads"
-    command = (f"`python benchmarks/serving.py --requests {args.requests} --max-tokens {args.max_tokens} "
-               f"--repeats {args.repeats}`")
+    # the server's threads (it runs in its own process), not this client's
+    machine = machine_line(parallel=f"{os.environ.get('OMP_NUM_THREADS', os.cpu_count())} threads")
+    command = (f"python benchmarks/serving.py --requests {args.requests} --max-tokens {args.max_tokens} "
+               f"--repeats {args.repeats}")
     n = args.requests
     rows = [  # (figure, lmforge = all at once with continuous batching, peer = one at a time, higher is better)
         (f"output tokens/s, {n} chat requests x {args.max_tokens} greedy tokens: concurrent vs one at a time",
@@ -150,10 +147,9 @@ def main() -> None:
          statistics.median(con.served), statistics.median(seq.served), False),
     ]
     print(f"\nlargest batch decoded together: {batch_seen}; identical greedy texts in both modes: {same}/{n}")
-    print("\n| figure | lmforge | peer | ratio | machine | command |\n|---|---|---|---|---|---|")
-    for figure, ours, peer, higher_better in rows:
-        ratio = ours / peer if higher_better else peer / ours
-        print(f"| {figure} | {ours:.3g} | {peer:.3g} | {ratio:.2f}x | {machine} | {command} |")
+    print()
+    print(table([(figure, f"{ours:.3g}", f"{peer:.3g}", f"{ours / peer if higher_better else peer / ours:.2f}x")
+                 for figure, ours, peer, higher_better in rows], machine, command))
 
 if __name__ == "__main__":
     main()

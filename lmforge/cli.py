@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lmforge.core.config import parse_config, to_dict
-from lmforge.core.errors import LmforgeError
+from lmforge.core.errors import LmforgeError, describe_os_error
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the OS refused a file (a full disk, permissions, a path through a file): one line
+        print(f"lmforge: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130

@@ -128,3 +128,30 @@ def test_the_walker_sees_an_upward_import(tmp_path):
     planted = tmp_path / "x.py"
     planted.write_text("def f():\n    from lmforge.serve.app import ServeConfig\n")
     assert lmforge_imports(planted) == [("lmforge.serve.app", 2, True)]
+
+
+def test_modules_imported(tmp_path) -> None:
+    """The walker below sees both import forms, at any depth."""
+    planted = tmp_path / "test_x.py"
+    planted.write_text("import test_a.b\ndef f():\n    from test_c import d\n")
+    assert imported_modules(planted) == {"test_a", "test_c"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports, module-level or inside functions (absolute only)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in conftest fixtures or plain helper modules, never in a test_*.py module (importing
+    one re-collects its tests and couples two files' edits); conftest itself is never imported."""
+    tests = Path(__file__).parent
+    bad = [f"{path.name} imports {name}" for path in sorted(tests.glob("*.py"))
+           for name in sorted(imported_modules(path)) if name.startswith("test_") or name == "conftest"]
+    assert not bad, "\n".join(bad)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from posttrain_fixtures import tiny_model, tiny_tokenizer
 from textdata import SHAKESPEARE
+from tinymodels import task_model, task_tokenizer
 from tokenizers import processors, trainers
 
 from lmforge.core.tensors import IGNORE_INDEX
@@ -23,7 +23,7 @@ from lmforge.generate.sampling import SamplingParams
 from lmforge.model.hf.convert import from_hf, to_hf
 from lmforge.model.io import save_model
 from lmforge.posttrain.sft import encode_examples
-from lmforge.serve.protocol import ModelInfo, _completion_prompt
+from lmforge.serve.protocol import ModelInfo, _completion_prompts
 from lmforge.tokenizer import _LEGACY_DEFAULT_CHAT_TEMPLATE, DEFAULT_CHAT_TEMPLATE, Tokenizer
 from lmforge.tokenizer.chat import (
     TemplateNotIncremental,
@@ -51,8 +51,8 @@ def hf_ids(out) -> list[int]:
 def exported(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny lmforge model directory (tokenizer beside it) and its `convert to-hf` export."""
     root = tmp_path_factory.mktemp("export")
-    ours = save_model(tiny_model(seed=1), root / "ours")
-    tiny_tokenizer().save(ours)
+    ours = save_model(task_model(seed=1), root / "ours")
+    task_tokenizer().save(ours)
     return ours, to_hf(ours, root / "hf")
 
 
@@ -75,7 +75,7 @@ def test_hf_generate_stops_where_lmforge_stops(exported, tmp_path):
     ours, _ = exported
     tok = Tokenizer.load(ours)
     end = tok.tk.token_to_id("<|end|>")
-    model = tiny_model(seed=1)
+    model = task_model(seed=1)
     ids = prompt_ids(tok, CONV[:4])
     free = generate(model, ids, SamplingParams(greedy=True, max_new_tokens=6))
     with torch.no_grad():  # <|end|> takes the place of the third greedy token: a reply that ends
@@ -211,13 +211,13 @@ def test_imported_family_round_trips_with_one_start_and_its_stops(family, tmp_pa
 
 def test_one_sequence_start_for_generate_serve_eval_and_shards(tmp_path):
     text = "To be, or not to be"
-    lm = tiny_tokenizer()
+    lm = task_tokenizer()
     llama = family_tokenizer(tmp_path / "llama", LLAMA3, "<|begin_of_text|>", "<|end_of_text|>", True)
     for tok, start in ((lm, [lm.eos_id]), (llama, [llama.bos_id])):
         want = start + tok.encode(text)
         assert tok.sequence_start == start
         assert generate_prompt_ids(GenerateConfig(checkpoint="unused", prompt=text), tok) == want
-        assert _completion_prompt({"prompt": text}, ModelInfo("m", tok, 128, [])) == want
+        assert _completion_prompts({"prompt": text}, ModelInfo("m", tok, 128, [])) == [want]
         assert prefix_ids(tok) + tok.encode(text) == want
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("first doc", "second doc")))
@@ -230,7 +230,7 @@ def test_one_sequence_start_for_generate_serve_eval_and_shards(tmp_path):
 
 
 def test_tokenizer_saved_with_the_old_default_template_gets_the_new_one(tmp_path):
-    tok = tiny_tokenizer()
+    tok = task_tokenizer()
     Tokenizer(tok.tk, chat_template=DEFAULT_CHAT_TEMPLATE, special_tokens=tok.special_tokens).save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     config["chat_template"] = _LEGACY_DEFAULT_CHAT_TEMPLATE
@@ -261,11 +261,11 @@ def test_serving_accepts_a_non_incremental_template_and_sft_masks_each_turn():
     pytest.importorskip("fastapi")
     from lmforge.serve.app import create_app
 
-    base = tiny_tokenizer()
+    base = task_tokenizer()
     tok = Tokenizer(base.tk, chat_template=MOVING_SYSTEM, special_tokens=base.special_tokens)
     with pytest.raises(TemplateNotIncremental):
         encode_conversation(tok, CONV, max_len=256)
-    create_app(tiny_model(), tok, "tiny")  # the loss-mask check is SFT's, not the server's
+    create_app(task_model(), tok, "tiny")  # the loss-mask check is SFT's, not the server's
     assert stop_token_ids(tok) == [tok.tk.token_to_id("<|end|>"), tok.eos_id]
     assert tok.decode(prompt_ids(tok, CONV[:2]), skip_special_tokens=False) == \
         "<|end_of_text|><|user|>Be brief. | copy: a b c<|end|><|assistant|>"
@@ -279,7 +279,7 @@ def test_serving_accepts_a_non_incremental_template_and_sft_masks_each_turn():
 
 
 def test_generation_blocks_mask_what_transformers_masks(tmp_path):
-    base = tiny_tokenizer()
+    base = task_tokenizer()
     blocks = MOVING_SYSTEM.replace(
         "{{- '<|assistant|>' ~ m['content'] ~ '<|end|>' -}}",
         "{{- '<|assistant|>' -}}{%- generation -%}{{- m['content'] ~ '<|end|>' -}}{%- endgeneration -%}")

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from tinymodels import debug_model
 
 from lmforge.checkpoint.store import (
     LATEST_NAME,
@@ -24,8 +25,7 @@ from lmforge.model import ModelConfig, Transformer, load_model
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(from_dict(ModelConfig, {"preset": "debug", "vocab_size": 50, **overrides}))
+    return debug_model(50, seed, **overrides).train()
 
 
 def trained(model: Transformer, steps: int = 2) -> torch.optim.AdamW:
@@ -46,7 +46,7 @@ def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path):
     expected_draw = torch.rand(5)  # the RNG stream right after the save
 
     assert path.name == "step_000007"
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors",
+    assert sorted(p.name for p in path.iterdir()) == ["checksums.json", "config.json", "model.safetensors",
                                                       "optimizer.safetensors", "trainer_state.json"]
     assert (tmp_path / "checkpoints" / LATEST_NAME).read_text().strip() == "step_000007"
     keys = set(load_file(str(path / "optimizer.safetensors")))

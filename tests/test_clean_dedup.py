@@ -1,7 +1,7 @@
 import random
 
 import numpy as np
-from cleantext import prose, read_jsonl, write_jsonl
+from textdata import prose, read_jsonl, write_jsonl
 
 from lmforge.data.dedup.decontaminate import Decontaminate
 from lmforge.data.dedup.exact import ExactDedup

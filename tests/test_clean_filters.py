@@ -3,8 +3,7 @@ import random
 
 import numpy as np
 import pytest
-from cleantext import FRENCH, GERMAN, gibberish, prose
-from textdata import SHAKESPEARE
+from textdata import FRENCH, GERMAN, SHAKESPEARE, gibberish, prose
 
 from lmforge.core.errors import ConfigError
 from lmforge.data.filters.c4 import C4Quality

@@ -1,6 +1,6 @@
 import random
 
-from cleantext import prose
+from textdata import prose
 
 from lmforge.data.pii import PIIRedactor, iban_ok, luhn_ok
 from lmforge.data.readers import Document

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cleantext import FRENCH, gibberish, prose, read_jsonl, write_jsonl
+from textdata import FRENCH, gibberish, prose, read_jsonl, write_jsonl
 
 from lmforge.cli import main
 from lmforge.core.config import option

@@ -6,7 +6,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_mixture import OFFSET, SEQ, make_source, tiny_pretrain_config
+from fakes import SOURCE_OFFSET as OFFSET
+from fakes import mixture_source as make_source
 
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError
@@ -16,6 +17,9 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.curriculum import CurriculumLoader, build_data_plan, window_scores
 from lmforge.train.pretrain import DataConfig, pretrain
 from lmforge.train.schedule import lr_at
+from recipes import tiny_pretrain_config
+
+SEQ = 8
 
 
 def curriculum(tmp_path, grad_accum=1) -> CurriculumLoader:

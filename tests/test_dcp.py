@@ -5,24 +5,22 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_parallel import REL, base_config, losses, torchrun
-from test_trainer import write_shards
 
 from lmforge.checkpoint.dcp import is_dcp_checkpoint
 from lmforge.checkpoint.store import LATEST_NAME, checkpoint_name, checkpoints_dir, list_checkpoints
 from lmforge.core.config import from_dict
 from lmforge.train.pretrain import PretrainConfig, pretrain
+from recipes import REL, STEPS, losses, parallel_recipe, torchrun
 
-STEPS, SAVED = 6, 3
+SAVED = 3  # parallel_recipe saves at steps 3 and 6
 
 
 @pytest.fixture(scope="module")
-def saved_at_two(tmp_path_factory):
+def saved_at_two(tmp_path_factory, learnable_data):
     """A 2-process FSDP run of STEPS steps with a DCP checkpoint every SAVED steps (all kept)."""
     root = tmp_path_factory.mktemp("dcp")
-    write_shards(root / "shards" / "train", n_tokens=6000)
     config = root / "recipe.json"
-    config.write_text(json.dumps(base_config(root / "shards")))
+    config.write_text(json.dumps(parallel_recipe(learnable_data)))
     torchrun(config, 2, "--run_dir", str(root / "two"), "--parallel.data", "fsdp")
     return root
 
@@ -51,11 +49,11 @@ def test_checkpoint_layout(saved_at_two):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("data", ["fsdp", "ddp", "none"])
-def test_resume_on_one_process(saved_at_two, data):
+def test_resume_on_one_process(saved_at_two, learnable_data, data):
     """FSDP shards from 2 ranks load into 1 process: as FSDP, as DDP, or as a plain run without a process group
     (DCP reshards by parameter name)."""
     run = rewind(saved_at_two, f"one-{data}")
-    cfg = from_dict(PretrainConfig, {**base_config(saved_at_two / "shards"), "run_dir": str(run), "resume": True,
+    cfg = from_dict(PretrainConfig, {**parallel_recipe(learnable_data), "run_dir": str(run), "resume": True,
                                      "parallel": {"data": data}})
     pretrain(cfg)
     reference = losses(saved_at_two / "two")

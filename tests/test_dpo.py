@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rl_fixtures import save_checkpoint, tiny_model, tiny_tokenizer
-from test_reward import preference_file
+from textdata import preference_file
+from tinymodels import mha_model as tiny_model
+from tinymodels import save_checkpoint
+from tinymodels import text_tokenizer as tiny_tokenizer
 
 from lmforge.core.config import from_dict
 from lmforge.core.errors import LmforgeError

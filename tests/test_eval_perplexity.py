@@ -4,11 +4,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from tinymodels import debug_model
 
 from lmforge.cli import main
-from lmforge.core.config import from_dict
 from lmforge.data.shards import ShardSet, ShardWriter
-from lmforge.model import ModelConfig, Transformer, save_model
+from lmforge.model import Transformer, save_model
 from lmforge.train.evaluate import evaluate_perplexity
 from lmforge.train.objectives import causal_lm_loss
 
@@ -17,9 +17,7 @@ SEQ = 16
 
 
 def tiny_model(vocab: int = VOCAB, uniform: bool = False, **overrides) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(from_dict(ModelConfig, {"preset": "debug", "vocab_size": vocab, "max_seq_len": 32,
-                                                **overrides}))
+    model = debug_model(vocab, 0, max_seq_len=32, **overrides).train()
     if uniform:
         with torch.no_grad():
             model.lm_head.weight.zero_()  # every logit 0 -> p = 1/V everywhere

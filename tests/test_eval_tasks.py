@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 from textdata import SHAKESPEARE
+from tinymodels import debug_model
 
 from lmforge.cli import main
-from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.eval.decontam import ExampleText, find_contamination, ngram_hashes
 from lmforge.eval.harness import encode_pair, evaluate_task, loglikelihoods, prefix_ids, run_tasks
@@ -14,7 +14,7 @@ from lmforge.eval.pairwise import reward_accuracy, tally, win_rate
 from lmforge.eval.tasks import cut_at_stop, load_task, multiple_choice_metrics, token_f1
 from lmforge.generate.engine import generate
 from lmforge.generate.sampling import SamplingParams
-from lmforge.model import ModelConfig, Transformer, save_model
+from lmforge.model import Transformer, save_model
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 from lmforge.tokenizer.train import train_bpe
 
@@ -28,9 +28,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    return Transformer(from_dict(ModelConfig, {"preset": "debug", "vocab_size": tokenizer.vocab_size,
-                                               "max_seq_len": 64})).eval()
+    return debug_model(tokenizer.vocab_size, 0, max_seq_len=64)
 
 
 def test_multiple_choice_metrics_hand_computed():

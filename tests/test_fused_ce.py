@@ -3,11 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fakes import RepeatedBatch
+from tinymodels import debug_model
 
 from lmforge.core.config import from_dict
 from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.data.shards import ShardWriter
-from lmforge.model import ModelConfig, Transformer, load_model
+from lmforge.model import Transformer, load_model
 from lmforge.train import trainer
 from lmforge.train.config import TrainConfig
 from lmforge.train.fused_ce import linear_cross_entropy
@@ -107,9 +108,7 @@ def test_grads_scale_with_grad_output_and_accumulate():
 
 
 def tiny_model(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(from_dict(ModelConfig, {"preset": "debug", "vocab_size": 61, "max_seq_len": 16,
-                                               **overrides}))
+    return debug_model(61, 0, max_seq_len=16, **overrides).train()
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rl_fixtures import tiny_model
+from tinymodels import mha_model as tiny_model
 
 from lmforge.generate.batch import generate_batch, prefill_mask
 from lmforge.generate.engine import generate

@@ -8,7 +8,8 @@ import math
 
 import pytest
 import torch
-from peft_fixtures import VOCAB, hf_model, write_hf_llama
+from fakes import RepeatedBatch
+from tinymodels import DEBUG_VOCAB, debug_model, hf_model, random_ids, write_hf_llama
 from torch import nn
 
 from lmforge.core.config import from_dict
@@ -30,15 +31,6 @@ from lmforge.peft import (
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(from_dict(ModelConfig, {"preset": "debug", "vocab_size": VOCAB})).eval()
-
-
-def ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
-
-
 def randomize_lora(model: nn.Module, seed: int = 0) -> None:
     """Random A and B, so an adapter visibly changes the outputs and a mis-mapped tensor cannot hide."""
     gen = torch.Generator().manual_seed(seed)
@@ -49,8 +41,8 @@ def randomize_lora(model: nn.Module, seed: int = 0) -> None:
 
 
 def test_init_keeps_logits_and_trains_only_lora():
-    model = build()
-    x = ids()
+    model = debug_model()
+    x = random_ids()
     base_logits = model(x)
     base_keys = set(model.state_dict())
     cfg = LoraConfig(r=4, targets=ALL)
@@ -86,20 +78,20 @@ def test_scaling_and_rslora():
     assert LoraConfig(r=4, alpha=8.0).scaling == 2.0
     assert LoraConfig(r=4, alpha=8.0, rslora=True).scaling == 4.0
     assert LoraConfig(r=16, alpha=8.0, rslora=True).scaling == pytest.approx(8.0 / math.sqrt(16))
-    model = build()
+    model = debug_model()
     apply_lora(model, LoraConfig(r=4, alpha=8.0, rslora=True))
     assert model.blocks[0].attn.qkv.adapters["default"]["q_proj"].scaling == 4.0
 
 
 def test_training_changes_only_lora_then_merge_unmerge_and_merge_lora():
-    model = build()
+    model = debug_model()
     apply_lora(model, LoraConfig(r=4, targets=ALL))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for step in range(4):
-        x = ids(step)
+        x = random_ids(step)
         loss = nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
@@ -109,7 +101,7 @@ def test_training_changes_only_lora_then_merge_unmerge_and_merge_lora():
     assert all(torch.equal(params[n], v) for n, v in frozen.items())
     assert all(not torch.equal(params[n], v) for n, v in lora.items())
 
-    x = ids()
+    x = random_ids()
     unmerged = model(x)
     base_weight = model.blocks[0].attn.qkv.weight.detach().clone()
     for layer in (m for m in model.modules() if isinstance(m, LoraLinear)):
@@ -123,23 +115,23 @@ def test_training_changes_only_lora_then_merge_unmerge_and_merge_lora():
 
     merged = merge_lora(model)
     assert not any(isinstance(m, LoraLinear) for m in merged.modules())
-    assert set(merged.state_dict()) == set(build().state_dict())
+    assert set(merged.state_dict()) == set(debug_model().state_dict())
     torch.testing.assert_close(merged(x), unmerged, rtol=0, atol=1e-5)
 
 
 def test_merged_model_saves_and_loads_as_a_plain_checkpoint(tmp_path):
-    model = build()
+    model = debug_model()
     apply_lora(model, LoraConfig(r=2))
     randomize_lora(model)
-    x = ids()
+    x = random_ids()
     expected = model(x)
     save_model(merge_lora(model), tmp_path / "merged")
     torch.testing.assert_close(load_model(tmp_path / "merged")(x), expected, rtol=0, atol=1e-5)
 
 
 def test_two_named_adapters_switch():
-    model = build()
-    x = ids()
+    model = debug_model()
+    x = random_ids()
     base = model(x)
     apply_lora(model, LoraConfig(r=2, targets=["q_proj", "v_proj"]), "first")
     randomize_lora(model, seed=1)
@@ -172,23 +164,23 @@ def test_config_errors():
 
 
 def test_save_load_round_trip(tmp_path):
-    model = build()
+    model = debug_model()
     cfg = LoraConfig(r=4, alpha=8.0, targets=["q_proj", "gate_proj", "down_proj"], rslora=True)
     apply_lora(model, cfg)
     randomize_lora(model)
-    x = ids()
+    x = random_ids()
     expected = model(x)
     out = save_adapter(model, tmp_path / "adapter", cfg)
     written = json.loads((out / "adapter_config.json").read_text())
     assert written["peft_type"] == "LORA" and written["r"] == 4 and written["use_rslora"] is True
-    fresh = build()
+    fresh = debug_model()
     assert not torch.allclose(fresh(x), expected, atol=1e-3)
     assert load_adapter(fresh, out) == cfg
     torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
 
 
 def test_load_adapter_errors_leave_the_model_untouched(tmp_path):
-    model = build()
+    model = debug_model()
     cfg = LoraConfig(r=4)
     apply_lora(model, cfg)
     out = save_adapter(model, tmp_path / "a", cfg)
@@ -199,7 +191,7 @@ def test_load_adapter_errors_leave_the_model_untouched(tmp_path):
         (out / "adapter_config.json").write_text(json.dumps({**config, **changes}))
 
     def load_fails(match, directory=out):
-        fresh = build()
+        fresh = debug_model()
         with pytest.raises(LmforgeError, match=match) as err:
             load_adapter(fresh, directory)
         assert "\n" not in str(err.value)
@@ -241,7 +233,7 @@ def test_lmforge_adapter_loads_in_peft(hf_llama, tmp_path):
     peft = pytest.importorskip("peft")
     hf_dir, lmforge_dir = hf_llama
     model = load_model(lmforge_dir)
-    x = ids()
+    x = random_ids()
     base = model(x)
     cfg = LoraConfig(r=4, alpha=8.0, targets=ALL)
     apply_lora(model, cfg)
@@ -265,7 +257,7 @@ def test_peft_adapter_loads_in_lmforge(hf_llama, tmp_path):
             if "lora_B" in name:
                 p.normal_(std=0.2)
     peft_model.save_pretrained(tmp_path / "adapter", safe_serialization=True)
-    x = ids()
+    x = random_ids()
     with torch.no_grad():
         theirs = peft_model.eval()(x).logits
     model = load_model(lmforge_dir)
@@ -291,8 +283,8 @@ def randomize_dora(model: nn.Module, seed: int = 0) -> None:
 
 
 def test_dora_init_is_identity_and_merge_unmerge_restore():
-    model = build()
-    x = ids()
+    model = debug_model()
+    x = random_ids()
     base = model(x)
     apply_lora(model, LoraConfig(r=4, targets=ALL, dora=True))
     torch.testing.assert_close(model(x), base, rtol=0, atol=1e-5)
@@ -314,10 +306,10 @@ def test_dora_init_is_identity_and_merge_unmerge_restore():
 
 
 def test_dora_gradient_reaches_magnitude_and_low_rank_factors():
-    model = build()
+    model = debug_model()
     apply_lora(model, LoraConfig(r=2, targets=["q_proj", "down_proj"], dora=True))
     randomize_dora(model)
-    model(ids()).square().mean().backward()
+    model(random_ids()).square().mean().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
@@ -325,7 +317,7 @@ def test_dora_gradient_reaches_magnitude_and_low_rank_factors():
 def test_dora_adapter_matches_peft_both_ways(hf_llama, tmp_path):
     peft = pytest.importorskip("peft")
     hf_dir, lmforge_dir = hf_llama
-    x = ids()
+    x = random_ids()
     # lmforge -> PEFT
     model = load_model(lmforge_dir)
     cfg = LoraConfig(r=4, alpha=8.0, targets=ALL, dora=True)
@@ -356,7 +348,6 @@ def test_dora_adapter_matches_peft_both_ways(hf_llama, tmp_path):
 def test_lora_trained_by_train_loop_loads_in_peft_on_the_exported_base(tmp_path):
     """The issue's round trip: lmforge trains a LoRA, `convert to-hf` exports the base, PEFT loads both."""
     peft = pytest.importorskip("peft")
-    from fakes import RepeatedBatch
 
     from lmforge.cli import main
     from lmforge.peft import PeftConfig, apply_peft, save_trained
@@ -364,12 +355,12 @@ def test_lora_trained_by_train_loop_loads_in_peft_on_the_exported_base(tmp_path)
     from lmforge.train.pretrain import lm_loss
     from lmforge.train.trainer import train_loop
 
-    base = build()
+    base = debug_model()
     save_model(base, tmp_path / "base")
     assert main(["convert", "to-hf", str(tmp_path / "base"), str(tmp_path / "hf")]) == 0
     cfg = from_dict(PeftConfig, {"method": "lora", "lora": {"r": 4, "targets": ALL}})
     apply_peft(base, cfg)
-    x = ids()
+    x = random_ids()
     train_loop(base, lm_loss, RepeatedBatch((x[:, :-1], x[:, 1:])),
                from_dict(TrainConfig, {"steps": 5, "lr": 1e-2, "warmup_steps": 1, "precision": "fp32",
                                        "device": "cpu", "eval_every": 0, "save_every": 0, "plot_every": 0}),
@@ -383,7 +374,7 @@ def test_lora_trained_by_train_loop_loads_in_peft_on_the_exported_base(tmp_path)
 
 
 def test_targets_missing_from_the_model_are_a_config_error():
-    cfg = from_dict(ModelConfig, {"preset": "mla-tiny", "vocab_size": VOCAB, "n_layers": 1, "d_model": 64,
+    cfg = from_dict(ModelConfig, {"preset": "mla-tiny", "vocab_size": DEBUG_VOCAB, "n_layers": 1, "d_model": 64,
                                   "n_heads": 2})
     with pytest.raises(ConfigError, match=r"lora.targets \['v_proj'\] match no layer of this model; it has "
                                           r"down_proj, gate_proj, lm_head, o_proj, up_proj"):

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from fakes import SOURCE_OFFSET as OFFSET
+from fakes import mixture_source as make_source
 
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError
@@ -17,22 +19,11 @@ from lmforge.data.mixture import (
     format_table,
     plan_sources,
 )
-from lmforge.data.shards import ShardSet, ShardWriter
+from lmforge.data.shards import ShardSet
 from lmforge.train.pretrain import PretrainConfig, pretrain
+from recipes import tiny_pretrain_config
 
 SEQ = 8
-OFFSET = 10_000  # source k holds tokens k*OFFSET + position: a row reveals its source and window
-
-
-def make_source(path, k: int, n_tokens: int, vocab: int = 1 << 16, doc_len: int = 13, seed: int = 0) -> ShardSet:
-    """Source k: documents of `doc_len` tokens (or random ids below `vocab` when vocab is small)."""
-    rng = np.random.default_rng(seed + k)
-    with ShardWriter(path, vocab, tokenizer_sha256="t", eos_id=0, max_shard_tokens=97) as w:
-        for start in range(0, n_tokens, doc_len):
-            end = min(start + doc_len, n_tokens)
-            ids = np.arange(start, end) + k * OFFSET if vocab > OFFSET * 4 else rng.integers(1, vocab, end - start)
-            w.add(ids, n_bytes=3 * (end - start))
-    return ShardSet(path)
 
 
 def mixture(tmp_path, weights, sizes, batch_size=4, **kw) -> MixtureLoader:
@@ -123,15 +114,6 @@ def test_concat_shards_keeps_documents_and_bytes(tmp_path):
     assert index["n_docs"] == a.n_docs + b.n_docs and ab.n_bytes == a.n_bytes + b.n_bytes
     assert np.array_equal(ab.read(0, ab.n_tokens), np.concatenate([a.read(0, 100), b.read(0, 50)]))
     assert ab.doc_ends().tolist() == a.doc_ends().tolist() + (b.doc_ends() + 100).tolist()
-
-
-def tiny_pretrain_config(tmp_path, data: dict, steps: int = 5, **train) -> PretrainConfig:
-    return from_dict(PretrainConfig, {
-        "run_dir": str(tmp_path / "run"),
-        "model": {"preset": "debug", "d_model": 32, "n_layers": 1, "d_ff": 64},
-        "data": {"path": str(tmp_path), "seq_len": 16, "batch_size": 4, **data},
-        "train": {"steps": steps, "lr": 1e-3, "warmup_steps": 1, "precision": "fp32", "log_every": 2,
-                  "eval_every": 0, "save_every": 0, "plot_every": 0, **train}})
 
 
 def test_pretrain_prints_the_table_and_logs_tokens_per_source(tmp_path, capsys):

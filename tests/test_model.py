@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tinymodels import debug_model
 
 from lmforge.core.config import from_dict
 from lmforge.model import ModelConfig, Transformer
@@ -19,10 +20,31 @@ VARIANTS = {
 }
 
 
+def closed_form_params(n_kv_heads: int = 2, gated: bool = True, bias: bool = False, qkv_bias: bool = False,
+                       layernorm: bool = False, tied: bool = False, learned_pos: bool = False,
+                       final_norm: bool = True) -> int:
+    """The debug preset's parameter count written out by hand (vocab 97, d 64, 2 layers, 4 query heads of 16,
+    d_ff 128, context 128), independent of the modules the model builds."""
+    V, d, L, H, hd, ff, T = 97, 64, 2, 4, 16, 128, 128
+    qkv_rows = (H + 2 * n_kv_heads) * hd
+    attn = d * qkv_rows + H * hd * d + (bias or qkv_bias) * qkv_rows + bias * d
+    mlp = (3 if gated else 2) * d * ff + bias * ((2 if gated else 1) * ff + d)  # gated: gate and up, then down
+    norm = d * (2 if layernorm else 1)  # LayerNorm has a bias beside its gain
+    return V * d * (1 if tied else 2) + learned_pos * T * d + L * (attn + mlp + 2 * norm) + final_norm * norm
+
+
+PARAMS = {
+    "llama-gqa": closed_form_params(),
+    "mha-tied": closed_form_params(n_kv_heads=4, tied=True),
+    "mqa": closed_form_params(n_kv_heads=1),
+    "gpt2-like": closed_form_params(gated=False, bias=True, layernorm=True, tied=True, learned_pos=True),
+    "post-norm-sinusoidal-relu": closed_form_params(gated=False, final_norm=False),
+    "qkv-bias-no-pos": closed_form_params(qkv_bias=True),
+}
+
+
 def build(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    cfg = from_dict(ModelConfig, {"preset": "debug", "vocab_size": 97, **overrides})
-    return Transformer(cfg).eval()
+    return debug_model(97, 0, **overrides)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -31,7 +53,7 @@ def test_variants_forward_and_count_parameters(name):
     ids = torch.randint(0, 97, (2, 12))
     logits = model(ids)
     assert logits.shape == (2, 12, 97) and torch.isfinite(logits).all()
-    assert num_params(model.cfg) == model.num_params()
+    assert model.num_params() == num_params(model.cfg) == PARAMS[name]
 
 
 @pytest.mark.parametrize("name", VARIANTS)

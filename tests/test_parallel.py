@@ -4,14 +4,10 @@ batch; TP=2 repeats TP=1; plans applied from outside the model (lmforge.parallel
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_trainer import VOCAB, write_shards
 
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError
@@ -22,46 +18,19 @@ from lmforge.parallel.grad import clip_grad_norm
 from lmforge.parallel.launch import describe_failure, free_port
 from lmforge.parallel.run import data_slice
 from lmforge.parallel.tp import TensorParallelLayout, interleave_rows
-from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import PretrainConfig, pretrain
+from recipes import REL, STEPS, VOCAB, losses, parallel_recipe, torchrun
 
-REL = 1e-5  # loss tolerance (relative) between process counts: fp32 all-reduce order only
 ATOL_WEIGHTS = 1e-5
-STEPS = 6
-
-
-def base_config(shards: Path) -> dict:
-    return {"data": {"path": str(shards), "seq_len": 16, "batch_size": 8},
-            "model": {"preset": "debug", "vocab_size": VOCAB, "max_seq_len": 32},
-            "train": {"steps": STEPS, "lr": 3e-3, "warmup_steps": 2, "precision": "fp32", "device": "cpu",
-                      "log_every": 1, "eval_every": 0, "save_every": 3, "keep_checkpoints": 0, "plot_every": 0}}
-
-
-def run_cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def torchrun(config: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
-    """The documented launch: torchrun --nproc-per-node N -m lmforge pretrain RECIPE."""
-    out = run_cli(["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "lmforge",
-                   "pretrain", str(config), *overrides])
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, learnable_data):
     """One 1-process reference run, plus 2-process DDP, FSDP and tensor-parallel runs of the same recipe."""
     root = tmp_path_factory.mktemp("parallel")
-    write_shards(root / "shards" / "train", n_tokens=6000)
     config = root / "recipe.json"
-    config.write_text(json.dumps(base_config(root / "shards")))
-    ref = from_dict(PretrainConfig, {**base_config(root / "shards"), "run_dir": str(root / "one")})
+    config.write_text(json.dumps(parallel_recipe(learnable_data)))
+    ref = from_dict(PretrainConfig, {**parallel_recipe(learnable_data), "run_dir": str(root / "one")})
     pretrain(ref)
     torchrun(config, 2, "--run_dir", str(root / "ddp"), "--parallel.data", "ddp")
     torchrun(config, 2, "--run_dir", str(root / "fsdp"), "--parallel.data", "fsdp")
@@ -88,11 +57,11 @@ def test_two_processes_repeat_one_process(runs, kind):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("data", ["fsdp", "none"])
-def test_tensor_parallel_checkpoint_refuses_another_degree(runs, tmp_path, data):
+def test_tensor_parallel_checkpoint_refuses_another_degree(runs, learnable_data, tmp_path, data):
     """TP checkpoints hold the permuted fused rows: resuming at tensor=1 must stop with one line, not train on."""
     run = tmp_path / "tp"
     shutil.copytree(runs / "tp", run)
-    cfg = from_dict(PretrainConfig, {**base_config(runs / "shards"), "run_dir": str(run), "resume": True,
+    cfg = from_dict(PretrainConfig, {**parallel_recipe(learnable_data), "run_dir": str(run), "resume": True,
                                      "parallel": {"data": data}})
     with pytest.raises(ConfigError, match="saved with parallel.tensor=2, this run has parallel.tensor=1"):
         pretrain(cfg)
@@ -214,11 +183,10 @@ def test_clip_grad_norm_plain_matches_torch():
         torch.testing.assert_close(pb.grad, pa.grad)
 
 
-def test_fsdp_world_of_one_repeats_plain_run_and_applies_bf16_policy(tmp_path):
+def test_fsdp_world_of_one_repeats_plain_run_and_applies_bf16_policy(learnable_data, tmp_path):
     """No launcher: a lone process with parallel.data=fsdp forms a world of one (fast CI check of the FSDP path,
     DCP checkpoints included); the bf16 MixedPrecisionPolicy visibly changes the numbers, but only slightly."""
-    write_shards(tmp_path / "shards" / "train", n_tokens=6000)
-    base = {**base_config(tmp_path / "shards")}
+    base = parallel_recipe(learnable_data)
     base["train"] = {**base["train"], "steps": 3, "save_every": 0}
     curves = {}
     for name, parallel in [("plain", {}), ("fsdp", {"data": "fsdp"}),

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft_fixtures import VOCAB, build
 from safetensors.torch import load_file
+from tinymodels import DEBUG_VOCAB, debug_model
 
 from lmforge.checkpoint.store import OPTIMIZER_NAME, TRAINABLE_NAME, latest_checkpoint
 from lmforge.core.config import from_dict
@@ -26,7 +26,7 @@ class Batches:
     def next_batch(self):
         if self.crash_after is not None and self.i >= self.crash_after:
             raise KeyboardInterrupt
-        x = torch.randint(0, VOCAB, (3, 13), generator=torch.Generator().manual_seed(self.i))
+        x = torch.randint(0, DEBUG_VOCAB, (3, 13), generator=torch.Generator().manual_seed(self.i))
         self.i += 1
         return x[:, :-1], x[:, 1:]
 
@@ -44,7 +44,7 @@ def peft(method: str) -> PeftConfig:
 
 
 def run(method: str, run_dir, crash_after=None, resume=False, seed=0):
-    model = build(seed=0, dropout=0.1)  # the same base every time: it is what the checkpoint leaves out
+    model = debug_model(seed=0, dropout=0.1)  # the same base every time: it is what the checkpoint leaves out
     torch.manual_seed(seed)  # different adapter init on resume: it must be overwritten
     apply_peft(model, peft(method))
     cfg = from_dict(TrainConfig, {"steps": 6, "lr": 1e-2, "warmup_steps": 1, "precision": "fp32",
@@ -61,7 +61,7 @@ def test_checkpoint_holds_only_the_adapter_and_resume_is_exact(method, tmp_path)
         run(method, tmp_path / "resumed", crash_after=3)
     ckpt = latest_checkpoint(tmp_path / "resumed")
     assert ckpt.name == "step_000002"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", OPTIMIZER_NAME, TRAINABLE_NAME,
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checksums.json", "config.json", OPTIMIZER_NAME, TRAINABLE_NAME,
                                                       "trainer_state.json"]
     trainable = {n: p for n, p in full.named_parameters() if p.requires_grad}
     saved = load_file(ckpt / TRAINABLE_NAME)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from peft_fixtures import build, hf_model, write_hf_llama
+from tinymodels import debug_model, hf_model, write_hf_llama
 
 from lmforge.cli import main
 from lmforge.core.config import from_dict
@@ -40,7 +40,7 @@ def cli_json(capsys, *args: str) -> dict:
 
 @pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "adapter"])
 def test_generate_with_adapter_matches_the_library(method, tmp_path, capsys):
-    base_dir = save_model(build(), tmp_path / "base")
+    base_dir = save_model(debug_model(), tmp_path / "base")
     model = trained_adapter(base_dir, method, tmp_path / "adapter")
     params = SamplingParams(greedy=True, max_new_tokens=10)
     expected = generate(model, PROMPT, params)
@@ -73,7 +73,7 @@ def test_generate_with_a_peft_made_lora_adapter(tmp_path, capsys):
 
 
 def test_merge_adapter_writes_a_plain_model(tmp_path, capsys):
-    base_dir = save_model(build(), tmp_path / "base")
+    base_dir = save_model(debug_model(), tmp_path / "base")
     model = trained_adapter(base_dir, "lora", tmp_path / "adapter")
     x = torch.tensor([PROMPT])
     assert main(["merge-adapter", "--checkpoint", str(base_dir), "--adapter", str(tmp_path / "adapter"),

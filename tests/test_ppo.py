@@ -6,7 +6,9 @@ import json
 
 import pytest
 import torch
-from rl_fixtures import reward_model_dir, save_checkpoint, tiny_model, tiny_tokenizer
+from tinymodels import mha_model as tiny_model
+from tinymodels import reward_model_dir, save_checkpoint
+from tinymodels import text_tokenizer as tiny_tokenizer
 
 from lmforge.core.config import from_dict
 from lmforge.posttrain.ppo import PpoConfig, kl_shaped_rewards, run_ppo

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tinymodels import debug_model
 
-from lmforge.core.config import from_dict
 from lmforge.core.tensors import IGNORE_INDEX
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import Transformer
 from lmforge.model.attention import attention_mask
 from lmforge.model.encdec import prefix_lm_greedy
 from lmforge.train.denoise import collate, denoise_loss
@@ -18,9 +18,7 @@ VOCAB = 64
 
 
 def model(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    cfg = from_dict(ModelConfig, {"preset": "debug", "vocab_size": VOCAB, "max_seq_len": 48, **overrides})
-    return Transformer(cfg).eval()
+    return debug_model(VOCAB, 0, max_seq_len=48, **overrides)
 
 
 def ids(T: int = 10, seed: int = 1) -> torch.Tensor:

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from tinymodels import debug_model
 
 from lmforge.cli import main
-from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.engine import generate
@@ -30,7 +30,7 @@ from lmforge.generate.processors import (
     repetition_penalty,
 )
 from lmforge.generate.sampling import SamplingParams, processors_for, sample_next
-from lmforge.model import ModelConfig, Transformer, save_model
+from lmforge.model import Transformer, save_model
 
 E = math.e
 LOGITS = torch.tensor([[2.0, 1.0, 0.0]])  # softmax = [e^2, e, 1] / (e^2 + e + 1) = [.665, .245, .090]
@@ -121,9 +121,7 @@ def test_bad_settings_are_config_errors(bad):
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    cfg = from_dict(ModelConfig, {"preset": "debug", "vocab_size": 32, "init_std": 0.3})
-    torch.manual_seed(0)
-    return Transformer(cfg).eval()
+    return debug_model(32, 0, init_std=0.3)
 
 
 def bigrams(seq: list[int]) -> list[tuple[int, int]]:

@@ -28,7 +28,14 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert set(summary["stages"]) == {"corpus", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval"}
     models = summary["stages"]["eval"]["models"]
     assert set(models) == {"base", "sft", "dpo"}
-    assert all(0.0 <= m["synthetic"]["exact_match"] <= 1.0 for m in models.values())
+    summary_md = (run / "summary.md").read_text()
+    for label, scores in models.items():  # each summary number is the mean of eval/LABEL.json's 6 per-example scores
+        records = json.loads((run / "eval" / f"{label}.json").read_text())["tasks"]["synthetic"]["examples"]
+        hits = [" ".join(r["prediction"].split()) in {" ".join(a.split()) for a in r["answers"]} for r in records]
+        assert len(records) == scores["synthetic"]["n"] == 6
+        assert scores["synthetic"]["exact_match"] == sum(hits) / 6
+        shown = f"{label} {scores['synthetic']['exact_match']:.3f}"  # and the printout and summary.md show it
+        assert shown in out and shown in summary_md, shown
     for path in ["corpus/corpus.jsonl", "clean/stats.json", "clean/kept", "tokenizer/tokenizer.json",
                  "shards/train/index.json", "shards/val/index.json", "pretrain/metrics.jsonl", "pretrain/loss.png",
                  "pretrain/model/model.safetensors",

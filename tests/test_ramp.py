@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
-from fakes import learnable_shards
+from fakes import CrashAfter, learnable_shards
+from tinymodels import debug_model
 
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.shards import ShardSet
-from lmforge.model import ModelConfig, Transformer
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import lm_loss
@@ -76,23 +76,6 @@ def write_shards(directory) -> ShardSet:
     return learnable_shards(directory, VOCAB, 6000, 2000)
 
 
-class CrashAfter:
-    def __init__(self, inner, n):
-        self.inner, self.n = inner, n
-
-    def next_batch(self):
-        if self.n == 0:
-            raise RuntimeError("crash")
-        self.n -= 1
-        return self.inner.next_batch()
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state):
-        self.inner.load_state_dict(state)
-
-
 def test_loop_ramps_logs_and_resumes_exactly(tmp_path):
     shards = write_shards(tmp_path / "data")
     # micro-batch 2 x 16 = 32 tokens, target 4 micro-batches = 128 tokens, from 32 tokens over 320 tokens
@@ -104,9 +87,7 @@ def test_loop_ramps_logs_and_resumes_exactly(tmp_path):
     assert [a for _, a in expected] == [1, 1, 2, 2, 3, 4, 4, 4]
 
     def run(run_dir, crash_after=None, resume=False):
-        torch.manual_seed(0)
-        model = Transformer(from_dict(ModelConfig, {"preset": "debug", "vocab_size": VOCAB, "max_seq_len": 32,
-                                                    "dropout": 0.1}))
+        model = debug_model(VOCAB, 0, max_seq_len=32, dropout=0.1)
         loader = SequenceLoader(shards, batch_size=2, seq_len=16, seed=3)
         batches = loader if crash_after is None else CrashAfter(loader, crash_after)
         return train_loop(model, lm_loss, batches, cfg, run_dir, resume=resume), loader

@@ -1,7 +1,9 @@
 import json
 
 import pytest
-from posttrain_fixtures import tiny_model, tiny_model_dir, tiny_tokenizer
+from tinymodels import task_model as tiny_model
+from tinymodels import task_model_dir as tiny_model_dir
+from tinymodels import task_tokenizer as tiny_tokenizer
 
 import lmforge.posttrain.rejection as rejection
 from lmforge.cli import main

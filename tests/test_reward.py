@@ -6,7 +6,10 @@ import json
 
 import pytest
 import torch
-from rl_fixtures import save_checkpoint, tiny_model, tiny_tokenizer
+from textdata import preference_file
+from tinymodels import mha_model as tiny_model
+from tinymodels import save_checkpoint
+from tinymodels import text_tokenizer as tiny_tokenizer
 
 from lmforge.cli import main
 from lmforge.core.config import from_dict
@@ -40,19 +43,6 @@ def test_near_miss_is_wrong_but_well_formed():
             wrong = near_miss(answer, rng)
             assert wrong != answer and len(wrong.split()) >= len(answer.split())
     assert all(p.chosen != p.rejected for p in synthetic_pairs(60))
-
-
-def preference_file(path, n=160):
-    """A learnable preference: the chosen reply repeats the prompt's word, the rejected one a different word."""
-    import random
-
-    rng = random.Random(0)
-    words = ["red", "blue", "green", "gold", "grey", "pink"]
-    with open(path, "w") as f:
-        for _ in range(n):
-            w, other = rng.sample(words, 2)
-            f.write(json.dumps({"prompt": f"say {w}", "chosen": w, "rejected": other}) + "\n")
-    return path
 
 
 def test_reward_model_learns_pairs_with_margin_and_round_trips(checkpoint, tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from rl_fixtures import tiny_model, tiny_tokenizer
+from tinymodels import mha_model, text_tokenizer
 
 from lmforge.generate.sampling import SamplingParams
 from lmforge.posttrain.reward import RewardModel
@@ -21,8 +21,8 @@ PROMPT = [{"role": "user", "content": "copy: a b c"}]
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = tiny_tokenizer()
-    return tiny_model(tok.vocab_size, seed=3, init_std=0.1), tok
+    tok = text_tokenizer()
+    return mha_model(tok.vocab_size, seed=3, init_std=0.1), tok
 
 
 def test_best_of_n_returns_the_argmax_of_the_scorer(setup):

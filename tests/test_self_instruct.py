@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import pytest
-from posttrain_fixtures import tiny_model_dir
 from textdata import shared_file
+from tinymodels import task_model_dir as tiny_model_dir
 
 from lmforge.cli import main
 from lmforge.core.errors import LmforgeError

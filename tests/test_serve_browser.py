@@ -13,7 +13,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
     pytest.skip("no chromium on this machine (scripts/setup.sh installs it when CI=true)", allow_module_level=True)
 
-from test_serve import greedy_reference, serving, slow_steps  # noqa: E402
+from tinyserver import greedy_reference, serving, slow_steps  # noqa: E402
 
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids  # noqa: E402
 

@@ -2,7 +2,9 @@ import json
 
 import pytest
 import torch
-from posttrain_fixtures import tiny_model, tiny_model_dir, tiny_tokenizer
+from tinymodels import task_model as tiny_model
+from tinymodels import task_model_dir as tiny_model_dir
+from tinymodels import task_tokenizer as tiny_tokenizer
 
 from lmforge.cli import main
 from lmforge.core.config import from_dict

@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_parallel import base_config
-from test_trainer import write_shards
 
 from lmforge.checkpoint.store import latest_checkpoint
 from lmforge.train.metrics import read_metrics
+from recipes import parallel_recipe
 
 
 def children(pid: int) -> list[int]:
@@ -49,10 +48,9 @@ def cli(run_dir: Path, recipe: Path, *overrides: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the worker")
-def test_sigkill_one_worker_then_resume(tmp_path):
-    write_shards(tmp_path / "shards" / "train", n_tokens=6000)
+def test_sigkill_one_worker_then_resume(learnable_data, tmp_path):
     recipe = tmp_path / "recipe.json"
-    cfg = base_config(tmp_path / "shards")
+    cfg = parallel_recipe(learnable_data)
     cfg["train"].update(steps=100000, save_every=4, keep_checkpoints=2, log_every=1)
     recipe.write_text(json.dumps(cfg))
     run = tmp_path / "run"

@@ -42,7 +42,7 @@ def close_draft(target) -> Transformer:
     return draft
 
 
-@pytest.mark.parametrize("num_draft", [1, 3, 6])
+@pytest.mark.parametrize("num_draft", [1, 3, pytest.param(6, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("settings", [{}, dict(repetition_penalty=1.3, no_repeat_ngram_size=3)])
 def test_greedy_speculative_equals_target_greedy(target, close_draft, num_draft, settings):
     params = SamplingParams(greedy=True, max_new_tokens=40, **settings)

@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fakes import learnable_shards
+from tinymodels import debug_model
 
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.shards import ShardSet
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import Transformer
 from lmforge.train.config import TrainConfig
 from lmforge.train.fused_ce import linear_cross_entropy
 from lmforge.train.metrics import read_metrics
@@ -26,9 +27,7 @@ VOCAB = 64
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(from_dict(ModelConfig, {"preset": "debug", "vocab_size": VOCAB, "max_seq_len": 32,
-                                               **overrides}))
+    return debug_model(VOCAB, seed, max_seq_len=32, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +102,7 @@ def train_rows(run_dir):
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
+@pytest.mark.slow
 def test_poisoned_batch_rolls_back_skips_and_recovers(tmp_path):
     shards = write_shards(tmp_path / "data")
     poison_at = (POISON_STEP - 1) * BATCH  # data position (window cursor) of step 27's micro-batch
@@ -136,6 +136,7 @@ def test_poisoned_batch_rolls_back_skips_and_recovers(tmp_path):
     assert max(r["loss"] for r in train_rows(tmp_path / "poisoned")[POISON_STEP:]) < spike["threshold"]
 
 
+@pytest.mark.slow
 def test_nan_losses_roll_back_then_give_up(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
     calls = {"n": 0}

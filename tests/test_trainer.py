@@ -4,86 +4,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import Crash, CrashAfter, RepeatedBatch, learnable_shards
 from textdata import SHAKESPEARE
+from tinymodels import debug_model
 
 from lmforge.cli import main
 from lmforge.core.config import from_dict
 from lmforge.core.errors import LmforgeError
 from lmforge.data.loader import SequenceLoader
-from lmforge.data.shards import ShardSet, ShardWriter
-from lmforge.model import ModelConfig, Transformer, load_model
-from lmforge.train.config import TrainConfig
+from lmforge.data.shards import ShardWriter
+from lmforge.model import Transformer, load_model
 from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import PretrainConfig, lm_loss, pretrain
 from lmforge.train.trainer import forward_backward, train_loop
+from recipes import loop_config as train_cfg
 
 VOCAB = 64
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(from_dict(ModelConfig, {"preset": "debug", "vocab_size": VOCAB, "max_seq_len": 32,
-                                               **overrides}))
-
-
-def train_cfg(**overrides) -> TrainConfig:
-    base = {"steps": 8, "lr": 3e-3, "warmup_steps": 2, "precision": "fp32", "device": "cpu", "log_every": 1,
-            "eval_every": 0, "save_every": 0, "plot_every": 0}
-    return from_dict(TrainConfig, {**base, **overrides})
-
-
-def write_shards(directory: Path, n_tokens: int = 4000, seed: int = 0) -> ShardSet:
-    """A learnable stream: a fixed random 'sentence' of 50 ids repeated, with some noise."""
-    rng = np.random.default_rng(seed)
-    sentence = rng.integers(0, VOCAB, 50)
-    stream = np.resize(sentence, n_tokens)
-    noise = rng.random(n_tokens) < 0.05
-    stream[noise] = rng.integers(0, VOCAB, noise.sum())
-    with ShardWriter(directory, VOCAB, max_shard_tokens=1500) as w:
-        for doc in np.array_split(stream, 20):
-            w.add(doc, n_bytes=2 * len(doc))
-    return ShardSet(directory)
-
-
-class FixedBatches:
-    """The same batch forever; for 'can the loop fit anything' checks."""
-
-    def __init__(self, batch):
-        self.batch = batch
-        self.served = 0
-
-    def next_batch(self):
-        self.served += 1
-        return self.batch
-
-    def state_dict(self):
-        return {"served": self.served}
-
-    def load_state_dict(self, state):
-        self.served = state["served"]
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAfter:
-    """Wraps a batch source and raises after `n` batches: a run that dies mid-training."""
-
-    def __init__(self, inner, n):
-        self.inner, self.n = inner, n
-
-    def next_batch(self):
-        if self.n == 0:
-            raise Crash
-        self.n -= 1
-        return self.inner.next_batch()
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state):
-        self.inner.load_state_dict(state)
+    return debug_model(VOCAB, seed, max_seq_len=32, **overrides)
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -92,7 +32,7 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 
 def test_loss_decreases_on_a_repeated_batch(tmp_path):
     ids = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(0))
-    batches = FixedBatches((ids[:, :-1], ids[:, 1:]))
+    batches = RepeatedBatch((ids[:, :-1], ids[:, 1:]))
     result = train_loop(tiny_model(), lm_loss, batches, train_cfg(steps=20, lr=1e-2), tmp_path)
     curve = [loss for _, loss in losses(tmp_path)]
     assert len(curve) == 20 and batches.served == 20
@@ -106,13 +46,13 @@ def test_grad_accum_matches_a_batch_twice_as_large():
     full = (ids[:, :-1], ids[:, 1:])
     halves = iter([(ids[:4, :-1], ids[:4, 1:]), (ids[4:, :-1], ids[4:, 1:])])
 
-    class Halves(FixedBatches):
+    class Halves(RepeatedBatch):
         def next_batch(self):
             return next(halves)
 
     grads = []
     stats = []
-    for batches, accum in ((FixedBatches(full), 1), (Halves(None), 2)):
+    for batches, accum in ((RepeatedBatch(full), 1), (Halves(None), 2)):
         model = tiny_model(3)
         stats.append(forward_backward(model, lm_loss, batches, accum, torch.device("cpu"), "fp32"))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -123,7 +63,7 @@ def test_grad_accum_matches_a_batch_twice_as_large():
 
 
 def test_exact_resume_repeats_the_uninterrupted_run(tmp_path):
-    shards = write_shards(tmp_path / "data")
+    shards = learnable_shards(tmp_path / "data", n_docs=20, bytes_per_token=2)
     # dropout on and a shuffled loader: resume must restore RNG and data order, not just weights
     cfg = train_cfg(steps=8, grad_accum=2, save_every=2, keep_checkpoints=1)
 
@@ -149,7 +89,7 @@ def test_exact_resume_repeats_the_uninterrupted_run(tmp_path):
 
 
 def test_bf16_run_on_cpu(tmp_path):
-    shards = write_shards(tmp_path / "data")
+    shards = learnable_shards(tmp_path / "data", n_docs=20, bytes_per_token=2)
     model = tiny_model()
     result = train_loop(model, lm_loss, SequenceLoader(shards, 4, 16), train_cfg(steps=6, precision="bf16"),
                         tmp_path / "run")
@@ -165,7 +105,7 @@ def test_diverged_loss_is_a_one_line_error(tmp_path):
         return loss * float("nan"), {}
 
     with pytest.raises(LmforgeError, match="step 1: loss is nan"):
-        train_loop(tiny_model(), nan_loss, FixedBatches((ids[:, :-1], ids[:, 1:])), train_cfg(), tmp_path)
+        train_loop(tiny_model(), nan_loss, RepeatedBatch((ids[:, :-1], ids[:, 1:])), train_cfg(), tmp_path)
 
 
 def test_metrics_rows_and_malformed_file(tmp_path):
@@ -175,7 +115,7 @@ def test_metrics_rows_and_malformed_file(tmp_path):
         loss, _ = lm_loss(model, batch)
         return loss, {"acc": torch.tensor(0.25)}
 
-    train_loop(tiny_model(), loss_with_metric, FixedBatches((ids[:, :-1], ids[:, 1:])),
+    train_loop(tiny_model(), loss_with_metric, RepeatedBatch((ids[:, :-1], ids[:, 1:])),
                train_cfg(steps=5, log_every=2), tmp_path)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [2, 4, 5]

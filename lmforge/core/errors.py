@@ -21,10 +21,19 @@ class ConfigError(LmforgeError):
 
     exit_code = 2
 
+
+def describe_os_error(e: OSError) -> str:
+    """'PATH: No space left on device': the file and the OS's reason, on one line."""
+    where = e.filename if e.filename is not None else "file"
+    if e.filename2 is not None:
+        where = f"{where} -> {e.filename2}"
+    return f"{where}: {e.strerror or e}"
+
+
 @contextlib.contextmanager
 def os_errors() -> Iterator[None]:
     """Report a file the OS will not read or write (permissions, a device, a full disk) as one line."""
     try:
         yield
     except OSError as e:
-        raise LmforgeError(f"{e.filename or 'file'}: {e.strerror or e}") from None
+        raise LmforgeError(describe_os_error(e)) from None

@@ -12,12 +12,29 @@ from lmforge.core.errors import LmforgeError
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' prefers CUDA, then CPU; an explicit 'cuda' on a machine without one is a user error."""
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or another device torch knows (mps, xpu, ...)"
+
+
+def is_device_name(name: str) -> bool:
+    """Whether torch can parse `name` as a device ('auto' included); says nothing about the hardware."""
+    if name == "auto":
+        return True
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def resolve_device(name: str = "auto", key: str = "device") -> torch.device:
+    """'auto' prefers CUDA, then CPU; an unknown name, or 'cuda' on a machine without one, is a one-line
+    user error naming the option `key`."""
+    if not is_device_name(name):
+        raise LmforgeError(f"{key} must be {DEVICE_HELP}, got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LmforgeError(f"device '{name}' requested but CUDA is not available")
+        raise LmforgeError(f"{key} {name!r} requested but CUDA is not available on this machine")
     return torch.device(name)
 
 

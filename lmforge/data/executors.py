@@ -6,7 +6,12 @@ any executor can stop and a rerun only does the shards without one. Results come
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Literal
@@ -14,6 +19,7 @@ from typing import Any, Literal
 from lmforge.core.errors import LmforgeError
 
 ExecutorName = Literal["local", "ray"]
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal a process gets when its parent dies
 
 
 def default_workers() -> int:
@@ -34,13 +40,36 @@ def map_shards(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int = 0,
                 on_result(results[-1])
         return results
     out: list[Any] = [None] * len(tasks)
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(fn, t): i for i, t in enumerate(tasks)}
         for fut in as_completed(futures):
             out[futures[fut]] = fut.result()
             if on_result:
                 on_result(out[futures[fut]])
     return out
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Pool worker initializer: end this worker when the process that started the pool dies (even by SIGKILL),
+    instead of running on as an orphan. Linux asks the kernel (PR_SET_PDEATHSIG); elsewhere a daemon thread
+    watches for the worker being re-parented."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # the parent died before the request took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="lmforge-parent-watch", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int, interval_s: float = 1.0) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(interval_s)
+    os._exit(1)
 
 
 def _map_ray(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int,

@@ -4,7 +4,10 @@ Output layout (stable):
     OUT/kept/<shard>.jsonl[.zst]   kept documents, one {"id", "text", "metadata"} per line
     OUT/rejects/<step>.jsonl       every rejected document plus "step", "reason" and "source" (file:line)
     OUT/stats.json, OUT/report.md  documents/characters in and out per step, top reasons, examples
-    OUT/.work/                     per-shard completion markers and barrier keys (resume state)
+    OUT/.work/                     per-shard completion markers and barrier keys (resume state: JSON and
+                                   numpy .npz files read without pickle, so a planted work file runs nothing);
+                                   documents between stages keep their input's "source" (file:line) for rejects
+    OUT/.lock                      held by the running `data clean` (one owner per OUT)
 
 A shard is one input file. Steps between barriers stream in one pass per shard; a barrier (global
 dedup) splits the run into stages: stage k's shards all finish, the barrier resolves over every
@@ -18,22 +21,23 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import pickle
 import shutil
+import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from tqdm import tqdm
 
 from lmforge.core.config import from_dict, option, suggest
 from lmforge.core.errors import ConfigError, LmforgeError
-from lmforge.core.files import atomic_write_json, atomic_write_text
+from lmforge.core.files import atomic_write, atomic_write_json, atomic_write_text, dir_lock, writable_dir
 from lmforge.data.executors import ExecutorName, map_shards
-from lmforge.data.readers import BadRecord, Document, InvalidUTF8, iter_input_files, iter_records, read_jsonl
+from lmforge.data.readers import BadRecord, Document, InvalidUTF8, iter_input_files, iter_records
 from lmforge.data.steps import Barrier, Step
 from lmforge.data.writers import JsonlWriter, document_record
 
@@ -135,11 +139,12 @@ class ShardTask:
     id_field: str = "id"
     invalid_utf8: InvalidUTF8 = "reject"
     max_doc_chars: int = 10_000_000
+    carry_source: bool = False  # output is a work file: keep each document's input file:line for later stages
 
 
 def run_shard(task: ShardTask) -> dict[str, Any]:
     """Stream one shard through its steps; write kept docs, rejects, barrier keys, then the marker."""
-    if task.marker.is_file():
+    if shard_done(task):
         return read_marker(task.marker)
     stats = {label: new_stats() for label in [READ_STEP, *(task.apply[:1] if task.apply else []), *task.labels]}
     kept = JsonlWriter(task.output)
@@ -147,6 +152,7 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
     keys: list[Any] = []
     ids: list[str] = []
     warnings: list[str] = []
+    failures: list[str] = []  # input files that could not be read to the end
 
     def reject(label: str, doc: Document, reason: str) -> None:
         s = stats[label]
@@ -172,7 +178,7 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
 
     try:
         n_read = 0
-        for index, doc in enumerate(_shard_documents(task, reject, stats[READ_STEP], warnings)):
+        for index, doc in enumerate(_shard_documents(task, reject, stats[READ_STEP], failures)):
             n_read += 1
             if task.apply is not None:
                 label, barrier, plan = task.apply
@@ -182,7 +188,7 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
                 if task.barrier is not None:
                     keys.append(task.barrier.key(doc))
                     ids.append(doc.id)
-                kept.write(document_record(doc))
+                kept.write(document_record(doc, source=doc.source) if task.carry_source else document_record(doc))
         if task.first and n_read == 0 and not stats[READ_STEP]["reasons"]:
             warnings.append(f"{task.input}: no documents (empty file)")
         for label, step in zip(task.labels, task.steps):
@@ -196,18 +202,76 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
     for w in rejects.values():
         w.commit()
     if task.barrier is not None:
-        with open(task.marker.with_suffix(".keys.pkl"), "wb") as f:
-            pickle.dump((keys, ids), f, protocol=pickle.HIGHEST_PROTOCOL)
+        save_keys(keys_path(task.marker), keys, ids)
     result = {"shard": task.shard, "stats": {k: _jsonable(v) for k, v in stats.items()}, "warnings": warnings,
-              "rejects": sorted(rejects)}
+              "failures": failures, "rejects": sorted(rejects)}
     atomic_write_json(task.marker, result)
     return read_marker(task.marker)
 
 
-def _shard_documents(task: ShardTask, reject: Any, read_stats: dict[str, Any], warnings: list[str]):
-    """Documents of the shard; at stage 0 unreadable records and oversized documents go to 'read' rejects."""
+def shard_done(task: ShardTask) -> bool:
+    """A shard finished by an earlier run: its marker, and its barrier keys when the stage has a barrier (a work
+    directory of an older lmforge holds `.keys.pkl` files, which are never read: such a shard runs again)."""
+    return task.marker.is_file() and (task.barrier is None or keys_path(task.marker).is_file())
+
+
+def keys_path(marker: Path) -> Path:
+    return marker.with_name(marker.name.removesuffix(".done.json") + ".keys.npz")
+
+
+def save_keys(path: Path, keys: list[Any], ids: list[str]) -> None:
+    """A shard's barrier keys and document ids as a numpy .npz of plain arrays (no pickle).
+
+    A key is a non-negative int below 2**128 (exact dedup's hash), a uint64 numpy array (MinHash bands, line
+    hashes) or a list of such ints (span hashes); one shard's keys are all of one kind. They are stored flat as
+    uint64 words with per-document offsets; ids as UTF-8 JSON bytes.
+    """
+    kinds = {"int" if isinstance(k, int) else "array" if isinstance(k, np.ndarray) else "list" for k in keys}
+    if len(kinds) > 1:
+        raise LmforgeError(f"{path}: a barrier returned keys of mixed kinds {sorted(kinds)}")
+    kind = kinds.pop() if kinds else "array"
+    try:
+        if kind == "int":
+            if any(not 0 <= k < 2**128 for k in keys):
+                raise OverflowError
+            parts = [np.array([k & (2**64 - 1), k >> 64], dtype=np.uint64) for k in keys]
+        else:
+            parts = [np.asarray(k, dtype=np.uint64).reshape(-1) for k in keys]
+    except (OverflowError, TypeError, ValueError):
+        raise LmforgeError(f"{path}: barrier keys must be ints in [0, 2**128) or sequences of uint64") from None
+    offsets = np.cumsum([0] + [len(p) for p in parts], dtype=np.int64)
+    values = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+    id_bytes = np.frombuffer(json.dumps(ids).encode("utf-8"), dtype=np.uint8)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, kind=np.array(kind), values=values, offsets=offsets, ids=id_bytes)
+
+    atomic_write(path, write)
+
+
+def load_keys(path: Path) -> tuple[list[Any], list[str]]:
+    """Inverse of `save_keys`; numpy refuses pickled arrays (allow_pickle=False), so nothing in it can run."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            kind, values, offsets = str(f["kind"]), f["values"], f["offsets"]
+            ids = json.loads(f["ids"].tobytes().decode("utf-8"))
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{path}: unreadable barrier keys ({e}); delete it to redo that shard") from None
+    if values.dtype != np.uint64 or offsets.dtype != np.int64 or len(offsets) != len(ids) + 1 or not isinstance(
+            ids, list) or kind not in ("int", "array", "list"):
+        raise LmforgeError(f"{path}: malformed barrier keys; delete it to redo that shard")
+    parts = [values[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    if kind == "int":
+        return [int(p[0]) | int(p[1]) << 64 for p in parts], ids
+    return (parts if kind == "array" else [p.tolist() for p in parts]), ids
+
+
+def _shard_documents(task: ShardTask, reject: Any, read_stats: dict[str, Any], failures: list[str]):
+    """Documents of the shard; at stage 0 unreadable records and oversized documents go to 'read' rejects,
+    and a file that cannot be read to the end (a truncated archive, a bad Parquet footer) to `failures`."""
     if not task.first:
-        yield from read_jsonl(task.input)
+        yield from read_work_file(task.input)
         return
     try:
         for item in iter_records(task.input, task.text_field, task.id_field, task.invalid_utf8):
@@ -225,7 +289,16 @@ def _shard_documents(task: ShardTask, reject: Any, read_stats: dict[str, Any], w
             yield item
     except LmforgeError as e:  # a corrupt archive or unreadable file: record it, keep what was read
         read_stats["reasons"][f"unreadable file: {e}"] += 1
-        warnings.append(str(e))
+        failures.append(str(e))
+
+
+def read_work_file(path: Path) -> Iterator[Document]:
+    """Documents a previous stage wrote (`carry_source`): their source stays the input's file:line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            r = json.loads(line)
+            yield Document(id=r["id"], text=r["text"], source=r.get("source", f"{path}:{lineno}"),
+                           metadata=r["metadata"])
 
 
 def _jsonable(stats: dict[str, Any]) -> dict[str, Any]:
@@ -284,9 +357,13 @@ class Pipeline:
         return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
     def run(self, inputs: Sequence[str | Path] | str | Path, output: str | Path) -> dict[str, Any]:
-        start = time.perf_counter()
         files = input_files(inputs)
-        output = Path(output)
+        output = writable_dir(output, "output")
+        with dir_lock(output):  # a second `data clean` on this OUT would delete this one's work files
+            return self._run(files, output)
+
+    def _run(self, files: list[Path], output: Path) -> dict[str, Any]:
+        start = time.perf_counter()
         work = output / ".work"
         self._claim(output, work, files)
         shards = [f"{i:05d}-{_slug(p)}" for i, p in enumerate(files)]
@@ -308,15 +385,14 @@ class Pipeline:
                     output=(output / "kept" / f"{shard}{suffix}") if last else work / f"stage{k}" / f"{shard}.jsonl",
                     rejects=work / f"stage{k}" / "rejects" / shard, marker=work / f"stage{k}" / f"{shard}.done.json",
                     text_field=self.text_field, id_field=self.id_field, invalid_utf8=self.invalid_utf8,
-                    max_doc_chars=self.max_doc_chars))
+                    max_doc_chars=self.max_doc_chars, carry_source=not last))
             names = [self.labels[i] for i in streaming] + ([self.labels[barrier_idx]] if barrier_idx is not None
                                                            else [])
             results.append(self._run_stage(tasks, f"stage {k + 1}/{len(stages)} [{', '.join(names) or '-'}]"))
             if barrier_idx is not None:
                 keys, ids = [], []
                 for t in tasks:
-                    with open(t.marker.with_suffix(".keys.pkl"), "rb") as f:
-                        shard_keys, shard_ids = pickle.load(f)
+                    shard_keys, shard_ids = load_keys(keys_path(t.marker))
                     keys.append(shard_keys)
                     ids.append(shard_ids)
                 plans = self.steps[barrier_idx].resolve(keys, ids)
@@ -324,7 +400,7 @@ class Pipeline:
         return stats
 
     def _run_stage(self, tasks: list[ShardTask], desc: str) -> list[dict[str, Any]]:
-        todo = [t for t in tasks if not t.marker.is_file()]
+        todo = [t for t in tasks if not shard_done(t)]
         bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="shard",
                    disable=not self.progress, dynamic_ncols=True)
         docs = [0]
@@ -367,12 +443,14 @@ class Pipeline:
         order = [READ_STEP, *self.labels]
         merged = {label: new_stats() for label in order}
         warnings: list[str] = []
+        failures: list[str] = []
         for k, stage in enumerate(results):
             for result in stage:
                 for label, s in result["stats"].items():
                     if label != READ_STEP or k == 0:
                         merge_stats(merged[label], s)
                 warnings += result["warnings"]
+                failures += result.get("failures", [])
         _merge_rejects(output, work, len(results), order)
         kept_docs = merged[self.labels[-1]]["docs_out"]
         stats = {
@@ -383,6 +461,8 @@ class Pipeline:
             "steps": [{"name": label, **_jsonable(merged[label]),
                        "reasons": dict(merged[label]["reasons"].most_common())} for label in order],
             "warnings": warnings,
+            "failed_inputs": failures,
+            "records_rejected_at_read": merged[READ_STEP]["docs_in"] - merged[READ_STEP]["docs_out"],
             "output": {"kept": str(output / "kept"), "rejects": str(output / "rejects")},
         }
         atomic_write_json(output / "stats.json", stats)
@@ -434,6 +514,8 @@ def render_report(stats: dict[str, Any]) -> str:
             for ex in s["examples"].get(reason, [])[:2]:
                 snippet = " ".join(ex["text"][:160].split()).replace("|", "\\|")
                 lines.append(f"  - `{ex['id']}`: {snippet}")
+    if stats.get("failed_inputs"):
+        lines += ["", "## Input files not read to the end", ""] + [f"- {w}" for w in stats["failed_inputs"]]
     if stats["warnings"]:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in stats["warnings"]]
     return "\n".join(lines) + "\n"
@@ -511,4 +593,19 @@ def clean_cmd(cfg: CleanConfig) -> int:
     stats = Pipeline(steps, **options).run(cfg.input, cfg.output)
     print(f"kept {stats['docs_kept']:,} of {stats['docs_in']:,} documents "
           f"({stats['docs_per_second']:,.0f} docs/s); report: {Path(cfg.output) / 'report.md'}")
-    return 0
+    return report_failures(stats)
+
+
+def report_failures(stats: dict[str, Any]) -> int:
+    """Say on stderr what was not read: records rejected at read time (a warning), and input files that could not
+    be read to the end (an error: exit status 1, though everything readable was cleaned and written)."""
+    rejected, failed = stats["records_rejected_at_read"], stats["failed_inputs"]
+    if rejected:
+        print(f"warning: {rejected:,} of {stats['docs_in']:,} records rejected at read time (unreadable or too "
+              f"long): {Path(stats['output']['rejects']) / (READ_STEP + '.jsonl')}", file=sys.stderr)
+    for message in failed:
+        print(f"error: input not read to the end: {message}", file=sys.stderr)
+    if failed:
+        print(f"lmforge: error: {len(failed)} of {stats['inputs']} input files could not be read to the end "
+              "(their readable records were cleaned)", file=sys.stderr)
+    return 1 if failed else 0

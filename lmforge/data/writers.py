@@ -6,10 +6,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+from lmforge.core.files import temp_file
 from lmforge.data.readers import Document
 
 
@@ -24,7 +24,7 @@ class JsonlWriter:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, self.tmp = temp_file(self.path.parent, self.path.name)
         raw: IO[bytes] = os.fdopen(fd, "wb")
         if self.path.suffix == ".zst":
             import zstandard

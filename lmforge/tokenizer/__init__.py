@@ -61,6 +61,7 @@ _LEGACY_DEFAULT_CHAT_TEMPLATE = (
 # Private-use characters around the text of a template's `{% generation %}` blocks while rendering.
 GENERATION_START, GENERATION_END = "\U000f0010", "\U000f0011"
 
+GIL_FREE_CHARS = 20_000  # texts longer than this are encoded without holding the GIL (see `encode`)
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where recent transformers versions keep the template
@@ -208,8 +209,14 @@ class Tokenizer:
     # -- encode / decode ----------------------------------------------------------------------------
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Token ids of `text`; bos/eos only when asked (a stored post-processor is not applied)."""
-        ids = self.tk.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; bos/eos only when asked (a stored post-processor is not applied).
+
+        A long text goes through the batch path, which releases the GIL while Rust works (`encode` holds
+        it): the server tokenizes a long prompt in a thread while its event loop keeps answering."""
+        if len(text) > GIL_FREE_CHARS:
+            ids = self.tk.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self.tk.encode(text, add_special_tokens=False).ids
         return self._wrap(ids, add_bos, add_eos)
 
     def encode_batch(self, texts: list[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
@@ -229,12 +236,15 @@ class Tokenizer:
 
     # -- chat ----------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render [{"role", "content"}, ...] with the Jinja chat template, as transformers does."""
-        text = self.render_marked(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render [{"role", "content"}, ...] with the Jinja chat template, as transformers does; `tools` (OpenAI
+        function specs) are passed to templates that render them, as transformers passes them."""
+        text = self.render_marked(messages, add_generation_prompt, tools)
         return text.replace(GENERATION_START, "").replace(GENERATION_END, "")
 
-    def render_marked(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def render_marked(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                      tools: list[dict[str, Any]] | None = None) -> str:
         """The rendered template with each `{% generation %}` block's text between GENERATION_START and
         GENERATION_END (`lmforge.tokenizer.chat` reads the assistant spans from them)."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
@@ -242,8 +252,9 @@ class Tokenizer:
         import jinja2
 
         try:
+            extra = {} if tools is None else {"tools": tools}
             return _compile_template(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+                messages=messages, add_generation_prompt=add_generation_prompt, **extra,
                 bos_token=self.special_tokens["bos"] or "", eos_token=self.special_tokens["eos"] or "",
                 pad_token=self.special_tokens["pad"] or "")
         except jinja2.TemplateError as e:

@@ -46,7 +46,7 @@ from torch import Tensor
 from lmforge.core.errors import LmforgeError
 from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.data.formats import Message
-from lmforge.tokenizer import GENERATION_END, GENERATION_START, Tokenizer
+from lmforge.tokenizer import GENERATION_END, GENERATION_START, GIL_FREE_CHARS, Tokenizer
 
 # Private-use characters around a control token found in a message while the template renders.
 TEXT_START, TEXT_END = "\U000f0000", "\U000f0001"
@@ -69,10 +69,12 @@ class Encoded:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def render_chat(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+def render_chat(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool,
+                tools: list[dict] | None = None) -> str:
     """The conversation as the template renders it, with each control token a message holds marked as text
-    and `{% generation %}` blocks marked (`_encode_marked` reads and removes the marks)."""
-    return tokenizer.render_marked(_mark_messages(tokenizer, messages), add_generation_prompt)
+    and `{% generation %}` blocks marked (`_encode_marked` reads and removes the marks); `tools` (OpenAI function
+    specs) go to templates that render them."""
+    return tokenizer.render_marked(_mark_messages(tokenizer, messages), add_generation_prompt, tools)
 
 
 def _mark_messages(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[dict[str, Any]]:
@@ -108,9 +110,9 @@ def _encode_marked(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[boo
     mask: list[bool] = []
     for start, piece, plain in segments:
         tk = tokenizer.plain_tk if plain else tokenizer.tk
-        enc, shift = tk.encode(piece, add_special_tokens=False), 0
+        enc, shift = _encode(tk, piece), 0
         if start > 0:
-            after = tk.encode("\n" + piece, add_special_tokens=False)
+            after = _encode(tk, "\n" + piece)
             if after.ids[:len(newline)] == newline:
                 enc, shift = after, 1
         for token, (a, b) in list(zip(enc.ids, enc.offsets))[len(newline) if shift else 0:]:
@@ -118,6 +120,14 @@ def _encode_marked(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[boo
             ids.append(token)
             mask.append(any(a < end and b > begin for begin, end in spans))
     return ids, mask
+
+
+def _encode(tk: Any, text: str) -> Any:
+    """One `tokenizers` Encoding (ids and offsets); a long text through the batch path, which releases the GIL
+    (as `Tokenizer.encode` does), so a server thread tokenizing a long chat leaves its event loop free."""
+    if len(text) > GIL_FREE_CHARS:
+        return tk.encode_batch([text], add_special_tokens=False)[0]
+    return tk.encode(text, add_special_tokens=False)
 
 
 def _segments(tokenizer: Tokenizer, text: str) -> tuple[list[tuple[int, str, bool]], list[tuple[int, int]]]:
@@ -204,9 +214,10 @@ def _shifted(ids: list[int], mask: list[bool], max_len: int) -> Encoded:
     return Encoded(ids[:-1], labels, truncated)
 
 
-def chat_ids(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False) -> list[int]:
+def chat_ids(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False,
+             tools: list[dict] | None = None) -> list[int]:
     """The conversation's token ids, as `AutoTokenizer.apply_chat_template(tokenize=True)` gives them."""
-    return _encode_marked(tokenizer, render_chat(tokenizer, messages, add_generation_prompt))[0]
+    return _encode_marked(tokenizer, render_chat(tokenizer, messages, add_generation_prompt, tools))[0]
 
 
 def encode_conversation(tokenizer: Tokenizer, messages: list[Message], max_len: int) -> Encoded:
@@ -229,9 +240,10 @@ def encode_prompt_response(tokenizer: Tokenizer, prompt: list[Message], response
     return _shifted(*_encode_marked(tokenizer, _with_spans(tokenizer, messages, "last")), max_len)
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: list[Message]) -> list[int]:
-    """The tokens a sampler starts from: the prompt plus the opening of an assistant turn."""
-    return chat_ids(tokenizer, prompt, add_generation_prompt=True)
+def prompt_ids(tokenizer: Tokenizer, prompt: list[Message], tools: list[dict] | None = None) -> list[int]:
+    """The tokens a sampler starts from: the prompt plus the opening of an assistant turn (`tools`: OpenAI
+    function specs for templates that render them)."""
+    return chat_ids(tokenizer, prompt, add_generation_prompt=True, tools=tools)
 
 
 def stop_token_ids(tokenizer: Tokenizer) -> list[int]:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lmforge.core.config import option, require
+from lmforge.core.runtime import DEVICE_HELP, is_device_name
 from lmforge.train.schedule import Schedule
 
 LrRule = Literal["sqrt", "linear", "none"]  # how lr follows the batch-size ramp (lmforge.train.ramp)
@@ -117,6 +118,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "train.steps", self.steps, "positive")
+        require(is_device_name(self.device), "train.device", self.device, DEVICE_HELP)
         require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "positive")
         require(self.lr > 0, "train.lr", self.lr, "positive")
         require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -16,7 +17,7 @@ from torch import nn
 
 from lmforge.core.config import option, require, save_config
 from lmforge.core.errors import LmforgeError
-from lmforge.core.files import atomic_write, file_sha256
+from lmforge.core.files import atomic_write, dir_lock, file_sha256, writable_dir
 from lmforge.core.runtime import resolve_device, resolve_precision
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.mixture import SourceConfig
@@ -139,7 +140,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         return launch_pretrain(cfg)
     run = setup_parallel(cfg.parallel, cfg.train.device, log_dir=Path(cfg.run_dir) / "logs")
     try:
-        return _pretrain(cfg, run)
+        owner = run is None or run.is_main
+        with dir_lock(writable_dir(cfg.run_dir, "run_dir")) if owner else contextlib.nullcontext():
+            return _pretrain(cfg, run)  # one owner per run_dir: a second run or --resume is refused
     finally:
         if run is not None:
             run.close()
@@ -186,13 +189,12 @@ def _pretrain(cfg: PretrainConfig, run: DistributedRun | None) -> dict[str, Any]
         print(f"warning: {tokenizer} is not the tokenizer the shards in {train_dir} were made with",
               file=sys.stderr)
     cfg = dataclasses.replace(cfg, model=model_cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = writable_dir(cfg.run_dir, "run_dir")
     save_config(cfg, run_dir / "config.json")
 
     loader = plan.loader if plan else SequenceLoader(shards, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
                                                      **data_slice(cfg.data.batch_size, run))
-    precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
+    precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device, "train.device"))
     evaluate = None
     val_dir = data_dir / "val"
     if (val_dir / INDEX_NAME).is_file():
@@ -229,8 +231,9 @@ def _pretrain(cfg: PretrainConfig, run: DistributedRun | None) -> dict[str, Any]
     if model_cfg.moe_experts:  # expert-utilization metrics, and aux-loss-free bias updates when enabled
 
         hooks.append(MoEBalancer(model_cfg.moe_bias_update_rate))
+    fixed = {"data.batch_size": cfg.data.batch_size, "data.seq_len": cfg.data.seq_len}
     result = train_loop(model, loss_fn, loader, cfg.train, run_dir, evaluate=evaluate, resume=cfg.resume,
-                        desc="pretrain", on_step_end=hooks, parallel=run)
+                        desc="pretrain", on_step_end=hooks, parallel=run, fixed=fixed)
 
     model_dir = run_dir / "model"
     if run is None:

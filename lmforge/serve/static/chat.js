@@ -1,11 +1,23 @@
 // The chat page: keeps the conversation, posts it to /v1/chat/completions with stream=true and
 // appends each server-sent delta to the reply as it arrives (fetch + ReadableStream; no library).
+// A server started with --api-key answers 401: the page then asks for the key and keeps it for this tab.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const KEY_ITEM = "lmforge-api-key";
 let model = null;
 let history = [];  // [{role, content}] sent with every request
 let busy = false;
+let apiKey = sessionStorage.getItem(KEY_ITEM) || "";
+
+function headers(extra = {}) {
+  return apiKey ? {...extra, Authorization: "Bearer " + apiKey} : extra;
+}
+
+function askForKey() {
+  $("key-form").hidden = false;
+  $("api-key").focus();
+}
 
 function bubble(role, text) {
   const div = document.createElement("div");
@@ -17,7 +29,8 @@ function bubble(role, text) {
 }
 
 async function loadModel() {
-  const r = await fetch("/v1/models");
+  const r = await fetch("/v1/models", {headers: headers()});
+  if (r.status === 401) return askForKey();
   const body = await r.json();
   model = body.data[0].id;
   $("model").textContent = model;
@@ -56,13 +69,14 @@ async function send(text) {
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: {"Content-Type": "application/json"},
+      headers: headers({"Content-Type": "application/json"}),
       body: JSON.stringify({
         model, messages: history, stream: true,
         temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
       }),
     });
     if (!response.ok) {
+      if (response.status === 401) askForKey();
       const body = await response.json().catch(() => ({}));
       throw new Error(body.error ? body.error.message : "HTTP " + response.status);
     }
@@ -93,6 +107,15 @@ $("form").addEventListener("submit", (e) => {
   if (!text || busy) return;
   $("input").value = "";
   send(text);
+});
+
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  apiKey = $("api-key").value.trim();
+  sessionStorage.setItem(KEY_ITEM, apiKey);
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  loadModel().catch((err) => bubble("error", "could not reach the server: " + err.message));
 });
 
 $("reset").addEventListener("click", () => {
