@@ -24,8 +24,10 @@ def loss_text(tokenizer, enc):
 def test_loss_only_on_assistant_tokens_multi_turn(tokenizer):
     enc = encode_conversation(tokenizer, CONV, max_len=256)
     full = [*enc.input_ids, enc.labels[-1]]
-    assert tokenizer.decode(full, skip_special_tokens=False) == "<|begin_of_text|>" + tokenizer.apply_chat_template(
+    # nothing outside the template: it starts with eos, as documents do in the pretraining shards
+    assert tokenizer.decode(full, skip_special_tokens=False) == tokenizer.apply_chat_template(
         CONV, add_generation_prompt=False)
+    assert full[0] == tokenizer.eos_id
     assert len(enc.input_ids) == len(enc.labels)
     assert enc.labels == [t if t != IGNORE_INDEX else IGNORE_INDEX for t in enc.labels]
     # the targets with a loss are exactly the two assistant replies with their end markers

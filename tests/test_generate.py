@@ -242,7 +242,7 @@ def test_cli_prompt_text_json(text_checkpoint, capsys):
                            "--json", "--sampling.max-new-tokens", "15")
     assert code == 0
     result = json.loads(out)
-    prompt = tokenizer.encode("Speak, speak.", add_bos=True)
+    prompt = tokenizer.sequence_start + tokenizer.encode("Speak, speak.")
     expected = generate(model, prompt, SamplingParams(greedy=True, max_new_tokens=15,
                                                       stop_token_ids=[tokenizer.eos_id]))
     assert result == {"ids": expected, "text": tokenizer.decode(expected)}
@@ -254,33 +254,35 @@ def test_cli_streams_prompt_then_text(text_checkpoint, capsys):
                            "--sampling.temperature", "1.0", "--sampling.seed", "3", "--sampling.max-new-tokens", "20")
     assert code == 0
     params = SamplingParams(temperature=1.0, seed=3, max_new_tokens=20, stop_token_ids=[tokenizer.eos_id])
-    expected = generate(model, tokenizer.encode("Le café", add_bos=True), params)
+    expected = generate(model, tokenizer.sequence_start + tokenizer.encode("Le café"), params)
     assert out == "Le café" + tokenizer.decode(expected) + "\n"
 
 
-def test_cli_empty_prompt_starts_from_bos(text_checkpoint, capsys):
+def test_cli_empty_prompt_starts_from_the_sequence_start(text_checkpoint, capsys):
     directory, model, tokenizer = text_checkpoint
     code, out, _ = run_cli(capsys, "--checkpoint", str(directory), "--sampling.greedy", "--json",
                            "--sampling.max-new-tokens", "5")
     assert code == 0
-    assert json.loads(out)["ids"] == greedy_ids(model, [tokenizer.bos_id], 5)
+    assert json.loads(out)["ids"] == greedy_ids(model, tokenizer.sequence_start, 5)
 
 
 def test_cli_stops_on_tokenizer_eos(text_checkpoint, tmp_path, capsys):
-    """Relabel the model's vocabulary so that the token it would emit at step EOS_AT becomes eos.
+    """Relabel the model's outputs so that the token it would emit at step EOS_AT becomes eos.
 
-    Swapping two rows of the embedding and the LM head permutes the logits exactly, so the
-    relabelled model generates the same sequence with the two ids exchanged."""
+    Swapping two rows of the LM head (untied from the embedding) permutes the logits exactly, so the
+    relabelled model generates the same sequence with the two ids exchanged, whatever the prompt holds
+    (it starts with eos: the sequence start)."""
     directory, model, tokenizer = text_checkpoint
-    prompt = tokenizer.encode("All:", add_bos=True)
+    prompt = tokenizer.sequence_start + tokenizer.encode("All:")
     full = greedy_ids(model, prompt, 10)
     target, eos = full[EOS_AT], tokenizer.eos_id
-    assert eos not in prompt + full[:EOS_AT + 1] and target not in prompt + full[:EOS_AT]
+    assert eos not in full[:EOS_AT + 1] and target not in full[:EOS_AT]
+    assert not model.cfg.tie_embeddings
     relabelled = tiny_model(vocab_size=tokenizer.vocab_size)
     relabelled.load_state_dict(model.state_dict())
     with torch.no_grad():
-        for weight in (relabelled.embed.weight, relabelled.lm_head.weight):
-            weight[[eos, target]] = weight[[target, eos]]
+        weight = relabelled.lm_head.weight
+        weight[[eos, target]] = weight[[target, eos]]
     save_model(relabelled, tmp_path / "relabelled")
     tokenizer.save(tmp_path / "relabelled")
     code, out, _ = run_cli(capsys, "--checkpoint", str(tmp_path / "relabelled"), "--prompt", "All:",
@@ -300,9 +302,10 @@ def test_cli_tokenizer_larger_than_model_vocab(text_checkpoint, tmp_path, capsys
 def test_cli_stop_strings_end_generation(text_checkpoint, capsys):
     directory, model, tokenizer = text_checkpoint
     params = SamplingParams(temperature=1.0, seed=3, max_new_tokens=30, stop_token_ids=[tokenizer.eos_id])
-    full_ids = generate(model, tokenizer.encode("Le café", add_bos=True), params)
+    full_ids = generate(model, tokenizer.sequence_start + tokenizer.encode("Le café"), params)
     full = tokenizer.decode(full_ids)
-    stop = full[len(full) // 2:len(full) // 2 + 2]
+    at = next(i for i in range(len(full) // 2, len(full) - 1) if "\ufffd" not in full[i:i + 2])  # whole characters
+    stop = full[at:at + 2]
     cut = full[:full.find(stop)]
     n = next(i for i in range(1, len(full_ids) + 1) if stop in tokenizer.decode(full_ids[:i]))
     args = ["--checkpoint", str(directory), "--prompt", "Le café", "--sampling.temperature", "1.0",

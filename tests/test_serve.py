@@ -54,7 +54,7 @@ def test_completion_stream_equals_non_stream_and_ends_with_done(served, client):
     kw = dict(model=NAME, prompt="To be, or not", temperature=0, max_tokens=15, extra_body={"ignore_eos": True})
     whole = client.completions.create(**kw)
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 15
-    ids = tok.encode("To be, or not", add_bos=True)
+    ids = tok.sequence_start + tok.encode("To be, or not")
     assert whole.choices[0].text == greedy_reference(model, tok, ids, 15, [])
     chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
@@ -106,7 +106,7 @@ def test_concurrent_requests_are_batched_and_equal_each_served_alone(served, cli
 
     alone = [ask(i) for i in range(len(prompts))]
     for i, text in enumerate(alone):
-        assert text == greedy_reference(model, tok, tok.encode(prompts[i], add_bos=True), 20 + 4 * i, [])
+        assert text == greedy_reference(model, tok, tok.sequence_start + tok.encode(prompts[i]), 20 + 4 * i, [])
     scheduler.stats.max_batch_seen = 0
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(ask, range(len(prompts))))
@@ -207,8 +207,8 @@ def test_an_exception_in_one_request_fails_only_that_request(served, client, sch
                                extra_body={"ignore_eos": True})
             with pytest.raises(openai.InternalServerError, match="boom"):
                 bad.result()
-            assert good.result().choices[0].text == greedy_reference(model, tok, tok.encode("Romeo", add_bos=True),
-                                                                     12, [])
+            romeo = tok.sequence_start + tok.encode("Romeo")
+            assert good.result().choices[0].text == greedy_reference(model, tok, romeo, 12, [])
         stream = client.completions.create(model=NAME, prompt="a", seed=666, max_tokens=5, stream=True)
         with pytest.raises(openai.APIError, match="boom"):
             list(stream)

@@ -38,13 +38,13 @@ def greedy_ids(model, ids, n, stops=()):
 def test_n_and_batched_prompts_return_every_choice_in_order(served, client):
     _, model, tok = served
     prompts = ["Romeo", "To be, or"]
-    refs = [greedy_reference(model, tok, tok.encode(p, add_bos=True), 8, []) for p in prompts]
+    refs = [greedy_reference(model, tok, tok.sequence_start + tok.encode(p), 8, []) for p in prompts]
     kw = dict(model=NAME, temperature=0, max_tokens=8, n=2, extra_body={"ignore_eos": True})
-    for prompt in (prompts, [tok.encode(p, add_bos=True) for p in prompts]):
+    for prompt in (prompts, [tok.sequence_start + tok.encode(p) for p in prompts]):
         out = client.completions.create(prompt=prompt, **kw)
         assert [c.index for c in out.choices] == [0, 1, 2, 3]
         assert [c.text for c in out.choices] == [refs[0], refs[0], refs[1], refs[1]]
-        assert out.usage.prompt_tokens == sum(len(tok.encode(p, add_bos=True)) for p in prompts)
+        assert out.usage.prompt_tokens == sum(len(tok.sequence_start + tok.encode(p)) for p in prompts)
         assert out.usage.completion_tokens == 4 * 8
     chunks = list(client.completions.create(prompt=prompts, stream=True, **kw))
     texts = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(4)]
@@ -93,7 +93,7 @@ def test_completion_echo_scores_the_prompt_as_lm_eval_reads_it(served, client):
     """lm-evaluation-harness sends `logprobs: 1, echo: true, max_tokens: 1` (or 0) with token ids and sums
     token_logprobs[ctxlen:-1]: every prompt token's logprob must be the model's, the first one null."""
     _, model, tok = served
-    ids = tok.encode("Now is the winter of our discontent", add_bos=True)
+    ids = tok.sequence_start + tok.encode("Now is the winter of our discontent")
     rows = log_softmax_rows(model, ids)
     for max_tokens in (0, 1):
         out = client.completions.create(model=NAME, prompt=ids, logprobs=1, echo=True, max_tokens=max_tokens,
@@ -123,7 +123,7 @@ def test_completion_echo_scores_the_prompt_as_lm_eval_reads_it(served, client):
     out = client.completions.create(model=NAME, prompt="Romeo", logprobs=2, max_tokens=5, temperature=0,
                                     extra_body={"ignore_eos": True})
     lp = out.choices[0].logprobs
-    gen = greedy_ids(model, tok.encode("Romeo", add_bos=True), 5)
+    gen = greedy_ids(model, tok.sequence_start + tok.encode("Romeo"), 5)
     assert lp.tokens == [token_text(tok, t)[0] for t in gen] and all(len(top) >= 2 for top in lp.top_logprobs)
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
     assert r_bad(served, "/v1/completions", {"prompt": "a", "max_tokens": 0}) == "max_tokens"  # 0 needs echo
@@ -141,7 +141,7 @@ def r_bad(served, route, body):
 
 def test_penalties_and_logit_bias_change_the_output_as_the_engine_does(served, client):
     _, model, tok = served
-    ids = tok.encode("The king", add_bos=True)
+    ids = tok.sequence_start + tok.encode("The king")
     kw = dict(model=NAME, prompt="The king", temperature=0, max_tokens=24, extra_body={"ignore_eos": True})
     plain = client.completions.create(**kw).choices[0].text
     for name in ("frequency_penalty", "presence_penalty"):
@@ -176,7 +176,8 @@ def test_tokenizer_routes_as_vllm_has_them(served):
     url, tok = served[0].url, served[2]
     r = httpx.post(url + "/tokenize", json={"prompt": "To be", "add_special_tokens": False}).json()
     assert r["tokens"] == tok.encode("To be") and r["count"] == len(r["tokens"]) and r["max_model_len"] == 128
-    assert httpx.post(url + "/tokenize", json={"prompt": "To be"}).json()["tokens"] == tok.encode("To be", add_bos=True)
+    started = httpx.post(url + "/tokenize", json={"prompt": "To be"}).json()["tokens"]
+    assert started == tok.sequence_start + tok.encode("To be")
     messages = [{"role": "user", "content": "hi"}]
     assert httpx.post(url + "/tokenize", json={"messages": messages}).json()["tokens"] == prompt_ids(tok, messages)
     assert httpx.post(url + "/detokenize", json={"tokens": tok.encode("To be")}).json() == {"prompt": "To be"}
@@ -323,7 +324,9 @@ def test_lm_eval_through_the_server_equals_lm_eval_on_the_hf_export(tmp_path, mo
         runs = {"served, HF tokenizer": ("local-completions", {**served, "tokenizer": str(hf_dir),
                                                                "tokenizer_backend": "huggingface"}),
                 "served, the server's tokenizer": ("local-completions", served),  # /tokenizer_info, /tokenize
-                "hf": ("hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu"})}
+                # local-completions encodes text without the tokenizer's start token (eos on an lmforge export, see
+                # lmforge.tokenizer.chat); lm-eval's hf model does the same with add_bos_token=False
+                "hf": ("hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu", "add_bos_token": False})}
         for key, (kind, args) in runs.items():
             results[key] = lm_eval.simple_evaluate(model=kind, model_args=args, tasks=["tiny_mc", "tiny_gen"],
                                                    task_manager=tasks, log_samples=True)
@@ -409,7 +412,7 @@ def test_tool_results_go_back_through_the_template(tool_server):
         {"role": "tool", "content": "-3 C, snow", "tool_call_id": "call_1"}], tools=[WEATHER])
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>' in rendered
     assert "<|tool|>\n-3 C, snow" in rendered
-    assert out.usage.prompt_tokens == len(tok.encode(rendered, add_bos=True))
+    assert out.usage.prompt_tokens == len(tok.encode(rendered))  # the template alone: nothing added outside it
     assert out.choices[0].finish_reason in ("stop", "length")  # auto: a random model writes no call
 
 

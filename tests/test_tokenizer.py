@@ -137,13 +137,13 @@ def test_load_errors_are_one_line(tmp_path):
 def test_default_chat_template(tok):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
-    expected = ("<|system|>\nBe brief.<|end|>\n<|user|>\nHi?<|end|>\n<|assistant|>\nHello.<|end|>\n"
+    expected = ("<|end_of_text|><|system|>\nBe brief.<|end|>\n<|user|>\nHi?<|end|>\n<|assistant|>\nHello.<|end|>\n"
                 "<|user|>\nBye<|end|>\n")
     assert tok.apply_chat_template(messages, add_generation_prompt=False) == expected
     prompt = tok.apply_chat_template(messages)
     assert prompt == expected + "<|assistant|>\n"
     ids = tok.encode(prompt)
-    assert ids[0] == tok.tk.token_to_id("<|system|>")  # chat tokens encode as single special ids
+    assert ids[:2] == [tok.eos_id, tok.tk.token_to_id("<|system|>")]  # chat tokens encode as single special ids
     assert ids.count(tok.tk.token_to_id("<|end|>")) == 4
     with pytest.raises(LmforgeError, match="unknown chat role robot"):
         tok.apply_chat_template([{"role": "robot", "content": "x"}])

@@ -39,7 +39,7 @@ def test_every_model_has_fixed_special_ids_and_chat_template(trained, model):
     assert (tok.tk.token_to_id(UNK_TOKEN) is None) == (model == "bpe")  # bpe is byte-level: no unknowns
     prompt = tok.apply_chat_template([{"role": "user", "content": "Good morrow"}])
     ids = tok.encode(prompt)
-    assert ids[0] == tok.tk.token_to_id("<|user|>") and tok.tk.token_to_id("<|assistant|>") in ids[-2:]
+    assert ids[:2] == [tok.eos_id, tok.tk.token_to_id("<|user|>")] and tok.tk.token_to_id("<|assistant|>") in ids[-2:]
     assert tok.tk.token_to_id("<|end|>") in ids
     assert len(tok.encode(HELD_OUT)) < 0.5 * len(HELD_OUT.encode())  # it learned merges / pieces
 

@@ -125,14 +125,14 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 
 
 def prefix_ids(tokenizer: Tokenizer) -> list[int]:
-    """Plain prompts start with eos, a document boundary as the model saw it in pretraining shards."""
-    tok = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
-    return [] if tok is None else [tok]
+    """Plain prompts start as a document does in the pretraining shards (`Tokenizer.sequence_start`: eos, or the
+    tokenizer's declared bos), as generate and serve start them."""
+    return tokenizer.sequence_start
 
 
 def generation_prompt(task: Task, tokenizer: Tokenizer, ex: Example) -> list[int]:
-    """Chat tasks: exactly the tokens SFT puts before a response (`chat_data.prompt_ids`); plain
-    tasks: eos + the prompt."""
+    """Chat tasks: exactly the tokens SFT puts before a response (`chat.prompt_ids`); plain
+    tasks: the sequence start + the prompt."""
     if task.spec.chat:
         return prompt_ids(tokenizer, chat_messages(ex))
     return prefix_ids(tokenizer) + tokenizer.encode(ex.prompt)

@@ -28,7 +28,7 @@ def sample_texts(model: Transformer, tokenizer: Tokenizer, prompts: list[str], n
             continue
         params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=n_tokens, seed=i,
                                 stop_token_ids=[tokenizer.eos_id] if tokenizer.eos_id is not None else [])
-        ids = generate(model, tokenizer.encode(prompt), params)
+        ids = generate(model, tokenizer.sequence_start + tokenizer.encode(prompt), params)  # a document start
         texts.append(prompt + tokenizer.decode(ids))
     return texts
 

@@ -39,7 +39,7 @@ class GenerateConfig:
     checkpoint: str = option(help="model directory (config.json + model.safetensors [+ tokenizer.json])")
     adapter: str = option("", "adapter directory to run on the checkpoint: HF PEFT LoRA/DoRA, prefix or prompt "
                               "tuning, or an lmforge bottleneck adapter")
-    prompt: str = option("", "text to continue; empty starts from the tokenizer's bos token")
+    prompt: str = option("", "text to continue, after the sequence start (eos, or the tokenizer's declared bos)")
     input_ids: str = option("", "token ids to continue instead of text, e.g. \"1 2 3\" (no tokenizer needed)")
     sampling: SamplingParams = option(default_factory=_sampling, help="how tokens are chosen (every strategy "
                                                                       "reads max_new_tokens and seed from it)")
@@ -102,12 +102,10 @@ def prompt_ids(cfg: GenerateConfig, tokenizer: Tokenizer | None) -> list[int]:
         return parse_input_ids(cfg.input_ids)
     if tokenizer is None:
         raise LmforgeError(f"{cfg.checkpoint} has no {TOKENIZER_FILE}: pass token ids with --input-ids")
-    ids = tokenizer.encode(cfg.prompt, add_bos=tokenizer.bos_id is not None) if cfg.prompt else []
+    ids = tokenizer.sequence_start + tokenizer.encode(cfg.prompt)  # a document start (lmforge.tokenizer.chat)
     if not ids:
-        if tokenizer.bos_id is None:
-            raise LmforgeError("the prompt is empty and the tokenizer has no bos token to start from: "
-                               "give --prompt or --input-ids")
-        ids = [tokenizer.bos_id]
+        raise LmforgeError("the prompt is empty and the tokenizer has no bos or eos token to start from: "
+                           "give --prompt or --input-ids")
     return ids
 
 

@@ -269,8 +269,7 @@ def model_generator(checkpoint: str, sampling: SamplingParams, device: str = "au
     def generate(prompts: list[str]) -> list[str]:
         if not prompts:
             return []
-        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-        ids = [bos + tokenizer.encode(p) for p in prompts]
+        ids = [tokenizer.sequence_start + tokenizer.encode(p) for p in prompts]
         seed = None if sampling.seed is None else sampling.seed + calls[0]
         calls[0] += 1
         params = dataclasses.replace(sampling, stop_token_ids=sampling.stop_token_ids or stops)

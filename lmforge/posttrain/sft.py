@@ -34,7 +34,15 @@ from lmforge.generate.sampling import SamplingParams
 from lmforge.posttrain.stage import Stage, StageConfig, run_dir_option, summary, train_option
 from lmforge.tasks.suite import TASK_KINDS, TaskExample, exact_match, make_examples
 from lmforge.tokenizer import Tokenizer
-from lmforge.tokenizer.chat import Encoded, encode_conversation, pad_batch, prompt_ids, stop_token_ids
+from lmforge.tokenizer.chat import (
+    Encoded,
+    TemplateNotIncremental,
+    encode_conversation,
+    encode_turns,
+    pad_batch,
+    prompt_ids,
+    stop_token_ids,
+)
 from lmforge.train.config import TrainConfig
 from lmforge.train.fused_ce import linear_cross_entropy
 from lmforge.train.objectives import causal_lm_loss
@@ -272,19 +280,28 @@ class SftData:
 def encode_all(tokenizer: Tokenizer, conversations: Sequence[Conversation], max_len: int,
                too_long: str) -> tuple[list[Encoded], int, list[tuple[str, str]]]:
     """Encode; count truncations, or reject over-long conversations with a reason. A conversation with no
-    assistant token left after truncation is rejected either way."""
+    assistant token left after truncation is rejected either way. Where the chat template rewrites earlier
+    turns (and has no `{% generation %}` blocks), each assistant turn is an example of its own."""
     kept, truncated, rejected = [], 0, []
     for conv in conversations:
-        enc = encode_conversation(tokenizer, conv.messages, max_len)
-        if enc.truncated and too_long == "reject":
-            full = len(encode_conversation(tokenizer, conv.messages, 1 << 30).input_ids)
+        encoded = encode_examples(tokenizer, conv.messages, max_len)
+        if any(e.truncated for e in encoded) and too_long == "reject":
+            full = max(len(e.input_ids) for e in encode_examples(tokenizer, conv.messages, 1 << 30))
             rejected.append((conv.source, f"{full} tokens, over max_len {max_len}"))
-        elif enc.n_loss_tokens == 0:
+        elif not any(e.n_loss_tokens for e in encoded):
             rejected.append((conv.source, f"no assistant token within max_len {max_len}"))
         else:
-            truncated += enc.truncated
-            kept.append(enc)
+            truncated += any(e.truncated for e in encoded)
+            kept += [e for e in encoded if e.n_loss_tokens]
     return kept, truncated, rejected
+
+
+def encode_examples(tokenizer: Tokenizer, messages: list[Message], max_len: int) -> list[Encoded]:
+    """The conversation as one example, or one per assistant turn where the template cannot mask it whole."""
+    try:
+        return [encode_conversation(tokenizer, messages, max_len)]
+    except TemplateNotIncremental:
+        return encode_turns(tokenizer, messages, max_len)
 
 
 def load_sft_data(cfg: SftConfig, tokenizer: Tokenizer, max_len: int) -> SftData:

@@ -320,7 +320,8 @@ def _content(content: Any, i: int) -> str:
 
 def _completion_prompts(body: dict[str, Any], info: ModelInfo) -> list[list[int]]:
     """`prompt`: a string, a list of token ids, or a batch of either (a list of strings or of id lists).
-    Text gets bos (as `lmforge generate` does); token ids are used as they are; an empty string starts from bos."""
+    Text follows the sequence start (as `lmforge generate`'s does; `Tokenizer.sequence_start`); token ids are used as
+    they are."""
     prompt = body.get("prompt")
     if isinstance(prompt, str) or _is_ids(prompt):
         return [_one_prompt(prompt, info, "prompt")]
@@ -338,9 +339,10 @@ def _is_ids(value: Any) -> bool:
 def _one_prompt(prompt: str | list[int], info: ModelInfo, where: str) -> list[int]:
     tok = info.tokenizer
     if isinstance(prompt, str):
-        ids = tok.encode(prompt, add_bos=tok.bos_id is not None)
+        ids = tok.sequence_start + tok.encode(prompt)  # a document start (lmforge.tokenizer.chat)
         if not ids:
-            raise ApiError(400, f"{where} is empty and this tokenizer has no bos token to start from", param="prompt")
+            raise ApiError(400, f"{where} is empty and this tokenizer has no bos or eos token to start from",
+                           param="prompt")
         return ids
     bad = [t for t in prompt if not 0 <= t < tok.vocab_size]
     if bad:
@@ -405,15 +407,16 @@ def _eos(info: ModelInfo) -> list[int]:
 
 
 def tokenize(body: dict[str, Any], info: ModelInfo) -> dict[str, Any]:
-    """vLLM's POST /tokenize: {"prompt": text, "add_special_tokens": true} (bos, as a completion prompt gets) or
+    """vLLM's POST /tokenize: {"prompt": text, "add_special_tokens": true} (the sequence start, as a completion
+    prompt gets it) or
     {"messages": [...]} (the chat prompt) -> {"tokens", "count", "max_model_len"}."""
     if "messages" in body:
         ids = _chat_prompt(body, info, _tools(body, info))
     else:
         if not isinstance(body.get("prompt"), str):
             raise ApiError(400, "'prompt' must be a string (or send 'messages')", param="prompt")
-        bos = _flag(body, "add_special_tokens") if "add_special_tokens" in body else True
-        ids = info.tokenizer.encode(body["prompt"], add_bos=bos and info.tokenizer.bos_id is not None)
+        start = _flag(body, "add_special_tokens") if "add_special_tokens" in body else True
+        ids = (info.tokenizer.sequence_start if start else []) + info.tokenizer.encode(body["prompt"])
     return {"tokens": ids, "count": len(ids), "max_model_len": info.context_length}
 
 

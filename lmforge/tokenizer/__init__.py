@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ import tokenizers
 
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json, atomic_write_text, read_json_object
+from lmforge.tokenizer.templates import builtin_template
 
 SPECIAL_TOKENS = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "pad": "<|pad|>"}
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -30,8 +32,23 @@ TokenizerModel = Literal["bpe", "wordpiece", "unigram"]
 GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}"""
                       r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
 
-# Each role's message is "<|role|>\n{content}<|end|>\n"; the generation prompt opens an assistant turn.
+# Each role's message is "<|role|>\n{content}<|end|>\n"; the generation prompt opens an assistant turn. The
+# conversation starts with eos, as every document in the pretraining shards follows one (see `sequence_start`).
 DEFAULT_CHAT_TEMPLATE = (
+    "{{- eos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('unknown chat role ' ~ message['role'] ~ ' (expected system, user, assistant)') -}}"
+    "{%- endif -%}"
+    "{{- '<|' ~ message['role'] ~ '|>\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}{%- generation -%}{{- message['content'] ~ '<|end|>\\n' -}}"
+    "{%- endgeneration -%}{%- else -%}{{- message['content'] ~ '<|end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+# The default before sequence starts were written down (lmforge then put bos outside the template): a tokenizer
+# saved with it gets the current default on load, so its chats start as pretraining documents do.
+_LEGACY_DEFAULT_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
     "{{- raise_exception('unknown chat role ' ~ message['role'] ~ ' (expected system, user, assistant)') -}}"
@@ -40,6 +57,9 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
 )
+
+# Private-use characters around the text of a template's `{% generation %}` blocks while rendering.
+GENERATION_START, GENERATION_END = "\U000f0010", "\U000f0011"
 
 GIL_FREE_CHARS = 20_000  # texts longer than this are encoded without holding the GIL (see `encode`)
 TOKENIZER_FILE = "tokenizer.json"
@@ -60,6 +80,8 @@ class Tokenizer:
     def __init__(self, tk: tokenizers.Tokenizer, chat_template: str | None = None, *,
                  special_tokens: dict[str, str | None] | None = None) -> None:
         self.tk = tk
+        if chat_template == _LEGACY_DEFAULT_CHAT_TEMPLATE:
+            chat_template = DEFAULT_CHAT_TEMPLATE
         self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
         given = special_tokens or {}
         # role -> token string; a role left out is found among the usual spellings present in the vocab
@@ -87,6 +109,8 @@ class Tokenizer:
         jinja_file = file.parent / CHAT_TEMPLATE_FILE
         if template is None and jinja_file.is_file():
             template = jinja_file.read_text(encoding="utf-8")
+        if template is None:  # an HF checkpoint without one: the built-in template of its family, if known
+            template = builtin_template(tk)
         special = {role: _token_content(config[f"{role}_token"]) for role in _ROLE_CANDIDATES
                    if f"{role}_token" in config}
         return cls(tk, chat_template=template, special_tokens=special)
@@ -140,6 +164,42 @@ class Tokenizer:
     def pad_id(self) -> int | None:
         return self.token_id("pad")
 
+    @functools.cached_property
+    def declared_start(self) -> list[int]:
+        """The ids the tokenizer's own post-processor puts before a text (Llama's bos, BERT's [CLS]); [] if none."""
+        for probe in ("x", "a", "0", "hello", "."):  # a text that encodes to something, to see what comes before
+            plain = self.tk.encode(probe, add_special_tokens=False).ids
+            if plain:
+                full = self.tk.encode(probe, add_special_tokens=True).ids
+                return next((full[:i] for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain),
+                            [])
+        return []
+
+    @property
+    def sequence_start(self) -> list[int]:
+        """What starts every sequence the model reads (the rule is written in `lmforge.tokenizer.chat`): the
+        post-processor's prefix where the tokenizer declares one, else eos, the document separator of the
+        pretraining shards (every document there follows an eos); [] for a tokenizer with neither."""
+        declared = self.declared_start
+        if declared:
+            return declared
+        return [] if self.eos_id is None else [self.eos_id]
+
+    @functools.cached_property
+    def control_pattern(self) -> re.Pattern[str] | None:
+        """Matches the special added tokens (longest first, so a token wins over one it contains); None if none."""
+        tokens = sorted((t.content for t in self.tk.get_added_tokens_decoder().values() if t.special),
+                        key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+    @functools.cached_property
+    def plain_tk(self) -> tokenizers.Tokenizer:
+        """The same tokenizer reading every special token's text as plain characters (a copy, so the flag never
+        changes how `tk` reads text in another thread)."""
+        tk = tokenizers.Tokenizer.from_str(self.tk.to_str())
+        tk.encode_special_tokens = True
+        return tk
+
     def _require(self, role: str) -> int:
         token_id = self.token_id(role)
         if token_id is None:
@@ -180,6 +240,13 @@ class Tokenizer:
                             tools: list[dict[str, Any]] | None = None) -> str:
         """Render [{"role", "content"}, ...] with the Jinja chat template, as transformers does; `tools` (OpenAI
         function specs) are passed to templates that render them, as transformers passes them."""
+        text = self.render_marked(messages, add_generation_prompt, tools)
+        return text.replace(GENERATION_START, "").replace(GENERATION_END, "")
+
+    def render_marked(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                      tools: list[dict[str, Any]] | None = None) -> str:
+        """The rendered template with each `{% generation %}` block's text between GENERATION_START and
+        GENERATION_END (`lmforge.tokenizer.chat` reads the assistant spans from them)."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise LmforgeError("chat messages must be a list of {'role': ..., 'content': ...} objects")
         import jinja2
@@ -205,8 +272,22 @@ def _compile_template(source: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
+    class Generation(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (transformers' mark for what the assistant writes): the block
+        renders as its body between two private-use characters."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+        def _mark(self, caller: Any) -> str:
+            return GENERATION_START + caller() + GENERATION_END
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+                                        extensions=[jinja2.ext.loopcontrols, Generation])
     env.globals["raise_exception"] = raise_exception
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
     try:

@@ -1,10 +1,33 @@
 """Conversations -> token ids and next-token labels, with the loss only on assistant turns.
 
-The tokenizer's chat template renders the conversation; the rendered text is cut into segments
-(each message, and each assistant turn's header apart from its content) by rendering growing
-prefixes of the conversation, and each segment is encoded on its own. So the labels know which
-tokens the assistant wrote, whatever the template looks like, and `prompt_ids` (the tokens a
-sampler starts from) are exactly the tokens that precede the response in training.
+What starts a sequence (one rule for every stage):
+
+- Pretraining shards (`lmforge.tokenizer.pack`) hold each document as `text + eos`, so every document but the
+  very first follows an eos: eos is the document separator the model learns. A tokenizer whose own
+  post-processor puts tokens before a text (Llama's bos) gets those before each document as well
+  (`Tokenizer.declared_start`), except a lone eos, which the previous document already wrote.
+- Plain text the model reads from its start (`lmforge generate --prompt`, completions in `lmforge serve`, plain
+  eval tasks) is `Tokenizer.sequence_start + encode(text)`: the declared prefix, else eos, i.e. a document
+  start as the shards show it.
+- A conversation (SFT, DPO, rollouts, `lmforge chat`, chat completions in `lmforge serve`, chat eval tasks) is
+  exactly what the chat template renders, tokenized as a whole; nothing is added outside it. lmforge's default
+  template begins with `{{ eos_token }}` (the separator above); Llama 3 and Mistral templates begin with
+  `{{ bos_token }}`. So `AutoTokenizer.apply_chat_template(tokenize=True)` on an exported tokenizer gives the
+  same ids, and a template that writes bos gets it once.
+- An assistant turn ends at the first token the template writes after its content (`stop_token_ids`: e.g.
+  `<|end|>`, `<|eot_id|>`, `<|im_end|>`) or at eos; `lmforge convert to-hf` lists both as the
+  `eos_token_id` of `generation_config.json`, so HF `generate` stops where lmforge does.
+
+Text a user types is text: a control token (a special added token such as `<|end|>`) inside a message is
+encoded as plain characters, so only the tokens the template itself writes become control ids. (This is
+transformers' `apply_chat_template(..., sanitize_control_tokens=True)`; the ids are equal to transformers'
+either way when no message holds a control token.)
+
+Which tokens the assistant wrote: a template's `{% generation %}` blocks (as transformers' assistant masks use
+them; lmforge's built-in templates have them), or else the texts of growing prefixes of the conversation,
+which must each begin the next ("incremental" templates). SFT trains on a conversation whose template is
+neither one example per assistant turn (`encode_turns`). Prompts and stop tokens need neither, so generation
+and serving work with any template.
 
 Labels follow the project's convention (`causal_lm_loss`, `sequence_logps`): they are already
 shifted, `labels[t]` is the target for position t (the token at t+1), or IGNORE_INDEX where no loss.
@@ -12,8 +35,10 @@ shifted, `labels[t]` is the target for position t (the token at t+1), or IGNORE_
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,7 +46,16 @@ from torch import Tensor
 from lmforge.core.errors import LmforgeError
 from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.data.formats import Message
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import GENERATION_END, GENERATION_START, GIL_FREE_CHARS, Tokenizer
+
+# Private-use characters around a control token found in a message while the template renders.
+TEXT_START, TEXT_END = "\U000f0000", "\U000f0001"
+_MARKERS = (TEXT_START, TEXT_END, GENERATION_START, GENERATION_END)
+
+
+class TemplateNotIncremental(LmforgeError):
+    """The assistant tokens of a conversation cannot be located (no `{% generation %}` blocks, and rendering more
+    messages changes the text of earlier ones)."""
 
 
 @dataclass
@@ -35,53 +69,140 @@ class Encoded:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def chat_segments(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False,
-                  loss_on: str = "all", tools: list[dict] | None = None) -> list[tuple[str, bool]]:
-    """The rendered conversation as (text, has_loss) pieces; assistant contents (with their end marker)
-    carry the loss. `loss_on="last"` keeps it only on the final assistant turn."""
-    messages = list(messages)
-    last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=-1)
-    segments: list[tuple[str, bool]] = []
-    done = render_chat(tokenizer, [], add_generation_prompt=False, tools=tools) if messages else ""
-    if done:
-        segments.append((done, False))
-    for i, message in enumerate(messages):
-        if message.get("role") == "assistant":
-            header = _extend(tokenizer, messages[:i], True, done, tools)
-            segments.append((header[len(done):], False))
-            done = header
-        text = _extend(tokenizer, messages[:i + 1], False, done, tools)
-        loss = message.get("role") == "assistant" and (loss_on == "all" or i == last_assistant)
-        segments.append((text[len(done):], loss))
-        done = text
-    if add_generation_prompt:
-        text = _extend(tokenizer, messages, True, done, tools)
-        segments.append((text[len(done):], False))
-    return [(text, loss) for text, loss in segments if text]
-
-
-def render_chat(tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool,
+def render_chat(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool,
                 tools: list[dict] | None = None) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+    """The conversation as the template renders it, with each control token a message holds marked as text
+    and `{% generation %}` blocks marked (`_encode_marked` reads and removes the marks); `tools` (OpenAI function
+    specs) go to templates that render them."""
+    return tokenizer.render_marked(_mark_messages(tokenizer, messages), add_generation_prompt, tools)
 
 
-def _extend(tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool, prefix: str,
-            tools: list[dict] | None = None) -> str:
-    text = render_chat(tokenizer, messages, add_generation_prompt, tools)
-    if not text.startswith(prefix):
-        raise LmforgeError("the tokenizer's chat template is not incremental (rendering more messages changes "
-                           "the text of earlier ones), so assistant tokens cannot be located for the loss mask")
-    return text
+def _mark_messages(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[dict[str, Any]]:
+    control = tokenizer.control_pattern
+
+    def mark(value: Any) -> Any:
+        if isinstance(value, str):
+            for marker in _MARKERS:  # a marker typed by the user could forge one of ours
+                value = value.replace(marker, "")
+            return control.sub(lambda m: TEXT_START + m.group(0) + TEXT_END, value) if control else value
+        if isinstance(value, dict):
+            return {k: mark(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mark(v) for v in value]
+        return value
+
+    return [{k: v if k == "role" else mark(v) for k, v in m.items()} if isinstance(m, dict) else m
+            for m in messages]
 
 
-def _tokens(tokenizer: Tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
-    ids: list[int] = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    mask = [False] * len(ids)
-    for text, loss in segments:
-        piece = tokenizer.encode(text)
-        ids += piece
-        mask += [loss] * len(piece)
+def _encode_marked(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[bool]]:
+    """Token ids of a marked rendering, and for each whether it overlaps a `{% generation %}` span.
+
+    The text is cut only where a message held a control token: the pieces the template wrote are encoded with
+    control tokens recognized, each marked token from a message as plain characters. A piece after the first
+    is encoded after a newline that is then dropped (where the newline stays a token of its own), as
+    transformers does, so tokenizers that treat a string's start specially (SentencePiece's leading space)
+    read it as running text.
+    """
+    segments, spans = _segments(tokenizer, text)
+    newline = tokenizer.tk.encode("\n", add_special_tokens=False).ids if len(segments) > 1 else []
+    ids: list[int] = []
+    mask: list[bool] = []
+    for start, piece, plain in segments:
+        tk = tokenizer.plain_tk if plain else tokenizer.tk
+        enc, shift = _encode(tk, piece), 0
+        if start > 0:
+            after = _encode(tk, "\n" + piece)
+            if after.ids[:len(newline)] == newline:
+                enc, shift = after, 1
+        for token, (a, b) in list(zip(enc.ids, enc.offsets))[len(newline) if shift else 0:]:
+            a, b = start + a - shift, start + b - shift
+            ids.append(token)
+            mask.append(any(a < end and b > begin for begin, end in spans))
     return ids, mask
+
+
+def _encode(tk: Any, text: str) -> Any:
+    """One `tokenizers` Encoding (ids and offsets); a long text through the batch path, which releases the GIL
+    (as `Tokenizer.encode` does), so a server thread tokenizing a long chat leaves its event loop free."""
+    if len(text) > GIL_FREE_CHARS:
+        return tk.encode_batch([text], add_special_tokens=False)[0]
+    return tk.encode(text, add_special_tokens=False)
+
+
+def _segments(tokenizer: Tokenizer, text: str) -> tuple[list[tuple[int, str, bool]], list[tuple[int, int]]]:
+    """(start, text, is a marked token) pieces of the rendering with the marks removed, and the generation
+    spans, both in characters of that unmarked text."""
+    control = tokenizer.control_pattern
+    token = f"{TEXT_START}(?:{control.pattern}){TEXT_END}|" if control else ""
+    segments: list[tuple[int, str, bool]] = []
+    spans: list[tuple[int, int]] = []
+    buffer, at, size = "", 0, 0  # pending template text, where it starts, unmarked characters so far
+
+    def flush() -> None:
+        nonlocal buffer
+        if buffer:
+            segments.append((at, buffer, False))
+        buffer = ""
+
+    last = 0
+    for m in re.finditer(f"{token}[{''.join(_MARKERS)}]", text):
+        if not buffer:
+            at = size
+        buffer += text[last:m.start()]
+        size += m.start() - last
+        last = m.end()
+        mark = m.group(0)
+        if mark == GENERATION_START:
+            spans.append((size, size))
+        elif mark == GENERATION_END:
+            if spans:
+                spans[-1] = (spans[-1][0], size)
+        else:  # a marked control token is plain text; a lone mark (a template cut one up) only separates
+            flush()
+            if len(mark) > 1:
+                segments.append((size, mark[1:-1], True))
+                size += len(mark) - 2
+    if not buffer:
+        at = size
+    buffer += text[last:]
+    flush()
+    return segments, spans
+
+
+def _with_spans(tokenizer: Tokenizer, messages: list[Message], loss_on: str) -> str:
+    """The marked rendering of `messages` with the assistant turns that carry the loss between generation marks:
+    the template's own `{% generation %}` blocks, else spans found by rendering prefixes."""
+    full = render_chat(tokenizer, messages, add_generation_prompt=False)
+    if GENERATION_START in full:
+        if loss_on == "last":  # keep only the final block's marks
+            cut = full.rindex(GENERATION_START)
+            full = full[:cut].replace(GENERATION_START, "").replace(GENERATION_END, "") + full[cut:]
+        return full
+    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if loss_on == "last":
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        head = _prefix_render(tokenizer, messages[:i], True)
+        upto = _prefix_render(tokenizer, messages[:i + 1], False)
+        if not (upto.startswith(head) and full.startswith(upto)):
+            raise TemplateNotIncremental(
+                "the tokenizer's chat template is not incremental (rendering more messages changes the text of "
+                "earlier ones) and has no {% generation %} blocks, so assistant tokens cannot be located for the "
+                "loss mask")
+        spans.append((len(head), len(upto)))
+    for start, end in reversed(spans):
+        full = full[:start] + GENERATION_START + full[start:end] + GENERATION_END + full[end:]
+    return full
+
+
+def _prefix_render(tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool) -> str:
+    try:
+        return render_chat(tokenizer, messages, add_generation_prompt)
+    except LmforgeError as e:  # e.g. a template that reads messages[0] cannot render an empty conversation
+        raise TemplateNotIncremental(f"{e} (while rendering the first {len(messages)} messages to locate the "
+                                     "assistant tokens for the loss mask)") from None
 
 
 def _shifted(ids: list[int], mask: list[bool], max_len: int) -> Encoded:
@@ -93,30 +214,53 @@ def _shifted(ids: list[int], mask: list[bool], max_len: int) -> Encoded:
     return Encoded(ids[:-1], labels, truncated)
 
 
+def chat_ids(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False,
+             tools: list[dict] | None = None) -> list[int]:
+    """The conversation's token ids, as `AutoTokenizer.apply_chat_template(tokenize=True)` gives them."""
+    return _encode_marked(tokenizer, render_chat(tokenizer, messages, add_generation_prompt, tools))[0]
+
+
 def encode_conversation(tokenizer: Tokenizer, messages: list[Message], max_len: int) -> Encoded:
-    """Inputs and labels of a (multi-turn) conversation; the loss covers every assistant turn."""
-    return _shifted(*_tokens(tokenizer, chat_segments(tokenizer, messages)), max_len)
+    """Inputs and labels of a (multi-turn) conversation; the loss covers every assistant turn. Raises
+    TemplateNotIncremental where the turns cannot be located (`encode_turns` works for those templates)."""
+    return _shifted(*_encode_marked(tokenizer, _with_spans(tokenizer, list(messages), "all")), max_len)
+
+
+def encode_turns(tokenizer: Tokenizer, messages: list[Message], max_len: int) -> list[Encoded]:
+    """One example per assistant turn: the conversation up to it, the loss on it alone. The texts are what the
+    template renders at each point, so this works for templates that rewrite earlier turns (a system message
+    moved into the last user turn, reasoning dropped from earlier replies)."""
+    return [_shifted(*_encode_marked(tokenizer, _with_spans(tokenizer, list(messages[:i + 1]), "last")), max_len)
+            for i, m in enumerate(messages) if m.get("role") == "assistant"]
 
 
 def encode_prompt_response(tokenizer: Tokenizer, prompt: list[Message], response: str, max_len: int) -> Encoded:
     """`prompt` followed by one assistant `response`; the loss (and `sequence_logps`) covers only it."""
     messages = [*prompt, {"role": "assistant", "content": response}]
-    return _shifted(*_tokens(tokenizer, chat_segments(tokenizer, messages, loss_on="last")), max_len)
+    return _shifted(*_encode_marked(tokenizer, _with_spans(tokenizer, messages, "last")), max_len)
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: list[Message], tools: list[dict] | None = None) -> list[int]:
     """The tokens a sampler starts from: the prompt plus the opening of an assistant turn (`tools`: OpenAI
     function specs for templates that render them)."""
-    return _tokens(tokenizer, chat_segments(tokenizer, prompt, add_generation_prompt=True, tools=tools))[0]
+    return chat_ids(tokenizer, prompt, add_generation_prompt=True, tools=tools)
 
 
 def stop_token_ids(tokenizer: Tokenizer) -> list[int]:
-    """Tokens that end an assistant turn: the first token after its content (e.g. <|end|>), and eos."""
-    probe = "x"
-    _, turn = chat_segments(tokenizer, [{"role": "user", "content": probe}, {"role": "assistant", "content": probe}],
-                            loss_on="last")[-2:]
-    ids = tokenizer.encode(turn[0][len(probe):]) if turn[0].startswith(probe) else []
-    stops = ids[:1]
+    """Tokens that end an assistant turn: the control token the template writes right after a reply's content
+    (e.g. <|end|>), if any, and eos. Any template works; one that cannot render a user/assistant exchange
+    stops at eos only."""
+    probe = "lmforge probe reply"
+    stops: list[int] = []
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": probe}], add_generation_prompt=False)
+    except LmforgeError:
+        text = ""
+    if probe in text:
+        after = tokenizer.encode(text[text.rindex(probe) + len(probe):])
+        special = {t.content for t in tokenizer.tk.get_added_tokens_decoder().values() if t.special}
+        stops = [t for t in after[:1] if tokenizer.tk.id_to_token(t) in special]
     if tokenizer.eos_id is not None and tokenizer.eos_id not in stops:
         stops.append(tokenizer.eos_id)
     return stops

@@ -1,4 +1,5 @@
-"""`lmforge data tokenize`: documents -> token shards (train + val), each document followed by eos.
+"""`lmforge data tokenize`: documents -> token shards (train + val), each document followed by eos (and preceded
+by the tokenizer's declared start token, e.g. Llama's bos: the sequence-start rule in `lmforge.tokenizer.chat`).
 
 The output directory is self-describing: `train/` and `val/` shard sets (lmforge.data.shards) and
 a copy of the tokenizer, whose sha256 every shard index records. Encoding and shard writing run in
@@ -119,7 +120,8 @@ def tokenize_to_shards(paths: Sequence[str | Path], tokenizer: Tokenizer, output
         dtype = token_dtype(tokenizer.vocab_size)
         spill = output / f".tokenize-spill-{os.getpid()}.bin"
         stack.callback(spill.unlink, missing_ok=True)
-        run = stack.enter_context(_Workers(workers, tokenizer.canonical_json(), eos_id, dtype))
+        run = stack.enter_context(_Workers(workers, tokenizer.canonical_json(), document_start(tokenizer), eos_id,
+                                           dtype))
         lengths, n_bytes = _encode_to_spill(read_documents(paths, text_field=text_field), run, spill, batch_docs)
         is_val = np.array([is_val_doc(i, seed, val_fraction) for i in range(len(lengths))], dtype=bool)
         if "val" in splits and not is_val.any() and len(lengths) >= 2:
@@ -203,22 +205,31 @@ def _write_split(directory: Path, run: _Workers, tokens: np.ndarray, starts: np.
 _worker_state: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_json: str, eos_id: int, dtype: str, in_pool: bool = True) -> None:
+def document_start(tokenizer: Tokenizer) -> list[int]:
+    """Ids put before each document: those the tokenizer's post-processor declares (Llama's bos), except a lone
+    eos, which the previous document's end already is (the rule in `lmforge.tokenizer.chat`)."""
+    start = tokenizer.declared_start
+    return [] if start == [tokenizer.eos_id] else start
+
+
+def _init_worker(tokenizer_json: str, start: list[int], eos_id: int, dtype: str, in_pool: bool = True) -> None:
     if in_pool:  # one process per core already: no Rust threads inside each
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_state.update(tk=tokenizers.Tokenizer.from_str(tokenizer_json), eos_id=eos_id, dtype=np.dtype(dtype))
+    _worker_state.update(tk=tokenizers.Tokenizer.from_str(tokenizer_json), start=start, eos_id=eos_id,
+                         dtype=np.dtype(dtype))
 
 
 def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids of all texts, each followed by eos, as one array; tokens per text; UTF-8 bytes per text)."""
-    eos_id = _worker_state["eos_id"]
+    """(ids of all texts, each as start + text + eos, as one array; tokens per text; UTF-8 bytes per text)."""
+    eos_id, start = _worker_state["eos_id"], _worker_state["start"]
     flat: list[int] = []
     lengths = np.empty(len(texts), np.int64)
     for i, encoding in enumerate(_worker_state["tk"].encode_batch_fast(texts, add_special_tokens=False)):
         ids = encoding.ids
+        flat.extend(start)
         flat.extend(ids)
         flat.append(eos_id)
-        lengths[i] = len(ids) + 1
+        lengths[i] = len(start) + len(ids) + 1
     n_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), np.int64, len(texts))
     return np.array(flat, dtype=_worker_state["dtype"]), lengths, n_bytes
 
@@ -234,9 +245,9 @@ class _Workers:
     """`map` in order over a pool of `n` processes, or in this process when n == 1 (same functions, same
     results). At most 2n tasks are in flight, so reading never runs far ahead of encoding."""
 
-    def __init__(self, n: int, tokenizer_json: str, eos_id: int, dtype: np.dtype) -> None:
+    def __init__(self, n: int, tokenizer_json: str, start: list[int], eos_id: int, dtype: np.dtype) -> None:
         self.n = n
-        self._init = (tokenizer_json, eos_id, dtype.str)
+        self._init = (tokenizer_json, start, eos_id, dtype.str)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
     def __enter__(self) -> _Workers:

@@ -1,6 +1,11 @@
 """Files every HF family shares: safetensors weights (sharded or not), tokenizer files, bos/eos/pad ids, and
 the HF directory writer. Only safetensors are read: pickle checkpoints (`pytorch_model.bin`) can run code
 when loaded and are refused.
+
+Exported tokenizer files make transformers read sequences as lmforge does (the rule in
+`lmforge.tokenizer.chat`): the chat template lmforge uses (a built-in one where the checkpoint had none), a
+post-processor that starts a text with the sequence-start token where the tokenizer declares none, and
+`generation_config.json` stopping at the end-of-turn token as well as at eos.
 """
 
 from __future__ import annotations
@@ -12,15 +17,18 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import processors
 from tqdm import tqdm
 
 from lmforge.core.errors import LmforgeError
-from lmforge.core.files import atomic_write, atomic_write_json, read_json_object
+from lmforge.core.files import atomic_write, atomic_write_json, atomic_write_text, read_json_object
 from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME
+from lmforge.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
+from lmforge.tokenizer.chat import stop_token_ids
 
 HF_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, "special_tokens_map.json", CHAT_TEMPLATE_FILE)
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,9 +65,9 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+def copy_tokenizer_files(src: Path, dst: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> list[str]:
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in names:
         if (src / name).is_file():
             atomic_write(dst / name, lambda tmp, name=name: shutil.copyfile(src / name, tmp))
             copied.append(name)
@@ -88,7 +96,47 @@ def write_hf_dir(hf_dir: Path, hf_state: dict[str, torch.Tensor], hf_cfg: dict[s
     atomic_write(hf_dir / WEIGHTS_NAME, lambda tmp: save_file(hf_state, tmp, metadata={"format": "pt"}))
     atomic_write_json(hf_dir / CONFIG_NAME, hf_cfg)
     generation = {k: token_ids[k] for k in TOKEN_ID_KEYS if k in token_ids}
+    if (checkpoint_dir / TOKENIZER_FILE).is_file():
+        tokenizer = Tokenizer.load(checkpoint_dir)
+        write_hf_tokenizer(tokenizer, checkpoint_dir, hf_dir)
+        stops = generation_stop_ids(token_ids.get("eos_token_id"), tokenizer)
+        if stops:
+            generation["eos_token_id"] = stops if len(stops) > 1 else stops[0]
+    else:
+        copy_tokenizer_files(checkpoint_dir, hf_dir)
     if generation:
         atomic_write_json(hf_dir / "generation_config.json", generation)
-    copy_tokenizer_files(checkpoint_dir, hf_dir)
     return hf_dir
+
+
+def generation_stop_ids(eos: int | list[int] | None, tokenizer: Tokenizer) -> list[int]:
+    """The model's eos id(s), else the tokenizer's, and the end-of-turn token lmforge's chat stops at: HF
+    `generate` then stops where lmforge does."""
+    ids = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
+    stops = stop_token_ids(tokenizer)
+    if not ids:
+        return stops
+    return ids + [t for t in stops if t not in ids and t != tokenizer.eos_id]
+
+
+def write_hf_tokenizer(tokenizer: Tokenizer, src: Path, hf_dir: Path) -> None:
+    """tokenizer.json with a post-processor that starts a text with `sequence_start` (unless the tokenizer
+    declares its own), and src's tokenizer_config.json with the chat template lmforge renders."""
+    tk = tokenizer.tk
+    start = tokenizer.sequence_start
+    if start and not tokenizer.declared_start:
+        tk = type(tk).from_str(tk.to_str())
+        names = [(tk.id_to_token(i), i) for i in dict.fromkeys(start)]
+        lead = " ".join(tk.id_to_token(i) for i in start)
+        template = processors.TemplateProcessing(single=f"{lead} $A", pair=f"{lead} $A $B:1", special_tokens=names)
+        kept = tk.post_processor  # e.g. ByteLevel's offset trimming stays
+        tk.post_processor = template if kept is None else processors.Sequence([kept, template])
+    atomic_write_text(hf_dir / TOKENIZER_FILE, tk.to_str(pretty=True))
+    config = read_json_object(src / TOKENIZER_CONFIG_FILE) if (src / TOKENIZER_CONFIG_FILE).is_file() else {}
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    for role, token in tokenizer.special_tokens.items():
+        config.setdefault(f"{role}_token", token)
+    config["chat_template"] = tokenizer.chat_template  # also one chat_template.jinja held: one place, this one
+    atomic_write_json(hf_dir / TOKENIZER_CONFIG_FILE, config)
+    if (src / "special_tokens_map.json").is_file():
+        copy_tokenizer_files(src, hf_dir, ("special_tokens_map.json",))
