@@ -14,20 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import machine_line, scratch_dir, table
+from textdata import SHAKESPEARE  # tests/, on the import path through common
 
-from textdata import SHAKESPEARE  # noqa: E402
-
-from lmforge.data.corpus import pydoc_topic_documents, stdlib_code_documents  # noqa: E402
-from lmforge.data.pipeline import Pipeline, make_step  # noqa: E402
+from lmforge.data.corpus import pydoc_topic_documents, stdlib_code_documents
+from lmforge.data.pipeline import Pipeline, make_step
 
 BOILERPLATE = ["Home | About | Contact", "Subscribe to our newsletter!", "All rights reserved."]
 
@@ -62,15 +57,17 @@ def build_corpus(out: Path, n_docs: int, n_files: int, seed: int = 0) -> list[Pa
     return files
 
 
-def run_lmforge(inputs: Path, out: Path, workers: int) -> tuple[float, set[str], set[str]]:
+def run_lmforge(inputs: Path, out: Path, workers: int) -> tuple[float, set[str], set[str], dict[str, str]]:
     steps = [make_step(n) for n in ("gopher_repetition", "gopher_quality", "c4", "fineweb", "minhash")]
     start = time.perf_counter()
     Pipeline(steps, workers=workers, progress=False).run([inputs], out)
     seconds = time.perf_counter() - start
     kept = {json.loads(line)["id"] for f in (out / "kept").glob("*.jsonl") for line in open(f)}
-    deduped = {json.loads(line)["id"] for line in open(out / "rejects" / "minhash.jsonl")} \
-        if (out / "rejects" / "minhash.jsonl").exists() else set()
-    return seconds, kept | deduped, kept  # (passed the filters, kept after dedup)
+    rejects = out / "rejects" / "minhash.jsonl"
+    records = [json.loads(line) for line in open(rejects)] if rejects.exists() else []
+    survivor = {r["id"]: r["metadata"]["duplicate_of"] for r in records}
+    survivor.update({s: s for s in set(survivor.values())})
+    return seconds, kept | set(survivor), kept, survivor  # (passed the filters, kept after dedup, clusters)
 
 
 def _patch_datatrove_xxhash() -> None:
@@ -82,7 +79,8 @@ def _patch_datatrove_xxhash() -> None:
     dt_xxhash.xxhash32 = lambda data: xxhash.xxh32_intdigest(data.encode() if isinstance(data, str) else data)
 
 
-def run_datatrove(inputs: Path, out: Path, workers: int, n_files: int) -> tuple[float, set[str], set[str]]:
+def run_datatrove(inputs: Path, out: Path, workers: int, n_files: int
+                  ) -> tuple[float, set[str], set[str], dict[str, str]]:
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
@@ -108,10 +106,12 @@ def run_datatrove(inputs: Path, out: Path, workers: int, n_files: int) -> tuple[
         pipeline=[MinhashDedupBuckets(str(out / "sigs"), str(out / "buckets"), config=config)],
         tasks=config.num_buckets, workers=workers, logging_dir=str(logs / "2"), start_method="fork")
     stage3 = LocalPipelineExecutor(pipeline=[MinhashDedupCluster(str(out / "buckets"), str(out / "remove"),
-                                                                 config=config)],
+                                                                 config=config, save_cluster_id=True)],
                                    tasks=1, logging_dir=str(logs / "3"), start_method="fork")
+    removed = JsonlWriter(str(out / "removed"), output_filename="${rank}.jsonl", compression=None)
     stage4 = LocalPipelineExecutor(pipeline=[
-        JsonlReader(str(out / "filtered"), glob_pattern="*.jsonl"), MinhashDedupFilter(str(out / "remove")),
+        JsonlReader(str(out / "filtered"), glob_pattern="*.jsonl"),
+        MinhashDedupFilter(str(out / "remove"), exclusion_writer=removed, load_cluster_ids=True),
         JsonlWriter(str(out / "kept"), output_filename="${rank}.jsonl", compression=None)],
         tasks=n_files, workers=workers, logging_dir=str(logs / "4"), start_method="fork")
     start = time.perf_counter()
@@ -120,7 +120,38 @@ def run_datatrove(inputs: Path, out: Path, workers: int, n_files: int) -> tuple[
     seconds = time.perf_counter() - start
     filtered = {json.loads(line)["id"] for f in (out / "filtered").glob("*.jsonl") for line in open(f)}
     kept = {json.loads(line)["id"] for f in (out / "kept").glob("*.jsonl") for line in open(f)}
-    return seconds, filtered, kept
+    cluster: dict[str, int] = {}
+    for f in [*(out / "kept").glob("*.jsonl"), *(out / "removed").glob("*.jsonl")]:
+        for line in open(f):
+            r = json.loads(line)
+            if r["metadata"].get("minhash_cluster_id", -1) >= 0:
+                cluster[r["id"]] = r["metadata"]["minhash_cluster_id"]
+    keeper = {c: i for i, c in cluster.items() if i in kept}
+    return seconds, filtered, kept, {i: keeper[c] for i, c in cluster.items()}
+
+
+def breakdown(ids: list[str], lm: tuple[set[str], set[str], dict[str, str]],
+              dt: tuple[set[str], set[str], dict[str, str]]) -> dict[str, int]:
+    """Why the keep/remove decisions differ: a filter, the members of a duplicate cluster, or only which
+    member of the same cluster survives. Each side is (passed the filters, kept, {member: survivor})."""
+    def members(survivor: dict[str, str]) -> dict[str, frozenset[str]]:
+        by_root: dict[str, set[str]] = {}
+        for i, root in survivor.items():
+            by_root.setdefault(root, set()).add(i)
+        return {i: frozenset(by_root[root]) for i, root in survivor.items()}
+
+    lm_members, dt_members = members(lm[2]), members(dt[2])
+    out = {"filters": 0, "cluster members": 0, "survivor of the same cluster": 0}
+    for i in ids:
+        if (i in lm[1]) == (i in dt[1]):
+            continue
+        if (i in lm[0]) != (i in dt[0]):
+            out["filters"] += 1
+        elif lm_members.get(i, frozenset([i])) == dt_members.get(i, frozenset([i])):
+            out["survivor of the same cluster"] += 1
+        else:
+            out["cluster members"] += 1
+    return out
 
 
 def main() -> None:
@@ -131,16 +162,17 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-data-"))
-    try:
+    with scratch_dir("lmforge-bench-data-", keep=args.keep) as tmp:
         (tmp / "in").mkdir()
         build_corpus(tmp / "in", args.docs, args.files)
         ids = [f"doc{i}" for i in range(args.docs)]
-        lm_s, lm_filtered, lm_kept = run_lmforge(tmp / "in", tmp / "lmforge", args.workers)
-        dt_s, dt_filtered, dt_kept = run_datatrove(tmp / "in", tmp / "datatrove", args.workers, args.files)
+        lm_s, lm_filtered, lm_kept, lm_clusters = run_lmforge(tmp / "in", tmp / "lmforge", args.workers)
+        dt_s, dt_filtered, dt_kept, dt_clusters = run_datatrove(tmp / "in", tmp / "datatrove", args.workers,
+                                                                args.files)
+        why = breakdown(ids, (lm_filtered, lm_kept, lm_clusters), (dt_filtered, dt_kept, dt_clusters))
         agree_filters = sum((i in lm_filtered) == (i in dt_filtered) for i in ids) / len(ids)
         agree_all = sum((i in lm_kept) == (i in dt_kept) for i in ids) / len(ids)
-        machine = f"{platform.processor() or platform.machine()}, {args.workers} workers"
+        machine = machine_line(parallel=f"{args.workers} workers")
         command = f"benchmarks/data_pipeline.py --docs {args.docs} --workers {args.workers}"
         rows = [
             ("documents/s (filters + MinHash)", f"{args.docs / lm_s:,.0f}", f"{args.docs / dt_s:,.0f}",
@@ -150,14 +182,9 @@ def main() -> None:
             ("docs kept after MinHash", f"{len(lm_kept):,}", f"{len(dt_kept):,}", "-"),
             ("decision agreement, filters", f"{agree_filters:.2%}", "-", "-"),
             ("decision agreement, filters + MinHash", f"{agree_all:.2%}", "-", "-"),
+            *((f"decisions differing: {k}", f"{v:,}", "-", "-") for k, v in why.items()),
         ]
-        print("| figure | lmforge | datatrove | ratio | machine | command |")
-        print("|---|---:|---:|---:|---|---|")
-        for figure, a, b, ratio in rows:
-            print(f"| {figure} | {a} | {b} | {ratio} | {machine} | `{command}` |")
-    finally:
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+        print(table(rows, machine, command, peer="datatrove", numeric=True))
 
 
 if __name__ == "__main__":

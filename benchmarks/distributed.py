@@ -15,32 +15,28 @@ of a fresh process per mode running 3 training steps, and the step time it costs
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import resource
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # run as a script: keep benchmarks/ (its peft.py) from shadowing packages
+import numpy as np
+import torch
+from common import machine_line, table
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from lmforge.core.config import from_dict  # noqa: E402
-from lmforge.data.shards import ShardWriter  # noqa: E402
-from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
-from lmforge.train.config import TrainConfig  # noqa: E402
-from lmforge.train.metrics import read_metrics  # noqa: E402
-from lmforge.train.optim import build_optimizer  # noqa: E402
-from lmforge.train.pretrain import lm_loss  # noqa: E402
+from lmforge.core.config import from_dict
+from lmforge.data.shards import ShardWriter
+from lmforge.model import ModelConfig, Transformer
+from lmforge.parallel.checkpointing import apply_activation_checkpointing
+from lmforge.train.config import TrainConfig
+from lmforge.train.metrics import read_metrics
+from lmforge.train.optim import build_optimizer
+from lmforge.train.pretrain import lm_loss
 
 VOCAB = 512
 MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "vocab_size": VOCAB, "max_seq_len": 128}
@@ -137,7 +133,7 @@ def main() -> int:
     if args.child_ac:
         child_peak_rss(args.child_ac)
         return 0
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = machine_line(parallel=f"{os.cpu_count()} cores")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -162,10 +158,7 @@ def main() -> int:
          rss["full"] / rss["none"]),
         ("step time (fwd+bwd), s: AC full vs none", ac["full"][1], ac["none"][1], ac["full"][1] / ac["none"][1]),
     ]
-    print("| figure | lmforge | peer | ratio | machine | command |")
-    print("|---|---|---|---|---|---|")
-    for fig, ours, peer, ratio in rows:
-        print(f"| {fig} | {fmt(ours)} | {fmt(peer)} | {ratio:.2f} | {machine} | `{COMMAND}` |")
+    print(table([(fig, fmt(ours), fmt(peer), f"{ratio:.2f}") for fig, ours, peer, ratio in rows], machine, COMMAND))
     print(f"\nmodels: scaling d128 x 4 layers, seq 128, global batch 16, {args.steps} steps, fp32; AC d256 x 6 "
           f"layers, batch {AC_BATCH} x 256. Wall time {time.perf_counter() - t0:.0f} s.")
     return 0

@@ -16,25 +16,19 @@ CUDA; eager on CPU), its first (compiling) call in the warm-up. Prints a markdow
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import sys
-import time
-from pathlib import Path
 
-# drop this folder from the import path: benchmarks/peft.py would shadow the peft package.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from common import interleaved, machine_line, table
 
-import torch  # noqa: E402
-
-from lmforge.core.config import from_dict  # noqa: E402
-from lmforge.core.runtime import resolve_device  # noqa: E402
-from lmforge.generate.engine import Strategy, generate  # noqa: E402
-from lmforge.generate.sampling import SamplingParams  # noqa: E402
-from lmforge.generate.speculative import speculative_generate  # noqa: E402
-from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.model.hf.registry import hf_config_from_model, state_dict_to_hf  # noqa: E402
-from lmforge.model.io import model_state_dict  # noqa: E402
+from lmforge.core.config import from_dict
+from lmforge.core.runtime import resolve_device
+from lmforge.generate.engine import Strategy, generate
+from lmforge.generate.sampling import SamplingParams
+from lmforge.generate.speculative import speculative_generate
+from lmforge.model import ModelConfig, Transformer
+from lmforge.model.hf.registry import hf_config_from_model, state_dict_to_hf
+from lmforge.model.io import model_state_dict
 
 SHAPE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1408, vocab_size=8192, max_seq_len=512)
 PROMPT_LEN = 32
@@ -52,16 +46,6 @@ def build(device: torch.device) -> tuple[Transformer, torch.nn.Module]:
     if ours.cfg.tie_embeddings:
         hf.tie_weights()
     return ours.to(device), hf.to(device)
-
-
-def timed(fn, device: torch.device) -> tuple[float, list[int]]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out
 
 
 def main() -> None:
@@ -93,33 +77,26 @@ def main() -> None:
         return speculative_generate(ours, ours, prompt, params, num_draft=4)[0]
 
     cases = {"lmforge": run_ours, "hf": run_hf, "spec": run_spec, "compiled": run_compiled}
-    for fn in cases.values():  # warm-up (allocator, first-call overheads)
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    outputs: dict[str, list[int]] = {}
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            t, outputs[name] = timed(fn, device)
-            times[name].append(t)
+    # one warm-up round (allocator, first-call overheads, the compiled step's compilation)
+    times, outputs = interleaved(cases, args.repeats, warmup=1, device=device)
     same = outputs["lmforge"] == outputs["hf"] == outputs["spec"] == outputs["compiled"]
     _, stats = speculative_generate(ours, ours, prompt, params, num_draft=4)
-    tps = {k: n / statistics.median(v) for k, v in times.items()}
+    tps = {k: n / t for k, t in times.items()}
     params_m = sum(p.numel() for p in ours.parameters()) / 1e6
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"{platform.machine()} {torch.get_num_threads()} threads") + f", torch {torch.__version__}"
     command = f"python benchmarks/generation.py --repeats {args.repeats} --new-tokens {n} --device {args.device}"
     print(f"\n{params_m:.1f}M params, prompt {PROMPT_LEN}, {n} new tokens, greedy fp32, batch 1; "
           f"same tokens in all four: {same}", file=sys.stderr)
-    print("| figure | lmforge | peer | ratio | machine | command |")
-    print("|---|---|---|---|---|---|")
-    print(f"| batch-1 greedy decode tokens/s ({params_m:.0f}M params, {n} new) | {tps['lmforge']:.1f} | "
-          f"{tps['hf']:.1f} (HF generate) | {tps['lmforge'] / tps['hf']:.2f}x | {machine} | `{command}` |")
-    print(f"| speculative decode tokens/s (self-draft, 4 draft tokens, acceptance {stats.acceptance_rate:.0%}) | "
-          f"{tps['spec']:.1f} | {tps['hf']:.1f} (HF generate) | {tps['spec'] / tps['hf']:.2f}x | {machine} | "
-          f"`{command}` |")
-    print(f"| batch-1 greedy decode tokens/s, `compile=True` (static-shape step, "
-          f"{'CUDA graphs' if device.type == 'cuda' else 'eager on CPU'}) | {tps['compiled']:.1f} | "
-          f"{tps['hf']:.1f} (HF generate) | {tps['compiled'] / tps['hf']:.2f}x | {machine} | `{command}` |")
+    peer = f"{tps['hf']:.1f} (HF generate)"
+    rows = [
+        (f"batch-1 greedy decode tokens/s ({params_m:.0f}M params, {n} new)", f"{tps['lmforge']:.1f}", peer,
+         f"{tps['lmforge'] / tps['hf']:.2f}x"),
+        (f"speculative decode tokens/s (self-draft, 4 draft tokens, acceptance {stats.acceptance_rate:.0%})",
+         f"{tps['spec']:.1f}", peer, f"{tps['spec'] / tps['hf']:.2f}x"),
+        (f"batch-1 greedy decode tokens/s, `compile=True` (static-shape step, "
+         f"{'CUDA graphs' if device.type == 'cuda' else 'eager on CPU'})", f"{tps['compiled']:.1f}", peer,
+         f"{tps['compiled'] / tps['hf']:.2f}x"),
+    ]
+    print(table(rows, machine_line(device), command))
 
 
 if __name__ == "__main__":

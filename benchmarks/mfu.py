@@ -22,25 +22,20 @@ t_comm); not overlapped: n * B*T / (t_compute + t_comm).
 
 from __future__ import annotations
 
+import argparse
 import sys
-from pathlib import Path
+import time
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # run as a script: keep benchmarks/ (its peft.py) from shadowing packages
+import torch
+from common import machine_line, sync, table
+from torch import nn
 
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from lmforge.core.config import from_dict  # noqa: E402
-from lmforge.core.runtime import compile_model  # noqa: E402
-from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.train.config import TrainConfig  # noqa: E402
-from lmforge.train.optim import build_optimizer  # noqa: E402
-from lmforge.train.pretrain import lm_loss, lm_loss_unfused  # noqa: E402
+from lmforge.core.config import from_dict
+from lmforge.core.runtime import compile_model
+from lmforge.model import ModelConfig, Transformer
+from lmforge.train.config import TrainConfig
+from lmforge.train.optim import build_optimizer
+from lmforge.train.pretrain import lm_loss, lm_loss_unfused
 from lmforge.train.trainer import forward_backward, optimizer_step
 
 H100_BF16_DENSE = 989e12
@@ -76,11 +71,6 @@ class RandomTokens:
         return {}
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(name: str, batch: int, device: torch.device, precision: str, compiled: bool, steps: int,
@@ -161,7 +151,7 @@ def main() -> int:
     models = ["smoke"] if args.smoke else args.models.split(",")
     steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
     precision = "bf16"
-    machine = torch.cuda.get_device_name() if cuda else f"{platform.processor() or 'CPU'} (smoke)"
+    machine = machine_line(device, extra="" if cuda else "smoke")
     command = "python benchmarks/mfu.py" + (" --smoke" if args.smoke else "") + \
         (f" --loss {args.loss}" if args.loss != "fused" else "") + \
         (f" --micro-batch {args.micro_batch}" if args.micro_batch else "")
@@ -186,10 +176,7 @@ def main() -> int:
                      f"{ours['tokens_per_s'] / ptps:.2f}"))
         rows.append((f"{name} MFU (6N+12LdT per token / {args.peak_flops:.3g})", f"{mfu:.2%}", f"{pmfu:.2%}",
                      f"{mfu / pmfu:.2f}"))
-    print("| figure | lmforge | peer | ratio | machine | command |")
-    print("|---|---|---|---|---|---|")
-    for fig, a, b, ratio in rows:
-        print(f"| {fig} | {a} | {b} (eager) | {ratio} | {machine} | `{command}` |")
+    print(table([(fig, a, f"{b} (eager)", ratio) for fig, a, b, ratio in rows], machine, command))
     print()
     print("FSDP paper estimate from the measured single-GPU tokens/s (3 x 2P bytes per GPU per micro-batch):")
     print()

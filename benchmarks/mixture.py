@@ -12,7 +12,6 @@ plain loader.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -20,16 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine_line, table, training_step
 
 from lmforge.core.config import from_dict
-from lmforge.core.runtime import autocast, resolve_precision
+from lmforge.core.runtime import resolve_precision
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.mixture import MixtureLoader, concat_shards
 from lmforge.data.shards import ShardSet, ShardWriter
 from lmforge.model import ModelConfig, Transformer
-from lmforge.train.config import TrainConfig
-from lmforge.train.optim import build_optimizer
-from lmforge.train.pretrain import lm_loss
 
 VOCAB, SEQ, BATCH = 4096, 256, 16
 
@@ -57,19 +54,8 @@ def per_batch_seconds(loader, n: int) -> float:
 def step_seconds(steps: int, precision: str) -> float:
     torch.manual_seed(0)
     model = Transformer(from_dict(ModelConfig, {"preset": "tiny", "vocab_size": VOCAB}))
-    opt = build_optimizer(model, TrainConfig(lr=1e-4))
     data = torch.randint(0, VOCAB, (BATCH, SEQ + 1))
-    inputs, targets = data[:, :-1], data[:, 1:]
-    device = torch.device("cpu")
-
-    def step() -> None:
-        with autocast(device, precision):
-            loss, _ = lm_loss(model, (inputs, targets))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = training_step(model, data[:, :-1], data[:, 1:], precision)
     step()
     start = time.perf_counter()
     for _ in range(steps):
@@ -93,8 +79,6 @@ def main() -> int:
         t_mix = per_batch_seconds(mixed, args.batches)
         t_plain = per_batch_seconds(plain, args.batches)
     t_step = step_seconds(args.steps, precision)
-    machine = f"{platform.machine()} {torch.get_num_threads()} threads"
-    command = "`python benchmarks/mixture.py`"
     rows = [
         ("batch fetch, ms (16 x 256 tokens)", f"{t_mix * 1e3:.3f}", f"{t_plain * 1e3:.3f} (SequenceLoader)",
          f"{t_mix / t_plain:.2f}x"),
@@ -103,9 +87,7 @@ def main() -> int:
         ("mixture overhead over the plain loader, % of a step (goal < 1 %)",
          f"{100 * (t_mix - t_plain) / t_step:.3f} %", "-", "-"),
     ]
-    print("| figure | lmforge | peer | ratio | machine | command |\n|---|---|---|---|---|---|")
-    for figure, ours, peer, ratio in rows:
-        print(f"| {figure} | {ours} | {peer} | {ratio} | {machine} | {command} |")
+    print(table(rows, machine_line(), "python benchmarks/mixture.py"))
     return 0 if t_mix - t_plain < 0.01 * t_step else 1
 
 

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import platform
-import statistics
 import sys
-import time
 
 import torch
+from common import interleaved, machine_line, table
 
 from lmforge.core.config import from_dict
 from lmforge.generate.batch import generate_batch
@@ -35,26 +33,9 @@ from lmforge.train.pretrain import lm_loss
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fns: list, device: str, reps: int, warmup: int = 2) -> list[float]:
-    """Median seconds of each `fn()` over `reps` rounds after `warmup`; the fns alternate within a round, so
-    load from other processes on a shared machine falls on all of them alike."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, out in zip(fns, times):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            out.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    """Median seconds of each fn, the fns interleaved (see `common.interleaved`)."""
+    return list(interleaved(dict(enumerate(fns)), reps, warmup, device)[0].values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,18 +184,14 @@ def main() -> int:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
-    if args.device == "cpu":
-        device_name = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    else:
-        device_name = torch.cuda.get_device_name()
-    machine = f"{device_name}, torch {torch.__version__}, {args.dtype}"
+    machine = machine_line(args.device, extra=args.dtype)
     command = "python benchmarks/moe_mla.py " + " ".join(sys.argv[1:])
     rows = moe_layer_rows(args) + train_rows(args) + decode_rows(args)
-    print("| figure | lmforge | peer | ratio | machine | command |")
-    print("|---|---|---|---|---|---|")
+    cells = []
     for figure, ours, peer, kind in rows:
         ratio = peer / ours if kind == "peer/lmforge" else ours / peer
-        print(f"| {figure} | {ours:,.1f} | {peer:,.1f} | {ratio:.2f}x ({kind}) | {machine} | `{command.strip()}` |")
+        cells.append((figure, f"{ours:,.1f}", f"{peer:,.1f}", f"{ratio:.2f}x ({kind})"))
+    print(table(cells, machine, command.strip()))
     return 0
 
 

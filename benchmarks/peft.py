@@ -17,31 +17,23 @@ needs (activations, gradients, optimizer state). Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
-# This file is named peft.py: drop its own folder from the import path so `import peft` finds HF PEFT.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from common import interleaved, machine_line, script_command, table, training_step
 
-import torch  # noqa: E402
+from lmforge.core.config import from_dict
+from lmforge.core.runtime import compile_model
+from lmforge.model import ModelConfig, Transformer
+from lmforge.model.hf.registry import state_dict_to_hf
+from lmforge.model.io import model_state_dict
+from lmforge.model.size import num_params
+from lmforge.peft import LoraConfig, apply_lora
 
-from lmforge.core.config import from_dict  # noqa: E402
-from lmforge.core.runtime import autocast, compile_model  # noqa: E402
-from lmforge.model import ModelConfig, Transformer  # noqa: E402
-from lmforge.model.hf.registry import state_dict_to_hf  # noqa: E402
-from lmforge.model.io import model_state_dict  # noqa: E402
-from lmforge.model.size import num_params  # noqa: E402
-from lmforge.peft import LoraConfig, apply_lora  # noqa: E402
-from lmforge.train.config import TrainConfig  # noqa: E402
-from lmforge.train.objectives import causal_lm_loss  # noqa: E402
-from lmforge.train.optim import build_optimizer  # noqa: E402
-from lmforge.train.pretrain import lm_loss  # noqa: E402
+# This file is named peft.py: `common` dropped its folder from the import path, so `import peft` finds HF PEFT.
 
 SHAPE = dict(d_model=512, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=1408, vocab_size=16000, max_seq_len=256)
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -81,23 +73,9 @@ def make_step(kind: str, targets: str, rank: int, precision: str, batch: int, se
     """One training step of a freshly built case (forward, loss, backward, clip, AdamW), and its trainable count.
     kind `lora-compiled` runs the LoRA model through `compile_model` (the trainer's train.compile=true)."""
     model = build(kind.removesuffix("-compiled"), targets, rank).train()
-    opt = build_optimizer(model, TrainConfig(lr=1e-4))
     runner = compile_model(model) if kind.endswith("-compiled") else model
-    device = torch.device("cpu")
     data = torch.randint(0, SHAPE["vocab_size"], (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
-    inputs, targets_ = data[:, :-1], data[:, 1:]
-
-    def step() -> None:
-        with autocast(device, precision):
-            if kind == "hf-lora":
-                loss = causal_lm_loss(model(input_ids=inputs).logits, targets_)
-            else:
-                loss, _ = lm_loss(runner, (inputs, targets_))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = training_step(model, data[:, :-1], data[:, 1:], precision, hf=kind == "hf-lora", runner=runner)
     return step, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -123,14 +101,7 @@ def step_times(args: argparse.Namespace, cases: list[tuple[str, str, str]]) -> d
     """Median step time of each case, the cases' steps interleaved (A B C A B C ...) in one process, so load
     from other processes on this shared machine falls on all of them alike."""
     steps = {case: make_step(case[0], case[1], args.rank, case[2], args.batch, args.seq_len)[0] for case in cases}
-    times: dict[tuple[str, str, str], list[float]] = {case: [] for case in cases}
-    for i in range(args.warmup + args.steps):
-        for case, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            if i >= args.warmup:
-                times[case].append(time.perf_counter() - t0)
-    return {case: statistics.median(t) for case, t in times.items()}
+    return interleaved(steps, args.steps, args.warmup)[0]
 
 
 def main() -> int:
@@ -153,8 +124,7 @@ def main() -> int:
     c = from_dict(ModelConfig, SHAPE)
     model_text = (f"{c.d_model}d x{c.n_layers}, vocab {c.vocab_size}, {num_params(c) / 1e6:.1f}M params, "
                   f"batch {args.batch}x{args.seq_len}, r={args.rank}")
-    machine = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    machine, command = machine_line(), script_command()
     precisions = args.precisions.split(",")
     all_cases = {precision: [(kind, targets, precision) for kind, targets in (
         ("full", "qv"), ("lora", "qv"), ("hf-lora", "qv"), ("lora", "all"), ("hf-lora", "all"))]
@@ -189,10 +159,8 @@ def main() -> int:
                 rows.append((f"step time ms, lmforge LoRA compiled (train.compile=true) vs HF PEFT LoRA eager, {what}, "
                              f"{precision}", times[compiled] * 1000, times[theirs] * 1000,
                              times[theirs] / times[compiled]))
-    print("| figure | lmforge | peer | ratio | machine | command |")
-    print("|---|---|---|---|---|---|")
-    for fig, ours, peer, ratio in rows:
-        print(f"| {fig} | {ours:,.0f} | {peer:,.0f} | {ratio:.2f}x | {machine} | `{command}` |")
+    print(table([(fig, f"{ours:,.0f}", f"{peer:,.0f}", f"{ratio:.2f}x") for fig, ours, peer, ratio in rows], machine,
+                command))
     print("\nratio = peer / lmforge: above 1 means lmforge (or LoRA) takes less time or memory.")
     return 0
 

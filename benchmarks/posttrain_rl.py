@@ -11,23 +11,20 @@ figure before the stage (the SFT model, or chance for the reward model).
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import machine_line, table
+from tinymodels import save_checkpoint, text_tokenizer  # tests/, on the import path through common
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from rl_fixtures import save_checkpoint, tiny_model, tiny_tokenizer  # noqa: E402
-
-from lmforge.core.config import from_dict  # noqa: E402
-from lmforge.posttrain.dpo import DpoConfig, run_dpo  # noqa: E402
-from lmforge.posttrain.grpo import GrpoConfig, run_grpo  # noqa: E402
-from lmforge.posttrain.reward import RewardConfig, run_reward  # noqa: E402
-from lmforge.posttrain.sft import SftConfig, run_sft  # noqa: E402
+from lmforge.core.config import from_dict
+from lmforge.model import ModelConfig, Transformer
+from lmforge.posttrain.dpo import DpoConfig, run_dpo
+from lmforge.posttrain.grpo import GrpoConfig, run_grpo
+from lmforge.posttrain.reward import RewardConfig, run_reward
+from lmforge.posttrain.sft import SftConfig, run_sft
 
 COMMAND = "OMP_NUM_THREADS=2 python benchmarks/posttrain_rl.py"
 
@@ -39,8 +36,10 @@ def main() -> None:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
-    tok = tiny_tokenizer()
-    base = save_checkpoint(tiny_model(tok.vocab_size), tok, out / "base")
+    tok = text_tokenizer()  # 320-token BPE on real text
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=64, n_layers=2, n_heads=4, max_seq_len=128, vocab_size=tok.vocab_size))
+    base = save_checkpoint(model.eval(), tok, out / "base")
     cpu = {"device": "cpu", "save_every": 0, "eval_every": 0}
     sft = run_sft(from_dict(SftConfig, {"checkpoint": str(base), "run_dir": str(out / "sft"), "tasks": 4000,
                                         "train": {"steps": 400, "lr": 2e-3, **cpu}}))
@@ -55,7 +54,6 @@ def main() -> None:
         "rollout": {"prompts_per_rollout": 16}, "sampling": {"max_new_tokens": 12, "temperature": 0.8},
         "train": {"steps": 80, "lr": 5e-5, **cpu}}))
     wall = time.time() - t0
-    machine = f"{platform.machine()} {torch.get_num_threads()} threads"
     rows = [
         ("SFT held-out exact match (base = random init)", sft["exact_match"], sft["base_exact_match"]),
         ("reward model held-out pair accuracy (peer = chance)", rm["heldout_accuracy"], 0.5),
@@ -65,11 +63,8 @@ def main() -> None:
          dpo["heldout_preference_accuracy_before"]),
         ("GRPO held-out exact match (peer = SFT)", grpo["heldout_exact_match"], grpo["heldout_exact_match_before"]),
     ]
-    print("| figure | lmforge | peer | ratio | machine | command |")
-    print("|---|---|---|---|---|---|")
-    for name, ours, peer in rows:
-        ratio = f"{ours / peer:.2f}" if peer else "-"
-        print(f"| {name} | {ours:.3f} | {peer:.3f} | {ratio} | {machine} | `{COMMAND}` |")
+    print(table([(name, f"{ours:.3f}", f"{peer:.3f}", f"{ours / peer:.2f}" if peer else "-")
+                 for name, ours, peer in rows], machine_line(), COMMAND))
     print(f"\nwall time {wall:.0f} s (SFT {t_sft:.0f} s)")
 
 

@@ -14,31 +14,38 @@ reverse, sort, count a letter). Base and SFT model are scored on the same held-o
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from common import machine_line, table, table_rows
+from textdata import SHAKESPEARE  # tests/, on the import path through common
+
+from lmforge.cli import main
+from lmforge.core.config import load_recipe
+from lmforge.model.io import load_model
+from lmforge.posttrain.sft import accuracy_by_kind
+from lmforge.tasks.suite import make_examples
+from lmforge.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from textdata import SHAKESPEARE  # noqa: E402
-
-from lmforge.cli import main  # noqa: E402
-from lmforge.core.config import load_recipe  # noqa: E402
-from lmforge.model.io import load_model  # noqa: E402
-from lmforge.posttrain.sft import accuracy_by_kind  # noqa: E402
-from lmforge.tasks.suite import make_examples  # noqa: E402
-from lmforge.tokenizer import Tokenizer  # noqa: E402
 
 
 def run(argv: list[str]) -> None:
     print("$ lmforge " + " ".join(argv), file=sys.stderr)
     if main(argv) != 0:
         raise SystemExit(f"lmforge {argv[0]} failed")
+
+
+def exact_match_rows(what: str, before: dict[str, float], after: dict[str, float], ratio_digits: int
+                     ) -> list[tuple[str, str, str, str]]:
+    """Table rows of held-out exact match, all kinds then each kind: `after` in the lmforge column, `before` as
+    the peer."""
+    pairs = [("all kinds", sum(before.values()) / len(before), sum(after.values()) / len(after))]
+    pairs += [(kind, before[kind], after[kind]) for kind in sorted(before)]
+    return [(f"held-out exact match, {kind} ({what})", f"{a:.3f}", f"{b:.3f}",
+             f"{a / b:.{ratio_digits}f}x" if b else ("inf" if a else "-")) for kind, b, a in pairs]
 
 
 def main_bench() -> None:
@@ -79,25 +86,14 @@ def main_bench() -> None:
     tuned = accuracy_by_kind(load_model(work / "sft" / "model"), tokenizer, held_out)
     rs = accuracy_by_kind(load_model(work / "rs" / "sft" / "model"), tokenizer, held_out) if args.rejection else {}
     total = time.perf_counter() - start
-    machine = f"{platform.machine()} {torch.get_num_threads()} threads"
+    machine = machine_line()
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/posttrain_sft.py"
     print(f"\nSFT effect ({args.pretrain_steps} pretrain + {args.sft_steps} SFT steps; SFT {sft_s:.0f} s, "
           f"total {total:.0f} s)\n")
-    print("| figure | lmforge | peer | ratio | machine | command |")
-    print("|---|---|---|---|---|---|")
-    rows = [("all kinds", sum(base.values()) / len(base), sum(tuned.values()) / len(tuned))]
-    rows += [(kind, base[kind], tuned[kind]) for kind in sorted(base)]
-    for kind, b, t in rows:
-        ratio = f"{t / b:.1f}x" if b else ("inf" if t else "-")
-        print(f"| held-out exact match, {kind} (SFT model vs base model) | {t:.3f} | {b:.3f} | {ratio} | "
-              f"{machine} | `{command}` |")
+    print(table(exact_match_rows("SFT model vs base model", base, tuned, ratio_digits=1), machine, command))
     if rs:
-        rows = [("all kinds", sum(tuned.values()) / len(tuned), sum(rs.values()) / len(rs))]
-        rows += [(kind, tuned[kind], rs[kind]) for kind in sorted(rs)]
-        for kind, t, r in rows:
-            ratio = f"{r / t:.2f}x" if t else ("inf" if r else "-")
-            print(f"| held-out exact match, {kind} (rejection-sampling FT vs SFT model) | {r:.3f} | {t:.3f} | "
-                  f"{ratio} | {machine} | `{command} --rejection` |")
+        rows = exact_match_rows("rejection-sampling FT vs SFT model", tuned, rs, ratio_digits=2)
+        print("\n".join(table_rows(rows, machine, f"{command} --rejection")))
 
 
 if __name__ == "__main__":

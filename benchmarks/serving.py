@@ -22,29 +22,25 @@ max_seq_len 2048 (random init) and check that both servers wrote the same texts.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-# Drop this script's folder from the import path: benchmarks/peft.py would shadow the peft package.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import httpx
+import torch
+from common import machine_line, script_command, table
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import httpx  # noqa: E402
-import torch  # noqa: E402
-
-from lmforge.model import ModelConfig, Transformer, save_model  # noqa: E402
-from lmforge.tokenizer.train import train_bpe  # noqa: E402
+from lmforge.model import ModelConfig, Transformer, save_model
+from lmforge.tokenizer.train import train_bpe
 
 SHAPE = dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, max_seq_len=512)
 QUESTIONS = ["What is the difference between a list and a tuple?", "Explain recursion to a child.",
@@ -232,12 +228,13 @@ def mixed_workload(checkpoint: Path, n: int, max_tokens: int, chunk: int) -> lis
             ("longest stall of a running stream, s, same", max(on), max(off), False)]
 
 
-def table(rows: list[tuple], command: str) -> None:
-    machine = f"{platform.machine()} {os.environ.get('OMP_NUM_THREADS', os.cpu_count())} threads"
-    print("\n| figure | lmforge | peer | ratio | machine | command |\n|---|---|---|---|---|---|")
-    for figure, ours, peer, higher_better in rows:
-        ratio = ours / peer if higher_better else peer / ours
-        print(f"| {figure} | {ours:.3g} | {peer:.3g} | {ratio:.2f}x | {machine} | {command} |")
+def print_table(rows: list[tuple], command: str) -> None:
+    """(figure, lmforge, peer, higher is better) rows as RESULTS.md's table; the machine is the server's threads
+    (it runs in its own process), not this client's."""
+    machine = machine_line(parallel=f"{os.environ.get('OMP_NUM_THREADS', os.cpu_count())} threads")
+    print()
+    print(table([(figure, f"{ours:.3g}", f"{peer:.3g}", f"{ours / peer if higher_better else peer / ours:.2f}x")
+                 for figure, ours, peer, higher_better in rows], machine, command))
 
 
 def main() -> None:
@@ -249,7 +246,7 @@ def main() -> None:
     ap.add_argument("--prefill-chunk", type=int, default=256, help="mixed: the chunked server's --prefill-chunk")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each mode, alternated; the fastest counts")
     args = ap.parse_args()
-    command = f"`python benchmarks/serving.py {' '.join(sys.argv[1:])}`"
+    command = script_command()
     if args.workload != "batching":
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp) / "bench", 2048)
@@ -257,7 +254,7 @@ def main() -> None:
                 rows = prefix_workload(checkpoint, args.requests, args.max_tokens)
             else:
                 rows = mixed_workload(checkpoint, args.requests, args.max_tokens, args.prefill_chunk)
-        return table(rows, command)
+        return print_table(rows, command)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp) / "bench")
         port = free_port()
@@ -286,7 +283,7 @@ def main() -> None:
          statistics.median(con.served), statistics.median(seq.served), False),
     ]
     print(f"\nlargest batch decoded together: {batch_seen}; identical greedy texts in both modes: {same}/{n}")
-    table(rows, command)
+    print_table(rows, command)
 
 
 if __name__ == "__main__":

@@ -12,29 +12,21 @@ the in-process single-worker runs, MB per CPU-second (steadier than wall time on
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import json
+import logging
 import os
-import sys
+import resource
+import time
+from pathlib import Path
 
-# This file's name shadows the stdlib `tokenize` (which `logging`/`linecache` import) when run as a script:
-# drop the script's own directory from the import path before importing anything else.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+from common import machine_line, scratch_dir, table
 
-import argparse  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from lmforge.data.corpus import interleave, pydoc_topic_documents, stdlib_code_documents  # noqa: E402
-from lmforge.data.shards import ShardSet  # noqa: E402
-from lmforge.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer  # noqa: E402
-from lmforge.tokenizer.pack import tokenize_to_shards  # noqa: E402
+from lmforge.data.corpus import interleave, pydoc_topic_documents, stdlib_code_documents
+from lmforge.data.shards import ShardSet
+from lmforge.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
+from lmforge.tokenizer.pack import tokenize_to_shards
 from lmforge.tokenizer.train import train_bpe
 
 
@@ -94,15 +86,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="lmforge-bench-tokenize-"))
-    try:
+    with scratch_dir("lmforge-bench-tokenize-", keep=args.keep) as tmp:
         files, n_bytes = build_corpus(tmp / "in", args.mb, n_files=max(args.workers, 2))
         sample = (json.loads(line)["text"] for line in itertools.islice(open(files[0], encoding="utf-8"), 2000))
         tok = train_bpe(sample, vocab_size=args.vocab, show_progress=False)
         tok.save(tmp / "tok")
         os.environ.pop("TOKENIZERS_PARALLELISM", None)
         mb = n_bytes / 1e6
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        machine = machine_line(parallel=f"{os.cpu_count()} cores")
         command = f"benchmarks/tokenize_pack.py --mb {args.mb:g} --workers {args.workers}"
         rows = []
         for workers in sorted({1, args.workers}):
@@ -125,13 +116,7 @@ def main() -> None:
                              f"{dt_cpu / lm_cpu:.2f}x"))
         rows.append(("corpus", f"{mb:.1f} MB, {sum(1 for f in files for _ in open(f)):,} docs", "same input", "-"))
         print(f"\nvocab {tok.vocab_size}, shuffle on in both\n")
-        print("| figure | lmforge | datatrove | ratio | machine | command |")
-        print("|---|---:|---:|---:|---|---|")
-        for figure, a, b, ratio in rows:
-            print(f"| {figure} | {a} | {b} | {ratio} | {machine} | `{command}` |")
-    finally:
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+        print(table(rows, machine, command, peer="datatrove", numeric=True))
 
 
 if __name__ == "__main__":

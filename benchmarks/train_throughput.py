@@ -13,21 +13,16 @@ appends its table to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import append_results, machine_line, matmul_peak, script_command, training_step
 
 from lmforge.core.config import from_dict
-from lmforge.core.runtime import autocast, compile_model
+from lmforge.core.runtime import compile_model
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.size import flops_per_token, num_params
-from lmforge.train.config import TrainConfig
-from lmforge.train.objectives import causal_lm_loss
-from lmforge.train.optim import build_optimizer
-from lmforge.train.pretrain import lm_loss
 
 SHAPES = {
     # the DESIGN.md reference shapes
@@ -35,16 +30,6 @@ SHAPES = {
     "small": dict(d_model=768, n_layers=4, n_heads=12, n_kv_heads=12, d_ff=2048, vocab_size=32000, seq_len=512,
                   batch=8),
 }
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 20) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def hf_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -59,34 +44,17 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
     return LlamaForCausalLM(hf_cfg)
 
 
-def step_fn(model: torch.nn.Module, is_hf: bool, precision: str):
-    opt = build_optimizer(model, TrainConfig(lr=1e-4))
-    device = torch.device("cpu")
-
-    def step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        with autocast(device, precision):
-            if is_hf:
-                loss = causal_lm_loss(model(inputs).logits, targets)
-            else:
-                loss, _ = lm_loss(model, (inputs, targets))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
-
-
-def measure(step, batch: int, seq_len: int, vocab: int, steps: int, warmup: int) -> float:
+def measure(model: torch.nn.Module, is_hf: bool, precision: str, batch: int, seq_len: int, vocab: int, steps: int,
+            warmup: int) -> float:
+    """Training tokens/s of `model` (an lmforge model, compiled or not, or HF's) after `warmup` steps."""
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, vocab, (batch, seq_len + 1), generator=g)
-    inputs, targets = data[:, :-1], data[:, 1:]
+    step = training_step(model, data[:, :-1], data[:, 1:], precision, hf=is_hf)
     for _ in range(warmup):
-        step(inputs, targets)
+        step()
     start = time.perf_counter()
     for _ in range(steps):
-        step(inputs, targets)
+        step()
     return batch * seq_len * steps / (time.perf_counter() - start)
 
 
@@ -114,14 +82,14 @@ def main() -> int:
     for precision in args.precisions.split(","):
         torch.manual_seed(0)
         hf = hf_model(cfg)
-        hf_tps = measure(step_fn(hf, True, precision), batch, seq_len, cfg.vocab_size, args.steps, args.warmup)
+        hf_tps = measure(hf, True, precision, batch, seq_len, cfg.vocab_size, args.steps, args.warmup)
         del hf
         variants = [("eager", False)] + ([] if args.no_compile else [("compiled", True)])
         for label, compiled in variants:
             torch.manual_seed(0)
             model = Transformer(cfg)
             runner = compile_model(model) if compiled else model
-            tps = measure(step_fn(runner, False, precision), batch, seq_len, cfg.vocab_size, args.steps,
+            tps = measure(runner, False, precision, batch, seq_len, cfg.vocab_size, args.steps,
                           args.warmup + (2 if compiled else 0))
             mfu = tps * flops / peak_bf16
             # how close the peer already is to this precision's matmul ceiling bounds any ratio
@@ -133,21 +101,10 @@ def main() -> int:
                   f"ratio {tps / hf_tps:.2f}x   {mfu:.1%} of bf16 peak   HF at {hf_of_peak:.0%} of {precision} peak")
             del model, runner
 
-    machine = (f"{platform.machine()} {threads} threads, torch {torch.__version__}, "
-               f"matmul peak fp32 {peaks['fp32'] / 1e9:.0f} / bf16 {peak_bf16 / 1e9:.0f} GFLOP/s")
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    lines = [f"| {fig} | {ours:,.0f} | {peer:,.0f} | {ours / peer:.2f} | {machine} | `{command}` |"
-             for fig, ours, peer in rows]
-    _append_results(Path(args.results), lines)
+    machine = machine_line(extra=f"matmul peak fp32 {peaks['fp32'] / 1e9:.0f} / bf16 {peak_bf16 / 1e9:.0f} GFLOP/s")
+    append_results(Path(args.results), [(fig, f"{ours:,.0f}", f"{peer:,.0f}", f"{ours / peer:.2f}")
+                                        for fig, ours, peer in rows], machine, script_command())
     return 0
-
-
-def _append_results(path: Path, lines: list[str]) -> None:
-    header = "| figure | lmforge | peer | ratio | machine | command |\n|---|---|---|---|---|---|\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if header not in text:
-        text += "\n" + header
-    path.write_text(text.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

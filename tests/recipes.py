@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.core.config import from_dict
+from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import PretrainConfig
 
@@ -53,3 +54,10 @@ def torchrun(config: Path, nproc: int, *overrides: str) -> subprocess.CompletedP
 def losses(run_dir: Path) -> list[float]:
     """The training loss of every logged step."""
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def loop_config(**overrides: Any) -> TrainConfig:
+    """A `train_loop` config for tiny CPU runs: fp32, a log row every step, no eval, saves or plots unless asked."""
+    base = {"steps": 8, "lr": 3e-3, "warmup_steps": 2, "precision": "fp32", "device": "cpu", "log_every": 1,
+            "eval_every": 0, "save_every": 0, "plot_every": 0}
+    return from_dict(TrainConfig, {**base, **overrides})

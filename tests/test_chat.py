@@ -74,7 +74,7 @@ def test_chat_command_reads_piped_stdin(tmp_path, model, tokenizer, monkeypatch,
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
     assert main(["chat", "--checkpoint", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
-    assert "settings: temperature=0.0 top_k=0 top_p=0.9 max_new_tokens=10 seed=0" in out
+    assert "settings: temperature=0.0 top_k=0 top_p=1.0 max_new_tokens=10 seed=None" in out
     want = greedy_answer(model, tokenizer, [{"role": "user", "content": "Who comes here?"}], n=10)
     assert out.count(f"assistant: {want}\n") == 2  # same answer again after /reset
     assert "error: top_p must be in (0, 1]" in out and "unknown command /bogus" in out

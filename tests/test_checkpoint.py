@@ -46,7 +46,7 @@ def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path):
     expected_draw = torch.rand(5)  # the RNG stream right after the save
 
     assert path.name == "step_000007"
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors",
+    assert sorted(p.name for p in path.iterdir()) == ["checksums.json", "config.json", "model.safetensors",
                                                       "optimizer.safetensors", "trainer_state.json"]
     assert (tmp_path / "checkpoints" / LATEST_NAME).read_text().strip() == "step_000007"
     keys = set(load_file(str(path / "optimizer.safetensors")))

@@ -61,7 +61,7 @@ def test_checkpoint_holds_only_the_adapter_and_resume_is_exact(method, tmp_path)
         run(method, tmp_path / "resumed", crash_after=3)
     ckpt = latest_checkpoint(tmp_path / "resumed")
     assert ckpt.name == "step_000002"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", OPTIMIZER_NAME, TRAINABLE_NAME,
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checksums.json", "config.json", OPTIMIZER_NAME, TRAINABLE_NAME,
                                                       "trainer_state.json"]
     trainable = {n: p for n, p in full.named_parameters() if p.requires_grad}
     saved = load_file(ckpt / TRAINABLE_NAME)

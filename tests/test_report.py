@@ -7,6 +7,7 @@ from lmforge.cli import main
 from lmforge.core.errors import LmforgeError
 from lmforge.eval.compare import write_compare
 from lmforge.eval.report import collect_run, write_report
+from lmforge.eval.summary import summary_markdown, summary_text
 from lmforge.eval.svg import Series, line_chart, nice_ticks
 
 
@@ -116,3 +117,26 @@ def test_compare_overlays_two_runs(tmp_path, quickstart_run):
     assert re.search(r"last train loss</td><td>5\.5</td><td>4\.5</td><td><span class=\"up\">-1</span>", page)
     assert re.search(r"exact_match</td><td>0\.6250</td><td>0\.5000</td><td><span class=\"down\">-0\.125", page)
     assert main(["compare", str(quickstart_run), str(other), "--output", str(tmp_path / "c2.html")]) == 0
+
+
+def test_quickstart_summary_text_and_markdown(tmp_path):
+    pt = {"seconds": 200.0, "steps": 400, "tokens_per_s": 4456.2, "model_dir": "run/pretrain/model",
+          "val_before": {"loss": 8.349, "bits_per_byte": 3.6031}, "val_after": {"loss": 3.869, "bits_per_byte": 1.67},
+          "samples_before": ["def f(&&"], "samples_after": ["def f(x):"]}
+    evals = {label: {"synthetic": {"exact_match": em}, "cloze": {"acc_norm": 0.3}} for label, em in
+             (("base", 0.0), ("sft", 0.8667))}
+    summary = {"run_dir": "run", "seconds": 551.0, "models": {"base": {"checkpoint": "run/pretrain/model"},
+                                                             "sft": {"checkpoint": "run/sft/model"}},
+               "stages": {"corpus": {"seconds": 0.5, "docs": 1200, "bytes": 6_000_000},
+                          "tokenizer": {"seconds": 1.2, "vocab_size": 4096},
+                          "shards": {"seconds": 1.9, "train_tokens": 1_638_400, "val_tokens": 30_000},
+                          "pretrain": pt, "eval": {"seconds": 9.7, "models": evals}}}
+    text = summary_text(summary, tmp_path / "report.html").splitlines()
+    assert "  val loss:  8.349 -> 3.869 nats/token;  bits/byte 3.603 -> 1.670" in text
+    assert "  synthetic exact_match:   base 0.000 -> sft 0.867" in text
+    assert "  shards:    1,638,400 train / 30,000 val tokens" in text
+    assert "  lmforge chat --checkpoint run/sft/model      (try: reverse: a b c, or add: 3 + 4)" in text
+    md = summary_markdown(summary)
+    assert "| pretrain | 200.0 |\n| eval | 9.7 |" in md
+    assert "Validation loss 8.349 -> 3.869 nats/token; bits per byte 3.603 -> 1.670." in md
+    assert "- before: `'def f(&&'`\n- after: `'def f(x):'`" in md

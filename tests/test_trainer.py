@@ -14,22 +14,16 @@ from lmforge.core.errors import LmforgeError
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.shards import ShardWriter
 from lmforge.model import Transformer, load_model
-from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import PretrainConfig, lm_loss, pretrain
 from lmforge.train.trainer import forward_backward, train_loop
+from recipes import loop_config as train_cfg
 
 VOCAB = 64
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     return debug_model(VOCAB, seed, max_seq_len=32, **overrides)
-
-
-def train_cfg(**overrides) -> TrainConfig:
-    base = {"steps": 8, "lr": 3e-3, "warmup_steps": 2, "precision": "fp32", "device": "cpu", "log_every": 1,
-            "eval_every": 0, "save_every": 0, "plot_every": 0}
-    return from_dict(TrainConfig, {**base, **overrides})
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:

@@ -7,12 +7,15 @@ Layout of RUN/checkpoints/:
                                                   base model the run starts from, so it is not copied
     step_000123/optimizer.safetensors             every optimizer state tensor, "state.<param_index>.<name>"
     step_000123/trainer_state.json                step, loader position, optimizer hyperparameters and
-                                                  scalar state, RNG states, and the caller's own keys
+                                                  scalar state, RNG states, the format, and the caller's keys
+    step_000123/checksums.json                    the sha256 of every other file of the checkpoint
     latest                                        the name of the newest complete checkpoint
 
 A checkpoint is written into a hidden temp directory, fsynced, and renamed into place; only then is
 `latest` replaced (atomically) and old checkpoints pruned. A process killed at any moment therefore
-leaves `latest` naming a complete checkpoint.
+leaves `latest` naming a complete checkpoint. A resume verifies the checksums and falls back to the previous
+complete checkpoint, saying so, when the latest is damaged; with `latest` gone it takes the newest complete
+`step_*` directory. Weights whose values are not all finite are never saved (`NonFiniteWeights`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,15 @@ from safetensors.torch import save_file
 
 from lmforge.core.config import to_dict
 from lmforge.core.errors import LmforgeError
-from lmforge.core.files import atomic_write, atomic_write_json, atomic_write_text, fsync_dir, read_json_object, temp_dir
+from lmforge.core.files import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    fsync_dir,
+    read_json_object,
+    temp_dir,
+)
 from lmforge.model.io import CONFIG_NAME, WEIGHTS_NAME, load_into, load_weights, read_model_config, save_model
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -39,6 +51,7 @@ LATEST_NAME = "latest"
 OPTIMIZER_NAME = "optimizer.safetensors"
 TRAINABLE_NAME = "trainable.safetensors"
 STATE_NAME = "trainer_state.json"
+CHECKSUMS_NAME = "checksums.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 
@@ -128,17 +141,106 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Step directories holding a trainer state (the last file a save writes before checksums), oldest first."""
+    return [p for _, p in list_checkpoints(run_dir) if (p / STATE_NAME).is_file()]
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The directory `latest` names, or None when the run has no checkpoint yet."""
+    """The directory `latest` names (or, with `latest` gone, the newest complete step directory); None when the
+    run has no checkpoint yet. Cheap: nothing is verified (`resolve_checkpoint` does that)."""
+    root = checkpoints_dir(run_dir)
+    pointer = root / LATEST_NAME
+    complete = complete_checkpoints(run_dir)
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        path = root / name
+        if _STEP_DIR.match(name) and path in complete:
+            return path
+        if not complete:
+            raise LmforgeError(f"{pointer}: names '{name}', which is not a complete checkpoint in {root}")
+    return complete[-1] if complete else None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint in `path` cannot be trusted (a missing or changed file), or None when it is intact.
+
+    A checkpoint without checksums.json (saved by an older lmforge) is accepted unverified.
+    """
+    sums_path = path / CHECKSUMS_NAME
+    if not (path / STATE_NAME).is_file():
+        return f"{STATE_NAME} is missing"
+    if not sums_path.is_file():
+        return None
+    try:
+        sums = read_json_object(sums_path).get("sha256")
+    except LmforgeError as e:
+        return str(e)
+    if not isinstance(sums, dict) or STATE_NAME not in sums:
+        return f"{CHECKSUMS_NAME} lists no {STATE_NAME}"
+    for name, digest in sums.items():
+        file = path / str(name)
+        if "/" in str(name) or not file.is_file():
+            return f"{name} is missing"
+        if file_sha256(file) != digest:
+            return f"{name} does not match its sha256 in {CHECKSUMS_NAME}"
+    return None
+
+
+def resolve_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint a resume loads and its trainer state: `latest` when intact, else (saying so on stderr) the
+    newest older complete checkpoint that is; None when the run has none. Raises when every one is damaged."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return None
     root = checkpoints_dir(run_dir)
     pointer = root / LATEST_NAME
     if not pointer.is_file():
-        return None
-    name = pointer.read_text(encoding="utf-8").strip()
-    path = root / name
-    if not _STEP_DIR.match(name) or not (path / STATE_NAME).is_file():
-        raise LmforgeError(f"{pointer}: names '{name}', which is not a complete checkpoint in {root}")
-    return path
+        print(f"note: {pointer} is missing; resuming from the newest complete checkpoint, {latest.name}",
+              file=sys.stderr)
+    elif pointer.read_text(encoding="utf-8", errors="replace").strip() != latest.name:
+        print(f"note: {pointer} does not name a complete checkpoint; resuming from the newest complete one, "
+              f"{latest.name}", file=sys.stderr)
+    step = int(_STEP_DIR.match(latest.name).group(1))
+    candidates = [latest] + [p for p in reversed(complete_checkpoints(run_dir))
+                             if int(_STEP_DIR.match(p.name).group(1)) < step]
+    problems = []
+    for i, path in enumerate(candidates):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, read_json_object(path / STATE_NAME)
+        problems.append(f"{path.name}: {problem}")
+        following = (f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates)
+                     else "no older checkpoint to fall back to")
+        print(f"warning: checkpoint {path} is damaged ({problem}); {following}", file=sys.stderr)
+    raise LmforgeError(f"{root}: no intact checkpoint ({'; '.join(problems)}); start a new run_dir")
+
+
+def write_checksums(directory: Path) -> None:
+    """checksums.json: the sha256 of every file in `directory` (a checkpoint being saved), written last."""
+    sums = {p.name: file_sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != CHECKSUMS_NAME}
+    atomic_write_json(directory / CHECKSUMS_NAME, {"sha256": sums})
+
+
+class NonFiniteWeights(LmforgeError):
+    """The model to be saved holds NaN or inf: the checkpoint is not written, and the previous one stays `latest`."""
+
+
+def all_finite(tensors: Any) -> bool:
+    """Whether every value of every tensor is finite (a sharded DTensor: this rank's shard)."""
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
+def refuse_non_finite(run_dir: str | Path, step: int, finite: bool) -> None:
+    if not finite:
+        latest = latest_checkpoint(run_dir)
+        kept = f"{latest.name} stays the latest checkpoint" if latest else "no checkpoint was saved yet"
+        raise NonFiniteWeights(f"step {step}: the weights hold NaN or inf (training diverged), so no checkpoint "
+                               f"was written ({kept}); lower train.lr or raise train.warmup_steps, then resume")
 
 
 def _remove_tree(path: Path) -> None:
@@ -155,6 +257,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     `model` must be the plain model (not a `torch.compile` wrapper) with a `.cfg` ModelConfig.
     `state` is the caller's JSON-serializable resume state (loader position, counters).
     """
+    refuse_non_finite(run_dir, step, all_finite(model.parameters()))
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(_TMP_PREFIX + "*"):  # left by a process killed mid-save
@@ -165,8 +268,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         save_model_state(model, tmp)
         tensors, optim_meta = optimizer_to_files(optimizer)
         atomic_write(tmp / OPTIMIZER_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-        trainer_state = {"step": step, **state, "optimizer": optim_meta, "rng": rng_state()}
+        trainer_state = {"step": step, **state, "format": "safetensors", "optimizer": optim_meta, "rng": rng_state()}
         atomic_write_text(tmp / STATE_NAME, json.dumps(trainer_state, indent=1) + "\n")
+        write_checksums(tmp)
         fsync_dir(tmp)
         return publish_checkpoint(run_dir, tmp, name, keep)
     except (OSError, SafetensorError) as e:  # a full disk, a quota, a vanished mount: one line, not a traceback
@@ -254,18 +358,33 @@ def check_model_config(checkpoint: Path, model: torch.nn.Module) -> None:
 
 def load_checkpoint(run_dir: str | Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
-    """Restore model, optimizer and RNG from `latest`; return the saved state, or None if there is none."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
+    """Restore model, optimizer and RNG from the checkpoint `resolve_checkpoint` picks (`latest`, verified);
+    return the saved state, or None if there is none."""
+    found = resolve_checkpoint(run_dir)
+    if found is None:
         return None
+    return load_checkpoint_at(*found, model, optimizer)
+
+
+def load_checkpoint_at(path: Path, state: dict[str, Any], model: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """`load_checkpoint` of the safetensors checkpoint in `path`, whose trainer state is `state`."""
+    if state.get("format", "safetensors") != "safetensors":
+        raise LmforgeError(f"{path} is a distributed checkpoint (format {state.get('format')!r} in {STATE_NAME}); "
+                           "resume it with the parallel settings it was saved with")
+    if "format" not in state and not (path / WEIGHTS_NAME).is_file() and not (path / TRAINABLE_NAME).is_file():
+        raise LmforgeError(f"{path}: no safetensors weights, and {STATE_NAME} records no format (a distributed "
+                           "checkpoint of an older lmforge?); its pickled .metadata is not loaded: start a new "
+                           "run_dir, or resume with the lmforge that saved it")
     check_model_config(path, model)
     load_model_state(path, model)
-    state = read_json_object(path / STATE_NAME)
     missing = [key for key in ("step", "optimizer", "rng") if key not in state]
     if missing:
         raise LmforgeError(f"{path / STATE_NAME}: no '{missing[0]}' entry; the checkpoint is incomplete or "
                            "was not written by lmforge")
     if optimizer is not None:
+        if not isinstance(state.get("optimizer"), dict):
+            raise LmforgeError(f"{path / STATE_NAME}: no 'optimizer' state; the checkpoint is incomplete")
         sd = optimizer_from_files(load_weights(path / OPTIMIZER_NAME), state["optimizer"])
         sizes = [len(g["params"]) for g in sd["param_groups"]]
         if sizes != [len(g["params"]) for g in optimizer.param_groups]:

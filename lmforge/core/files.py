@@ -1,15 +1,19 @@
-"""Atomic file writes: write to a temp file in the same directory, fsync, then rename.
+"""Atomic file writes (write to a temp file in the same directory, fsync, then rename) and directory locks.
 
-A process killed mid-write leaves either the old file or the new one, never half of one.
+A process killed mid-write leaves either the old file or the new one, never half of one; `dir_lock` gives a
+directory one owning process at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,5 +120,75 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
 
 
 def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes (tokenizer and checkpoint identity checks)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """Hex SHA-256 of a file's bytes (tokenizer and checkpoint identity checks), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# one owner per directory
+
+LOCK_NAME = ".lock"
+_held: dict[str, list[int]] = {}  # lock file -> [fd, depth, pid] of the locks this process holds
+
+
+@contextlib.contextmanager
+def dir_lock(directory: str | Path) -> Iterator[Path]:
+    """Own `directory` (created if missing) for the block: `with dir_lock(run_dir): ...`.
+
+    An exclusive `flock` on DIRECTORY/.lock, which holds the owner's pid. A second process asking for it gets one
+    LmforgeError line naming the owner; the kernel drops the lock when its owner dies, however it dies, so the lock
+    of a dead process is taken over (with a note). The same process may nest the lock (a command calling a library
+    function that takes it too).
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise LmforgeError(f"{directory}: exists and is not a directory")
+    path = directory / LOCK_NAME
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LmforgeError(f"{e.filename or directory}: cannot create ({e.strerror or e})") from None
+    key = os.path.realpath(path)
+    held = _held.get(key)
+    if held is not None and held[2] == os.getpid():  # nested in this process
+        held[1] += 1
+        try:
+            yield directory
+        finally:
+            held[1] -= 1
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise LmforgeError(f"{path}: cannot create the lock file ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = _lock_owner(fd)
+        os.close(fd)
+        raise LmforgeError(f"{directory} is in use by another process ({owner}, holding {path}); wait for it to "
+                           "finish, or use another directory") from None
+    previous = _lock_owner(fd)
+    if previous != "pid unknown":
+        print(f"note: {directory}: taking over the lock of {previous}, which is no longer running",
+              file=sys.stderr)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = [fd, 1, os.getpid()]
+    try:
+        yield directory
+    finally:
+        del _held[key]
+        # Emptied, never deleted: a process that opened the file just before a delete would lock the old inode
+        # while a third one locks a new file, and both would think they own the directory.
+        os.ftruncate(fd, 0)
+        os.close(fd)  # releases the flock
+
+
+def _lock_owner(fd: int) -> str:
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return f"pid {text}" if text.isdigit() else "pid unknown"

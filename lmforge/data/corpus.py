@@ -16,6 +16,7 @@ from typing import Any
 
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write
+from lmforge.data.readers import read_documents
 
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
                        "__pycache__"})
@@ -91,3 +92,21 @@ def build_stdlib_corpus(output: str | Path, max_bytes: int = 20_000_000) -> dict
 
     atomic_write(output, write)
     return stats
+
+
+def split_by_source(corpus: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Write each document of `corpus` to OUT_DIR/<source>.jsonl by its `metadata.source` ("other" when unset),
+    so a mixture can weight the sources; returns {source: path}, sorted by source name."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {}
+    try:
+        for doc in read_documents([corpus]):
+            name = str(doc.metadata.get("source") or "other").replace("/", "-")
+            if name not in files:
+                files[name] = open(out_dir / f"{name}.jsonl", "w", encoding="utf-8")
+            files[name].write(json.dumps({"id": doc.id, "text": doc.text}, ensure_ascii=False) + "\n")
+    finally:
+        for f in files.values():
+            f.close()
+    return {name: out_dir / f"{name}.jsonl" for name in sorted(files)}

@@ -4,8 +4,10 @@ Output layout (stable):
     OUT/kept/<shard>.jsonl[.zst]   kept documents, one {"id", "text", "metadata"} per line
     OUT/rejects/<step>.jsonl       every rejected document plus "step", "reason" and "source" (file:line)
     OUT/stats.json, OUT/report.md  documents/characters in and out per step, top reasons, examples
-    OUT/.work/                     per-shard completion markers and barrier keys (resume state); documents
-                                   between stages keep their input's "source" (file:line) for later rejects
+    OUT/.work/                     per-shard completion markers and barrier keys (resume state: JSON and
+                                   numpy .npz files read without pickle, so a planted work file runs nothing);
+                                   documents between stages keep their input's "source" (file:line) for rejects
+    OUT/.lock                      held by the running `data clean` (one owner per OUT)
 
 A shard is one input file. Steps between barriers stream in one pass per shard; a barrier (global
 dedup) splits the run into stages: stage k's shards all finish, the barrier resolves over every
@@ -19,7 +21,6 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import pickle
 import shutil
 import sys
 import time
@@ -29,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from tqdm import tqdm
 
 from lmforge.core.config import from_dict, option, suggest
 from lmforge.core.errors import ConfigError, LmforgeError
-from lmforge.core.files import atomic_write_json, atomic_write_text, writable_dir
+from lmforge.core.files import atomic_write, atomic_write_json, atomic_write_text, dir_lock, writable_dir
 from lmforge.data.executors import ExecutorName, map_shards
 from lmforge.data.readers import BadRecord, Document, InvalidUTF8, iter_input_files, iter_records
 from lmforge.data.steps import Barrier, Step
@@ -142,7 +144,7 @@ class ShardTask:
 
 def run_shard(task: ShardTask) -> dict[str, Any]:
     """Stream one shard through its steps; write kept docs, rejects, barrier keys, then the marker."""
-    if task.marker.is_file():
+    if shard_done(task):
         return read_marker(task.marker)
     stats = {label: new_stats() for label in [READ_STEP, *(task.apply[:1] if task.apply else []), *task.labels]}
     kept = JsonlWriter(task.output)
@@ -200,12 +202,69 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
     for w in rejects.values():
         w.commit()
     if task.barrier is not None:
-        with open(task.marker.with_suffix(".keys.pkl"), "wb") as f:
-            pickle.dump((keys, ids), f, protocol=pickle.HIGHEST_PROTOCOL)
+        save_keys(keys_path(task.marker), keys, ids)
     result = {"shard": task.shard, "stats": {k: _jsonable(v) for k, v in stats.items()}, "warnings": warnings,
               "failures": failures, "rejects": sorted(rejects)}
     atomic_write_json(task.marker, result)
     return read_marker(task.marker)
+
+
+def shard_done(task: ShardTask) -> bool:
+    """A shard finished by an earlier run: its marker, and its barrier keys when the stage has a barrier (a work
+    directory of an older lmforge holds `.keys.pkl` files, which are never read: such a shard runs again)."""
+    return task.marker.is_file() and (task.barrier is None or keys_path(task.marker).is_file())
+
+
+def keys_path(marker: Path) -> Path:
+    return marker.with_name(marker.name.removesuffix(".done.json") + ".keys.npz")
+
+
+def save_keys(path: Path, keys: list[Any], ids: list[str]) -> None:
+    """A shard's barrier keys and document ids as a numpy .npz of plain arrays (no pickle).
+
+    A key is a non-negative int below 2**128 (exact dedup's hash), a uint64 numpy array (MinHash bands, line
+    hashes) or a list of such ints (span hashes); one shard's keys are all of one kind. They are stored flat as
+    uint64 words with per-document offsets; ids as UTF-8 JSON bytes.
+    """
+    kinds = {"int" if isinstance(k, int) else "array" if isinstance(k, np.ndarray) else "list" for k in keys}
+    if len(kinds) > 1:
+        raise LmforgeError(f"{path}: a barrier returned keys of mixed kinds {sorted(kinds)}")
+    kind = kinds.pop() if kinds else "array"
+    try:
+        if kind == "int":
+            if any(not 0 <= k < 2**128 for k in keys):
+                raise OverflowError
+            parts = [np.array([k & (2**64 - 1), k >> 64], dtype=np.uint64) for k in keys]
+        else:
+            parts = [np.asarray(k, dtype=np.uint64).reshape(-1) for k in keys]
+    except (OverflowError, TypeError, ValueError):
+        raise LmforgeError(f"{path}: barrier keys must be ints in [0, 2**128) or sequences of uint64") from None
+    offsets = np.cumsum([0] + [len(p) for p in parts], dtype=np.int64)
+    values = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+    id_bytes = np.frombuffer(json.dumps(ids).encode("utf-8"), dtype=np.uint8)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, kind=np.array(kind), values=values, offsets=offsets, ids=id_bytes)
+
+    atomic_write(path, write)
+
+
+def load_keys(path: Path) -> tuple[list[Any], list[str]]:
+    """Inverse of `save_keys`; numpy refuses pickled arrays (allow_pickle=False), so nothing in it can run."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            kind, values, offsets = str(f["kind"]), f["values"], f["offsets"]
+            ids = json.loads(f["ids"].tobytes().decode("utf-8"))
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{path}: unreadable barrier keys ({e}); delete it to redo that shard") from None
+    if values.dtype != np.uint64 or offsets.dtype != np.int64 or len(offsets) != len(ids) + 1 or not isinstance(
+            ids, list) or kind not in ("int", "array", "list"):
+        raise LmforgeError(f"{path}: malformed barrier keys; delete it to redo that shard")
+    parts = [values[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    if kind == "int":
+        return [int(p[0]) | int(p[1]) << 64 for p in parts], ids
+    return (parts if kind == "array" else [p.tolist() for p in parts]), ids
 
 
 def _shard_documents(task: ShardTask, reject: Any, read_stats: dict[str, Any], failures: list[str]):
@@ -298,9 +357,13 @@ class Pipeline:
         return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
     def run(self, inputs: Sequence[str | Path] | str | Path, output: str | Path) -> dict[str, Any]:
-        start = time.perf_counter()
         files = input_files(inputs)
         output = writable_dir(output, "output")
+        with dir_lock(output):  # a second `data clean` on this OUT would delete this one's work files
+            return self._run(files, output)
+
+    def _run(self, files: list[Path], output: Path) -> dict[str, Any]:
+        start = time.perf_counter()
         work = output / ".work"
         self._claim(output, work, files)
         shards = [f"{i:05d}-{_slug(p)}" for i, p in enumerate(files)]
@@ -329,8 +392,7 @@ class Pipeline:
             if barrier_idx is not None:
                 keys, ids = [], []
                 for t in tasks:
-                    with open(t.marker.with_suffix(".keys.pkl"), "rb") as f:
-                        shard_keys, shard_ids = pickle.load(f)
+                    shard_keys, shard_ids = load_keys(keys_path(t.marker))
                     keys.append(shard_keys)
                     ids.append(shard_ids)
                 plans = self.steps[barrier_idx].resolve(keys, ids)
@@ -338,7 +400,7 @@ class Pipeline:
         return stats
 
     def _run_stage(self, tasks: list[ShardTask], desc: str) -> list[dict[str, Any]]:
-        todo = [t for t in tasks if not t.marker.is_file()]
+        todo = [t for t in tasks if not shard_done(t)]
         bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="shard",
                    disable=not self.progress, dynamic_ncols=True)
         docs = [0]

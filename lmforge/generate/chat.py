@@ -138,8 +138,8 @@ def chat_loop(session: ChatSession, lines: Iterable[str], out: TextIO, prompt: s
 
 
 def _sampling() -> SamplingParams:
-    """chat's own defaults: a conversational temperature and nucleus, answers of up to 200 tokens, seeded."""
-    return SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=200, seed=0)
+    """`SamplingParams`' own defaults, the ones generate and the server's API use too."""
+    return SamplingParams()
 
 
 @dataclass

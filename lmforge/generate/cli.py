@@ -30,8 +30,8 @@ from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
 def _sampling() -> SamplingParams:
-    """generate's own defaults: a little below temperature 1, and a fixed seed (same command, same text)."""
-    return SamplingParams(temperature=0.8, max_new_tokens=100, seed=0)
+    """`SamplingParams`' own defaults, the ones chat and the server's API use too (temperature 1, 64 tokens)."""
+    return SamplingParams()
 
 
 @dataclass

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ from tqdm.auto import tqdm
 
 from lmforge.core.config import option
 from lmforge.core.errors import LmforgeError, os_errors
+from lmforge.core.files import dir_lock
+from lmforge.data.corpus import split_by_source
 from lmforge.data.megatron import export_megatron
+from lmforge.data.mixture import concat_shards
 from lmforge.data.readers import Document, read_documents
 from lmforge.data.shards import ShardSet, clear_shard_dir, shard_layout, token_dtype, write_index, write_shard
 from lmforge.tokenizer import Tokenizer
@@ -107,12 +111,13 @@ def tokenize_to_shards(paths: Sequence[str | Path], tokenizer: Tokenizer, output
     output = Path(output)
     start = time.perf_counter()
     splits = ["train", "val"] if val_fraction > 0 else ["train"]
-    for split in ("train", "val"):  # no index survives from an earlier run, whatever happens to this one
-        if split in splits or (output / split).is_dir():
-            clear_shard_dir(output / split)
-    dtype = token_dtype(tokenizer.vocab_size)
-    spill = output / f".tokenize-spill-{os.getpid()}.bin"
     with contextlib.ExitStack() as stack:
+        stack.enter_context(dir_lock(output))  # one owner: a second `data tokenize` here is refused
+        for split in ("train", "val"):  # no index survives from an earlier run, whatever happens to this one
+            if split in splits or (output / split).is_dir():
+                clear_shard_dir(output / split)
+        dtype = token_dtype(tokenizer.vocab_size)
+        spill = output / f".tokenize-spill-{os.getpid()}.bin"
         stack.callback(spill.unlink, missing_ok=True)
         run = stack.enter_context(_Workers(workers, tokenizer.canonical_json(), eos_id, dtype))
         lengths, n_bytes = _encode_to_spill(read_documents(paths, text_field=text_field), run, spill, batch_docs)
@@ -132,8 +137,30 @@ def tokenize_to_shards(paths: Sequence[str | Path], tokenizer: Tokenizer, output
             indexes[split] = _write_split(output / split, run, tokens, starts[order], lengths[order],
                                           n_bytes[order], tokenizer, max_shard_tokens)
         del tokens
-    tokenizer.save(output)
+        tokenizer.save(output)
     return {"train": indexes["train"], "val": indexes.get("val"), "seconds": time.perf_counter() - start}
+
+
+def tokenize_by_source(corpus: str | Path, tokenizer: Tokenizer, output: str | Path,
+                       val_fraction: float = 0.005) -> dict[str, Any]:
+    """One shard set per corpus source, OUTPUT/<source>/{train,val} (what a mixture samples from), and their
+    union OUTPUT/{train,val} (what evaluation reads); each document is in exactly one split.
+
+    Returns {"train_tokens", "val_tokens", "train_docs", "sources": {source: {"train_tokens", "train_docs"}}}.
+    """
+    output = Path(output)
+    parts = split_by_source(corpus, output / "by_source")
+    sources = {}
+    for name, path in parts.items():
+        summary = tokenize_to_shards([path], tokenizer, output / name, val_fraction=val_fraction)
+        sources[name] = {"train_tokens": summary["train"]["n_tokens"], "train_docs": summary["train"]["n_docs"]}
+    shutil.rmtree(output / "by_source")
+    train = concat_shards([output / name / "train" for name in parts], output / "train")
+    val_dirs = [output / name / "val" for name in parts if (output / name / "val" / "index.json").is_file()]
+    val = concat_shards(val_dirs, output / "val") if val_dirs else {}
+    tokenizer.save(output)
+    return {"train_tokens": train["n_tokens"], "val_tokens": val.get("n_tokens", 0), "train_docs": train["n_docs"],
+            "sources": sources}
 
 
 def _encode_to_spill(docs: Iterable[Document], run: _Workers, spill: Path,

@@ -11,6 +11,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmforge.core.config import option
 from lmforge.core.errors import LmforgeError, os_errors
+from lmforge.core.files import dir_lock
 from lmforge.data.readers import read_documents
 from lmforge.tokenizer import (
     CHAT_TOKENS,
@@ -152,6 +153,11 @@ def train_tokenizer_cmd(cfg: TokenizerTrainConfig) -> int:
         except (OSError, UnicodeDecodeError) as e:
             raise LmforgeError(f"chat template {cfg.chat_template}: cannot read ({e.__class__.__name__})") from None
         _compile_template(template)  # a syntax error is reported now, not at the first chat
+    with dir_lock(cfg.output):  # one owner: a second `tokenizer train` into this output is refused
+        return _train_and_save(cfg, template)
+
+
+def _train_and_save(cfg: TokenizerTrainConfig, template: str | None) -> int:
     docs = read_documents(cfg.input, text_field=cfg.text_field)
     if cfg.max_docs:
         docs = itertools.islice(docs, cfg.max_docs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -16,7 +17,7 @@ from torch import nn
 
 from lmforge.core.config import option, require, save_config
 from lmforge.core.errors import LmforgeError
-from lmforge.core.files import atomic_write, file_sha256, writable_dir
+from lmforge.core.files import atomic_write, dir_lock, file_sha256, writable_dir
 from lmforge.core.runtime import resolve_device, resolve_precision
 from lmforge.data.loader import SequenceLoader
 from lmforge.data.mixture import SourceConfig
@@ -139,7 +140,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         return launch_pretrain(cfg)
     run = setup_parallel(cfg.parallel, cfg.train.device, log_dir=Path(cfg.run_dir) / "logs")
     try:
-        return _pretrain(cfg, run)
+        owner = run is None or run.is_main
+        with dir_lock(writable_dir(cfg.run_dir, "run_dir")) if owner else contextlib.nullcontext():
+            return _pretrain(cfg, run)  # one owner per run_dir: a second run or --resume is refused
     finally:
         if run is not None:
             run.close()
@@ -228,8 +231,9 @@ def _pretrain(cfg: PretrainConfig, run: DistributedRun | None) -> dict[str, Any]
     if model_cfg.moe_experts:  # expert-utilization metrics, and aux-loss-free bias updates when enabled
 
         hooks.append(MoEBalancer(model_cfg.moe_bias_update_rate))
+    fixed = {"data.batch_size": cfg.data.batch_size, "data.seq_len": cfg.data.seq_len}
     result = train_loop(model, loss_fn, loader, cfg.train, run_dir, evaluate=evaluate, resume=cfg.resume,
-                        desc="pretrain", on_step_end=hooks, parallel=run)
+                        desc="pretrain", on_step_end=hooks, parallel=run, fixed=fixed)
 
     model_dir = run_dir / "model"
     if run is None:

@@ -9,6 +9,7 @@ their own loss and batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -23,8 +24,9 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge.checkpoint.dcp import load_any_checkpoint
-from lmforge.checkpoint.store import latest_checkpoint, save_checkpoint
+from lmforge.checkpoint.store import STATE_NAME, checkpoint_name, checkpoints_dir, latest_checkpoint, save_checkpoint
 from lmforge.core.errors import LmforgeError
+from lmforge.core.files import dir_lock
 from lmforge.core.runtime import autocast, compile_model, resolve_device, resolve_precision
 from lmforge.parallel.grad import clip_grad_norm
 from lmforge.parallel.run import DistributedRun, QuietMetrics
@@ -99,11 +101,18 @@ def forward_backward(model: nn.Module, loss_fn: LossFn, batches: Batches, grad_a
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
                    scaler: torch.amp.GradScaler | None = None) -> float:
-    """Clip the global grad norm (unscaled first under fp16), step, zero grads; returns the pre-clip norm."""
+    """Clip the global grad norm (unscaled first under fp16), step, zero grads; returns the pre-clip norm.
+
+    A non-finite norm (a NaN or inf gradient, even with a finite loss) skips the update: the weights and the
+    optimizer state stay as they were (under fp16 the GradScaler does the same and lowers its scale).
+    """
     if scaler is not None:
         scaler.unscale_(optimizer)
     max_norm = grad_clip if grad_clip > 0 else math.inf
     norm = clip_grad_norm(model.parameters(), max_norm)  # also sharded (DTensor) gradients
+    if scaler is None and not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return norm
     if scaler is not None:
         scaler.step(optimizer)  # skips the step when the fp16 gradients overflowed
         scaler.update()
@@ -123,6 +132,8 @@ class LoopState:
 
     step: int = 0  # optimizer steps done
     tokens_seen: int = 0
+    skipped_steps: int = 0  # steps whose gradient was not finite: their update was skipped
+    skipped_in_a_row: int = 0
     train_time: float = 0.0  # seconds spent in training steps (not eval or checkpointing)
     last_loss: float | None = None
     last_eval: dict[str, Any] | None = None
@@ -141,15 +152,21 @@ class LoopState:
         row = {"step": self.step, "loss": w["loss"] / n, "lr": lr, "grad_norm": w["grad_norm"] / n,
                "tokens_seen": self.tokens_seen, "tokens_per_s": w["tokens"] / w["time"] if w["time"] else 0.0}
         row.update({k[2:]: v / n for k, v in w.items() if k.startswith("m.")})
+        if self.skipped_steps:
+            row["skipped_steps"] = self.skipped_steps
         row.update(self.latest)
         self.latest = {}
         return row
 
 
+MAX_SKIPPED_IN_A_ROW = 10  # consecutive non-finite gradients that stop the run
+
+
 def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainConfig, run_dir: str | Path, *,
                evaluate: Evaluate | None = None, resume: bool = False,
                count_tokens: Callable[[Any], int] = tokens_in, desc: str = "train",
-               on_step_end: list[StepEnd] | None = None, parallel: DistributedRun | None = None) -> dict[str, Any]:
+               on_step_end: list[StepEnd] | None = None, parallel: DistributedRun | None = None,
+               fixed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `model` for cfg.steps optimizer steps; checkpoints, metrics.jsonl, tb/, loss.png go in run_dir.
 
     `model` must be the plain module with a `.cfg` (checkpoints are model directories); it is moved
@@ -159,9 +176,32 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
     `on_step_end` hooks run after each optimizer step as hook(model, step) (e.g. MoE router-bias
     updates, data-mixture bookkeeping); the next metrics row shows the latest value of each metric they
     return (running totals stay exact; loss_fn metrics, by contrast, are averaged over the row's steps).
+    `fixed`: settings a resume must not change ({"data.batch_size": 16, ...}: the loader position means nothing
+    under another batch geometry); saved with each checkpoint, and a resume that differs is refused naming the key.
+    A step whose gradient is not finite is skipped (counted as `skipped_steps` in metrics.jsonl); after
+    MAX_SKIPPED_IN_A_ROW in a row the run stops. The run directory is locked (`dir_lock`) while the loop runs.
     Returns {"steps", "final_loss", "tokens_seen", "tokens_per_s", **last evaluation}.
     """
-    run_dir = Path(run_dir)
+    main = parallel is None or parallel.is_main
+    with dir_lock(run_dir) if main else contextlib.nullcontext():
+        return _train_loop(model, loss_fn, batches, cfg, Path(run_dir), evaluate, resume, count_tokens, desc,
+                           on_step_end, parallel, fixed or {})
+
+
+def check_fixed(saved: dict[str, Any], fixed: dict[str, Any], where: Path) -> None:
+    """Refuse a resume whose `fixed` settings differ from those the checkpoint was saved with."""
+    before = saved.get("fixed") or {}
+    for key, value in fixed.items():
+        if key in before and before[key] != value:
+            raise LmforgeError(f"{where}: the run was saved with {key}={before[key]!r}, this resume has "
+                               f"{key}={value!r}; the saved data position is only valid with the original value "
+                               "(set it back, or start a new run_dir)")
+
+
+def _train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainConfig, run_dir: Path,
+                evaluate: Evaluate | None, resume: bool, count_tokens: Callable[[Any], int], desc: str,
+                on_step_end: list[StepEnd] | None, parallel: DistributedRun | None,
+                fixed: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(cfg.device) if parallel is None else parallel.device
     main = parallel is None or parallel.is_main  # only rank 0 writes metrics, plots and progress
     load_ckpt, save_ckpt = ((load_any_checkpoint, save_checkpoint) if parallel is None
@@ -183,6 +223,7 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
         raise LmforgeError(f"{run_dir} already holds checkpoints; pass --resume true to continue that run, "
                            "or choose another run_dir")
     if saved is not None:
+        check_fixed(saved, fixed, checkpoints_dir(run_dir) / checkpoint_name(saved["step"]) / STATE_NAME)
         state = LoopState(**saved["loop"])
         batches.load_state_dict(saved["loader"])
         if scaler is not None and saved.get("scaler"):
@@ -203,7 +244,7 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
     warmup = resolve_warmup(cfg.warmup_steps, cfg.steps)
 
     def checkpoint() -> None:
-        extra = {"loop": dataclasses.asdict(state), "loader": batches.state_dict(),
+        extra = {"loop": dataclasses.asdict(state), "loader": batches.state_dict(), "fixed": fixed,
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  "spike_window": guard.detector.state_dict() if guard is not None else None}
         save_ckpt(run_dir, state.step, model, optimizer, extra, cfg.keep_checkpoints)
@@ -247,6 +288,18 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
                                    "lower train.lr or raise train.warmup_steps, then resume from the last "
                                    "checkpoint")
             grad_norm = optimizer_step(model, optimizer, cfg.grad_clip, scaler)
+            if scaler is None and not math.isfinite(grad_norm):
+                state.skipped_steps += 1
+                state.skipped_in_a_row += 1
+                if main:
+                    bar.write(f"step {state.step + 1}: gradient norm is {grad_norm} with loss {stats.loss:.4f}; "
+                              f"update skipped ({state.skipped_steps} so far)")
+                if state.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise LmforgeError(f"step {state.step + 1}: {MAX_SKIPPED_IN_A_ROW} steps in a row had "
+                                       "non-finite gradients (training diverged); lower train.lr or raise "
+                                       "train.warmup_steps, then resume from the last checkpoint")
+            else:
+                state.skipped_in_a_row = 0
             for hook in on_step_end or ():
                 state.latest.update(hook(model, state.step + 1))
             seconds = time.perf_counter() - t0
