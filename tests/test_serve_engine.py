@@ -119,6 +119,18 @@ def test_chunked_prefill_is_exact_and_keeps_running_streams_decoding(arch):
     assert scheduler.stats.prefill_tokens == len(short) + len(long)
 
 
+@pytest.mark.parametrize("arch", [dict(sliding_window=8), dict(position="alibi")], ids=["window", "alibi"])
+def test_windowed_and_alibi_models_prefill_one_prompt_a_pass_and_stay_exact(arch):
+    """Fails before this change too: rows decoded together ignored the window, and ALiBi measured distances
+    from slot 0."""
+    model, tok = model_and_tok(**arch)
+    prompts = [ids(n, n, tok.vocab_size) for n in (13, 21, 30)]
+    scheduler = Scheduler(model, tok, max_batch=3, prefill_chunk=10)
+    got = run(scheduler, [job(p, 12) for p in prompts])
+    assert scheduler.stats.prefill_steps == 8  # 2 + 3 + 3 chunks, never two prompts in one pass
+    assert got == reference(model, prompts, 12)  # decode rows see their own last 8 keys / their own distances
+
+
 def test_chunked_batched_prefill_with_echo_logprobs_scores_every_prompt_token():
     model, tok = model_and_tok()
     prompt = ids(21, 4, tok.vocab_size)

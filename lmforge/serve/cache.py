@@ -103,21 +103,19 @@ class SlotCache:
             buf[:, dst].narrow(t, 0, length).copy_(buf[:, src].narrow(t, 0, length))
 
 
-def extend_mask(starts: list[int], counts: list[int], device: torch.device) -> torch.Tensor:
+def extend_mask(starts: list[int], counts: list[int], device: torch.device, window: int = 0) -> torch.Tensor:
     """[n, 1, T, S] bool for an `extend` batch: entry i's query q (at slot starts[i] + q) sees slots up to its
-    own; padded queries (q >= counts[i]) see slot 0 only (their outputs are dropped)."""
+    own (the last `window` of them, when > 0); padded queries (q >= counts[i]) see slot 0 only (their outputs
+    are dropped)."""
     T, S = max(counts), max(s + c for s, c in zip(starts, counts))
     first = torch.tensor(starts, device=device)[:, None, None]
     q = torch.arange(T, device=device)[None, :, None]
     k = torch.arange(S, device=device)[None, None, :]
     real = q < torch.tensor(counts, device=device)[:, None, None]
-    return ((k <= first + q) & real | (k == 0))[:, None]
-
-
-def decode_mask(lengths: torch.Tensor) -> torch.Tensor:
-    """[n, 1, 1, S] bool: row i's new token (written at slot lengths[i]) sees slots 0..lengths[i]."""
-    width = int(lengths.max()) + 1
-    return (torch.arange(width, device=lengths.device)[None, :] <= lengths[:, None])[:, None, None, :]
+    seen = k <= first + q
+    if window:
+        seen = seen & (first + q - k < window)
+    return (seen & real | (k == 0) & ~real)[:, None]
 
 
 @dataclass

@@ -153,10 +153,12 @@ class Scheduler:
         self.cache = SlotCache(model, max_batch, self.context)
         self.prefill_chunk = prefill_chunk
         self.multi_lora = bool(lora_layers(model))
-        # several prompts share a pass only where one [n, T] mask says everything: no position bias or window
-        # that reads absolute query slots (the per-row decode mask has the same contract)
+        # several prompts share a pass only where one [n, T] mask says everything: no position bias, and no
+        # window (the model would apply it again from slot 0); one-token decode rows take the window in the mask
         cfg = model.cfg
-        self.batch_prefill = cfg.position not in ("alibi", "t5") and not cfg.sliding_window
+        # ALiBi and T5 biases are computed from one start slot per pass: such models run one request a pass
+        self.position_bias = cfg.position in ("alibi", "t5")
+        self.batch_prefill = not self.position_bias and not cfg.sliding_window
         if prefix_cache and getattr(model, "virtual_tokens", None) is not None:
             raise LmforgeError("prefix caching needs keys that depend on the prompt alone; this model has prompt "
                                "or prefix tuning tokens (serve it with prefix caching off)")
@@ -258,7 +260,7 @@ class Scheduler:
                                 torch.tensor(counts, device=self.device)[:, None] - 1)
         positions = torch.tensor(starts, device=self.device)[:, None] + columns
         return self.model(ids, cache=self.cache, start_pos=0, positions=positions,
-                          attn_mask=extend_mask(starts, counts, self.device))
+                          attn_mask=extend_mask(starts, counts, self.device, self.model.cfg.sliding_window))
 
     def _decode(self) -> None:
         """One token for every job past its prompt."""
@@ -269,7 +271,10 @@ class Scheduler:
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(jobs))
         self.stats.steps += 1
         try:
-            logits = self._forward(jobs, rows, [j.length for j in jobs], [[j.last] for j in jobs])[:, -1]
+            if self.position_bias:
+                logits = torch.cat([self._forward([j], [r], [j.length], [[j.last]])[:, -1] for r, j in batch])
+            else:
+                logits = self._forward(jobs, rows, [j.length for j in jobs], [[j.last] for j in jobs])[:, -1]
         except Exception:
             log.exception("decode step failed")
             for job in jobs:
@@ -305,10 +310,8 @@ class Scheduler:
                 blocks = self.prefix.match(job.prompt[:-1], job.adapter)
                 if self._coming(job, len(blocks)):
                     continue
-            with self._cond:
-                if job not in self.waiting:  # cancelled meanwhile (dropped next step)
-                    continue
-                self.waiting.remove(job)
+            with self._cond:  # by identity: two choices of one request can be equal dataclasses
+                self.waiting = collections.deque(j for j in self.waiting if j is not job)
             row = len(self.running)
             job.generator = new_generator(job.params.seed, self.device)
             job.decoder = StreamDecoder(self.tokenizer)
