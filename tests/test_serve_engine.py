@@ -202,7 +202,7 @@ def test_served_adapters_are_listed_routed_and_refused_by_name(tmp_path):
     base_dir, adapters = lora_dirs(tmp_path, tok)
     model = load_model(base_dir)
     names = load_adapters(model, [f"{n}={d}" for n, d in adapters.items()])
-    prompt = ids(12, 1, tok.vocab_size)
+    prompt = ids(2 * BLOCK + 8, 1, tok.vocab_size)
     with BackgroundServer(create_app(model, tok, "base", adapters=names)) as server:
         listed = httpx.get(server.url + "/v1/models").json()["data"]
         assert [(m["id"], m["parent"]) for m in listed] == [("base", None), ("poet", "base"), ("critic", "base")]
@@ -214,6 +214,13 @@ def test_served_adapters_are_listed_routed_and_refused_by_name(tmp_path):
         assert missing.status_code == 404 and "'poet'" in missing.json()["error"]["message"]
         health = httpx.get(server.url + "/health").json()
         assert health["prefill_tokens"] == len(prompt) and health["cached_tokens"] == 0
+        longer = prompt + ids(5, 2, tok.vocab_size)  # a second turn: only what is new past the cached blocks runs
+        again = httpx.post(server.url + "/v1/completions", json={"model": "critic", "prompt": longer, "max_tokens": 6,
+                                                                 "temperature": 0, "ignore_eos": True}).json()
+        want = reference(merge_adapter(load_trained(base_dir, adapters["critic"])), [longer], 6)[0]
+        assert again["choices"][0]["text"] == tok.decode(want)
+        health = httpx.get(server.url + "/health").json()
+        assert health["cached_tokens"] == 2 * BLOCK and health["prefill_tokens"] == len(prompt) + len(longer) - 2 * BLOCK
     for bad in (["poet"], ["a.b=dir"], ["x=d1", "x=d2"]):
         with pytest.raises(ConfigError, match="adapter"):
             ServeConfig(checkpoint="c", adapter=bad)
