@@ -245,9 +245,10 @@ class Scheduler:
         self._decode()
         self._remove_finished()
 
-    def _forward(self, jobs: list[Job], rows: list[int], starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
-        """Run chunk i of tokens at slots starts[i].. of cache row rows[i]; logits [n, T, V] (padded columns
-        are garbage)."""
+    def _forward(self, jobs: list[Job], rows: list[int], starts: list[int], chunks: list[list[int]],
+                 full: bool = False) -> torch.Tensor:
+        """Run chunk i of tokens at slots starts[i].. of cache row rows[i]. Logits [n, 1, V] at each chunk's last
+        token, or with `full` [n, T, V] at every column (padded columns are garbage)."""
         counts = [len(c) for c in chunks]
         T = max(counts)
         ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=self.device)
@@ -255,12 +256,18 @@ class Scheduler:
         if self.multi_lora:
             set_row_adapters(self.model, [job.adapter for job in jobs])
         if len(jobs) == 1:  # the model's own causal mask, position bias and window, from slot starts[0]
-            return self.model(ids, cache=self.cache, start_pos=starts[0])
-        columns = torch.minimum(torch.arange(T, device=self.device)[None, :],
-                                torch.tensor(counts, device=self.device)[:, None] - 1)
-        positions = torch.tensor(starts, device=self.device)[:, None] + columns
-        return self.model(ids, cache=self.cache, start_pos=0, positions=positions,
-                          attn_mask=extend_mask(starts, counts, self.device, self.model.cfg.sliding_window))
+            h = self.model(ids, cache=self.cache, start_pos=starts[0], return_hidden=True)
+        else:
+            columns = torch.minimum(torch.arange(T, device=self.device)[None, :],
+                                    torch.tensor(counts, device=self.device)[:, None] - 1)
+            positions = torch.tensor(starts, device=self.device)[:, None] + columns
+            h = self.model(ids, cache=self.cache, start_pos=0, positions=positions, return_hidden=True,
+                           attn_mask=extend_mask(starts, counts, self.device, self.model.cfg.sliding_window))
+        if not full:  # the head only where a token is sampled: a long prompt's logits would be [T, V]
+            h = h[torch.arange(len(jobs), device=self.device), torch.tensor(counts, device=self.device) - 1][:, None]
+        if self.model.cfg.output_scale != 1.0:  # as `Transformer.forward` scales before the head
+            h = h * self.model.cfg.output_scale
+        return self.model.lm_head(h)
 
     def _decode(self) -> None:
         """One token for every job past its prompt."""
@@ -353,8 +360,9 @@ class Scheduler:
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += sum(n for _, _, n in batch)
         try:
+            full = any(job.echo_logprobs for job in jobs)
             logits = self._forward(jobs, [r for r, _, _ in batch], [j.length for j in jobs],
-                                   [j.prompt[j.length:j.length + n] for _, j, n in batch])
+                                   [j.prompt[j.length:j.length + n] for _, j, n in batch], full)
         except Exception as e:
             log.exception("prefill failed")
             for job in jobs:
@@ -367,7 +375,7 @@ class Scheduler:
             if job.echo_logprobs:
                 job.prompt_logits.append(logits[i, :n])
             if job.length == len(job.prompt):
-                self._prompt_done(job, logits[i, n - 1:n])
+                self._prompt_done(job, logits[i, n - 1:n] if full else logits[i])
 
     def _prompt_done(self, job: Job, last: torch.Tensor) -> None:
         """The whole prompt is in the cache: send the prompt's logprobs if asked, sample."""
