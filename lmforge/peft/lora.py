@@ -119,6 +119,7 @@ class LoraLinear(nn.Module):
         self.adapters = nn.ModuleDict()  # adapter name -> ModuleDict(part name -> LoraPart)
         self.active: str | None = None
         self.merged: str | None = None  # adapter whose update is folded into `weight`
+        self.row_adapters: list[str | None] | None = None  # per batch row (serving); None: `active` for all
 
     def add_part(self, adapter_name: str, part_name: str, row_start: int, row_end: int,
                  cfg: LoraConfig) -> None:
@@ -139,7 +140,29 @@ class LoraLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged is not None:
             return y
-        parts = self.active_parts()
+        if self.row_adapters is not None:
+            return self._per_row(x, y)
+        return self._adapt(x, y, self.active_parts())
+
+    def _per_row(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Batch row i takes adapter row_adapters[i]: one base matmul for the whole batch, then each adapter's
+        low-rank update on its own rows (the segmented batching of S-LoRA, Sheng et al. 2023, and Punica)."""
+        if len(self.row_adapters) != x.shape[0]:
+            raise ValueError(f"{len(self.row_adapters)} row adapters for a batch of {x.shape[0]}")
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(self.row_adapters):
+            if name is not None and name in self.adapters:
+                groups.setdefault(name, []).append(i)
+        if not groups:
+            return y
+        out = y.clone()
+        for name, rows in groups.items():
+            idx = torch.tensor(rows, device=x.device)
+            out[idx] = self._adapt(x[idx], y[idx], list(self.adapters[name].values()))
+        return out
+
+    def _adapt(self, x: torch.Tensor, y: torch.Tensor, parts: list[LoraPart]) -> torch.Tensor:
+        """y = W x + b plus what `parts` add."""
         plain = [part for part in parts if part.lora_magnitude is None]
         out = y + self.low_rank(x, plain) if plain else y
         for part in parts:
@@ -280,6 +303,15 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
                            f"{sorted(adapter_names(model)) or 'none'}")
     for layer in lora_layers(model).values():
         layer.set_adapter(adapter_name)
+
+
+def set_row_adapters(model: nn.Module, names: list[str | None] | None) -> None:
+    """The next forward passes apply adapter names[i] to batch row i (None: the base model); `names=None`
+    goes back to the active adapter for every row. Unmerged adapters only."""
+    for layer in lora_layers(model).values():
+        if names is not None and layer.merged is not None:
+            raise LmforgeError("per-row adapters need unmerged LoRA layers; this model has a merged adapter")
+        layer.row_adapters = names
 
 
 def delete_adapter(model: Transformer, adapter_name: str) -> Transformer:

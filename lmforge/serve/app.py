@@ -32,6 +32,8 @@ from lmforge.core.config import option, require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.runtime import resolve_device
 from lmforge.model import load_model
+from lmforge.peft.io import load_adapter
+from lmforge.peft.lora import set_adapter
 from lmforge.serve.grammar import Grammars
 from lmforge.serve.protocol import (
     Answer,
@@ -61,8 +63,10 @@ API_KEY_ENV = "LMFORGE_API_KEY"
 
 
 def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int = 16,
-               max_concurrent: int = 64, policy: Policy | None = None) -> Any:
-    """A FastAPI app serving `model` as `name`; its scheduler thread runs while the app is up
+               max_concurrent: int = 64, policy: Policy | None = None, prefix_cache: bool = True,
+               prefill_chunk: int = 0, adapters: tuple[str, ...] = ()) -> Any:
+    """A FastAPI app serving `model` as `name`, and each LoRA adapter loaded onto it (`adapters`, by
+    `load_adapters`) under its own name; its scheduler thread runs while the app is up
     (`app.state.scheduler` exposes it, e.g. to tests). `policy` says who may call it (default: loopback
     names only, no API key, bodies up to 2 MiB). No `from __future__ import annotations` in this
     module: FastAPI reads the route functions' annotations, and their types are imported here, locally."""
@@ -80,9 +84,13 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
         kind = "an encoder-decoder (model.arch='encdec')" if model.cfg.arch == "encdec" else "a prefix LM"
         raise LmforgeError(f"serve does not run {kind} yet: its scheduler decodes causal decoder-only models; "
                            "use lmforge generate, chat or eval for this checkpoint")
-    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_concurrent=max_concurrent)
+    if name in adapters:
+        raise LmforgeError(f"adapter name '{name}' is the base model's name; give the adapter another")
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_concurrent=max_concurrent,
+                          prefix_cache=prefix_cache, prefill_chunk=prefill_chunk)
     stops = stop_token_ids(tokenizer)
-    info = ModelInfo(name, tokenizer, scheduler.context, stops, Grammars(tokenizer, model.cfg.vocab_size, stops))
+    info = ModelInfo(name, tokenizer, scheduler.context, stops, Grammars(tokenizer, model.cfg.vocab_size, stops),
+                     adapters=tuple(adapters))
     parsers = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="lmforge-parse")
 
     @asynccontextmanager
@@ -117,20 +125,20 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
         return FileResponse(STATIC / "index.html", headers={"X-Frame-Options": "DENY",
                                                             "Content-Security-Policy": "frame-ancestors 'none'"})
 
-    def model_card() -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "lmforge",
-                "max_model_len": info.context_length}
+    def model_card(model_id: str) -> dict[str, Any]:  # an adapter's card names its base as `parent` (as vLLM's)
+        return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "lmforge",
+                "max_model_len": info.context_length, "root": name, "parent": None if model_id == name else name}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(m) for m in (name, *adapters)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
-        if model_id != name:
-            raise ApiError(404, f"the model '{model_id}' does not exist; this server serves '{name}'",
+        if model_id != name and model_id not in adapters:
+            raise ApiError(404, f"the model '{model_id}' does not exist; this server serves {info.served()}",
                            param="model", code="model_not_found")
-        return model_card()
+        return model_card(model_id)
 
     @app.post("/tokenize")
     async def tokenize_route(request: Request) -> dict[str, Any]:
@@ -166,7 +174,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
             raise ApiError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded") from None
         except LmforgeError as e:
             raise ApiError(400, str(e)) from None
-        answer = Answer(req, new_id(kind), name, tokenizer)
+        answer = Answer(req, new_id(kind), req.adapter or name, tokenizer)
         if req.stream:
             return StreamingResponse(stream(req, answer, jobs, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -270,6 +278,12 @@ class ServeConfig:
     port: int = option(8000, "TCP port")
     max_batch: int = option(16, "most requests decoded together (KV cache rows, each max_seq_len long)")
     max_concurrent: int = option(64, "most requests running or waiting; more get HTTP 429")
+    prefix_cache: bool = option(True, "reuse the keys and values of prompt prefixes earlier requests computed "
+                                      "(16-token blocks, LRU); outputs are the same either way")
+    prefill_chunk: int = option(512, "most prompt tokens prefilled per step, between decode steps, so a long "
+                                     "prompt does not stall running streams; 0: whole prompts")
+    adapter: list[str] = option(default_factory=list, help="LoRA adapters served beside the base model: NAME=DIR "
+                                "...; a request whose model is NAME is answered by that adapter")
     device: str = option("auto", "auto, cpu, cuda, ...")
     api_key: str = option("", f"require 'Authorization: Bearer KEY' on /v1/ routes (HTTP 401 otherwise); "
                               f"empty reads ${API_KEY_ENV}, which keeps the key out of the process list")
@@ -285,6 +299,30 @@ class ServeConfig:
         require(self.max_body_bytes >= 1, "max_body_bytes", self.max_body_bytes, ">= 1")
         require(self.keep_alive_timeout > 0, "keep_alive_timeout", self.keep_alive_timeout, "> 0 seconds")
         require(self.read_timeout > 0, "read_timeout", self.read_timeout, "> 0 seconds")
+        require(self.prefill_chunk >= 0, "prefill_chunk", self.prefill_chunk, ">= 0 tokens (0: whole prompts)")
+        adapter_specs(self.adapter)
+
+
+def adapter_specs(specs: list[str]) -> dict[str, str]:
+    """`--adapter NAME=DIR ...` as {name: directory}; a malformed or repeated name is one ConfigError."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        adapter_name, eq, directory = spec.partition("=")
+        require(bool(eq and adapter_name and directory) and "." not in adapter_name, "adapter", spec,
+                "NAME=DIR with a name without dots")
+        require(adapter_name not in out, "adapter", spec, f"a name used once ('{adapter_name}' is repeated)")
+        out[adapter_name] = directory
+    return out
+
+
+def load_adapters(model: nn.Module, specs: list[str]) -> tuple[str, ...]:
+    """Load each `NAME=DIR` LoRA adapter onto `model` (unmerged, none active: rows pick theirs per request)."""
+    named = adapter_specs(specs)
+    for adapter_name, directory in named.items():
+        load_adapter(model, directory, adapter_name)
+    if named:
+        set_adapter(model, None)
+    return tuple(named)
 
 
 def policy_of(cfg: ServeConfig) -> Policy:
@@ -311,11 +349,14 @@ def serve_cmd(cfg: ServeConfig) -> int:
 
     check_address(cfg.host, cfg.port)
     model = load_model(cfg.checkpoint, device=resolve_device(cfg.device))
+    adapters = load_adapters(model, cfg.adapter)
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.checkpoint)
     name = cfg.name or Path(cfg.checkpoint).resolve().name
     policy = policy_of(cfg)
-    app = create_app(model, tokenizer, name, cfg.max_batch, cfg.max_concurrent, policy)
-    print(f"serving '{name}' on http://{cfg.host}:{cfg.port} (chat page at /, API at /v1"
+    app = create_app(model, tokenizer, name, cfg.max_batch, cfg.max_concurrent, policy, cfg.prefix_cache,
+                     cfg.prefill_chunk, adapters)
+    served = ", ".join(repr(m) for m in (name, *adapters))
+    print(f"serving {served} on http://{cfg.host}:{cfg.port} (chat page at /, API at /v1"
           f"{', API key required' if policy.api_key else ''})", flush=True)
     server = uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, cfg.keep_alive_timeout, cfg.read_timeout))
     server.run()

@@ -82,6 +82,10 @@ class ModelInfo:
     context_length: int
     chat_stop_ids: list[int]  # end of an assistant turn, and eos
     grammars: Grammars | None = None  # compiles response_format schemas (constrained decoding)
+    adapters: tuple[str, ...] = ()  # LoRA adapters served beside the base model, each by its own name
+
+    def served(self) -> str:
+        return ", ".join(f"'{m}'" for m in (self.name, *self.adapters))
 
 
 @dataclass
@@ -102,6 +106,7 @@ class GenRequest:
     grammar: str | None = None  # response_format compiled for llguidance
     grammars: Grammars | None = None
     tools: Tools | None = None
+    adapter: str | None = None  # the LoRA adapter the request's `model` names (None: the base model)
 
     def jobs(self, emit: Callable[[int, Event], None]) -> list[Job]:
         """One scheduler job per choice, in choice order; choice i's events go to emit(i, event). With a seed,
@@ -119,7 +124,7 @@ class GenRequest:
                 constraint = None if self.grammar is None else self.grammars.matcher(self.grammar)
                 out.append(Job(prompt, params, functools.partial(emit, i), self.stop, logprobs=self.logprobs,
                                echo_logprobs=self.echo and self.logprobs is not None, logit_bias=self.logit_bias,
-                               constraint=constraint))
+                               constraint=constraint, adapter=self.adapter))
         return out
 
 
@@ -138,8 +143,8 @@ def parse_request(kind: Kind, body: dict[str, Any], info: ModelInfo) -> GenReque
     model = body.get("model")
     if not isinstance(model, str):
         raise ApiError(400, "'model' is required and must be a string", param="model")
-    if model != info.name:
-        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{info.name}'",
+    if model != info.name and model not in info.adapters:
+        raise ApiError(404, f"the model '{model}' does not exist; this server serves {info.served()}",
                        param="model", code="model_not_found")
     _refuse_unsupported(kind, body)
     tools = _tools(body, info) if kind == "chat" else None
@@ -193,7 +198,7 @@ def parse_request(kind: Kind, body: dict[str, Any], info: ModelInfo) -> GenReque
     return GenRequest(kind, prompts, params, stops, _flag(body, "stream"), bool(options.get("include_usage")), n=n,
                       logprobs=_logprobs(kind, body), echo=echo, logit_bias=_logit_bias(body, info),
                       context_length=info.context_length, grammar=_grammar(body, info, tools),
-                      grammars=info.grammars, tools=tools)
+                      grammars=info.grammars, tools=tools, adapter=None if model == info.name else model)
 
 
 def _tools(body: dict[str, Any], info: ModelInfo) -> Tools | None:

@@ -4,21 +4,31 @@ Static batching waits for a whole batch to finish, so short answers idle behind 
 (Orca, Yu et al. 2022, "iteration-level scheduling") the loop repeats one iteration:
 
 1. drop requests whose client went away (their slot is free at once);
-2. admit waiting requests while slots are free: prefill each prompt into its own cache row and
-   sample its first token;
-3. one decode step for every running request together: each feeds its last token at its own
-   position (per-row positions and a per-row key mask, `lmforge.serve.cache`), then samples;
-4. finished requests (stop token, stop string, max_tokens, context full) leave.
+2. admit waiting requests while cache rows are free; a request whose prompt starts with blocks the
+   prefix cache holds (`cache.PrefixCache`: a shared system prompt, few-shot examples, earlier turns)
+   copies their keys and values into its row and only prefills the rest;
+3. one prefill pass: the prompts still being prefilled go through the model together, each from its
+   own slot, up to `prefill_chunk` tokens in all (0: whole prompts). A long prompt is prefilled a chunk
+   per iteration, between decode steps, so the running streams keep flowing while it loads (Sarathi's
+   chunked prefill, Agrawal et al. 2023). A prompt whose last token ran samples its first token, and its
+   full blocks go into the prefix cache;
+4. one decode step for every request past its prompt: each feeds its last token at its own position
+   (per-row positions and a per-row key mask, `lmforge.serve.cache`), then samples;
+5. finished requests (stop token, stop string, max_tokens, context full) leave.
 
 A request's rows see exactly what they would see alone (same positions, same keys), so greedy
-output does not depend on what else is running (tested). Each request samples with its own
+output does not depend on what else is running, on the prefix cache or on the chunk size (tested).
+With LoRA adapters loaded (`lmforge serve --adapter name=DIR`), each request names its adapter and one
+forward pass serves rows of different adapters (`lmforge.peft.lora.set_row_adapters`); prefix-cache
+blocks are kept per adapter. Each request samples with its own
 generator, so a seed reproduces a request whatever it was batched with, and applies its own
 `logit_bias` and penalties (which read the tokens it generated). A job that asks for logprobs gets,
 with every token, its log-probability under the model's distribution (the raw logits, before bias,
 penalties and temperature, as vLLM reports them) and the most likely alternatives; `echo_logprobs`
-scores the prompt's tokens too, from the prefill's logits. Errors stay local: an
-exception while prefilling or sampling one request fails that request only; an exception in a
-shared decode step fails the requests in that step, and the loop goes on.
+scores the prompt's tokens too, from the prefill's logits (such a prompt is prefilled whole, never
+from the prefix cache). Errors stay local: an
+exception while sampling one request fails that request only; an exception in a shared prefill or
+decode step fails the requests in that step, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -36,7 +46,8 @@ from lmforge.core.errors import LmforgeError
 from lmforge.generate.processors import History
 from lmforge.generate.sampling import SamplingParams, new_generator, sample_next
 from lmforge.generate.stops import StopMatcher
-from lmforge.serve.cache import SlotCache, decode_mask
+from lmforge.peft.lora import lora_layers, set_row_adapters
+from lmforge.serve.cache import BLOCK, PrefixCache, SlotCache, extend_mask
 from lmforge.serve.grammar import Constraint
 from lmforge.tokenizer import StreamDecoder, Tokenizer
 
@@ -97,9 +108,12 @@ class Job:
     echo_logprobs: bool = False  # also report the prompt tokens' logprobs (a PromptLogprobs event)
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits before sampling
     constraint: Constraint | None = None  # response_format: only tokens its grammar allows are sampled
+    adapter: str | None = None  # the LoRA adapter that answers (None: the base model)
     cancelled: bool = False
     # state kept by the scheduler
     length: int = 0  # tokens in this job's cache row
+    decoding: bool = False  # the whole prompt is in the cache
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)  # echo_logprobs: each prefill chunk's logits
     last: int = -1  # the newest sampled token (not in the cache yet)
     generated: list[int] = field(default_factory=list)  # the tokens sampled so far (penalties read them)
     bias: torch.Tensor | None = None  # logit_bias as a [V] tensor
@@ -118,17 +132,38 @@ class Stats:
     cancelled: int = 0
     failed: int = 0
     tokens: int = 0
+    prefill_steps: int = 0  # forward passes over prompts
+    prefill_tokens: int = 0  # prompt tokens run through the model
+    cached_tokens: int = 0  # prompt tokens copied from the prefix cache instead
 
 
 class Scheduler:
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 16, max_concurrent: int = 64) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 16, max_concurrent: int = 64,
+                 prefix_cache: bool = True, prefill_chunk: int = 0, prefix_blocks: int = 0) -> None:
+        """`prefill_chunk`: most prompt tokens per prefill pass (0: whole prompts); `prefix_blocks`: blocks the
+        prefix cache holds (0: as many tokens as the slot cache)."""
         if max_batch < 1 or max_concurrent < 1:
             raise LmforgeError(f"max_batch and max_concurrent must be >= 1, got {max_batch} and {max_concurrent}")
+        if prefill_chunk < 0 or prefix_blocks < 0:
+            raise LmforgeError(f"prefill_chunk and prefix_blocks must be >= 0, got {prefill_chunk} and {prefix_blocks}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_concurrent = max_batch, max_concurrent
         self.context = model.context_length
         self.device = next(model.parameters()).device
         self.cache = SlotCache(model, max_batch, self.context)
+        self.prefill_chunk = prefill_chunk
+        self.multi_lora = bool(lora_layers(model))
+        # several prompts share a pass only where one [n, T] mask says everything: no position bias, and no
+        # window (the model would apply it again from slot 0); one-token decode rows take the window in the mask
+        cfg = model.cfg
+        # ALiBi and T5 biases are computed from one start slot per pass: such models run one request a pass
+        self.position_bias = cfg.position in ("alibi", "t5")
+        self.batch_prefill = not self.position_bias and not cfg.sliding_window
+        if prefix_cache and getattr(model, "virtual_tokens", None) is not None:
+            raise LmforgeError("prefix caching needs keys that depend on the prompt alone; this model has prompt "
+                               "or prefix tuning tokens (serve it with prefix caching off)")
+        self.prefix = PrefixCache(self.cache, prefix_blocks or max(1, max_batch * self.context // BLOCK)) \
+            if prefix_cache else None
         self.stats = Stats()
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []  # job i owns cache row i; touched by the loop thread only
@@ -203,30 +238,59 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One iteration: drop cancelled requests, admit waiting ones, decode all running ones once."""
+        """One iteration: drop cancelled requests, admit waiting ones, one prefill pass, one decode step."""
         self._drop_cancelled()
         self._admit()
-        if not self.running:
+        self._prefill()
+        self._decode()
+        self._remove_finished()
+
+    def _forward(self, jobs: list[Job], rows: list[int], starts: list[int], chunks: list[list[int]],
+                 full: bool = False) -> torch.Tensor:
+        """Run chunk i of tokens at slots starts[i].. of cache row rows[i]. Logits [n, 1, V] at each chunk's last
+        token, or with `full` [n, T, V] at every column (padded columns are garbage)."""
+        counts = [len(c) for c in chunks]
+        T = max(counts)
+        ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=self.device)
+        self.cache.extend(rows, starts, counts)
+        if self.multi_lora:
+            set_row_adapters(self.model, [job.adapter for job in jobs])
+        if len(jobs) == 1:  # the model's own causal mask, position bias and window, from slot starts[0]
+            h = self.model(ids, cache=self.cache, start_pos=starts[0], return_hidden=True)
+        else:
+            columns = torch.minimum(torch.arange(T, device=self.device)[None, :],
+                                    torch.tensor(counts, device=self.device)[:, None] - 1)
+            positions = torch.tensor(starts, device=self.device)[:, None] + columns
+            h = self.model(ids, cache=self.cache, start_pos=0, positions=positions, return_hidden=True,
+                           attn_mask=extend_mask(starts, counts, self.device, self.model.cfg.sliding_window))
+        if not full:  # the head only where a token is sampled: a long prompt's logits would be [T, V]
+            h = h[torch.arange(len(jobs), device=self.device), torch.tensor(counts, device=self.device) - 1][:, None]
+        if self.model.cfg.output_scale != 1.0:  # as `Transformer.forward` scales before the head
+            h = h * self.model.cfg.output_scale
+        return self.model.lm_head(h)
+
+    def _decode(self) -> None:
+        """One token for every job past its prompt."""
+        batch = [(row, job) for row, job in enumerate(self.running) if job.decoding and not job.finished]
+        if not batch:
             return
-        lengths = torch.tensor([j.length for j in self.running], device=self.device)
-        tokens = torch.tensor([[j.last] for j in self.running], device=self.device)
-        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self.running))
+        rows, jobs = [r for r, _ in batch], [j for _, j in batch]
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(jobs))
         self.stats.steps += 1
         try:
-            self.cache.decode(lengths)
-            logits = self.model(tokens, cache=self.cache, start_pos=0, positions=lengths[:, None],
-                                attn_mask=decode_mask(lengths))[:, -1]
+            if self.position_bias:
+                logits = torch.cat([self._forward([j], [r], [j.length], [[j.last]])[:, -1] for r, j in batch])
+            else:
+                logits = self._forward(jobs, rows, [j.length for j in jobs], [[j.last] for j in jobs])[:, -1]
         except Exception:
             log.exception("decode step failed")
-            for job in self.running:
+            for job in jobs:
                 self._fail(job, "internal error while decoding")
-            self.running = []
             return
         greedy = logits.argmax(dim=-1).tolist()
-        for i, job in enumerate(self.running):
+        for i, job in enumerate(jobs):
             job.length += 1
             self._take(job, logits[i:i + 1], greedy[i])
-        self._remove_finished()
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -239,43 +303,92 @@ class Scheduler:
         self._remove_finished()
 
     def _admit(self) -> None:
-        while len(self.running) < self.max_batch:
-            with self._cond:
-                if not self.waiting:
-                    return
-                job = self.waiting.popleft()
+        """Give waiting jobs free rows (oldest first); copy what the prefix cache holds of their prompts into them.
+        A job whose prompt shares more blocks with a prompt being prefilled than the cache holds yet waits for
+        them (as SGLang's scheduler does), rather than computing the same blocks again beside it."""
+        with self._cond:
+            queue = list(self.waiting)
+        for job in queue:
+            if len(self.running) >= self.max_batch:
+                return
+            blocks = []
+            if self.prefix is not None and not job.echo_logprobs:
+                # at least the last prompt token is run: its logits give the first new token
+                blocks = self.prefix.match(job.prompt[:-1], job.adapter)
+                if self._coming(job, len(blocks)):
+                    continue
+            with self._cond:  # by identity: two choices of one request can be equal dataclasses
+                self.waiting = collections.deque(j for j in self.waiting if j is not job)
             row = len(self.running)
-            try:
-                logits = self._prefill(job, row)
-            except Exception as e:
-                log.exception("prefill failed")
-                self._fail(job, f"prefill failed: {e}")
-                continue
+            job.generator = new_generator(job.params.seed, self.device)
+            job.decoder = StreamDecoder(self.tokenizer)
+            job.matcher = StopMatcher(job.stop)
+            if job.logit_bias:
+                job.bias = torch.zeros(self.model.cfg.vocab_size, device=self.device)
+                job.bias[list(job.logit_bias)] = torch.tensor(list(job.logit_bias.values()), device=self.device)
+            if blocks:
+                self.prefix.load(blocks, row)
+            job.length = len(blocks) * BLOCK
+            self.stats.cached_tokens += job.length
             self.running.append(job)
-            if job.params.max_new_tokens == 0:  # echo only: the prompt (and its logprobs) is the answer
-                self._finish(job, "length")
-            else:
-                self._take(job, logits, None)
-            if job.finished:
-                self._remove_finished()
 
-    def _prefill(self, job: Job, row: int) -> torch.Tensor:
-        """Run the prompt into cache row `row`; the logits [1, V] of the first new token."""
-        job.generator = new_generator(job.params.seed, self.device)
-        job.decoder = StreamDecoder(self.tokenizer)
-        job.matcher = StopMatcher(job.stop)
-        self.cache.prefill(row)
-        ids = torch.tensor([job.prompt], device=self.device)
-        logits = self.model(ids, cache=self.cache, start_pos=0)[0]
-        job.length = len(job.prompt)
-        if job.logit_bias:
-            job.bias = torch.zeros(logits.shape[-1], device=self.device)
-            job.bias[list(job.logit_bias)] = torch.tensor(list(job.logit_bias.values()), device=self.device)
+    def _coming(self, job: Job, cached: int) -> bool:
+        """Will a prompt being prefilled put more of `job`'s prompt blocks into the prefix cache than `cached`?"""
+        want = (cached + 1) * BLOCK
+        if len(job.prompt) - 1 < want:
+            return False
+        head = job.prompt[:want]
+        return any(not other.decoding and not other.finished and other.adapter == job.adapter
+                   and other.prompt[:want] == head for other in self.running)
+
+    def _prefill(self) -> None:
+        """One pass over the next chunks of the prompts being prefilled (oldest first, up to prefill_chunk
+        tokens); a prompt that ends here samples its first token."""
+        budget = self.prefill_chunk or self.context * self.max_batch
+        batch = []
+        for row, job in enumerate(self.running):
+            if job.decoding or job.finished or budget == 0:
+                continue
+            n = min(len(job.prompt) - job.length, budget)
+            batch.append((row, job, n))
+            budget -= n
+            if not self.batch_prefill:
+                break
+        if not batch:
+            return
+        jobs = [job for _, job, _ in batch]
+        self.stats.prefill_steps += 1
+        self.stats.prefill_tokens += sum(n for _, _, n in batch)
+        try:
+            full = any(job.echo_logprobs for job in jobs)
+            logits = self._forward(jobs, [r for r, _, _ in batch], [j.length for j in jobs],
+                                   [j.prompt[j.length:j.length + n] for _, j, n in batch], full)
+        except Exception as e:
+            log.exception("prefill failed")
+            for job in jobs:
+                self._fail(job, f"prefill failed: {e}")
+            return
+        for i, (row, job, n) in enumerate(batch):
+            job.length += n
+            if self.prefix is not None:
+                self.prefix.store(job.prompt[:job.length], row, job.adapter)  # waiting jobs may share these
+            if job.echo_logprobs:
+                job.prompt_logits.append(logits[i, :n])
+            if job.length == len(job.prompt):
+                self._prompt_done(job, logits[i, n - 1:n] if full else logits[i])
+
+    def _prompt_done(self, job: Job, last: torch.Tensor) -> None:
+        """The whole prompt is in the cache: send the prompt's logprobs if asked, sample."""
+        job.decoding = True
         if job.echo_logprobs:
+            logits, job.prompt_logits = torch.cat(job.prompt_logits), []
             following = torch.tensor(job.prompt[1:], dtype=torch.long, device=self.device)
             scored = _logprobs(logits[:-1], following, job.logprobs or 0)
             self._send(job, PromptLogprobs([TokenLogprob(job.prompt[0], None), *scored]))
-        return logits[-1:]
+        if job.params.max_new_tokens == 0:  # echo only: the prompt (and its logprobs) is the answer
+            self._finish(job, "length")
+        else:
+            self._take(job, last, None)
 
     def _sample(self, job: Job, logits: torch.Tensor, greedy: int | None) -> int:
         """The next token from `logits` [1, V]; `greedy` is the batch's argmax of this row, when known."""
