@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmforge.model.io import read_model_config
-
 
 def _metric(stages: dict[str, Any], label: str, task: str, metric: str) -> float | None:
     return (stages.get("eval") or {}).get("models", {}).get(label, {}).get(task, {}).get(metric)
@@ -75,7 +73,7 @@ def summary_text(summary: dict[str, Any], report: Path) -> str:
     if pt.get("val_after"):  # decoder-only models chat; an encoder-decoder fills spans
         lines.append(f"  lmforge chat --checkpoint {chat['checkpoint']}{adapter}      "
                      "(try: reverse: a b c, or add: 3 + 4)")
-        if not read_model_config(pt["model_dir"]).prefix_lm:  # serve decodes causal decoders only
+        if not pt.get("prefix_lm"):  # serve decodes causal decoders only
             lines.append(f"  lmforge serve --checkpoint {serve}      "
                          "(then open http://127.0.0.1:8000 for the web chat)")
         lines += [
