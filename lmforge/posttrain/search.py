@@ -1,60 +1,66 @@
-"""Inference-time search for reasoning: best-of-N and beam search over reasoning steps.
+"""Search at test time: spend more generated tokens on a problem to answer it better.
 
-A scorer maps (prompt, completions) to one number each: a verifier (`tasks.task_reward`) or a reward
-model (`score_texts`). Best-of-N samples N completions and keeps the top one (Cobbe et al. 2021's
-verifier-guided selection). Step-level beam search treats each line as a reasoning step: every beam is
-extended by sampled next steps, the partial solutions are scored by a process reward (a reward model
-applied to the solution so far, Lightman et al. 2023 style), and the best `beam_width` survive.
+Every method samples from the policy through one `Sampler` (which counts the tokens it generates) and
+returns a `SearchResult`: the answer, the chosen completion, the trace (votes, beams, or the tree) and the
+tokens spent. A reasoning step is a line of the response (`tasks.reasoning.split_steps`).
+
+- `majority_vote`: N samples, the most frequent answer (self-consistency, Wang et al. 2023).
+- `best_of_n`: N samples, the best by an outcome scorer (an ORM, or a PRM's step scores aggregated by
+  min / product / last step, Lightman et al. 2023).
+- `step_beam_search`: each round extends every open beam by `expansions` sampled next steps and keeps the
+  `beam_width` best partial solutions by the PRM (Snell et al. 2024).
+- `mcts`: Monte Carlo tree search over steps: select by UCT or PUCT (the prior of a step is how often the
+  policy sampled it), expand `expansions` next steps, evaluate each by the PRM or by a rollout to the end
+  scored by an outcome scorer, back the value up; the answer is the best-valued finished response the tree found.
+
+Scorers map response texts to numbers: a `StepScorer` gives one score per step (a PRM, or the oracle
+`tasks.reasoning.step_labels` in tests), an `OutcomeScorer` one per response.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from lmforge.data.formats import Message
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
-from lmforge.posttrain.reward import RewardModel, score_texts
-from lmforge.tasks.suite import TaskExample, task_reward
+from lmforge.tasks.reasoning import Problem, extract_answer, split_steps, step_labels
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 
-Scorer = Callable[[list[Message], list[str]], list[float]]
+StepScorer = Callable[[list[str]], list[list[float]]]
+OutcomeScorer = Callable[[list[str]], list[float]]
+AGGREGATES = ("min", "prod", "last")
 
 
-def verifier_scorer(example: TaskExample) -> Scorer:
-    """Exact-match verifier of one task example as a scorer."""
-    return lambda prompt, texts: [task_reward(example, t) for t in texts]
+def aggregate(step_scores: list[float], how: str = "min") -> float:
+    """One score for a solution from its step scores: the weakest step, the product, or the last step."""
+    if not step_scores:
+        return 0.0
+    if how == "min":
+        return min(step_scores)
+    if how == "prod":
+        return math.prod(step_scores)
+    if how == "last":
+        return step_scores[-1]
+    raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {how!r}")
 
 
-def reward_model_scorer(rm: RewardModel, tokenizer: Tokenizer) -> Scorer:
-    """A (process) reward model as a scorer: each (partial) solution is scored as a complete assistant turn."""
-    return lambda prompt, texts: score_texts(rm, tokenizer, [prompt] * len(texts), texts)
+def outcome_of(step_scorer: StepScorer, how: str = "min") -> OutcomeScorer:
+    """A step scorer as an outcome scorer (a PRM ranking whole solutions)."""
+    return lambda texts: [aggregate(s, how) for s in step_scorer(texts)]
 
 
-@dataclass
-class SearchResult:
-    best: str
-    score: float
-    candidates: list[str]  # every scored candidate (final beams for beam search)
-    scores: list[float]
-
-
-def best_of_n(model: nn.Module, tokenizer: Tokenizer, prompt: list[Message], scorer: Scorer, n: int = 8,
-              params: SamplingParams | None = None, seed: int | None = 0) -> SearchResult:
-    """Sample `n` completions and keep the highest-scoring one (ties: the first sampled)."""
-    params = params or SamplingParams(temperature=1.0, max_new_tokens=32)
-    stops = stop_token_ids(tokenizer)
-    params = dataclasses.replace(params, stop_token_ids=stops)
-    rows = generate_batch(model, [prompt_ids(tokenizer, prompt)], params, n, seed=seed)
-    texts = [tokenizer.decode(r) for r in rows]
-    scores = scorer(prompt, texts)
-    i = max(range(n), key=lambda k: scores[k])
-    return SearchResult(texts[i], scores[i], texts, scores)
+def oracle_step_scorer(problem: Problem) -> StepScorer:
+    """The true step labels as a PRM: 1.0 for a good step, 0.0 from the first wrong one on."""
+    return lambda texts: [[float(x) for x in step_labels(problem, t)] for t in texts]
 
 
 def newline_token_ids(tokenizer: Tokenizer) -> list[int]:
@@ -62,38 +68,182 @@ def newline_token_ids(tokenizer: Tokenizer) -> list[int]:
     return [i for i in range(tokenizer.vocab_size) if "\n" in tokenizer.decode([i], skip_special_tokens=False)]
 
 
-def step_beam_search(model: nn.Module, tokenizer: Tokenizer, prompt: list[Message], scorer: Scorer,
-                     beam_width: int = 2, expansions: int = 4, max_steps: int = 4,
-                     params: SamplingParams | None = None, seed: int = 0) -> SearchResult:
-    """Beam search whose unit is a reasoning step (text up to a newline) instead of a token.
+class Sampler:
+    """The policy on one prompt: samples whole responses or next steps after response prefixes, counting
+    every generated token. Each call draws from its own seed (seed, seed + 1, ...), so a search is
+    reproducible."""
 
-    Each round samples `expansions` next steps for every unfinished beam (in one batch), scores every
-    candidate partial solution with `scorer`, and keeps the best `beam_width` (finished beams compete
-    too). A beam finishes at the end-of-turn token or when its step hits the token budget.
-    """
-    params = params or SamplingParams(temperature=1.0, max_new_tokens=24)
-    ends = set(stop_token_ids(tokenizer))
-    step_params = dataclasses.replace(params, stop_token_ids=sorted(ends | set(newline_token_ids(tokenizer))))
-    base = prompt_ids(tokenizer, prompt)
-    beams: list[tuple[list[int], bool, float]] = [([], False, float("-inf"))]  # (tokens, finished, score)
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, prompt: list[Message],
+                 params: SamplingParams | None = None, seed: int = 0) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.params = params or SamplingParams(temperature=1.0, max_new_tokens=64)
+        self.base = prompt_ids(tokenizer, prompt)
+        self.ends = set(stop_token_ids(tokenizer))
+        self.newlines = set(newline_token_ids(tokenizer))
+        self.seed, self.calls, self.tokens = seed, 0, 0
+
+    def sample(self, prefixes: list[str], n: int, one_step: bool = False,
+               max_new_tokens: int | None = None) -> list[tuple[str, bool]]:
+        """`n` continuations of each prefix (prefix-major) as (text with the prefix, finished). A step ends at a
+        newline; a response is finished at the end of the turn, at its answer step, or out of budget."""
+        if not prefixes:
+            return []
+        stops = self.ends | self.newlines if one_step else self.ends
+        budget = max_new_tokens or self.params.max_new_tokens
+        params = dataclasses.replace(self.params, stop_token_ids=sorted(stops), max_new_tokens=budget)
+        rows = generate_batch(self.model, [self.base + self.tokenizer.encode(p) for p in prefixes], params, n,
+                              seed=self.seed + self.calls, keep_stop=True)
+        self.calls += 1
+        out = []
+        for k, row in enumerate(rows):
+            self.tokens += len(row)
+            text = prefixes[k // n] + self.tokenizer.decode([t for t in row if t not in self.ends])
+            steps = split_steps(text)
+            done = (not one_step or not row or row[-1] in self.ends or len(row) >= budget
+                    or bool(steps and steps[-1].is_answer))
+            out.append((text, done))
+        return out
+
+
+@dataclass
+class SearchResult:
+    answer: str | None
+    best: str  # the chosen response
+    score: float
+    tokens: int  # tokens the policy generated for this search
+    candidates: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    trace: dict[str, Any] = field(default_factory=dict)  # votes, beams per round, or the MCTS tree
+
+
+def majority_vote(sampler: Sampler, n: int = 8) -> SearchResult:
+    """Self-consistency: the most frequent answer of `n` samples (ties: the one sampled first)."""
+    texts = [t for t, _ in sampler.sample([""], n)]
+    answers = [extract_answer(t) for t in texts]
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return SearchResult(None, texts[0], 0.0, sampler.tokens, texts, [0.0] * n, {"votes": {}})
+    top = max(votes.values())
+    answer = next(a for a in answers if a is not None and votes[a] == top)
+    best = texts[answers.index(answer)]
+    return SearchResult(answer, best, top / n, sampler.tokens, texts, [float(votes.get(a, 0)) for a in answers],
+                        {"votes": dict(votes)})
+
+
+def best_of_n(sampler: Sampler, scorer: OutcomeScorer, n: int = 8) -> SearchResult:
+    """`n` samples, the highest-scoring one (ties: the first sampled)."""
+    texts = [t for t, _ in sampler.sample([""], n)]
+    scores = scorer(texts)
+    i = max(range(n), key=lambda k: scores[k])
+    return SearchResult(extract_answer(texts[i]), texts[i], scores[i], sampler.tokens, texts, scores)
+
+
+def step_beam_search(sampler: Sampler, scorer: StepScorer, beam_width: int = 2, expansions: int = 4,
+                     max_steps: int = 8, how: str = "min") -> SearchResult:
+    """Beam search whose unit is a reasoning step: every round samples `expansions` next steps of each open
+    beam (one batch), scores every partial solution by `scorer` aggregated with `how`, and keeps the best
+    `beam_width` (finished beams compete too). Stops when every beam is finished or after `max_steps`."""
+    beams: list[tuple[str, bool, float]] = [("", False, 0.0)]
+    rounds = []
     for step in range(max_steps):
         open_beams = [b for b in beams if not b[1]]
         if not open_beams:
             break
-        rows = generate_batch(model, [base + b[0] for b in open_beams], step_params, expansions,
-                              seed=seed + step, keep_stop=True)
-        candidates = []
-        for k, row in enumerate(rows):
-            tokens = open_beams[k // expansions][0] + row
-            finished = (bool(row) and row[-1] in ends) or len(row) >= params.max_new_tokens or not row
-            candidates.append((tokens, finished or step + 1 == max_steps))
-        texts = [_text(tokenizer, t, ends) for t, _ in candidates]
-        scores = scorer(prompt, texts)
-        pool = [b for b in beams if b[1]] + [(t, f, s) for (t, f), s in zip(candidates, scores)]
-        beams = sorted(pool, key=lambda b: -b[2])[:beam_width]
-    texts = [_text(tokenizer, b[0], ends) for b in beams]
-    return SearchResult(texts[0], beams[0][2], texts, [b[2] for b in beams])
+        cands = sampler.sample([b[0] for b in open_beams], expansions, one_step=True)
+        cands = [(t, f or step + 1 == max_steps) for t, f in cands]
+        scores = [aggregate(s, how) for s in scorer([t for t, _ in cands])]
+        pool = [b for b in beams if b[1]] + [(t, f, s) for (t, f), s in zip(cands, scores)]
+        beams = sorted(pool, key=lambda b: -b[2])[:beam_width]  # stable: ties keep the earlier candidate
+        rounds.append([{"text": t, "finished": f, "score": s} for t, f, s in beams])
+    best = beams[0]
+    return SearchResult(extract_answer(best[0]), best[0], best[2], sampler.tokens, [b[0] for b in beams],
+                        [b[2] for b in beams], {"rounds": rounds})
 
 
-def _text(tokenizer: Tokenizer, tokens: list[int], ends: set[int]) -> str:
-    return tokenizer.decode([t for t in tokens if t not in ends])
+@dataclass
+class Node:
+    text: str  # the response so far
+    finished: bool
+    prior: float = 1.0
+    visits: int = 0
+    value_sum: float = 0.0
+    children: list[Node] = field(default_factory=list)
+    parent: Node | None = None
+
+    @property
+    def value(self) -> float:
+        return self.value_sum / self.visits if self.visits else 0.0
+
+    def tree(self) -> dict[str, Any]:
+        step = self.text[len(self.parent.text):] if self.parent else self.text
+        return {"step": step, "visits": self.visits, "value": round(self.value, 4), "prior": round(self.prior, 4),
+                "finished": self.finished, "children": [c.tree() for c in self.children]}
+
+
+def _select(node: Node, c: float, rule: str) -> Node:
+    def ucb(ch: Node) -> float:
+        if rule == "uct":
+            return ch.value + c * math.sqrt(math.log(max(node.visits, 1)) / ch.visits)
+        return ch.value + c * ch.prior * math.sqrt(node.visits) / (1 + ch.visits)
+    return max(node.children, key=ucb)
+
+
+def mcts(sampler: Sampler, scorer: StepScorer | None = None, simulations: int = 16, expansions: int = 4,
+         c: float = 1.0, rule: str = "puct", rollout_scorer: OutcomeScorer | None = None, how: str = "min",
+         max_depth: int = 8) -> SearchResult:
+    """Monte Carlo tree search over reasoning steps.
+
+    Each simulation descends by `rule` ("uct": Q + c sqrt(ln N / n); "puct": Q + c P sqrt(N) / (1 + n), P the
+    step's share of the samples that proposed it) to a leaf, expands it with `expansions` sampled next steps
+    (identical ones merge), and values each new child: with `rollout_scorer`, by completing it once and
+    scoring the completion; otherwise by `scorer` on the prefix (aggregated with `how`). A finished leaf is
+    valued again. Values are averaged up the path. The answer is the best-valued finished response found
+    (a finished node or a rollout); without one, the most visited path is completed by one sample.
+    """
+    if rule not in ("uct", "puct"):
+        raise ValueError(f"rule must be uct or puct, got {rule!r}")
+    if scorer is None and rollout_scorer is None:
+        raise ValueError("mcts needs a step scorer or a rollout scorer")
+    root = Node("", False, visits=1)
+    finals: list[tuple[str, float]] = []  # finished responses seen (nodes and rollouts) with their value
+
+    def evaluate(texts: list[str], finished: list[bool]) -> list[float]:
+        if rollout_scorer is None:
+            return [aggregate(s, how) for s in scorer(texts)]
+        todo = [t for t, f in zip(texts, finished) if not f]
+        done_iter = iter(t for t, _ in sampler.sample(todo, 1))
+        full = [t if f else next(done_iter) for t, f in zip(texts, finished)]
+        values = rollout_scorer(full)
+        finals.extend(zip(full, values))
+        return values
+
+    for _ in range(simulations):
+        node, depth = root, 0
+        while node.children and not node.finished:
+            node, depth = _select(node, c, rule), depth + 1
+        if node.finished or depth >= max_depth:
+            new, values = [node], evaluate([node.text], [True])
+        else:
+            counts = Counter(sampler.sample([node.text], expansions, one_step=True))
+            new = [Node(t, f, prior=k / expansions, parent=node) for (t, f), k in counts.items()]
+            node.children = new
+            values = evaluate([n.text for n in new], [n.finished for n in new])
+        for leaf, v in zip(new, values):
+            if leaf.finished:
+                finals.append((leaf.text, v))
+            n: Node | None = leaf
+            while n is not None and n is not root:
+                n.visits += 1
+                n.value_sum += v
+                n = n.parent
+            root.visits += 1
+            root.value_sum += v
+    if finals:
+        best, score = max(finals, key=lambda f: f[1])
+    else:
+        node = root
+        while node.children:
+            node = max(node.children, key=lambda ch: (ch.visits, ch.value))
+        best, score = sampler.sample([node.text], 1)[0][0], node.value
+    return SearchResult(extract_answer(best), best, score, sampler.tokens, [t for t, _ in finals],
+                        [v for _, v in finals], {"tree": root.tree()})
