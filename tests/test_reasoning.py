@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from textdata import SHAKESPEARE
+from tinymodels import debug_model
 
 from lmforge.core.errors import LmforgeError
+from lmforge.generate.sampling import SamplingParams
+from lmforge.posttrain.prm import encode_steps
+from lmforge.posttrain.search import (
+    Sampler,
+    aggregate,
+    best_of_n,
+    majority_vote,
+    mcts,
+    oracle_step_scorer,
+    outcome_of,
+    step_beam_search,
+)
+from lmforge.posttrain.sft import sft_loss
 from lmforge.tasks.reasoning import (
     Problem,
     check_step,
@@ -16,6 +32,8 @@ from lmforge.tasks.reasoning import (
     verify,
 )
 from lmforge.tasks.suite import split_of
+from lmforge.tokenizer.chat import encode_conversation, pad_batch, prompt_ids
+from lmforge.tokenizer.train import train_bpe
 
 P = Problem((3, 4, 2), ("+", "-"))
 
@@ -52,3 +70,110 @@ def test_step_checker_and_verifier():
     # a partial completion: the unfinished last line is not a step yet
     assert [s.text for s in split_steps("<think>\n1. 3+4=7\n2. 7-", finished=False)] == ["1. 3+4=7"]
     assert split_steps("<think>\n1. 3+4=7\n")[0].end == len("<think>\n1. 3+4=7\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# search and the PRM on tiny models
+
+
+def reasoning_tokenizer():
+    """Byte-level BPE (300 tokens, chat template) on a little real text and solved problems."""
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:30_000]
+    solved = [f"{p.prompt}\n{p.solution()}" for p in make_problems(300, seed=0)]
+    return train_bpe([text[i:i + 2000] for i in range(0, len(text), 2000)] + solved, vocab_size=300,
+                     show_progress=False)
+
+
+def sft_on_problems(model, tok, steps: int, batch: int = 16):
+    """A few Adam steps of SFT on solved training problems (loss on the assistant turn only)."""
+    enc = [encode_conversation(tok, p.messages(), 96) for p in make_problems(steps * batch, seed=0)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for s in range(steps):
+        ids, labels = pad_batch(enc[s * batch:(s + 1) * batch], 0)
+        loss, _ = sft_loss(model, {"input_ids": ids, "labels": labels})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    tok = reasoning_tokenizer()
+    return debug_model(tok.vocab_size, seed=0, max_seq_len=96), tok
+
+
+@pytest.fixture(scope="module")
+def reasoner():
+    """A tiny model that learned the format and some of the arithmetic (about 100 SFT steps)."""
+    torch.manual_seed(0)
+    tok = reasoning_tokenizer()
+    return sft_on_problems(debug_model(tok.vocab_size, seed=0, max_seq_len=96), tok, steps=100), tok
+
+
+def test_aggregates_and_oracle_scorer():
+    assert aggregate([0.9, 0.5, 0.8], "min") == 0.5 and aggregate([0.5, 0.5], "prod") == 0.25
+    assert aggregate([0.2, 0.7], "last") == 0.7 and aggregate([], "min") == 0.0
+    with pytest.raises(ValueError, match="aggregate"):
+        aggregate([1.0], "mean")
+    orc = oracle_step_scorer(P)
+    assert orc([P.solution(), "<think>\n1. 3+4=8\n"]) == [[1.0, 1.0, 1.0], [0.0]]
+    assert outcome_of(orc)([P.solution(), "<think>\n1. 3+4=7\n2. 7-2=4\n"]) == [1.0, 0.0]
+
+
+def test_every_method_returns_answer_trace_and_tokens(untrained):
+    model, tok = untrained
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    orc = oracle_step_scorer(P)
+
+    def sampler(seed=0):
+        return Sampler(model, tok, P.messages(False), params, seed)
+
+    s = sampler()
+    vote = majority_vote(s, 4)
+    assert len(vote.candidates) == 4 and vote.tokens == s.tokens > 0 and "votes" in vote.trace
+    bon = best_of_n(sampler(), outcome_of(orc), 3)
+    assert bon.score == max(bon.scores) and bon.best in bon.candidates
+    beam = step_beam_search(sampler(), orc, beam_width=2, expansions=3, max_steps=3)
+    assert len(beam.trace["rounds"]) <= 3 and beam.scores == sorted(beam.scores, reverse=True) and beam.tokens > 0
+    s = sampler()
+    tree = mcts(s, orc, simulations=4, expansions=2, rule="uct")
+    root = tree.trace["tree"]
+    assert tree.tokens == s.tokens > 0 and root["children"]
+    assert sum(c["visits"] for c in root["children"]) == root["visits"] - 1  # every evaluation backed up
+    assert abs(sum(c["prior"] for c in root["children"]) - 1.0) < 1e-6
+    # the same seed gives the same search
+    assert mcts(sampler(), orc, simulations=3, expansions=2).trace == mcts(sampler(), orc, simulations=3,
+                                                                           expansions=2).trace
+    with pytest.raises(ValueError, match="rule"):
+        mcts(sampler(), orc, rule="ucb2")
+
+
+def test_step_positions_point_at_each_step_end(untrained):
+    _, tok = untrained
+    ex = encode_steps(tok, P.messages(False), P.solution(), 96)
+    assert len(ex.positions) == 3
+    base = len(prompt_ids(tok, P.messages(False)))
+    for pos, step in zip(ex.positions, split_steps(P.solution())):
+        upto = tok.decode(ex.input_ids[base:pos + 1], skip_special_tokens=False)
+        assert len(upto) >= step.end and len(tok.decode(ex.input_ids[base:pos], skip_special_tokens=False)) < step.end
+
+
+@pytest.mark.slow
+def test_search_with_an_oracle_prm_beats_a_single_sample(reasoner):
+    model, tok = reasoner
+    params = SamplingParams(temperature=1.0, max_new_tokens=48)
+    held = make_problems(24, seed=1)
+    wins = {"single": 0, "beam": 0, "mcts": 0, "best_of_n": 0}
+    for i, p in enumerate(held):
+        orc = oracle_step_scorer(p)
+        for name in wins:
+            s = Sampler(model, tok, p.messages(False), params, seed=i)
+            r = (best_of_n(s, outcome_of(orc), 1) if name == "single" else
+                 best_of_n(s, outcome_of(orc), 8) if name == "best_of_n" else
+                 step_beam_search(s, orc, beam_width=2, expansions=4) if name == "beam" else
+                 mcts(s, orc, simulations=8, expansions=3))
+            wins[name] += r.answer == p.answer
+    assert wins["beam"] >= wins["single"] + 4 and wins["mcts"] >= wins["single"] + 3, wins
+    assert wins["best_of_n"] >= wins["single"] + 3, wins

@@ -20,7 +20,9 @@ Scorers map response texts to numbers: a `StepScorer` gives one score per step (
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,10 +30,16 @@ from typing import Any
 
 from torch import nn
 
+from lmforge.core.config import option, require
+from lmforge.core.files import atomic_write_json, atomic_write_text
 from lmforge.data.formats import Message
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
-from lmforge.tasks.reasoning import Problem, extract_answer, split_steps, step_labels
+from lmforge.posttrain.models import device_of, load_policy
+from lmforge.posttrain.prm import prm_scorer
+from lmforge.posttrain.reward import load_reward_model, score_texts
+from lmforge.posttrain.stage import RunConfig, open_run, run_dir_option
+from lmforge.tasks.reasoning import Problem, extract_answer, make_problems, split_steps, step_labels
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 
@@ -247,3 +255,113 @@ def mcts(sampler: Sampler, scorer: StepScorer | None = None, simulations: int = 
         best, score = sampler.sample([node.text], 1)[0][0], node.value
     return SearchResult(extract_answer(best), best, score, sampler.tokens, [t for t, _ in finals],
                         [v for _, v in finals], {"tree": root.tree()})
+
+
+# ----------------------------------------------------------------------------------------------
+# `lmforge search`: every method on held-out problems, accuracy and tokens spent
+
+METHODS = ("greedy", "vote", "best_of_n", "beam", "mcts")
+
+
+@dataclass
+class SearchConfig(RunConfig):
+    run_dir: str = run_dir_option("runs/search", "config.json, search.json (accuracy and tokens per method) and "
+                                                 "traces.jsonl (each problem's answer, tokens and trace/tree)")
+    prm: str = option("", "process reward model directory (`lmforge prm`): scores steps for best_of_n, beam, mcts")
+    orm: str = option("", "outcome reward model directory (`lmforge reward`): scores best_of_n when no prm is given")
+    oracle: bool = option(False, "score steps with the task's true step labels instead of a PRM (the upper bound "
+                                 "of the search machinery)")
+    methods: list[str] = option(default_factory=lambda: list(METHODS), help=f"any of {', '.join(METHODS)}")
+    problems: int = option(32, "held-out problems")
+    seed: int = option(0, "problems come from the held-out half drawn with seed 2*seed+1; sampling seeds follow")
+    n: int = option(8, "samples of vote and best_of_n")
+    aggregate: str = option("min", f"PRM step scores -> one solution score: {', '.join(AGGREGATES)}")
+    beam_width: int = option(2, "beams kept by beam search")
+    expansions: int = option(4, "next steps sampled per beam (beam) or per expanded node (mcts)")
+    simulations: int = option(8, "MCTS simulations")
+    rule: str = option("puct", "MCTS selection: uct or puct")
+    c: float = option(1.0, "MCTS exploration constant")
+    mcts_value: str = option("prm", "MCTS leaf value: prm (the PRM on the prefix) or rollout (complete once, score "
+                                    "the completion)")
+    temperature: float = option(1.0, "sampling temperature of every method but greedy")
+    max_new_tokens: int = option(64, "token budget of one response (and of one step)")
+    min_steps: int = option(2, "fewest steps of a problem")
+    max_steps: int = option(3, "most steps of a problem")
+
+    def __post_init__(self) -> None:
+        require(bool(self.checkpoint), "checkpoint", self.checkpoint, "a model directory")
+        bad = [m for m in self.methods if m not in METHODS]
+        require(bool(self.methods) and not bad, "methods", self.methods, f"a non-empty list of {', '.join(METHODS)}")
+        for name in ("problems", "n", "beam_width", "expansions", "simulations", "max_new_tokens"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        require(self.aggregate in AGGREGATES, "aggregate", self.aggregate, " or ".join(AGGREGATES))
+        require(self.rule in ("uct", "puct"), "rule", self.rule, "uct or puct")
+        require(self.mcts_value in ("prm", "rollout"), "mcts_value", self.mcts_value, "prm or rollout")
+        require(self.temperature > 0, "temperature", self.temperature, "> 0")
+        require(1 <= self.min_steps <= self.max_steps, "min_steps", self.min_steps, "in 1..max_steps")
+        needs = [m for m in self.methods if m in ("beam", "mcts") or (m == "best_of_n" and not self.orm)]
+        require(not needs or bool(self.prm) or self.oracle, "prm", self.prm,
+                f"a PRM directory (or --oracle true) for {', '.join(needs)}")
+
+
+def search_problem(cfg: SearchConfig, method: str, model: nn.Module, tokenizer: Tokenizer, problem: Problem,
+                   step_scorer: StepScorer | None, orm: OutcomeScorer | None, seed: int) -> SearchResult:
+    """One method on one problem with the settings of `cfg`."""
+    params = SamplingParams(temperature=0.0 if method == "greedy" else cfg.temperature,
+                            max_new_tokens=cfg.max_new_tokens)
+    sampler = Sampler(model, tokenizer, problem.messages(with_solution=False), params, seed)
+    if method == "greedy":
+        text = sampler.sample([""], 1)[0][0]
+        return SearchResult(extract_answer(text), text, 0.0, sampler.tokens, [text], [0.0])
+    if method == "vote":
+        return majority_vote(sampler, cfg.n)
+    if method == "best_of_n":
+        return best_of_n(sampler, outcome_of(step_scorer, cfg.aggregate) if step_scorer else orm, cfg.n)
+    if method == "beam":
+        return step_beam_search(sampler, step_scorer, cfg.beam_width, cfg.expansions, cfg.max_steps + 3,
+                                cfg.aggregate)
+    rollout = outcome_of(step_scorer, cfg.aggregate) if cfg.mcts_value == "rollout" else None
+    return mcts(sampler, step_scorer, cfg.simulations, cfg.expansions, cfg.c, cfg.rule, rollout, cfg.aggregate,
+                cfg.max_steps + 3)
+
+
+def accuracy_stats(correct: list[bool], tokens: list[int]) -> dict[str, float]:
+    """Accuracy with its standard error sqrt(p(1-p)/n), and the mean generated tokens per problem."""
+    n = max(len(correct), 1)
+    p = sum(correct) / n
+    return {"accuracy": p, "stderr": math.sqrt(p * (1 - p) / n), "tokens": sum(tokens) / n}
+
+
+def run_search(cfg: SearchConfig) -> dict[str, Any]:
+    """Every method of `cfg.methods` on the same held-out problems: accuracy, its standard error and the
+    generated tokens per problem, into RUN/search.json (traces in RUN/traces.jsonl)."""
+    model, tokenizer = load_policy(cfg.checkpoint)
+    device = device_of(model)
+    prm = load_reward_model(cfg.prm, device) if cfg.prm and not cfg.oracle else None
+    orm = load_reward_model(cfg.orm, device) if cfg.orm else None
+    problems = make_problems(cfg.problems, 2 * cfg.seed + 1, cfg.min_steps, cfg.max_steps)
+    run_dir = open_run(cfg)
+    results: dict[str, Any] = {}
+    traces = []
+    for method in cfg.methods:
+        correct, tokens = [], []
+        for i, p in enumerate(problems):
+            prompt = p.messages(with_solution=False)
+            steps = oracle_step_scorer(p) if cfg.oracle else prm_scorer(prm, tokenizer, prompt) if prm else None
+            outcome = (lambda texts, prompt=prompt: score_texts(orm, tokenizer, [prompt] * len(texts), texts)) \
+                if orm else None
+            r = search_problem(cfg, method, model, tokenizer, p, steps, outcome, seed=cfg.seed * 100_003 + i)
+            correct.append(r.answer == p.answer)
+            tokens.append(r.tokens)
+            traces.append({"method": method, "prompt": p.prompt, "answer": r.answer, "correct": r.answer == p.answer,
+                           "tokens": r.tokens, "response": r.best, "trace": r.trace})
+        results[method] = accuracy_stats(correct, tokens)
+        s = results[method]
+        print(f"search: {method:<10} accuracy {s['accuracy']:.3f} +- {s['stderr']:.3f}  tokens/problem "
+              f"{s['tokens']:.1f}", file=sys.stderr)
+    atomic_write_text(run_dir / "traces.jsonl", "".join(json.dumps(t) + "\n" for t in traces))
+    out = {"problems": len(problems), "scorer": "oracle" if cfg.oracle else cfg.prm or cfg.orm or "none",
+           "methods": results}
+    atomic_write_json(run_dir / "search.json", out)
+    print(json.dumps(out, indent=2))
+    return out

@@ -20,10 +20,14 @@ prompt space in two and the seed's parity picks the half (even seed = train, odd
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
+from lmforge.core.config import option, require
 from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write_text
 from lmforge.data.formats import Message
 from lmforge.tasks.suite import split_of
 
@@ -174,3 +178,31 @@ def step_labels(problem: Problem, completion: str, finished: bool = True) -> lis
         good = good and i == index and (step.is_answer or i < n) and check_step(problem, index, step.text)
         labels.append(good)
     return labels
+
+
+# ----------------------------------------------------------------------------------------------
+# `lmforge reasoning data`
+
+
+@dataclass
+class ReasoningDataConfig:
+    out: str = option("data/reasoning.jsonl", "JSONL file of chat conversations ({\"messages\": [...]}) that "
+                                              "`lmforge sft --data` reads")
+    problems: int = option(2000, "number of problems")
+    seed: int = option(0, "even: the train half of the prompt space; odd: the held-out half")
+    min_steps: int = option(2, "fewest reasoning steps of a problem")
+    max_steps: int = option(3, "most reasoning steps of a problem")
+
+    def __post_init__(self) -> None:
+        require(self.problems >= 1, "problems", self.problems, ">= 1")
+        require(1 <= self.min_steps <= self.max_steps, "min_steps", self.min_steps, "in 1..max_steps")
+
+
+def write_reasoning_data(cfg: ReasoningDataConfig) -> Path:
+    """Write `cfg.problems` solved problems as chat conversations (atomically)."""
+    problems = make_problems(cfg.problems, cfg.seed, cfg.min_steps, cfg.max_steps)
+    path = Path(cfg.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps({"messages": p.messages()}) + "\n" for p in problems))
+    print(f"reasoning: {len(problems)} problems -> {path}")
+    return path
