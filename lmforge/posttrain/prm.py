@@ -189,7 +189,6 @@ class PrmConfig(StageConfig):
     batch_size: int = option(16, "solutions per training batch")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         for name in ("problems", "heldout_problems", "samples", "rollouts", "max_new_tokens", "batch_size"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         require(self.temperature > 0, "temperature", self.temperature, "> 0 (rollouts must sample)")
