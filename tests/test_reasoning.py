@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from textdata import SHAKESPEARE
-from tinymodels import debug_model
+from tinymodels import debug_model, save_checkpoint
 
+from lmforge.cli import main
 from lmforge.core.errors import LmforgeError
 from lmforge.generate.sampling import SamplingParams
-from lmforge.posttrain.prm import encode_steps
+from lmforge.posttrain.prm import StepBatches, encode_steps, prm_loss, score_steps, step_logits
+from lmforge.posttrain.reward import RewardModel
 from lmforge.posttrain.search import (
     Sampler,
     aggregate,
@@ -177,3 +181,49 @@ def test_search_with_an_oracle_prm_beats_a_single_sample(reasoner):
             wins[name] += r.answer == p.answer
     assert wins["beam"] >= wins["single"] + 4 and wins["mcts"] >= wins["single"] + 3, wins
     assert wins["best_of_n"] >= wins["single"] + 3, wins
+
+
+def test_prm_loss_is_bce_at_step_ends_and_training_moves_scores(untrained):
+    model, tok = untrained
+    rm = RewardModel(model)
+    texts = [P.solution(), "<think>\n1. 3+4=8\n2. 8-2=6\n</think>\n6"]
+    examples = [encode_steps(tok, P.messages(False), t, 96, [float(x) for x in step_labels(P, t)]) for t in texts]
+    batch = StepBatches(examples, 2, 0).next_batch()
+    assert int(batch["mask"].sum()) == 6
+    loss, _ = prm_loss(rm, batch)
+    logits = step_logits(rm, batch["input_ids"])[batch["mask"]]
+    manual = -(batch["targets"][batch["mask"]] * torch.nn.functional.logsigmoid(logits)
+               + (1 - batch["targets"][batch["mask"]]) * torch.nn.functional.logsigmoid(-logits)).mean()
+    assert torch.allclose(loss, manual)
+    opt = torch.optim.Adam(rm.head.parameters(), lr=0.1)
+    for _ in range(30):
+        loss, _ = prm_loss(rm, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    good, bad = score_steps(rm.eval(), tok, P.messages(False), texts)
+    assert len(good) == len(bad) == 3 and min(good) > 0.5 > max(bad)
+
+
+@pytest.mark.slow
+def test_prm_and_search_commands_end_to_end(reasoner, tmp_path):
+    model, tok = reasoner
+    ckpt = save_checkpoint(model, tok, tmp_path / "policy")
+    prm_dir = tmp_path / "prm"
+    assert main(["prm", "--checkpoint", str(ckpt), "--run_dir", str(prm_dir), "--problems", "24", "--samples", "2",
+                 "--rollouts", "3", "--heldout_problems", "16", "--max_new_tokens", "48", "--train.steps", "30",
+                 "--train.eval_every", "0", "--batch_size", "8"]) == 0
+    labels = [json.loads(line) for line in (prm_dir / "labels.jsonl").read_text().splitlines()]
+    assert labels and all(len(r["labels"]) == len(r["true_labels"]) for r in labels)
+    # a step is labelled good only if some rollout from it reached the answer: a good answer step is a right answer
+    assert all(r["labels"][-1] == float(r["true_labels"][-1]) for r in labels)
+    out = tmp_path / "search"
+    assert main(["search", "--checkpoint", str(ckpt), "--prm", str(prm_dir / "model"), "--run_dir", str(out),
+                 "--problems", "4", "--methods", "greedy", "vote", "best_of_n", "beam", "mcts", "--n", "4",
+                 "--simulations", "4", "--max_new_tokens", "48"]) == 0
+    result = json.loads((out / "search.json").read_text())
+    assert set(result["methods"]) == {"greedy", "vote", "best_of_n", "beam", "mcts"}
+    assert result["methods"]["vote"]["tokens"] > result["methods"]["greedy"]["tokens"] > 0
+    traces = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+    assert len(traces) == 20 and "tree" in traces[-1]["trace"]
+    assert main(["search", "--checkpoint", str(ckpt), "--methods", "beam"]) == 2  # no PRM: a one-line error
