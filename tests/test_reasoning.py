@@ -226,4 +226,11 @@ def test_prm_and_search_commands_end_to_end(reasoner, tmp_path):
     assert result["methods"]["vote"]["tokens"] > result["methods"]["greedy"]["tokens"] > 0
     traces = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
     assert len(traces) == 20 and "tree" in traces[-1]["trace"]
+    curve = tmp_path / "curve"
+    assert main(["search", "--checkpoint", str(ckpt), "--oracle", "true", "--run_dir", str(curve), "--problems", "3",
+                 "--methods", "vote", "beam", "--scales", "1", "2", "--n", "2", "--expansions", "2",
+                 "--max_new_tokens", "48"]) == 0
+    points = json.loads((curve / "search.json").read_text())["curve"]["vote"]
+    assert [p["scale"] for p in points] == [1, 2] and points[1]["tokens"] > points[0]["tokens"]
+    assert (curve / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["search", "--checkpoint", str(ckpt), "--methods", "beam"]) == 2  # no PRM: a one-line error

@@ -26,12 +26,13 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from lmforge.core.config import option, require
-from lmforge.core.files import atomic_write_json, atomic_write_text
+from lmforge.core.files import atomic_write, atomic_write_json, atomic_write_text
 from lmforge.data.formats import Message
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
@@ -287,8 +288,12 @@ class SearchConfig(RunConfig):
     max_new_tokens: int = option(64, "token budget of one response (and of one step)")
     min_steps: int = option(2, "fewest steps of a problem")
     max_steps: int = option(3, "most steps of a problem")
+    scales: list[int] = option(default_factory=lambda: [1], help="budget multipliers (of n, expansions, "
+                                                                 "simulations): one point of the test-time compute "
+                                                                 "curve each; several also draw RUN/curve.png")
 
     def __post_init__(self) -> None:
+        require(bool(self.scales) and all(x >= 1 for x in self.scales), "scales", self.scales, "integers >= 1")
         require(bool(self.checkpoint), "checkpoint", self.checkpoint, "a model directory")
         bad = [m for m in self.methods if m not in METHODS]
         require(bool(self.methods) and not bad, "methods", self.methods, f"a non-empty list of {', '.join(METHODS)}")
@@ -332,36 +337,71 @@ def accuracy_stats(correct: list[bool], tokens: list[int]) -> dict[str, float]:
     return {"accuracy": p, "stderr": math.sqrt(p * (1 - p) / n), "tokens": sum(tokens) / n}
 
 
+def scaled(cfg: SearchConfig, scale: int) -> SearchConfig:
+    """`cfg` with every method's budget times `scale`: samples (vote, best_of_n), expansions (beam), simulations."""
+    return dataclasses.replace(cfg, n=cfg.n * scale, expansions=cfg.expansions * scale,
+                               simulations=cfg.simulations * scale)
+
+
+def plot_curve(curve: dict[str, list[dict[str, float]]], png: Path) -> Path:
+    """Accuracy (with standard-error bars) against generated tokens per problem, one line per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for method, points in curve.items():
+        ax.errorbar([p["tokens"] for p in points], [p["accuracy"] for p in points],
+                    yerr=[p["stderr"] for p in points], marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per problem")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("test-time compute")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png"))
+    return png
+
+
 def run_search(cfg: SearchConfig) -> dict[str, Any]:
-    """Every method of `cfg.methods` on the same held-out problems: accuracy, its standard error and the
-    generated tokens per problem, into RUN/search.json (traces in RUN/traces.jsonl)."""
+    """Every method of `cfg.methods` on the same held-out problems at every budget scale: accuracy, its standard
+    error and the generated tokens per problem, into RUN/search.json (the curve also in RUN/curve.png when
+    there are several scales; traces in RUN/traces.jsonl)."""
     model, tokenizer = load_policy(cfg.checkpoint)
     device = device_of(model)
     prm = load_reward_model(cfg.prm, device) if cfg.prm and not cfg.oracle else None
     orm = load_reward_model(cfg.orm, device) if cfg.orm else None
     problems = make_problems(cfg.problems, 2 * cfg.seed + 1, cfg.min_steps, cfg.max_steps)
     run_dir = open_run(cfg)
-    results: dict[str, Any] = {}
+    curve: dict[str, list[dict[str, float]]] = {}
     traces = []
     for method in cfg.methods:
-        correct, tokens = [], []
-        for i, p in enumerate(problems):
-            prompt = p.messages(with_solution=False)
-            steps = oracle_step_scorer(p) if cfg.oracle else prm_scorer(prm, tokenizer, prompt) if prm else None
-            outcome = (lambda texts, prompt=prompt: score_texts(orm, tokenizer, [prompt] * len(texts), texts)) \
-                if orm else None
-            r = search_problem(cfg, method, model, tokenizer, p, steps, outcome, seed=cfg.seed * 100_003 + i)
-            correct.append(r.answer == p.answer)
-            tokens.append(r.tokens)
-            traces.append({"method": method, "prompt": p.prompt, "answer": r.answer, "correct": r.answer == p.answer,
-                           "tokens": r.tokens, "response": r.best, "trace": r.trace})
-        results[method] = accuracy_stats(correct, tokens)
-        s = results[method]
-        print(f"search: {method:<10} accuracy {s['accuracy']:.3f} +- {s['stderr']:.3f}  tokens/problem "
-              f"{s['tokens']:.1f}", file=sys.stderr)
+        for scale in cfg.scales if method != "greedy" else [1]:
+            run_cfg = scaled(cfg, scale)
+            correct, tokens = [], []
+            for i, p in enumerate(problems):
+                prompt = p.messages(with_solution=False)
+                steps = oracle_step_scorer(p) if cfg.oracle else prm_scorer(prm, tokenizer, prompt) if prm else None
+                outcome = (lambda texts, prompt=prompt: score_texts(orm, tokenizer, [prompt] * len(texts), texts)) \
+                    if orm else None
+                r = search_problem(run_cfg, method, model, tokenizer, p, steps, outcome, seed=cfg.seed * 100_003 + i)
+                correct.append(r.answer == p.answer)
+                tokens.append(r.tokens)
+                traces.append({"method": method, "scale": scale, "prompt": p.prompt, "answer": r.answer,
+                               "correct": r.answer == p.answer, "tokens": r.tokens, "response": r.best,
+                               "trace": r.trace})
+            s = {"scale": scale, **accuracy_stats(correct, tokens)}
+            curve.setdefault(method, []).append(s)
+            print(f"search: {method:<10} x{scale:<3} accuracy {s['accuracy']:.3f} +- {s['stderr']:.3f}  "
+                  f"tokens/problem {s['tokens']:.1f}", file=sys.stderr)
     atomic_write_text(run_dir / "traces.jsonl", "".join(json.dumps(t) + "\n" for t in traces))
     out = {"problems": len(problems), "scorer": "oracle" if cfg.oracle else cfg.prm or cfg.orm or "none",
-           "methods": results}
+           "methods": {m: {k: v for k, v in points[0].items() if k != "scale"} for m, points in curve.items()},
+           "curve": curve}
     atomic_write_json(run_dir / "search.json", out)
-    print(json.dumps(out, indent=2))
+    if len(cfg.scales) > 1:
+        plot_curve(curve, run_dir / "curve.png")
+    print(json.dumps(out["methods"], indent=2))
     return out
