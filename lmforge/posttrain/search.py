@@ -40,7 +40,7 @@ from lmforge.posttrain.models import device_of, load_policy
 from lmforge.posttrain.prm import prm_scorer
 from lmforge.posttrain.reward import load_reward_model, score_texts
 from lmforge.posttrain.stage import RunConfig, open_run, run_dir_option
-from lmforge.tasks.reasoning import Problem, extract_answer, make_problems, split_steps, step_labels
+from lmforge.tasks.reasoning import Problem, StepRange, extract_answer, make_problems, split_steps, step_labels
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 
@@ -265,7 +265,7 @@ METHODS = ("greedy", "vote", "best_of_n", "beam", "mcts")
 
 
 @dataclass
-class SearchConfig(RunConfig):
+class SearchConfig(StepRange, RunConfig):
     run_dir: str = run_dir_option("runs/search", "config.json, search.json (accuracy and tokens per method) and "
                                                  "traces.jsonl (each problem's answer, tokens and trace/tree)")
     prm: str = option("", "process reward model directory (`lmforge prm`): scores steps for best_of_n, beam, mcts")
@@ -286,13 +286,12 @@ class SearchConfig(RunConfig):
                                     "the completion)")
     temperature: float = option(1.0, "sampling temperature of every method but greedy")
     max_new_tokens: int = option(64, "token budget of one response (and of one step)")
-    min_steps: int = option(2, "fewest steps of a problem")
-    max_steps: int = option(3, "most steps of a problem")
     scales: list[int] = option(default_factory=lambda: [1], help="budget multipliers (of n, expansions, "
                                                                  "simulations): one point of the test-time compute "
                                                                  "curve each; several also draw RUN/curve.png")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(bool(self.scales) and all(x >= 1 for x in self.scales), "scales", self.scales, "integers >= 1")
         require(bool(self.checkpoint), "checkpoint", self.checkpoint, "a model directory")
         bad = [m for m in self.methods if m not in METHODS]
@@ -303,7 +302,6 @@ class SearchConfig(RunConfig):
         require(self.rule in ("uct", "puct"), "rule", self.rule, "uct or puct")
         require(self.mcts_value in ("prm", "rollout"), "mcts_value", self.mcts_value, "prm or rollout")
         require(self.temperature > 0, "temperature", self.temperature, "> 0")
-        require(1 <= self.min_steps <= self.max_steps, "min_steps", self.min_steps, "in 1..max_steps")
         needs = [m for m in self.methods if m in ("beam", "mcts") or (m == "best_of_n" and not self.orm)]
         require(not needs or bool(self.prm) or self.oracle, "prm", self.prm,
                 f"a PRM directory (or --oracle true) for {', '.join(needs)}")

@@ -185,17 +185,26 @@ def step_labels(problem: Problem, completion: str, finished: bool = True) -> lis
 
 
 @dataclass
-class ReasoningDataConfig:
-    out: str = option("data/reasoning.jsonl", "JSONL file of chat conversations ({\"messages\": [...]}) that "
-                                              "`lmforge sft --data` reads")
-    problems: int = option(2000, "number of problems")
-    seed: int = option(0, "even: the train half of the prompt space; odd: the held-out half")
+class StepRange:
+    """How many reasoning steps the problems of a command have."""
+
     min_steps: int = option(2, "fewest reasoning steps of a problem")
     max_steps: int = option(3, "most reasoning steps of a problem")
 
     def __post_init__(self) -> None:
-        require(self.problems >= 1, "problems", self.problems, ">= 1")
         require(1 <= self.min_steps <= self.max_steps, "min_steps", self.min_steps, "in 1..max_steps")
+
+
+@dataclass
+class ReasoningDataConfig(StepRange):
+    out: str = option("data/reasoning.jsonl", "JSONL file of chat conversations ({\"messages\": [...]}) that "
+                                              "`lmforge sft --data` reads")
+    problems: int = option(2000, "number of problems")
+    seed: int = option(0, "even: the train half of the prompt space; odd: the held-out half")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.problems >= 1, "problems", self.problems, ">= 1")
 
 
 def write_reasoning_data(cfg: ReasoningDataConfig) -> Path:
