@@ -233,7 +233,9 @@ def run_prm(cfg: PrmConfig) -> dict[str, Any]:
     train_p = make_problems(cfg.problems, seed=2 * cfg.seed)
     held_p = make_problems(cfg.heldout_problems, seed=2 * cfg.seed + 1)
     labelled = rollout_labels(policy, tok, train_p, cfg.samples, cfg.rollouts, params, cfg.seed, cfg.labels == "soft")
-    held = rollout_labels(policy, tok, held_p, 1, 1, params, cfg.seed + 7)  # only the solutions are used
+    held_texts = sample_texts(policy, tok, [p.messages(False) for p in held_p], [""] * len(held_p), 1, params,
+                              cfg.seed + 7)
+    held = [(p, t, None) for p, t in zip(held_p, held_texts) if split_steps(t)]
     if not labelled:
         print("prm: the policy wrote no steps; train it on the task first (`lmforge sft`)", file=sys.stderr)
     agreement = label_agreement(labelled)
