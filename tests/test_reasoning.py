@@ -179,8 +179,8 @@ def test_search_with_an_oracle_prm_beats_a_single_sample(reasoner):
                  best_of_n(s, outcome_of(orc), 8) if name == "best_of_n" else
                  step_beam_search(s, orc, beam_width=2, expansions=4) if name == "beam" else
                  mcts(s, orc, simulations=8, expansions=3))
-            wins[name] += r.answer == p.answer
-    print("held-out problems solved of 24:", wins)
+            wins[name] += r.answer == p.answer and all(step_labels(p, r.best))  # a lucky answer does not count
+    print("held-out problems solved (every step right) of 24:", wins)
     assert wins["beam"] >= wins["single"] + 3 and wins["best_of_n"] >= wins["single"] + 3, wins
     assert wins["mcts"] >= wins["single"] + 2, wins
 

@@ -153,19 +153,24 @@ def label_agreement(labelled: list[tuple[Problem, str, list[float]]]) -> float:
 
 @torch.no_grad()
 def step_accuracy(rm: RewardModel, tokenizer: Tokenizer, labelled: list[tuple[Problem, str, Any]]) -> dict[str, float]:
-    """The PRM's step classification (P(good) > 0.5) against the true step labels, over all steps and over
-    the first wrong steps only (a PRM that calls every step good scores 0 there)."""
-    hits = first_err = n_first = total = 0
+    """The PRM's step classification (P(good) > 0.5) against the true step labels: accuracy over all steps, the
+    share of truly good steps called good, and of first wrong steps called bad (a PRM that calls every step
+    bad scores 0 on the first, one that calls every step good 0 on the second), and the share of good steps
+    (the accuracy of always answering "bad" is one minus it)."""
+    hits = good_hits = n_good = first_err = n_first = total = 0
     for p, text, _ in labelled:
         scores = score_steps(rm, tokenizer, p.messages(False), [text])[0]
         truth = step_labels(p, text)
         for k, (s, t) in enumerate(zip(scores, truth)):
             hits += (s > 0.5) == t
             total += 1
+            n_good += t
+            good_hits += t and s > 0.5
             if not t and (k == 0 or truth[k - 1]):
                 n_first += 1
                 first_err += s <= 0.5
-    return {"step_accuracy": hits / max(total, 1), "first_error_recall": first_err / max(n_first, 1)}
+    return {"step_accuracy": hits / max(total, 1), "good_step_recall": good_hits / max(n_good, 1),
+            "first_error_recall": first_err / max(n_first, 1), "good_step_share": n_good / max(total, 1)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +265,7 @@ def run_prm(cfg: PrmConfig) -> dict[str, Any]:
     copy_tokenizer(cfg.checkpoint, model_dir)
     out = summary(result, model_dir, label_agreement=agreement, step_accuracy_before=before["step_accuracy"],
                   **after, labelled_solutions=len(examples))
-    print(f"prm: held-out step accuracy {before['step_accuracy']:.3f} -> {after['step_accuracy']:.3f} (first "
-          f"wrong step caught {after['first_error_recall']:.3f}) -> {model_dir}")
+    print(f"prm: held-out step accuracy {before['step_accuracy']:.3f} -> {after['step_accuracy']:.3f} (good steps "
+          f"called good {after['good_step_recall']:.3f}, first wrong steps called bad "
+          f"{after['first_error_recall']:.3f}; {after['good_step_share']:.3f} of the steps are good) -> {model_dir}")
     return out
