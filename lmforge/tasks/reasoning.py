@@ -11,8 +11,8 @@ A problem is `calc: 3 + 4 - 2`; its solution thinks first, one checkable step a 
 Every step has exactly one right text (the running value, the problem's next operator and operand, the
 result), so a completion's steps get true labels: a step is good when it and every step before it are
 right (a wrong step poisons the ones after it, as in PRM800K's first-error labelling). The line after
-`</think>` is the answer step. Running values stay in 0..MAX_VALUE, so a ~1M-parameter model learns the
-format quickly and the arithmetic only partly: the room search at test time is for.
+`</think>` is the answer step. Running values stay in 0..MAX_VALUE and operands are small, so a tiny model
+learns the format quickly and the arithmetic (80 facts) only partly: the room search at test time is for.
 
 Train and held-out problems never share a prompt: the task suite's stable hash (`suite.split_of`) splits the
 prompt space in two and the seed's parity picks the half (even seed = train, odd seed = held out).
@@ -33,7 +33,8 @@ from lmforge.tasks.suite import split_of
 
 KIND = "calc"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-MAX_VALUE = 19  # running values stay in 0..19; operands are 1..9 (the first 0..9)
+MAX_VALUE = 9  # running values stay in 0..9; operands are 1..MAX_OPERAND (the first 0..9)
+MAX_OPERAND = 4
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def _problem(rng: random.Random, n_operands: int) -> Problem:
     operands, ops = [rng.randint(0, 9)], []
     v = operands[0]
     for _ in range(n_operands - 1):
-        b = rng.randint(1, 9)
+        b = rng.randint(1, MAX_OPERAND)
         op = rng.choice("+-")
         if op == "+" and v + b > MAX_VALUE:
             op = "-"
