@@ -181,8 +181,8 @@ def test_search_with_an_oracle_prm_beats_a_single_sample(reasoner):
                  mcts(s, orc, simulations=8, expansions=3))
             wins[name] += r.answer == p.answer and all(step_labels(p, r.best))  # a lucky answer does not count
     print("held-out problems solved (every step right) of 24:", wins)
-    assert wins["beam"] >= wins["single"] + 3 and wins["best_of_n"] >= wins["single"] + 2, wins
-    assert wins["mcts"] >= wins["single"] + 2, wins
+    # measured: single 12, best_of_n 22, beam 22, mcts 21
+    assert min(wins["best_of_n"], wins["beam"], wins["mcts"]) >= wins["single"] + 5, wins
 
 
 def test_prm_loss_is_bce_at_step_ends_and_training_moves_scores(untrained):
