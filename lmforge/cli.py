@@ -79,6 +79,12 @@ COMMANDS: dict[str, Command] = {
                    "PPO RLHF: value head, per-token KL penalty, GAE, clipped losses"),
     "grpo": Command("lmforge.posttrain.grpo", "GrpoConfig", "run_grpo",
                     "GRPO with verifiable task rewards (group-relative advantages, clipped objective)"),
+    "reasoning data": Command("lmforge.tasks.reasoning", "ReasoningDataConfig", "write_reasoning_data",
+                              "write multi-step arithmetic problems solved in <think> steps (chat JSONL for sft)"),
+    "prm": Command("lmforge.posttrain.prm", "PrmConfig", "run_prm",
+                   "process reward model on Math-Shepherd rollout step labels; step accuracy vs true labels"),
+    "search": Command("lmforge.posttrain.search", "SearchConfig", "run_search",
+                      "test-time search (vote, best-of-N, step beam, MCTS): accuracy and tokens per method"),
     "merge-adapter": Command("lmforge.peft.merge", "MergeAdapterConfig", "merge_adapter_cmd",
                              "fold a LoRA/DoRA adapter into its base model: one plain model directory", recipe=False),
 }

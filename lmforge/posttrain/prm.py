@@ -1,0 +1,271 @@
+"""`lmforge prm`: a process reward model, trained on step labels that rollouts produce (Math-Shepherd).
+
+A PRM is the reward model of `lmforge reward` (a backbone and reward.py's scalar head) read at the end of
+every reasoning step instead of only at the last token: sigmoid(head(h_t)) at a step's last token is the
+probability that the solution so far can still reach the right answer.
+
+Labels need no human (Wang et al. 2024, Math-Shepherd): the policy samples solutions to training problems;
+from the prefix that ends at each step, `rollouts` continuations are sampled; a step is good ("hard
+estimation") when at least one continuation reaches the right answer, or is the fraction that do ("soft").
+The answer step is good when the answer is right. The PRM is trained with binary cross-entropy on every step
+end, and its step-level accuracy is measured on held-out problems against the task family's true labels
+(`tasks.reasoning.step_labels`), as is the agreement of the rollout labels themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.core.config import option, require
+from lmforge.core.files import atomic_write_text
+from lmforge.data.formats import Message
+from lmforge.generate.batch import generate_batch
+from lmforge.generate.sampling import SamplingParams
+from lmforge.peft.lora import merge_lora
+from lmforge.posttrain.models import copy_tokenizer, device_of, pad_id_of
+from lmforge.posttrain.reward import RewardModel, save_reward_model
+from lmforge.posttrain.stage import Stage, StageConfig, run_dir_option, summary, train_option
+from lmforge.tasks.reasoning import Problem, make_problems, split_steps, step_labels, verify
+from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
+from lmforge.train.config import TrainConfig
+
+# ----------------------------------------------------------------------------------------------
+# scoring steps
+
+
+@dataclass
+class StepExample:
+    input_ids: list[int]  # prompt + response tokens
+    positions: list[int]  # index of each step's last token in input_ids
+    labels: list[float]  # one per position (training targets), empty when only scoring
+
+
+def encode_steps(tokenizer: Tokenizer, prompt: list[Message], response: str, max_len: int,
+                 labels: list[float] | None = None) -> StepExample:
+    """Prompt and response tokens, and the position of each step's last token (the token whose text completes
+    the step's line); steps cut off by `max_len` are read at the last position."""
+    base = prompt_ids(tokenizer, prompt)
+    resp = tokenizer.encode(response)
+    ids = (base + resp)[:max_len]
+    ends, total = [], 0
+    for t in resp:
+        total += len(tokenizer.decode([t], skip_special_tokens=False))
+        ends.append(total)
+    positions, j = [], 0
+    for step in split_steps(response):
+        while j < len(resp) - 1 and ends[j] < step.end:
+            j += 1
+        positions.append(min(len(base) + j, len(ids) - 1))
+    return StepExample(ids, positions, list(labels or []))
+
+
+def step_logits(rm: RewardModel, input_ids: Tensor) -> Tensor:
+    """The head's logit at every position [B, T] of right-padded `input_ids`."""
+    h = rm.backbone(input_ids, return_hidden=True)
+    return rm.head(h.to(rm.head.weight.dtype)).squeeze(-1).float()
+
+
+def _collate(examples: list[StepExample], pad_id: int) -> dict[str, Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), -1.0)
+    mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    for r, e in enumerate(examples):
+        ids[r, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        for p, y in zip(e.positions, e.labels or [0.0] * len(e.positions)):
+            targets[r, p], mask[r, p] = y, True
+    return {"input_ids": ids, "targets": targets, "mask": mask}
+
+
+@torch.no_grad()
+def score_steps(rm: RewardModel, tokenizer: Tokenizer, prompt: list[Message], responses: list[str],
+                batch_size: int = 32) -> list[list[float]]:
+    """P(good) of every step of every response (sigmoid of the head at each step end)."""
+    out: list[list[float]] = []
+    for i in range(0, len(responses), batch_size):
+        enc = [encode_steps(tokenizer, prompt, r, rm.cfg.max_seq_len) for r in responses[i:i + batch_size]]
+        if not any(e.positions for e in enc):
+            out += [[] for _ in enc]
+            continue
+        probs = torch.sigmoid(step_logits(rm, _collate(enc, pad_id_of(tokenizer))["input_ids"].to(device_of(rm))))
+        out += [probs[r, e.positions].tolist() for r, e in enumerate(enc)]
+    return out
+
+
+def prm_scorer(rm: RewardModel, tokenizer: Tokenizer, prompt: list[Message]):
+    """The PRM as a step scorer for `lmforge.posttrain.search` (texts -> per-step scores)."""
+    return lambda texts: score_steps(rm, tokenizer, prompt, texts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Math-Shepherd labels
+
+
+@torch.no_grad()
+def sample_texts(model: nn.Module, tokenizer: Tokenizer, prompts: list[list[Message]], prefixes: list[str], n: int,
+                 params: SamplingParams, seed: int, batch_size: int = 256) -> list[str]:
+    """`n` completions of each (prompt, response prefix), prefix included; rows prompt-major."""
+    params = dataclasses.replace(params, stop_token_ids=stop_token_ids(tokenizer))
+    starts = [prompt_ids(tokenizer, p) + tokenizer.encode(x) for p, x in zip(prompts, prefixes)]
+    out = []
+    for i in range(0, len(starts), batch_size):
+        rows = generate_batch(model, starts[i:i + batch_size], params, n, seed=seed + i)
+        out += [prefixes[i + k // n] + tokenizer.decode(r) for k, r in enumerate(rows)]
+    return out
+
+
+def rollout_labels(model: nn.Module, tokenizer: Tokenizer, problems: list[Problem], samples: int, rollouts: int,
+                   params: SamplingParams, seed: int = 0, soft: bool = False
+                   ) -> list[tuple[Problem, str, list[float]]]:
+    """(problem, sampled solution, label per step): Math-Shepherd's estimate of each step from `rollouts`
+    continuations of the prefix ending there (hard: any reaches the answer; soft: the fraction that do)."""
+    prompts = [p.messages(with_solution=False) for p in problems]
+    sols = sample_texts(model, tokenizer, prompts, [""] * len(problems), samples, params, seed)
+    items = [(problems[k // samples], s) for k, s in enumerate(sols)]
+    queries = [(i, s.end) for i, (_, text) in enumerate(items) for s in split_steps(text)[:-1]]
+    conts = sample_texts(model, tokenizer, [items[i][0].messages(False) for i, _ in queries],
+                         [items[i][1][:end] for i, end in queries], rollouts, params, seed + 1_000_003)
+    hits: dict[int, list[float]] = {}
+    for q, (i, _) in enumerate(queries):
+        wins = [verify(items[i][0], c) for c in conts[q * rollouts:(q + 1) * rollouts]]
+        hits.setdefault(i, []).append(sum(wins) / rollouts if soft else float(max(wins)))
+    out = []
+    for i, (p, text) in enumerate(items):
+        if split_steps(text):
+            out.append((p, text, hits.get(i, []) + [verify(p, text)]))
+    return out
+
+
+def label_agreement(labelled: list[tuple[Problem, str, list[float]]]) -> float:
+    """How often a (rounded) rollout label equals the true step label."""
+    pairs = [(y >= 0.5, t) for p, text, ys in labelled for y, t in zip(ys, step_labels(p, text))]
+    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
+
+
+@torch.no_grad()
+def step_accuracy(rm: RewardModel, tokenizer: Tokenizer, labelled: list[tuple[Problem, str, Any]]) -> dict[str, float]:
+    """The PRM's step classification (P(good) > 0.5) against the true step labels: accuracy over all steps, the
+    share of truly good steps called good, and of first wrong steps called bad (a PRM that calls every step
+    bad scores 0 on the first, one that calls every step good 0 on the second), and the share of good steps
+    (the accuracy of always answering "bad" is one minus it)."""
+    hits = good_hits = n_good = first_err = n_first = total = 0
+    for p, text, _ in labelled:
+        scores = score_steps(rm, tokenizer, p.messages(False), [text])[0]
+        truth = step_labels(p, text)
+        for k, (s, t) in enumerate(zip(scores, truth)):
+            hits += (s > 0.5) == t
+            total += 1
+            n_good += t
+            good_hits += t and s > 0.5
+            if not t and (k == 0 or truth[k - 1]):
+                n_first += 1
+                first_err += s <= 0.5
+    return {"step_accuracy": hits / max(total, 1), "good_step_recall": good_hits / max(n_good, 1),
+            "first_error_recall": first_err / max(n_first, 1), "good_step_share": n_good / max(total, 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class PrmConfig(StageConfig):
+    run_dir: str = run_dir_option("runs/prm", "config.json, checkpoints, metrics, labels.jsonl and RUN/model "
+                                              "(backbone + reward_head.safetensors)")
+    train: TrainConfig = train_option(steps=200, lr=1e-3, warmup_steps=10, weight_decay=0.0, log_every=10,
+                                      eval_every=100, save_every=0, plot_every=0)
+    problems: int = option(64, "training problems (train split) whose sampled solutions get rollout labels")
+    heldout_problems: int = option(32, "held-out problems for the step accuracy against the true labels")
+    samples: int = option(4, "solutions sampled per problem")
+    rollouts: int = option(4, "continuations per step prefix that estimate the step's label")
+    labels: Literal["hard", "soft"] = option("hard", "hard: good if any rollout reaches the answer; soft: the "
+                                                     "fraction that do")
+    temperature: float = option(1.0, "sampling temperature of solutions and rollouts")
+    max_new_tokens: int = option(64, "token budget of a solution or rollout")
+    batch_size: int = option(16, "solutions per training batch")
+
+    def __post_init__(self) -> None:
+        for name in ("problems", "heldout_problems", "samples", "rollouts", "max_new_tokens", "batch_size"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        require(self.temperature > 0, "temperature", self.temperature, "> 0 (rollouts must sample)")
+        require(self.peft.method in ("none", "lora"), "peft.method", self.peft.method, "none or lora for the PRM")
+
+
+class StepBatches:
+    """Shuffled epochs of step-labelled solutions for `train_loop`; resumable by (epoch, position)."""
+
+    def __init__(self, examples: list[StepExample], batch_size: int, pad_id: int, seed: int = 0) -> None:
+        self.examples, self.batch_size, self.pad_id, self.seed = examples, min(batch_size, len(examples)), pad_id, seed
+        self.epoch, self.position = 0, 0
+
+    def next_batch(self) -> dict[str, Tensor]:
+        if self.position + self.batch_size > len(self.examples):
+            self.epoch, self.position = self.epoch + 1, 0
+        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        idx = order[self.position:self.position + self.batch_size].tolist()
+        self.position += self.batch_size
+        return _collate([self.examples[i] for i in idx], self.pad_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def prm_loss(rm: RewardModel, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """Binary cross-entropy of the head's logit at every step end against the step's (soft) label."""
+    logits = step_logits(rm, batch["input_ids"])[batch["mask"]]
+    targets = batch["targets"][batch["mask"]]
+    loss = F.binary_cross_entropy_with_logits(logits, targets)
+    return loss, {"step_accuracy": ((logits > 0) == (targets >= 0.5)).float().mean().item()}
+
+
+def run_prm(cfg: PrmConfig) -> dict[str, Any]:
+    """Label steps by rollouts, train the PRM, report its step accuracy against the true labels."""
+    stage = Stage("prm", cfg)
+    policy, tok = stage.policy, stage.tokenizer
+    params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    train_p = make_problems(cfg.problems, seed=2 * cfg.seed)
+    held_p = make_problems(cfg.heldout_problems, seed=2 * cfg.seed + 1)
+    labelled = rollout_labels(policy, tok, train_p, cfg.samples, cfg.rollouts, params, cfg.seed, cfg.labels == "soft")
+    held_texts = sample_texts(policy, tok, [p.messages(False) for p in held_p], [""] * len(held_p), 1, params,
+                              cfg.seed + 7)
+    held = [(p, t, None) for p, t in zip(held_p, held_texts) if split_steps(t)]
+    if not labelled:
+        print("prm: the policy wrote no steps; train it on the task first (`lmforge sft`)", file=sys.stderr)
+    agreement = label_agreement(labelled)
+    examples = [encode_steps(tok, p.messages(False), text, policy.cfg.max_seq_len, ys) for p, text, ys in labelled]
+    torch.manual_seed(cfg.seed)
+    stage.add_peft()
+    rm = RewardModel(policy).to(stage.device)
+    run_dir = stage.open()
+    atomic_write_text(run_dir / "labels.jsonl", "".join(
+        json.dumps({"prompt": p.prompt, "response": t, "labels": ys, "true_labels": step_labels(p, t)}) + "\n"
+        for p, t, ys in labelled))
+    before = step_accuracy(rm.eval(), tok, held)
+    print(f"prm: {len(examples)} labelled solutions ({sum(len(e.labels) for e in examples)} steps; rollout labels "
+          f"agree with the true ones on {agreement:.3f}); held-out step accuracy before {before['step_accuracy']:.3f}",
+          file=sys.stderr)
+    result = stage.fit(rm, prm_loss, StepBatches(examples, cfg.batch_size, stage.pad_id, cfg.seed),
+                       lambda m: step_accuracy(m, tok, held))
+    if cfg.peft.method == "lora":
+        merge_lora(rm.backbone)
+    after = step_accuracy(rm.eval(), tok, held)
+    model_dir = save_reward_model(rm, run_dir / "model")
+    copy_tokenizer(cfg.checkpoint, model_dir)
+    out = summary(result, model_dir, label_agreement=agreement, step_accuracy_before=before["step_accuracy"],
+                  **after, labelled_solutions=len(examples))
+    print(f"prm: held-out step accuracy {before['step_accuracy']:.3f} -> {after['step_accuracy']:.3f} (good steps "
+          f"called good {after['good_step_recall']:.3f}, first wrong steps called bad "
+          f"{after['first_error_recall']:.3f}; {after['good_step_share']:.3f} of the steps are good) -> {model_dir}")
+    return out
