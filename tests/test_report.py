@@ -48,10 +48,17 @@ def quickstart_run(tmp_path):
         "cloze": {"examples": 50, "too_short": 0, "contaminated": 2, "contaminated_fraction": 0.04, "flagged": []}}}))
     (root / "clean").mkdir()
     (root / "clean" / "stats.json").write_text(json.dumps({"kept": 410, "dropped": {"repetition": 17}}))
-    summary = {"run_dir": str(root), "seconds": 321.5, "stages": {
-        "pretrain": {"seconds": 200.0, "val_before": {"loss": 8.3}, "val_after": {"loss": 2.8},
+    summary = {"run_dir": str(root), "seconds": 321.5, "stages": {  # stored by name, not in the order they ran
+        "dpo": {"seconds": 9.0, "heldout_logp_margin_before": -0.5, "heldout_logp_margin": 0.25,
+                "heldout_preference_accuracy_before": 0.5, "heldout_preference_accuracy": 0.75, "val_loss": None},
+        "eval": {"seconds": 5.0, "models": {label: {"synthetic": eval_record(em)["tasks"]["synthetic"]}
+                                            for label, em in (("base", 0.0), ("sft", 0.625))}},
+        "pretrain": {"seconds": 200.0, "val_before": {"loss": 8.3, "bits_per_byte": 3.5},
+                     "val_after": {"loss": 2.8, "bits_per_byte": 1.25}, "steps": 400,
                      "samples_before": ["def f(<gibberish> & co"], "samples_after": ["def f(x):\n    return x"]},
-        "sft": {"seconds": 60.0, "accuracy": 0.625}}}
+        "sft": {"seconds": 60.0, "accuracy": 0.625},
+        "clean": {"seconds": 1.0, "docs_in": 420, "docs_kept": 410, "steps": ["gopher"]}},
+        "machine": {"cpu": "x86_64", "cpu_flags": ["avx2"], "threads": 4, "gpu": "none"}}
     (root / "summary.json").write_text(json.dumps(summary))
     (root / "quickstart_config.json").write_text(json.dumps({"vocab_size": 4096}))
     return root
@@ -87,6 +94,19 @@ def test_report_is_self_contained_html(quickstart_run):
     assert "val_loss" in page and "6.4" in page  # validation: first value 8 - 40/25
     assert "contaminated" in page and "4.0%" in page
     assert "quickstart_config.json" in page and "d_model" not in page  # run configs, not the model's
+
+
+def test_lifecycle_card_comes_first_with_stages_in_the_order_they_ran(quickstart_run):
+    page = write_report(quickstart_run).read_text()
+    body = page[page.index("<body>") + len("<body>"):]
+    assert body.startswith('<section class="card"')  # the card is the first thing on the page
+    card = body[:body.index("</section>")]
+    stages = re.findall(r"<tr><td>(\w+)</td>", card)
+    assert stages == ["clean", "pretrain", "sft", "dpo", "eval"]  # lifecycle order, not sorted by name
+    assert "kept 410 of 420 docs" in card and "val loss 8.300 -&gt; 2.800<br>bits/byte 3.500 -&gt; 1.250" in card
+    assert "preference margin -0.500 -&gt; 0.250<br>preference accuracy 0.500 -&gt; 0.750" in card
+    assert "synthetic exact_match: base 0.000 ± 0.050 -&gt; sft 0.625 ± 0.050" in card
+    assert "threads 4" in card and "CPU flags avx2" in card and "precision" not in card  # no pretrain precision
 
 
 def test_report_on_a_single_pretrain_run(tmp_path):

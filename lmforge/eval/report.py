@@ -42,7 +42,8 @@ text-align:left;vertical-align:top}th{background:#f4f4f4}td.num{text-align:right
 pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em;white-space:pre-wrap}
 .muted{color:#777}.charts{display:flex;flex-wrap:wrap;gap:1em}.chart text{font-size:11px;fill:#333}
 .chart .title{font-size:13px;font-weight:600}.chart .grid{stroke:#eee}.chart .frame{fill:none;stroke:#999}
-.up{color:#1a7f37}.down{color:#cf222e}td.sample{font-family:ui-monospace,monospace;white-space:pre-wrap;
+.card{border:1px solid #ccc;border-radius:8px;padding:.6em 1.2em;background:#fafbfc}.card h1{margin-top:.2em}
+.card td.change{font-variant-numeric:tabular-nums}.up{color:#1a7f37}.down{color:#cf222e}td.sample{font-family:ui-monospace,monospace;white-space:pre-wrap;
 font-size:.85em;max-width:500px}
 """
 
@@ -306,21 +307,127 @@ def stage_results_table(stages: dict[str, dict[str, Any]]) -> str:
     return table(["stage", "result", "value"], rows)
 
 
-def page(title: str, body: list[str]) -> str:
+# ------------------------------------------------------------------------------------------------
+# the lifecycle card: one row per stage, in the order a run goes through them
+
+LIFECYCLE = ("corpus", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "preference", "reward", "ppo",
+             "grpo", "rl", "reasoning", "eval")
+
+
+def lifecycle_order(names: list[str]) -> list[str]:
+    """Stage names in lifecycle order (corpus -> ... -> eval); unknown names keep their place after the known."""
+    rank = {name: i for i, name in enumerate(LIFECYCLE)}
+    return sorted(names, key=lambda n: (rank.get(n.split("/")[0], len(LIFECYCLE)), names.index(n)))
+
+
+def _arrow(before: Any, after: Any, fmt: str = ".3f") -> str:
+    return f"{before:{fmt}} -> {after:{fmt}}" if finite(before) and finite(after) else ""
+
+
+def _scored(r: dict[str, Any], metric: str) -> str:
+    value, err = r.get(metric), r.get(metric + "_stderr")
+    if not finite(value):
+        return ""
+    return f"{value:.3f} ± {err:.3f}" if finite(err) else f"{value:.3f}"
+
+
+def _eval_lines(models: dict[str, Any]) -> list[str]:
+    """`task metric: base x ± se -> sft y ± se -> ...` for the headline metric of each task."""
+    lines = []
+    tasks = {t: r for m in models.values() if isinstance(m, dict) for t, r in m.items() if isinstance(r, dict)}
+    for task, first in tasks.items():
+        metric = next((m for m in ("exact_match", "acc_norm", "acc", "f1") if m in first), None)
+        if metric is None:
+            continue
+        shown = [f"{label} {_scored(m.get(task, {}), metric)}" for label, m in models.items()
+                 if isinstance(m, dict) and _scored(m.get(task, {}), metric)]
+        if shown:
+            lines.append(f"{task} {metric}: " + " -> ".join(shown))
+    return lines
+
+
+def stage_headline(stage: str, r: dict[str, Any]) -> tuple[str, str]:
+    """(what the stage made, what it changed) for one stage's result, as plain text."""
+    kind = stage.split("/")[0]
+    if kind == "corpus":
+        return f"{fmt_value(r.get('docs'))} docs, {r.get('bytes', 0) / 1e6:.2f} MB", ""
+    if kind == "clean":
+        return ", ".join(r.get("steps", [])), f"kept {fmt_value(r.get('docs_kept'))} of {fmt_value(r.get('docs_in'))} docs"
+    if kind == "tokenizer":
+        return f"vocab {fmt_value(r.get('vocab_size'))}", ""
+    if kind == "shards":
+        return f"{fmt_value(r.get('train_tokens'))} train / {fmt_value(r.get('val_tokens'))} val tokens", ""
+    if kind == "pretrain":
+        b, a = r.get("val_before") or {}, r.get("val_after") or {}
+        change = "; ".join(x for x in (f"val loss {_arrow(b.get('loss'), a.get('loss'))}" if a else "",
+                                       f"bits/byte {_arrow(b.get('bits_per_byte'), a.get('bits_per_byte'))}"
+                                       if finite(a.get("bits_per_byte")) else "") if x)
+        return f"{fmt_value(r.get('steps'))} steps, {fmt_value(round(r.get('tokens_per_s') or 0))} tokens/s", change
+    if kind == "eval":
+        return "", "; ".join(_eval_lines(r.get("models") or {}))
+    made = f"{fmt_value(r.get('steps'))} steps" if "steps" in r else ""
+    if finite(r.get("train_conversations")):
+        made += f" on {fmt_value(r['train_conversations'])} conversations"
+    changes = []
+    if finite(r.get("heldout_logp_margin")):
+        changes.append(f"preference margin {_arrow(r.get('heldout_logp_margin_before'), r['heldout_logp_margin'])}")
+    if finite(r.get("heldout_preference_accuracy")):
+        changes.append("preference accuracy "
+                       + _arrow(r.get("heldout_preference_accuracy_before"), r["heldout_preference_accuracy"]))
+    if finite(r.get("val_loss")):
+        changes.append(f"val loss {_arrow(r.get('base_val_loss'), r['val_loss']) or fmt_value(r['val_loss'])}")
+    if not changes and finite(r.get("final_loss")):
+        changes.append(f"final train loss {r['final_loss']:.3f}")
+    return made, "; ".join(changes)
+
+
+def _machine_line(machine: dict[str, Any] | None, precision: str | None) -> str:
+    if not machine and not precision:
+        return ""
+    m = machine or {}
+    parts = [f"{k} {fmt_value(m[k])}" for k in ("cpu", "threads", "gpu") if m.get(k)]
+    if m.get("cpu_flags"):
+        parts.append("CPU flags " + " ".join(m["cpu_flags"]))
+    if precision:
+        parts.append(f"precision {precision}")
+    return f'<p class="muted">machine: {esc(", ".join(parts))}</p>'
+
+
+def lifecycle_card(run: RunData, title: str) -> str:
+    """The first thing on the page: every stage in lifecycle order with its headline figures and wall time."""
+    rows = []
+    for stage in lifecycle_order(list(run.stages)):
+        made, change = stage_headline(stage, run.stages[stage])
+        seconds = run.stages[stage].get("seconds")
+        rows.append([stage, made, change.replace("; ", "\n"), seconds if finite(seconds) else ""])
+    if not rows:  # a single training run: its curves' first and last validation values
+        for label, metrics in run.metrics.items():
+            _, ys = column(metrics, "val_loss")
+            _, ts = column(metrics, "loss")
+            rows.append([label, f"{len(ts)} logged steps", f"val loss {_arrow(ys[0], ys[-1])}" if ys else
+                         (f"train loss {_arrow(ts[0], ts[-1])}" if ts else ""), ""])
+    total = run.summary.get("seconds") if run.summary else None
+    head = f"<h1>{esc(title)}</h1>"
+    if finite(total):
+        head += f"<p>Finished in <b>{fmt_value(total)} s</b> ({len(run.stages)} stages).</p>"
+    body = table(["stage", "made", "change", "seconds"], rows).replace("\n", "<br>") if rows else ""
+    precision = next((c.get("train", {}).get("precision") for n, c in run.configs.items()
+                      if n.startswith("pretrain") and isinstance(c.get("train"), dict)), None)
+    machine = run.summary.get("machine") if run.summary else None
+    return f'<section class="card" id="card">{head}{body}{_machine_line(machine, precision)}</section>'
+
+
+def page(title: str, body: list[str], card: str = "") -> str:
+    """The HTML page; `card` (which holds the title) comes first in the body when given."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    head = card or f"<h1>{esc(title)}</h1>"
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>"
+            f"<style>{CSS}</style></head><body>{head}"
             f"<p class=\"muted\">generated by lmforge on {stamp}</p>{''.join(body)}</body></html>\n")
 
 
 def render_report(run: RunData) -> str:
     body = []
-    if run.summary is not None:
-        body.append(f"<p>Finished in <b>{fmt_value(run.summary.get('seconds'))} s</b> "
-                    f"({len(run.stages)} stages).</p>")
-    if run.stages:
-        timing = [[s, r.get("seconds", "")] for s, r in run.stages.items()]
-        body.append("<h2>Stages</h2>" + table(["stage", "seconds"], timing))
     if run.metrics:
         body.append("<h2>Training curves</h2>")
         body += [f"<h3>{esc(label)}</h3>{stage_charts(label, rows)}" for label, rows in run.metrics.items()]
@@ -346,7 +453,8 @@ def render_report(run: RunData) -> str:
         body.append("<h2>Configuration</h2>")
         body += [f"<details><summary>{esc(name)}</summary><pre>{esc(json.dumps(cfg, indent=2))}</pre></details>"
                  for name, cfg in run.configs.items()]
-    return page(f"lmforge run report: {run.name}", body)
+    title = f"lmforge run report: {run.name}"
+    return page(title, body, lifecycle_card(run, title))
 
 
 @dataclass

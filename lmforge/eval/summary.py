@@ -6,10 +6,31 @@ without running a stage.
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmforge.model.io import read_model_config
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "f16c", "asimd", "sve")
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a run ran on, for the report card: CPU, the SIMD flags matmuls care about, threads, GPU."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:  # not Linux: no flags to show
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+            "threads": torch.get_num_threads(), "gpu": gpu or "none", "torch": torch.__version__}
 
 
 def _metric(stages: dict[str, Any], label: str, task: str, metric: str) -> float | None:
