@@ -43,7 +43,8 @@ pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em;white-space:
 .muted{color:#777}.charts{display:flex;flex-wrap:wrap;gap:1em}.chart text{font-size:11px;fill:#333}
 .chart .title{font-size:13px;font-weight:600}.chart .grid{stroke:#eee}.chart .frame{fill:none;stroke:#999}
 .card{border:1px solid #ccc;border-radius:8px;padding:.6em 1.2em;background:#fafbfc}.card h1{margin-top:.2em}
-.card td.change{font-variant-numeric:tabular-nums}.up{color:#1a7f37}.down{color:#cf222e}td.sample{font-family:ui-monospace,monospace;white-space:pre-wrap;
+.card td.change{font-variant-numeric:tabular-nums}
+.up{color:#1a7f37}.down{color:#cf222e}td.sample{font-family:ui-monospace,monospace;white-space:pre-wrap;
 font-size:.85em;max-width:500px}
 """
 
@@ -352,7 +353,8 @@ def stage_headline(stage: str, r: dict[str, Any]) -> tuple[str, str]:
     if kind == "corpus":
         return f"{fmt_value(r.get('docs'))} docs, {r.get('bytes', 0) / 1e6:.2f} MB", ""
     if kind == "clean":
-        return ", ".join(r.get("steps", [])), f"kept {fmt_value(r.get('docs_kept'))} of {fmt_value(r.get('docs_in'))} docs"
+        kept = f"kept {fmt_value(r.get('docs_kept'))} of {fmt_value(r.get('docs_in'))} docs"
+        return ", ".join(r.get("steps", [])), kept
     if kind == "tokenizer":
         return f"vocab {fmt_value(r.get('vocab_size'))}", ""
     if kind == "shards":
