@@ -85,7 +85,7 @@ def test_report_is_self_contained_html(quickstart_run):
     out = write_report(quickstart_run)
     assert out == quickstart_run / "report.html"
     page = out.read_text()
-    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") >= 4  # loss + lr for both stages
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 3  # loss of both stages, lr once
     assert not re.search(r"<(script|link|img)\b|src=|url\(", page)  # nothing fetched: readable offline
     assert "def f(&lt;gibberish&gt; &amp; co" in page and "return x" in page  # samples, escaped
     assert "0.050 ± 0.050" in page and "0.625 ± 0.050" in page  # base and sft side by side
@@ -107,6 +107,29 @@ def test_lifecycle_card_comes_first_with_stages_in_the_order_they_ran(quickstart
     assert "preference margin -0.500 -&gt; 0.250<br>preference accuracy 0.500 -&gt; 0.750" in card
     assert "synthetic exact_match: base 0.000 ± 0.050 -&gt; sft 0.625 ± 0.050" in card
     assert "threads 4" in card and "CPU flags avx2" in card and "precision" not in card  # no pretrain precision
+
+
+def chart_values(svg):
+    """The distinct plotted y positions of one chart (lines and markers)."""
+    ys = {p.split(",")[1] for pts in re.findall(r'<polyline points="([^"]+)"', svg) for p in pts.split()}
+    return ys | set(re.findall(r'<circle cx="[^"]+" cy="([^"]+)"', svg))
+
+
+def test_charts_in_lifecycle_order_and_only_those_that_say_something(quickstart_run):
+    dpo = quickstart_run / "dpo"  # sorts before pretrain by name; runs after it
+    dpo.mkdir()
+    rows = [{"step": s, "loss": 0.7 - s / 100, "lr": 1e-4, "reward_accuracy": 0.5, "tokens.code": 64 * s,
+             "loss_tokens": 30 + s % 3, "heldout_margin": 0.1 * s} for s in (1, 2, 3)]
+    (dpo / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = write_report(quickstart_run).read_text()
+    svgs = re.findall(r"<svg.*?</svg>", page)
+    titles = [re.search(r'aria-label="([^"]+)"', s).group(1) for s in svgs]
+    assert titles == ["pretrain: loss", "pretrain: learning rate", "sft: loss", "dpo: loss", "dpo: heldout_margin"]
+    assert all(len(chart_values(s)) >= 2 for s in svgs)  # no flat line, no single point, no constant lr
+    assert page.index('<div class="charts">') < page.index("</div>") and page.count('<div class="charts">') == 1
+    outside = re.sub(r"<details>.*?</details>", "", page, flags=re.S)
+    assert "None" not in outside and "None" not in page  # sft val_loss None: no row anywhere
+    assert re.search(r"<details><summary>all stage results.*pretrain</td><td>seconds", page, re.S)
 
 
 def test_report_on_a_single_pretrain_run(tmp_path):

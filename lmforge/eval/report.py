@@ -40,7 +40,8 @@ h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bo
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ddd;padding:.3em .6em;
 text-align:left;vertical-align:top}th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em;white-space:pre-wrap}
-.muted{color:#777}.charts{display:flex;flex-wrap:wrap;gap:1em}.chart text{font-size:11px;fill:#333}
+.muted{color:#777}.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:.8em}
+.charts svg{width:100%;height:auto}.chart text{font-size:11px;fill:#333}
 .chart .title{font-size:13px;font-weight:600}.chart .grid{stroke:#eee}.chart .frame{fill:none;stroke:#999}
 .card{border:1px solid #ccc;border-radius:8px;padding:.6em 1.2em;background:#fafbfc}.card h1{margin-top:.2em}
 .card td.change{font-variant-numeric:tabular-nums}
@@ -203,16 +204,25 @@ def column(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[floa
 
 
 def loss_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """Train-row keys worth a curve: loss first, then other losses/rewards/margins that a stage logs."""
+    """Train-row keys worth a curve: loss first, then other losses/rewards/margins that a stage logs.
+    Counters (tokens seen, tokens per source, loss tokens per batch) and throughput are left out: a
+    cumulative count is a straight line that says nothing about the run."""
     keys = {k for r in rows for k, v in r.items() if finite(v)}
-    skip = {"step", "lr", "tokens_seen", "tokens_per_s", "grad_norm", "seconds", "elapsed"}
+    skip = {"step", "lr", "tokens_seen", "tokens_per_s", "grad_norm", "seconds", "elapsed", "loss_tokens"}
     main = [k for k in ("loss", "val_loss") if k in keys]
-    return main + sorted(k for k in keys - skip - set(main) if not k.startswith("val_"))
+    return main + sorted(k for k in keys - skip - set(main)
+                         if not k.startswith(("val_", "tokens.", "n_")) and not k.endswith(("_tokens", "_count")))
 
 
-def stage_charts(label: str, rows: list[dict[str, Any]]) -> str:
+def says_something(series: list[Series]) -> bool:
+    """A chart is worth drawing when some series in it takes at least two distinct values."""
+    return any(len(set(s.ys)) >= 2 for s in series)
 
-    charts = []
+
+def stage_charts(label: str, rows: list[dict[str, Any]], with_lr: bool = True) -> list[str]:
+    """The small multiples of one stage: loss (train and validation on one chart), learning rate (when
+    `with_lr`), and the other curves it logs; only charts with at least two distinct values."""
+    candidates: list[tuple[str, list[Series], str]] = []
     xs, ys = column(rows, "loss")
     vx, vy = column(rows, "val_loss")
     series = []
@@ -222,16 +232,30 @@ def stage_charts(label: str, rows: list[dict[str, Any]]) -> str:
                    Series("train loss (smoothed)", xs, smooth(ys, window), PALETTE[0], 2)]
     if vx:
         series.append(Series("val loss", vx, vy, PALETTE[1], 2, markers=True))
-    if series:
-        charts.append(line_chart(series, f"{label}: loss", ylabel="nats/token"))
-    lx, ly = column(rows, "lr")
-    if lx:
-        charts.append(line_chart([Series("lr", lx, ly, PALETTE[2], 2)], f"{label}: learning rate", ylabel="lr"))
-    for i, key in enumerate(k for k in loss_keys(rows) if k not in ("loss", "val_loss")):
+    candidates.append((f"{label}: loss", series, "nats/token"))
+    if with_lr:
+        lx, ly = column(rows, "lr")
+        candidates.append((f"{label}: learning rate", [Series("lr", lx, ly, PALETTE[2], 2)], "lr"))
+    others = [k for k in loss_keys(rows) if k not in ("loss", "val_loss")]
+    for i, key in enumerate(others[:6]):
         kx, ky = column(rows, key)
-        if len(kx) > 1 and i < 6:
-            charts.append(line_chart([Series(key, kx, ky, PALETTE[(3 + i) % len(PALETTE)], 2)], f"{label}: {key}"))
-    return f'<div class="charts">{"".join(charts)}</div>'
+        candidates.append((f"{label}: {key}", [Series(key, kx, ky, PALETTE[(3 + i) % len(PALETTE)], 2,
+                                                      markers=len(kx) <= 5)], ""))
+    return [line_chart(ss, title, ylabel=unit, width=420, height=240)
+            for title, ss, unit in candidates if says_something(ss)]
+
+
+def charts_html(metrics: dict[str, list[dict[str, Any]]]) -> str:
+    """Every stage's charts in lifecycle order in one grid; the learning rate drawn once (the first stage that has
+    a schedule worth drawing), since each stage's warmup-and-decay looks the same."""
+    charts: list[str] = []
+    lr_drawn = False
+    for label in lifecycle_order(list(metrics)):
+        rows = metrics[label]
+        has_lr = says_something([Series("lr", *column(rows, "lr"))])
+        charts += stage_charts(label, rows, with_lr=has_lr and not lr_drawn)
+        lr_drawn = lr_drawn or has_lr
+    return f'<div class="charts">{"".join(charts)}</div>' if charts else ""
 
 
 def val_rows(run: RunData) -> list[list[Any]]:
@@ -248,7 +272,7 @@ def val_rows(run: RunData) -> list[list[Any]]:
 
 def eval_table(evals: dict[str, dict[str, Any]]) -> str:
     """Rows task/metric, one column per results file: stages side by side show what each one changed."""
-    labels = list(evals)
+    labels = lifecycle_order(list(evals))
     keys: list[tuple[str, str]] = []
     for record in evals.values():
         for task, r in record["tasks"].items():
@@ -283,7 +307,8 @@ def decontam_table(reports: dict[str, dict[str, Any]]) -> str:
 def samples_html(stages: dict[str, dict[str, Any]]) -> str:
     """Every `samples_*` list of strings in the stage results, side by side per prompt."""
     out = []
-    for stage, result in stages.items():
+    for stage in lifecycle_order(list(stages)):
+        result = stages[stage]
         lists = {k: v for k, v in result.items()
                  if k.startswith("samples") and isinstance(v, list) and all(isinstance(s, str) for s in v)}
         if not lists:
@@ -299,13 +324,16 @@ def samples_html(stages: dict[str, dict[str, Any]]) -> str:
 
 
 def stage_results_table(stages: dict[str, dict[str, Any]]) -> str:
+    """Every scalar a stage returned, in lifecycle order, folded under a <details>; values a stage did not
+    measure (None) are left out."""
     rows = []
-    for stage, result in stages.items():
-        flat = flatten({k: v for k, v in result.items() if not k.startswith("samples")})
+    for stage in lifecycle_order(list(stages)):
+        flat = flatten({k: v for k, v in stages[stage].items() if not k.startswith("samples")})
         for key, value in flat.items():
-            if key not in ("sha256",) and not key.endswith(".sha256"):
+            if value is not None and key != "sha256" and not key.endswith(".sha256"):
                 rows.append([stage, key, value])
-    return table(["stage", "result", "value"], rows)
+    return (f"<details><summary>all stage results ({len(rows)} values)</summary>"
+            f"{table(['stage', 'result', 'value'], rows)}</details>")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,8 +345,12 @@ LIFECYCLE = ("corpus", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo",
 
 def lifecycle_order(names: list[str]) -> list[str]:
     """Stage names in lifecycle order (corpus -> ... -> eval); unknown names keep their place after the known."""
-    rank = {name: i for i, name in enumerate(LIFECYCLE)}
-    return sorted(names, key=lambda n: (rank.get(n.split("/")[0], len(LIFECYCLE)), names.index(n)))
+    rank = {name: i for i, name in enumerate(("base", *LIFECYCLE))}
+
+    def key(name: str) -> tuple[int, int]:
+        parts = name.split("/")  # a stage folder (`sft`), or an eval file of a stage's model (`eval/sft`)
+        return min(rank.get(p, len(rank)) for p in (parts[0], parts[-1])), names.index(name)
+    return sorted(names, key=key)
 
 
 def _arrow(before: Any, after: Any, fmt: str = ".3f") -> str:
@@ -431,8 +463,7 @@ def page(title: str, body: list[str], card: str = "") -> str:
 def render_report(run: RunData) -> str:
     body = []
     if run.metrics:
-        body.append("<h2>Training curves</h2>")
-        body += [f"<h3>{esc(label)}</h3>{stage_charts(label, rows)}" for label, rows in run.metrics.items()]
+        body.append("<h2>Training curves</h2>" + charts_html(run.metrics))
         vr = val_rows(run)
         if vr:
             body.append("<h2>Validation metrics</h2>" + table(["stage", "metric", "first", "last", "best", "evals"],
