@@ -132,6 +132,28 @@ def test_charts_in_lifecycle_order_and_only_those_that_say_something(quickstart_
     assert re.search(r"<details><summary>all stage results.*pretrain</td><td>seconds", page, re.S)
 
 
+def test_evaluation_broken_down_by_kind(quickstart_run):
+    tasks = quickstart_run / "eval" / "tasks"  # what `make_synthetic_task` writes beside the results
+    tasks.mkdir()
+    (tasks / "synthetic.yaml").write_text("name: synthetic\ntype: generate\nprompt: '{prompt}'\nanswer: answer\n"
+                                          "data: synthetic.jsonl\n")
+    kinds = ["copy", "reverse", "copy", "reverse"]
+    (tasks / "synthetic.jsonl").write_text("".join(json.dumps({"kind": k, "prompt": f"{k}: a b", "answer": "a b"})
+                                                   + "\n" for k in kinds))
+    for label, hits in (("base", [0, 0, 0, 0]), ("sft", [1, 0, 1, 0])):  # sft learned copy, not reverse
+        record = eval_record(sum(hits) / 4)
+        record["tasks"]["synthetic"].update(path="/moved/away/synthetic.yaml", examples=[
+            {"index": i, "prediction": "", "exact_match": float(h)} for i, h in enumerate(hits)])
+        (quickstart_run / "eval" / f"{label}.json").write_text(json.dumps(record))
+    page = write_report(quickstart_run).read_text()
+    part = page[page.index("By kind of example"):]
+    part = part[:part.index("</table>")]
+    assert "<td>synthetic</td><td>copy</td><td>exact_match</td><td class=\"num\">2</td>" \
+           "<td>0.000 ± 0.000</td><td>1.000 ± 0.000</td>" in part
+    assert "<td>reverse</td><td>exact_match</td><td class=\"num\">2</td><td>0.000 ± 0.000</td><td>0.000" in part
+    assert "cloze" not in part  # its data has no kinds
+
+
 def test_report_on_a_single_pretrain_run(tmp_path):
     write_metrics(tmp_path / "run")
     assert main(["report", str(tmp_path / "run"), "--output", str(tmp_path / "r.html")]) == 0

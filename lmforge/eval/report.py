@@ -18,6 +18,7 @@ import html
 import json
 import math
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from lmforge.core.config import option
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_text
 from lmforge.eval.svg import PALETTE, Series, line_chart
+from lmforge.eval.tasks import load_task
 from lmforge.train.metrics import read_metrics, smooth
 
 SKIP_DIRS = {"checkpoints", "tb", "__pycache__", ".git"}
@@ -59,6 +61,7 @@ class RunData:
     summary: dict[str, Any] | None = None
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)
     decontam: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kinds: dict[str, dict[str, list[str | None]]] = field(default_factory=dict)  # eval -> task -> kind per example
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -139,6 +142,7 @@ def collect_run(run_dir: str | Path) -> RunData:
             run.stages[label] = data
         elif (kind := _task_kind(data)) == "eval":
             run.evals[str(rel.with_suffix(""))] = data
+            run.kinds[str(rel.with_suffix(""))] = example_kinds(path, data)
         elif kind == "decontam":
             run.decontam[str(rel.with_suffix(""))] = data
     if run.summary is not None:
@@ -147,6 +151,31 @@ def collect_run(run_dir: str | Path) -> RunData:
         raise LmforgeError(f"{root}: nothing to report (no metrics.jsonl, config, summary.json, stats or eval "
                            "results found)")
     return run
+
+
+def example_kinds(path: Path, record: dict[str, Any]) -> dict[str, list[str | None]]:
+    """Per task, the `kind` of each scored example (copy, reverse, ...): from the example itself, else from the
+    row of the task's data it was made from (the task YAML's path, or a `tasks/` folder beside the results
+    when the run directory moved). Tasks whose data has no kinds are left out."""
+    out: dict[str, list[str | None]] = {}
+    for name, result in record["tasks"].items():
+        examples = result.get("examples")
+        if not isinstance(examples, list) or not examples:
+            continue
+        kinds = [e.get("kind") if isinstance(e, dict) else None for e in examples]
+        if not any(kinds) and isinstance(result.get("path"), str):
+            rows: list[dict[str, Any]] = []
+            for task_file in (Path(result["path"]), path.parent / "tasks" / Path(result["path"]).name):
+                try:
+                    rows = [ex.fields for ex in load_task(task_file).examples]
+                    break
+                except LmforgeError:
+                    continue
+            kinds = [rows[e["index"]].get("kind") if isinstance(e, dict) and isinstance(e.get("index"), int)
+                     and 0 <= e["index"] < len(rows) else None for e in examples]
+        if any(kinds):
+            out[name] = kinds
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,6 +322,31 @@ def eval_table(evals: dict[str, dict[str, Any]]) -> str:
                 extra.append([label, key, record[key]])
     html_rows = table(["task", "metric", "n", *labels], rows)
     return html_rows + (table(["results", "metric", "value"], extra) if extra else "")
+
+
+def kind_table(run: RunData) -> str:
+    """Each task's headline metric per kind of example, one column per results file: a flat average can hide a
+    stage that helps one kind and hurts another."""
+    labels = lifecycle_order(list(run.evals))
+    cells: dict[tuple[str, str, str], dict[str, str]] = {}
+    counts: dict[tuple[str, str, str], int] = {}
+    for label in labels:
+        for task, kinds in run.kinds.get(label, {}).items():
+            result = run.evals[label]["tasks"][task]
+            metric = next((m for m in TASK_METRICS if m in result), None)
+            if metric is None:
+                continue
+            by_kind: dict[str, list[float]] = {}
+            for kind, ex in zip(kinds, result["examples"]):
+                if kind is not None and finite(ex.get(metric)):
+                    by_kind.setdefault(kind, []).append(float(ex[metric]))
+            for kind, values in sorted(by_kind.items()):
+                err = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+                cells.setdefault((task, kind, metric), {})[label] = f"{statistics.fmean(values):.3f} ± {err:.3f}"
+                counts[(task, kind, metric)] = len(values)
+    rows = [[task, kind, metric, counts[(task, kind, metric)], *(by.get(label, "") for label in labels)]
+            for (task, kind, metric), by in cells.items()]
+    return table(["task", "kind", "metric", "n", *labels], rows) if rows else ""
 
 
 def decontam_table(reports: dict[str, dict[str, Any]]) -> str:
@@ -470,6 +524,9 @@ def render_report(run: RunData) -> str:
                                                              vr))
     if run.evals:
         body.append("<h2>Evaluation</h2>" + eval_table(run.evals))
+        kinds = kind_table(run)
+        if kinds:
+            body.append("<h3>By kind of example</h3>" + kinds)
     if run.decontam:
         body.append("<h2>Decontamination</h2>" + decontam_table(run.decontam))
     samples = samples_html(run.stages)
