@@ -204,8 +204,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         before = snapshot(untrained, *look)
         pt.resume = latest_checkpoint(pt.run_dir) is not None  # an interrupted run continues
         result = pretrain(pt)
-        after = snapshot(load_model(result["model_dir"]), *look)
-        return {**result, "val_before": before["val"], "val_after": after["val"],
+        trained = load_model(result["model_dir"])
+        after = snapshot(trained, *look)
+        return {**result, "val_before": before["val"], "val_after": after["val"], "prefix_lm": trained.cfg.prefix_lm,
                 "samples_before": before["samples"], "samples_after": after["samples"]}
 
     base_model = stages.run("pretrain", _pretrain, resumable=True)["model_dir"]

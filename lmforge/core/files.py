@@ -104,7 +104,6 @@ def fsync_dir(path: str | Path) -> None:
 
 def read_json_object(path: str | Path) -> dict[str, Any]:
     """A JSON file that must hold an object; any problem is one LmforgeError line naming the file."""
-
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"{path}: file not found")

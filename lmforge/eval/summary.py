@@ -12,8 +12,6 @@ from typing import Any
 
 import torch
 
-from lmforge.model.io import read_model_config
-
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "f16c", "asimd", "sve")
 
 
@@ -96,7 +94,7 @@ def summary_text(summary: dict[str, Any], report: Path) -> str:
     if pt.get("val_after"):  # decoder-only models chat; an encoder-decoder fills spans
         lines.append(f"  lmforge chat --checkpoint {chat['checkpoint']}{adapter}      "
                      "(try: reverse: a b c, or add: 3 + 4)")
-        if not read_model_config(pt["model_dir"]).prefix_lm:  # serve decodes causal decoders only
+        if not pt.get("prefix_lm"):  # serve decodes causal decoders only
             lines.append(f"  lmforge serve --checkpoint {serve}      "
                          "(then open http://127.0.0.1:8000 for the web chat)")
         lines += [
