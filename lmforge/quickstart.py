@@ -223,7 +223,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
 
     summary = {"run_dir": str(run_dir), "seconds": round(time.perf_counter() - start, 1), "stages": stages.results,
                "models": {k: {"checkpoint": c, "adapter": a} for k, (c, a) in models.items()},
-               "machine": machine_info()}
+               "machine": machine_info(), "task_kinds": list(cfg.sft.task_kinds)}
     atomic_write_json(run_dir / "summary.json", summary)
     atomic_write_text(run_dir / "summary.md", summary_markdown(summary))
     report = write_report(run_dir)

@@ -9,6 +9,7 @@ from lmforge.eval.compare import write_compare
 from lmforge.eval.report import collect_run, write_report
 from lmforge.eval.summary import summary_markdown, summary_text
 from lmforge.eval.svg import Series, line_chart, nice_ticks
+from lmforge.tasks.suite import split_of
 
 
 def write_metrics(directory, steps=50, start=8.0, lr=1e-3):
@@ -192,6 +193,7 @@ def test_quickstart_summary_text_and_markdown(tmp_path):
              (("base", 0.0), ("sft", 0.8667))}
     summary = {"run_dir": "run", "seconds": 551.0, "models": {"base": {"checkpoint": "run/pretrain/model"},
                                                              "sft": {"checkpoint": "run/sft/model"}},
+               "task_kinds": ["sort", "copy", "count_letter"],
                "stages": {"corpus": {"seconds": 0.5, "docs": 1200, "bytes": 6_000_000},
                           "tokenizer": {"seconds": 1.2, "vocab_size": 4096},
                           "shards": {"seconds": 1.9, "train_tokens": 1_638_400, "val_tokens": 30_000},
@@ -200,7 +202,13 @@ def test_quickstart_summary_text_and_markdown(tmp_path):
     assert "  val loss:  8.349 -> 3.869 nats/token;  bits/byte 3.603 -> 1.670" in text
     assert "  synthetic exact_match:   base 0.000 -> sft 0.867" in text
     assert "  shards:    1,638,400 train / 30,000 val tokens" in text
-    assert "  lmforge chat --checkpoint run/sft/model      (try: reverse: a b c, or add: 3 + 4)" in text
+    chat = next(line for line in text if line.startswith("  lmforge chat"))
+    prompts = re.fullmatch(r"  lmforge chat --checkpoint run/sft/model      \(try: (.*)\)", chat).group(1)
+    kinds = [p.split(":")[0] for p in prompts.split(", or ")]
+    assert kinds == ["sort", "copy"]  # the kinds SFT trained on, no `add: 3 + 4`
+    assert all(split_of(k, p) == 0 for k, p in zip(kinds, prompts.split(", or ")))  # from the training half
+    summary.pop("task_kinds")  # a run from before kinds were recorded: no prompt to suggest rather than a wrong one
+    assert "(try:" not in summary_text(summary, tmp_path / "report.html")
     md = summary_markdown(summary)
     assert "| pretrain | 200.0 |\n| eval | 9.7 |" in md
     assert "Validation loss 8.349 -> 3.869 nats/token; bits per byte 3.603 -> 1.670." in md
