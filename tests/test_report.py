@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 
 import pytest
 
@@ -153,6 +154,36 @@ def test_evaluation_broken_down_by_kind(quickstart_run):
            "<td>0.000 ± 0.000</td><td>1.000 ± 0.000</td>" in part
     assert "<td>reverse</td><td>exact_match</td><td class=\"num\">2</td><td>0.000 ± 0.000</td><td>0.000" in part
     assert "cloze" not in part  # its data has no kinds
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+CHARTS_IN_BROWSER = """() => [...document.querySelectorAll('svg.chart')].map(svg => {
+  const ys = new Set();  // the plotted y positions of the chart's lines and markers, as the browser parsed them
+  svg.querySelectorAll('polyline').forEach(l => {
+    for (let i = 0; i < l.points.numberOfItems; i++) ys.add(l.points.getItem(i).y.toFixed(1));
+  });
+  svg.querySelectorAll('circle').forEach(c => ys.add(c.cy.baseVal.value.toFixed(1)));
+  return ys.size;
+})"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (scripts/setup.sh installs it when CI=true)")
+def test_report_in_a_browser_shows_the_card_first(quickstart_run):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    out = write_report(quickstart_run)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(out.as_uri())
+            assert page.evaluate("document.body.firstElementChild.id") == "card"
+            card = page.locator("#card").bounding_box()
+            assert card["y"] < 100 and "pretrain" in page.text_content("#card")  # at the top of the screen
+            distinct = page.evaluate(CHARTS_IN_BROWSER)
+            assert distinct and min(distinct) >= 2
+        finally:
+            browser.close()
 
 
 def test_report_on_a_single_pretrain_run(tmp_path):
