@@ -290,7 +290,8 @@ def charts_html(metrics: dict[str, list[dict[str, Any]]]) -> str:
 def val_rows(run: RunData) -> list[list[Any]]:
     """Last validation metrics of each trained stage: stage | metric | first | last | best."""
     rows = []
-    for label, metrics in run.metrics.items():
+    for label in lifecycle_order(list(run.metrics)):
+        metrics = run.metrics[label]
         keys = sorted({k for r in metrics for k in r if k.startswith("val_") and finite(r[k])})
         for key in keys:
             _, ys = column(metrics, key)
