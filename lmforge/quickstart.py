@@ -30,7 +30,7 @@ from lmforge.data.readers import read_documents
 from lmforge.eval.heldout import evaluate_models
 from lmforge.eval.report import write_report
 from lmforge.eval.snapshot import snapshot
-from lmforge.eval.summary import summary_markdown, summary_text
+from lmforge.eval.summary import machine_info, summary_markdown, summary_text
 from lmforge.model import ModelConfig, load_model
 from lmforge.model.encdec import build_model
 from lmforge.model.variants import rebase_preset, with_fields
@@ -222,7 +222,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                                                    cfg.eval_examples, cfg.cloze_examples, cfg.sft.task_kinds))
 
     summary = {"run_dir": str(run_dir), "seconds": round(time.perf_counter() - start, 1), "stages": stages.results,
-               "models": {k: {"checkpoint": c, "adapter": a} for k, (c, a) in models.items()}}
+               "models": {k: {"checkpoint": c, "adapter": a} for k, (c, a) in models.items()},
+               "machine": machine_info(), "task_kinds": list(cfg.sft.task_kinds)}
     atomic_write_json(run_dir / "summary.json", summary)
     atomic_write_text(run_dir / "summary.md", summary_markdown(summary))
     report = write_report(run_dir)

@@ -18,6 +18,7 @@ import html
 import json
 import math
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from lmforge.core.config import option
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_text
 from lmforge.eval.svg import PALETTE, Series, line_chart
+from lmforge.eval.tasks import load_task
 from lmforge.train.metrics import read_metrics, smooth
 
 SKIP_DIRS = {"checkpoints", "tb", "__pycache__", ".git"}
@@ -40,8 +42,11 @@ h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bo
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ddd;padding:.3em .6em;
 text-align:left;vertical-align:top}th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em;white-space:pre-wrap}
-.muted{color:#777}.charts{display:flex;flex-wrap:wrap;gap:1em}.chart text{font-size:11px;fill:#333}
+.muted{color:#777}.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:.8em}
+.charts svg{width:100%;height:auto}.chart text{font-size:11px;fill:#333}
 .chart .title{font-size:13px;font-weight:600}.chart .grid{stroke:#eee}.chart .frame{fill:none;stroke:#999}
+.card{border:1px solid #ccc;border-radius:8px;padding:.6em 1.2em;background:#fafbfc}.card h1{margin-top:.2em}
+.card td.change{font-variant-numeric:tabular-nums}
 .up{color:#1a7f37}.down{color:#cf222e}td.sample{font-family:ui-monospace,monospace;white-space:pre-wrap;
 font-size:.85em;max-width:500px}
 """
@@ -56,6 +61,7 @@ class RunData:
     summary: dict[str, Any] | None = None
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)
     decontam: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kinds: dict[str, dict[str, list[str | None]]] = field(default_factory=dict)  # eval -> task -> kind per example
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -136,6 +142,7 @@ def collect_run(run_dir: str | Path) -> RunData:
             run.stages[label] = data
         elif (kind := _task_kind(data)) == "eval":
             run.evals[str(rel.with_suffix(""))] = data
+            run.kinds[str(rel.with_suffix(""))] = example_kinds(path, data)
         elif kind == "decontam":
             run.decontam[str(rel.with_suffix(""))] = data
     if run.summary is not None:
@@ -144,6 +151,31 @@ def collect_run(run_dir: str | Path) -> RunData:
         raise LmforgeError(f"{root}: nothing to report (no metrics.jsonl, config, summary.json, stats or eval "
                            "results found)")
     return run
+
+
+def example_kinds(path: Path, record: dict[str, Any]) -> dict[str, list[str | None]]:
+    """Per task, the `kind` of each scored example (copy, reverse, ...): from the example itself, else from the
+    row of the task's data it was made from (the task YAML's path, or a `tasks/` folder beside the results
+    when the run directory moved). Tasks whose data has no kinds are left out."""
+    out: dict[str, list[str | None]] = {}
+    for name, result in record["tasks"].items():
+        examples = result.get("examples")
+        if not isinstance(examples, list) or not examples:
+            continue
+        kinds = [e.get("kind") if isinstance(e, dict) else None for e in examples]
+        if not any(kinds) and isinstance(result.get("path"), str):
+            rows: list[dict[str, Any]] = []
+            for task_file in (Path(result["path"]), path.parent / "tasks" / Path(result["path"]).name):
+                try:
+                    rows = [ex.fields for ex in load_task(task_file).examples]
+                    break
+                except LmforgeError:
+                    continue
+            kinds = [rows[e["index"]].get("kind") if isinstance(e, dict) and isinstance(e.get("index"), int)
+                     and 0 <= e["index"] < len(rows) else None for e in examples]
+        if any(kinds):
+            out[name] = kinds
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,16 +233,25 @@ def column(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[floa
 
 
 def loss_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """Train-row keys worth a curve: loss first, then other losses/rewards/margins that a stage logs."""
+    """Train-row keys worth a curve: loss first, then other losses/rewards/margins that a stage logs.
+    Counters (tokens seen, tokens per source, loss tokens per batch) and throughput are left out: a
+    cumulative count is a straight line that says nothing about the run."""
     keys = {k for r in rows for k, v in r.items() if finite(v)}
-    skip = {"step", "lr", "tokens_seen", "tokens_per_s", "grad_norm", "seconds", "elapsed"}
+    skip = {"step", "lr", "tokens_seen", "tokens_per_s", "grad_norm", "seconds", "elapsed", "loss_tokens"}
     main = [k for k in ("loss", "val_loss") if k in keys]
-    return main + sorted(k for k in keys - skip - set(main) if not k.startswith("val_"))
+    return main + sorted(k for k in keys - skip - set(main)
+                         if not k.startswith(("val_", "tokens.", "n_")) and not k.endswith(("_tokens", "_count")))
 
 
-def stage_charts(label: str, rows: list[dict[str, Any]]) -> str:
+def says_something(series: list[Series]) -> bool:
+    """A chart is worth drawing when some series in it takes at least two distinct values."""
+    return any(len(set(s.ys)) >= 2 for s in series)
 
-    charts = []
+
+def stage_charts(label: str, rows: list[dict[str, Any]], with_lr: bool = True) -> list[str]:
+    """The small multiples of one stage: loss (train and validation on one chart), learning rate (when
+    `with_lr`), and the other curves it logs; only charts with at least two distinct values."""
+    candidates: list[tuple[str, list[Series], str]] = []
     xs, ys = column(rows, "loss")
     vx, vy = column(rows, "val_loss")
     series = []
@@ -220,22 +261,37 @@ def stage_charts(label: str, rows: list[dict[str, Any]]) -> str:
                    Series("train loss (smoothed)", xs, smooth(ys, window), PALETTE[0], 2)]
     if vx:
         series.append(Series("val loss", vx, vy, PALETTE[1], 2, markers=True))
-    if series:
-        charts.append(line_chart(series, f"{label}: loss", ylabel="nats/token"))
-    lx, ly = column(rows, "lr")
-    if lx:
-        charts.append(line_chart([Series("lr", lx, ly, PALETTE[2], 2)], f"{label}: learning rate", ylabel="lr"))
-    for i, key in enumerate(k for k in loss_keys(rows) if k not in ("loss", "val_loss")):
+    candidates.append((f"{label}: loss", series, "nats/token"))
+    if with_lr:
+        lx, ly = column(rows, "lr")
+        candidates.append((f"{label}: learning rate", [Series("lr", lx, ly, PALETTE[2], 2)], "lr"))
+    others = [k for k in loss_keys(rows) if k not in ("loss", "val_loss")]
+    for i, key in enumerate(others[:6]):
         kx, ky = column(rows, key)
-        if len(kx) > 1 and i < 6:
-            charts.append(line_chart([Series(key, kx, ky, PALETTE[(3 + i) % len(PALETTE)], 2)], f"{label}: {key}"))
-    return f'<div class="charts">{"".join(charts)}</div>'
+        candidates.append((f"{label}: {key}", [Series(key, kx, ky, PALETTE[(3 + i) % len(PALETTE)], 2,
+                                                      markers=len(kx) <= 5)], ""))
+    return [line_chart(ss, title, ylabel=unit, width=420, height=240)
+            for title, ss, unit in candidates if says_something(ss)]
+
+
+def charts_html(metrics: dict[str, list[dict[str, Any]]]) -> str:
+    """Every stage's charts in lifecycle order in one grid; the learning rate drawn once (the first stage that has
+    a schedule worth drawing), since each stage's warmup-and-decay looks the same."""
+    charts: list[str] = []
+    lr_drawn = False
+    for label in lifecycle_order(list(metrics)):
+        rows = metrics[label]
+        has_lr = says_something([Series("lr", *column(rows, "lr"))])
+        charts += stage_charts(label, rows, with_lr=has_lr and not lr_drawn)
+        lr_drawn = lr_drawn or has_lr
+    return f'<div class="charts">{"".join(charts)}</div>' if charts else ""
 
 
 def val_rows(run: RunData) -> list[list[Any]]:
     """Last validation metrics of each trained stage: stage | metric | first | last | best."""
     rows = []
-    for label, metrics in run.metrics.items():
+    for label in lifecycle_order(list(run.metrics)):
+        metrics = run.metrics[label]
         keys = sorted({k for r in metrics for k in r if k.startswith("val_") and finite(r[k])})
         for key in keys:
             _, ys = column(metrics, key)
@@ -246,7 +302,7 @@ def val_rows(run: RunData) -> list[list[Any]]:
 
 def eval_table(evals: dict[str, dict[str, Any]]) -> str:
     """Rows task/metric, one column per results file: stages side by side show what each one changed."""
-    labels = list(evals)
+    labels = lifecycle_order(list(evals))
     keys: list[tuple[str, str]] = []
     for record in evals.values():
         for task, r in record["tasks"].items():
@@ -269,6 +325,31 @@ def eval_table(evals: dict[str, dict[str, Any]]) -> str:
     return html_rows + (table(["results", "metric", "value"], extra) if extra else "")
 
 
+def kind_table(run: RunData) -> str:
+    """Each task's headline metric per kind of example, one column per results file: a flat average can hide a
+    stage that helps one kind and hurts another."""
+    labels = lifecycle_order(list(run.evals))
+    cells: dict[tuple[str, str, str], dict[str, str]] = {}
+    counts: dict[tuple[str, str, str], int] = {}
+    for label in labels:
+        for task, kinds in run.kinds.get(label, {}).items():
+            result = run.evals[label]["tasks"][task]
+            metric = next((m for m in TASK_METRICS if m in result), None)
+            if metric is None:
+                continue
+            by_kind: dict[str, list[float]] = {}
+            for kind, ex in zip(kinds, result["examples"]):
+                if kind is not None and finite(ex.get(metric)):
+                    by_kind.setdefault(kind, []).append(float(ex[metric]))
+            for kind, values in sorted(by_kind.items()):
+                err = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+                cells.setdefault((task, kind, metric), {})[label] = f"{statistics.fmean(values):.3f} ± {err:.3f}"
+                counts[(task, kind, metric)] = len(values)
+    rows = [[task, kind, metric, counts[(task, kind, metric)], *(by.get(label, "") for label in labels)]
+            for (task, kind, metric), by in cells.items()]
+    return table(["task", "kind", "metric", "n", *labels], rows) if rows else ""
+
+
 def decontam_table(reports: dict[str, dict[str, Any]]) -> str:
     rows = []
     for label, rep in reports.items():
@@ -281,7 +362,8 @@ def decontam_table(reports: dict[str, dict[str, Any]]) -> str:
 def samples_html(stages: dict[str, dict[str, Any]]) -> str:
     """Every `samples_*` list of strings in the stage results, side by side per prompt."""
     out = []
-    for stage, result in stages.items():
+    for stage in lifecycle_order(list(stages)):
+        result = stages[stage]
         lists = {k: v for k, v in result.items()
                  if k.startswith("samples") and isinstance(v, list) and all(isinstance(s, str) for s in v)}
         if not lists:
@@ -297,39 +379,155 @@ def samples_html(stages: dict[str, dict[str, Any]]) -> str:
 
 
 def stage_results_table(stages: dict[str, dict[str, Any]]) -> str:
+    """Every scalar a stage returned, in lifecycle order, folded under a <details>; values a stage did not
+    measure (None) are left out."""
     rows = []
-    for stage, result in stages.items():
-        flat = flatten({k: v for k, v in result.items() if not k.startswith("samples")})
+    for stage in lifecycle_order(list(stages)):
+        flat = flatten({k: v for k, v in stages[stage].items() if not k.startswith("samples")})
         for key, value in flat.items():
-            if key not in ("sha256",) and not key.endswith(".sha256"):
+            if value is not None and key != "sha256" and not key.endswith(".sha256"):
                 rows.append([stage, key, value])
-    return table(["stage", "result", "value"], rows)
+    return (f"<details><summary>all stage results ({len(rows)} values)</summary>"
+            f"{table(['stage', 'result', 'value'], rows)}</details>")
 
 
-def page(title: str, body: list[str]) -> str:
+# ------------------------------------------------------------------------------------------------
+# the lifecycle card: one row per stage, in the order a run goes through them
+
+LIFECYCLE = ("corpus", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "preference", "reward", "ppo",
+             "grpo", "rl", "reasoning", "eval")
+
+
+def lifecycle_order(names: list[str]) -> list[str]:
+    """Stage names in lifecycle order (corpus -> ... -> eval); unknown names keep their place after the known."""
+    rank = {name: i for i, name in enumerate(("base", *LIFECYCLE))}
+
+    def key(name: str) -> tuple[int, int]:
+        parts = name.split("/")  # a stage folder (`sft`), or an eval file of a stage's model (`eval/sft`)
+        return min(rank.get(p, len(rank)) for p in (parts[0], parts[-1])), names.index(name)
+    return sorted(names, key=key)
+
+
+def _arrow(before: Any, after: Any, fmt: str = ".3f") -> str:
+    return f"{before:{fmt}} -> {after:{fmt}}" if finite(before) and finite(after) else ""
+
+
+def _scored(r: dict[str, Any], metric: str) -> str:
+    value, err = r.get(metric), r.get(metric + "_stderr")
+    if not finite(value):
+        return ""
+    return f"{value:.3f} ± {err:.3f}" if finite(err) else f"{value:.3f}"
+
+
+def _eval_lines(models: dict[str, Any]) -> list[str]:
+    """`task metric: base x ± se -> sft y ± se -> ...` for the headline metric of each task."""
+    lines = []
+    tasks = {t: r for m in models.values() if isinstance(m, dict) for t, r in m.items() if isinstance(r, dict)}
+    for task, first in tasks.items():
+        metric = next((m for m in ("exact_match", "acc_norm", "acc", "f1") if m in first), None)
+        if metric is None:
+            continue
+        shown = [f"{label} {_scored(m.get(task, {}), metric)}" for label, m in models.items()
+                 if isinstance(m, dict) and _scored(m.get(task, {}), metric)]
+        if shown:
+            lines.append(f"{task} {metric}: " + " -> ".join(shown))
+    return lines
+
+
+def stage_headline(stage: str, r: dict[str, Any]) -> tuple[str, str]:
+    """(what the stage made, what it changed) for one stage's result, as plain text."""
+    kind = stage.split("/")[0]
+    if kind == "corpus":
+        return f"{fmt_value(r.get('docs'))} docs, {r.get('bytes', 0) / 1e6:.2f} MB", ""
+    if kind == "clean":
+        kept = f"kept {fmt_value(r.get('docs_kept'))} of {fmt_value(r.get('docs_in'))} docs"
+        return ", ".join(r.get("steps", [])), kept
+    if kind == "tokenizer":
+        return f"vocab {fmt_value(r.get('vocab_size'))}", ""
+    if kind == "shards":
+        return f"{fmt_value(r.get('train_tokens'))} train / {fmt_value(r.get('val_tokens'))} val tokens", ""
+    if kind == "pretrain":
+        b, a = r.get("val_before") or {}, r.get("val_after") or {}
+        change = "; ".join(x for x in (f"val loss {_arrow(b.get('loss'), a.get('loss'))}" if a else "",
+                                       f"bits/byte {_arrow(b.get('bits_per_byte'), a.get('bits_per_byte'))}"
+                                       if finite(a.get("bits_per_byte")) else "") if x)
+        return f"{fmt_value(r.get('steps'))} steps, {fmt_value(round(r.get('tokens_per_s') or 0))} tokens/s", change
+    if kind == "eval":
+        return "", "; ".join(_eval_lines(r.get("models") or {}))
+    made = f"{fmt_value(r.get('steps'))} steps" if "steps" in r else ""
+    if finite(r.get("train_conversations")):
+        made += f" on {fmt_value(r['train_conversations'])} conversations"
+    changes = []
+    if finite(r.get("heldout_logp_margin")):
+        changes.append(f"preference margin {_arrow(r.get('heldout_logp_margin_before'), r['heldout_logp_margin'])}")
+    if finite(r.get("heldout_preference_accuracy")):
+        changes.append("preference accuracy "
+                       + _arrow(r.get("heldout_preference_accuracy_before"), r["heldout_preference_accuracy"]))
+    if finite(r.get("val_loss")):
+        changes.append(f"val loss {_arrow(r.get('base_val_loss'), r['val_loss']) or fmt_value(r['val_loss'])}")
+    if not changes and finite(r.get("final_loss")):
+        changes.append(f"final train loss {r['final_loss']:.3f}")
+    return made, "; ".join(changes)
+
+
+def _machine_line(machine: dict[str, Any] | None, precision: str | None) -> str:
+    if not machine and not precision:
+        return ""
+    m = machine or {}
+    parts = [f"{k} {fmt_value(m[k])}" for k in ("cpu", "threads", "gpu") if m.get(k)]
+    if m.get("cpu_flags"):
+        parts.append("CPU flags " + " ".join(m["cpu_flags"]))
+    if precision:
+        parts.append(f"precision {precision}")
+    return f'<p class="muted">machine: {esc(", ".join(parts))}</p>'
+
+
+def lifecycle_card(run: RunData, title: str) -> str:
+    """The first thing on the page: every stage in lifecycle order with its headline figures and wall time."""
+    rows = []
+    for stage in lifecycle_order(list(run.stages)):
+        made, change = stage_headline(stage, run.stages[stage])
+        seconds = run.stages[stage].get("seconds")
+        rows.append([stage, made, change.replace("; ", "\n"), seconds if finite(seconds) else ""])
+    if not rows:  # a single training run: its curves' first and last validation values
+        for label, metrics in run.metrics.items():
+            _, ys = column(metrics, "val_loss")
+            _, ts = column(metrics, "loss")
+            rows.append([label, f"{len(ts)} logged steps", f"val loss {_arrow(ys[0], ys[-1])}" if ys else
+                         (f"train loss {_arrow(ts[0], ts[-1])}" if ts else ""), ""])
+    total = run.summary.get("seconds") if run.summary else None
+    head = f"<h1>{esc(title)}</h1>"
+    if finite(total):
+        head += f"<p>Finished in <b>{fmt_value(total)} s</b> ({len(run.stages)} stages).</p>"
+    body = table(["stage", "made", "change", "seconds"], rows).replace("\n", "<br>") if rows else ""
+    precision = next((c.get("train", {}).get("precision") for n, c in run.configs.items()
+                      if n.startswith("pretrain") and isinstance(c.get("train"), dict)), None)
+    machine = run.summary.get("machine") if run.summary else None
+    return f'<section class="card" id="card">{head}{body}{_machine_line(machine, precision)}</section>'
+
+
+def page(title: str, body: list[str], card: str = "") -> str:
+    """The HTML page; `card` (which holds the title) comes first in the body when given."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    head = card or f"<h1>{esc(title)}</h1>"
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>"
+            f"<style>{CSS}</style></head><body>{head}"
             f"<p class=\"muted\">generated by lmforge on {stamp}</p>{''.join(body)}</body></html>\n")
 
 
 def render_report(run: RunData) -> str:
     body = []
-    if run.summary is not None:
-        body.append(f"<p>Finished in <b>{fmt_value(run.summary.get('seconds'))} s</b> "
-                    f"({len(run.stages)} stages).</p>")
-    if run.stages:
-        timing = [[s, r.get("seconds", "")] for s, r in run.stages.items()]
-        body.append("<h2>Stages</h2>" + table(["stage", "seconds"], timing))
     if run.metrics:
-        body.append("<h2>Training curves</h2>")
-        body += [f"<h3>{esc(label)}</h3>{stage_charts(label, rows)}" for label, rows in run.metrics.items()]
+        body.append("<h2>Training curves</h2>" + charts_html(run.metrics))
         vr = val_rows(run)
         if vr:
             body.append("<h2>Validation metrics</h2>" + table(["stage", "metric", "first", "last", "best", "evals"],
                                                              vr))
     if run.evals:
         body.append("<h2>Evaluation</h2>" + eval_table(run.evals))
+        kinds = kind_table(run)
+        if kinds:
+            body.append("<h3>By kind of example</h3>" + kinds)
     if run.decontam:
         body.append("<h2>Decontamination</h2>" + decontam_table(run.decontam))
     samples = samples_html(run.stages)
@@ -346,7 +544,8 @@ def render_report(run: RunData) -> str:
         body.append("<h2>Configuration</h2>")
         body += [f"<details><summary>{esc(name)}</summary><pre>{esc(json.dumps(cfg, indent=2))}</pre></details>"
                  for name, cfg in run.configs.items()]
-    return page(f"lmforge run report: {run.name}", body)
+    title = f"lmforge run report: {run.name}"
+    return page(title, body, lifecycle_card(run, title))
 
 
 @dataclass

@@ -6,8 +6,31 @@ without running a stage.
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from lmforge.tasks.suite import make_examples
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "f16c", "asimd", "sve")
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a run ran on, for the report card: CPU, the SIMD flags matmuls care about, threads, GPU."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:  # not Linux: no flags to show
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+            "threads": torch.get_num_threads(), "gpu": gpu or "none", "torch": torch.__version__}
 
 
 def _metric(stages: dict[str, Any], label: str, task: str, metric: str) -> float | None:
@@ -26,6 +49,12 @@ def _task_lines(st: dict[str, Any]) -> list[str]:
         if shown:
             lines.append(f"  {task + ' ' + metric + ':':<24} {shown}")
     return lines
+
+
+def try_prompts(kinds: list[str], n: int = 2) -> list[str]:
+    """Prompts of the task kinds the chat model was trained on, drawn from the training half of the suite:
+    prompts the trained model can answer (a kind it never saw, such as `add`, gets garbage)."""
+    return [e.prompt for e in make_examples(min(n, len(kinds)), seed=0, kinds=kinds[:n])] if kinds else []
 
 
 def summary_text(summary: dict[str, Any], report: Path) -> str:
@@ -71,8 +100,9 @@ def summary_text(summary: dict[str, Any], report: Path) -> str:
         lines.append(f"  lmforge merge-adapter --checkpoint {chat['checkpoint']} --adapter {chat['adapter']} "
                      f"--output {serve}")
     if pt.get("val_after"):  # decoder-only models chat; an encoder-decoder fills spans
-        lines.append(f"  lmforge chat --checkpoint {chat['checkpoint']}{adapter}      "
-                     "(try: reverse: a b c, or add: 3 + 4)")
+        prompts = try_prompts(summary.get("task_kinds") or []) if "sft" in summary["models"] else []
+        hint = f"      (try: {', or '.join(prompts)})" if prompts else ""
+        lines.append(f"  lmforge chat --checkpoint {chat['checkpoint']}{adapter}{hint}")
         if not pt.get("prefix_lm"):  # serve decodes causal decoders only
             lines.append(f"  lmforge serve --checkpoint {serve}      "
                          "(then open http://127.0.0.1:8000 for the web chat)")
