@@ -184,7 +184,8 @@ def evaluate(cfg: ModelConfig, layout: Layout, seq_len: int, global_batch: int, 
     comm = comm_bytes(cfg, sizes, seq_len, global_batch, layout)
     tokens = global_batch * seq_len
     n_micro = global_batch // (layout.dp * layout.micro_batch)
-    flops = sizes.flops_per_token * tokens / layout.gpus * (8 / 6 if layout.checkpointing else 1.0)  # recompute = 1 more forward
+    recompute = 8 / 6 if layout.checkpointing else 1.0  # one more forward (2 of the 6 FLOPs per param-token)
+    flops = sizes.flops_per_token * tokens / layout.gpus * recompute
     bubble = (layout.pp - 1) / n_micro
     compute_s = flops / (hw.gpu_tflops * 1e12) * (1 + bubble)
     intra, inter = hw.intra_node_gbps * 1e9, hw.inter_node_gbps * 1e9
@@ -258,6 +259,8 @@ class PlanConfig:
             require(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
         for key in ("gpu_memory", "gpu_tflops", "intra_node_gbps", "inter_node_gbps"):
             require(getattr(self, key) > 0, key, getattr(self, key), "> 0")
+        require(self.model.vocab_size >= 1, "model.vocab_size", self.model.vocab_size,
+                ">= 1 (a preset without a tokenizer needs --model.vocab_size)")
 
 
 def _row(r: dict) -> str:

@@ -1,0 +1,144 @@
+"""The layout planner: 16 bytes/parameter exactly, published layouts, a real optimizer's state, the command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.core.config import from_dict
+from lmforge.model.config import ModelConfig
+from lmforge.model.size import num_params
+from lmforge.model.transformer import Transformer
+from lmforge.parallel.plan import (
+    Hardware,
+    Layout,
+    Sizes,
+    activation_bytes_per_layer,
+    candidates,
+    evaluate,
+    kv_cache_bytes,
+    plan,
+    state_bytes,
+)
+
+LLAMA3_405B = dict(vocab_size=128256, d_model=16384, n_layers=126, n_heads=128, n_kv_heads=8, d_ff=53248,
+                   mlp="swiglu", norm="rmsnorm", position="rope", max_seq_len=8192)
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    return from_dict(ModelConfig, {"preset": name, **overrides})
+
+
+def small() -> ModelConfig:
+    return preset("debug", vocab_size=256)
+
+
+def test_sixteen_bytes_per_parameter_by_zero_stage():
+    cfg = small()
+    n = num_params(cfg)
+    sizes = Sizes.of(cfg, 64)
+    one = state_bytes(sizes, Layout())
+    assert one == {"params": 2 * n, "grads": 2 * n, "optimizer": 12 * n}
+    assert sum(one.values()) == 16 * n
+    per_stage = [sum(state_bytes(sizes, Layout(dp=4, zero=z)).values()) for z in range(4)]
+    assert per_stage == [16 * n, 4 * n + 12 * n / 4, 2 * n + 14 * n / 4, 16 * n / 4]
+    tp_pp = state_bytes(sizes, Layout(dp=2, tp=2, pp=2, zero=1))
+    assert tp_pp == {"params": 2 * n / 4, "grads": 2 * n / 4, "optimizer": 12 * n / 8}
+
+
+def test_activation_formulas_by_hand():
+    # Korthikanti et al. 2022 with sequence parallelism, GPT-3 175B at s=2048, t=8: sbh(34 + 5as/h)/t.
+    gpt3 = ModelConfig(vocab_size=50257, d_model=12288, n_layers=2, n_heads=96, mlp="gelu", max_seq_len=2048)
+    assert activation_bytes_per_layer(gpt3, 2048, 1, 8, paper=True) == 2048 * 12288 * (34 + 80) / 8
+    # The adaptation for llama3-8b (GQA 32/8, SwiGLU 14336): 4h norms + attention (2h + 2q + 4kv + 2q + 4a)
+    # + MLP (2h + 8f) bytes per token = 16384 + 28800 + 122880.
+    llama = preset("llama3-8b")
+    assert activation_bytes_per_layer(llama, 8192, 1) == 8192 * (16384 + 28800 + 122880)
+    assert activation_bytes_per_layer(llama, 8192, 2, tp=4) == 2 * 8192 * (16384 + 28800 + 122880) / 4
+    # KV cache: 2 (K, V) x 32 layers x 8 heads x 128 x 2 bytes = 128 KiB per token.
+    assert kv_cache_bytes(llama, 8192) == 131072 * 8192
+    assert kv_cache_bytes(llama, 8192, tp=8, pp=2) == 131072 * 8192 / 16
+
+
+def test_llama3_405b_published_layout_fits_80gb():
+    # Dubey et al. 2024 (Table 4): 16K H100s, TP 8 x PP 16 x DP 128, seq 8192, 16M tokens per step.
+    cfg = ModelConfig(**LLAMA3_405B)
+    sizes = Sizes.of(cfg, 8192)
+    assert 405e9 < sizes.params < 406e9
+    published = Layout(dp=128, tp=8, pp=16, zero=1, micro_batch=1, checkpointing=True)
+    assert published in candidates(cfg, 16384, 2048, 8)
+    row = evaluate(cfg, published, 8192, 2048, Hardware(gpu_memory_gib=80), sizes)
+    assert row["fits"]
+    mem = row["memory_gib"]
+    assert 5.5 < mem["params"] < 6.5  # 405.9e9 x 2 B / 128 ranks
+    assert 10 < mem["total"] < 80
+    # without recomputation the first stage's 16 micro-batches of 8 layers do not fit
+    assert not evaluate(cfg, Layout(dp=128, tp=8, pp=16, zero=1), 8192, 2048, Hardware(), sizes)["fits"]
+
+
+def test_llama3_8b_dp_only_zero0_does_not_fit_16gb_but_a_sharded_layout_does():
+    cfg = preset("llama3-8b")
+    hw = Hardware(gpu_memory_gib=16)
+    row = evaluate(cfg, Layout(dp=64, zero=0, checkpointing=True), 8192, 512, hw)
+    assert not row["fits"] and row["memory_gib"]["total"] > 16 * 8.03e9 / 2**30  # 16 B x 8.03e9 alone
+    rows = plan(cfg, 64, 8192, 512, hw)
+    best = rows[0]
+    assert best["fits"] and best["memory_gib"]["total"] <= 16
+    assert all(r["step_s"] >= best["step_s"] for r in rows if r["fits"])
+    assert rows[-1]["fits"] is False
+
+
+def test_prediction_equals_a_real_mixed_precision_adam_step():
+    """bf16 weights and grads + fp32 master copies under torch.optim.AdamW: counted bytes == the planner's."""
+    cfg = small()
+    model = Transformer(cfg).to(torch.bfloat16)
+    master = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
+    opt = torch.optim.AdamW(master, lr=1e-3)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    logits = model(ids)
+    logits.float().logsumexp(-1).mean().backward()
+    for m, p in zip(master, model.parameters(), strict=True):
+        m.grad = p.grad.float()
+    opt.step()
+    for m in master:
+        m.grad = None
+    with torch.no_grad():
+        for m, p in zip(master, model.parameters(), strict=True):
+            p.copy_(m)
+
+    def nbytes(ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+    states = opt.state_dict()["state"].values()
+    measured = {"params": nbytes(model.parameters()), "grads": nbytes(p.grad for p in model.parameters()),
+                "optimizer": nbytes(master) + nbytes(t for s in states for t in s.values() if t.dim() > 0)}
+    assert measured == state_bytes(Sizes.of(cfg, 16), Layout())
+
+
+def test_command_table_json_and_errors(capsys):
+    argv = ["plan", "--model.preset", "debug", "--model.vocab_size", "256", "--gpus", "4", "--gpu-memory", "1",
+            "--seq-len", "64", "--global-batch", "8", "--gpus-per-node", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "best: " in out and "zero" in out and "ignores" in out
+    assert main(argv + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["best"] == doc["layouts"][0] and doc["best"]["fits"]
+    assert {r["layout"]["tp"] for r in doc["layouts"]} <= {1, 2}  # TP stays inside a 2-GPU node
+    assert main(["plan", "--model.preset", "llama3-8b", "--gpus", "1", "--gpu-memory", "16"]) == 1
+    assert "no layout fits 16 GiB" in capsys.readouterr().err
+    assert main(["plan", "--gpus", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gpus" in err
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3-tiny"])
+def test_moe_experts_shard_over_ep(name):
+    cfg = preset(name, vocab_size=256)
+    sizes = Sizes.of(cfg, 64)
+    assert 0 < sizes.experts < sizes.params
+    rep, ep = (state_bytes(sizes, Layout(dp=4, ep=e))["params"] for e in (1, 4))
+    assert rep - ep == pytest.approx(2 * sizes.experts * 3 / 4)
+    assert any(lay.ep > 1 for lay in candidates(cfg, 8, 16, 8))
