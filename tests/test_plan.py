@@ -142,3 +142,16 @@ def test_moe_experts_shard_over_ep(name):
     rep, ep = (state_bytes(sizes, Layout(dp=4, ep=e))["params"] for e in (1, 4))
     assert rep - ep == pytest.approx(2 * sizes.experts * 3 / 4)
     assert any(lay.ep > 1 for lay in candidates(cfg, 8, 16, 8))
+
+
+def test_deepseek_v3_published_layout_fits_80gb():
+    # DeepSeek-AI 2024 (V3 report, 3.2): 2048 H800s, PP 16 x EP 64 (over 8 nodes) x ZeRO-1 DP, no TP, seq 4096,
+    # 15360 sequences per step at the end of the batch-size ramp; recomputation of norms and up-projections.
+    cfg = preset("deepseek-v3")
+    sizes = Sizes.of(cfg, 4096)
+    assert 37e9 < sizes.active < 39e9 and sizes.experts > 0.9 * sizes.params
+    published = Layout(dp=128, tp=1, pp=16, ep=64, zero=1, checkpointing=True)
+    assert published in candidates(cfg, 2048, 15360, 8)
+    row = evaluate(cfg, published, 4096, 15360, Hardware(gpu_memory_gib=80), sizes)
+    assert row["fits"] and 5 < row["memory_gib"]["total"] < 80
+    assert row["comm_gb"]["ep"] > 0 and row["comm_gb"]["tp"] == 0

@@ -159,7 +159,7 @@ def comm_bytes(cfg: ModelConfig, sizes: Sizes, seq_len: int, global_batch: int, 
     pp = (2 * act / layout.tp) * n_micro if layout.pp > 1 else 0.0  # one activation forward, one grad back
     ep = 0.0
     if layout.ep > 1 and cfg.moe_experts:  # dispatch + combine, forward and backward
-        n_moe = sum(is_moe_layer(cfg, i) for i in range(layers))
+        n_moe = sum(is_moe_layer(cfg, i) for i in range(cfg.n_layers)) / layout.pp  # a stage's average share
         ep = 4 * act * cfg.moe_top_k * (layout.ep - 1) / layout.ep * n_moe * n_micro / layout.tp
     return {"dp": dp, "tp": tp, "pp": pp, "ep": ep}
 
