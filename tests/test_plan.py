@@ -13,8 +13,8 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.size import num_params
 from lmforge.model.transformer import Transformer
 from lmforge.parallel.plan import (
-    Hardware,
     Layout,
+    PlanConfig,
     Sizes,
     activation_bytes_per_layer,
     candidates,
@@ -70,21 +70,22 @@ def test_llama3_405b_published_layout_fits_80gb():
     assert 405e9 < sizes.params < 406e9
     published = Layout(dp=128, tp=8, pp=16, zero=1, micro_batch=1, checkpointing=True)
     assert published in candidates(cfg, 16384, 2048, 8)
-    row = evaluate(cfg, published, 8192, 2048, Hardware(gpu_memory_gib=80), sizes)
+    setup = PlanConfig(model=cfg, gpus=16384, gpu_memory=80, seq_len=8192, global_batch=2048)
+    row = evaluate(published, setup, sizes)
     assert row["fits"]
     mem = row["memory_gib"]
     assert 5.5 < mem["params"] < 6.5  # 405.9e9 x 2 B / 128 ranks
     assert 10 < mem["total"] < 80
     # without recomputation the first stage's 16 micro-batches of 8 layers do not fit
-    assert not evaluate(cfg, Layout(dp=128, tp=8, pp=16, zero=1), 8192, 2048, Hardware(), sizes)["fits"]
+    assert not evaluate(Layout(dp=128, tp=8, pp=16, zero=1), setup, sizes)["fits"]
 
 
 def test_llama3_8b_dp_only_zero0_does_not_fit_16gb_but_a_sharded_layout_does():
     cfg = preset("llama3-8b")
-    hw = Hardware(gpu_memory_gib=16)
-    row = evaluate(cfg, Layout(dp=64, zero=0, checkpointing=True), 8192, 512, hw)
+    setup = PlanConfig(model=cfg, gpus=64, gpu_memory=16, seq_len=8192, global_batch=512)
+    row = evaluate(Layout(dp=64, zero=0, checkpointing=True), setup)
     assert not row["fits"] and row["memory_gib"]["total"] > 16 * 8.03e9 / 2**30  # 16 B x 8.03e9 alone
-    rows = plan(cfg, 64, 8192, 512, hw)
+    rows = plan(setup)
     best = rows[0]
     assert best["fits"] and best["memory_gib"]["total"] <= 16
     assert all(r["step_s"] >= best["step_s"] for r in rows if r["fits"])
@@ -152,6 +153,7 @@ def test_deepseek_v3_published_layout_fits_80gb():
     assert 37e9 < sizes.active < 39e9 and sizes.experts > 0.9 * sizes.params
     published = Layout(dp=128, tp=1, pp=16, ep=64, zero=1, checkpointing=True)
     assert published in candidates(cfg, 2048, 15360, 8)
-    row = evaluate(cfg, published, 4096, 15360, Hardware(gpu_memory_gib=80), sizes)
+    setup = PlanConfig(model=cfg, gpus=2048, gpu_memory=80, seq_len=4096, global_batch=15360)
+    row = evaluate(published, setup, sizes)
     assert row["fits"] and 5 < row["memory_gib"]["total"] < 80
     assert row["comm_gb"]["ep"] > 0 and row["comm_gb"]["tp"] == 0

@@ -165,17 +165,36 @@ def comm_bytes(cfg: ModelConfig, sizes: Sizes, seq_len: int, global_batch: int, 
 
 
 @dataclass
-class Hardware:
-    gpu_memory_gib: float = 80.0
-    gpu_tflops: float = 400.0
-    intra_node_gbps: float = 450.0
-    inter_node_gbps: float = 50.0
-    gpus_per_node: int = 8
+class PlanConfig:
+    model: ModelConfig = option(default_factory=ModelConfig, help="model architecture (e.g. --model.preset)")
+    # the cluster
+    gpus: int = option(8, "GPUs to lay the model out over")
+    gpus_per_node: int = option(8, "GPUs per node: TP stays inside one")
+    gpu_memory: float = option(80.0, "memory per GPU in GiB")
+    # the workload
+    seq_len: int = option(4096, "training sequence length (also the KV-cache length reported)")
+    global_batch: int = option(512, "sequences per optimizer step")
+    # the speeds the step time is predicted from
+    gpu_tflops: float = option(400.0, "sustained bf16 TFLOP/s per GPU (H100 SXM peak is ~989 dense)")
+    intra_node_gbps: float = option(450.0, "GB/s per GPU inside a node (NVLink)")
+    inter_node_gbps: float = option(50.0, "GB/s per GPU between nodes (InfiniBand/RoCE, 400 Gb/s = 50 GB/s)")
+    # the output
+    top: int = option(15, "rows of the table to print")
+    json: bool = option(False, "print every evaluated layout as JSON instead of a table")
+
+    def __post_init__(self) -> None:
+        for key in ("gpus", "seq_len", "global_batch", "gpus_per_node", "top"):
+            require(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
+        for key in ("gpu_memory", "gpu_tflops", "intra_node_gbps", "inter_node_gbps"):
+            require(getattr(self, key) > 0, key, getattr(self, key), "> 0")
+        require(self.model.vocab_size >= 1, "model.vocab_size", self.model.vocab_size,
+                ">= 1 (a preset without a tokenizer needs --model.vocab_size)")
 
 
-def evaluate(cfg: ModelConfig, layout: Layout, seq_len: int, global_batch: int, hw: Hardware,
-             sizes: Sizes | None = None) -> dict:
+def evaluate(layout: Layout, setup: PlanConfig, sizes: Sizes | None = None) -> dict:
     """Memory (GiB per GPU), communication (GB per GPU per step) and predicted step time of one layout."""
+    hw = setup
+    cfg, seq_len, global_batch = hw.model, hw.seq_len, hw.global_batch
     sizes = sizes or Sizes.of(cfg, seq_len)
     state = state_bytes(sizes, layout)
     acts = activation_bytes(cfg, seq_len, layout)
@@ -195,7 +214,7 @@ def evaluate(cfg: ModelConfig, layout: Layout, seq_len: int, global_batch: int, 
     ep_bw = intra if layout.tp * layout.ep <= hw.gpus_per_node else inter
     comm_s = comm["dp"] / dp_bw + comm["tp"] / tp_bw + comm["pp"] / pp_bw + comm["ep"] / ep_bw
     step_s = compute_s + comm_s
-    return {"layout": asdict(layout), "fits": total <= hw.gpu_memory_gib * GiB,
+    return {"layout": asdict(layout), "fits": total <= hw.gpu_memory * GiB,
             "memory_gib": {k: v / GiB for k, v in {**mem, "total": total}.items()},
             "comm_gb": {k: v / 1e9 for k, v in comm.items()}, "micro_batches": n_micro, "bubble": bubble,
             "step_s": step_s, "tokens_per_s": tokens / step_s,
@@ -232,35 +251,12 @@ def candidates(cfg: ModelConfig, gpus: int, global_batch: int, gpus_per_node: in
     return out
 
 
-def plan(cfg: ModelConfig, gpus: int, seq_len: int, global_batch: int, hw: Hardware) -> list[dict]:
+def plan(setup: PlanConfig) -> list[dict]:
     """Every candidate layout evaluated, sorted: the ones that fit first, fastest first."""
-    sizes = Sizes.of(cfg, seq_len)
-    rows = [evaluate(cfg, lay, seq_len, global_batch, hw, sizes)
-            for lay in candidates(cfg, gpus, global_batch, hw.gpus_per_node)]
+    sizes = Sizes.of(setup.model, setup.seq_len)
+    rows = [evaluate(lay, setup, sizes)
+            for lay in candidates(setup.model, setup.gpus, setup.global_batch, setup.gpus_per_node)]
     return sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"], r["memory_gib"]["total"]))
-
-
-@dataclass
-class PlanConfig:
-    model: ModelConfig = option(default_factory=ModelConfig, help="model architecture (e.g. --model.preset)")
-    gpus: int = option(8, "GPUs to lay the model out over")
-    gpu_memory: float = option(80.0, "memory per GPU in GiB")
-    seq_len: int = option(4096, "training sequence length (also the KV-cache length reported)")
-    global_batch: int = option(512, "sequences per optimizer step")
-    gpu_tflops: float = option(400.0, "sustained bf16 TFLOP/s per GPU (H100 SXM peak is ~989 dense)")
-    intra_node_gbps: float = option(450.0, "GB/s per GPU inside a node (NVLink)")
-    inter_node_gbps: float = option(50.0, "GB/s per GPU between nodes (InfiniBand/RoCE, 400 Gb/s = 50 GB/s)")
-    gpus_per_node: int = option(8, "GPUs per node: TP stays inside one")
-    top: int = option(15, "rows of the table to print")
-    json: bool = option(False, "print every evaluated layout as JSON instead of a table")
-
-    def __post_init__(self) -> None:
-        for key in ("gpus", "seq_len", "global_batch", "gpus_per_node", "top"):
-            require(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
-        for key in ("gpu_memory", "gpu_tflops", "intra_node_gbps", "inter_node_gbps"):
-            require(getattr(self, key) > 0, key, getattr(self, key), "> 0")
-        require(self.model.vocab_size >= 1, "model.vocab_size", self.model.vocab_size,
-                ">= 1 (a preset without a tokenizer needs --model.vocab_size)")
 
 
 def _row(r: dict) -> str:
@@ -274,8 +270,7 @@ def _row(r: dict) -> str:
 
 def plan_cmd(cfg: PlanConfig) -> int:
     """Print the candidate layouts, best first, and the pick; exit 1 when nothing fits."""
-    hw = Hardware(cfg.gpu_memory, cfg.gpu_tflops, cfg.intra_node_gbps, cfg.inter_node_gbps, cfg.gpus_per_node)
-    rows = plan(cfg.model, cfg.gpus, cfg.seq_len, cfg.global_batch, hw)
+    rows = plan(cfg)
     best = rows[0] if rows and rows[0]["fits"] else None
     if cfg.json:
         print(json.dumps({"params": num_params(cfg.model), "active_params": active_params(cfg.model),
