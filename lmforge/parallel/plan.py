@@ -95,11 +95,13 @@ def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, micro_batch: int,
     """Bytes one block stores for backward, with sequence parallelism over `tp` ranks (everything / t).
 
     paper=True is Korthikanti et al. 2022 eq. (2) with sequence parallelism: sbh(34 + 5as/h) / t, for a GPT
-    block (MHA, 4h GeLU MLP, dropout, materialised attention scores). The default adapts the same count, in
-    bf16 (2 bytes) per stored tensor element, to lmforge's block: two RMSNorm inputs 4sbh; attention stores
-    its input 2sbh, Q 2sb(a d), K and V 2 x 2sb(kv d), the attention output 2sb(a d) (fused attention: no s x s
-    scores, only a fp32 log-sum-exp 4sba); a gated MLP of width f stores its input 2sbh and gate, up,
-    activation and product 4 x 2sbf (a plain MLP: the pre- and post-activation 2 x 2sbf); no dropout masks.
+    block (MHA, 4h GeLU MLP, dropout, materialised attention scores). The default adapts the same count to what
+    lmforge's block saves for backward (bf16 activations; checked against autograd's saved tensors in
+    tests/test_plan.py): each RMSNorm keeps its fp32 input and fp32 1/rms, 2 x (4sbh + 4sb); attention keeps
+    its input 2sbh, the fused QKV output 2sb(q + 2kv), Q and K after RoPE 2sb(q + kv), a fp32 log-sum-exp 4sba
+    and its output 2sbq (fused attention: no s x s scores); a gated MLP of width f keeps its input 2sbh, the
+    fused gate/up output 2 x 2sbf, the activation and the product 2 x 2sbf (a plain MLP: 2 x 2sbf); no dropout.
+    Here q = heads x head_dim and kv = kv_heads x head_dim, so GQA shrinks the K/V terms.
     """
     s, b, h = seq_len, micro_batch, cfg.d_model
     if paper:
@@ -109,10 +111,11 @@ def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, micro_batch: int,
     if cfg.attention == "mla":
         kv = cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2
         q = cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
-    attn = 2 * h + 2 * q + 4 * kv + 2 * q + 4 * cfg.n_heads
+    norms = 2 * (4 * h + 4)
+    attn = 2 * h + 2 * (q + 2 * kv) + 2 * (q + kv) + 4 * cfg.n_heads + 2 * q
     ff = cfg.moe_d_ff * (cfg.moe_top_k + cfg.moe_shared_experts) if cfg.moe_experts else cfg.d_ff
     mlp = 2 * h + (8 if cfg.gated_mlp else 4) * ff
-    return s * b * (4 * h + attn + mlp) / tp
+    return s * b * (norms + attn + mlp) / tp
 
 
 def activation_bytes(cfg: ModelConfig, seq_len: int, layout: Layout) -> float:
