@@ -18,6 +18,7 @@ from lmforge.parallel.plan import (
     Sizes,
     activation_bytes_per_layer,
     candidates,
+    comm_bytes,
     evaluate,
     kv_cache_bytes,
     plan,
@@ -184,3 +185,16 @@ def test_activation_prediction_near_what_autograd_saves_per_block():
     measured = _saved_bytes(two, ids) - _saved_bytes(one, ids)
     predicted = activation_bytes_per_layer(two, 64, 2)
     assert 1.0 <= measured / predicted < 1.15
+
+
+def test_communication_volumes_by_hand():
+    cfg = small()
+    sizes = Sizes.of(cfg, 64)
+    n, act = sizes.params, 2 * 64 * 1 * cfg.d_model  # bf16 [b=1, s=64, h]
+    ddp = comm_bytes(cfg, sizes, 64, 8, Layout(dp=4))
+    assert ddp == {"dp": 2 * 3 / 4 * 2 * n, "tp": 0.0, "pp": 0.0, "ep": 0.0}  # ring all-reduce of bf16 grads
+    assert comm_bytes(cfg, sizes, 64, 8, Layout(dp=4, zero=3))["dp"] == 3 * 3 / 4 * 2 * n  # 2 all-gathers + RS
+    # TP 2 x PP 2, 8 micro-batches of 1: 4 all-reduces of act per block (1 layer per stage), 2(t-1)/t each
+    split = comm_bytes(cfg, sizes, 64, 8, Layout(tp=2, pp=2))
+    assert split["tp"] == 4 * 1.0 * act * 1 * 8 and split["pp"] == 2 * act / 2 * 8
+    assert comm_bytes(cfg, sizes, 64, 8, Layout(tp=2, checkpointing=True))["tp"] == 6 * act * 2 * 8
