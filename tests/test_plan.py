@@ -131,7 +131,10 @@ def test_command_table_json_and_errors(capsys):
     assert doc["best"] == doc["layouts"][0] and doc["best"]["fits"]
     assert {r["layout"]["tp"] for r in doc["layouts"]} <= {1, 2}  # TP stays inside a 2-GPU node
     assert main(["plan", "--model.preset", "llama3-8b", "--gpus", "1", "--gpu-memory", "16"]) == 1
-    assert "no layout fits 16 GiB" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("lmforge: error: no layout fits 16 GiB")
+    assert main(["plan", "--model.preset", "debug", "--model.vocab_size", "256", "--gpus", "64",
+                 "--global-batch", "7"]) == 1  # TP <= 4 heads, PP <= 2 layers: DP >= 8 cannot split 7
+    assert "no layout of 64 GPUs" in capsys.readouterr().err
     assert main(["plan", "--gpus", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gpus" in err

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 
 from lmforge.core.config import option, require
+from lmforge.core.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.model.moe import is_moe_layer
 from lmforge.model.size import active_params, flops_per_token, num_params
@@ -182,8 +182,8 @@ class PlanConfig:
     intra_node_gbps: float = option(450.0, "GB/s per GPU inside a node (NVLink)")
     inter_node_gbps: float = option(50.0, "GB/s per GPU between nodes (InfiniBand/RoCE, 400 Gb/s = 50 GB/s)")
     # the output
-    top: int = option(15, "rows of the table to print")
-    json: bool = option(False, "print every evaluated layout as JSON instead of a table")
+    top: int = option(15, help="rows of the table to print")
+    json: bool = option(False, help="print every evaluated layout as JSON instead of a table")
 
     def __post_init__(self) -> None:
         for key in ("gpus", "seq_len", "global_batch", "gpus_per_node", "top"):
@@ -287,14 +287,11 @@ def plan_cmd(cfg: PlanConfig) -> int:
         for r in rows[:cfg.top]:
             print(_row(r))
     if not rows:
-        print(f"lmforge plan: no layout of {cfg.gpus} GPUs divides the heads, layers and global batch",
-              file=sys.stderr)
-        return 1
+        raise LmforgeError(f"no layout of {cfg.gpus} GPUs divides the heads ({cfg.model.n_heads}, TP within "
+                           f"{cfg.gpus_per_node} GPUs per node), layers and global batch ({cfg.global_batch})")
     if best is None:
         need = min(r["memory_gib"]["total"] for r in rows)
-        print(f"lmforge plan: no layout fits {cfg.gpu_memory:g} GiB (the smallest needs {need:.1f} GiB)",
-              file=sys.stderr)
-        return 1
+        raise LmforgeError(f"no layout fits {cfg.gpu_memory:g} GiB (the smallest needs {need:.1f} GiB)")
     if not cfg.json:
         lay = best["layout"]
         print(f"best: dp{lay['dp']} tp{lay['tp']} pp{lay['pp']} ep{lay['ep']} zero{lay['zero']} micro-batch "
