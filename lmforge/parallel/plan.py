@@ -101,7 +101,9 @@ def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, micro_batch: int,
     its input 2sbh, the fused QKV output 2sb(q + 2kv), Q and K after RoPE 2sb(q + kv), a fp32 log-sum-exp 4sba
     and its output 2sbq (fused attention: no s x s scores); a gated MLP of width f keeps its input 2sbh, the
     fused gate/up output 2 x 2sbf, the activation and the product 2 x 2sbf (a plain MLP: 2 x 2sbf); no dropout.
-    Here q = heads x head_dim and kv = kv_heads x head_dim, so GQA shrinks the K/V terms.
+    Here q = heads x head_dim and kv = kv_heads x head_dim, so GQA shrinks the K/V terms. MLA (approximate: its
+    latent projections are not counted) uses per-head Q/K of nope + rope dims and the mean of K and V widths;
+    MoE layers count the top-k routed plus shared experts' widths as f (tokens per expert balanced).
     """
     s, b, h = seq_len, micro_batch, cfg.d_model
     if paper:
@@ -196,8 +198,8 @@ class PlanConfig:
 
 def evaluate(layout: Layout, setup: PlanConfig, sizes: Sizes | None = None) -> dict:
     """Memory (GiB per GPU), communication (GB per GPU per step) and predicted step time of one layout."""
-    hw = setup
-    cfg, seq_len, global_batch = hw.model, hw.seq_len, hw.global_batch
+    hw = setup  # the cluster and its speeds
+    cfg, seq_len, global_batch = setup.model, setup.seq_len, setup.global_batch
     sizes = sizes or Sizes.of(cfg, seq_len)
     state = state_bytes(sizes, layout)
     acts = activation_bytes(cfg, seq_len, layout)
