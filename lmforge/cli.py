@@ -39,6 +39,9 @@ COMMANDS: dict[str, Command] = {
                           "filter, de-duplicate and redact documents (kept/, rejects/, stats.json, report.md)"),
     "pretrain": Command("lmforge.train.pretrain", "PretrainConfig", "pretrain",
                         "pretrain a model on token shards"),
+    "plan": Command("lmforge.parallel.plan", "PlanConfig", "plan_cmd",
+                    "lay a model out over N GPUs: memory, communication, the fastest layout that fits (no "
+                    "fragmentation, buffers or comm/compute overlap modelled)"),
     "sft": Command("lmforge.posttrain.sft", "SftConfig", "run_sft",
                    "supervised fine-tuning on conversations / synthetic tasks (loss on assistant tokens, packing)"),
     "rejection-sample": Command("lmforge.posttrain.rejection", "RejectionConfig", "run_rejection",
