@@ -206,7 +206,7 @@ def test_grpo_on_a_user_prompt_file_raises_the_heldout_reward(tmp_path, advantag
                                                     for a in range(8) for b in range(6)])
     cfg = from_dict(GrpoConfig, {
         "checkpoint": str(ckpt), "run_dir": str(tmp_path / "run"), "prompts": [str(path)], "reward": "regex",
-        "regex": "t", "heldout": 0.25, "group_size": 4, "advantage": advantage, "rollout": {"prompts_per_rollout": 4},
+        "regex": "s", "heldout": 0.25, "group_size": 4, "advantage": advantage, "rollout": {"prompts_per_rollout": 4},
         "sampling": {"max_new_tokens": 4}, "train": {"steps": steps, "lr": 3e-2, "device": "cpu", "eval_every": 0}})
     out = run_grpo(cfg)
     assert out["heldout_reward"] >= out["heldout_reward_before"] + 0.5

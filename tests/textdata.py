@@ -38,7 +38,8 @@ def _pydoc_english() -> Path:
     return path
 
 
-SHAKESPEARE: Path = shared_file("tinyshakespeare.txt") or _pydoc_english()
+PYDOC_ENGLISH: Path = _pydoc_english()  # on every machine: what tiny tokenizers train on
+SHAKESPEARE: Path = shared_file("tinyshakespeare.txt") or PYDOC_ENGLISH
 
 
 # synthetic documents for the cleaning tests

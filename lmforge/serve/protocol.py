@@ -188,7 +188,9 @@ def parse_request(kind: Kind, body: dict[str, Any], info: ModelInfo) -> GenReque
         raise ApiError(400, f"'seed' must be an integer in [-2**63, 2**63), got {json.dumps(seed)}", param="seed")
     stops = _stop_strings(body.get("stop"))
     ignore_eos = _flag(body, "ignore_eos")
-    stop_ids = [] if ignore_eos else (info.chat_stop_ids if kind == "chat" else _eos(info))
+    # completions stop where the exported generation_config stops (eos and the end-of-turn token), as vLLM and HF
+    # generate do on a `convert to-hf` export
+    stop_ids = [] if ignore_eos else info.chat_stop_ids
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                             repetition_penalty=repetition, **penalties,
                             max_new_tokens=_max_tokens(kind, body, info, allow_zero=echo), stop_token_ids=stop_ids)
@@ -404,11 +406,6 @@ def _stop_strings(stop: Any) -> list[str]:
     if len(stops) > MAX_STOP_STRINGS:
         raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop")
     return [s for s in stops if s]
-
-
-def _eos(info: ModelInfo) -> list[int]:
-    eos = info.tokenizer.eos_id
-    return [] if eos is None else [eos]
 
 
 def tokenize(body: dict[str, Any], info: ModelInfo) -> dict[str, Any]:
