@@ -67,8 +67,12 @@ def run_grpo(cfg: GrpoConfig) -> dict[str, Any]:
         loss, stats = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
                                 cfg.clip_eps, cfg.kl_coef, cfg.loss_norm)
         entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
-        return loss, {"reward": batch["rewards"].mean().item(), "kl": stats["kl"].item(),
-                      "clip_frac": stats["clip_frac"].item(), "entropy": entropy.item(),
-                      "completion_len": mask.sum(1).mean().item()}
+        logged = {"reward": batch["rewards"].mean().item(), "kl": stats["kl"].item(),
+                  "clip_frac": stats["clip_frac"].item(), "entropy": entropy.item(),
+                  "completion_len": mask.sum(1).mean().item()}
+        for key in ("correct", "think_tokens"):  # the reasoning task: accuracy and chain-of-thought length
+            if key in batch:
+                logged["accuracy" if key == "correct" else key] = batch[key].float().mean().item()
+        return loss, logged
 
     return rl.optimize(rl.policy, loss_fn, make_rollout, cfg.group_size)

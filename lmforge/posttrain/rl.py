@@ -36,8 +36,9 @@ from lmforge.posttrain.rollout import (
 )
 from lmforge.posttrain.stage import Stage, StageConfig, before_after, summary, train_option
 from lmforge.tasks.prompts import PROMPT_FORMATS, PromptExample, read_prompts, task_prompts
+from lmforge.tasks.reasoning import Problem, make_problems, split_thinking
 from lmforge.tasks.suite import TASK_KINDS, make_examples
-from lmforge.tasks.verifiers import exact_reward
+from lmforge.tasks.verifiers import exact_reward, think_reward
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import LossFn, TrainConfig
 
@@ -69,6 +70,9 @@ class PolicyOptimizationConfig(RewardSource, StageConfig):
                                                            "assistant turn or 'answer' is the reference; empty = the "
                                                            "synthetic task suite")
     format: str = option("auto", "format of the prompt files (auto recognizes each record; prompt = {prompt, answer})")
+    task: str = option("suite", "prompts without prompt files: suite (the synthetic task suite, rollout.kinds) or "
+                                "reasoning (the multi-step <think> family of `lmforge reasoning data`; reward "
+                                "defaults to its verifier, think; metrics log accuracy and think_tokens)")
     heldout: float = option(0.1, "fraction of the prompt files' prompts held out for the greedy evaluation")
     ref_checkpoint: str = option("", "frozen reference for the KL term; empty = the policy's initial weights")
     rollout: RolloutConfig = option(default_factory=RolloutConfig, help="prompts per rollout, synthetic tasks")
@@ -81,6 +85,9 @@ class PolicyOptimizationConfig(RewardSource, StageConfig):
     kl_coef: float = option(0.05, "beta of the KL penalty toward the reference (PPO: its initial value)")
 
     def __post_init__(self) -> None:
+        require(self.task in ("suite", "reasoning"), "task", self.task, "suite or reasoning")
+        if self.task == "reasoning" and not self.reward and not self.reward_model:
+            self.reward = ["think"]
         check_rewards(self)
         require(self.format in PROMPT_FORMATS, "format", self.format, f"one of {', '.join(PROMPT_FORMATS)}")
         require(0 <= self.heldout < 1, "heldout", self.heldout, "in [0, 1)")
@@ -101,6 +108,19 @@ def split_prompts(examples: list[PromptExample], heldout: float, seed: int
     return [examples[i] for i in order[k:]], [examples[i] for i in order[:k]]
 
 
+def reasoning_prompts(problems: list[Problem], tag: str = "reasoning") -> list[PromptExample]:
+    """Reasoning-family problems as prompts whose reference is the final answer."""
+    return [PromptExample(p.messages(with_solution=False), p.answer, {"prompt": p.prompt, "answer": p.answer},
+                          f"{tag}:{i}") for i, p in enumerate(problems)]
+
+
+def thinking_stats(tokenizer: Tokenizer, examples: list[PromptExample], texts: list[str]) -> dict[str, Tensor]:
+    """Per completion: `correct` (the think verifier: the answer after </think> is the reference) and
+    `think_tokens` (tokens of the text inside <think>...</think>, the chain of thought's length)."""
+    return {"correct": torch.tensor([think_reward(t, ex.answer) for ex, t in zip(examples, texts)]),
+            "think_tokens": torch.tensor([float(len(tokenizer.encode(split_thinking(t)[0]))) for t in texts])}
+
+
 class PromptSource:
     """The prompts of rollout `index`: from the prompt files (shuffled passes, each pass seeded by its number,
     so a resumed run draws what it would have), else fresh task-suite prompts (even seeds: the train half)."""
@@ -113,6 +133,10 @@ class PromptSource:
                 raise LmforgeError(f"prompts: no prompt in {', '.join(cfg.prompts)}")
             scorer.check(examples)
             self.train, self.heldout = split_prompts(examples, cfg.heldout, cfg.seed)
+        elif cfg.task == "reasoning":
+            self.train = []
+            self.heldout = reasoning_prompts(make_problems(cfg.rollout.eval_prompts, seed=2 * cfg.seed + 1),
+                                             "heldout")
         else:
             self.train = []
             self.heldout = task_prompts(make_examples(cfg.rollout.eval_prompts, seed=2 * cfg.seed + 1,
@@ -120,6 +144,8 @@ class PromptSource:
 
     def __call__(self, index: int) -> list[PromptExample]:
         k, cfg = self.cfg.rollout.prompts_per_rollout, self.cfg
+        if not self.train and cfg.task == "reasoning":  # even seeds: the train half of the prompt space
+            return reasoning_prompts(make_problems(k, seed=2 * (cfg.seed * 1_000_003 + index)))
         if not self.train:
             return task_prompts(make_examples(k, seed=2 * (cfg.seed * 1_000_003 + index), kinds=cfg.rollout.kinds))
         n, out = len(self.train), []
@@ -166,15 +192,23 @@ class RLStage(Stage):
         texts = greedy_completions(self.policy, self.tokenizer, [ex.messages for ex in self.heldout],
                                    self.cfg.sampling.max_new_tokens)
         out = {"heldout_reward": self.scorer(self.heldout, texts).mean().item()}
+        if self.cfg.task == "reasoning":
+            stats = thinking_stats(self.tokenizer, self.heldout, texts)
+            return {**out, "heldout_accuracy": stats["correct"].mean().item(),
+                    "heldout_think_tokens": stats["think_tokens"].mean().item()}
         if all(ex.answer for ex in self.heldout):
             out["heldout_exact_match"] = sum(exact_reward(t, ex.answer) for ex, t in zip(self.heldout, texts)
                                              ) / len(texts)
         return out
 
     def rollout(self, index: int, samples: int) -> dict[str, Tensor]:
-        """Rollout `index`: `samples` completions of each of its prompts, scored (see `sample_rollout`)."""
-        batch, _ = sample_rollout(self.policy, self.tokenizer, self.cfg.sampling, self.prompts(index), samples,
-                                  self.scorer, seed=self.cfg.seed * 1_000_003 + index)
+        """Rollout `index`: `samples` completions of each of its prompts, scored (see `sample_rollout`); on the
+        reasoning task also each completion's `correct` and `think_tokens` (`thinking_stats`)."""
+        examples = self.prompts(index)
+        batch, texts = sample_rollout(self.policy, self.tokenizer, self.cfg.sampling, examples, samples,
+                                      self.scorer, seed=self.cfg.seed * 1_000_003 + index)
+        if self.cfg.task == "reasoning":
+            batch.update(thinking_stats(self.tokenizer, [ex for ex in examples for _ in range(samples)], texts))
         return batch
 
     def optimize(self, model: nn.Module, loss_fn: LossFn, make_rollout: Callable[[int], Rollout], samples: int,

@@ -157,6 +157,16 @@ def extract_answer(completion: str) -> str | None:
     return " ".join(steps[-1].text.split()) if steps and steps[-1].is_answer else None
 
 
+def split_thinking(text: str) -> tuple[str, str]:
+    """(thinking, answer) of a response: the text inside `<think>...</think>` and the text after it, both
+    stripped. Without `<think>` the whole text is the answer; an unclosed thinking section has no answer yet."""
+    head, opened, rest = text.partition(THINK_OPEN)
+    if not opened:
+        return "", text.strip()
+    thinking, closed, answer = rest.partition(THINK_CLOSE)
+    return thinking.strip(), (head + answer).strip() if closed else head.strip()
+
+
 def verify(problem: Problem, completion: str) -> float:
     """1.0 when the completion's answer is the problem's answer, else 0.0 (the outcome verifier)."""
     return 1.0 if extract_answer(completion) == problem.answer else 0.0

@@ -6,6 +6,7 @@ Each verifier is `fn(completion, reference) -> float`:
 - `math_reward`: both parse as math expressions that are equal: `sympy` when installed (symbolic difference
   simplifies to 0), else the numeric evaluator below at three probe points for the variables. LaTeX-ish forms
   (\\frac{a}{b}, \\sqrt{x}, ^, \\cdot, \\boxed{...}) are normalised first.
+- `think_reward`: the answer line after `</think>` equals the reference (the reasoning family's format).
 - `regex_reward`: the pattern matches somewhere in the completion.
 - `json_schema_reward`: the completion (or its ```json fence) parses as JSON valid under the schema
   (needs the `jsonschema` package; a remote `$ref` is never fetched).
@@ -27,6 +28,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from lmforge.tasks.reasoning import extract_answer as think_answer
 from lmforge.tasks.suite import extract_answer
 
 MAX_EXPRESSION = 200  # characters; longer "answers" are not parsed
@@ -271,6 +273,12 @@ def json_schema_reward(completion: str, schema: dict[str, Any]) -> float:
         return 0.0
 
 
+def think_reward(completion: str, reference: str) -> float:
+    """1.0 when the answer line after the completion's `</think>` equals the reference (the reasoning task
+    family's format, `tasks.reasoning`); a completion that never closes its thinking gets 0."""
+    return 1.0 if think_answer(completion) == " ".join(reference.split()) else 0.0
+
+
 ANSWER_VERIFIERS: dict[str, Callable[[str, str], float]] = {
-    "exact": exact_reward, "numeric": numeric_reward, "math": math_reward}
+    "exact": exact_reward, "numeric": numeric_reward, "math": math_reward, "think": think_reward}
 """The verifiers that judge a completion against a reference answer, by name."""
