@@ -29,6 +29,7 @@ import tokenizers
 from lmforge.core.errors import LmforgeError
 from lmforge.generate.sampling import SamplingParams
 from lmforge.serve.grammar import GrammarError, Grammars, response_schema
+from lmforge.serve.reasoning import EFFORTS, ThinkSplitter, effort_budget, split_reasoning
 from lmforge.serve.scheduler import Delta, Done, Event, Failed, Job, PromptLogprobs, TokenLogprob
 from lmforge.serve.tools import ToolError, Tools, parse_tools, template_message
 from lmforge.tokenizer import Tokenizer
@@ -107,6 +108,7 @@ class GenRequest:
     grammars: Grammars | None = None
     tools: Tools | None = None
     adapter: str | None = None  # the LoRA adapter the request's `model` names (None: the base model)
+    think_budget: int | None = None  # max_reasoning_tokens / reasoning_effort (None: thinking is not capped)
 
     def jobs(self, emit: Callable[[int, Event], None]) -> list[Job]:
         """One scheduler job per choice, in choice order; choice i's events go to emit(i, event). With a seed,
@@ -124,7 +126,7 @@ class GenRequest:
                 constraint = None if self.grammar is None else self.grammars.matcher(self.grammar)
                 out.append(Job(prompt, params, functools.partial(emit, i), self.stop, logprobs=self.logprobs,
                                echo_logprobs=self.echo and self.logprobs is not None, logit_bias=self.logit_bias,
-                               constraint=constraint, adapter=self.adapter))
+                               constraint=constraint, adapter=self.adapter, think_budget=self.think_budget))
         return out
 
 
@@ -194,13 +196,35 @@ def parse_request(kind: Kind, body: dict[str, Any], info: ModelInfo) -> GenReque
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                             repetition_penalty=repetition, **penalties,
                             max_new_tokens=_max_tokens(kind, body, info, allow_zero=echo), stop_token_ids=stop_ids)
+    think_budget = _think_budget(body, params.max_new_tokens) if kind == "chat" else None
+    grammar = _grammar(body, info, tools)
+    if grammar is not None and think_budget is not None:
+        raise ApiError(400, "a thinking budget (max_reasoning_tokens, reasoning_effort) cannot be combined with "
+                            "constrained output (response_format, tool_choice)", param="max_reasoning_tokens")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", param="stream_options")
     return GenRequest(kind, prompts, params, stops, _flag(body, "stream"), bool(options.get("include_usage")), n=n,
                       logprobs=_logprobs(kind, body), echo=echo, logit_bias=_logit_bias(body, info),
-                      context_length=info.context_length, grammar=_grammar(body, info, tools),
-                      grammars=info.grammars, tools=tools, adapter=None if model == info.name else model)
+                      context_length=info.context_length, grammar=grammar,
+                      grammars=info.grammars, tools=tools, adapter=None if model == info.name else model,
+                      think_budget=think_budget)
+
+
+def _think_budget(body: dict[str, Any], max_tokens: int) -> int | None:
+    """`max_reasoning_tokens` (an integer >= 0), else `reasoning_effort` (`serve.reasoning.effort_budget`)."""
+    if body.get("max_reasoning_tokens") is not None:
+        budget = _integer(body, "max_reasoning_tokens", 0)
+        if budget < 0:
+            raise ApiError(400, f"'max_reasoning_tokens' must be >= 0, got {budget}", param="max_reasoning_tokens")
+        return budget
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return None
+    if effort not in EFFORTS:
+        raise ApiError(400, f"'reasoning_effort' must be one of {', '.join(EFFORTS)}, got {json.dumps(effort)}",
+                       param="reasoning_effort")
+    return effort_budget(effort, max_tokens)
 
 
 def _tools(body: dict[str, Any], info: ModelInfo) -> Tools | None:
@@ -495,6 +519,8 @@ class Choice:
         self.logprobs = self._empty_logprobs() if logprobs else None
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self.splitter = ThinkSplitter() if kind == "chat" else None  # <think> text -> reasoning_content
+        self.reasoning: str | None = None  # the message's reasoning_content once finished
 
     def _empty_logprobs(self) -> dict[str, list[Any]]:
         if self.kind == "chat":
@@ -511,8 +537,8 @@ class Choice:
                 for part in (piece["logprobs"], self.logprobs):
                     self._add_entry(part, e)
                 self.offset += len(self.tokenizer.decode([e.token]))
-        if self.kind == "chat":
-            piece["delta"] = {"content": text}
+        if self.splitter is not None:
+            piece["delta"] = _delta(*self.splitter.feed(text))
         else:
             piece["text"] = text
         return piece
@@ -539,16 +565,23 @@ class Choice:
     def _chat_token(token: tuple[str, bytes], logprob: float | None) -> dict[str, Any]:
         return {"token": token[0], "logprob": logprob, "bytes": list(token[1])}
 
-    def finish(self, reason: str, completion_tokens: int) -> None:
+    def finish(self, reason: str, completion_tokens: int) -> dict[str, str]:
+        """Record the end; returns the delta of what the thinking splitter still held (empty when nothing)."""
         self.finish_reason, self.completion_tokens = reason, completion_tokens
         self.content = "".join(self.text)
+        tail = _delta(*self.splitter.finish()) if self.splitter is not None else {}
+        if self.splitter is not None:
+            self.reasoning, self.content = split_reasoning(self.content)
         if self.tools is not None:
             self.content, self.tool_calls = self.tools.calls(self.content)
             if self.tool_calls:
                 self.finish_reason = "tool_calls"
+        return tail if tail.get("content") or tail.get("reasoning_content") else {}
 
     def message(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.reasoning is not None:
+            out["reasoning_content"] = self.reasoning
         if self.tool_calls:
             out["tool_calls"] = self.tool_calls
         return out
@@ -587,10 +620,14 @@ class Answer:
             chunks.append(self._chunk([choice.add(self.tokenizer.decode(prompt), scored)]))
         if isinstance(event, Delta):
             piece = choice.add(event.text, event.logprobs)
-            if choice.tools is None:  # with tools, the text is held until it can be told from tool calls
+            # with tools, the text is held until it can be told from tool calls; a piece the thinking splitter
+            # holds back entirely (part of a tag) goes out with the next one, unless it carries logprobs
+            if choice.tools is None and (piece.get("delta") != {"content": ""} or piece["logprobs"] is not None):
                 chunks.append(self._chunk([piece]))
         elif isinstance(event, Done):
-            choice.finish(event.finish_reason, event.completion_tokens)
+            tail = choice.finish(event.finish_reason, event.completion_tokens)
+            if choice.tools is None and tail:
+                chunks.append(self._chunk([{"index": i, "delta": tail, "logprobs": None, "finish_reason": None}]))
             if choice.tools is not None:
                 delta = {k: v for k, v in choice.message().items() if k != "role" and v is not None}
                 if "tool_calls" in delta:
@@ -633,6 +670,14 @@ class Answer:
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.req.kind == "chat" else "text_completion"
         return {"id": self.rid, "object": kind, "created": int(time.time()), "model": self.model, "choices": choices}
+
+
+def _delta(reasoning: str, content: str) -> dict[str, str]:
+    """A chat stream delta: the reasoning text and/or the content text (content "" when there is neither)."""
+    out = {"reasoning_content": reasoning} if reasoning else {}
+    if content or not reasoning:
+        out["content"] = content
+    return out
 
 
 def sse(data: dict[str, Any] | str) -> str:

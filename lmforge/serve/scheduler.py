@@ -49,6 +49,7 @@ from lmforge.generate.stops import StopMatcher
 from lmforge.peft.lora import lora_layers, set_row_adapters
 from lmforge.serve.cache import BLOCK, PrefixCache, SlotCache, extend_mask
 from lmforge.serve.grammar import Constraint
+from lmforge.serve.reasoning import ThinkBudget
 from lmforge.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class Job:
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits before sampling
     constraint: Constraint | None = None  # response_format: only tokens its grammar allows are sampled
     adapter: str | None = None  # the LoRA adapter that answers (None: the base model)
+    think_budget: int | None = None  # tokens of thinking before </think> is forced (None: no cap)
     cancelled: bool = False
     # state kept by the scheduler
     length: int = 0  # tokens in this job's cache row
@@ -122,6 +124,8 @@ class Job:
     generator: torch.Generator | None = None
     decoder: StreamDecoder | None = None
     matcher: StopMatcher | None = None
+    budget: ThinkBudget | None = None
+    forced: list[int] = field(default_factory=list)  # tokens fed instead of sampled (closing the thinking)
 
 
 @dataclass
@@ -323,6 +327,8 @@ class Scheduler:
             job.generator = new_generator(job.params.seed, self.device)
             job.decoder = StreamDecoder(self.tokenizer)
             job.matcher = StopMatcher(job.stop)
+            if job.think_budget is not None:
+                job.budget = ThinkBudget(job.think_budget, self.tokenizer)
             if job.logit_bias:
                 job.bias = torch.zeros(self.model.cfg.vocab_size, device=self.device)
                 job.bias[list(job.logit_bias)] = torch.tensor(list(job.logit_bias.values()), device=self.device)
@@ -406,7 +412,7 @@ class Scheduler:
     def _take(self, job: Job, logits: torch.Tensor, greedy: int | None) -> None:
         """Sample the job's next token and send what it adds to the text; an error fails this job only."""
         try:
-            token = self._sample(job, logits, greedy)
+            token = job.forced.pop(0) if job.forced else self._sample(job, logits, greedy)
             scored = None
             if job.logprobs is not None:
                 scored = _logprobs(logits, torch.tensor([token], device=logits.device), job.logprobs)[0]
@@ -425,7 +431,10 @@ class Scheduler:
         job.generated.append(token)
         job.completion_tokens += 1
         self.stats.tokens += 1
-        text = job.matcher.push(job.decoder.push(token))
+        piece = job.decoder.push(token)
+        if job.budget is not None:
+            job.forced += job.budget.push(piece)
+        text = job.matcher.push(piece)
         self._send(job, Delta(text, [scored]) if scored is not None else text)
         if job.matcher.stopped or (job.constraint is not None and job.constraint.complete):
             return self._finish(job, "stop")
