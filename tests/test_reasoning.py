@@ -237,3 +237,25 @@ def test_prm_and_search_commands_end_to_end(reasoner, tmp_path):
     assert [p["scale"] for p in points] == [1, 2] and points[1]["tokens"] > points[0]["tokens"]
     assert (curve / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["search", "--checkpoint", str(ckpt), "--methods", "beam"]) == 2  # no PRM: a one-line error
+
+
+def test_eval_runs_search_and_writes_the_test_time_curve(untrained, tmp_path, capsys):
+    model, tok = untrained
+    ckpt = save_checkpoint(model, tok, tmp_path / "policy")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(ckpt), "--reasoning", "true", "--output", str(out),
+                 "--search.methods", "greedy", "vote", "beam", "--search.oracle", "true", "--search.problems", "3",
+                 "--search.n", "2", "--search.expansions", "2", "--search.scales", "1", "2",
+                 "--search.max_new_tokens", "8"]) == 0
+    record = json.loads(out.read_text())
+    curve = record["test_time_curve"]
+    assert [p["method"] for p in curve] == ["greedy", "vote", "vote", "beam", "beam"]
+    for p in curve:  # the schema the run report draws
+        assert set(p) == {"method", "tokens", "accuracy", "stderr", "n"} and p["n"] == 3
+        assert isinstance(p["method"], str) and all(isinstance(p[k], float) for k in ("tokens", "accuracy", "stderr"))
+    assert curve[2]["tokens"] > curve[1]["tokens"] > 0  # twice the votes spend more tokens
+    assert set(record["search"]["methods"]) == {"greedy", "vote", "beam"}
+    assert "accuracy" in capsys.readouterr().out  # the curve printed as a table
+    # a method that scores steps without a PRM: one line naming the option, nothing run
+    assert main(["eval", "--checkpoint", str(ckpt), "--reasoning", "true", "--search.methods", "beam"]) == 2
+    assert "search.prm" in capsys.readouterr().err

@@ -22,8 +22,10 @@ from lmforge.core.files import atomic_write_json, file_sha256
 from lmforge.core.runtime import resolve_device, resolve_precision
 from lmforge.data.shards import INDEX_NAME, ShardSet
 from lmforge.eval.harness import results_table, run_tasks, strip_examples
+from lmforge.eval.reasoning import search_eval
 from lmforge.model import load_model
 from lmforge.peft.config import load_trained
+from lmforge.posttrain.search import SearchSettings
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.evaluate import evaluate_perplexity
 
@@ -44,6 +46,10 @@ class EvalConfig:
     max_batches: int = option(50, "stop after this many batches; 0 scores every window once")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto")
     precision: Literal["auto", "fp32", "bf16"] = option("fp32", "autocast precision of the forward pass")
+    reasoning: bool = option(False, "run test-time search on held-out reasoning problems (methods, PRM and budgets "
+                                    "under --search.*): accuracy, tokens and the test-time compute curve")
+    search: SearchSettings = option(default_factory=SearchSettings, help="test-time search with --reasoning true "
+                                                                         "(the options of `lmforge search`)")
 
 
 def resolve_shard_dir(data: str | Path) -> Path:
@@ -66,8 +72,11 @@ def eval_cmd(cfg: EvalConfig) -> int:
         if getattr(cfg, name) < (1 if name == "batch_size" else 0):
             raise LmforgeError(f"{name} must be {'positive' if name == 'batch_size' else '>= 0'}, "
                                f"got {getattr(cfg, name)}")
-    if not cfg.data and not cfg.tasks:
-        raise LmforgeError("eval: nothing to do; pass --data SHARDS (perplexity) and/or --tasks TASKS")
+    if not cfg.data and not cfg.tasks and not cfg.reasoning:
+        raise LmforgeError("eval: nothing to do; pass --data SHARDS (perplexity), --tasks TASKS and/or "
+                           "--reasoning true")
+    if cfg.reasoning:
+        cfg.search.require_scorers("search.")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if cfg.adapter:
@@ -79,18 +88,25 @@ def eval_cmd(cfg: EvalConfig) -> int:
         record.update(_perplexity(cfg, model, device, precision))
     if cfg.tasks:
         record["tasks"] = _tasks(cfg, model)
+    if cfg.reasoning:
+        record.update(search_eval(cfg.search, model, _tokenizer(cfg)))
     if cfg.output:
         atomic_write_json(cfg.output, record)
         print(f"results: {cfg.output}", file=sys.stderr)
     return 0
 
 
-def _tasks(cfg: EvalConfig, model: torch.nn.Module) -> dict:
-
+def _tokenizer(cfg: EvalConfig) -> Tokenizer:
     tok_dir = Path(cfg.tokenizer or cfg.checkpoint)
     if not (tok_dir / "tokenizer.json").is_file():
-        raise LmforgeError(f"tasks need a tokenizer: no tokenizer.json in {tok_dir} (pass --tokenizer DIR)")
-    results = run_tasks(model, Tokenizer.load(tok_dir), cfg.tasks, cfg.batch_size, cfg.limit, progress=True)
+        raise LmforgeError(f"tasks and reasoning need a tokenizer: no tokenizer.json in {tok_dir} "
+                           "(pass --tokenizer DIR)")
+    return Tokenizer.load(tok_dir)
+
+
+def _tasks(cfg: EvalConfig, model: torch.nn.Module) -> dict:
+
+    results = run_tasks(model, _tokenizer(cfg), cfg.tasks, cfg.batch_size, cfg.limit, progress=True)
     print(results_table(results))
     print(json.dumps(strip_examples(results)))
     return results

@@ -265,9 +265,10 @@ METHODS = ("greedy", "vote", "best_of_n", "beam", "mcts")
 
 
 @dataclass
-class SearchConfig(StepRange, RunConfig):
-    run_dir: str = run_dir_option("runs/search", "config.json, search.json (accuracy and tokens per method) and "
-                                                 "traces.jsonl (each problem's answer, tokens and trace/tree)")
+class SearchSettings(StepRange):
+    """Which search methods run on how many held-out reasoning problems, and their budgets (`lmforge search`, and
+    `lmforge eval --reasoning true` under --search.*)."""
+
     prm: str = option("", "process reward model directory (`lmforge prm`): scores steps for best_of_n, beam, mcts")
     orm: str = option("", "outcome reward model directory (`lmforge reward`): scores best_of_n when no prm is given")
     oracle: bool = option(False, "score steps with the task's true step labels instead of a PRM (the upper bound "
@@ -293,7 +294,6 @@ class SearchConfig(StepRange, RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(bool(self.scales) and all(x >= 1 for x in self.scales), "scales", self.scales, "integers >= 1")
-        require(bool(self.checkpoint), "checkpoint", self.checkpoint, "a model directory")
         bad = [m for m in self.methods if m not in METHODS]
         require(bool(self.methods) and not bad, "methods", self.methods, f"a non-empty list of {', '.join(METHODS)}")
         for name in ("problems", "n", "beam_width", "expansions", "simulations", "max_new_tokens"):
@@ -302,12 +302,26 @@ class SearchConfig(StepRange, RunConfig):
         require(self.rule in ("uct", "puct"), "rule", self.rule, "uct or puct")
         require(self.mcts_value in ("prm", "rollout"), "mcts_value", self.mcts_value, "prm or rollout")
         require(self.temperature > 0, "temperature", self.temperature, "> 0")
+
+    def require_scorers(self, prefix: str = "") -> None:
+        """A PRM (or the oracle) for the methods that score steps: a one-line ConfigError otherwise."""
         needs = [m for m in self.methods if m in ("beam", "mcts") or (m == "best_of_n" and not self.orm)]
-        require(not needs or bool(self.prm) or self.oracle, "prm", self.prm,
-                f"a PRM directory (or --oracle true) for {', '.join(needs)}")
+        require(not needs or bool(self.prm) or self.oracle, f"{prefix}prm", self.prm,
+                f"a PRM directory (or --{prefix}oracle true) for {', '.join(needs)}")
 
 
-def search_problem(cfg: SearchConfig, method: str, model: nn.Module, tokenizer: Tokenizer, problem: Problem,
+@dataclass
+class SearchConfig(SearchSettings, RunConfig):
+    run_dir: str = run_dir_option("runs/search", "config.json, search.json (accuracy and tokens per method) and "
+                                                 "traces.jsonl (each problem's answer, tokens and trace/tree)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(bool(self.checkpoint), "checkpoint", self.checkpoint, "a model directory")
+        self.require_scorers()
+
+
+def search_problem(cfg: SearchSettings, method: str, model: nn.Module, tokenizer: Tokenizer, problem: Problem,
                    step_scorer: StepScorer | None, orm: OutcomeScorer | None, seed: int) -> SearchResult:
     """One method on one problem with the settings of `cfg`."""
     params = SamplingParams(temperature=0.0 if method == "greedy" else cfg.temperature,
@@ -335,7 +349,7 @@ def accuracy_stats(correct: list[bool], tokens: list[int]) -> dict[str, float]:
     return {"accuracy": p, "stderr": math.sqrt(p * (1 - p) / n), "tokens": sum(tokens) / n}
 
 
-def scaled(cfg: SearchConfig, scale: int) -> SearchConfig:
+def scaled(cfg: SearchSettings, scale: int) -> SearchSettings:
     """`cfg` with every method's budget times `scale`: samples (vote, best_of_n), expansions (beam), simulations."""
     return dataclasses.replace(cfg, n=cfg.n * scale, expansions=cfg.expansions * scale,
                                simulations=cfg.simulations * scale)
@@ -363,16 +377,17 @@ def plot_curve(curve: dict[str, list[dict[str, float]]], png: Path) -> Path:
     return png
 
 
-def run_search(cfg: SearchConfig) -> dict[str, Any]:
-    """Every method of `cfg.methods` on the same held-out problems at every budget scale: accuracy, its standard
-    error and the generated tokens per problem, into RUN/search.json (the curve also in RUN/curve.png when
-    there are several scales; traces in RUN/traces.jsonl)."""
-    model, tokenizer = load_policy(cfg.checkpoint)
+def search_curve(cfg: SearchSettings, model: nn.Module, tokenizer: Tokenizer
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every method of `cfg.methods` on the same held-out problems at every budget scale: (results, traces).
+
+    results: `problems`, `scorer`, `methods` (each method's first point: accuracy, stderr, tokens), `curve`
+    (method -> one point per scale) and `test_time_curve` (the run report's list of {method, tokens, accuracy,
+    stderr, n}: accuracy against mean generated tokens per problem)."""
     device = device_of(model)
     prm = load_reward_model(cfg.prm, device) if cfg.prm and not cfg.oracle else None
     orm = load_reward_model(cfg.orm, device) if cfg.orm else None
     problems = make_problems(cfg.problems, 2 * cfg.seed + 1, cfg.min_steps, cfg.max_steps)
-    run_dir = open_run(cfg)
     curve: dict[str, list[dict[str, float]]] = {}
     traces = []
     for method in cfg.methods:
@@ -394,12 +409,23 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
             curve.setdefault(method, []).append(s)
             print(f"search: {method:<10} x{scale:<3} accuracy {s['accuracy']:.3f} +- {s['stderr']:.3f}  "
                   f"tokens/problem {s['tokens']:.1f}", file=sys.stderr)
-    atomic_write_text(run_dir / "traces.jsonl", "".join(json.dumps(t) + "\n" for t in traces))
     out = {"problems": len(problems), "scorer": "oracle" if cfg.oracle else cfg.prm or cfg.orm or "none",
            "methods": {m: {k: v for k, v in points[0].items() if k != "scale"} for m, points in curve.items()},
-           "curve": curve}
+           "curve": curve,
+           "test_time_curve": [{"method": m, "tokens": p["tokens"], "accuracy": p["accuracy"], "stderr": p["stderr"],
+                                "n": len(problems)} for m, points in curve.items() for p in points]}
+    return out, traces
+
+
+def run_search(cfg: SearchConfig) -> dict[str, Any]:
+    """`search_curve` on the checkpoint: results into RUN/search.json (the curve also drawn in RUN/curve.png when
+    there are several scales), traces into RUN/traces.jsonl."""
+    model, tokenizer = load_policy(cfg.checkpoint)
+    run_dir = open_run(cfg)
+    out, traces = search_curve(cfg, model, tokenizer)
+    atomic_write_text(run_dir / "traces.jsonl", "".join(json.dumps(t) + "\n" for t in traces))
     atomic_write_json(run_dir / "search.json", out)
     if len(cfg.scales) > 1:
-        plot_curve(curve, run_dir / "curve.png")
+        plot_curve(out["curve"], run_dir / "curve.png")
     print(json.dumps(out["methods"], indent=2))
     return out
