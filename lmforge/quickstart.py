@@ -3,7 +3,9 @@
 Stages, each in its own folder under run_dir with a `done.json` once finished:
 corpus -> clean -> tokenizer -> shards -> pretrain -> sft -> dpo (LoRA) -> eval, then report.html.
 A second run reuses finished stages (`--fresh` redoes all, `--rerun sft dpo` redoes some); an
-interrupted pretraining resumes from its last checkpoint; `--skip dpo` leaves optional stages out.
+interrupted pretraining resumes from its last checkpoint; `--skip dpo` leaves optional stages out;
+`--extra reasoning` adds the reasoning stage (SFT on the <think> task family, a PRM, the test-time compute
+curve of greedy / vote / PRM beam search on held-out problems).
 """
 
 from __future__ import annotations
@@ -36,14 +38,19 @@ from lmforge.model.encdec import build_model
 from lmforge.model.variants import rebase_preset, with_fields
 from lmforge.peft.config import PeftConfig
 from lmforge.posttrain.dpo import DpoConfig, run_dpo
+from lmforge.posttrain.models import load_policy
+from lmforge.posttrain.prm import PrmConfig, run_prm
+from lmforge.posttrain.search import SearchSettings, search_curve
 from lmforge.posttrain.sft import SftConfig, run_sft
+from lmforge.tasks.reasoning import ReasoningDataConfig, write_reasoning_data
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.pack import tokenize_by_source
 from lmforge.tokenizer.train import train_bpe
 from lmforge.train.config import TrainConfig
 from lmforge.train.pretrain import DataConfig, PretrainConfig, objective_ids, pretrain
 
-STAGES = ("corpus", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval")
+STAGES = ("corpus", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval", "reasoning")
+EXTRA_STAGES = ("reasoning",)  # left out unless --extra names them
 OPTIONAL_STAGES = ("clean", "sft", "dpo", "eval")
 # --arch: (model preset, pretraining objective), all sized like `tiny` in active parameters.
 ARCHES = {"llama": ("tiny", "causal"), "moe": ("moe-tiny", "causal"), "mla": ("mla-tiny", "causal"),
@@ -80,6 +87,24 @@ def _default_sft() -> SftConfig:
                                        log_every=10, plot_every=50))
 
 
+@dataclass
+class ReasoningStageConfig:
+    """The reasoning stage: SFT on solved <think> problems, a Math-Shepherd PRM, search on held-out problems."""
+
+    problems: int = option(3000, "solved training problems for SFT")
+    sft: SftConfig = field(default_factory=lambda: SftConfig(
+        eval_tasks=0, max_len=96, batch_size=16, train=TrainConfig(steps=300, lr=1.5e-3, warmup_steps=20, eval_every=0,
+                                                                   save_every=100, log_every=10, plot_every=0)),
+        metadata={"help": "SFT of the sft stage's model on the reasoning problems"})
+    prm: PrmConfig = field(default_factory=lambda: PrmConfig(
+        problems=48, heldout_problems=24, samples=2, rollouts=3, max_new_tokens=48, batch_size=8,
+        train=TrainConfig(steps=60, lr=1e-3, warmup_steps=5, weight_decay=0.0, eval_every=0, save_every=0,
+                          log_every=10, plot_every=0)), metadata={"help": "the process reward model"})
+    search: SearchSettings = field(default_factory=lambda: SearchSettings(
+        methods=["greedy", "vote", "beam"], problems=32, n=4, beam_width=2, expansions=2, max_new_tokens=48,
+        scales=[1, 2]), metadata={"help": "test-time search on held-out problems (the PRM is the prm stage's)"})
+
+
 def _default_dpo() -> DpoConfig:
     return DpoConfig(synthetic_pairs=600, max_len=128, batch_size=16, peft=PeftConfig(method="lora"),
                      train=TrainConfig(steps=60, lr=2e-3, warmup_steps=5, weight_decay=0.0, eval_every=30,
@@ -96,6 +121,8 @@ class QuickstartConfig:
     fresh: bool = option(False, "redo every stage even if a previous run finished it")
     rerun: list[str] = option(default_factory=list, help=f"stages to redo although finished: {', '.join(STAGES)}")
     skip: list[str] = option(default_factory=list, help=f"optional stages to leave out: {', '.join(OPTIONAL_STAGES)}")
+    extra: list[str] = option(default_factory=list, help=f"stages to add: {', '.join(EXTRA_STAGES)} (the reasoning "
+                                                         "stage takes minutes on 2 cores; see docs/posttrain.md)")
     corpus_max_bytes: int = option(6_000_000, "bytes of stdlib code and docs to put in the corpus")
     clean_steps: list[str] = option(default_factory=lambda: ["exact_dedup", "minhash", "pii"],
                                     help="cleaning steps (`lmforge data clean --help`); the web-text quality "
@@ -112,10 +139,13 @@ class QuickstartConfig:
                                                                            "synthetic task suite"})
     dpo: DpoConfig = field(default_factory=_default_dpo, metadata={"help": "DPO with LoRA on synthetic "
                                                                            "preference pairs"})
+    reasoning: ReasoningStageConfig = field(default_factory=ReasoningStageConfig,
+                                            metadata={"help": "the reasoning stage (--extra reasoning)"})
 
     def __post_init__(self) -> None:
         _one_of("arch", "architecture", self.arch, list(ARCHES))
-        for key, names, allowed in (("rerun", self.rerun, STAGES), ("skip", self.skip, OPTIONAL_STAGES)):
+        for key, names, allowed in (("rerun", self.rerun, STAGES), ("skip", self.skip, OPTIONAL_STAGES),
+                                    ("extra", self.extra, EXTRA_STAGES)):
             for name in names:
                 _one_of(key, "stage", name, allowed)
 
@@ -220,6 +250,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             else (stages.results["dpo"]["model_dir"], None)
     stages.run("eval", lambda out: evaluate_models(out, models, run_dir / "tokenizer", run_dir / "shards",
                                                    cfg.eval_examples, cfg.cloze_examples, cfg.sft.task_kinds))
+    if "reasoning" in cfg.extra and "reasoning" not in cfg.skip:
+        stages.run("reasoning", lambda out: run_reasoning_stage(cfg.reasoning, out, sft_model), resumable=True)
 
     summary = {"run_dir": str(run_dir), "seconds": round(time.perf_counter() - start, 1), "stages": stages.results,
                "models": {k: {"checkpoint": c, "adapter": a} for k, (c, a) in models.items()},
@@ -247,6 +279,27 @@ def _apply_arch(cfg: QuickstartConfig) -> None:
     lora = cfg.dpo.peft.lora
     if cfg.arch == "mla" and lora.targets == ["q_proj", "v_proj"]:
         lora.targets = ["o_proj", "gate_proj", "up_proj", "down_proj"]  # MLA has no q/v projections LoRA maps
+
+
+def run_reasoning_stage(cfg: ReasoningStageConfig, out: Path, checkpoint: str) -> dict[str, Any]:
+    """SFT `checkpoint` on solved reasoning problems, train a PRM on its rollout labels, then search held-out
+    problems: the result holds the PRM's step accuracy and `test_time_curve` (accuracy vs generated tokens per
+    method, the run report's curve); the headline is printed."""
+    data = write_reasoning_data(ReasoningDataConfig(out=str(out / "data.jsonl"), problems=cfg.problems))
+    cfg.sft.data = cfg.sft.data or [str(data)]
+    sft = _posttrain(run_sft, cfg.sft, out / "sft", checkpoint)
+    prm = _posttrain(run_prm, cfg.prm, out / "prm", sft["model_dir"])
+    cfg.search.prm = cfg.search.prm or prm["model_dir"]
+    cfg.search.require_scorers("reasoning.search.")
+    policy, tokenizer = load_policy(sft["model_dir"])
+    curve, _ = search_curve(cfg.search, policy, tokenizer)
+    points = curve["test_time_curve"]
+    print("[quickstart] reasoning: held-out accuracy vs generated tokens per problem (PRM step accuracy "
+          f"{prm['step_accuracy']:.3f}):")
+    for p in points:
+        print(f"  {p['method']:<8} {p['tokens']:7.1f} tokens  accuracy {p['accuracy']:.3f} +- {p['stderr']:.3f}")
+    return {"model_dir": sft["model_dir"], "prm_dir": prm["model_dir"], "prm_step_accuracy": prm["step_accuracy"],
+            "prm_label_agreement": prm["label_agreement"], "search": curve["methods"], "test_time_curve": points}
 
 
 def _posttrain(run: Callable[[Any], dict[str, Any]], stage_cfg: Any, out: Path, checkpoint: str) -> dict[str, Any]:

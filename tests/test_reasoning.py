@@ -259,3 +259,26 @@ def test_eval_runs_search_and_writes_the_test_time_curve(untrained, tmp_path, ca
     # a method that scores steps without a PRM: one line naming the option, nothing run
     assert main(["eval", "--checkpoint", str(ckpt), "--reasoning", "true", "--search.methods", "beam"]) == 2
     assert "search.prm" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quickstart_reasoning_stage_reports_the_curve(untrained, tmp_path, capsys):
+    from lmforge.core.config import from_dict
+    from lmforge.quickstart import QuickstartConfig, run_reasoning_stage
+
+    model, tok = untrained
+    ckpt = save_checkpoint(model, tok, tmp_path / "policy")
+    cfg = from_dict(QuickstartConfig, {"extra": ["reasoning"], "reasoning": {
+        "problems": 64, "sft": {"batch_size": 4, "train": {"steps": 2, "device": "cpu"}},
+        "prm": {"problems": 3, "heldout_problems": 3, "samples": 1, "rollouts": 1, "max_new_tokens": 10,
+                "batch_size": 2, "train": {"steps": 2, "device": "cpu"}},
+        "search": {"problems": 2, "n": 2, "expansions": 2, "max_new_tokens": 10, "scales": [1, 2]}}}).reasoning
+    result = run_reasoning_stage(cfg, tmp_path / "stage", str(ckpt))
+    curve = result["test_time_curve"]
+    assert [p["method"] for p in curve] == ["greedy", "vote", "vote", "beam", "beam"]
+    assert all(set(p) == {"method", "tokens", "accuracy", "stderr", "n"} for p in curve)
+    assert 0 <= result["prm_step_accuracy"] <= 1 and (tmp_path / "stage" / "prm" / "model").is_dir()
+    out = capsys.readouterr().out
+    assert "held-out accuracy vs generated tokens" in out and out.count("tokens  accuracy") == 5
+    with pytest.raises(Exception, match="extra: unknown stage"):
+        from_dict(QuickstartConfig, {"extra": ["reason"]})
