@@ -10,7 +10,8 @@ from tinymodels import mha_model, text_tokenizer
 from lmforge.generate.engine import generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.posttrain.sft import sft_loss
-from lmforge.serve.reasoning import ThinkBudget, ThinkSplitter, effort_budget, split_reasoning
+from lmforge.serve.reasoning import ThinkBudget, effort_budget
+from lmforge.tasks.reasoning import ThinkSplitter, split_reasoning
 from lmforge.tokenizer.chat import encode_conversation, pad_batch, prompt_ids, stop_token_ids
 
 PROMPT = [{"role": "user", "content": "calc: 3 + 4 - 2"}]
@@ -34,6 +35,18 @@ def test_splitter_whole_and_streamed_agree(text, reasoning, content):
             r, c = r + a, c + b
         a, b = s.finish()
         assert (r + a, c + b) == (reasoning or "", content), size
+
+
+def test_chat_and_generate_show_the_thinking_apart():
+    from lmforge.generate.chat import ThinkShown
+
+    for text, shown in ((SOLUTION, "[thinking] 1. 3+4=7\n2. 7-2=5\n[answer] 5"), ("just text\n", "just text\n")):
+        out = []
+        s = ThinkShown(out.append)
+        for i in range(0, len(text), 3):
+            s.write(text[i:i + 3])
+        s.finish()
+        assert "".join(out) == shown
 
 
 def test_budget_forces_the_close_once():

@@ -28,6 +28,7 @@ from lmforge.core.runtime import resolve_device
 from lmforge.generate.engine import Strategy, generate_stream
 from lmforge.generate.sampling import SamplingParams
 from lmforge.peft.config import load_trained
+from lmforge.tasks.reasoning import ThinkSplitter
 from lmforge.tokenizer import StreamDecoder, Tokenizer
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 
@@ -91,18 +92,41 @@ class ChatSession:
         seed = None if self.params.seed is None else self.params.seed + self.turns
         params = dataclasses.replace(self.params, seed=seed, stop_token_ids=[*self.params.stop_token_ids,
                                                                              *self.stop_ids])
-        decoder = StreamDecoder(self.tokenizer)
+        decoder, shown = StreamDecoder(self.tokenizer), ThinkShown(write)
         pieces = []
         for token in generate_stream(self.model, self.prompt_ids(), Strategy(sampling=params)):
-            piece = decoder.push(token)
-            pieces.append(piece)
-            write(piece)
+            pieces.append(decoder.push(token))
+            shown.write(pieces[-1])
         pieces.append(decoder.flush())
-        write(pieces[-1])
+        shown.write(pieces[-1])
+        shown.finish()
         answer = "".join(pieces)
         self.messages.append({"role": "assistant", "content": answer})
         self.turns += 1
         return answer
+
+
+class ThinkShown:
+    """Writes a streamed answer with its thinking apart: `[thinking] ...` then `[answer] ...` (a reply without
+    a `<think>` section is written as it is)."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self.out, self.splitter, self.part = write, ThinkSplitter(), ""
+
+    def write(self, text: str) -> None:
+        self._show(*self.splitter.feed(text))
+
+    def finish(self) -> None:
+        self._show(*self.splitter.finish())
+
+    def _show(self, reasoning: str, content: str) -> None:
+        for part, text in (("thinking", reasoning), ("answer", content)):
+            if not text:
+                continue
+            if self.splitter.thought and part != self.part:
+                self.out(("\n" if self.part else "") + f"[{part}] ")
+                self.part = part
+            self.out(text)
 
 
 def chat_loop(session: ChatSession, lines: Iterable[str], out: TextIO, prompt: str = "") -> int:

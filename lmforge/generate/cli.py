@@ -20,12 +20,14 @@ from tqdm import tqdm
 from lmforge.core.config import option, require
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.runtime import resolve_device
+from lmforge.generate.chat import ThinkShown
 from lmforge.generate.engine import Kind, RunStats, Strategy, generate_stream
 from lmforge.generate.presets import apply_preset, describe_preset, preset_settings
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.stops import stop_at_strings
 from lmforge.model import load_model
 from lmforge.peft.config import load_any_adapter
+from lmforge.tasks.reasoning import split_reasoning
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
@@ -173,7 +175,9 @@ def collect_json(stream: Iterator[int], tokenizer: Tokenizer | None, stops: Sequ
         new_ids = list(tqdm(stream, **bar))
         text = tokenizer.decode(new_ids) if tokenizer is not None else None
     extra = {"beam": {"score": stats.score}, "speculative": {"acceptance_rate": stats.speculative.acceptance_rate}}
-    return {"ids": new_ids, "text": text, **extra.get(kind, {})}
+    reasoning, answer = split_reasoning(text) if text is not None else (None, "")
+    thinking = {"reasoning": reasoning, "answer": answer} if reasoning is not None else {}
+    return {"ids": new_ids, "text": text, **thinking, **extra.get(kind, {})}
 
 
 def stream_to_terminal(stream: Iterator[int], prompt: list[int], prompt_text: str,
@@ -188,8 +192,9 @@ def stream_to_terminal(stream: Iterator[int], prompt: list[int], prompt_text: st
     else:
         out.write(prompt_text or tokenizer.decode(prompt))
         out.flush()
+        shown = ThinkShown(lambda text: (out.write(text), out.flush()))  # [thinking] ... [answer] ...
         for _, text in stop_at_strings(stream, tokenizer, stops):
-            out.write(text)
-            out.flush()
+            shown.write(text)
+        shown.finish()
     out.write("\n")
     out.flush()

@@ -36,7 +36,7 @@ from lmforge.posttrain.rollout import (
 )
 from lmforge.posttrain.stage import Stage, StageConfig, before_after, summary, train_option
 from lmforge.tasks.prompts import PROMPT_FORMATS, PromptExample, read_prompts, task_prompts
-from lmforge.tasks.reasoning import Problem, make_problems, split_thinking
+from lmforge.tasks.reasoning import Problem, make_problems, split_reasoning
 from lmforge.tasks.suite import TASK_KINDS, make_examples
 from lmforge.tasks.verifiers import exact_reward, think_reward
 from lmforge.tokenizer import Tokenizer
@@ -118,7 +118,7 @@ def thinking_stats(tokenizer: Tokenizer, examples: list[PromptExample], texts: l
     """Per completion: `correct` (the think verifier: the answer after </think> is the reference) and
     `think_tokens` (tokens of the text inside <think>...</think>, the chain of thought's length)."""
     return {"correct": torch.tensor([think_reward(t, ex.answer) for ex, t in zip(examples, texts)]),
-            "think_tokens": torch.tensor([float(len(tokenizer.encode(split_thinking(t)[0]))) for t in texts])}
+            "think_tokens": torch.tensor([float(len(tokenizer.encode(split_reasoning(t)[0] or ""))) for t in texts])}
 
 
 class PromptSource:

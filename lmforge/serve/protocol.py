@@ -29,9 +29,10 @@ import tokenizers
 from lmforge.core.errors import LmforgeError
 from lmforge.generate.sampling import SamplingParams
 from lmforge.serve.grammar import GrammarError, Grammars, response_schema
-from lmforge.serve.reasoning import EFFORTS, ThinkSplitter, effort_budget, split_reasoning
+from lmforge.serve.reasoning import EFFORTS, effort_budget
 from lmforge.serve.scheduler import Delta, Done, Event, Failed, Job, PromptLogprobs, TokenLogprob
 from lmforge.serve.tools import ToolError, Tools, parse_tools, template_message
+from lmforge.tasks.reasoning import ThinkSplitter, split_reasoning
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids
 

@@ -157,14 +157,74 @@ def extract_answer(completion: str) -> str | None:
     return " ".join(steps[-1].text.split()) if steps and steps[-1].is_answer else None
 
 
-def split_thinking(text: str) -> tuple[str, str]:
-    """(thinking, answer) of a response: the text inside `<think>...</think>` and the text after it, both
-    stripped. Without `<think>` the whole text is the answer; an unclosed thinking section has no answer yet."""
-    head, opened, rest = text.partition(THINK_OPEN)
-    if not opened:
-        return "", text.strip()
-    thinking, closed, answer = rest.partition(THINK_CLOSE)
-    return thinking.strip(), (head + answer).strip() if closed else head.strip()
+# ----------------------------------------------------------------------------------------------
+# the thinking section apart from the answer (serve's reasoning_content, chat, generate --json, RL metrics)
+
+
+def partial_tag(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that is a proper start of `tag` (0 when none)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+class ThinkSplitter:
+    """A response's text as it streams in, (reasoning, content) pieces out: text inside a leading
+    `<think>...</think>` is reasoning, the rest content (all of it when the response does not open with
+    `<think>`). Only what could still be part of a tag, and the whitespace around the tags, is held back, so the
+    pieces join to what `split_reasoning` gives for the whole text; `finish()` releases what was held."""
+
+    def __init__(self) -> None:
+        self.state = "start"  # start: nothing but whitespace yet; think: inside <think>; answer: after it
+        self.held = ""
+        self.thought = False  # a thinking section was opened
+        self.skip_space = False  # drop the whitespace right after a tag
+
+    def feed(self, text: str) -> tuple[str, str]:
+        self.held += text
+        reasoning, content = "", ""
+        if self.state == "start":
+            head = self.held.lstrip()
+            if not head or (THINK_OPEN.startswith(head) and head != THINK_OPEN):
+                return "", ""
+            if not head.startswith(THINK_OPEN):
+                self.state, content, self.held = "answer", self.held, ""
+                return "", content
+            self.state, self.thought, self.skip_space = "think", True, True
+            self.held = head[len(THINK_OPEN):]
+        if self.state == "think":
+            if self.skip_space:
+                self.held = self.held.lstrip()
+                self.skip_space = not self.held
+            end = self.held.find(THINK_CLOSE)
+            if end < 0:
+                keep = len(self.held) - partial_tag(self.held, THINK_CLOSE)
+                body = self.held[:keep]
+                keep = len(body.rstrip())  # whitespace before a possible </think> waits too
+                reasoning, self.held = self.held[:keep], self.held[keep:]
+                return reasoning, ""
+            reasoning = self.held[:end].rstrip()
+            self.state, self.skip_space = "answer", True
+            self.held = self.held[end + len(THINK_CLOSE):]
+        if self.skip_space:
+            self.held = self.held.lstrip()
+            self.skip_space = not self.held
+        content, self.held = self.held, ""
+        return reasoning, content
+
+    def finish(self) -> tuple[str, str]:
+        """What is still held: an unclosed thinking section's tail is reasoning, anything else content."""
+        held, self.held = self.held, ""
+        return (held.rstrip(), "") if self.state == "think" else ("", held)
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning_content or None when the response did not think, content) of a whole response."""
+    s = ThinkSplitter()
+    r1, c1 = s.feed(text)
+    r2, c2 = s.finish()
+    return (r1 + r2 if s.thought else None), c1 + c2
 
 
 def verify(problem: Problem, completion: str) -> float:
