@@ -282,3 +282,31 @@ def test_quickstart_reasoning_stage_reports_the_curve(untrained, tmp_path, capsy
     assert "held-out accuracy vs generated tokens" in out and out.count("tokens  accuracy") == 5
     with pytest.raises(Exception, match="extra: unknown stage"):
         from_dict(QuickstartConfig, {"extra": ["reason"]})
+
+
+def test_grpo_task_reasoning_prompts_reward_and_stats(untrained):
+    from lmforge.core.config import from_dict
+    from lmforge.posttrain.grpo import GrpoConfig
+    from lmforge.posttrain.rewards import Scorer
+    from lmforge.posttrain.rl import PromptSource, thinking_stats
+
+    _, tok = untrained
+    cfg = from_dict(GrpoConfig, {"task": "reasoning", "rollout": {"prompts_per_rollout": 4, "eval_prompts": 6}})
+    assert cfg.reward == ["think"]  # the family's verifier is the default reward
+    scorer = Scorer(cfg, tok)
+    source = PromptSource(cfg, scorer)
+    train, held = source(0), source.heldout
+    assert len(train) == 4 and len(held) == 6 and source(1) != train
+    assert all(split_of("calc", ex.prompt) == 0 for ex in train)
+    assert all(split_of("calc", ex.prompt) == 1 for ex in held)
+    problem = parse_problem(train[0].prompt)
+    assert train[0].answer == problem.answer and train[0].messages == problem.messages(with_solution=False)
+    wrong = problem.solution().rsplit("\n", 1)[0] + "\n" + str(int(problem.answer) + 1)
+    texts = [problem.solution(), wrong, "no thinking, " + problem.answer]
+    assert scorer([train[0]] * 3, texts).tolist() == [1.0, 0.0, 0.0]
+    stats = thinking_stats(tok, [train[0]] * 3, texts)
+    assert stats["correct"].tolist() == [1.0, 0.0, 0.0]
+    steps = "\n".join(problem.steps())
+    assert stats["think_tokens"].tolist() == [len(tok.encode(steps))] * 2 + [0.0]
+    with pytest.raises(Exception, match="task"):
+        from_dict(GrpoConfig, {"task": "chess"})
