@@ -29,6 +29,8 @@ scores the prompt's tokens too, from the prefill's logits (such a prompt is pref
 from the prefix cache). Errors stay local: an
 exception while sampling one request fails that request only; an exception in a shared prefill or
 decode step fails the requests in that step, and the loop goes on.
+A job with a thinking budget (`serve.reasoning.ThinkBudget`) has the tokens of `</think>` fed in place of
+sampled ones once its thinking has used the budget.
 """
 
 from __future__ import annotations
