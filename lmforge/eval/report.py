@@ -26,7 +26,7 @@ from typing import Any
 from lmforge.core.config import option
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_text
-from lmforge.eval.svg import PALETTE, Series, line_chart
+from lmforge.eval.svg import PALETTE, Series, line_chart, stacked_area_chart
 from lmforge.eval.tasks import load_task
 from lmforge.train.metrics import read_metrics, smooth
 
@@ -62,6 +62,7 @@ class RunData:
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)
     decontam: dict[str, dict[str, Any]] = field(default_factory=dict)
     kinds: dict[str, dict[str, list[str | None]]] = field(default_factory=dict)  # eval -> task -> kind per example
+    answers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # eval -> the first generated answers
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -111,6 +112,7 @@ def collect_run(run_dir: str | Path) -> RunData:
     if not root.is_dir():
         raise LmforgeError(f"run directory not found: {root}")
     run = RunData(root)
+    curves: dict[str, dict[str, Any]] = {}
     for path in _walk(root):
         rel = path.relative_to(root)
         label = str(rel.parent) if str(rel.parent) != "." else "run"
@@ -140,41 +142,71 @@ def collect_run(run_dir: str | Path) -> RunData:
             run.summary = data
         elif path.name == "done.json":
             run.stages[label] = data
+        elif isinstance(data.get("test_time_curve"), list):  # a reasoning run's results, outside a quickstart
+            curves[label] = data
         elif (kind := _task_kind(data)) == "eval":
             run.evals[str(rel.with_suffix(""))] = data
             run.kinds[str(rel.with_suffix(""))] = example_kinds(path, data)
+            run.answers[str(rel.with_suffix(""))] = example_answers(path, data)
         elif kind == "decontam":
             run.decontam[str(rel.with_suffix(""))] = data
     if run.summary is not None:
         run.stages = {k: v for k, v in run.summary["stages"].items() if isinstance(v, dict)}
+    for label, data in curves.items():
+        run.stages.setdefault(label, data)
     if not (run.metrics or run.configs or run.summary or run.evals or run.stats):
         raise LmforgeError(f"{root}: nothing to report (no metrics.jsonl, config, summary.json, stats or eval "
                            "results found)")
     return run
 
 
+def _task_examples(path: Path, result: dict[str, Any]) -> list[Any]:
+    """The examples of the task a result scored: from the task YAML's path, or a `tasks/` folder beside the
+    results when the run directory moved; [] when neither loads."""
+    if not isinstance(result.get("path"), str):
+        return []
+    for task_file in (Path(result["path"]), path.parent / "tasks" / Path(result["path"]).name):
+        try:
+            return load_task(task_file).examples
+        except LmforgeError:
+            continue
+    return []
+
+
 def example_kinds(path: Path, record: dict[str, Any]) -> dict[str, list[str | None]]:
     """Per task, the `kind` of each scored example (copy, reverse, ...): from the example itself, else from the
-    row of the task's data it was made from (the task YAML's path, or a `tasks/` folder beside the results
-    when the run directory moved). Tasks whose data has no kinds are left out."""
+    row of the task's data it was made from. Tasks whose data has no kinds are left out."""
     out: dict[str, list[str | None]] = {}
     for name, result in record["tasks"].items():
         examples = result.get("examples")
         if not isinstance(examples, list) or not examples:
             continue
         kinds = [e.get("kind") if isinstance(e, dict) else None for e in examples]
-        if not any(kinds) and isinstance(result.get("path"), str):
-            rows: list[dict[str, Any]] = []
-            for task_file in (Path(result["path"]), path.parent / "tasks" / Path(result["path"]).name):
-                try:
-                    rows = [ex.fields for ex in load_task(task_file).examples]
-                    break
-                except LmforgeError:
-                    continue
+        if not any(kinds):
+            rows = [ex.fields for ex in _task_examples(path, result)]
             kinds = [rows[e["index"]].get("kind") if isinstance(e, dict) and isinstance(e.get("index"), int)
                      and 0 <= e["index"] < len(rows) else None for e in examples]
         if any(kinds):
             out[name] = kinds
+    return out
+
+
+def example_answers(path: Path, record: dict[str, Any], limit: int = 5) -> list[dict[str, Any]]:
+    """The first `limit` answers a model generated for a generate task of an eval results file:
+    [{"task", "index", "prompt", "answer", "output"}], the prompt from the task's data."""
+    out = []
+    for name, result in record["tasks"].items():
+        examples = [e for e in result.get("examples") or () if isinstance(e, dict) and isinstance(e.get("output"), str)
+                    and isinstance(e.get("index"), int)]
+        if not examples:
+            continue
+        task = {ex.index: ex for ex in _task_examples(path, result)}
+        for e in examples[:limit]:
+            ex = task.get(e["index"])
+            answers = e.get("answers") or (ex.answers if ex else [])
+            out.append({"task": name, "index": e["index"], "prompt": ex.fields.get("prompt", ex.prompt) if ex else "",
+                        "answer": answers[0] if answers else "", "output": e["output"]})
+        break  # one task's prompts are enough to compare the stages
     return out
 
 
@@ -232,15 +264,57 @@ def column(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[floa
     return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
 
 
+HELDOUT_PREFIXES = ("val_", "heldout_")
+VAL_LOSS_VIEWS = ("val_loss", "val_bpb", "val_bits_per_byte", "val_perplexity")  # on the loss chart already
+FEW_MEASUREMENTS = 8  # a held-out metric measured this many times or fewer is drawn as points, not a curve
+
+
 def loss_keys(rows: list[dict[str, Any]]) -> list[str]:
     """Train-row keys worth a curve: loss first, then other losses/rewards/margins that a stage logs.
-    Counters (tokens seen, tokens per source, loss tokens per batch) and throughput are left out: a
-    cumulative count is a straight line that says nothing about the run."""
+    Counters (tokens seen, tokens per source, loss tokens per batch), throughput, held-out metrics (drawn as
+    points, `heldout_keys`) and standard errors (drawn as bars) are left out: a cumulative count is a straight
+    line that says nothing about the run."""
     keys = {k for r in rows for k, v in r.items() if finite(v)}
     skip = {"step", "lr", "tokens_seen", "tokens_per_s", "grad_norm", "seconds", "elapsed", "loss_tokens"}
     main = [k for k in ("loss", "val_loss") if k in keys]
     return main + sorted(k for k in keys - skip - set(main)
-                         if not k.startswith(("val_", "tokens.", "n_")) and not k.endswith(("_tokens", "_count")))
+                         if not k.startswith(("tokens.", "n_", *HELDOUT_PREFIXES))
+                         and not k.endswith(("_tokens", "_count", "_stderr")))
+
+
+def heldout_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """Held-out metrics a stage logs at its evaluations (`val_*` other than the loss, `heldout_*`)."""
+    keys = {k for r in rows for k, v in r.items() if finite(v)}
+    return sorted(k for k in keys if k.startswith(HELDOUT_PREFIXES) and k not in VAL_LOSS_VIEWS
+                  and not k.endswith("_stderr"))
+
+
+def with_errors(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float], list[float] | None]:
+    """(steps, values, standard errors) of `key`; errors only when every measurement has its `key_stderr`."""
+    pts = [(r["step"], r[key], r.get(key + "_stderr")) for r in rows if finite(r.get(key))]
+    errs = [p[2] for p in pts]
+    return [p[0] for p in pts], [p[1] for p in pts], errs if pts and all(finite(e) for e in errs) else None
+
+
+def mixture_shares(rows: list[dict[str, Any]]) -> tuple[list[float], dict[str, list[float]]]:
+    """The share of each source in the tokens trained on between consecutive metrics rows, from the cumulative
+    `tokens.<source>` counts pretraining logs: (the step ending each interval, {source: shares})."""
+    logged = [r for r in rows if any(k.startswith("tokens.") for k in r)]
+    sources = sorted({k[len("tokens."):] for r in logged for k in r if k.startswith("tokens.") and finite(r[k])})
+    steps: list[float] = []
+    shares: dict[str, list[float]] = {s: [] for s in sources}
+    previous = dict.fromkeys(sources, 0.0)
+    for r in logged:
+        now = {s: float(r[f"tokens.{s}"]) if finite(r.get(f"tokens.{s}")) else previous[s] for s in sources}
+        delta = {s: now[s] - previous[s] for s in sources}
+        total = sum(delta.values())
+        previous = now
+        if total <= 0 or any(d < 0 for d in delta.values()):  # a repeated row, or counts that went back
+            continue
+        steps.append(r["step"])
+        for s in sources:
+            shares[s].append(delta[s] / total)
+    return steps, shares
 
 
 def says_something(series: list[Series]) -> bool:
@@ -250,17 +324,18 @@ def says_something(series: list[Series]) -> bool:
 
 def stage_charts(label: str, rows: list[dict[str, Any]], with_lr: bool = True) -> list[str]:
     """The small multiples of one stage: loss (train and validation on one chart), learning rate (when
-    `with_lr`), and the other curves it logs; only charts with at least two distinct values."""
+    `with_lr`), the mixture's share per source, the other curves it logs, and its held-out metrics (points with
+    standard-error bars when measured a few times); only charts with at least two distinct values."""
     candidates: list[tuple[str, list[Series], str]] = []
     xs, ys = column(rows, "loss")
-    vx, vy = column(rows, "val_loss")
+    vx, vy, verr = with_errors(rows, "val_loss")
     series = []
     if xs:
         window = 2 * (len(ys) // 40) + 1
         series += [Series("train loss", xs, ys, PALETTE[0], 1, 0.35),
                    Series("train loss (smoothed)", xs, smooth(ys, window), PALETTE[0], 2)]
     if vx:
-        series.append(Series("val loss", vx, vy, PALETTE[1], 2, markers=True))
+        series.append(Series("val loss", vx, vy, PALETTE[1], 2, markers=True, errs=verr))
     candidates.append((f"{label}: loss", series, "nats/token"))
     if with_lr:
         lx, ly = column(rows, "lr")
@@ -270,20 +345,56 @@ def stage_charts(label: str, rows: list[dict[str, Any]], with_lr: bool = True) -
         kx, ky = column(rows, key)
         candidates.append((f"{label}: {key}", [Series(key, kx, ky, PALETTE[(3 + i) % len(PALETTE)], 2,
                                                       markers=len(kx) <= 5)], ""))
-    return [line_chart(ss, title, ylabel=unit, width=420, height=240)
-            for title, ss, unit in candidates if says_something(ss)]
+    for i, key in enumerate(heldout_keys(rows)[:6]):
+        hx, hy, herr = with_errors(rows, key)
+        few = len(hx) <= FEW_MEASUREMENTS
+        candidates.append((f"{label}: {key}", [Series(key, hx, hy, PALETTE[(5 + i) % len(PALETTE)], 2,
+                                                      markers=True, errs=herr, line=not few)], "held-out"))
+    charts = [line_chart(ss, title, ylabel=unit, width=420, height=240)
+              for title, ss, unit in candidates if says_something(ss)]
+    steps, shares = mixture_shares(rows)
+    if says_something([Series(s, steps, v) for s, v in shares.items()]) and len(shares) > 1:
+        charts.insert(1, stacked_area_chart(steps, shares, f"{label}: mixture share per source", width=420,
+                                            height=240))
+    return charts
 
 
-def charts_html(metrics: dict[str, list[dict[str, Any]]]) -> str:
+def test_time_curve(result: dict[str, Any]) -> dict[str, list[dict[str, float]]]:
+    """A stage result's `test_time_curve` ([{"method", "tokens", "accuracy", "stderr", "n"}, ...]) as
+    {method: points by tokens}; malformed points are left out."""
+    curve: dict[str, list[dict[str, float]]] = {}
+    points = result.get("test_time_curve")
+    for p in points if isinstance(points, list) else ():
+        if isinstance(p, dict) and isinstance(p.get("method"), str) and finite(p.get("tokens")) \
+                and finite(p.get("accuracy")):
+            curve.setdefault(p["method"], []).append(p)
+    return {m: sorted(ps, key=lambda p: p["tokens"]) for m, ps in curve.items()}
+
+
+def test_time_chart(label: str, curve: dict[str, list[dict[str, float]]]) -> str:
+    """Accuracy against generated tokens per problem (log scale), one line per method, standard-error bars."""
+    series = [Series(method, [p["tokens"] for p in ps], [p["accuracy"] for p in ps], PALETTE[i % len(PALETTE)], 2,
+                     markers=True, errs=[p["stderr"] if finite(p.get("stderr")) else 0.0 for p in ps])
+              for i, (method, ps) in enumerate(curve.items())]
+    if not says_something(series) and len({x for s in series for x in s.xs}) < 2:
+        return ""
+    return line_chart(series, f"{label}: test-time compute", xlabel="generated tokens per problem",
+                      ylabel="accuracy", width=420, height=240, log_x=True)
+
+
+def charts_html(run: RunData) -> str:
     """Every stage's charts in lifecycle order in one grid; the learning rate drawn once (the first stage that has
     a schedule worth drawing), since each stage's warmup-and-decay looks the same."""
     charts: list[str] = []
     lr_drawn = False
-    for label in lifecycle_order(list(metrics)):
-        rows = metrics[label]
+    for label in lifecycle_order(list(dict.fromkeys([*run.metrics, *run.stages]))):
+        rows = run.metrics.get(label, [])
         has_lr = says_something([Series("lr", *column(rows, "lr"))])
-        charts += stage_charts(label, rows, with_lr=has_lr and not lr_drawn)
+        charts += stage_charts(label, rows, with_lr=has_lr and not lr_drawn) if rows else []
         lr_drawn = lr_drawn or has_lr
+        curve = test_time_curve(run.stages.get(label, {}))
+        if curve and (chart := test_time_chart(label, curve)):
+            charts.append(chart)
     return f'<div class="charts">{"".join(charts)}</div>' if charts else ""
 
 
@@ -378,6 +489,40 @@ def samples_html(stages: dict[str, dict[str, Any]]) -> str:
     return "".join(out)
 
 
+def chat_samples(run: RunData) -> tuple[list[str], list[dict[str, Any]]]:
+    """The chat model's answers to the same held-out prompts at each stage (base, after SFT, after DPO/RL):
+    (stage labels in lifecycle order, [{"prompt", "answer", label: output, ...}]). From the eval stage's
+    `models.<label>.samples` of a quickstart, else from the eval results files' generated answers."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    models = (run.stages.get("eval") or {}).get("models")
+    for label, scores in (models or {}).items():
+        samples = scores.get("samples") if isinstance(scores, dict) else None
+        if isinstance(samples, list):
+            by_label[label] = [x for x in samples if isinstance(x, dict) and isinstance(x.get("prompt"), str)]
+    if not by_label:
+        by_label = {label.split("/")[-1]: answers for label, answers in run.answers.items() if answers}
+    labels = lifecycle_order([k for k, v in by_label.items() if v])
+    if len(labels) < 2:  # one model's answers are no comparison (the eval table has its score)
+        return [], []
+    rows: dict[str, dict[str, Any]] = {}
+    for label in labels:
+        for x in by_label[label]:
+            row = rows.setdefault(x["prompt"], {"prompt": x["prompt"], "answer": x.get("answer", "")})
+            row[label] = x.get("output", "")
+    return labels, [r for r in rows.values() if sum(label in r for label in labels) >= 2]
+
+
+def chat_samples_html(run: RunData) -> str:
+    """One table, a row per held-out prompt and a column per stage: what each stage changed in the answers."""
+    labels, rows = chat_samples(run)
+    if not rows:
+        return ""
+    head = "".join(f"<th>{esc(h)}</th>" for h in ("prompt", "expected", *labels))
+    body = "".join("<tr>" + "".join(f'<td class="sample">{esc(r.get(k, ""))}</td>'
+                                    for k in ("prompt", "answer", *labels)) + "</tr>" for r in rows)
+    return f'<table id="side-by-side"><tr>{head}</tr>{body}</table>'
+
+
 def stage_results_table(stages: dict[str, dict[str, Any]]) -> str:
     """Every scalar a stage returned, in lifecycle order, folded under a <details>; values a stage did not
     measure (None) are left out."""
@@ -419,6 +564,11 @@ def _scored(r: dict[str, Any], metric: str) -> str:
     return f"{value:.3f} ± {err:.3f}" if finite(err) else f"{value:.3f}"
 
 
+def _curve_point(p: dict[str, Any]) -> str:
+    err = f" ± {p['stderr']:.3f}" if finite(p.get("stderr")) else ""
+    return f"{p['accuracy']:.3f}{err} at {p['tokens']:,.0f} tokens"
+
+
 def _eval_lines(models: dict[str, Any]) -> list[str]:
     """`task metric: base x ± se -> sft y ± se -> ...` for the headline metric of each task."""
     lines = []
@@ -454,6 +604,10 @@ def stage_headline(stage: str, r: dict[str, Any]) -> tuple[str, str]:
         return f"{fmt_value(r.get('steps'))} steps, {fmt_value(round(r.get('tokens_per_s') or 0))} tokens/s", change
     if kind == "eval":
         return "", "; ".join(_eval_lines(r.get("models") or {}))
+    curve = test_time_curve(r)
+    if curve:  # each method at its least and its most test-time compute
+        return "", "; ".join(f"{method} " + " -> ".join(map(_curve_point, ps[:1] + ps[1:][-1:]))
+                             for method, ps in curve.items())
     made = f"{fmt_value(r.get('steps'))} steps" if "steps" in r else ""
     if finite(r.get("train_conversations")):
         made += f" on {fmt_value(r['train_conversations'])} conversations"
@@ -517,8 +671,10 @@ def page(title: str, body: list[str], card: str = "") -> str:
 
 def render_report(run: RunData) -> str:
     body = []
+    charts = charts_html(run)
+    if charts:
+        body.append("<h2>Training curves</h2>" + charts)
     if run.metrics:
-        body.append("<h2>Training curves</h2>" + charts_html(run.metrics))
         vr = val_rows(run)
         if vr:
             body.append("<h2>Validation metrics</h2>" + table(["stage", "metric", "first", "last", "best", "evals"],
@@ -530,6 +686,10 @@ def render_report(run: RunData) -> str:
             body.append("<h3>By kind of example</h3>" + kinds)
     if run.decontam:
         body.append("<h2>Decontamination</h2>" + decontam_table(run.decontam))
+    side_by_side = chat_samples_html(run)
+    if side_by_side:
+        body.append("<h2>Answers side by side</h2><p class=\"muted\">the same held-out prompts, answered by the "
+                    "model after each stage</p>" + side_by_side)
     samples = samples_html(run.stages)
     if samples:
         body.append("<h2>Samples</h2>" + samples)
