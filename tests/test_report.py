@@ -204,9 +204,9 @@ def test_compare_overlays_two_runs(tmp_path, quickstart_run):
     write_metrics(other / "pretrain", start=7.0)
     (other / "eval").mkdir()
     (other / "eval" / "sft.json").write_text(json.dumps(eval_record(0.5)))
-    out = write_compare(quickstart_run, other, tmp_path / "c.html")
+    out, _ = write_compare(quickstart_run, other, tmp_path / "c.html")
     page = out.read_text()
-    assert "<h2>pretrain</h2>" in page and "<h2>sft</h2>" not in page  # only stages both runs trained
+    assert "<h2>Curves: pretrain</h2>" in page and "<h2>Curves: sft</h2>" not in page  # stages both runs trained
     chart = page[page.index("pretrain: loss"):]
     chart = chart[:chart.index("</svg>")]
     assert chart.count("<polyline") == 2 and 'stroke-dasharray="6 4"' in chart  # A solid, B dashed

@@ -624,16 +624,70 @@ def stage_headline(stage: str, r: dict[str, Any]) -> tuple[str, str]:
     return made, "; ".join(changes)
 
 
-def _machine_line(machine: dict[str, Any] | None, precision: str | None) -> str:
-    if not machine and not precision:
-        return ""
+Figure = tuple[float, float | None]  # a value and its standard error (None when not measured)
+
+
+def headline_figures(stage: str, r: dict[str, Any]) -> dict[str, Figure]:
+    """The numbers behind a stage's card row, after the stage ran (what `lmforge compare` puts side by side)."""
+    kind = stage.split("/")[0]
+    keys = {"corpus": (("docs", "docs"), ("bytes", "bytes")), "clean": (("docs_kept", "docs kept"),),
+            "tokenizer": (("vocab_size", "vocab"),),
+            "shards": (("train_tokens", "train tokens"), ("val_tokens", "val tokens")),
+            "pretrain": (("steps", "steps"), ("tokens_per_s", "tokens/s")),
+            }.get(kind, (("steps", "steps"), ("heldout_logp_margin", "preference margin"),
+                         ("heldout_preference_accuracy", "preference accuracy"), ("val_loss", "val loss")))
+    out: dict[str, Figure] = {name: (r[k], None) for k, name in keys if finite(r.get(k))}
+    after = r.get("val_after") if kind == "pretrain" else None
+    if isinstance(after, dict):
+        out.update({name: (after[k], None) for k, name in (("loss", "val loss"), ("bits_per_byte", "bits/byte"))
+                    if finite(after.get(k))})
+    if kind == "eval":
+        for label, tasks in (r.get("models") or {}).items():
+            for task, t in (tasks.items() if isinstance(tasks, dict) else ()):
+                metric = next((m for m in ("exact_match", "acc_norm", "acc", "f1") if isinstance(t, dict)
+                               and finite(t.get(m))), None)
+                if metric:
+                    err = t.get(metric + "_stderr")
+                    out[f"{task} {metric} ({label})"] = (t[metric], err if finite(err) else None)
+    for method, ps in test_time_curve(r).items():
+        p = ps[-1]
+        out[f"{method} accuracy (most compute)"] = (p["accuracy"], p["stderr"] if finite(p.get("stderr")) else None)
+    if finite(r.get("seconds")):
+        out["seconds"] = (r["seconds"], None)
+    return out
+
+
+def card_figures(run: RunData) -> dict[tuple[str, str], Figure]:
+    """{(stage, figure): value} of every stage in lifecycle order; a run without stage results (a single
+    `lmforge pretrain`) gives its last train and validation loss."""
+    out: dict[tuple[str, str], Figure] = {}
+    for stage in lifecycle_order(list(run.stages)):
+        out.update({(stage, name): v for name, v in headline_figures(stage, run.stages[stage]).items()})
+    if not run.stages:
+        for label, metrics in run.metrics.items():
+            for key, name in (("loss", "last train loss"), ("val_loss", "val loss")):
+                _, ys = column(metrics, key)
+                if ys:
+                    out[(label, name)] = (ys[-1], None)
+    if run.summary and finite(run.summary.get("seconds")):
+        out[("total", "seconds")] = (run.summary["seconds"], None)
+    return out
+
+
+def machine_text(machine: dict[str, Any] | None, precision: str | None = None) -> str:
+    """CPU, threads, GPU, SIMD flags and precision in one line ("" when nothing was recorded)."""
     m = machine or {}
     parts = [f"{k} {fmt_value(m[k])}" for k in ("cpu", "threads", "gpu") if m.get(k)]
     if m.get("cpu_flags"):
         parts.append("CPU flags " + " ".join(m["cpu_flags"]))
     if precision:
         parts.append(f"precision {precision}")
-    return f'<p class="muted">machine: {esc(", ".join(parts))}</p>'
+    return ", ".join(parts)
+
+
+def _machine_line(machine: dict[str, Any] | None, precision: str | None) -> str:
+    text = machine_text(machine, precision)
+    return f'<p class="muted">machine: {esc(text)}</p>' if text else ""
 
 
 def lifecycle_card(run: RunData, title: str) -> str:
