@@ -26,6 +26,7 @@ from lmforge.eval.report import (
     lifecycle_order,
     machine_text,
     page,
+    says_something,
     table,
 )
 from lmforge.eval.svg import PALETTE, Series, line_chart
@@ -52,7 +53,7 @@ def overlay_charts(a: RunData, b: RunData, sa: str, sb: str, title: str) -> str:
             if xs:
                 series.append(Series(f"{names[i]}: {key}", xs, ys, PALETTE[i], 2, dashed=i == 1,
                                      markers=key == "val_loss"))
-        if series:
+        if says_something(series):  # a single validation, a constant learning rate: no chart
             charts.append(line_chart(series, f"{title}: {key}", ylabel=ylabel))
     return f'<div class="charts">{"".join(charts)}</div>'
 
