@@ -190,9 +190,11 @@ def test_heldout_metrics_measured_a_few_times_are_points_with_error_bars(quickst
     (dpo / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     page = write_report(quickstart_run).read_text()
     chart = svg_of(page, "dpo: heldout_preference_accuracy")
-    assert "<polyline" not in chart and chart.count("<circle") == 2  # two measurements are not a curve
+    assert "<polyline" not in chart and chart.count("<circle") == 3  # a few measurements are not a curve
+    (x0, y0), (x1, y1), _ = (map(float, c) for c in re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"', chart))
+    assert x0 < x1 and y0 == y1  # first, at step 0, the 0.5 the stage's result measured before training
     bars = re.findall(r'<path d="M([\d.]+),([\d.]+)V([\d.]+)', chart)
-    assert len(bars) == 2
+    assert len(bars) == 2  # the value before training has no standard error in this summary: no bar
     (_, lo0, hi0), (_, lo1, hi1) = ((float(a), float(b), float(c)) for a, b, c in bars)
     assert (lo0 - hi0) / (lo1 - hi1) == pytest.approx(2.0, rel=0.02)  # +-0.1 drawn twice as long as +-0.05
     assert "heldout_preference_accuracy_stderr" not in re.sub(r"<details>.*?</details>", "", page, flags=re.S)

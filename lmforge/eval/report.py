@@ -289,11 +289,15 @@ def heldout_keys(rows: list[dict[str, Any]]) -> list[str]:
                   and not k.endswith("_stderr"))
 
 
-def with_errors(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float], list[float] | None]:
-    """(steps, values, standard errors) of `key`; errors only when every measurement has its `key_stderr`."""
+Errors = list[float | None] | None
+
+
+def with_errors(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float], Errors]:
+    """(steps, values, standard errors) of `key`: the error of each measurement that logged its `key_stderr`
+    (None for the others), or None when none did."""
     pts = [(r["step"], r[key], r.get(key + "_stderr")) for r in rows if finite(r.get(key))]
-    errs = [p[2] for p in pts]
-    return [p[0] for p in pts], [p[1] for p in pts], errs if pts and all(finite(e) for e in errs) else None
+    errs = [p[2] if finite(p[2]) else None for p in pts]
+    return [p[0] for p in pts], [p[1] for p in pts], errs if any(e is not None for e in errs) else None
 
 
 def mixture_shares(rows: list[dict[str, Any]]) -> tuple[list[float], dict[str, list[float]]]:
@@ -317,15 +321,27 @@ def mixture_shares(rows: list[dict[str, Any]]) -> tuple[list[float], dict[str, l
     return steps, shares
 
 
+def mixture_text(rows: list[dict[str, Any]]) -> str:
+    """`mixture: a 80.0%, b 20.0%`: each source's share of all the tokens trained on ("" for one source)."""
+    last = next((r for r in reversed(rows) if any(k.startswith("tokens.") for k in r)), {})
+    counts = {k[len("tokens."):]: v for k, v in last.items() if k.startswith("tokens.") and finite(v)}
+    total = sum(counts.values())
+    if len(counts) < 2 or total <= 0:
+        return ""
+    return "mixture: " + ", ".join(f"{name} {100 * v / total:.1f}%" for name, v in counts.items())
+
+
 def says_something(series: list[Series]) -> bool:
     """A chart is worth drawing when some series in it takes at least two distinct values."""
     return any(len(set(s.ys)) >= 2 for s in series)
 
 
-def stage_charts(label: str, rows: list[dict[str, Any]], with_lr: bool = True) -> list[str]:
+def stage_charts(label: str, rows: list[dict[str, Any]], with_lr: bool = True,
+                 result: dict[str, Any] | None = None) -> list[str]:
     """The small multiples of one stage: loss (train and validation on one chart), learning rate (when
     `with_lr`), the mixture's share per source, the other curves it logs, and its held-out metrics (points with
-    standard-error bars when measured a few times); only charts with at least two distinct values."""
+    standard-error bars when measured a few times, from step 0 where the stage's `result` has the value measured
+    before training, `<key>_before`); only charts with at least two distinct values."""
     candidates: list[tuple[str, list[Series], str]] = []
     xs, ys = column(rows, "loss")
     vx, vy, verr = with_errors(rows, "val_loss")
@@ -347,6 +363,11 @@ def stage_charts(label: str, rows: list[dict[str, Any]], with_lr: bool = True) -
                                                       markers=len(kx) <= 5)], ""))
     for i, key in enumerate(heldout_keys(rows)[:6]):
         hx, hy, herr = with_errors(rows, key)
+        before, before_err = (result or {}).get(f"{key}_before"), (result or {}).get(f"{key}_stderr_before")
+        if finite(before) and 0 not in hx:
+            hx, hy = [0, *hx], [before, *hy]
+            errs = [before_err if finite(before_err) else None, *(herr or [None] * (len(hx) - 1))]
+            herr = errs if any(e is not None for e in errs) else None
         few = len(hx) <= FEW_MEASUREMENTS
         candidates.append((f"{label}: {key}", [Series(key, hx, hy, PALETTE[(5 + i) % len(PALETTE)], 2,
                                                       markers=True, errs=herr, line=not few)], "held-out"))
@@ -390,7 +411,7 @@ def charts_html(run: RunData) -> str:
     for label in lifecycle_order(list(dict.fromkeys([*run.metrics, *run.stages]))):
         rows = run.metrics.get(label, [])
         has_lr = says_something([Series("lr", *column(rows, "lr"))])
-        charts += stage_charts(label, rows, with_lr=has_lr and not lr_drawn) if rows else []
+        charts += stage_charts(label, rows, has_lr and not lr_drawn, run.stages.get(label)) if rows else []
         lr_drawn = lr_drawn or has_lr
         curve = test_time_curve(run.stages.get(label, {}))
         if curve and (chart := test_time_chart(label, curve)):
@@ -564,6 +585,13 @@ def _scored(r: dict[str, Any], metric: str) -> str:
     return f"{value:.3f} ± {err:.3f}" if finite(err) else f"{value:.3f}"
 
 
+def _before_after(r: dict[str, Any], key: str) -> str:
+    """`before ± se -> after ± se` of a held-out figure a stage measured before and after training."""
+    before = {"value": r.get(f"{key}_before"), "value_stderr": r.get(f"{key}_stderr_before")}
+    after = {"value": r.get(key), "value_stderr": r.get(f"{key}_stderr")}
+    return " -> ".join(x for x in (_scored(before, "value"), _scored(after, "value")) if x)
+
+
 def _curve_point(p: dict[str, Any]) -> str:
     err = f" ± {p['stderr']:.3f}" if finite(p.get("stderr")) else ""
     return f"{p['accuracy']:.3f}{err} at {p['tokens']:,.0f} tokens"
@@ -611,12 +639,9 @@ def stage_headline(stage: str, r: dict[str, Any]) -> tuple[str, str]:
     made = f"{fmt_value(r.get('steps'))} steps" if "steps" in r else ""
     if finite(r.get("train_conversations")):
         made += f" on {fmt_value(r['train_conversations'])} conversations"
-    changes = []
-    if finite(r.get("heldout_logp_margin")):
-        changes.append(f"preference margin {_arrow(r.get('heldout_logp_margin_before'), r['heldout_logp_margin'])}")
-    if finite(r.get("heldout_preference_accuracy")):
-        changes.append("preference accuracy "
-                       + _arrow(r.get("heldout_preference_accuracy_before"), r["heldout_preference_accuracy"]))
+    changes = [f"{name} {_before_after(r, key)}" for key, name in (("heldout_logp_margin", "preference margin"),
+                                                                   ("heldout_preference_accuracy",
+                                                                    "preference accuracy")) if finite(r.get(key))]
     if finite(r.get("val_loss")):
         changes.append(f"val loss {_arrow(r.get('base_val_loss'), r['val_loss']) or fmt_value(r['val_loss'])}")
     if not changes and finite(r.get("final_loss")):
@@ -636,7 +661,8 @@ def headline_figures(stage: str, r: dict[str, Any]) -> dict[str, Figure]:
             "pretrain": (("steps", "steps"), ("tokens_per_s", "tokens/s")),
             }.get(kind, (("steps", "steps"), ("heldout_logp_margin", "preference margin"),
                          ("heldout_preference_accuracy", "preference accuracy"), ("val_loss", "val loss")))
-    out: dict[str, Figure] = {name: (r[k], None) for k, name in keys if finite(r.get(k))}
+    out: dict[str, Figure] = {name: (r[k], r[f"{k}_stderr"] if finite(r.get(f"{k}_stderr")) else None)
+                              for k, name in keys if finite(r.get(k))}
     after = r.get("val_after") if kind == "pretrain" else None
     if isinstance(after, dict):
         out.update({name: (after[k], None) for k, name in (("loss", "val loss"), ("bits_per_byte", "bits/byte"))
@@ -695,6 +721,7 @@ def lifecycle_card(run: RunData, title: str) -> str:
     rows = []
     for stage in lifecycle_order(list(run.stages)):
         made, change = stage_headline(stage, run.stages[stage])
+        made = "\n".join(x for x in (made, mixture_text(run.metrics.get(stage, []))) if x)
         seconds = run.stages[stage].get("seconds")
         rows.append([stage, made, change.replace("; ", "\n"), seconds if finite(seconds) else ""])
     if not rows:  # a single training run: its curves' first and last validation values

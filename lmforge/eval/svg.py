@@ -19,7 +19,7 @@ class Series:
     opacity: float = 1.0
     dashed: bool = False
     markers: bool = False
-    errs: list[float] | None = None  # standard errors: a bar of +- err at each point
+    errs: list[float | None] | None = None  # standard errors: a bar of +- err at each point that has one
     line: bool = True  # False: points only (a metric measured a few times is not a curve)
 
 
@@ -54,7 +54,8 @@ class Frame:
 
     left, right, top, bottom = 64, 16, 28, 44
 
-    def __init__(self, width: int, height: int, xs: list[float], ys: list[float], log_x: bool = False) -> None:
+    def __init__(self, width: int, height: int, xs: list[float], ys: list[float], log_x: bool = False,
+                 pad_x: bool = False) -> None:
         self.pw, self.ph = width - self.left - self.right, height - self.top - self.bottom
         self.log_x = log_x and min(xs) > 0
         xs = [math.log10(x) for x in xs] if self.log_x else xs
@@ -64,6 +65,9 @@ class Frame:
         self.y0, self.y1 = self.y0 - pad, self.y1 + pad
         if self.x1 == self.x0:
             self.x0, self.x1 = self.x0 - 1, self.x1 + 1
+        if pad_x:  # points and error bars clear of the frame
+            margin = (self.x1 - self.x0) * 0.05
+            self.x0, self.x1 = self.x0 - margin, self.x1 + margin
 
     def px(self, x: float) -> float:
         x = math.log10(x) if self.log_x else x
@@ -122,8 +126,8 @@ def line_chart(series: list[Series], title: str, xlabel: str = "step", ylabel: s
         return "".join(parts)
     xs = [x for s in series for x in s.xs]
     ys = [y for s in series for y in s.ys]
-    ys += [y + sign * e for s in series for y, e in zip(s.ys, s.errs or ()) for sign in (-1, 1)]
-    f = Frame(width, height, xs, ys, log_x)
+    ys += [y + sign * e for s in series for y, e in zip(s.ys, s.errs or ()) if e is not None for sign in (-1, 1)]
+    f = Frame(width, height, xs, ys, log_x, pad_x=any(s.errs or not s.line for s in series))
     parts += f.axes(width, height, xlabel, ylabel)
     for s in series:
         parts.append(f'<g class="series" data-label="{html.escape(s.label)}">')
@@ -133,6 +137,8 @@ def line_chart(series: list[Series], title: str, xlabel: str = "step", ylabel: s
             parts.append(f'<polyline points="{points}" fill="none" stroke="{s.color}" stroke-width="{s.width}" '
                          f'stroke-opacity="{s.opacity}"{dash}/>')
         for x, y, e in zip(s.xs, s.ys, s.errs or ()):
+            if e is None:
+                continue
             cx, lo, hi = f.px(x), f.py(y - e), f.py(y + e)
             parts.append(f'<path d="M{cx:.1f},{lo:.1f}V{hi:.1f}M{cx - 4:.1f},{lo:.1f}h8M{cx - 4:.1f},{hi:.1f}h8" '
                          f'stroke="{s.color}" stroke-width="1.2" class="errbar"/>')
@@ -140,7 +146,8 @@ def line_chart(series: list[Series], title: str, xlabel: str = "step", ylabel: s
             parts += [f'<circle cx="{f.px(x):.1f}" cy="{f.py(y):.1f}" r="3" fill="{s.color}"/>'
                       for x, y in zip(s.xs, s.ys)]
         parts.append("</g>")
-    parts += f.legend([(s.label, s.color, s.dashed) for s in series])
+    if len(series) > 1:  # one series: the title says what it is
+        parts += f.legend([(s.label, s.color, s.dashed) for s in series])
     parts.append("</svg>")
     return "".join(parts)
 
