@@ -9,7 +9,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.eval.compare import write_compare
 from lmforge.eval.report import chat_samples, collect_run, mixture_shares, write_report
 from lmforge.eval.summary import summary_markdown, summary_text
-from lmforge.eval.svg import Series, line_chart, nice_ticks
+from lmforge.eval.svg import Series, line_chart, log_ticks, nice_ticks
 from lmforge.tasks.suite import split_of
 
 
@@ -69,6 +69,8 @@ def quickstart_run(tmp_path):
 def test_nice_ticks_and_chart_geometry():
     assert nice_ticks(0, 1, 5) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert nice_ticks(3, 17, 5) == [5, 10, 15]
+    assert [round(10 ** t) for t in log_ticks(1.7, 3.0)] == [100, 200, 500, 1000]  # 1-2-5 within a decade or two
+    assert [round(10 ** t) for t in log_ticks(0.5, 4.2)] == [10, 100, 1000, 10000]  # powers of ten over more
     svg = line_chart([Series("a", [0, 10], [1.0, 2.0])], "t", width=400, height=200)
     points = re.search(r'<polyline points="([^"]+)"', svg).group(1).split()
     (x0, y0), (x1, y1) = (map(float, p.split(",")) for p in points)

@@ -41,6 +41,13 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return ticks
 
 
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """log10 of round values between 10^lo and 10^hi: the powers of ten, or 1-2-5 steps within a decade or two."""
+    decades = range(math.floor(lo), math.ceil(hi) + 1)
+    steps = (1,) if hi - lo >= 2 else (1, 2, 5)
+    return [math.log10(m) + k for k in decades for m in steps if lo <= math.log10(m) + k <= hi]
+
+
 def fmt(v: float) -> str:
     if v == 0:
         return "0"
@@ -84,12 +91,12 @@ class Frame:
                 y = self.py(t)
                 parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
                              f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{fmt(t)}</text>')
-        for t in nice_ticks(self.x0, self.x1, 6):  # on a log axis: ticks of log10(x), labelled with x
-            if self.x0 <= t <= self.x1:
+        for t in log_ticks(self.x0, self.x1) if self.log_x else nice_ticks(self.x0, self.x1, 6):
+            if self.x0 <= t <= self.x1:  # on a log axis: ticks at log10(x), labelled with x
                 x = left + (t - self.x0) / (self.x1 - self.x0) * pw
                 parts.append(f'<line y1="{top}" y2="{top + ph}" x1="{x:.1f}" x2="{x:.1f}" class="grid"/>'
                              f'<text x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">'
-                             f'{fmt(10 ** t if self.log_x else t)}</text>')
+                             f'{fmt(round(10 ** t, 9) if self.log_x else t)}</text>')
         parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>')
         parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
         if ylabel:
