@@ -6,8 +6,10 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.core.errors import LmforgeError
+from lmforge.eval.charts import mixture_shares
 from lmforge.eval.compare import write_compare
-from lmforge.eval.report import chat_samples, collect_run, mixture_shares, write_report
+from lmforge.eval.report import chat_samples, write_report
+from lmforge.eval.rundir import collect_run
 from lmforge.eval.summary import summary_markdown, summary_text
 from lmforge.eval.svg import Series, line_chart, log_ticks, nice_ticks
 from lmforge.tasks.suite import split_of

@@ -13,22 +13,10 @@ from typing import Any
 
 from lmforge.core.config import option
 from lmforge.core.files import atomic_write_text
-from lmforge.eval.report import (
-    TASK_METRICS,
-    Figure,
-    RunData,
-    card_figures,
-    collect_run,
-    column,
-    esc,
-    finite,
-    fmt_value,
-    lifecycle_order,
-    machine_text,
-    page,
-    says_something,
-    table,
-)
+from lmforge.eval.card import Figure, card_figures, machine_text
+from lmforge.eval.charts import says_something
+from lmforge.eval.page import esc, fmt_value, page, table
+from lmforge.eval.rundir import TASK_METRICS, RunData, collect_run, column, finite, lifecycle_order
 from lmforge.eval.svg import PALETTE, Series, line_chart
 
 
