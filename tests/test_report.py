@@ -1,6 +1,7 @@
 import json
 import re
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
@@ -8,6 +9,7 @@ from lmforge.cli import main
 from lmforge.core.errors import LmforgeError
 from lmforge.eval.charts import mixture_shares
 from lmforge.eval.compare import write_compare
+from lmforge.eval.heldout import sample_answers
 from lmforge.eval.report import chat_samples, write_report
 from lmforge.eval.rundir import collect_run
 from lmforge.eval.summary import summary_markdown, summary_text
@@ -253,6 +255,16 @@ def test_answers_side_by_side_across_stages(quickstart_run):
     assert '<td class="sample">reverse: a b</td><td class="sample">b a</td><td class="sample">base says b a</td>' \
            '<td class="sample">sft says b a</td><td class="sample">dpo says b a</td>' in part
     assert page.index("side-by-side") < page.index("all stage results")
+
+
+def test_the_eval_stage_records_one_answer_per_kind_for_the_side_by_side_table():
+    kinds = ["copy", "copy", "copy", "reverse", "copy", "sort", "sort"]
+    examples = [SimpleNamespace(fields={"prompt": f"{k}: {i}", "kind": k}) for i, k in enumerate(kinds)]
+    records = [{"index": i, "output": f"out {i}", "answers": [f"ans {i}"]} for i in range(len(kinds))]
+    picked = sample_answers(examples, records, n=4)
+    assert [s["prompt"] for s in picked] == ["copy: 0", "copy: 1", "reverse: 3", "sort: 5"]  # every kind, then more
+    assert picked[2] == {"prompt": "reverse: 3", "kind": "reverse", "output": "out 3", "answer": "ans 3"}
+    assert [s["kind"] for s in sample_answers(examples, records, n=2)] == ["copy", "reverse"]
 
 
 def test_answers_side_by_side_from_eval_files(quickstart_run):
