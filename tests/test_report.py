@@ -299,14 +299,15 @@ def test_compare_card_has_a_column_per_run_and_the_deltas(tmp_path, quickstart_r
     assert body.startswith('<section class="card" id="card">')  # the card first, as in the report
     card = body[:body.index("</section>")]
     assert "<th>stage</th><th>figure</th><th>A qs</th><th>B other</th><th>B - A</th>" in card
-    assert '<td>pretrain</td><td>val loss</td><td>2.8</td><td>2.5</td><td><span class="up">-0.3</span>' in card
-    assert ('<td>eval</td><td>synthetic exact_match (sft)</td><td>0.625 ± 0.050</td><td>0.5 ± 0.050</td>'
+    assert '<td>pretrain</td><td>val loss</td><td>2.800</td><td>2.500</td><td><span class="up">-0.300</span>' in card
+    assert ('<td>eval</td><td>synthetic exact_match (sft)</td><td>0.625 ± 0.050</td><td>0.500 ± 0.050</td>'
             '<td><span class="down">-0.125 ± 0.071</span>') in card  # the difference's stderr: hypot(.05, .05)
-    assert "<td>dpo</td><td>preference accuracy</td><td>0.75</td><td></td><td></td>" in card  # only A ran DPO
+    assert "<td>dpo</td><td>preference accuracy</td><td>0.750</td><td></td><td></td>" in card  # only A ran DPO
+    assert "<td>pretrain</td><td>seconds</td><td>200.0</td><td>200.0</td><td><span>0</span>" in card
     stages = re.findall(r"<tr><td>(\w+)</td>", card)
     assert list(dict.fromkeys(stages)) == ["clean", "pretrain", "sft", "dpo", "eval", "total"]
     out = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(r"pretrain +val loss +2\.8 +2\.5 +-0\.3", next(x for x in out if "val loss" in x))
+    assert re.fullmatch(r"pretrain +val loss +2\.800 +2\.500 +-0\.300", next(x for x in out if "val loss" in x))
     assert out[-1].startswith(f"wrote {tmp_path / 'c.html'}")
 
 
@@ -410,7 +411,7 @@ def test_compare_overlays_two_runs(tmp_path, quickstart_run):
     chart = chart[:chart.index("</svg>")]
     assert chart.count("<polyline") == 2 and 'stroke-dasharray="6 4"' in chart  # A solid, B dashed
     # last train loss: A 8 - 50/20 = 5.5, B 7 - 2.5 = 4.5: B lower is better
-    assert re.search(r"last train loss</td><td>5\.5</td><td>4\.5</td><td><span class=\"up\">-1</span>", page)
+    assert re.search(r"last train loss</td><td>5\.5</td><td>4\.5</td><td><span class=\"up\">-1\.000</span>", page)
     assert re.search(r"exact_match</td><td>0\.6250</td><td>0\.5000</td><td><span class=\"down\">-0\.125", page)
     assert main(["compare", str(quickstart_run), str(other), "--output", str(tmp_path / "c2.html")]) == 0
 

@@ -104,11 +104,12 @@ def headline_figures(stage: str, r: dict[str, Any]) -> dict[str, Figure]:
     if isinstance(after, dict):
         out.update({name: (after[k], None) for k, name in (("loss", "val loss"), ("bits_per_byte", "bits/byte"))
                     if finite(after.get(k))})
-    if kind == "eval":
-        for label, tasks in (r.get("models") or {}).items():
-            for task, t in (tasks.items() if isinstance(tasks, dict) else ()):
-                metric = next((m for m in ("exact_match", "acc_norm", "acc", "f1") if isinstance(t, dict)
-                               and finite(t.get(m))), None)
+    if kind == "eval":  # task by task, each model in turn
+        models = {label: m for label, m in (r.get("models") or {}).items() if isinstance(m, dict)}
+        for task in dict.fromkeys(t for m in models.values() for t, v in m.items() if isinstance(v, dict)):
+            for label, m in models.items():
+                t = m.get(task) or {}
+                metric = next((x for x in ("exact_match", "acc_norm", "acc", "f1") if finite(t.get(x))), None)
                 if metric:
                     err = t.get(metric + "_stderr")
                     out[f"{task} {metric} ({label})"] = (t[metric], err if finite(err) else None)

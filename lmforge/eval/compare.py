@@ -15,14 +15,14 @@ from lmforge.core.config import option
 from lmforge.core.files import atomic_write_text
 from lmforge.eval.card import Figure, card_figures, machine_text
 from lmforge.eval.charts import says_something
-from lmforge.eval.page import esc, fmt_value, page, table
+from lmforge.eval.page import esc, page, table
 from lmforge.eval.rundir import TASK_METRICS, RunData, collect_run, column, finite, lifecycle_order
 from lmforge.eval.svg import PALETTE, Series, line_chart
 
 
 def stage_pairs(a: RunData, b: RunData) -> list[tuple[str, str, str]]:
     """(title, stage in A, stage in B) for the stages both runs trained."""
-    common = [s for s in a.metrics if s in b.metrics]
+    common = [s for s in lifecycle_order(list(a.metrics)) if s in b.metrics]
     if common:
         return [(s, s, s) for s in common]
     if len(a.metrics) == 1 and len(b.metrics) == 1:
@@ -74,16 +74,16 @@ def direction(metric: str) -> int:
     return -1 if any(w in metric for w in ("loss", "bpb", "perplexity", "bits", "seconds")) else 1
 
 
-def delta_text(va: Any, vb: Any, ea: Any = None, eb: Any = None) -> str:
+def delta_text(va: Any, vb: Any, ea: Any = None, eb: Any = None, decimals: int = 3) -> str:
     """B - A, with the standard error of the difference when both values have one."""
     if not (finite(va) and finite(vb)):
         return ""
     err = f" ± {math.hypot(ea, eb):.3f}" if finite(ea) and finite(eb) else ""
-    return f"{vb - va:+.4g}{err}"
+    return ("0" if vb == va else number_text(vb - va, "+", decimals)) + err
 
 
 def delta_cell(metric: str, va: Any, vb: Any, ea: Any = None, eb: Any = None) -> str:
-    text = delta_text(va, vb, ea, eb)
+    text = delta_text(va, vb, ea, eb, decimals_of(metric))
     if not text:
         return ""
     d = (vb - va) * direction(metric)
@@ -91,11 +91,22 @@ def delta_cell(metric: str, va: Any, vb: Any, ea: Any = None, eb: Any = None) ->
     return f"<span{cls}>{esc(text)}</span>"
 
 
-def figure_text(value: Figure | None) -> str:
+def decimals_of(figure: str) -> int:
+    return 1 if figure == "seconds" else 3
+
+
+def figure_text(value: Figure | None, figure: str = "") -> str:
     if value is None:
         return ""
     v, err = value
-    return fmt_value(v) + (f" ± {err:.3f}" if finite(err) else "")
+    return number_text(v, "", decimals_of(figure)) + (f" ± {err:.3f}" if finite(err) else "")
+
+
+def number_text(v: float, sign: str = "", decimals: int = 3) -> str:
+    """Counts with thousands separators; other figures (losses, accuracies) to 3 decimals, seconds to 1."""
+    if isinstance(v, int) or abs(v) >= 1000:
+        return f"{v:{sign},.0f}"
+    return f"{v:{sign}.{decimals}f}"
 
 
 def card_rows(a: RunData, b: RunData) -> list[tuple[str, str, Figure | None, Figure | None]]:
@@ -116,7 +127,7 @@ def compare_card(a: RunData, b: RunData, title: str) -> str:
     rows = []
     for stage, name, fa, fb in card_rows(a, b):
         (va, ea), (vb, eb) = _parts(fa), _parts(fb)
-        rows.append([esc(stage), esc(name), esc(figure_text(fa)), esc(figure_text(fb)),
+        rows.append([esc(stage), esc(name), esc(figure_text(fa, name)), esc(figure_text(fb, name)),
                      delta_cell(name, va, vb, ea, eb)])
     machines = "".join(f'<p class="muted">machine of {tag}: {esc(machine_text(run.summary.get("machine")))}</p>'
                        for tag, run in (("A", a), ("B", b)) if run.summary and run.summary.get("machine"))
@@ -130,7 +141,8 @@ def card_text(a: RunData, b: RunData) -> str:
     rows = [("stage", "figure", f"A {a.name}", f"B {b.name}", "B - A")]
     for stage, name, fa, fb in card_rows(a, b):
         (va, ea), (vb, eb) = _parts(fa), _parts(fb)
-        rows.append((stage, name, figure_text(fa), figure_text(fb), delta_text(va, vb, ea, eb)))
+        rows.append((stage, name, figure_text(fa, name), figure_text(fb, name),
+                     delta_text(va, vb, ea, eb, decimals_of(name))))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
