@@ -236,6 +236,14 @@ def test_test_time_compute_curve_of_the_reasoning_stage(quickstart_run):
     assert "test-time compute" not in write_report(quickstart_run).read_text()  # one point is no curve
 
 
+def test_test_time_curve_of_a_search_run_outside_a_quickstart(tmp_path):
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "search.json").write_text(json.dumps({"problems": 80, "test_time_curve": TEST_TIME_CURVE}))
+    page = write_report(tmp_path / "search").read_text()
+    assert "<td>run</td><td></td><td>vote 0.300 ± 0.050 at 100 tokens" in page  # its card row
+    assert svg_of(page, "run: test-time compute").count('class="errbar"') == 5
+
+
 def add_chat_samples(run_dir, labels=("base", "sft", "dpo")):
     summary = json.loads((run_dir / "summary.json").read_text())
     prompts = [("copy: a b", "a b"), ("reverse: a b", "b a")]

@@ -132,8 +132,8 @@ def collect_run(run_dir: str | Path) -> RunData:
         run.stages = {k: v for k, v in run.summary["stages"].items() if isinstance(v, dict)}
     for label, data in curves.items():
         run.stages.setdefault(label, data)
-    if not (run.metrics or run.configs or run.summary or run.evals or run.stats):
-        raise LmforgeError(f"{root}: nothing to report (no metrics.jsonl, config, summary.json, stats or eval "
+    if not (run.metrics or run.configs or run.summary or run.evals or run.stats or run.stages):
+        raise LmforgeError(f"{root}: nothing to report (no metrics.jsonl, config, summary.json, stats, eval or search "
                            "results found)")
     return run
 
