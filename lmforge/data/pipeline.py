@@ -13,8 +13,9 @@ A shard is one input file, or one part of a file larger than `split_bytes` (a by
 uncompressed JSONL file, a run of Parquet row groups: `readers.split_input`); parts are numbered in
 file order, so the kept and rejects files, read in shard order, are the unsplit run's byte for byte.
 Steps between barriers stream in one pass per shard; a barrier (global dedup) splits the run into
-stages: stage k's shards all finish, the barrier resolves over every shard's keys, then stage k+1 applies its decision. A shard's marker is written last and atomically,
-so a killed run resumes at the first shard without one.
+stages: stage k's shards all finish, the barrier resolves over every shard's keys, then stage k+1
+applies its decision. A shard's marker is written last and atomically, so a killed run resumes at the
+first shard without one.
 """
 
 from __future__ import annotations
