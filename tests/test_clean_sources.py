@@ -1,12 +1,16 @@
 """Source-specific readers and filters: Wikipedia XML dumps, Project Gutenberg books, source code."""
 
 import bz2
+import io
+import logging
+import sys
 
 import pytest
 
 from lmforge.core.errors import LmforgeError
+from lmforge.data import readers
 from lmforge.data.pipeline import clean_documents
-from lmforge.data.readers import iter_records, read_documents
+from lmforge.data.readers import BadRecord, iter_records, read_documents
 from lmforge.data.wiki import wikitext_to_text
 
 ARTICLE = """{{Infobox city
@@ -79,3 +83,57 @@ def test_wikipedia_dump_with_entities_is_refused(tmp_path):
     bad.write_text("<mediawiki><page><title>x</page>")
     with pytest.raises(LmforgeError, match="bad.xml: not a readable MediaWiki XML dump"):
         list(read_documents([bad]))
+
+
+def news_page(i: int) -> str:
+    """A page as sites serve them: a menu, a cookie banner, the article, related links, a footer."""
+    paragraphs = "".join(
+        f"<p>Paragraph {k} of story {i}: the river council met on Tuesday and agreed, after a long debate about "
+        f"the flooding of the lower fields, to rebuild the old stone weir before the autumn rains arrive.</p>"
+        for k in range(5))
+    return f"""<!DOCTYPE html><html><head><title>Story {i} | Daily Example</title>
+<script>var tracking = "secret-tracker";</script><style>.nav {{color: red}}</style></head><body>
+<header><nav class="menu"><ul><li><a href="/">Home</a></li><li><a href="/world">World news</a></li>
+<li><a href="/sport">Sport section</a></li><li><a href="/login">Sign in to your account</a></li></ul></nav></header>
+<div class="cookie-banner">We use cookies to improve your experience. Accept all cookies</div>
+<main><article><h1>The weir will be rebuilt</h1>{paragraphs}</article></main>
+<aside class="related"><h3>Related</h3><ul><li><a href="/a">Ten recipes for summer salads</a></li>
+<li><a href="/b">Celebrity spotted at the airport</a></li></ul></aside>
+<footer><p>Copyright 2026 Daily Example Media Group. All rights reserved.</p>
+<p><a href="/privacy">Privacy policy</a> | <a href="/terms">Terms of use</a></p></footer></body></html>"""
+
+
+BOILERPLATE = ["World news", "Sport section", "Sign in", "Accept all cookies", "summer salads", "Celebrity",
+               "All rights reserved", "Privacy policy", "secret-tracker"]
+
+
+def test_html_main_text_kept_boilerplate_removed(tmp_path):
+    pytest.importorskip("trafilatura")
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    path = tmp_path / "crawl.warc.gz"
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        for i, body in enumerate([news_page(0), news_page(1), "<html><body><script>var x = 1;</script></body></html>"]):
+            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(f"http://news.example.org/{i}", "response",
+                                                          payload=io.BytesIO(body.encode()), http_headers=headers))
+    records = list(iter_records(path))
+    docs = [r for r in records if not isinstance(r, BadRecord)]
+    assert len(docs) == 2 and docs[1].metadata["url"] == "http://news.example.org/1"
+    for k in range(5):
+        assert f"Paragraph {k} of story 1: the river council met on Tuesday" in docs[1].text
+    for junk in BOILERPLATE:
+        assert junk not in docs[1].text, junk
+    assert isinstance(records[2], BadRecord) and "no main text extracted" in records[2].problem
+
+
+def test_html_fallback_without_trafilatura_says_so_once(monkeypatch, caplog):
+    monkeypatch.setattr(readers, "_TRAFILATURA", [])
+    monkeypatch.setitem(sys.modules, "trafilatura", None)  # import fails as if not installed
+    with caplog.at_level(logging.WARNING, logger="lmforge.data.readers"):
+        texts = [readers.html_to_text(news_page(i)) for i in range(3)]
+    assert sum("trafilatura is not installed" in r.message for r in caplog.records) == 1
+    assert "Paragraph 4 of story 2" in texts[2] and "secret-tracker" not in texts[2]
+    assert "World news" in texts[2]  # the fallback keeps the boilerplate: that is why it is only a fallback

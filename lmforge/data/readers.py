@@ -16,6 +16,7 @@ import bz2
 import gzip
 import io
 import json
+import logging
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -220,11 +221,15 @@ def read_warc(path: Path) -> Iterator[Document | BadRecord]:
                 if not content_type.startswith("text/"):
                     continue
                 text = record.content_stream().read().decode("utf-8", "replace")
-                if "html" in content_type:
-                    text = html_to_text(text)
                 rid = record.rec_headers.get_header("WARC-Record-ID") or source
                 meta = {"url": record.rec_headers.get_header("WARC-Target-URI"),
                         "date": record.rec_headers.get_header("WARC-Date")}
+                if "html" in content_type:
+                    html, text = text, html_to_text(text)
+                    if not text.strip():
+                        yield BadRecord(source, f"no main text extracted from the HTML of {meta['url']}",
+                                        raw=html[:1000])
+                        continue
                 yield Document(id=rid, text=text, source=source, metadata=meta)
         except ArchiveLoadFailed as e:
             raise LmforgeError(f"{path}: not a readable WARC file ({str(e).splitlines()[0]})") from None
@@ -244,7 +249,35 @@ def read_wiki_xml(path: Path) -> Iterator[Document | BadRecord]:
 
 
 def html_to_text(html: str) -> str:
-    """Visible text of an HTML page: script/style dropped, block elements become line breaks."""
+    """Main text of an HTML page. With trafilatura installed (FineWeb's extractor, `pip install 'lmforge[data]'`):
+    navigation, headers, footers, sidebars and comments are removed. Without it, the stdlib fallback keeps all
+    visible text (script/style dropped), and the log says so once per process."""
+    extract = _trafilatura_extract()
+    if extract is not None:
+        return extract(html, favor_precision=True, include_comments=False, include_tables=True,
+                       deduplicate=False) or ""
+    return visible_text(html)
+
+
+_TRAFILATURA: list[Any] = []  # [extract function or None], filled on first use
+
+
+def _trafilatura_extract() -> Any:
+    if not _TRAFILATURA:
+        try:
+            from trafilatura import extract
+        except ImportError:
+            extract = None
+            logging.getLogger(__name__).warning(
+                "trafilatura is not installed: HTML is reduced to all of its visible text (boilerplate kept); "
+                "pip install 'lmforge[data]' for main-text extraction")
+        _TRAFILATURA.append(extract)
+    return _TRAFILATURA[0]
+
+
+def visible_text(html: str) -> str:
+    """Every visible text of an HTML page (the fallback extractor): script/style dropped, block elements become
+    line breaks."""
     from html.parser import HTMLParser
 
     blocks = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article", "title"}
