@@ -59,6 +59,7 @@ STEPS: dict[str, str] = {
     "c4": "lmforge.data.filters.c4:C4Quality",
     "fineweb": "lmforge.data.filters.fineweb:FineWebQuality",
     "keyword": "lmforge.data.filters.keyword:KeywordFilter",
+    "url": "lmforge.data.filters.url:URLFilter",
     "perplexity": "lmforge.data.filters.perplexity:PerplexityFilter",
     "classifier": "lmforge.data.filters.classifier:ClassifierFilter",
     "exact_dedup": "lmforge.data.dedup.exact:ExactDedup",
