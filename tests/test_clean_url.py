@@ -75,7 +75,6 @@ def test_a_bad_line_names_file_and_line(tmp_path):
 
 
 def test_pipeline_counts_removed_docs_with_reason_jsonl_and_warc(tmp_path):
-    from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter
 
     (tmp_path / "block.txt").write_text(BLOCKLIST)

@@ -60,6 +60,8 @@ STEPS: dict[str, str] = {
     "fineweb": "lmforge.data.filters.fineweb:FineWebQuality",
     "keyword": "lmforge.data.filters.keyword:KeywordFilter",
     "url": "lmforge.data.filters.url:URLFilter",
+    "gutenberg": "lmforge.data.filters.gutenberg:GutenbergFilter",
+    "code": "lmforge.data.filters.code:CodeFilter",
     "perplexity": "lmforge.data.filters.perplexity:PerplexityFilter",
     "classifier": "lmforge.data.filters.classifier:ClassifierFilter",
     "exact_dedup": "lmforge.data.dedup.exact:ExactDedup",
