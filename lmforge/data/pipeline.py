@@ -64,6 +64,7 @@ STEPS: dict[str, str] = {
     "code": "lmforge.data.filters.code:CodeFilter",
     "perplexity": "lmforge.data.filters.perplexity:PerplexityFilter",
     "classifier": "lmforge.data.filters.classifier:ClassifierFilter",
+    "toxicity": "lmforge.data.filters.toxicity:ToxicityFilter",
     "exact_dedup": "lmforge.data.dedup.exact:ExactDedup",
     "minhash": "lmforge.data.dedup.minhash:MinHashDedup",
     "line_dedup": "lmforge.data.dedup.lines:LineDedup",
