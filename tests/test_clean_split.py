@@ -91,9 +91,11 @@ def test_compressed_and_text_files_stay_one_shard(tmp_path):
     raw = "\n".join(json.dumps({"text": "word " * 20}) for _ in range(100)).encode()
     gz = tmp_path / "a.jsonl.gz"
     gz.write_bytes(gzip.compress(raw))
+    zst = tmp_path / "a.jsonl.zst"
+    zst.write_bytes(pytest.importorskip("zstandard").ZstdCompressor().compress(raw))
     txt = tmp_path / "a.txt"
     txt.write_bytes(raw)
-    for f in (gz, txt):
+    for f in (gz, zst, txt):  # a compressed stream cannot be entered in the middle; a text file is one document
         assert split_input(f, 16) == [InputPart(f)]
 
 
