@@ -227,3 +227,16 @@ def test_code_rules_on_pythons_own_stdlib():
     assert CodeFilter(max_mean_line_length=20)(os_py) == "mean_line_length"
     table = Document("t", "\n".join(f"    0x{i:02x}, 0x{i:02x}, -1, -1, ..." for i in range(300)), "t")
     assert flt(table) is None and CodeFilter(min_alnum_fraction=0.6)(table) == "alnum_fraction"
+
+
+def test_without_defusedxml_a_dtd_is_still_refused(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "defusedxml", None)
+    monkeypatch.setitem(sys.modules, "defusedxml.ElementTree", None)
+    ok = tmp_path / "ok.xml"
+    ok.write_text(dump([("Testville", "0", "7", ARTICLE)]))
+    assert [d.id for d in read_documents([ok])] == ["wiki:7"]
+    evil = tmp_path / "evil.xml"
+    evil.write_text('<?xml version="1.0"?>\n<!-- a comment -->\n<!DOCTYPE m [<!ENTITY a "aaaa">]>\n'
+                    + dump([("T", "0", "1", "x")]))
+    with pytest.raises(LmforgeError, match=r"evil.xml: the XML declares a DTD"):
+        list(read_documents([evil]))

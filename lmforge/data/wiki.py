@@ -13,6 +13,7 @@ marks dropped; remaining tags stripped; entities decoded.
 from __future__ import annotations
 
 import html
+import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,7 +103,7 @@ def _links(text: str) -> str:
 
 def iter_pages(f: IO[bytes], path: Path, namespaces: tuple[str, ...] = ("0",)) -> Iterator[dict[str, Any]]:
     """{"id", "title", "wikitext"} of each article (main namespace, not a redirect) in a dump stream."""
-    _refuse_dtd(f, path)
+    f = _refuse_dtd(f, path)
     try:
         import defusedxml.ElementTree as safe_et
 
@@ -129,13 +130,18 @@ def iter_pages(f: IO[bytes], path: Path, namespaces: tuple[str, ...] = ("0",)) -
         raise LmforgeError(f"{path}: not a readable MediaWiki XML dump ({type(e).__name__}: {e})") from None
 
 
-def _refuse_dtd(f: IO[bytes], path: Path) -> None:
-    """Entities can only be declared in a DTD, which must come before the root element: refuse one."""
-    head = f.peek(1 << 16)[: 1 << 16] if hasattr(f, "peek") else b""
+def _refuse_dtd(f: IO[bytes], path: Path, head_bytes: int = 1 << 16) -> IO[bytes]:
+    """Entities can only be declared in a DTD, which must come before the root element: refuse a DTD there, or a
+    prolog too long to look through. Returns the stream to parse (buffered, nothing consumed)."""
+    f = io.BufferedReader(f, buffer_size=head_bytes)  # type: ignore[arg-type]
+    head = f.peek(head_bytes)[:head_bytes]
     root = re.search(rb"<[A-Za-z]", head)
+    if root is None and len(head) >= head_bytes:
+        raise LmforgeError(f"{path}: no root element in the first {head_bytes // 1024} KiB; not a MediaWiki dump")
     if b"<!DOCTYPE" in (head[: root.start()] if root else head).upper():
         raise LmforgeError(f"{path}: the XML declares a DTD (<!DOCTYPE>), which can expand entities; refused "
                            "(MediaWiki dumps have none)")
+    return f
 
 
 def _local(tag: str) -> str:
