@@ -59,6 +59,7 @@ def test_one_big_jsonl_on_every_worker_matches_one_shard(tmp_path, workers):
     whole = run([src], tmp_path / "one", 0, 1)
     split = run([src], tmp_path / "split", size // 4 + 1, workers)
     assert len(list((tmp_path / "split" / "kept").iterdir())) == 4  # 4 shards, each with its own kept file
+    assert (split["inputs"], split["shards"], whole["shards"]) == (1, 4, 1)
     assert len(list((tmp_path / "one" / "kept").iterdir())) == 1
     assert concatenated(tmp_path / "split") == concatenated(tmp_path / "one")
     assert counts(split) == counts(whole)

@@ -418,7 +418,7 @@ class Pipeline:
                     keys.append(shard_keys)
                     ids.append(shard_ids)
                 plans = self.steps[barrier_idx].resolve(keys, ids)
-        stats = self._finish(output, work, results, len(files), time.perf_counter() - start)
+        stats = self._finish(output, work, results, (len(files), len(parts)), time.perf_counter() - start)
         return stats
 
     def _run_stage(self, tasks: list[ShardTask], desc: str) -> list[dict[str, Any]]:
@@ -459,7 +459,7 @@ class Pipeline:
         atomic_write_json(run_file, {"fingerprint": fingerprint, "inputs": inputs,
                                      "steps": [[label, repr(step)] for label, step in zip(self.labels, self.steps)]})
 
-    def _finish(self, output: Path, work: Path, results: list[list[dict[str, Any]]], n_files: int,
+    def _finish(self, output: Path, work: Path, results: list[list[dict[str, Any]]], n_inputs: tuple[int, int],
                 seconds: float) -> dict[str, Any]:
         """Merge per-shard stats and rejects into OUT/stats.json, OUT/report.md and OUT/rejects/<step>.jsonl."""
         order = [READ_STEP, *self.labels]
@@ -476,7 +476,7 @@ class Pipeline:
         _merge_rejects(output, work, len(results), order)
         kept_docs = merged[self.labels[-1]]["docs_out"]
         stats = {
-            "inputs": n_files, "seconds": round(seconds, 3),
+            "inputs": n_inputs[0], "shards": n_inputs[1], "seconds": round(seconds, 3),
             "docs_in": merged[READ_STEP]["docs_in"], "chars_in": merged[READ_STEP]["chars_in"],
             "docs_kept": kept_docs, "chars_kept": merged[self.labels[-1]]["chars_out"],
             "docs_per_second": round(merged[READ_STEP]["docs_in"] / max(seconds, 1e-9), 1),
