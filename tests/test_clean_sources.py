@@ -84,6 +84,10 @@ def test_wikipedia_dump_with_entities_is_refused(tmp_path):
     path.write_text(dump([("T", "0", "1", "&lol2;")], head=laughs).replace("&amp;lol2;", "&lol2;"))
     with pytest.raises(LmforgeError, match=r"evil.xml: .*(DTD|DOCTYPE)"):
         list(read_documents([path]))
+    other = tmp_path / "feed.xml"
+    other.write_text("<rss><channel><title>News</title></channel></rss>")
+    with pytest.raises(LmforgeError, match=r"feed.xml: not a MediaWiki XML dump \(root element <rss>"):
+        list(read_documents([other]))
     bad = tmp_path / "bad.xml"
     bad.write_text("<mediawiki><page><title>x</page>")
     with pytest.raises(LmforgeError, match="bad.xml: not a readable MediaWiki XML dump"):

@@ -112,10 +112,12 @@ def iter_pages(f: IO[bytes], path: Path, namespaces: tuple[str, ...] = ("0",)) -
         import xml.etree.ElementTree as ET
 
         events = ET.iterparse(f, events=("end",))
+    pages, elem = 0, None
     try:
         for _, elem in events:
             if _local(elem.tag) != "page":
                 continue
+            pages += 1
             fields = {_local(c.tag): c for c in elem}
             ns = fields["ns"].text if "ns" in fields else "0"
             revision = fields.get("revision")
@@ -124,6 +126,8 @@ def iter_pages(f: IO[bytes], path: Path, namespaces: tuple[str, ...] = ("0",)) -
                 yield {"id": fields["id"].text if "id" in fields else None,
                        "title": fields["title"].text if "title" in fields else "", "wikitext": text_el.text}
             elem.clear()
+        if not pages and elem is not None and _local(elem.tag) != "mediawiki":
+            raise LmforgeError(f"{path}: not a MediaWiki XML dump (root element <{_local(elem.tag)}>, no <page>s)")
     except Exception as e:  # ParseError, defusedxml's DTDForbidden/EntitiesForbidden
         if isinstance(e, LmforgeError):
             raise
