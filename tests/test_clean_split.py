@@ -134,3 +134,14 @@ def test_one_big_file_on_ray_matches_the_local_executor(tmp_path):
     assert names[0] == names[1] and len(names[0]) == 3
     assert concatenated(tmp_path / "ray") == concatenated(tmp_path / "local")
     assert counts(on_ray) == counts(local)
+
+
+def test_a_split_run_resumes_at_the_missing_part_with_other_worker_counts(tmp_path):
+    src = big_jsonl(tmp_path / "in" / "big.jsonl")
+    split = src.stat().st_size // 3 + 1
+    first = run([src], tmp_path / "out", split, 2)
+    expected = concatenated(tmp_path / "out")
+    marker = next((tmp_path / "out" / ".work" / "stage0").glob("*-part00001.done.json"))
+    marker.unlink()  # as if the run was killed while part 1 of stage 0 ran
+    again = run([src], tmp_path / "out", split, 1)  # fewer workers: the same parts, so it resumes
+    assert concatenated(tmp_path / "out") == expected and counts(again) == counts(first)

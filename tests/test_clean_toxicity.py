@@ -13,6 +13,7 @@ from lmforge.cli import main
 from lmforge.core.errors import LmforgeError
 from lmforge.data.filters.classifier import HashedLogReg, TrainClassifierConfig, train_classifier
 from lmforge.data.pipeline import clean_documents, make_step
+from lmforge.data.readers import Document
 
 SUBJECTS = ["you", "your friend", "that guy", "the new moderator", "this user", "the author", "my neighbour"]
 INSULTS = ["a worthless idiot", "a pathetic loser", "a disgusting pig", "a brainless moron", "utter scum",
@@ -78,6 +79,12 @@ def test_train_classifier_cli_measures_held_out_and_toxicity_step_uses_it(tmp_pa
     assert stats["steps"][1]["reasons"] == {"toxic": 2}
     kept = [json.loads(line) for line in (tmp_path / "out" / "kept" / "00000-comments.jsonl").read_text().splitlines()]
     assert [r["id"] for r in kept] == ["1", "2"] and all(r["metadata"]["toxicity"] < 0.5 for r in kept)
+    # a keyword list cannot tell these apart: the words that make the threats also make the harmless texts
+    keywords = make_step({"name": "keyword", "words": ["kill", "stupid", "pig", "hurt", "shoot", "attack"]})
+    harmless = [Document(str(i), t, "s") for i, t in enumerate(HARMLESS_VIOLENT)]
+    assert sum(keywords(d) is not None for d in harmless) >= 5
+    clf = HashedLogReg.load(model)
+    assert sum(clf.score(d.text) >= 0.5 for d in harmless) == 0
 
 
 def test_bad_labels_and_bad_model_files_are_one_line_errors(tmp_path):
