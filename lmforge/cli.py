@@ -37,6 +37,9 @@ COMMANDS: dict[str, Command] = {
                                     "write a shard set as a Megatron-LM .bin/.idx indexed dataset"),
     "data clean": Command("lmforge.data.pipeline", "CleanConfig", "clean_cmd",
                           "filter, de-duplicate and redact documents (kept/, rejects/, stats.json, report.md)"),
+    "data train-classifier": Command("lmforge.data.filters.classifier", "TrainClassifierConfig",
+                                     "train_classifier_cmd", "train a hashed n-gram classifier (toxicity, quality) "
+                                     "from labelled examples; precision/recall on held-out labels"),
     "pretrain": Command("lmforge.train.pretrain", "PretrainConfig", "pretrain",
                         "pretrain a model on token shards"),
     "plan": Command("lmforge.parallel.plan", "PlanConfig", "plan_cmd",
