@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from test_serve_engine import run
 from tinymodels import save_checkpoint, text_tokenizer
 
 from lmforge.core.config import from_dict
@@ -39,14 +40,6 @@ def build(arch: str, vocab: int, **overrides):
 def prompts(vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 23, 11, 2)]
-
-
-def run(scheduler: Scheduler, jobs: list[Job]) -> list[list[int]]:
-    for j in jobs:
-        scheduler.submit(j)
-    while scheduler.in_flight:
-        scheduler.step()
-    return [j.generated for j in jobs]
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
