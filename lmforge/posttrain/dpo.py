@@ -19,6 +19,7 @@ from lmforge.core.config import option, require
 from lmforge.posttrain import losses
 from lmforge.posttrain.losses import DPOLossType, orpo_loss, sequence_logps, simpo_loss
 from lmforge.posttrain.pairs import EncodedPair, PairBatches, PairStageConfig, load_pairs, score_pairs
+from lmforge.posttrain.sft import prefix_kwargs
 from lmforge.posttrain.stage import Stage, before_after, run_dir_option, summary, train_option
 from lmforge.train.config import TrainConfig
 
@@ -64,8 +65,9 @@ class DpoConfig(PairStageConfig):
 
 
 def pair_logps(model: nn.Module, input_ids: Tensor, labels: Tensor, average: bool = False) -> tuple[Tensor, Tensor]:
-    """(chosen, rejected) response log-probs [B] of a `collate_pairs` batch, one forward pass."""
-    return sequence_logps(model(input_ids), labels, average=average).chunk(2)
+    """(chosen, rejected) response log-probs [B] of a `collate_pairs` batch, one forward pass (a prefix LM reads
+    each prompt as its bidirectional prefix, as SFT trains it and generate reads it)."""
+    return sequence_logps(model(input_ids, **prefix_kwargs(model, labels)), labels, average=average).chunk(2)
 
 
 def precompute_logps(model: nn.Module, pairs: list[EncodedPair], pad_id: int, average: bool = False,
