@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from test_serve_engine import run
+from schedjobs import run
 from tinymodels import save_checkpoint, text_tokenizer
 
 from lmforge.core.config import from_dict
