@@ -134,15 +134,49 @@ def interleaved(fns: dict[Hashable, Callable[[], Any]], reps: int, warmup: int =
     return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 20) -> float:
-    """FLOP/s of an n x n CPU matmul in `dtype`: the ceiling a training step's FLOP/s is held against."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
+def _matmul_seconds(a: torch.Tensor, b: torch.Tensor, reps: int) -> float:
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    return (time.perf_counter() - start) / reps
+
+
+def matmul_peak(dtype: torch.dtype, budget_s: float = 1.0, max_n: int = 2048) -> float:
+    """FLOP/s of square CPU matmuls in `dtype`: the ceiling a training step's FLOP/s is held against.
+
+    Probes 256^2 first and doubles n (up to `max_n`) only while the next size fits in what is left of
+    `budget_s`, so a dtype the CPU runs slowly (bf16 without AVX-512-BF16/AMX: ~100x below fp32) costs about
+    `budget_s`, not minutes. Returns the best rate seen over the sizes probed."""
+    deadline = time.perf_counter() + budget_s
+    best, n = 0.0, 256
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        one = _matmul_seconds(a, b, 1)  # warm-up, and the cost of one product at this size
+        reps = max(1, min(20, int(0.25 * (deadline - time.perf_counter()) / max(one, 1e-9))))
+        best = max(best, 2 * n**3 / _matmul_seconds(a, b, reps))
+        # the next size costs ~8x per product; probe it only when a warm-up and 3 products fit the budget
+        if 2 * n > max_n or 4 * 8 * one > deadline - time.perf_counter():
+            return best
+        n *= 2
+
+
+def bf16_skip_reason(peaks: dict[str, float]) -> str:
+    """Why bf16 rows are skipped on this CPU ("" when they are not): its bf16 matmuls run slower than fp32's
+    (no AVX-512-BF16 or AMX, so bf16 is emulated), and a bf16 benchmark would measure the emulation for minutes."""
+    if peaks["bf16"] >= peaks["fp32"]:
+        return ""
+    return (f"bf16 skipped: the bf16 matmul peak ({peaks['bf16'] / 1e9:.1f} GFLOP/s) is below fp32's "
+            f"({peaks['fp32'] / 1e9:.1f} GFLOP/s) on this CPU ({cpu_name()}): no fast bf16")
+
+
+def matmul_peaks(budget_s: float = 1.0) -> dict[str, float]:
+    """{"fp32": FLOP/s, "bf16": FLOP/s} of this CPU (`matmul_peak`, each within ~`budget_s`)."""
+    return {"fp32": matmul_peak(torch.float32, budget_s), "bf16": matmul_peak(torch.bfloat16, budget_s)}
+
+
+def peak_line(peaks: dict[str, float]) -> str:
+    """The limit a CPU benchmark is measured against, for its output and machine column."""
+    return f"matmul peak fp32 {peaks['fp32'] / 1e9:.0f} / bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s"
 
 
 def training_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, precision: str,
