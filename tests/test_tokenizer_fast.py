@@ -12,7 +12,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.data.shards import ShardSet
 from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer
-from lmforge.tokenizer.fast import TextEncoder, tiktoken_encoding
+from lmforge.tokenizer.fast import LLAMA3_SPLIT_PATTERN, TextEncoder, tiktoken_encoding
 from lmforge.tokenizer.pack import tokenize_to_shards
 from lmforge.tokenizer.train import byte_level_bpe, train_tokenizer
 
@@ -55,6 +55,14 @@ def gpt2_style() -> tokenizers.Tokenizer:
     return tk
 
 
+def llama3_style(tokenizer: Tokenizer) -> str:
+    """Llama 3's spelling of the split regex, and its `ignore_merges` (a piece that is a token is that token)."""
+    spec = json.loads(tokenizer.canonical_json())
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = LLAMA3_SPLIT_PATTERN
+    spec["model"]["ignore_merges"] = True
+    return json.dumps(spec)
+
+
 @pytest.fixture(scope="module")
 def lmforge_bpe() -> Tokenizer:
     return train_tokenizer(corpus(), "bpe", vocab_size=1000, show_progress=False)
@@ -67,9 +75,10 @@ def hf_plain_ids(tokenizer_json: str, batch: list[str]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("kind", ["lmforge", "gpt2"])
+@pytest.mark.parametrize("kind", ["lmforge", "gpt2", "llama3"])
 def test_tiktoken_path_gives_the_hf_ids(kind, threads, lmforge_bpe):
-    tokenizer_json = lmforge_bpe.canonical_json() if kind == "lmforge" else gpt2_style().to_str()
+    tokenizer_json = {"lmforge": lmforge_bpe.canonical_json, "gpt2": lambda: gpt2_style().to_str(),
+                      "llama3": lambda: llama3_style(lmforge_bpe)}[kind]()
     encoder = TextEncoder(tokenizer_json, threads=threads)
     assert encoder.tiktoken is not None  # the fast path, not the fallback
     batch = texts()

@@ -27,8 +27,11 @@ from lmforge.tokenizer import GPT4_SPLIT_PATTERN
 
 # GPT-2's pre-tokenizer regex: what `ByteLevel(use_regex=True)` splits with (identical in tiktoken's gpt2)
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Llama 3's tokenizer.json spelling of the GPT-4 split (no possessive quantifiers)
+LLAMA3_SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+                        r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # Split regexes known to match every character (tiktoken keeps only the matches; HF also keeps the gaps)
-TOTAL_PATTERNS = {GPT4_SPLIT_PATTERN, GPT2_SPLIT_PATTERN}
+TOTAL_PATTERNS = {GPT4_SPLIT_PATTERN, GPT2_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN}
 
 
 def _byte_decoder() -> dict[str, int]:
