@@ -36,6 +36,7 @@ from lmforge.train.pretrain import lm_loss  # noqa: E402
 
 # /proc/cpuinfo flag -> name; what decides the bf16 matmul peak of a CPU
 CPU_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512-BF16", "amx_bf16": "AMX"}
+RESULTS = Path(HERE) / "RESULTS.md"  # where `report` appends ($LMFORGE_BENCH_RESULTS elsewhere)
 HEADER = "| figure | lmforge | {peer} | ratio | machine | command |"
 RULE, RULE_NUMERIC = "|---|---|---|---|---|---|", "|---|---:|---:|---:|---|---|"
 
@@ -93,6 +94,19 @@ def append_results(path: Path, rows: Iterable[Sequence[Any]], machine: str, comm
     if header not in text:
         text += "\n" + header
     path.write_text(text.rstrip("\n") + "\n" + "\n".join(table_rows(rows, machine, command)) + "\n")
+
+
+def report(rows: Sequence[Sequence[Any]], machine: str, command: str, limit: str, peer: str = "peer",
+           numeric: bool = False, append: bool = True) -> None:
+    """Print the limit the figures are measured against (a matmul peak, a bandwidth, or what bounds them when
+    no physical limit applies) and the table; append the rows to RESULTS.md (unless not `append`), with the limit
+    in the machine column."""
+    print(f"\nlimit: {limit}\n")
+    print(table(rows, machine, command, peer=peer, numeric=numeric))
+    if append:
+        path = Path(os.environ.get("LMFORGE_BENCH_RESULTS") or RESULTS)
+        append_results(path, rows, f"{machine}, limit: {limit}", command)
+        print(f"\nappended {len(rows)} rows to {path}")
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import random
 import time
 from pathlib import Path
 
-from common import machine_line, scratch_dir, table
+from common import machine_line, report, scratch_dir, script_command
 from textdata import SHAKESPEARE  # tests/, on the import path through common
 
 from lmforge.data.corpus import pydoc_topic_documents, stdlib_code_documents
@@ -173,7 +173,7 @@ def main() -> None:
         agree_filters = sum((i in lm_filtered) == (i in dt_filtered) for i in ids) / len(ids)
         agree_all = sum((i in lm_kept) == (i in dt_kept) for i in ids) / len(ids)
         machine = machine_line(parallel=f"{args.workers} workers")
-        command = f"benchmarks/data_pipeline.py --docs {args.docs} --workers {args.workers}"
+        command = script_command()
         rows = [
             ("documents/s (filters + MinHash)", f"{args.docs / lm_s:,.0f}", f"{args.docs / dt_s:,.0f}",
              f"{dt_s / lm_s:.2f}x"),
@@ -184,7 +184,9 @@ def main() -> None:
             ("decision agreement, filters + MinHash", f"{agree_all:.2%}", "-", "-"),
             *((f"decisions differing: {k}", f"{v:,}", "-", "-") for k, v in why.items()),
         ]
-        print(table(rows, machine, command, peer="datatrove", numeric=True))
+        limit = (f"no matmul or bandwidth bound (per-document Python and hashing); {args.workers} workers on "
+                 f"{os.cpu_count()} cores, the peer on the same workers is the reference")
+        report(rows, machine, command, limit, peer="datatrove", numeric=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import resource
 import time
 from pathlib import Path
 
-from common import append_results, machine_line, scratch_dir, script_command, table
+from common import machine_line, report, scratch_dir, script_command
 
 from lmforge.data.corpus import interleave, pydoc_topic_documents, stdlib_code_documents
 from lmforge.data.shards import ShardSet
@@ -90,7 +90,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
     with scratch_dir("lmforge-bench-tokenize-", keep=args.keep) as tmp:
         files, n_bytes = build_corpus(tmp / "in", args.mb, n_files=max(args.workers, 2))
@@ -102,8 +101,6 @@ def main() -> None:
         encoder = "tiktoken" if tiktoken_encoding(tok.canonical_json()) is not None else "HF tokenizers"
         machine = machine_line(parallel=f"{os.cpu_count()} cores", extra=f"lmforge encodes with {encoder}")
         command = script_command()
-        print(f"limit: every worker as fast as one in-process run per CPU-second ({os.cpu_count()} cores); "
-              f"lmforge encodes with {encoder}")
         rows, mb_per_s = [], {}
         for workers in sorted({1, args.workers}):
             label = f"{workers} worker{'s' if workers > 1 else ''}"
@@ -131,8 +128,8 @@ def main() -> None:
                          f"{mb_per_s[n][0] / (n * per_cpu[0]):.2f}", f"{mb_per_s[n][1] / (n * per_cpu[1]):.2f}", "-"))
         rows.append(("corpus", f"{mb:.1f} MB, {sum(1 for f in files for _ in open(f)):,} docs", "same input", "-"))
         print(f"\nvocab {tok.vocab_size}, shuffle on in both\n")
-        print(table(rows, machine, command, peer="datatrove", numeric=True))
-        append_results(Path(args.results), rows, machine, command)
+        report(rows, machine, command, f"each of the {args.workers} workers as fast as the in-process run per "
+               f"CPU-second ({os.cpu_count()} cores; the fraction reached is a row)", peer="datatrove", numeric=True)
 
 
 if __name__ == "__main__":
