@@ -17,7 +17,16 @@ import argparse
 import time
 
 import torch
-from common import bf16_skip_reason, machine_line, matmul_peaks, peak_line, report, script_command, training_step
+from common import (
+    bf16_skip_reason,
+    machine_line,
+    matmul_peak,
+    matmul_peaks,
+    peak_line,
+    report,
+    script_command,
+    training_step,
+)
 
 from lmforge.core.config import from_dict
 from lmforge.core.runtime import compile_model
@@ -45,17 +54,19 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
 
 
 def measure(model: torch.nn.Module, is_hf: bool, precision: str, batch: int, seq_len: int, vocab: int, steps: int,
-            warmup: int) -> float:
-    """Training tokens/s of `model` (an lmforge model, compiled or not, or HF's) after `warmup` steps."""
+            warmup: int) -> tuple[float, float]:
+    """Training tokens per second and per CPU-second of `model` (an lmforge model, compiled or not, or HF's)
+    after `warmup` steps."""
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, vocab, (batch, seq_len + 1), generator=g)
     step = training_step(model, data[:, :-1], data[:, 1:], precision, hf=is_hf)
     for _ in range(warmup):
         step()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
-    return batch * seq_len * steps / (time.perf_counter() - start)
+    tokens = batch * seq_len * steps
+    return tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu)
 
 
 def main() -> int:
@@ -73,8 +84,9 @@ def main() -> int:
     flops = flops_per_token(cfg, seq_len)
     threads = torch.get_num_threads()
     peaks = matmul_peaks()
-    print(f"threads={threads}  {peak_line(peaks)}  params {num_params(cfg) / 1e6:.1f}M  "
-          f"FLOPs/token {flops / 1e6:.1f}M")
+    cpu_peak = {"fp32": matmul_peak(torch.float32, clock=time.process_time)}  # per CPU-second: steadier under load
+    print(f"threads={threads}  {peak_line(peaks)} (fp32 per CPU-second {cpu_peak['fp32'] / 1e9:.0f})  "
+          f"params {num_params(cfg) / 1e6:.1f}M  FLOPs/token {flops / 1e6:.1f}M")
     precisions = args.precisions.split(",")
     if "bf16" in precisions and bf16_skip_reason(peaks):
         print(bf16_skip_reason(peaks))
@@ -84,22 +96,26 @@ def main() -> int:
     for precision in precisions:
         torch.manual_seed(0)
         hf = hf_model(cfg)
-        hf_tps = measure(hf, True, precision, batch, seq_len, cfg.vocab_size, args.steps, args.warmup)
+        hf_tps, hf_cpu = measure(hf, True, precision, batch, seq_len, cfg.vocab_size, args.steps, args.warmup)
         del hf
         variants = [("eager", False)] + ([] if args.no_compile else [("compiled", True)])
         for label, compiled in variants:
             torch.manual_seed(0)
             model = Transformer(cfg)
             runner = compile_model(model) if compiled else model
-            tps = measure(runner, False, precision, batch, seq_len, cfg.vocab_size, args.steps,
+            tps, tps_cpu = measure(runner, False, precision, batch, seq_len, cfg.vocab_size, args.steps,
                           args.warmup + (2 if compiled else 0))
             # the whole step's FLOP/s against this precision's matmul ceiling; the peer's fraction bounds any ratio
             of_peak, hf_of_peak = tps * flops / peaks[precision], hf_tps * flops / peaks[precision]
+            # the same per CPU-second (fp32): what load from other processes changes least
+            cpu_note = (f"; per CPU-second {tps_cpu * flops / cpu_peak['fp32']:.1%} vs "
+                        f"{hf_cpu * flops / cpu_peak['fp32']:.1%}" if precision == "fp32" else "")
             rows.append((f"train tokens/s, {args.preset} ({cfg.d_model}d x{cfg.n_layers}), {precision}, "
                          f"lmforge {label} vs HF eager (lmforge = {of_peak:.1%}, HF = {hf_of_peak:.1%} of the "
-                         f"{precision} matmul peak)", tps, hf_tps))
+                         f"{precision} matmul peak{cpu_note})", tps, hf_tps))
             print(f"{precision:5s} {label:8s} lmforge {tps:8.0f} tok/s   HF {hf_tps:8.0f} tok/s   "
-                  f"ratio {tps / hf_tps:.2f}x   {of_peak:.1%} of the {precision} peak   HF at {hf_of_peak:.1%}")
+                  f"ratio {tps / hf_tps:.2f}x   {of_peak:.1%} of the {precision} peak   HF at {hf_of_peak:.1%}"
+                  f"{cpu_note}")
             del model, runner
 
     report([(fig, f"{ours:,.0f}", f"{peer:,.0f}", f"{ours / peer:.2f}") for fig, ours, peer in rows], machine_line(),
