@@ -45,3 +45,14 @@ def test_append_results_adds_rows_under_one_header(common, tmp_path):
     text = results.read_text()
     assert text.count("| figure | lmforge | peer |") == 1
     assert "| figure | 1 | 3 | 0.33 | machine | `cmd` |" in text and "| figure | 2 |" in text
+
+
+def test_report_prints_the_limit_and_appends_the_rows(common, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setenv("LMFORGE_BENCH_RESULTS", str(results))
+    common.report([("tokens/s", "10", "5", "2.00")], "cpu", "python benchmarks/x.py", "matmul peak fp32 9 GFLOP/s")
+    assert "limit: matmul peak fp32 9 GFLOP/s" in capsys.readouterr().out
+    assert "| tokens/s | 10 | 5 | 2.00 | cpu, limit: matmul peak fp32 9 GFLOP/s | `python benchmarks/x.py` |" \
+        in results.read_text()
+    common.report([("smoke", "1", "1", "1.00")], "cpu", "cmd", "none", append=False)
+    assert "smoke" not in results.read_text()
