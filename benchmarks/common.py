@@ -17,6 +17,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 sys.path.append(os.path.join(os.path.dirname(HERE), "tests"))
 
 import contextlib  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
@@ -150,10 +151,13 @@ def interleaved(fns: dict[Hashable, Callable[[], Any]], reps: int, warmup: int =
 
 def _matmul_seconds(a: torch.Tensor, b: torch.Tensor, reps: int,
                     clock: Callable[[], float] = time.perf_counter) -> float:
-    start = clock()
+    """The fastest of `reps` products: other processes' load only ever slows one down."""
+    best = math.inf
     for _ in range(reps):
+        start = clock()
         a @ b
-    return (clock() - start) / reps
+        best = min(best, clock() - start)
+    return best
 
 
 def matmul_peak(dtype: torch.dtype, budget_s: float = 1.0, max_n: int = 2048,
@@ -162,18 +166,19 @@ def matmul_peak(dtype: torch.dtype, budget_s: float = 1.0, max_n: int = 2048,
 
     Probes 256^2 first and doubles n (up to `max_n`) only while the next size fits in what is left of
     `budget_s`, so a dtype the CPU runs slowly (bf16 without AVX-512-BF16/AMX: ~100x below fp32) costs about
-    `budget_s`, not minutes. Returns the best rate seen over the sizes probed. `clock=time.process_time` gives
+    `budget_s`, not minutes. Returns the rate of the largest size probed (its fastest product: cache-resident
+    small sizes would overstate what a training step's matmuls can reach). `clock=time.process_time` gives
     FLOP per CPU-second instead (steadier on a loaded machine; with one thread, the single core's peak)."""
     deadline = time.perf_counter() + budget_s
-    best, n = 0.0, 256
+    n = 256
     while True:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         one = _matmul_seconds(a, b, 1)  # warm-up, and the cost of one product at this size
         reps = max(1, min(20, int(0.25 * (deadline - time.perf_counter()) / max(one, 1e-9))))
-        best = max(best, 2 * n**3 / max(_matmul_seconds(a, b, reps, clock), 1e-9))
+        rate = 2 * n**3 / max(_matmul_seconds(a, b, reps, clock), 1e-9)
         # the next size costs ~8x per product; probe it only when a warm-up and 3 products fit the budget
         if 2 * n > max_n or 4 * 8 * one > deadline - time.perf_counter():
-            return best
+            return rate
         n *= 2
 
 
