@@ -2,10 +2,11 @@
 
 HF `tokenizers` spends most of `lmforge data tokenize`'s time in its BPE encode; tiktoken runs the same algorithm
 (regex split, then merge the adjacent pair of lowest rank until none is left) with less overhead per piece. A
-`tokenizer.json` maps onto a tiktoken `Encoding` when it has no normalizer, a byte-level BPE model holding all
-256 bytes, without dropout, byte fallback or subword affixes, a pre-tokenizer tiktoken reproduces (GPT-2's byte-level regex, or a Split on
-one of the known total regexes followed by a byte-level mapping without its own regex), and added tokens that
-are all special. Ranks are the merge order (bytes first), and a table maps them back to the tokenizer's ids.
+`tokenizer.json` maps onto a tiktoken `Encoding` when it has no normalizer; a byte-level BPE model holding all
+256 bytes, without dropout, byte fallback or subword affixes; a pre-tokenizer tiktoken reproduces (GPT-2's
+byte-level regex, or a Split on one of the known total regexes followed by a byte-level mapping without its own
+regex); and added tokens that are all special. Ranks are the merge order (bytes first), and a table maps them back
+to the tokenizer's ids.
 
 Every text is read as plain characters: a special token's text becomes ordinary pieces, never its control id
 (HF's `encode_special_tokens = True`). `TextEncoder` falls back to HF `tokenizers` with that setting for any
