@@ -197,11 +197,39 @@ class SftBatches:
 # loss and evaluation
 
 
+def prompt_prefix(labels: Tensor, positions: Tensor | None = None) -> Tensor:
+    """[B, T] bool: the tokens of each conversation's prompt, up to its first answer (every token before the
+    first labelled position, and that one: it is the prompt's last token, whose label is the answer's first).
+    `positions` (restarting at 0 per conversation, as `collate_packed` makes them) tells packed conversations
+    apart. A row with no label is prompt throughout."""
+    labelled = (labels != IGNORE_INDEX).long()
+    before = labelled.cumsum(-1) - labelled  # labelled tokens before t in the row
+    if positions is not None:  # ... and before the start of t's conversation
+        starts = torch.arange(labels.shape[1], device=labels.device)[None, :] - positions
+        before = before - before.gather(-1, starts)
+    return before == 0
+
+
+def prefix_kwargs(model: nn.Module, labels: Tensor, segments: Tensor | None = None,
+                  positions: Tensor | None = None) -> dict[str, Tensor]:
+    """A prefix LM (`model.cfg.prefix_lm`) reads each conversation's prompt bidirectionally, as generate and serve
+    read it (`lmforge.generate.prompt.prefill_kwargs`): `prefix_len` per row as the prefix objective passes it,
+    or, for packed rows, the block-diagonal mask opened over each conversation's prompt. The answer stays causal.
+    Nothing for a causal model (packed rows: their block-diagonal mask)."""
+    prefix_lm = bool(getattr(getattr(model, "cfg", None), "prefix_lm", False))
+    if segments is None:
+        return {"prefix_len": prompt_prefix(labels).sum(-1)} if prefix_lm else {}
+    mask = packed_attention_mask(segments)
+    if prefix_lm:
+        same = segments[:, :, None] == segments[:, None, :]
+        mask = mask | (same & prompt_prefix(labels, positions)[:, None, :])[:, None]
+    return {"positions": positions, "attn_mask": mask}
+
+
 def sft_forward(model: nn.Module, batch: dict[str, Tensor], return_hidden: bool = False) -> Tensor:
-    """The model on a (possibly packed) batch: packed rows get position reset and the block-diagonal mask."""
-    kwargs = {}
-    if "segments" in batch:
-        kwargs = {"positions": batch["positions"], "attn_mask": packed_attention_mask(batch["segments"])}
+    """The model on a (possibly packed) batch: packed rows get position reset and the block-diagonal mask; a
+    prefix LM reads each prompt as its bidirectional prefix (`prefix_kwargs`)."""
+    kwargs = prefix_kwargs(model, batch["labels"], batch.get("segments"), batch.get("positions"))
     return model(batch["input_ids"], return_hidden=return_hidden, **kwargs)
 
 
@@ -230,7 +258,7 @@ def validation_loss(model: nn.Module, encoded: Sequence[Encoded], pad_id: int, b
             inputs, labels = inputs.to(device), labels.to(device)
             n = int((labels != IGNORE_INDEX).sum())
             if n:
-                total += float(causal_lm_loss(model(inputs), labels, reduction="sum"))
+                total += float(causal_lm_loss(model(inputs, **prefix_kwargs(model, labels)), labels, reduction="sum"))
                 count += n
     finally:
         model.train(was_training)

@@ -80,14 +80,12 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise LmforgeError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                            f"{model.cfg.vocab_size}")
-    if model.cfg.arch == "encdec" or model.cfg.prefix_lm:  # the scheduler prefills causally, decoder-only
-        kind = "an encoder-decoder (model.arch='encdec')" if model.cfg.arch == "encdec" else "a prefix LM"
-        raise LmforgeError(f"serve does not run {kind} yet: its scheduler decodes causal decoder-only models; "
-                           "use lmforge generate, chat or eval for this checkpoint")
     if name in adapters:
         raise LmforgeError(f"adapter name '{name}' is the base model's name; give the adapter another")
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_concurrent=max_concurrent,
                           prefix_cache=prefix_cache, prefill_chunk=prefill_chunk)
+    if scheduler.prefix_cache_off:
+        log.warning("serve: prefix caching is off for this model: %s", scheduler.prefix_cache_off)
     stops = stop_token_ids(tokenizer)
     info = ModelInfo(name, tokenizer, scheduler.context, stops, Grammars(tokenizer, model.cfg.vocab_size, stops),
                      adapters=tuple(adapters))
@@ -127,7 +125,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
 
     def model_card(model_id: str) -> dict[str, Any]:  # an adapter's card names its base as `parent` (as vLLM's)
         return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "lmforge",
-                "max_model_len": info.context_length, "root": name, "parent": None if model_id == name else name}
+                "max_model_len": info.context_length, "root": name, "parent": None if model_id == name else name,
+                "prefix_caching": scheduler.prefix is not None}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

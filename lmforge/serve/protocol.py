@@ -30,7 +30,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.generate.sampling import SamplingParams
 from lmforge.serve.grammar import GrammarError, Grammars, response_schema
 from lmforge.serve.scheduler import Delta, Done, Event, Failed, Job, PromptLogprobs, TokenLogprob
-from lmforge.serve.tools import ToolError, Tools, parse_tools, template_message
+from lmforge.serve.tools import CallStream, ToolError, Tools, parse_tools, template_message
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids
 
@@ -488,6 +488,7 @@ class Choice:
                  tools: Tools | None = None) -> None:
         self.kind, self.index, self.tokenizer, self.with_logprobs = kind, index, tokenizer, logprobs
         self.tools = tools if tools is not None and tools.choice != "none" else None
+        self.calls = CallStream(self.tools) if self.tools is not None else None  # tells content from tool calls
         self.tool_calls: list[dict[str, Any]] = []
         self.content: str | None = None  # the message content once finished (tool calls taken out)
         self.text: list[str] = []
@@ -501,8 +502,9 @@ class Choice:
             return {"content": [], "refusal": None}
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-    def add(self, text: str, entries: list[TokenLogprob]) -> dict[str, Any]:
-        """Append text and its tokens' logprobs; returns this piece as a stream chunk's choice."""
+    def add(self, text: str, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+        """Append text and its tokens' logprobs; returns what it adds as stream chunks' choices (with tools: the
+        content and tool-call deltas `CallStream` can tell apart so far, the logprobs with the first)."""
         self.text.append(text)
         piece: dict[str, Any] = {"index": self.index, "finish_reason": None, "logprobs": None}
         if self.with_logprobs:
@@ -511,11 +513,15 @@ class Choice:
                 for part in (piece["logprobs"], self.logprobs):
                     self._add_entry(part, e)
                 self.offset += len(self.tokenizer.decode([e.token]))
+        if self.calls is not None:
+            deltas = self.calls.push(text) or ([{}] if self.with_logprobs else [])
+            return [{**piece, "delta": d, "logprobs": piece["logprobs"] if k == 0 else None}
+                    for k, d in enumerate(deltas)]
         if self.kind == "chat":
             piece["delta"] = {"content": text}
         else:
             piece["text"] = text
-        return piece
+        return [piece]
 
     def _add_entry(self, out: dict[str, Any], e: TokenLogprob) -> None:
         token = self._token(e.token)
@@ -539,13 +545,17 @@ class Choice:
     def _chat_token(token: tuple[str, bytes], logprob: float | None) -> dict[str, Any]:
         return {"token": token[0], "logprob": logprob, "bytes": list(token[1])}
 
-    def finish(self, reason: str, completion_tokens: int) -> None:
+    def finish(self, reason: str, completion_tokens: int) -> list[dict[str, Any]]:
+        """The end: returns the last deltas (with tools, what `CallStream` held back to the end)."""
         self.finish_reason, self.completion_tokens = reason, completion_tokens
         self.content = "".join(self.text)
-        if self.tools is not None:
-            self.content, self.tool_calls = self.tools.calls(self.content)
-            if self.tool_calls:
-                self.finish_reason = "tool_calls"
+        if self.calls is None:
+            return []
+        deltas = self.calls.finish()
+        self.content, self.tool_calls = self.calls.content, self.calls.calls
+        if self.tool_calls and reason != "length":
+            self.finish_reason = "tool_calls"
+        return [{"index": self.index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
 
     def message(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": "assistant", "content": self.content}
@@ -584,19 +594,11 @@ class Answer:
             self.echoed[i] = True
             scored = event.entries if isinstance(event, PromptLogprobs) else []
             prompt = self.req.prompts[i // self.req.n]
-            chunks.append(self._chunk([choice.add(self.tokenizer.decode(prompt), scored)]))
+            chunks += [self._chunk([p]) for p in choice.add(self.tokenizer.decode(prompt), scored)]
         if isinstance(event, Delta):
-            piece = choice.add(event.text, event.logprobs)
-            if choice.tools is None:  # with tools, the text is held until it can be told from tool calls
-                chunks.append(self._chunk([piece]))
+            chunks += [self._chunk([p]) for p in choice.add(event.text, event.logprobs)]
         elif isinstance(event, Done):
-            choice.finish(event.finish_reason, event.completion_tokens)
-            if choice.tools is not None:
-                delta = {k: v for k, v in choice.message().items() if k != "role" and v is not None}
-                if "tool_calls" in delta:
-                    delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(delta["tool_calls"])]
-                chunks.append(self._chunk([{"index": i, "delta": delta, "logprobs": choice.logprobs,
-                                            "finish_reason": None}]))
+            chunks += [self._chunk([p]) for p in choice.finish(event.finish_reason, event.completion_tokens)]
             chunks.append(self._chunk([self._end(choice)]))
         elif isinstance(event, Failed):
             self.error = event.message
