@@ -22,7 +22,7 @@ import random
 import time
 from pathlib import Path
 
-from common import append_results, machine_line, scratch_dir, table
+from common import append_results, machine_line, report, scratch_dir
 from textdata import SHAKESPEARE  # tests/, on the import path through common
 
 from lmforge.data.corpus import pydoc_topic_documents, stdlib_code_documents
@@ -205,9 +205,11 @@ def main() -> None:
     for n_files in {"one": [1], "many": [args.files], "both": [1, args.files]}[args.layout]:
         with scratch_dir("lmforge-bench-data-", keep=args.keep) as tmp:
             rows += compare(tmp, args.docs, n_files, args.workers, args.split_parts)
-    print(table(rows, machine, command, peer="datatrove", numeric=True))
+    limit = (f"no matmul or bandwidth bound (per-document Python and hashing); {args.workers} workers on "
+             f"{os.cpu_count()} cores, the peer on the same workers is the reference")
+    report(rows, machine, command, limit, peer="datatrove", numeric=True, append=False)
     if str(args.results):
-        append_results(args.results, rows, machine, command)
+        append_results(args.results, rows, f"{machine}, limit: {limit}", command)
 
 
 if __name__ == "__main__":
