@@ -2,10 +2,13 @@
 DDP, FSDP and TP on 4 processes, and checkpoints (DCP, the whole model's names) resume on another layout."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from lmforge.checkpoint.store import LATEST_NAME, checkpoint_name, checkpoints_dir, list_checkpoints
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer, load_model
@@ -16,29 +19,23 @@ from lmforge.train.pretrain import PretrainConfig, pretrain
 from recipes import REL, STEPS, VOCAB, losses, parallel_recipe, torchrun
 
 ATOL_WEIGHTS = 1e-5
-
-
-def _recipe(data, root, **train):
-    recipe = parallel_recipe(data)
-    recipe["train"] = {**recipe["train"], **train}
-    path = root / "recipe.json"
-    path.write_text(json.dumps(recipe))
-    return recipe, path
-
+SAVED = 3  # parallel_recipe saves at steps 3 and 6
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, learnable_data):
-    """The 1-process run every layout is compared with (checkpoints at steps 3 and 6)."""
+def runs(tmp_path_factory, learnable_data):
+    """The 1-process run every layout is compared with, and the 2-stage 1F1B run (both save at steps 3 and 6)."""
     root = tmp_path_factory.mktemp("pp")
-    recipe, path = _recipe(learnable_data, root)
-    pretrain(from_dict(PretrainConfig, {**recipe, "run_dir": str(root / "one")}))
-    return root, path
+    recipe = root / "recipe.json"
+    recipe.write_text(json.dumps(parallel_recipe(learnable_data)))
+    pretrain(from_dict(PretrainConfig, {**parallel_recipe(learnable_data), "run_dir": str(root / "one")}))
+    torchrun(recipe, 2, "--run_dir", str(root / "1f1b"), "--parallel.pipeline", "2", "--parallel.microbatches", "4")
+    return root
 
 
-def _same_run(root, name, steps=STEPS):
-    one, other = losses(root / "one"), losses(root / name)
-    assert len(other) == steps
-    assert other == pytest.approx(one[:steps], rel=REL)
+def _same_run(root, name, reference="one"):
+    one, other = losses(root / reference), losses(root / name)
+    assert len(other) == STEPS
+    assert other == pytest.approx(one, rel=REL)
     assert one[-1] < one[0] - 0.3  # it trained, so equal curves are not two flat lines
 
 
@@ -49,50 +46,78 @@ def _same_weights(a_dir, b_dir):
         torch.testing.assert_close(b[name], a[name], atol=ATOL_WEIGHTS, rtol=0)
 
 
-def test_two_stage_1f1b_repeats_one_process(reference):
-    """The quick one: 2 processes, 1F1B over 4 micro-batches, same losses, grad norms and final weights."""
-    root, recipe = reference
-    torchrun(recipe, 2, "--run_dir", str(root / "1f1b"), "--parallel.pipeline", "2",
-             "--parallel.microbatches", "4")
-    _same_run(root, "1f1b")
-    norms = [[r["grad_norm"] for r in read_metrics(root / name / "metrics.jsonl") if "grad_norm" in r]
+def rewind(run: Path, to: Path) -> Path:
+    """A copy of `run` whose latest checkpoint is step SAVED (as if it had stopped there)."""
+    shutil.copytree(run, to)
+    for step, path in list_checkpoints(to):
+        if step > SAVED:
+            shutil.rmtree(path)
+    (checkpoints_dir(to) / LATEST_NAME).write_text(checkpoint_name(SAVED) + "\n")
+    return to
+
+
+def test_two_stage_1f1b_repeats_one_process(runs):
+    """The quick one: 2 processes, 1F1B over 4 micro-batches: same losses, grad norms and final weights."""
+    _same_run(runs, "1f1b")
+    norms = [[r["grad_norm"] for r in read_metrics(runs / name / "metrics.jsonl") if "grad_norm" in r]
              for name in ("one", "1f1b")]
     assert norms[1] == pytest.approx(norms[0], rel=1e-4)  # clipping sees the global norm across stages
-    _same_weights(root / "one" / "model", root / "1f1b" / "model")
-    state = json.loads((root / "1f1b" / "checkpoints" / "step_000006" / "trainer_state.json").read_text())
-    assert state["format"] == "dcp" and state["parallel"]["pipeline"] == 2
+    _same_weights(runs / "one" / "model", runs / "1f1b" / "model")
+    state = json.loads((runs / "1f1b" / "checkpoints" / "step_000006" / "trainer_state.json").read_text())
+    assert state["format"] == "dcp" and state["parallel"] == {"world_size": 2, "tensor": 1, "pipeline": 2}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["gpipe", "interleaved-1f1b"])
-def test_other_schedules_repeat_one_process(reference, schedule):
-    root, recipe = reference
-    torchrun(recipe, 2, "--run_dir", str(root / schedule), "--parallel.pipeline", "2",
-             "--parallel.pipeline_schedule", schedule)
-    _same_run(root, schedule)
+def test_gpipe_repeats_one_process(runs):
+    torchrun(runs / "recipe.json", 2, "--run_dir", str(runs / "gpipe"), "--parallel.pipeline", "2",
+             "--parallel.pipeline_schedule", "gpipe")
+    _same_run(runs, "gpipe")
+
+
+@pytest.mark.slow
+def test_interleaved_1f1b_repeats_one_process(runs, learnable_data):
+    """Two stages per process (4 blocks: stages 0 and 2 on rank 0, 1 and 3 on rank 1)."""
+    four = ["--model.n_layers", "4"]
+    recipe = parallel_recipe(learnable_data)
+    recipe["model"] = {**recipe["model"], "n_layers": 4}
+    pretrain(from_dict(PretrainConfig, {**recipe, "run_dir": str(runs / "one-4")}))
+    torchrun(runs / "recipe.json", 2, "--run_dir", str(runs / "interleaved"), "--parallel.pipeline", "2",
+             "--parallel.pipeline_schedule", "interleaved-1f1b", *four)
+    _same_run(runs, "interleaved", reference="one-4")
+    _same_weights(runs / "one-4" / "model", runs / "interleaved" / "model")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--parallel.data", "ddp"], ["--parallel.data", "fsdp"],
                                    ["--parallel.tensor", "2"]], ids=["ppxddp", "ppxfsdp", "ppxtp"])
-def test_four_processes_pipeline_composes(reference, extra):
-    root, recipe = reference
+def test_four_processes_pipeline_composes(runs, extra):
     name = "pp" + "".join(extra).replace("--parallel.", "_")
-    torchrun(recipe, 4, "--run_dir", str(root / name), "--parallel.pipeline", "2", *extra)
-    _same_run(root, name)
-    _same_weights(root / "one" / "model", root / name / "model")
+    torchrun(runs / "recipe.json", 4, "--run_dir", str(runs / name), "--parallel.pipeline", "2", *extra)
+    _same_run(runs, name)
+    _same_weights(runs / "one" / "model", runs / name / "model")
 
 
 @pytest.mark.slow
-def test_pipeline_checkpoint_resumes_in_one_process(reference, learnable_data, tmp_path):
-    """PP=2 checkpoint at step 3 -> a plain 1-process resume continues with the uninterrupted run's losses."""
-    root, recipe = reference
-    run = tmp_path / "pp"
-    torchrun(recipe, 2, "--run_dir", str(run), "--parallel.pipeline", "2", "--train.steps", "3")
-    cfg = from_dict(PretrainConfig, {**parallel_recipe(learnable_data), "run_dir": str(run), "resume": True})
-    pretrain(cfg)
-    assert losses(run) == pytest.approx(losses(root / "one"), rel=REL)
-    _same_weights(root / "one" / "model", run / "model")
+@pytest.mark.parametrize("data", ["none", "fsdp"])
+def test_pipeline_checkpoint_resumes_in_one_process(runs, learnable_data, tmp_path, data):
+    """The 2-stage run stopped at step 3 -> one process (plain, or FSDP's world of one) continues it with the
+    uninterrupted run's losses: the DCP names are the whole model's."""
+    run = rewind(runs / "1f1b", tmp_path / "resumed")
+    pretrain(from_dict(PretrainConfig, {**parallel_recipe(learnable_data), "run_dir": str(run), "resume": True,
+                                        "parallel": {"data": data}}))
+    assert losses(run) == pytest.approx(losses(runs / "one"), rel=REL)
+    _same_weights(runs / "one" / "model", run / "model")
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_in_pipeline(runs, learnable_data, tmp_path):
+    """And back: a 1-process DCP checkpoint (FSDP's world of one) stopped at step 3 -> 2 stages continue it."""
+    fsdp = tmp_path / "fsdp-one"
+    pretrain(from_dict(PretrainConfig, {**parallel_recipe(learnable_data), "run_dir": str(fsdp),
+                                        "parallel": {"data": "fsdp"}}))
+    run = rewind(fsdp, tmp_path / "resumed")
+    torchrun(runs / "recipe.json", 2, "--run_dir", str(run), "--parallel.pipeline", "2", "--resume", "true")
+    assert losses(run) == pytest.approx(losses(runs / "one"), rel=REL)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -147,6 +147,7 @@ class DistributedRun:
                 raise ConfigError("parallel.reduce_dtype=bf16 with parallel.data=ddp needs CUDA (NCCL's bf16 "
                                   "all-reduce); use fp32 on CPU, or parallel.data=fsdp")
             ddp = _DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                       process_group=self.dp_group,  # the replicas of this pipeline stage
                        find_unused_parameters=bool(getattr(model.cfg, "moe_experts", 0)))  # idle experts
             if bf16:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -183,8 +184,10 @@ class DistributedRun:
     def save_checkpoint(self, run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                         state: dict[str, Any], keep: int) -> Path:
 
-        state = {**state, "parallel": {"world_size": self.world_size, "tensor": self.cfg.tensor,
-                                       "pipeline": self.cfg.pipeline}}
+        layout = {"world_size": self.world_size, "tensor": self.cfg.tensor}
+        if self.pipelined:  # for the record: DCP names are the whole model's, so any layout resumes it
+            layout["pipeline"] = self.cfg.pipeline
+        state = {**state, "parallel": layout}
         return save_dcp_checkpoint(run_dir, step, model, optimizer, state, keep, model.cfg)
 
     def load_checkpoint(self, run_dir: str | Path, model: nn.Module,
