@@ -2,13 +2,10 @@
 DDP, FSDP and TP on 4 processes, and checkpoints (DCP, the whole model's names) resume on another layout."""
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from lmforge.checkpoint.store import LATEST_NAME, checkpoint_name, checkpoints_dir, list_checkpoints
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer, load_model
@@ -16,19 +13,19 @@ from lmforge.parallel import ParallelConfig
 from lmforge.parallel.pipeline import StageModule, check_pipelinable, split_model, stage_layers, theoretical_bubble
 from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import PretrainConfig, pretrain
-from recipes import REL, STEPS, VOCAB, losses, parallel_recipe, torchrun
+from recipes import REL, STEPS, VOCAB, losses, parallel_recipe, recipe_file, rewind, torchrun
 
 ATOL_WEIGHTS = 1e-5
 SAVED = 3  # parallel_recipe saves at steps 3 and 6
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, learnable_data):
     """The 1-process run every layout is compared with, and the 2-stage 1F1B run (both save at steps 3 and 6)."""
     root = tmp_path_factory.mktemp("pp")
-    recipe = root / "recipe.json"
-    recipe.write_text(json.dumps(parallel_recipe(learnable_data)))
     pretrain(from_dict(PretrainConfig, {**parallel_recipe(learnable_data), "run_dir": str(root / "one")}))
-    torchrun(recipe, 2, "--run_dir", str(root / "1f1b"), "--parallel.pipeline", "2", "--parallel.microbatches", "4")
+    torchrun(recipe_file(root, learnable_data), 2, "--run_dir", str(root / "1f1b"), "--parallel.pipeline", "2",
+             "--parallel.microbatches", "4")
     return root
 
 
@@ -44,16 +41,6 @@ def _same_weights(a_dir, b_dir):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=ATOL_WEIGHTS, rtol=0)
-
-
-def rewind(run: Path, to: Path) -> Path:
-    """A copy of `run` whose latest checkpoint is step SAVED (as if it had stopped there)."""
-    shutil.copytree(run, to)
-    for step, path in list_checkpoints(to):
-        if step > SAVED:
-            shutil.rmtree(path)
-    (checkpoints_dir(to) / LATEST_NAME).write_text(checkpoint_name(SAVED) + "\n")
-    return to
 
 
 def test_two_stage_1f1b_repeats_one_process(runs):
@@ -102,7 +89,7 @@ def test_four_processes_pipeline_composes(runs, extra):
 def test_pipeline_checkpoint_resumes_in_one_process(runs, learnable_data, tmp_path, data):
     """The 2-stage run stopped at step 3 -> one process (plain, or FSDP's world of one) continues it with the
     uninterrupted run's losses: the DCP names are the whole model's."""
-    run = rewind(runs / "1f1b", tmp_path / "resumed")
+    run = rewind(runs / "1f1b", tmp_path / "resumed", SAVED)
     pretrain(from_dict(PretrainConfig, {**parallel_recipe(learnable_data), "run_dir": str(run), "resume": True,
                                         "parallel": {"data": data}}))
     assert losses(run) == pytest.approx(losses(runs / "one"), rel=REL)
@@ -115,7 +102,7 @@ def test_one_process_checkpoint_resumes_in_pipeline(runs, learnable_data, tmp_pa
     fsdp = tmp_path / "fsdp-one"
     pretrain(from_dict(PretrainConfig, {**parallel_recipe(learnable_data), "run_dir": str(fsdp),
                                         "parallel": {"data": "fsdp"}}))
-    run = rewind(fsdp, tmp_path / "resumed")
+    run = rewind(fsdp, tmp_path / "resumed", SAVED)
     torchrun(runs / "recipe.json", 2, "--run_dir", str(run), "--parallel.pipeline", "2", "--resume", "true")
     assert losses(run) == pytest.approx(losses(runs / "one"), rel=REL)
 

@@ -26,6 +26,7 @@ from lmforge.core.config import require
 from lmforge.core.errors import ConfigError
 from lmforge.core.runtime import autocast
 from lmforge.model.attention import self_attention_mask
+from lmforge.model.transformer import Transformer
 from lmforge.parallel.config import ParallelConfig
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved-1f1b": "ScheduleInterleaved1F1B"}
@@ -84,13 +85,8 @@ class StageModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]
         positions = torch.arange(T, device=x.device)
-        if self.first:
-            x = self.embed(x)
-            if self.cfg.position == "learned":
-                x = x + self.pos_embed(positions)
-            elif self.cfg.position == "sinusoidal":
-                x = x + self.pos_table[positions].to(x.dtype)
-            x = self.embed_dropout(x)
+        if self.first:  # the stage holds the model's embedding modules under their names: the model's own code
+            x = Transformer.add_positions(self, self.embed(x), positions)
         rope = self.rope(positions) if self.rope is not None else None
         mask = self_attention_mask(self.cfg, T, 0, x.dtype, x.device, alibi=getattr(self, "alibi", None))
         for block in self.blocks.values():
