@@ -179,8 +179,13 @@ def measured_bubble(schedule: str, microbatches: int, steps: int) -> tuple[float
     """(bubble fraction averaged over the 2 stages, tokens/s) of `steps` pipeline steps, batch 16 x 128."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_bubble_worker, args=(2, free_port(), schedule, microbatches, steps, queue), nprocs=2,
-                       start_method="spawn")
+    here = str(Path(__file__).resolve().parent)  # the workers re-run this script, which imports `common` (and
+    sys.path.insert(0, here)                       # `common` takes this folder off sys.path again)
+    try:
+        mp.start_processes(_bubble_worker, args=(2, free_port(), schedule, microbatches, steps, queue), nprocs=2,
+                           start_method="spawn")
+    finally:
+        sys.path.remove(here)
     return queue.get(timeout=60)
 
 
