@@ -5,14 +5,23 @@ import json
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer, load_model
 from lmforge.parallel import ParallelConfig
-from lmforge.parallel.pipeline import StageModule, check_pipelinable, split_model, stage_layers, theoretical_bubble
+from lmforge.parallel.launch import init_process_group
+from lmforge.parallel.pipeline import (
+    PipelineRunner,
+    StageModule,
+    check_pipelinable,
+    split_model,
+    stage_layers,
+    theoretical_bubble,
+)
 from lmforge.train.metrics import read_metrics
-from lmforge.train.pretrain import PretrainConfig, pretrain
+from lmforge.train.pretrain import PretrainConfig, lm_loss, pretrain
 from recipes import REL, STEPS, VOCAB, losses, parallel_recipe, recipe_file, rewind, torchrun
 
 ATOL_WEIGHTS = 1e-5
@@ -157,3 +166,37 @@ def test_too_few_processes_is_one_line(learnable_data, tmp_path):
     with pytest.raises(ConfigError, match="parallel.pipeline=2 x parallel.tensor=1 must divide the number of "
                                           r"processes \(1\)"):
         pretrain(cfg)
+
+
+class _Batches:
+    def __init__(self, x):
+        self.x, self.i = x, 0
+
+    def next_batch(self):
+        self.i += 1
+        b = self.x[self.i - 1]
+        return b[:, :-1], b[:, 1:]
+
+
+def test_one_stage_schedule_accumulates_the_plain_gradient():
+    """In-process world of one: the library's schedule over 4 micro-batches x 2 accumulation steps gives the plain
+    mean-loss gradient (the shape-inference loss call and the library's own grad scaling stay out of it), and a
+    batch the micro-batches do not divide is one line."""
+    x = torch.randint(0, VOCAB, (2, 4, 13), generator=torch.Generator().manual_seed(0))
+    ref = _model()
+    ref_loss = sum(lm_loss(ref, (b[:, :-1], b[:, 1:]))[0] for b in x) / 2
+    ref_loss.backward()
+    model = _model()
+    init_process_group("gloo", torch.device("cpu"))
+    try:
+        local, chunks = split_model(model, 1, [0])
+        runner = PipelineRunner(ParallelConfig(pipeline=2), local, chunks, [0], 1, torch.device("cpu"),
+                                dist.group.WORLD)
+        loss, metrics, tokens = runner.forward_backward(lm_loss, _Batches(x), 2, "fp32", lambda b: b[0].numel())
+        assert loss == pytest.approx(ref_loss.item(), rel=1e-6) and metrics == {} and tokens == 2 * 4 * 12
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+        with pytest.raises(ConfigError, match="batch of 3 sequences must be divisible by parallel.microbatches=4"):
+            runner.forward_backward(lm_loss, _Batches(x[:, :3]), 1, "fp32", lambda b: b[0].numel())
+    finally:
+        dist.destroy_process_group()

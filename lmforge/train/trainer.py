@@ -181,6 +181,11 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
     under another batch geometry); saved with each checkpoint, and a resume that differs is refused naming the key.
     A step whose gradient is not finite is skipped (counted as `skipped_steps` in metrics.jsonl); after
     MAX_SKIPPED_IN_A_ROW in a row the run stops. The run directory is locked (`dir_lock`) while the loop runs.
+    Under pipeline parallelism (parallel.cfg.pipeline > 1) each process trains only its own stages of `model`
+    (`DistributedRun.save_model` gathers the rest): the library's schedule runs forward and backward itself over
+    the micro-batches, calling `loss_fn` on the last stage with a model whose call returns the final hidden
+    states and whose `lm_head` is the model's, so an LM loss of (inputs, targets) batches works unchanged;
+    `evaluate`, fp16 and compile are refused there.
     Returns {"steps", "final_loss", "tokens_seen", "tokens_per_s", **last evaluation}.
     """
     main = parallel is None or parallel.is_main
