@@ -22,7 +22,8 @@ from lmforge.parallel.pipeline import (
 )
 from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import PretrainConfig, lm_loss, pretrain
-from recipes import REL, STEPS, VOCAB, losses, parallel_recipe, recipe_file, rewind, torchrun
+from lmforge.train.trainer import check_pipeline_loop
+from recipes import REL, STEPS, VOCAB, loop_config, losses, parallel_recipe, recipe_file, rewind, torchrun
 
 ATOL_WEIGHTS = 1e-5
 SAVED = 3  # parallel_recipe saves at steps 3 and 6
@@ -154,6 +155,13 @@ def test_config_errors_are_one_line():
         check_pipelinable(_model(n_layers=4), 3)
     with pytest.raises(ConfigError, match="model.tie_embeddings: parallel.pipeline > 1 does not support"):
         check_pipelinable(_model(tie_embeddings=True), 2)
+    with pytest.raises(ConfigError, match="train.precision=fp16 with parallel.pipeline > 1"):
+        check_pipeline_loop(loop_config(), "fp16", None)
+    with pytest.raises(ConfigError, match="train.compile with parallel.pipeline > 1"):
+        check_pipeline_loop(loop_config(compile=True), "fp32", None)
+    with pytest.raises(ConfigError, match="evaluation with parallel.pipeline > 1"):
+        check_pipeline_loop(loop_config(), "fp32", lambda model: {})
+    check_pipeline_loop(loop_config(), "bf16", None)
     assert list(stage_layers(8, 4, 3)) == [6, 7]
     assert theoretical_bubble(4, 8) == pytest.approx(3 / 11)
     assert isinstance(split_model(_model(), 2, [1])[0], StageModule)
