@@ -10,7 +10,14 @@ communication costs. Data: random token ids (throughput does not depend on conte
 Activation checkpointing: bytes saved for backward (`saved_tensors_hooks`, exact) and the peak RSS
 of a fresh process per mode running 3 training steps, and the step time it costs.
 
+Pipeline parallelism (`--pipeline`, appended to RESULTS.md): 2-stage 1F1B `lmforge pretrain` runs vs 1 process
+(tokens/s), and the bubble: each stage times its own forward/backward work inside the library's schedule
+(`PipelineRunner.measure_busy_time`); 1 - busy / step time, averaged over the stages, against the schedule's
+theoretical (P-1)/(M+P-1) (interleaved: (P-1)/(V*M+P-1)). The measured figure also holds point-to-point
+transfer and, on a shared CPU, time the other processes took from this one.
+
     python benchmarks/distributed.py
+    python benchmarks/distributed.py --pipeline --steps 12
 """
 
 from __future__ import annotations
@@ -27,12 +34,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine_line, table
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from common import append_results, machine_line, script_command, table
 
 from lmforge.core.config import from_dict
 from lmforge.data.shards import ShardWriter
 from lmforge.model import ModelConfig, Transformer
+from lmforge.parallel import ParallelConfig
 from lmforge.parallel.checkpointing import apply_activation_checkpointing
+from lmforge.parallel.launch import free_port
+from lmforge.parallel.pipeline import PipelineRunner, split_model, theoretical_bubble
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import read_metrics
 from lmforge.train.optim import build_optimizer
@@ -121,6 +133,84 @@ def peak_rss_mib(mode: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+class RandomBatches:
+    """Random (inputs, targets) batches of `batch` x 128 tokens (throughput does not depend on content)."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch, self.g = batch, torch.Generator().manual_seed(0)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randint(0, VOCAB, (self.batch, MODEL["max_seq_len"] + 1), generator=self.g)
+        return x[:, :-1], x[:, 1:]
+
+
+def _bubble_worker(rank: int, world: int, port: int, schedule: str, microbatches: int, steps: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = ParallelConfig(pipeline=world, pipeline_schedule=schedule, microbatches=microbatches)
+        torch.manual_seed(0)
+        model = Transformer(from_dict(ModelConfig, MODEL))
+        n_stages = world * cfg.stages_per_rank
+        stage_ids = [rank + v * world for v in range(cfg.stages_per_rank)]
+        local, chunks = split_model(model, n_stages, stage_ids)
+        runner = PipelineRunner(cfg, local, chunks, stage_ids, n_stages, torch.device("cpu"), dist.group.WORLD)
+        runner.measure_busy_time()
+        batches = RandomBatches(16)
+        wall = 0.0
+        for step in range(steps + 2):  # 2 warm-up steps
+            if step == 2:
+                runner.busy_s, wall = 0.0, 0.0
+            dist.barrier()
+            t0 = time.perf_counter()
+            runner.forward_backward(lm_loss, batches, 1, "fp32", lambda b: b[0].numel())
+            local.zero_grad(set_to_none=True)
+            wall += time.perf_counter() - t0
+        fractions = [None] * world
+        dist.all_gather_object(fractions, 1 - runner.busy_s / wall)
+        if rank == 0:
+            queue.put((float(np.mean(fractions)), 16 * MODEL["max_seq_len"] * steps / wall))
+    finally:
+        dist.destroy_process_group()
+
+
+def measured_bubble(schedule: str, microbatches: int, steps: int) -> tuple[float, float]:
+    """(bubble fraction averaged over the 2 stages, tokens/s) of `steps` pipeline steps, batch 16 x 128."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    here = str(Path(__file__).resolve().parent)  # the workers re-run this script, which imports `common` (and
+    sys.path.insert(0, here)                       # `common` takes this folder off sys.path again)
+    try:
+        mp.start_processes(_bubble_worker, args=(2, free_port(), schedule, microbatches, steps, queue), nprocs=2,
+                           start_method="spawn")
+    finally:
+        sys.path.remove(here)
+    return queue.get(timeout=60)
+
+
+def pipeline_rows(steps: int, results: Path) -> None:
+    """PP rows: tokens/s of 2-stage pretraining vs 1 process, and measured vs theoretical bubble."""
+    machine = machine_line(parallel=f"2 processes x 1 thread, {os.cpu_count()} cores, load "
+                                    f"{os.getloadavg()[0]:.0f}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_random_shards(root / "shards")
+        one = pretrain_tokens_per_s(root, "one-1t", 1, steps)
+        pp = pretrain_tokens_per_s(root, "pp", 1, steps, "--nproc", "2", "--parallel.pipeline", "2",
+                                   "--parallel.microbatches", "8")
+    rows.append(("tokens/s, pretrain PP=2 1F1B (8 micro-batches) 2 proc x 1 thread vs 1 proc x 1 thread",
+                 fmt(pp), fmt(one), f"{pp / one:.2f}"))
+    for schedule, m in [("gpipe", 2), ("1f1b", 2), ("1f1b", 8), ("interleaved-1f1b", 8)]:
+        bubble, _ = measured_bubble(schedule, m, steps)
+        theory = theoretical_bubble(2, m, 2 if schedule.startswith("interleaved") else 1)
+        rows.append((f"pipeline bubble, PP=2 {schedule}, {m} micro-batches: measured vs theoretical",
+                     f"{bubble:.0%}", f"{theory:.0%}", f"{bubble / theory:.2f}"))
+    print(table(rows, machine, script_command()))
+    append_results(results, rows, machine, script_command())
+
+
 def fmt(v: float | str) -> str:
     return v if isinstance(v, str) else f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
@@ -129,7 +219,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--child-ac", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--pipeline", action="store_true", help="only the pipeline-parallel rows, appended to --results")
+    ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     args = ap.parse_args()
+    if args.pipeline:
+        pipeline_rows(args.steps, Path(args.results))
+        return 0
     if args.child_ac:
         child_peak_rss(args.child_ac)
         return 0

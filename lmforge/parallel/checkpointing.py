@@ -20,7 +20,8 @@ def _checkpointed(forward, *args, **kwargs):
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks, decoder then encoder (encoder-decoder models): the unit of sharding and recompute."""
-    blocks = list(getattr(model, "blocks", []))
+    blocks = getattr(model, "blocks", [])
+    blocks = list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)  # a pipeline stage's
     encoder = getattr(model, "encoder", None)
     return blocks + (list(encoder) if isinstance(encoder, nn.ModuleList) else [])
 

@@ -1,9 +1,10 @@
 """One training process's view of a distributed run: what `train_loop` asks of it, in one object.
 
 `setup_parallel` joins the process group torchrun describes and builds the device mesh
-(data-parallel x tensor-parallel); `DistributedRun.prepare` applies the plans to a plain model from
-outside (TP, then activation checkpointing, then DDP or FSDP2); the rest keeps the loop's bookkeeping
-global: mean loss over data-parallel ranks, DCP checkpoints, one full model directory written by rank 0.
+(pipeline x data-parallel x tensor-parallel); `DistributedRun.prepare` applies the plans to a plain model from
+outside (the pipeline split, then TP, then activation checkpointing, then DDP or FSDP2); the rest keeps the
+loop's bookkeeping global: mean loss over data-parallel ranks, DCP checkpoints, one full model directory written
+by rank 0.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lmforge.model.io import save_model
 from lmforge.parallel.checkpointing import apply_activation_checkpointing, transformer_blocks
 from lmforge.parallel.config import ParallelConfig
 from lmforge.parallel.launch import init_process_group, local_device, under_torchrun
+from lmforge.parallel.pipeline import PipelineRunner, full_local_state, gather_to_main, split_model
 from lmforge.parallel.tp import TensorParallelLayout, apply_tensor_parallel
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -63,9 +65,19 @@ class DistributedRun:
     world_size: int
     dp_size: int
     dp_rank: int
-    mesh: Any  # DeviceMesh with dims ("dp",) or ("dp", "tp")
+    mesh: Any  # DeviceMesh with dims ("dp",), ("dp", "tp"), ("pp", "dp") or ("pp", "dp", "tp")
     owns_group: bool = False
     layout: TensorParallelLayout | None = None
+    pipeline: PipelineRunner | None = None  # set by `prepare` when parallel.pipeline > 1
+
+    @property
+    def pipelined(self) -> bool:
+        return self.cfg.pipeline > 1
+
+    @property
+    def pp_group(self) -> Any:
+        """The pipeline's process group (None without pipeline parallelism)."""
+        return self.mesh.get_group("pp") if self.pipelined else None
 
     @property
     def is_main(self) -> bool:
@@ -79,9 +91,14 @@ class DistributedRun:
     # plans
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Shard/wrap `model` (already on self.device) in place; returns the module to call forward on."""
+        """Shard/wrap `model` (already on self.device) in place; returns the module to call forward on.
+
+        With pipeline parallelism it returns this process's `StageModule` instead (what the optimizer and
+        checkpoints see; the stages themselves run through `self.pipeline`)."""
 
         cfg = self.cfg
+        if cfg.pipeline > 1:
+            return self._prepare_pipeline(model)
         if cfg.tensor > 1:
             self.layout = apply_tensor_parallel(model, self.mesh["tp"])
         n_ac = apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
@@ -91,6 +108,24 @@ class DistributedRun:
             print(f"parallel: {self.world_size} processes, data={cfg.data} x {self.dp_size}, tensor={cfg.tensor}"
                   f"{ac}, {dist.get_backend()} on {self.device}", file=sys.stderr)
         return wrapped
+
+    def _prepare_pipeline(self, model: nn.Module) -> nn.Module:
+        cfg = self.cfg
+        P, V = cfg.pipeline, cfg.stages_per_rank
+        pp_rank = self.mesh["pp"].get_local_rank()
+        stage_ids = [pp_rank + v * P for v in range(V)]  # interleaved: stage r and r + P on rank r
+        local, chunks = split_model(model, P * V, stage_ids)
+        if cfg.tensor > 1:
+            self.layout = apply_tensor_parallel(local, self.mesh["tp"])
+        n_ac = apply_activation_checkpointing(local, cfg.activation_checkpointing, cfg.ac_every)
+        wrapped = [self._data_parallel(chunk, transformer_blocks(chunk)) for chunk in chunks]
+        self.pipeline = PipelineRunner(cfg, local, wrapped, stage_ids, P * V, self.device, self.pp_group)
+        if self.is_main:
+            ac = f", activation checkpointing on {n_ac} blocks" if n_ac else ""
+            print(f"parallel: {self.world_size} processes, pipeline={P} x {V} stage(s) each "
+                  f"({cfg.pipeline_schedule}, {cfg.n_microbatches} micro-batches), data={cfg.data} x "
+                  f"{self.dp_size}, tensor={cfg.tensor}{ac}, {dist.get_backend()} on {self.device}", file=sys.stderr)
+        return local
 
     def _data_parallel(self, model: nn.Module, blocks: list[nn.Module]) -> nn.Module:
         cfg = self.cfg
@@ -112,6 +147,7 @@ class DistributedRun:
                 raise ConfigError("parallel.reduce_dtype=bf16 with parallel.data=ddp needs CUDA (NCCL's bf16 "
                                   "all-reduce); use fp32 on CPU, or parallel.data=fsdp")
             ddp = _DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                       process_group=self.dp_group,  # the replicas of this pipeline stage
                        find_unused_parameters=bool(getattr(model.cfg, "moe_experts", 0)))  # idle experts
             if bf16:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -148,7 +184,10 @@ class DistributedRun:
     def save_checkpoint(self, run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                         state: dict[str, Any], keep: int) -> Path:
 
-        state = {**state, "parallel": {"world_size": self.world_size, "tensor": self.cfg.tensor}}
+        layout = {"world_size": self.world_size, "tensor": self.cfg.tensor}
+        if self.pipelined:  # for the record: DCP names are the whole model's, so any layout resumes it
+            layout["pipeline"] = self.cfg.pipeline
+        state = {**state, "parallel": layout}
         return save_dcp_checkpoint(run_dir, step, model, optimizer, state, keep, model.cfg)
 
     def load_checkpoint(self, run_dir: str | Path, model: nn.Module,
@@ -157,7 +196,12 @@ class DistributedRun:
         return load_dcp_checkpoint(run_dir, model, optimizer, self.cfg.tensor)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Collective: every parameter gathered whole, in the model's own layout; non-empty on rank 0 only."""
+        """Collective: every parameter gathered whole, in the model's own layout; non-empty on rank 0 only.
+
+        Under pipeline parallelism every process's stages are gathered (whatever `model` is)."""
+        if self.pipeline is not None:  # each process restores its own blocks' rows, rank 0 merges
+            state = full_local_state(self.pipeline.local)
+            return gather_to_main(self.layout.unpermute(state) if self.layout is not None else state)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -166,7 +210,8 @@ class DistributedRun:
         return state
 
     def save_model(self, model: nn.Module, directory: str | Path) -> Path:
-        """Collective: rank 0 writes a plain model directory (the same files a 1-process run writes)."""
+        """Collective: rank 0 writes a plain model directory (the same files a 1-process run writes).
+        Under pipeline parallelism `model` may be the whole model or this process's `StageModule`."""
 
         state = self.full_state_dict(model)
         if self.is_main:
@@ -197,15 +242,18 @@ def setup_parallel(cfg: ParallelConfig, device_name: str = "auto", log_dir: str 
     device = local_device(device_name)
     owns = init_process_group(cfg.backend, device)
     world, rank = dist.get_world_size(), dist.get_rank()
-    if world % cfg.tensor:
-        raise ConfigError(f"parallel.tensor={cfg.tensor} must divide the number of processes ({world})")
+    if world % (cfg.tensor * cfg.pipeline):
+        raise ConfigError(f"parallel.pipeline={cfg.pipeline} x parallel.tensor={cfg.tensor} must divide the number "
+                          f"of processes ({world})")
     from torch.distributed.device_mesh import init_device_mesh
 
-    dp = world // cfg.tensor
-    if cfg.tensor > 1:
-        mesh = init_device_mesh(device.type, (dp, cfg.tensor), mesh_dim_names=("dp", "tp"))
-    else:
-        mesh = init_device_mesh(device.type, (dp,), mesh_dim_names=("dp",))
+    dp = world // (cfg.tensor * cfg.pipeline)
+    if dp > 1 and cfg.data == "none" and cfg.pipeline > 1:
+        raise ConfigError(f"{world} processes with parallel.pipeline={cfg.pipeline} x parallel.tensor={cfg.tensor} "
+                          f"leave {dp} data-parallel replicas but parallel.data is 'none'; set ddp or fsdp")
+    sizes = [("pp", cfg.pipeline), ("dp", dp), ("tp", cfg.tensor)]
+    sizes = [(name, n) for name, n in sizes if n > 1 or name == "dp"]
+    mesh = init_device_mesh(device.type, tuple(n for _, n in sizes), mesh_dim_names=tuple(name for name, _ in sizes))
     if rank != 0:
         _quiet(rank, log_dir)
     return DistributedRun(cfg, device, rank, world, dp, mesh["dp"].get_local_rank(), mesh, owns)

@@ -232,6 +232,10 @@ def _pretrain(cfg: PretrainConfig, run: DistributedRun | None) -> dict[str, Any]
         loss_fn = functools.partial(denoise_loss, aux=with_aux_losses)
     if model_cfg.arch == "encdec":
         evaluate = None  # validation perplexity is a decoder-only measure
+    if evaluate is not None and run is not None and run.pipelined:
+        print("note: no validation with parallel.pipeline > 1 (no process holds the whole model); evaluate "
+              f"{run_dir / 'model'} afterwards", file=sys.stderr)
+        evaluate = None
     hooks = [plan.hook] if plan else []
     if model_cfg.moe_experts:  # expert-utilization metrics, and aux-loss-free bias updates when enabled
 
