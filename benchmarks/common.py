@@ -10,6 +10,7 @@ Every table has the columns of benchmarks/RESULTS.md: figure | lmforge | peer | 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,13 +89,36 @@ def table(rows: Iterable[Sequence[Any]], machine: str, command: str, peer: str =
     return "\n".join(head + table_rows(rows, machine, command))
 
 
+def script_of(command: str) -> str | None:
+    """`benchmarks/x.py` in a command line, or None."""
+    found = re.search(r"benchmarks/[\w.-]+\.py", command)
+    return found.group(0) if found else None
+
+
 def append_results(path: Path, rows: Iterable[Sequence[Any]], machine: str, command: str) -> None:
-    """Append rows to RESULTS.md at `path`, with a header first when the file has none yet."""
-    header = f"{HEADER.format(peer='peer')}\n{RULE}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if header not in text:
-        text += "\n" + header
-    path.write_text(text.rstrip("\n") + "\n" + "\n".join(table_rows(rows, machine, command)) + "\n")
+    """File rows in RESULTS.md at `path` under the section of the script that made them: after the last table
+    row of the first `## ...` section whose heading names `benchmarks/x.py` (with a table header when that section
+    has no table yet), else in a new section for the script at the end. Rows appended at the very end would land
+    in whatever section comes last, where a markdown table without its header does not render."""
+    header = f"{HEADER.format(peer='peer')}\n{RULE}"
+    new_rows = table_rows(rows, machine, command)
+    lines = (path.read_text() if path.exists() else "# Benchmark results\n").rstrip("\n").split("\n")
+    script = script_of(command) or "other"
+    starts = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    mine = next((i for i in starts if script in lines[i]), None)
+    if mine is None:
+        lines += ["", f"## `{script}`", "", header, *new_rows]
+    else:
+        end = next((i for i in starts if i > mine), len(lines))
+        table_ends = [i for i in range(mine, end) if lines[i].startswith("|")]
+        if table_ends:
+            at = table_ends[-1] + 1
+            lines[at:at] = new_rows
+        else:
+            while end > mine + 1 and not lines[end - 1].strip():
+                end -= 1
+            lines[end:end] = ["", header, *new_rows, ""]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def report(rows: Sequence[Sequence[Any]], machine: str, command: str, limit: str, peer: str = "peer",

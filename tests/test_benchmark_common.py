@@ -47,6 +47,23 @@ def test_append_results_adds_rows_under_one_header(common, tmp_path):
     assert "| figure | 1 | 3 | 0.33 | machine | `cmd` |" in text and "| figure | 2 |" in text
 
 
+def test_append_results_files_rows_under_their_scripts_section(common, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\n## Generation — `benchmarks/generation.py`\n\nText.\n\n"
+                       "| figure | lmforge | peer | ratio | machine | command |\n|---|---|---|---|---|---|\n"
+                       "| old | 1 | 1 | 1 | m | `c` |\n\nA closing remark.\n\n## Serving — `benchmarks/serving.py`\n\n"
+                       "No table yet.\n")
+    common.append_results(results, [("gen", "2", "1", "2.00")], "m", "python benchmarks/generation.py --x")
+    common.append_results(results, [("srv", "3", "1", "3.00")], "m", "python benchmarks/serving.py")
+    common.append_results(results, [("new", "4", "1", "4.00")], "m", "python benchmarks/other.py")
+    lines = results.read_text().splitlines()
+    assert lines[lines.index("| old | 1 | 1 | 1 | m | `c` |") + 1].startswith("| gen | 2 |")  # in its table
+    assert lines.index("A closing remark.") < lines.index("## Serving — `benchmarks/serving.py`")
+    serving = lines.index("## Serving — `benchmarks/serving.py`")
+    assert lines[serving + 4].startswith("| figure | lmforge") and lines[serving + 6].startswith("| srv | 3 |")
+    assert lines[-5] == "## `benchmarks/other.py`" and lines[-1].startswith("| new | 4 |")
+
+
 def test_report_prints_the_limit_and_appends_the_rows(common, tmp_path, monkeypatch, capsys):
     results = tmp_path / "RESULTS.md"
     monkeypatch.setenv("LMFORGE_BENCH_RESULTS", str(results))
