@@ -45,7 +45,7 @@ class PolicyWithValue(nn.Module):
     def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(logits [B, T, V], values [B, T]); values[t] estimates the return from the state ending at t."""
         h = self.policy(input_ids, return_hidden=True)
-        return self.policy.lm_head(h), self.value_head(h).squeeze(-1).float()
+        return self.policy.lm_head(h), self.value_head(h).squeeze(-1).float().clone()  # no view (FSDP's hooks)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -178,6 +179,9 @@ class Stage:
         return self.run_dir
 
     def add_peft(self) -> None:
+        """PEFT on the policy, its new weights drawn from `seed` (the same on every rank: FSDP shards each rank's
+        own copy, it does not broadcast rank 0's)."""
+        torch.manual_seed(self.cfg.seed)
         apply_peft(self.policy, self.cfg.peft)
 
     @contextlib.contextmanager
