@@ -28,6 +28,7 @@ from lmforge.posttrain.grpo import GrpoConfig, run_grpo
 from lmforge.posttrain.ppo import PolicyWithValue
 from lmforge.posttrain.reward import RewardModel
 from lmforge.posttrain.sft import SftConfig, run_sft
+from lmforge.train import pretrain as pretrain_module
 from lmforge.train.pretrain import PretrainConfig, pretrain
 from recipes import losses, run_cli
 
@@ -117,6 +118,7 @@ def test_activation_checkpointing_one_process(base, tmp_path, learnable_data, mo
         return n
 
     monkeypatch.setattr(stage_module, "apply_activation_checkpointing", counting)
+    monkeypatch.setattr(pretrain_module, "apply_activation_checkpointing", counting)
     curves = {}
     for mode in ("none", "full"):
         run_sft(from_dict(SftConfig, {**recipe("sft", base, tmp_path), "run_dir": str(tmp_path / f"sft_{mode}"),
@@ -134,6 +136,7 @@ def test_activation_checkpointing_one_process(base, tmp_path, learnable_data, mo
                                             "parallel": {"activation_checkpointing": mode}}))
         curves[f"pt_{mode}"] = losses(out)
     assert curves["pt_every_n"] == pytest.approx(curves["pt_none"], rel=REL)
+    assert counted[2:] == [(0, 0), (1, 1)]  # every_n with ac_every 2: block 0 of the debug model's 2
 
 
 def test_fsdp_world_of_one_repeats_plain_sft_and_dpo_lora(base, tmp_path):
