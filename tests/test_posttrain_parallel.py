@@ -77,7 +77,7 @@ def same_files(a: Path, b: Path, names: tuple[str, ...]) -> None:
         wa, wb = load_weights(a / name), load_weights(b / name)
         assert wa.keys() == wb.keys()
         for key in wa:
-            torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0)
+            torch.testing.assert_close(wb[key], wa[key], atol=1e-4, rtol=0)  # Adam: lr 3e-3 x float noise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ class RewardConfig(PairStageConfig):
 
 def pair_rewards(rm: RewardModel, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(chosen, rejected) rewards [B] of a `collate_pairs` batch (chosen rows first)."""
-    r = rm.score(batch["input_ids"], last_lengths(batch["labels"]))
+    r = rm(batch["input_ids"], last_lengths(batch["labels"]))  # forward, not .score: DDP/FSDP hook the call
     return r.chunk(2)
 
 
