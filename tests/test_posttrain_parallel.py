@@ -77,6 +77,8 @@ def same_files(a: Path, b: Path, names: tuple[str, ...]) -> None:
         wa, wb = load_weights(a / name), load_weights(b / name)
         assert wa.keys() == wb.keys()
         for key in wa:
+            if name == "reward_head.safetensors" and key == "bias":
+                continue  # its gradient cancels in r_w - r_l: 0 up to rounding, which Adam scales up to +-lr
             torch.testing.assert_close(wb[key], wa[key], atol=1e-4, rtol=0)  # Adam: lr 3e-3 x float noise
 
 
