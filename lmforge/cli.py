@@ -46,6 +46,8 @@ COMMANDS: dict[str, Command] = {
                    "supervised fine-tuning on conversations / synthetic tasks (loss on assistant tokens, packing)"),
     "rejection-sample": Command("lmforge.posttrain.rejection", "RejectionConfig", "run_rejection",
                                 "best-of-N sampling scored by a verifier or reward model, then SFT on the winners"),
+    "rlhf": Command("lmforge.posttrain.iterative", "IterativeRlhfConfig", "run_iterative_rlhf",
+                    "LLaMA 2's iterative RLHF: K rounds of rejection sampling, fine-tuning and PPO with one reward"),
     "self-instruct": Command("lmforge.posttrain.self_instruct", "SelfInstructConfig", "run_self_instruct",
                              "Self-Instruct / Alpaca: generate, filter (ROUGE-L, keywords) and write instructions"),
     "eval": Command("lmforge.eval.perplexity", "EvalConfig", "eval_cmd",
