@@ -62,6 +62,17 @@ class ParallelConfig:
         require(self.data != "ddp" or self.tensor == 1, "parallel.data", self.data,
                 "fsdp (2-D FSDP x TP) or none when parallel.tensor > 1 (ddp cannot be combined with tensor "
                 "parallelism)")
+        # an option the chosen layout would not read is refused, not silently ignored
+        require(self.reshard_after_forward or self.data == "fsdp", "parallel.reshard_after_forward",
+                self.reshard_after_forward, "true (the default) unless parallel.data=fsdp: only FSDP reshards")
+        require(self.param_dtype == "auto" or self.data == "fsdp", "parallel.param_dtype", self.param_dtype,
+                "auto unless parallel.data=fsdp: only FSDP casts the gathered parameters")
+        require(self.reduce_dtype == "auto" or self.data != "none", "parallel.reduce_dtype", self.reduce_dtype,
+                "auto unless parallel.data is ddp or fsdp: no gradient is reduced otherwise")
+        require(self.ac_every == 2 or self.activation_checkpointing == "every_n", "parallel.ac_every", self.ac_every,
+                "left at 2 unless parallel.activation_checkpointing=every_n")
+        require(self.backend == "auto" or self.enabled, "parallel.backend", self.backend,
+                "auto unless parallel.data is ddp or fsdp (or parallel.tensor > 1): no process group is made")
 
     @property
     def enabled(self) -> bool:

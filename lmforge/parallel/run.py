@@ -9,9 +9,11 @@ by rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +150,8 @@ class DistributedRun:
                                   "all-reduce); use fp32 on CPU, or parallel.data=fsdp")
             ddp = _DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                        process_group=self.dp_group,  # the replicas of this pipeline stage
-                       find_unused_parameters=bool(getattr(model.cfg, "moe_experts", 0)))  # idle experts
+                       find_unused_parameters=bool(getattr(model.cfg, "moe_experts", 0))  # idle experts
+                       or getattr(model, "unused_parameters", False))  # e.g. a reward model's unused LM head
             if bf16:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -165,6 +168,36 @@ class DistributedRun:
                     group["fused"] = False
                 if "foreach" in group:
                     group["foreach"] = False
+
+    @contextlib.contextmanager
+    def gathered(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Under FSDP: every parameter of `model` gathered whole on each rank for the block, so ranks may run
+        different numbers of forward passes (sampling each its own prompts, stopping at different lengths) and
+        call a submodule directly (a policy inside a wrapper) with no collective in between; sharded again
+        after. Costs one full copy of the parameters per rank while it lasts. Other layouts: a no-op."""
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        if not units:
+            yield model
+            return
+        if isinstance(model, FSDPModule):
+            model._get_fsdp_state()._lazy_init()  # the root must be known before a submodule runs alone
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        try:
+            yield model
+        finally:
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(unit is not model and self.cfg.reshard_after_forward, recurse=False)
+
+    def mean(self, value: float) -> float:
+        """Collective: `value` averaged over data-parallel ranks."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.dp_group)
+        return t.item() / self.dp_size
 
     # ------------------------------------------------------------------------------------------
     # bookkeeping

@@ -129,31 +129,34 @@ def evaluate_heldout(cfg: DpoConfig, model: nn.Module, pairs: list[EncodedPair],
 
 def run_dpo(cfg: DpoConfig) -> dict[str, Any]:
     """Train the policy on preference pairs; returns held-out margin/accuracy before and after training."""
-    stage = Stage("dpo", cfg)
-    train_enc, held_enc = load_pairs(cfg, stage.tokenizer)
-    pad_id = stage.pad_id
-    ref_train = ref_held = None
-    if not cfg.reference_free:
-        ref = stage.reference(cfg.ref_checkpoint)
-        ref_train = precompute_logps(ref, train_enc, pad_id, average=cfg.average_logps)
-        ref_held = precompute_logps(ref, held_enc, pad_id, average=cfg.average_logps)
-        del ref  # never needed again: the reference log-probs travel with the batches
-    stage.open()
-    before = evaluate_heldout(cfg, stage.policy, held_enc, ref_held, pad_id)
-    stage.add_peft()
+    with Stage("dpo", cfg) as stage:
+        stage.check_divides(cfg.batch_size, "batch_size")
+        train_enc, held_enc = load_pairs(cfg, stage.tokenizer)
+        pad_id = stage.pad_id
+        ref_train = ref_held = None
+        if not cfg.reference_free:
+            ref = stage.reference(cfg.ref_checkpoint)
+            ref_train = precompute_logps(ref, train_enc, pad_id, average=cfg.average_logps)
+            ref_held = precompute_logps(ref, held_enc, pad_id, average=cfg.average_logps)
+            del ref  # never needed again: the reference log-probs travel with the batches
+        stage.open()
+        before = evaluate_heldout(cfg, stage.policy, held_enc, ref_held, pad_id)
+        stage.add_peft()
 
-    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        loss, metrics = batch_loss(cfg, model, batch)
-        return loss.mean(), metrics
+        def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+            loss, metrics = batch_loss(cfg, model, batch)
+            return loss.mean(), metrics
 
-    print(f"dpo: {len(train_enc)} training pairs, {len(held_enc)} held out, "
-          f"{'SimPO' if cfg.simpo else 'ORPO' if cfg.orpo else cfg.loss_type} beta {cfg.beta}", file=sys.stderr)
-    batches = PairBatches(train_enc, cfg.batch_size, pad_id, seed=cfg.seed,
-                          extra={} if ref_train is None else {"ref": ref_train})
-    result = stage.fit(stage.policy, loss_fn, batches, lambda m: evaluate_heldout(cfg, m, held_enc, ref_held, pad_id))
-    model_dir = stage.save()
-    out = summary(result, model_dir, **before_after(before, result))
-    print(f"dpo: held-out log-prob margin {out['heldout_logp_margin_before']:.3f} -> {out['heldout_logp_margin']:.3f}, "
-          f"preference accuracy {out['heldout_preference_accuracy_before']:.3f} -> "
-          f"{out['heldout_preference_accuracy']:.3f} -> {model_dir}")
-    return out
+        print(f"dpo: {len(train_enc)} training pairs, {len(held_enc)} held out, "
+              f"{'SimPO' if cfg.simpo else 'ORPO' if cfg.orpo else cfg.loss_type} beta {cfg.beta}", file=sys.stderr)
+        batches = PairBatches(train_enc, cfg.batch_size, pad_id, seed=cfg.seed,
+                              extra={} if ref_train is None else {"ref": ref_train})
+        result = stage.fit(stage.policy, loss_fn, batches,
+                           lambda m: evaluate_heldout(cfg, m, held_enc, ref_held, pad_id))
+        model_dir = stage.save()
+        out = summary(result, model_dir, **before_after(before, result))
+        print(f"dpo: held-out log-prob margin {out['heldout_logp_margin_before']:.3f} -> "
+              f"{out['heldout_logp_margin']:.3f}, "
+              f"preference accuracy {out['heldout_preference_accuracy_before']:.3f} -> "
+              f"{out['heldout_preference_accuracy']:.3f} -> {model_dir}")
+        return out
