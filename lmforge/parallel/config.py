@@ -24,6 +24,10 @@ class ParallelConfig:
                                                "more memory)")
     tensor: int = option(1, "tensor-parallel degree K: attention heads and MLP hidden units split over K "
                             "processes (Megatron column/row plan); world size = K x data-parallel size")
+    expert: int = option(1, "expert-parallel degree EP: each MoE layer's routed experts are split over EP processes "
+                            "and tokens reach their expert by all-to-all (router and dense weights stay "
+                            "replicated); needs parallel.data=ddp, EP must divide the number of processes and "
+                            "model.moe_experts, and every process reads its own slice of the batch")
     activation_checkpointing: Checkpointing = option(
         "none", "recompute block activations in backward instead of storing them: full = every block, "
                 "every_n = every parallel.ac_every-th block (trades ~1/3 more compute for memory)")
@@ -37,6 +41,9 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         require(self.tensor >= 1, "parallel.tensor", self.tensor, ">= 1")
+        require(self.expert >= 1, "parallel.expert", self.expert, ">= 1")
+        require(self.expert == 1 or (self.data == "ddp" and self.tensor == 1), "parallel.expert", self.expert,
+                "1 unless parallel.data=ddp and parallel.tensor=1 (expert parallelism composes with ddp only)")
         require(self.ac_every >= 1, "parallel.ac_every", self.ac_every, ">= 1")
         require(self.data != "ddp" or self.tensor == 1, "parallel.data", self.data,
                 "fsdp (2-D FSDP x TP) or none when parallel.tensor > 1 (ddp cannot be combined with tensor "
@@ -45,4 +52,4 @@ class ParallelConfig:
     @property
     def enabled(self) -> bool:
         """True when the run needs a process group even with one process."""
-        return self.data != "none" or self.tensor > 1
+        return self.data != "none" or self.tensor > 1 or self.expert > 1

@@ -1,8 +1,8 @@
 """One training process's view of a distributed run: what `train_loop` asks of it, in one object.
 
 `setup_parallel` joins the process group torchrun describes and builds the device mesh
-(data-parallel x tensor-parallel); `DistributedRun.prepare` applies the plans to a plain model from
-outside (TP, then activation checkpointing, then DDP or FSDP2); the rest keeps the loop's bookkeeping
+(data-parallel x tensor-parallel, plus an expert-parallel mesh for MoE); `DistributedRun.prepare` applies the
+plans to a plain model from outside (TP or expert sharding, then activation checkpointing, then DDP or FSDP2); the rest keeps the loop's bookkeeping
 global: mean loss over data-parallel ranks, DCP checkpoints, one full model directory written by rank 0.
 """
 
@@ -25,6 +25,7 @@ from lmforge.model.encdec import build_model
 from lmforge.model.io import save_model
 from lmforge.parallel.checkpointing import apply_activation_checkpointing, transformer_blocks
 from lmforge.parallel.config import ParallelConfig
+from lmforge.parallel.expert import apply_expert_parallel, expert_load_metrics, expert_mesh, sync_expert_grads
 from lmforge.parallel.launch import init_process_group, local_device, under_torchrun
 from lmforge.parallel.tp import TensorParallelLayout, apply_tensor_parallel
 
@@ -66,6 +67,8 @@ class DistributedRun:
     mesh: Any  # DeviceMesh with dims ("dp",) or ("dp", "tp")
     owns_group: bool = False
     layout: TensorParallelLayout | None = None
+    ep_mesh: Any = None  # ("edp", "ep") mesh when parallel.expert > 1 (lmforge.parallel.expert)
+    _model: nn.Module | None = None  # the prepared model (expert-parallel metrics read it)
 
     @property
     def is_main(self) -> bool:
@@ -84,12 +87,16 @@ class DistributedRun:
         cfg = self.cfg
         if cfg.tensor > 1:
             self.layout = apply_tensor_parallel(model, self.mesh["tp"])
+        ignore = apply_expert_parallel(model, self.ep_mesh) if self.ep_mesh is not None else []
+        if ignore:  # DDP leaves the expert shards alone; sync_grads reduces them over their replicas
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        self._model = model
         n_ac = apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
         wrapped = self._data_parallel(model, transformer_blocks(model))
         if self.is_main:
             ac = f", activation checkpointing on {n_ac} blocks" if n_ac else ""
             print(f"parallel: {self.world_size} processes, data={cfg.data} x {self.dp_size}, tensor={cfg.tensor}"
-                  f"{ac}, {dist.get_backend()} on {self.device}", file=sys.stderr)
+                  f"{f', expert={cfg.expert}' if cfg.expert > 1 else ''}{ac}, {dist.get_backend()} on {self.device}", file=sys.stderr)
         return wrapped
 
     def _data_parallel(self, model: nn.Module, blocks: list[nn.Module]) -> nn.Module:
@@ -123,7 +130,7 @@ class DistributedRun:
     def adapt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Tensor parallelism leaves some parameters plain (embeddings, norms) beside DTensors, or on another
         mesh under FSDP x TP; the fused and multi-tensor (foreach) kernels need one kind, so step per tensor."""
-        if self.cfg.tensor > 1:
+        if self.cfg.tensor > 1 or self.cfg.expert > 1:
             for group in optimizer.param_groups:
                 if "fused" in group:
                     group["fused"] = False
@@ -132,6 +139,11 @@ class DistributedRun:
 
     # ------------------------------------------------------------------------------------------
     # bookkeeping
+
+    def sync_grads(self) -> None:
+        """After a step's backward: reduce what DDP/FSDP do not (expert shards over their replicas)."""
+        if self.ep_mesh is not None and self._model is not None:
+            sync_expert_grads(self._model, self.ep_mesh, self.world_size)
 
     def reduce_stats(self, stats: Any) -> Any:
         """Global step statistics: loss and metrics averaged over data-parallel ranks, tokens summed.
@@ -142,13 +154,16 @@ class DistributedRun:
         t = torch.tensor([stats.loss, float(stats.tokens), *(stats.metrics[k] for k in keys)], dtype=torch.float64)
         dist.all_reduce(t, group=self.dp_group)
         values = (t / self.dp_size).tolist()
-        return dataclasses.replace(stats, loss=values[0], tokens=int(round(t[1].item())),
-                                   metrics=dict(zip(keys, values[2:])))
+        metrics = dict(zip(keys, values[2:]))
+        if self.ep_mesh is not None and self._model is not None:  # per-rank expert load (the same on every rank)
+            metrics.update(expert_load_metrics(self._model, self.ep_mesh))
+        return dataclasses.replace(stats, loss=values[0], tokens=int(round(t[1].item())), metrics=metrics)
 
     def save_checkpoint(self, run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                         state: dict[str, Any], keep: int) -> Path:
 
-        state = {**state, "parallel": {"world_size": self.world_size, "tensor": self.cfg.tensor}}
+        state = {**state, "parallel": {"world_size": self.world_size, "tensor": self.cfg.tensor,
+                                  "expert": self.cfg.expert}}
         return save_dcp_checkpoint(run_dir, step, model, optimizer, state, keep, model.cfg)
 
     def load_checkpoint(self, run_dir: str | Path, model: nn.Module,
@@ -199,6 +214,7 @@ def setup_parallel(cfg: ParallelConfig, device_name: str = "auto", log_dir: str 
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % cfg.tensor:
         raise ConfigError(f"parallel.tensor={cfg.tensor} must divide the number of processes ({world})")
+    ep_mesh = expert_mesh(world, cfg.expert, device.type) if cfg.expert > 1 else None
     from torch.distributed.device_mesh import init_device_mesh
 
     dp = world // cfg.tensor
@@ -208,7 +224,7 @@ def setup_parallel(cfg: ParallelConfig, device_name: str = "auto", log_dir: str 
         mesh = init_device_mesh(device.type, (dp,), mesh_dim_names=("dp",))
     if rank != 0:
         _quiet(rank, log_dir)
-    return DistributedRun(cfg, device, rank, world, dp, mesh["dp"].get_local_rank(), mesh, owns)
+    return DistributedRun(cfg, device, rank, world, dp, mesh["dp"].get_local_rank(), mesh, owns, ep_mesh=ep_mesh)
 
 
 def data_slice(global_batch: int, run: DistributedRun | None) -> dict[str, int]:

