@@ -101,3 +101,75 @@ def test_expert_parallel_config_errors():
         ParallelConfig(expert=2, data="fsdp")
     with pytest.raises(ConfigError, match=r"parallel.expert=2 must divide the number of processes \(3\)"):
         expert_mesh(3, 2, "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# EP x DP training: 4 processes repeat 1; checkpoints resume on other layouts
+
+SAVED = 3  # parallel_recipe saves at steps 3 and 6
+
+
+def moe_recipe(data) -> dict:
+    """parallel_recipe with MoE blocks; no balance losses (they are per-rank nonlinear, as under plain DDP)."""
+    base = parallel_recipe(data)
+    return {**base, "model": {**base["model"], **MOE}}
+
+
+@pytest.fixture(scope="module")
+def ep_runs(tmp_path_factory, learnable_data):
+    root = tmp_path_factory.mktemp("expert")
+    config = root / "recipe.json"
+    config.write_text(json.dumps(moe_recipe(learnable_data)))
+    pretrain(from_dict(PretrainConfig, {**moe_recipe(learnable_data), "run_dir": str(root / "one")}))
+    torchrun(config, 4, "--run_dir", str(root / "ep2dp2"), "--parallel.data", "ddp", "--parallel.expert", "2")
+    return root
+
+
+def rewound(root, name: str):
+    """A copy of the EP x DP run whose latest checkpoint is step SAVED."""
+    from lmforge.checkpoint.store import LATEST_NAME, checkpoint_name, checkpoints_dir, list_checkpoints
+
+    run = root / name
+    shutil.copytree(root / "ep2dp2", run)
+    for step, path in list_checkpoints(run):
+        if step > SAVED:
+            shutil.rmtree(path)
+    (checkpoints_dir(run) / LATEST_NAME).write_text(checkpoint_name(SAVED) + "\n")
+    return run
+
+
+@pytest.mark.slow
+def test_expert_by_data_parallel_repeats_one_process(ep_runs):
+    one, four = losses(ep_runs / "one"), losses(ep_runs / "ep2dp2")
+    assert len(four) == STEPS
+    assert four == pytest.approx(one, rel=REL)
+    assert one[-1] < one[0] - 0.3
+    a = load_model(ep_runs / "one" / "model").state_dict()
+    b = load_model(ep_runs / "ep2dp2" / "model").state_dict()  # rank 0 gathered the expert shards
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0)
+    rows = [r for r in read_metrics(ep_runs / "ep2dp2" / "metrics.jsonl") if "loss" in r]
+    loads = [rows[-1][f"ep_tokens_r{r}"] for r in range(4)]
+    # per MoE layer and step: every rank routes its 2 x 16 tokens to top-2 experts somewhere
+    assert sum(loads) == pytest.approx(8 * 16 * 2)
+    assert all(rows[-1][f"ep_expert_max_mean_r{r}"] >= 1 for r in range(4))
+    state = json.loads((ep_runs / "ep2dp2" / "checkpoints" / "step_000006" / "trainer_state.json").read_text())
+    assert state["parallel"] == {"world_size": 4, "tensor": 1, "expert": 2}
+
+
+@pytest.mark.slow
+def test_expert_checkpoint_resumes_on_one_process(ep_runs, learnable_data):
+    """Expert shards saved under their unsharded names load into a plain single-process model."""
+    run = rewound(ep_runs, "one-resumed")
+    pretrain(from_dict(PretrainConfig, {**moe_recipe(learnable_data), "run_dir": str(run), "resume": True}))
+    assert losses(run)[SAVED:] == pytest.approx(losses(ep_runs / "one")[SAVED:], rel=REL)
+
+
+@pytest.mark.slow
+def test_expert_checkpoint_resumes_at_another_expert_layout(ep_runs):
+    """EP=2 x DP=2 -> EP=2 alone on 2 processes (each expert shard now has one replica, batch split in 2)."""
+    run = rewound(ep_runs, "ep2-resumed")
+    torchrun(ep_runs / "recipe.json", 2, "--run_dir", str(run), "--parallel.data", "ddp", "--parallel.expert",
+             "2", "--resume", "true")
+    assert losses(run)[SAVED:] == pytest.approx(losses(ep_runs / "one")[SAVED:], rel=REL)

@@ -1,8 +1,9 @@
 """One training process's view of a distributed run: what `train_loop` asks of it, in one object.
 
 `setup_parallel` joins the process group torchrun describes and builds the device mesh
-(data-parallel x tensor-parallel, plus an expert-parallel mesh for MoE); `DistributedRun.prepare` applies the
-plans to a plain model from outside (TP or expert sharding, then activation checkpointing, then DDP or FSDP2); the rest keeps the loop's bookkeeping
+(data-parallel x tensor-parallel, and an expert-parallel mesh for MoE); `DistributedRun.prepare` applies
+the plans to a plain model from outside (TP or expert sharding, then activation checkpointing, then DDP or
+FSDP2); the rest keeps the loop's bookkeeping
 global: mean loss over data-parallel ranks, DCP checkpoints, one full model directory written by rank 0.
 """
 
@@ -95,8 +96,9 @@ class DistributedRun:
         wrapped = self._data_parallel(model, transformer_blocks(model))
         if self.is_main:
             ac = f", activation checkpointing on {n_ac} blocks" if n_ac else ""
+            ep = f", expert={cfg.expert}" if cfg.expert > 1 else ""
             print(f"parallel: {self.world_size} processes, data={cfg.data} x {self.dp_size}, tensor={cfg.tensor}"
-                  f"{f', expert={cfg.expert}' if cfg.expert > 1 else ''}{ac}, {dist.get_backend()} on {self.device}", file=sys.stderr)
+                  f"{ep}{ac}, {dist.get_backend()} on {self.device}", file=sys.stderr)
         return wrapped
 
     def _data_parallel(self, model: nn.Module, blocks: list[nn.Module]) -> nn.Module:
@@ -118,8 +120,10 @@ class DistributedRun:
             if bf16 and self.device.type != "cuda":
                 raise ConfigError("parallel.reduce_dtype=bf16 with parallel.data=ddp needs CUDA (NCCL's bf16 "
                                   "all-reduce); use fp32 on CPU, or parallel.data=fsdp")
-            ddp = _DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                       find_unused_parameters=bool(getattr(model.cfg, "moe_experts", 0)))  # idle experts
+            # No find_unused_parameters: MoE experts are stacked tensors that every forward uses (idle experts
+            # get zero rows), and the unused-parameter scan marks lm_head ready at the end of forward, before
+            # the loss reads it (fused cross-entropy), so its backward hook would fire twice.
+            ddp = _DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if bf16:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -163,7 +167,7 @@ class DistributedRun:
                         state: dict[str, Any], keep: int) -> Path:
 
         state = {**state, "parallel": {"world_size": self.world_size, "tensor": self.cfg.tensor,
-                                  "expert": self.cfg.expert}}
+                                  **({"expert": self.cfg.expert} if self.cfg.expert > 1 else {})}}
         return save_dcp_checkpoint(run_dir, step, model, optimizer, state, keep, model.cfg)
 
     def load_checkpoint(self, run_dir: str | Path, model: nn.Module,
