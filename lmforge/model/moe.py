@@ -200,7 +200,7 @@ class MoE(nn.Module):
         if order.numel() == 0:  # every assignment dropped
             return torch.zeros_like(flat)
         token = order % N
-        ys = self.experts(flat[token], counts, slot, sorted_ids)
+        ys = self.experts(flat.index_select(0, token), counts, slot, sorted_ids)
         ys = ys * weights.t().flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(flat).index_add_(0, token, ys.to(flat.dtype))
 
