@@ -4,11 +4,13 @@ distributed tests' recipe, and `torchrun` the way the docs launch it."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from lmforge.checkpoint.store import LATEST_NAME, checkpoint_name, checkpoints_dir, list_checkpoints
 from lmforge.core.config import from_dict
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import read_metrics
@@ -49,6 +51,16 @@ def torchrun(config: Path, nproc: int, *overrides: str) -> subprocess.CompletedP
                    "pretrain", str(config), *overrides])
     assert out.returncode == 0, out.stderr[-3000:]
     return out
+
+
+def rewound_copy(source: Path, run: Path, step: int) -> Path:
+    """A copy of the run at SOURCE, at RUN, whose latest checkpoint is STEP (as if it had stopped there)."""
+    shutil.copytree(source, run)
+    for saved, path in list_checkpoints(run):
+        if saved > step:
+            shutil.rmtree(path)
+    (checkpoints_dir(run) / LATEST_NAME).write_text(checkpoint_name(step) + "\n")
+    return run
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -4,7 +4,6 @@ between layouts (lmforge.parallel.expert)."""
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from lmforge.parallel.expert import expert_mesh
 from lmforge.parallel.launch import free_port
 from lmforge.train.metrics import read_metrics
 from lmforge.train.pretrain import PretrainConfig, pretrain
-from recipes import REL, STEPS, losses, parallel_recipe, torchrun
+from recipes import REL, STEPS, losses, parallel_recipe, rewound_copy, torchrun
 
 MOE = {"moe_experts": 4, "moe_top_k": 2, "moe_d_ff": 32, "moe_shared_experts": 1}
 
@@ -127,15 +126,7 @@ def ep_runs(tmp_path_factory, learnable_data):
 
 def rewound(root, name: str):
     """A copy of the EP x DP run whose latest checkpoint is step SAVED."""
-    from lmforge.checkpoint.store import LATEST_NAME, checkpoint_name, checkpoints_dir, list_checkpoints
-
-    run = root / name
-    shutil.copytree(root / "ep2dp2", run)
-    for step, path in list_checkpoints(run):
-        if step > SAVED:
-            shutil.rmtree(path)
-    (checkpoints_dir(run) / LATEST_NAME).write_text(checkpoint_name(SAVED) + "\n")
-    return run
+    return rewound_copy(root / "ep2dp2", root / name, SAVED)
 
 
 @pytest.mark.slow
