@@ -87,11 +87,11 @@ def table(rows: Iterable[Sequence[Any]], machine: str, command: str, peer: str =
 
 
 def append_results(path: Path, rows: Iterable[Sequence[Any]], machine: str, command: str) -> None:
-    """Append rows to RESULTS.md at `path`, with a header first when the file has none yet."""
+    """Append rows to RESULTS.md at `path`, with a header first unless the file ends in a table."""
     header = f"{HEADER.format(peer='peer')}\n{RULE}\n"
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if header not in text:
-        text += "\n" + header
+    if header not in text or not text.rstrip("\n").rsplit("\n", 1)[-1].startswith("|"):  # rows need a table
+        text = text.rstrip("\n") + "\n\n" + header
     path.write_text(text.rstrip("\n") + "\n" + "\n".join(table_rows(rows, machine, command)) + "\n")
 
 

@@ -156,7 +156,7 @@ def main() -> int:
     if args.child_ac:
         child_peak_rss(args.child_ac)
         return 0
-    machine = machine_line(parallel=f"{os.cpu_count()} cores")
+    machine = machine_line(parallel=f"{os.cpu_count()} cores", extra=f"load average {os.getloadavg()[0]:.1f} at start")
     t0 = time.perf_counter()
     command = COMMAND + (f" --only ep --steps {args.steps}" if args.only == "ep" else "")
     with tempfile.TemporaryDirectory() as tmp:
