@@ -3,8 +3,8 @@
 `setup_parallel` joins the process group torchrun describes and builds the device mesh
 (data-parallel x tensor-parallel, and an expert-parallel mesh for MoE); `DistributedRun.prepare` applies
 the plans to a plain model from outside (TP or expert sharding, then activation checkpointing, then DDP or
-FSDP2); the rest keeps the loop's bookkeeping
-global: mean loss over data-parallel ranks, DCP checkpoints, one full model directory written by rank 0.
+FSDP2); the rest keeps the loop's bookkeeping global: mean loss over data-parallel ranks, expert-shard
+gradients over their replicas, DCP checkpoints, one full model directory written by rank 0.
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ class DistributedRun:
         return model
 
     def adapt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Tensor parallelism leaves some parameters plain (embeddings, norms) beside DTensors, or on another
-        mesh under FSDP x TP; the fused and multi-tensor (foreach) kernels need one kind, so step per tensor."""
+        """Tensor and expert parallelism leave some parameters plain (embeddings, norms) beside DTensors, or on
+        another mesh under FSDP x TP; the fused and multi-tensor (foreach) kernels need one kind, so step per tensor."""
         if self.cfg.tensor > 1 or self.cfg.expert > 1:
             for group in optimizer.param_groups:
                 if "fused" in group:
@@ -166,8 +166,10 @@ class DistributedRun:
     def save_checkpoint(self, run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                         state: dict[str, Any], keep: int) -> Path:
 
-        state = {**state, "parallel": {"world_size": self.world_size, "tensor": self.cfg.tensor,
-                                  **({"expert": self.cfg.expert} if self.cfg.expert > 1 else {})}}
+        layout = {"world_size": self.world_size, "tensor": self.cfg.tensor}
+        if self.cfg.expert > 1:
+            layout["expert"] = self.cfg.expert
+        state = {**state, "parallel": layout}
         return save_dcp_checkpoint(run_dir, step, model, optimizer, state, keep, model.cfg)
 
     def load_checkpoint(self, run_dir: str | Path, model: nn.Module,
