@@ -35,6 +35,10 @@ class ParallelConfig:
                 "stages per process, looped: a smaller bubble for more point-to-point traffic)")
     microbatches: int = option(0, "micro-batches the pipeline splits each rank's batch into (it must divide it); "
                                   "0 = 2 x parallel.pipeline. The bubble is (P-1)/(M+P-1) of a step")
+    expert: int = option(1, "expert-parallel degree EP: each MoE layer's routed experts are split over EP processes "
+                            "and tokens reach their expert by all-to-all (router and dense weights stay "
+                            "replicated); needs parallel.data=ddp, EP must divide the number of processes and "
+                            "model.moe_experts, and every process reads its own slice of the batch")
     activation_checkpointing: Checkpointing = option(
         "none", "recompute block activations in backward instead of storing them: full = every block, "
                 "every_n = every parallel.ac_every-th block (trades ~1/3 more compute for memory)")
@@ -58,6 +62,11 @@ class ParallelConfig:
                 f">= parallel.pipeline={self.pipeline} with the {self.pipeline_schedule} schedule")
         require(self.pipeline_schedule != "interleaved-1f1b" or m % self.pipeline == 0, "parallel.microbatches",
                 m, f"a multiple of parallel.pipeline={self.pipeline} with interleaved-1f1b")
+        require(self.expert >= 1, "parallel.expert", self.expert, ">= 1")
+        require(self.expert == 1 or (self.data == "ddp" and self.tensor == 1), "parallel.expert", self.expert,
+                "1 unless parallel.data=ddp and parallel.tensor=1 (expert parallelism composes with ddp only)")
+        require(self.expert == 1 or self.pipeline == 1, "parallel.expert", self.expert,
+                "1 with parallel.pipeline > 1 (pipeline stages of MoE models are not supported yet)")
         require(self.ac_every >= 1, "parallel.ac_every", self.ac_every, ">= 1")
         require(self.data != "ddp" or self.tensor == 1, "parallel.data", self.data,
                 "fsdp (2-D FSDP x TP) or none when parallel.tensor > 1 (ddp cannot be combined with tensor "
@@ -77,7 +86,7 @@ class ParallelConfig:
     @property
     def enabled(self) -> bool:
         """True when the run needs a process group even with one process."""
-        return self.data != "none" or self.tensor > 1 or self.pipeline > 1
+        return self.data != "none" or self.tensor > 1 or self.pipeline > 1 or self.expert > 1
 
     @property
     def n_microbatches(self) -> int:

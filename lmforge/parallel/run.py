@@ -1,10 +1,10 @@
 """One training process's view of a distributed run: what `train_loop` asks of it, in one object.
 
 `setup_parallel` joins the process group torchrun describes and builds the device mesh
-(pipeline x data-parallel x tensor-parallel); `DistributedRun.prepare` applies the plans to a plain model from
-outside (the pipeline split, then TP, then activation checkpointing, then DDP or FSDP2); the rest keeps the
-loop's bookkeeping global: mean loss over data-parallel ranks, DCP checkpoints, one full model directory written
-by rank 0.
+(pipeline x data-parallel x tensor-parallel, and an expert-parallel mesh for MoE); `DistributedRun.prepare`
+applies the plans to a plain model from outside (the pipeline split, then TP or expert sharding, then activation
+checkpointing, then DDP or FSDP2); the rest keeps the loop's bookkeeping global: mean loss over data-parallel
+ranks, expert-shard gradients over their replicas, DCP checkpoints, one full model directory written by rank 0.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from lmforge.model.encdec import build_model
 from lmforge.model.io import save_model
 from lmforge.parallel.checkpointing import apply_activation_checkpointing, transformer_blocks
 from lmforge.parallel.config import ParallelConfig
+from lmforge.parallel.expert import apply_expert_parallel, expert_load_metrics, expert_mesh, sync_expert_grads
 from lmforge.parallel.launch import init_process_group, local_device, under_torchrun
 from lmforge.parallel.pipeline import PipelineRunner, full_local_state, gather_to_main, split_model
 from lmforge.parallel.tp import TensorParallelLayout, apply_tensor_parallel
@@ -80,6 +81,8 @@ class DistributedRun:
     def pp_group(self) -> Any:
         """The pipeline's process group (None without pipeline parallelism)."""
         return self.mesh.get_group("pp") if self.pipelined else None
+    ep_mesh: Any = None  # ("edp", "ep") mesh when parallel.expert > 1 (lmforge.parallel.expert)
+    _model: nn.Module | None = None  # the prepared model (expert-parallel metrics read it)
 
     @property
     def is_main(self) -> bool:
@@ -103,12 +106,17 @@ class DistributedRun:
             return self._prepare_pipeline(model)
         if cfg.tensor > 1:
             self.layout = apply_tensor_parallel(model, self.mesh["tp"])
+        ignore = apply_expert_parallel(model, self.ep_mesh) if self.ep_mesh is not None else []
+        if ignore:  # DDP leaves the expert shards alone; sync_grads reduces them over their replicas
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        self._model = model
         n_ac = apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
         wrapped = self._data_parallel(model, transformer_blocks(model))
         if self.is_main:
             ac = f", activation checkpointing on {n_ac} blocks" if n_ac else ""
+            ep = f", expert={cfg.expert}" if cfg.expert > 1 else ""
             print(f"parallel: {self.world_size} processes, data={cfg.data} x {self.dp_size}, tensor={cfg.tensor}"
-                  f"{ac}, {dist.get_backend()} on {self.device}", file=sys.stderr)
+                  f"{ep}{ac}, {dist.get_backend()} on {self.device}", file=sys.stderr)
         return wrapped
 
     def _prepare_pipeline(self, model: nn.Module) -> nn.Module:
@@ -148,10 +156,13 @@ class DistributedRun:
             if bf16 and self.device.type != "cuda":
                 raise ConfigError("parallel.reduce_dtype=bf16 with parallel.data=ddp needs CUDA (NCCL's bf16 "
                                   "all-reduce); use fp32 on CPU, or parallel.data=fsdp")
+            # No find_unused_parameters for MoE: experts are stacked tensors that every forward uses (idle experts
+            # get zero rows), and the unused-parameter scan marks lm_head ready at the end of forward, before
+            # the loss reads it (fused cross-entropy), so its backward hook would fire twice. A module that holds
+            # parameters no loss reads (a reward model's LM head) says so with `unused_parameters`.
             ddp = _DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                        process_group=self.dp_group,  # the replicas of this pipeline stage
-                       find_unused_parameters=bool(getattr(model.cfg, "moe_experts", 0))  # idle experts
-                       or getattr(model, "unused_parameters", False))  # e.g. a reward model's unused LM head
+                       find_unused_parameters=getattr(model, "unused_parameters", False))
             if bf16:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -160,9 +171,9 @@ class DistributedRun:
         return model
 
     def adapt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Tensor parallelism leaves some parameters plain (embeddings, norms) beside DTensors, or on another
-        mesh under FSDP x TP; the fused and multi-tensor (foreach) kernels need one kind, so step per tensor."""
-        if self.cfg.tensor > 1:
+        """Tensor and expert parallelism leave some parameters plain (embeddings, norms) beside DTensors, or on
+        another mesh under FSDP x TP; the fused and multi-tensor (foreach) kernels need one kind, so step per tensor."""
+        if self.cfg.tensor > 1 or self.cfg.expert > 1:
             for group in optimizer.param_groups:
                 if "fused" in group:
                     group["fused"] = False
@@ -202,6 +213,11 @@ class DistributedRun:
     # ------------------------------------------------------------------------------------------
     # bookkeeping
 
+    def sync_grads(self) -> None:
+        """After a step's backward: reduce what DDP/FSDP do not (expert shards over their replicas)."""
+        if self.ep_mesh is not None and self._model is not None:
+            sync_expert_grads(self._model, self.ep_mesh, self.world_size)
+
     def reduce_stats(self, stats: Any) -> Any:
         """Global step statistics: loss and metrics averaged over data-parallel ranks, tokens summed.
 
@@ -211,8 +227,10 @@ class DistributedRun:
         t = torch.tensor([stats.loss, float(stats.tokens), *(stats.metrics[k] for k in keys)], dtype=torch.float64)
         dist.all_reduce(t, group=self.dp_group)
         values = (t / self.dp_size).tolist()
-        return dataclasses.replace(stats, loss=values[0], tokens=int(round(t[1].item())),
-                                   metrics=dict(zip(keys, values[2:])))
+        metrics = dict(zip(keys, values[2:]))
+        if self.ep_mesh is not None and self._model is not None:  # per-rank expert load (the same on every rank)
+            metrics.update(expert_load_metrics(self._model, self.ep_mesh))
+        return dataclasses.replace(stats, loss=values[0], tokens=int(round(t[1].item())), metrics=metrics)
 
     def save_checkpoint(self, run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                         state: dict[str, Any], keep: int) -> Path:
@@ -220,6 +238,8 @@ class DistributedRun:
         layout = {"world_size": self.world_size, "tensor": self.cfg.tensor}
         if self.pipelined:  # for the record: DCP names are the whole model's, so any layout resumes it
             layout["pipeline"] = self.cfg.pipeline
+        if self.cfg.expert > 1:
+            layout["expert"] = self.cfg.expert
         state = {**state, "parallel": layout}
         return save_dcp_checkpoint(run_dir, step, model, optimizer, state, keep, model.cfg)
 
@@ -278,6 +298,7 @@ def setup_parallel(cfg: ParallelConfig, device_name: str = "auto", log_dir: str 
     if world % (cfg.tensor * cfg.pipeline):
         raise ConfigError(f"parallel.pipeline={cfg.pipeline} x parallel.tensor={cfg.tensor} must divide the number "
                           f"of processes ({world})")
+    ep_mesh = expert_mesh(world, cfg.expert, device.type) if cfg.expert > 1 else None
     from torch.distributed.device_mesh import init_device_mesh
 
     dp = world // (cfg.tensor * cfg.pipeline)
@@ -289,7 +310,7 @@ def setup_parallel(cfg: ParallelConfig, device_name: str = "auto", log_dir: str 
     mesh = init_device_mesh(device.type, tuple(n for _, n in sizes), mesh_dim_names=tuple(name for name, _ in sizes))
     if rank != 0:
         _quiet(rank, log_dir)
-    return DistributedRun(cfg, device, rank, world, dp, mesh["dp"].get_local_rank(), mesh, owns)
+    return DistributedRun(cfg, device, rank, world, dp, mesh["dp"].get_local_rank(), mesh, owns, ep_mesh=ep_mesh)
 
 
 def data_slice(global_batch: int, run: DistributedRun | None) -> dict[str, int]:

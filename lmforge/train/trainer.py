@@ -295,6 +295,7 @@ def _train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainC
                 stats = forward_backward(train_model, loss_fn, batches, accum, device, precision, scaler,
                                          count_tokens)
             if parallel is not None:
+                parallel.sync_grads()
                 stats = parallel.reduce_stats(stats)  # global mean loss and total tokens on every rank
             if guard is not None and guard.is_spike(stats.loss):
                 optimizer.zero_grad(set_to_none=True)
