@@ -75,8 +75,9 @@ class StaticDecoder(nn.Module):
         self.register_buffer("slots", torch.arange(model.context_length, device=p.device), persistent=False)
         self.step = self.forward
         self.in_use = False  # set while a stream decodes through this cache (see engine.decode_static)
-        if compile and p.device.type == "cuda":  # CPU stays eager: inductor there costs minutes and a compiler
-            self.step = torch.compile(self.forward, mode="reduce-overhead", fullgraph=True)
+        if compile:  # CUDA: recorded once as a CUDA graph; CPU: inductor's fused C++ kernels, no graphs
+            mode = "reduce-overhead" if p.device.type == "cuda" else None
+            self.step = torch.compile(self.forward, mode=mode, fullgraph=True)
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
