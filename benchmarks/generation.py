@@ -124,8 +124,6 @@ def bench_shape(shape: str, n: int, repeats: int, device: torch.device, bandwidt
     if spec:
         rows.append((f"speculative decode tokens/s ({params_m:.0f}M, self-draft, 4 draft tokens)",
                      f"{tps['spec']:.1f}", peer, f"{tps['spec'] / tps['hf']:.2f}x"))
-    del models, ours, hf
-    gc.collect()
     return rows
 
 
@@ -161,6 +159,7 @@ def main() -> None:
         n = args.new_tokens if shape == "34M" else args.big_new_tokens
         rows += bench_shape(shape, n, args.repeats, device, bandwidth, not args.no_quant,
                             args.spec and shape == "34M")
+        gc.collect()  # the previous shape's models (the 0.5B one and its HF twin hold ~4 GB)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1]
     machine = machine_line(device, extra=f"triad {bandwidth / 1e9:.1f} GB/s, shared machine, load average{load}")
     command = script_command()

@@ -133,7 +133,8 @@ def quantize_weights(model: nn.Module, bits: int, *, head: bool = True, group_si
     `head=False` keeps the LM head (`lm_head`) in full precision; `skip` names more layers to keep (a name
     matches a layer when it is the layer's qualified name or one of its dotted parts, e.g. "router").
     int4 groups `group_size` inputs per scale (the largest of 128/64/32 up to it that divides the layer's
-    inputs; a layer no group divides, or whose outputs are not a multiple of 16, is kept; CPU only). Embeddings are never quantized. Returns what was done."""
+    inputs; a layer no group divides, or whose outputs are not a multiple of 16, is kept; CPU only).
+    Embeddings are never quantized. Returns what was done (`QuantReport`)."""
     if bits not in (8, 4):
         raise LmforgeError(f"quantize: bits must be 8 or 4, got {bits}")
     _torchao()
@@ -150,7 +151,8 @@ def quantize_weights(model: nn.Module, bits: int, *, head: bool = True, group_si
             continue
         group = _int4_group(linear.in_features, group_size) if bits == 4 else 0
         if group is None or (bits == 4 and linear.out_features % 16):
-            report.kept[name] = f"int4 needs in_features a multiple of {INT4_GROUP_SIZES[-1]} and out_features of 16"
+            report.kept[name] = (f"int4 needs in_features a multiple of {INT4_GROUP_SIZES[-1]} "
+                                 "and out_features of 16")
             continue
         if linear.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             report.kept[name] = f"weight dtype {linear.weight.dtype}"
