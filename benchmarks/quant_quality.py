@@ -1,12 +1,12 @@
 """What weight-only quantization costs in quality: held-out perplexity and greedy agreement, int8 / int4 vs fp32.
 
-Trains a small LLaMA-shaped model (d_model 128, 4 layers, d_ff 384, the tests' 320-token BPE) briefly on Python's
-own English docs (tests/textdata.py: PYDOC_ENGLISH), the last 10 % of the tokens held out. Then, for fp32 and
+Trains a small LLaMA-shaped model (d_model 128, 4 layers, d_ff 384, the tests' 320-token BPE) briefly (8 x 64
+tokens a step) on Python's own English docs (tests/textdata.py: PYDOC_ENGLISH), the last 10 % of the tokens held out. Then, for fp32 and
 `quantize_weights(model, 8 | 4)` (head included): perplexity on the held-out tokens (128-token windows), and greedy
 agreement over 24 held-out prompts of 16 tokens, 32 new tokens each: the share of new tokens equal to fp32's before
 the first difference, and the share of prompts whose whole continuation is identical. Prints a markdown table.
 
-    .venv/bin/python benchmarks/quant_quality.py [--steps 400] [--threads N]
+    .venv/bin/python benchmarks/quant_quality.py [--steps 300] [--threads N]
 """
 
 from __future__ import annotations
@@ -31,15 +31,15 @@ SHAPE = dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=384, vocab_s
 SEQ = 128
 
 
-def train(ids: torch.Tensor, steps: int, batch: int = 16) -> Transformer:
+def train(ids: torch.Tensor, steps: int, batch: int = 8, seq: int = 64) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(from_dict(ModelConfig, SHAPE))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
-        starts = torch.randint(0, len(ids) - SEQ - 1, (batch,), generator=gen)
-        window = torch.stack([ids[s:s + SEQ + 1] for s in starts])
+        starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=gen)
+        window = torch.stack([ids[s:s + seq + 1] for s in starts])
         logits = model(window[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
         loss.backward()
@@ -75,7 +75,7 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> tuple[float
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:

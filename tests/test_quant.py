@@ -14,7 +14,7 @@ from tinymodels import debug_model, random_ids
 
 from lmforge.cli import main
 from lmforge.core.errors import LmforgeError
-from lmforge.generate.engine import generate
+from lmforge.generate.engine import Strategy, generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import save_model
 from lmforge.model.quant import QuantLinear, apply_quantize, bytes_per_token, dequantize, quantize_weights
@@ -101,3 +101,12 @@ def test_quantize_refuses_an_unmerged_adapter() -> None:
     with pytest.raises(LmforgeError, match="merge-adapter"):
         apply_quantize(model, "int8", adapter=True)
     assert apply_quantize(model, "none", adapter=True) is None and type(model.lm_head) is torch.nn.Linear
+
+
+@pytest.mark.slow  # inductor compiles the step for the CPU (a minute or more on a busy machine)
+def test_compiled_int8_decode_matches_eager_int8() -> None:
+    model = debug_model()
+    quantize_weights(model, 8)
+    params = SamplingParams(greedy=True, max_new_tokens=24)
+    prompt = [5, 17, 3, 42, 8]
+    assert generate(model, prompt, Strategy(sampling=params, compile=True)) == generate(model, prompt, params)

@@ -54,8 +54,9 @@ class GenerateConfig:
     draft: str = option("", "speculative decoding: a draft model directory (same tokenizer as the checkpoint), "
                             "or 'mtp' to draft with the checkpoint's own multi-token-prediction heads")
     num_draft_tokens: int = option(4, "speculative decoding: tokens the draft proposes per round")
-    compile: bool = option(False, "decode with the static-shape step under torch.compile (CUDA graphs on CUDA): "
-                                  "same tokens, much faster per token on small models; the first call compiles")
+    compile: bool = option(False, "decode with the static-shape step under torch.compile (CUDA graphs on CUDA, "
+                                  "inductor on CPU): same tokens, faster per token on small models; the first "
+                                  "call compiles (a minute or more on CPU)")
     stop: list[str] = option(default_factory=list, help="stop strings: generation ends at the first one, which "
                                                         "is not printed (needs a tokenizer)")
     json: bool = option(False, "print one JSON object {\"ids\": [new ids], \"text\": new text} "
