@@ -2,9 +2,10 @@
 
 Trains a small LLaMA-shaped model (d_model 128, 4 layers, d_ff 384, the tests' 320-token BPE) briefly (8 x 64
 tokens a step) on Python's own English docs (tests/textdata.py: PYDOC_ENGLISH), the last 10 % of the tokens held
-out. Then, for fp32 and `quantize_weights(model, 8 | 4)` (head included): perplexity on the held-out tokens (128-token windows), and greedy
-agreement over 24 held-out prompts of 16 tokens, 32 new tokens each: the share of new tokens equal to fp32's before
-the first difference, and the share of prompts whose whole continuation is identical. Prints a markdown table.
+out. Then, for fp32 and `quantize_weights(model, 8 | 4)` (head included): perplexity on the held-out tokens
+(128-token windows), and greedy agreement over 24 held-out prompts of 16 tokens, 32 new tokens each: the share of
+new tokens equal to fp32's before the first difference, and the share of prompts whose whole continuation is
+identical. Prints a markdown table.
 
     .venv/bin/python benchmarks/quant_quality.py [--steps 300] [--threads N]
 """
