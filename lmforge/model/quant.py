@@ -37,14 +37,20 @@ INT4_GROUP_SIZES = (128, 64, 32)  # what torchao's int4 kernels accept; the larg
 
 def _torchao():
     """torchao's quantization API, or a one-line error naming the extra to install."""
+    # torchao reports its optional CUDA extensions failing to load, and torch a deprecation in how torchao
+    # registers an enum: expected noise on CPU, kept off the user's terminal
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
     try:
-        # torchao logs its optional CUDA extensions failing to load; on CPU that is expected noise
         with contextlib.redirect_stderr(io.StringIO()):
             logging.getLogger("torchao").setLevel(logging.ERROR)
+            pytree_log.setLevel(logging.ERROR)
             import torchao.quantization as tq
             from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
     except ImportError as e:
         raise LmforgeError(f"weight quantization needs torchao ({e}): pip install 'lmforge[quant]'") from None
+    finally:
+        pytree_log.setLevel(level)
     return tq, PrototypeInt4WeightOnlyConfig
 
 
