@@ -19,7 +19,7 @@ all alike; tokens/s counts new tokens over the whole call (prefill included). Th
 benchmarks/quant_quality.py's.
 
     .venv/bin/python benchmarks/generation.py [--repeats 5] [--new-tokens 128] [--big-new-tokens 16] \
-        [--shapes 34M 0.5B] [--threads N] [--append]
+        [--shapes 34M 0.5B] [--threads N] [--no-quant] [--no-compile] [--spec] [--append]
 """
 
 from __future__ import annotations
@@ -75,13 +75,13 @@ def quantized(model: Transformer, bits: int) -> Transformer:
 
 
 def bench_shape(shape: str, n: int, repeats: int, device: torch.device, bandwidth: float, quant: bool,
-                spec: bool) -> list[tuple[str, str, str, str]]:
+                spec: bool, compiled: bool = True) -> list[tuple[str, str, str, str]]:
     ours, hf = build(shape, device)
     vocab = ours.cfg.vocab_size
     prompt = torch.randint(0, vocab, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(greedy=True, max_new_tokens=n)
     x = torch.tensor([prompt], device=device)
-    models = {"eager": ours, "compiled": ours}
+    models = {"eager": ours, "compiled": ours} if compiled else {"eager": ours}
     if quant and device.type == "cpu":
         models.update({"int8": quantized(ours, 8), "int4": quantized(ours, 4)})
     elif quant:
@@ -93,24 +93,24 @@ def bench_shape(shape: str, n: int, repeats: int, device: torch.device, bandwidt
                           min_new_tokens=n, eos_token_id=None, pad_token_id=0)
         return out[0, PROMPT_LEN:].tolist()
 
-    def runner(model: Transformer, compiled: bool):
-        return lambda: generate(model, prompt, Strategy(sampling=params, compile=compiled))
+    def runner(model: Transformer, compile: bool):
+        return lambda: generate(model, prompt, Strategy(sampling=params, compile=compile))
 
-    cases = {"hf": run_hf, **{name: runner(m, name != "eager") for name, m in models.items()}}
+    cases = {"hf": run_hf, **{name: runner(m, compiled and name != "eager") for name, m in models.items()}}
     if spec:
         cases["spec"] = lambda: speculative_generate(ours, ours, prompt, params, num_draft=4)[0]
     times, outputs = interleaved(cases, repeats, warmup=1, device=device)  # warm-up: compilation, allocator
     tps = {k: n / t for k, t in times.items()}
     params_m = sum(p.numel() for p in ours.parameters()) / 1e6
-    same = outputs["eager"] == outputs["hf"] == outputs["compiled"]
+    same = outputs["eager"] == outputs["hf"] == outputs.get("compiled", outputs["eager"])
     print(f"{shape}: {params_m:.0f}M params, prompt {PROMPT_LEN}, {n} new tokens, greedy, batch 1; eager == HF == "
           f"compiled tokens: {same}; int8/int4 greedy agreement with fp32: "
           + ", ".join(f"{k} {agreement(outputs['eager'], outputs[k]):.0%}" for k in ("int8", "int4") if k in outputs),
           file=sys.stderr)
     peer = f"{tps['hf']:.1f} (HF generate)"
-    how = "CUDA graphs" if device.type == "cuda" else "inductor"
-    labels = {"eager": "eager KV-cache engine", "compiled": f"`compile=True` static-shape step ({how})",
-              "int8": f"int8 weights (torchao), compiled ({how})", "int4": f"int4 weights (torchao), compiled ({how})"}
+    how = f"compiled ({'CUDA graphs' if device.type == 'cuda' else 'inductor'})" if compiled else "eager"
+    labels = {"eager": "eager KV-cache engine", "compiled": f"`compile=True` static-shape step, {how}",
+              "int8": f"int8 weights (torchao), {how}", "int4": f"int4 weights (torchao), {how}"}
     rows = []
     for name, label in labels.items():
         if name not in tps:
@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     parser.add_argument("--no-quant", action="store_true", help="skip the int8/int4 rows")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled row; int8/int4 decode eagerly")
     parser.add_argument("--spec", action="store_true", help="add the speculative-decoding row (34M)")
     parser.add_argument("--append", action="store_true", help="append the rows to benchmarks/RESULTS.md")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -158,7 +159,7 @@ def main() -> None:
     for shape in args.shapes:
         n = args.new_tokens if shape == "34M" else args.big_new_tokens
         rows += bench_shape(shape, n, args.repeats, device, bandwidth, not args.no_quant,
-                            args.spec and shape == "34M")
+                            args.spec and shape == "34M", not args.no_compile)
         gc.collect()  # the previous shape's models (the 0.5B one and its HF twin hold ~4 GB)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1]
     machine = machine_line(device, extra=f"triad {bandwidth / 1e9:.1f} GB/s, shared machine, load average{load}")
