@@ -88,7 +88,7 @@ def main() -> None:
     model = train(train_ids, args.steps)
     prompts = [held_out[i:i + 16].tolist() for i in range(0, 24 * 200, 200)]
     reference = greedy(model, prompts, 32)
-    rows = [f"| fp32 | {perplexity(model, held_out):.3f} | 100 % | 100 % |"]
+    rows = [f"| fp32 | {perplexity(model, held_out):.3f} | {1:.0%} | {1:.0%} |"]
     for bits in (8, 4):
         q = copy.deepcopy(model)
         report = quantize_weights(q, bits)
