@@ -11,7 +11,8 @@ greedy, a 32-token prompt, no stop token. HF uses its default (dynamic) KV cache
 - eager: the KV-cache engine (`generate(model, ids, params)`);
 - compiled: `Strategy(compile=True)`, the static-shape step (whole preallocated cache, length mask) under
   torch.compile (inductor's C++ kernels on CPU; CUDA graphs on CUDA), its compilation in the warm-up;
-- int8 / int4: the compiled step on weights quantized by `quantize_weights` (torchao weight-only; int4 on CPU).
+- int8 / int4: the compiled step (eager with `--no-compile`) on weights quantized by `quantize_weights` (torchao
+  weight-only; int4 on CPU only).
 - speculative (34M only, `--spec`): the model as its own draft (acceptance 100 %, an upper bound).
 
 Timings are the median of interleaved repeats (A B A B ...), so other processes' load on a shared machine falls on
