@@ -14,6 +14,7 @@ from tinymodels import debug_model, random_ids
 
 from lmforge.cli import main
 from lmforge.core.errors import LmforgeError
+from lmforge.data.shards import ShardWriter
 from lmforge.generate.engine import Strategy, generate
 from lmforge.generate.sampling import SamplingParams
 from lmforge.model import save_model
@@ -110,3 +111,17 @@ def test_compiled_int8_decode_matches_eager_int8() -> None:
     params = SamplingParams(greedy=True, max_new_tokens=24)
     prompt = [5, 17, 3, 42, 8]
     assert generate(model, prompt, Strategy(sampling=params, compile=True)) == generate(model, prompt, params)
+
+
+def test_eval_cli_quantize_changes_the_loss_a_little(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    save_model(debug_model(max_seq_len=32), tmp_path / "model")
+    with ShardWriter(tmp_path / "data", 100) as w:
+        w.add(random_ids(batch=1, length=4 * 16 + 1)[0].numpy(), n_bytes=130)
+    losses = {}
+    for mode in ("none", "int8"):
+        assert main(["eval", "--checkpoint", str(tmp_path / "model"), "--data", str(tmp_path / "data"),
+                     "--seq_len", "16", "--device", "cpu", "--quantize", mode]) == 0
+        out, err = capsys.readouterr()
+        losses[mode] = json.loads(out.strip().splitlines()[-1])["loss"]
+        assert ("int8 weights: 9 linear layers quantized" in err) == (mode == "int8")
+    assert losses["int8"] != losses["none"] and losses["int8"] == pytest.approx(losses["none"], rel=0.01)
