@@ -225,6 +225,20 @@ def peak_line(peaks: dict[str, float]) -> str:
     return f"matmul peak fp32 {peaks['fp32'] / 1e9:.0f} / bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s"
 
 
+def memory_bandwidth(mbytes: int = 64, reps: int = 5) -> float:
+    """Bytes/s of a STREAM-style triad a = b + s*c over three `mbytes` MB fp32 tensors on CPU, best of `reps`:
+    the ceiling of a memory-bound kernel, such as batch-1 decoding (which reads every weight once a token).
+    Counts the bytes STREAM counts: two arrays read, one written."""
+    n = mbytes * 2**20 // 4
+    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first round faults the output's pages in
+        start = time.perf_counter()
+        torch.add(b, c, alpha=3.0, out=a)
+        best = min(best, time.perf_counter() - start)
+    return 3 * n * 4 / best
+
+
 def training_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, precision: str,
                   hf: bool = False, runner: torch.nn.Module | None = None) -> Callable[[], float]:
     """One full CPU training step, repeatable: forward under `precision` autocast, loss, backward, clip to 1.0,

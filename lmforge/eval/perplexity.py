@@ -23,6 +23,7 @@ from lmforge.core.runtime import resolve_device, resolve_precision
 from lmforge.data.shards import INDEX_NAME, ShardSet
 from lmforge.eval.harness import results_table, run_tasks, strip_examples
 from lmforge.model import load_model
+from lmforge.model.quant import QUANTIZE_HELP, Quantize, apply_quantize
 from lmforge.peft.config import load_trained
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.evaluate import evaluate_perplexity
@@ -42,6 +43,7 @@ class EvalConfig:
     seq_len: int = option(0, "tokens per scored window; 0 means the model's max_seq_len")
     batch_size: int = option(8, "windows per forward pass")
     max_batches: int = option(50, "stop after this many batches; 0 scores every window once")
+    quantize: Quantize = option("none", QUANTIZE_HELP)
     device: str = option("auto", "cpu, cuda, cuda:N, or auto")
     precision: Literal["auto", "fp32", "bf16"] = option("fp32", "autocast precision of the forward pass")
 
@@ -74,6 +76,7 @@ def eval_cmd(cfg: EvalConfig) -> int:
         model = load_trained(cfg.checkpoint, cfg.adapter, device=str(device))
     else:
         model = load_model(cfg.checkpoint, device)
+    apply_quantize(model, cfg.quantize, adapter=bool(cfg.adapter))
     record: dict = {"checkpoint": cfg.checkpoint, "adapter": cfg.adapter or None}
     if cfg.data:
         record.update(_perplexity(cfg, model, device, precision))

@@ -32,6 +32,7 @@ from lmforge.core.config import option, require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.runtime import resolve_device
 from lmforge.model import load_model
+from lmforge.model.quant import QUANTIZE_HELP, Quantize, apply_quantize
 from lmforge.peft.io import load_adapter
 from lmforge.peft.lora import set_adapter
 from lmforge.serve.grammar import Grammars
@@ -283,6 +284,7 @@ class ServeConfig:
                                      "prompt does not stall running streams; 0: whole prompts")
     adapter: list[str] = option(default_factory=list, help="LoRA adapters served beside the base model: NAME=DIR "
                                 "...; a request whose model is NAME is answered by that adapter")
+    quantize: Quantize = option("none", QUANTIZE_HELP)
     device: str = option("auto", "auto, cpu, cuda, ...")
     api_key: str = option("", f"require 'Authorization: Bearer KEY' on /v1/ routes (HTTP 401 otherwise); "
                               f"empty reads ${API_KEY_ENV}, which keeps the key out of the process list")
@@ -349,6 +351,7 @@ def serve_cmd(cfg: ServeConfig) -> int:
     check_address(cfg.host, cfg.port)
     model = load_model(cfg.checkpoint, device=resolve_device(cfg.device))
     adapters = load_adapters(model, cfg.adapter)
+    apply_quantize(model, cfg.quantize, adapter=bool(adapters))
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.checkpoint)
     name = cfg.name or Path(cfg.checkpoint).resolve().name
     policy = policy_of(cfg)
