@@ -7,10 +7,22 @@ cores: 2 processes x 1 thread use the same cores as 1 process x 2 threads, so th
 scaling efficiency against 1 process x 1 thread (tokens/s of 2 / (2 x tokens/s of 1)) shows what
 communication costs. Data: random token ids (throughput does not depend on content).
 
+Expert parallelism: an MoE model (8 experts top-2 in every block) trained by 2 processes with its experts
+split over them (--parallel.expert 2, all-to-all dispatch) vs the same run in 1 process; these rows are also
+appended to benchmarks/RESULTS.md (`--only ep` runs just them).
+
 Activation checkpointing: bytes saved for backward (`saved_tensors_hooks`, exact) and the peak RSS
 of a fresh process per mode running 3 training steps, and the step time it costs.
 
+Pipeline parallelism (`--pipeline`, appended to RESULTS.md): 2-stage 1F1B `lmforge pretrain` runs vs 1 process
+(tokens/s), and the bubble: each stage times its own forward/backward work inside the library's schedule
+(`PipelineRunner.measure_busy_time`); 1 - busy / step time, averaged over the stages, against the schedule's
+theoretical (P-1)/(M+P-1) (interleaved: (P-1)/(V*M+P-1)). The measured figure also holds point-to-point
+transfer and, on a shared CPU, time the other processes took from this one.
+
     python benchmarks/distributed.py
+    python benchmarks/distributed.py --pipeline --steps 12
+    python benchmarks/distributed.py --only ep --steps 12
 """
 
 from __future__ import annotations
@@ -27,12 +39,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine_line, table
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from common import append_results, machine_line, script_command, table
 
 from lmforge.core.config import from_dict
 from lmforge.data.shards import ShardWriter
 from lmforge.model import ModelConfig, Transformer
+from lmforge.parallel import ParallelConfig
 from lmforge.parallel.checkpointing import apply_activation_checkpointing
+from lmforge.parallel.launch import free_port
+from lmforge.parallel.pipeline import PipelineRunner, split_model, theoretical_bubble
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import read_metrics
 from lmforge.train.optim import build_optimizer
@@ -40,6 +57,7 @@ from lmforge.train.pretrain import lm_loss
 
 VOCAB = 512
 MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "vocab_size": VOCAB, "max_seq_len": 128}
+MOE_MODEL = {**MODEL, "moe_experts": 8, "moe_top_k": 2, "moe_d_ff": 128}
 AC_MODEL = {"d_model": 256, "n_layers": 6, "n_heads": 8, "vocab_size": VOCAB, "max_seq_len": 256}
 AC_BATCH = 8
 COMMAND = "python benchmarks/distributed.py"
@@ -52,9 +70,10 @@ def write_random_shards(directory: Path, n_tokens: int = 300_000) -> None:
             w.add(doc, n_bytes=len(doc))
 
 
-def pretrain_tokens_per_s(root: Path, name: str, threads: int, steps: int, *args: str) -> float:
+def pretrain_tokens_per_s(root: Path, name: str, threads: int, steps: int, *args: str,
+                          model: dict | None = None) -> float:
     recipe = {"data": {"path": str(root / "shards"), "seq_len": 128, "batch_size": 16},
-              "model": MODEL,
+              "model": model or MODEL,
               "train": {"steps": steps, "lr": 1e-3, "precision": "fp32", "device": "cpu", "log_every": steps // 3,
                         "eval_every": 0, "save_every": 0, "plot_every": 0}}
     (root / "recipe.json").write_text(json.dumps(recipe))
@@ -121,23 +140,127 @@ def peak_rss_mib(mode: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+class RandomBatches:
+    """Random (inputs, targets) batches of `batch` x 128 tokens (throughput does not depend on content)."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch, self.g = batch, torch.Generator().manual_seed(0)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randint(0, VOCAB, (self.batch, MODEL["max_seq_len"] + 1), generator=self.g)
+        return x[:, :-1], x[:, 1:]
+
+
+def _bubble_worker(rank: int, world: int, port: int, schedule: str, microbatches: int, steps: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = ParallelConfig(pipeline=world, pipeline_schedule=schedule, microbatches=microbatches)
+        torch.manual_seed(0)
+        model = Transformer(from_dict(ModelConfig, MODEL))
+        n_stages = world * cfg.stages_per_rank
+        stage_ids = [rank + v * world for v in range(cfg.stages_per_rank)]
+        local, chunks = split_model(model, n_stages, stage_ids)
+        runner = PipelineRunner(cfg, local, chunks, stage_ids, n_stages, torch.device("cpu"), dist.group.WORLD)
+        runner.measure_busy_time()
+        batches = RandomBatches(16)
+        wall = 0.0
+        for step in range(steps + 2):  # 2 warm-up steps
+            if step == 2:
+                runner.busy_s, wall = 0.0, 0.0
+            dist.barrier()
+            t0 = time.perf_counter()
+            runner.forward_backward(lm_loss, batches, 1, "fp32", lambda b: b[0].numel())
+            local.zero_grad(set_to_none=True)
+            wall += time.perf_counter() - t0
+        fractions = [None] * world
+        dist.all_gather_object(fractions, 1 - runner.busy_s / wall)
+        if rank == 0:
+            queue.put((float(np.mean(fractions)), 16 * MODEL["max_seq_len"] * steps / wall))
+    finally:
+        dist.destroy_process_group()
+
+
+def measured_bubble(schedule: str, microbatches: int, steps: int) -> tuple[float, float]:
+    """(bubble fraction averaged over the 2 stages, tokens/s) of `steps` pipeline steps, batch 16 x 128."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    here = str(Path(__file__).resolve().parent)  # the workers re-run this script, which imports `common` (and
+    sys.path.insert(0, here)                       # `common` takes this folder off sys.path again)
+    try:
+        mp.start_processes(_bubble_worker, args=(2, free_port(), schedule, microbatches, steps, queue), nprocs=2,
+                           start_method="spawn")
+    finally:
+        sys.path.remove(here)
+    return queue.get(timeout=60)
+
+
+def pipeline_rows(steps: int, results: Path) -> None:
+    """PP rows: tokens/s of 2-stage pretraining vs 1 process, and measured vs theoretical bubble."""
+    machine = machine_line(parallel=f"2 processes x 1 thread, {os.cpu_count()} cores, load "
+                                    f"{os.getloadavg()[0]:.0f}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_random_shards(root / "shards")
+        one = pretrain_tokens_per_s(root, "one-1t", 1, steps)
+        pp = pretrain_tokens_per_s(root, "pp", 1, steps, "--nproc", "2", "--parallel.pipeline", "2",
+                                   "--parallel.microbatches", "8")
+    rows.append(("tokens/s, pretrain PP=2 1F1B (8 micro-batches) 2 proc x 1 thread vs 1 proc x 1 thread",
+                 fmt(pp), fmt(one), f"{pp / one:.2f}"))
+    for schedule, m in [("gpipe", 2), ("1f1b", 2), ("1f1b", 8), ("interleaved-1f1b", 8)]:
+        bubble, _ = measured_bubble(schedule, m, steps)
+        theory = theoretical_bubble(2, m, 2 if schedule.startswith("interleaved") else 1)
+        rows.append((f"pipeline bubble, PP=2 {schedule}, {m} micro-batches: measured vs theoretical",
+                     f"{bubble:.0%}", f"{theory:.0%}", f"{bubble / theory:.2f}"))
+    print(table(rows, machine, script_command()))
+    append_results(results, rows, machine, script_command())
+def expert_rows(root: Path, steps: int) -> list[tuple[str, float | str, float | str, float]]:
+    """EP=2 on 2 processes x 1 thread vs the MoE model in 1 process (1 and 2 threads)."""
+    one_1 = pretrain_tokens_per_s(root, "moe-one-1t", 1, steps, model=MOE_MODEL)
+    one_2 = pretrain_tokens_per_s(root, "moe-one-2t", 2, steps, model=MOE_MODEL)
+    ep = pretrain_tokens_per_s(root, "moe-ep2", 1, steps, "--nproc", "2", "--parallel.data", "ddp",
+                               "--parallel.expert", "2", model=MOE_MODEL)
+    return [("tokens/s, MoE 8 experts: EP=2 (2 proc x 1 thread) vs 1 proc x 1 thread", ep, one_1, ep / one_1),
+            ("tokens/s, MoE 8 experts: EP=2 (2 proc x 1 thread) vs 1 proc x 2 threads", ep, one_2, ep / one_2)]
+
+
 def fmt(v: float | str) -> str:
     return v if isinstance(v, str) else f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def cells(rows: list) -> list[tuple[str, str, str, str]]:
+    return [(fig, fmt(ours), fmt(peer), f"{ratio:.2f}") for fig, ours, peer, ratio in rows]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--only", choices=["all", "ep"], default="all", help="ep: only the expert-parallel rows")
+    ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     ap.add_argument("--child-ac", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--pipeline", action="store_true", help="only the pipeline-parallel rows, appended to --results")
     args = ap.parse_args()
+    if args.pipeline:
+        pipeline_rows(args.steps, Path(args.results))
+        return 0
     if args.child_ac:
         child_peak_rss(args.child_ac)
         return 0
-    machine = machine_line(parallel=f"{os.cpu_count()} cores")
+    machine = machine_line(parallel=f"{os.cpu_count()} cores", extra=f"load average {os.getloadavg()[0]:.1f} at start")
     t0 = time.perf_counter()
+    command = COMMAND + (f" --only ep --steps {args.steps}" if args.only == "ep" else "")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_random_shards(root / "shards")
+        ep_rows = cells(expert_rows(root, args.steps))
+        append_results(Path(args.results), ep_rows, machine, command)
+        if args.only == "ep":
+            print(table(ep_rows, machine, command))
+            print(f"\nmodel: d128 x 4 layers, 8 experts top-2 d_ff 128 in every block, seq 128, global batch 16, "
+                  f"{args.steps} steps, fp32. Wall time {time.perf_counter() - t0:.0f} s.")
+            return 0
         one_1 = pretrain_tokens_per_s(root, "one-1t", 1, args.steps)
         one_2 = pretrain_tokens_per_s(root, "one-2t", 2, args.steps)
         ddp = pretrain_tokens_per_s(root, "ddp", 1, args.steps, "--nproc", "2", "--parallel.data", "ddp")
@@ -158,7 +281,7 @@ def main() -> int:
          rss["full"] / rss["none"]),
         ("step time (fwd+bwd), s: AC full vs none", ac["full"][1], ac["none"][1], ac["full"][1] / ac["none"][1]),
     ]
-    print(table([(fig, fmt(ours), fmt(peer), f"{ratio:.2f}") for fig, ours, peer, ratio in rows], machine, COMMAND))
+    print(table(cells(rows) + ep_rows, machine, COMMAND))
     print(f"\nmodels: scaling d128 x 4 layers, seq 128, global batch 16, {args.steps} steps, fp32; AC d256 x 6 "
           f"layers, batch {AC_BATCH} x 256. Wall time {time.perf_counter() - t0:.0f} s.")
     return 0

@@ -1,25 +1,39 @@
-"""Generation benchmark: batch-1 greedy decode tokens/s, lmforge's KV-cache engine vs HF `generate`.
+"""Generation benchmark: batch-1 greedy decode tokens/s against HF `generate` and against the memory roofline.
 
-Both run the same weights (a ~30M-parameter LLaMA-shaped lmforge model exported to a
-LlamaForCausalLM with `lmforge.model.hf.registry.hf_config_from_model` / `state_dict_to_hf`), fp32, greedy,
-128 new tokens after a 32-token prompt, no stop token. HF uses its default (dynamic) KV cache and SDPA
-attention. Timings are the median of interleaved repeats (A B A B ...), so the load other processes
-put on this shared machine falls on both alike; tokens/s counts new tokens over the whole call
-(prefill included). Also: speculative decoding with the model as its own draft (acceptance 100 %,
-an upper bound on what a draft buys) is reported as a row, with the acceptance rate; and the opt-in static-shape
-step (`Strategy(compile=True)`: whole-cache length mask, torch.compile "reduce-overhead", i.e. CUDA graphs on
-CUDA; eager on CPU), its first (compiling) call in the warm-up. Prints a markdown table.
+Batch-1 decoding is memory-bound: each token reads every weight once, so tokens/s <= bandwidth / bytes of weights
+read per token (`lmforge.model.quant.bytes_per_token`). The bandwidth is measured here (`memory_bandwidth`: a
+STREAM-style triad in torch), and every row states its tokens/s as a fraction of that roofline.
 
-    .venv/bin/python benchmarks/generation.py [--repeats 5] [--new-tokens 128] [--device cuda]
+Two shapes, random init, real shapes: a ~34M-parameter LLaMA-shaped model and Qwen2-0.5B (`qwen2-0.5b` preset,
+context cut to 512). Each is exported to its HF twin (`hf_config_from_model` / `state_dict_to_hf`), fp32,
+greedy, a 32-token prompt, no stop token. HF uses its default (dynamic) KV cache and SDPA attention. Rows:
+
+- eager: the KV-cache engine (`generate(model, ids, params)`);
+- compiled: `Strategy(compile=True)`, the static-shape step (whole preallocated cache, length mask) under
+  torch.compile (inductor's C++ kernels on CPU; CUDA graphs on CUDA), its compilation in the warm-up;
+- int8 / int4: the compiled step (eager with `--no-compile`) on weights quantized by `quantize_weights` (torchao
+  weight-only; int4 on CPU only).
+- speculative (34M only, `--spec`): the model as its own draft (acceptance 100 %, an upper bound).
+
+Timings are the median of interleaved repeats (A B A B ...), so other processes' load on a shared machine falls on
+all alike; tokens/s counts new tokens over the whole call (prefill included). The quality cost of int8/int4 is
+benchmarks/quant_quality.py's.
+
+    .venv/bin/python benchmarks/generation.py [--repeats 5] [--new-tokens 128] [--big-new-tokens 16] \
+        [--shapes 34M 0.5B] [--threads N] [--no-quant] [--no-compile] [--spec] [--append]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
-from common import interleaved, machine_line, table
+from common import append_results, interleaved, machine_line, memory_bandwidth, script_command, table
 
 from lmforge.core.config import from_dict
 from lmforge.core.runtime import resolve_device
@@ -29,37 +43,50 @@ from lmforge.generate.speculative import speculative_generate
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.hf.registry import hf_config_from_model, state_dict_to_hf
 from lmforge.model.io import model_state_dict
+from lmforge.model.quant import bytes_per_token, quantize_weights
 
-SHAPE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1408, vocab_size=8192, max_seq_len=512)
+SHAPES = {
+    "34M": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1408, vocab_size=8192, max_seq_len=512),
+    "0.5B": dict(preset="qwen2-0.5b", max_seq_len=512),
+}
+FAMILY = {"34M": "llama", "0.5B": "qwen2"}
 PROMPT_LEN = 32
+RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def build(device: torch.device) -> tuple[Transformer, torch.nn.Module]:
+def build(shape: str, device: torch.device) -> tuple[Transformer, torch.nn.Module]:
     import transformers
 
     torch.manual_seed(0)
-    ours = Transformer(from_dict(ModelConfig, SHAPE)).eval()
-    config = transformers.LlamaConfig(**hf_config_from_model(ours.cfg))
+    ours = Transformer(from_dict(ModelConfig, SHAPES[shape])).eval()
+    hf_cfg = hf_config_from_model(ours.cfg, family=FAMILY[shape])
+    config = transformers.AutoConfig.for_model(**hf_cfg)
     config._attn_implementation = "sdpa"
-    hf = transformers.LlamaForCausalLM(config).eval()
-    hf.load_state_dict(state_dict_to_hf(model_state_dict(ours), ours.cfg), strict=False)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf.load_state_dict(state_dict_to_hf(model_state_dict(ours), ours.cfg, FAMILY[shape]), strict=False)
     if ours.cfg.tie_embeddings:
         hf.tie_weights()
     return ours.to(device), hf.to(device)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    args = parser.parse_args()
-    n = args.new_tokens
-    device = resolve_device(args.device)
-    ours, hf = build(device)
-    prompt = torch.randint(0, SHAPE["vocab_size"], (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
+def quantized(model: Transformer, bits: int) -> Transformer:
+    q = copy.deepcopy(model)
+    quantize_weights(q, bits)
+    return q
+
+
+def bench_shape(shape: str, n: int, repeats: int, device: torch.device, bandwidth: float, quant: bool,
+                spec: bool, compiled: bool = True) -> list[tuple[str, str, str, str]]:
+    ours, hf = build(shape, device)
+    vocab = ours.cfg.vocab_size
+    prompt = torch.randint(0, vocab, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(greedy=True, max_new_tokens=n)
     x = torch.tensor([prompt], device=device)
+    models = {"eager": ours, "compiled": ours} if compiled else {"eager": ours}
+    if quant and device.type == "cpu":
+        models.update({"int8": quantized(ours, 8), "int4": quantized(ours, 4)})
+    elif quant:
+        models["int8"] = quantized(ours, 8)
 
     @torch.no_grad()
     def run_hf() -> list[int]:
@@ -67,36 +94,80 @@ def main() -> None:
                           min_new_tokens=n, eos_token_id=None, pad_token_id=0)
         return out[0, PROMPT_LEN:].tolist()
 
-    def run_ours() -> list[int]:
-        return generate(ours, prompt, params)
+    def runner(model: Transformer, compile: bool):
+        return lambda: generate(model, prompt, Strategy(sampling=params, compile=compile))
 
-    def run_compiled() -> list[int]:
-        return generate(ours, prompt, Strategy(sampling=params, compile=True))
-
-    def run_spec() -> list[int]:
-        return speculative_generate(ours, ours, prompt, params, num_draft=4)[0]
-
-    cases = {"lmforge": run_ours, "hf": run_hf, "spec": run_spec, "compiled": run_compiled}
-    # one warm-up round (allocator, first-call overheads, the compiled step's compilation)
-    times, outputs = interleaved(cases, args.repeats, warmup=1, device=device)
-    same = outputs["lmforge"] == outputs["hf"] == outputs["spec"] == outputs["compiled"]
-    _, stats = speculative_generate(ours, ours, prompt, params, num_draft=4)
+    cases = {"hf": run_hf, **{name: runner(m, compiled and name != "eager") for name, m in models.items()}}
+    if spec:
+        cases["spec"] = lambda: speculative_generate(ours, ours, prompt, params, num_draft=4)[0]
+    times, outputs = interleaved(cases, repeats, warmup=1, device=device)  # warm-up: compilation, allocator
     tps = {k: n / t for k, t in times.items()}
     params_m = sum(p.numel() for p in ours.parameters()) / 1e6
-    command = f"python benchmarks/generation.py --repeats {args.repeats} --new-tokens {n} --device {args.device}"
-    print(f"\n{params_m:.1f}M params, prompt {PROMPT_LEN}, {n} new tokens, greedy fp32, batch 1; "
-          f"same tokens in all four: {same}", file=sys.stderr)
+    same = outputs["eager"] == outputs["hf"] == outputs.get("compiled", outputs["eager"])
+    print(f"{shape}: {params_m:.0f}M params, prompt {PROMPT_LEN}, {n} new tokens, greedy, batch 1; eager == HF == "
+          f"compiled tokens: {same}; int8/int4 greedy agreement with fp32: "
+          + ", ".join(f"{k} {agreement(outputs['eager'], outputs[k]):.0%}" for k in ("int8", "int4") if k in outputs),
+          file=sys.stderr)
     peer = f"{tps['hf']:.1f} (HF generate)"
-    rows = [
-        (f"batch-1 greedy decode tokens/s ({params_m:.0f}M params, {n} new)", f"{tps['lmforge']:.1f}", peer,
-         f"{tps['lmforge'] / tps['hf']:.2f}x"),
-        (f"speculative decode tokens/s (self-draft, 4 draft tokens, acceptance {stats.acceptance_rate:.0%})",
-         f"{tps['spec']:.1f}", peer, f"{tps['spec'] / tps['hf']:.2f}x"),
-        (f"batch-1 greedy decode tokens/s, `compile=True` (static-shape step, "
-         f"{'CUDA graphs' if device.type == 'cuda' else 'eager on CPU'})", f"{tps['compiled']:.1f}", peer,
-         f"{tps['compiled'] / tps['hf']:.2f}x"),
-    ]
-    print(table(rows, machine_line(device), command))
+    how = f"compiled ({'CUDA graphs' if device.type == 'cuda' else 'inductor'})" if compiled else "eager"
+    labels = {"eager": "eager KV-cache engine", "compiled": f"`compile=True` static-shape step, {how}",
+              "int8": f"int8 weights (torchao), {how}", "int4": f"int4 weights (torchao), {how}"}
+    rows = []
+    for name, label in labels.items():
+        if name not in tps:
+            continue
+        weight_bytes = bytes_per_token(models[name])
+        roofline = bandwidth / weight_bytes
+        rows.append((f"batch-1 greedy decode tokens/s, {params_m:.0f}M params fp32 {label}; {n} new; "
+                     f"{weight_bytes / 1e6:.0f} MB weights/token, roofline {roofline:.1f} tok/s",
+                     f"{tps[name]:.1f} ({tps[name] / roofline:.0%} of roofline)", peer,
+                     f"{tps[name] / tps['hf']:.2f}x"))
+    if spec:
+        rows.append((f"speculative decode tokens/s ({params_m:.0f}M, self-draft, 4 draft tokens)",
+                     f"{tps['spec']:.1f}", peer, f"{tps['spec'] / tps['hf']:.2f}x"))
+    return rows
+
+
+def agreement(reference: list[int], other: list[int]) -> float:
+    """Greedy agreement: the fraction of positions where `other` matches `reference`, up to the first mismatch."""
+    same = 0
+    for a, b in zip(reference, other):
+        if a != b:
+            break
+        same += 1
+    return same / max(1, len(reference))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=128, help="new tokens for the 34M shape")
+    parser.add_argument("--big-new-tokens", type=int, default=16, help="new tokens for the 0.5B shape")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    parser.add_argument("--no-quant", action="store_true", help="skip the int8/int4 rows")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled row; int8/int4 decode eagerly")
+    parser.add_argument("--spec", action="store_true", help="add the speculative-decoding row (34M)")
+    parser.add_argument("--append", action="store_true", help="append the rows to benchmarks/RESULTS.md")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    bandwidth = memory_bandwidth()
+    print(f"memory bandwidth (triad): {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
+    rows = []
+    for shape in args.shapes:
+        n = args.new_tokens if shape == "34M" else args.big_new_tokens
+        rows += bench_shape(shape, n, args.repeats, device, bandwidth, not args.no_quant,
+                            args.spec and shape == "34M", not args.no_compile)
+        gc.collect()  # the previous shape's models (the 0.5B one and its HF twin hold ~4 GB)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1]
+    machine = machine_line(device, extra=f"triad {bandwidth / 1e9:.1f} GB/s, shared machine, load average{load}")
+    command = script_command()
+    print(table(rows, machine, command))
+    if args.append:
+        append_results(RESULTS, rows, machine, command)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 import time
 
 import torch
-from common import machine_line, sync, table
+from common import machine_line, report, script_command, sync
 from torch import nn
 
 from lmforge.core.config import from_dict
@@ -152,9 +152,7 @@ def main() -> int:
     steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
     precision = "bf16"
     machine = machine_line(device, extra="" if cuda else "smoke")
-    command = "python benchmarks/mfu.py" + (" --smoke" if args.smoke else "") + \
-        (f" --loss {args.loss}" if args.loss != "fused" else "") + \
-        (f" --micro-batch {args.micro_batch}" if args.micro_batch else "")
+    command = script_command()
     rows, measured = [], {}
     for name in models:
         batch = args.micro_batch or MODELS[name][1]
@@ -176,7 +174,9 @@ def main() -> int:
                      f"{ours['tokens_per_s'] / ptps:.2f}"))
         rows.append((f"{name} MFU (6N+12LdT per token / {args.peak_flops:.3g})", f"{mfu:.2%}", f"{pmfu:.2%}",
                      f"{mfu / pmfu:.2f}"))
-    print(table([(fig, a, f"{b} (eager)", ratio) for fig, a, b, ratio in rows], machine, command))
+    limit = f"dense bf16 peak {args.peak_flops / 1e12:.0f} TFLOP/s (--peak-flops), held against in the MFU rows"
+    report([(fig, a, f"{b} (eager)", ratio) for fig, a, b, ratio in rows], machine, command, limit,
+           append=cuda)  # a CPU smoke run checks the script, it measures nothing
     print()
     print("FSDP paper estimate from the measured single-GPU tokens/s (3 x 2P bytes per GPU per micro-batch):")
     print()

@@ -4,7 +4,8 @@ Two sources shaped like the quickstart's (1.6M tokens of code, 120k of docs, voc
 the loaders never look at the values) mixed 80/20, against one SequenceLoader over the same tokens;
 both serve 16 x 256-token batches. The step is the quickstart's `tiny` model (forward, fused LM loss,
 backward, AdamW) at the quickstart's precision. Goal: the mixture costs < 1 % of a step more than the
-plain loader.
+plain loader. The limit the step is held against is this CPU's matmul peak at that precision (its fraction
+is a row); the rows are appended to benchmarks/RESULTS.md.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/mixture.py
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine_line, table, training_step
+from common import machine_line, matmul_peaks, peak_line, report, script_command, training_step
 
 from lmforge.core.config import from_dict
 from lmforge.core.runtime import resolve_precision
@@ -27,6 +28,7 @@ from lmforge.data.loader import SequenceLoader
 from lmforge.data.mixture import MixtureLoader, concat_shards
 from lmforge.data.shards import ShardSet, ShardWriter
 from lmforge.model import ModelConfig, Transformer
+from lmforge.model.size import flops_per_token
 
 VOCAB, SEQ, BATCH = 4096, 256, 16
 
@@ -51,9 +53,13 @@ def per_batch_seconds(loader, n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
+def tiny_config() -> ModelConfig:
+    return from_dict(ModelConfig, {"preset": "tiny", "vocab_size": VOCAB})
+
+
 def step_seconds(steps: int, precision: str) -> float:
     torch.manual_seed(0)
-    model = Transformer(from_dict(ModelConfig, {"preset": "tiny", "vocab_size": VOCAB}))
+    model = Transformer(tiny_config())
     data = torch.randint(0, VOCAB, (BATCH, SEQ + 1))
     step = training_step(model, data[:, :-1], data[:, 1:], precision)
     step()
@@ -79,6 +85,8 @@ def main() -> int:
         t_mix = per_batch_seconds(mixed, args.batches)
         t_plain = per_batch_seconds(plain, args.batches)
     t_step = step_seconds(args.steps, precision)
+    peaks = matmul_peaks()
+    of_peak = flops_per_token(tiny_config(), SEQ) * BATCH * SEQ / t_step / peaks[precision]
     rows = [
         ("batch fetch, ms (16 x 256 tokens)", f"{t_mix * 1e3:.3f}", f"{t_plain * 1e3:.3f} (SequenceLoader)",
          f"{t_mix / t_plain:.2f}x"),
@@ -86,8 +94,10 @@ def main() -> int:
          f"{100 * t_plain / t_step:.3f} % (SequenceLoader)", f"{t_mix / t_plain:.2f}x"),
         ("mixture overhead over the plain loader, % of a step (goal < 1 %)",
          f"{100 * (t_mix - t_plain) / t_step:.3f} %", "-", "-"),
+        (f"the tiny-model step's FLOP/s, % of the {precision} matmul peak", f"{100 * of_peak:.1f} %", "-", "-"),
     ]
-    print(table(rows, machine_line(), "python benchmarks/mixture.py"))
+    report(rows, machine_line(extra=peak_line(peaks)), script_command(),
+           f"the training step it is a share of, at {100 * of_peak:.0f} % of the {precision} matmul peak")
     return 0 if t_mix - t_plain < 0.01 * t_step else 1
 
 

@@ -23,14 +23,23 @@ import sys
 from collections.abc import Callable
 
 import torch
-from common import interleaved, machine_line, script_command, table, training_step
+from common import (
+    bf16_skip_reason,
+    interleaved,
+    machine_line,
+    matmul_peaks,
+    peak_line,
+    report,
+    script_command,
+    training_step,
+)
 
 from lmforge.core.config import from_dict
 from lmforge.core.runtime import compile_model
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.hf.registry import state_dict_to_hf
 from lmforge.model.io import model_state_dict
-from lmforge.model.size import num_params
+from lmforge.model.size import flops_per_token, num_params
 from lmforge.peft import LoraConfig, apply_lora
 
 # This file is named peft.py: `common` dropped its folder from the import path, so `import peft` finds HF PEFT.
@@ -124,8 +133,12 @@ def main() -> int:
     c = from_dict(ModelConfig, SHAPE)
     model_text = (f"{c.d_model}d x{c.n_layers}, vocab {c.vocab_size}, {num_params(c) / 1e6:.1f}M params, "
                   f"batch {args.batch}x{args.seq_len}, r={args.rank}")
-    machine, command = machine_line(), script_command()
+    peaks = matmul_peaks()
+    machine, command = machine_line(extra=peak_line(peaks)), script_command()
     precisions = args.precisions.split(",")
+    if "bf16" in precisions and bf16_skip_reason(peaks):
+        print(bf16_skip_reason(peaks), file=sys.stderr)
+        precisions.remove("bf16")
     all_cases = {precision: [(kind, targets, precision) for kind, targets in (
         ("full", "qv"), ("lora", "qv"), ("hf-lora", "qv"), ("lora", "all"), ("hf-lora", "all"))]
         + ([] if args.no_compile else [("lora-compiled", "qv", precision), ("lora-compiled", "all", precision)])
@@ -133,7 +146,7 @@ def main() -> int:
     # Memory first, while this process is still small: Linux carries a parent's peak RSS into a child's
     # ru_maxrss across fork + exec, so children spawned later would report this process's peak instead.
     memory = {case: spawn_memory(args, case) for precision in precisions for case in all_cases[precision][:3]}
-    rows = []
+    rows, of_peak = [], []
     for precision in precisions:
         cases = all_cases[precision]
         times = step_times(args, cases)
@@ -141,6 +154,9 @@ def main() -> int:
             print(f"  {' '.join(case):18s} {times[case] * 1000:8.0f} ms/step"
                   + (f", +{memory[case]:.0f} MiB peak" if case in memory else ""), file=sys.stderr)
         full = ("full", "qv", precision)
+        full_of_peak = flops_per_token(c, args.seq_len) * args.batch * args.seq_len / times[full] / peaks[precision]
+        of_peak.append((f"full fine-tuning step FLOP/s, % of the {precision} matmul peak, {model_text}",
+                        f"{full_of_peak:.1%}", "-", "-"))
         for targets in ("qv", "all"):
             ours, theirs = ("lora", targets, precision), ("hf-lora", targets, precision)
             what = f"{model_text}, LoRA on {'/'.join(TARGETS[targets]) if targets == 'qv' else 'all linear'}"
@@ -159,8 +175,8 @@ def main() -> int:
                 rows.append((f"step time ms, lmforge LoRA compiled (train.compile=true) vs HF PEFT LoRA eager, {what}, "
                              f"{precision}", times[compiled] * 1000, times[theirs] * 1000,
                              times[theirs] / times[compiled]))
-    print(table([(fig, f"{ours:,.0f}", f"{peer:,.0f}", f"{ratio:.2f}x") for fig, ours, peer, ratio in rows], machine,
-                command))
+    report([(fig, f"{ours:,.0f}", f"{peer:,.0f}", f"{ratio:.2f}x") for fig, ours, peer, ratio in rows] + of_peak,
+           machine, command, f"{peak_line(peaks)}; the full fine-tuning step's fraction of it is a row")
     print("\nratio = peer / lmforge: above 1 means lmforge (or LoRA) takes less time or memory.")
     return 0
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine_line, table, table_rows
+from common import machine_line, report
 from textdata import SHAKESPEARE  # tests/, on the import path through common
 
 from lmforge.cli import main
@@ -90,10 +90,11 @@ def main_bench() -> None:
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/posttrain_sft.py"
     print(f"\nSFT effect ({args.pretrain_steps} pretrain + {args.sft_steps} SFT steps; SFT {sft_s:.0f} s, "
           f"total {total:.0f} s)\n")
-    print(table(exact_match_rows("SFT model vs base model", base, tuned, ratio_digits=1), machine, command))
+    limit = "quality figures: exact match 1.0 (no speed limit applies)"
+    report(exact_match_rows("SFT model vs base model", base, tuned, ratio_digits=1), machine, command, limit)
     if rs:
         rows = exact_match_rows("rejection-sampling FT vs SFT model", tuned, rs, ratio_digits=2)
-        print("\n".join(table_rows(rows, machine, f"{command} --rejection")))
+        report(rows, machine, f"{command} --rejection", limit)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -37,7 +38,8 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import machine_line, script_command, table
+from common import machine_line, matmul_peak, report, script_command
+from safetensors import safe_open
 
 from lmforge.model import ModelConfig, Transformer, save_model
 from lmforge.tokenizer.train import train_bpe
@@ -228,13 +230,26 @@ def mixed_workload(checkpoint: Path, n: int, max_tokens: int, chunk: int) -> lis
             ("longest stall of a running stream, s, same", max(on), max(off), False)]
 
 
-def print_table(rows: list[tuple], command: str) -> None:
-    """(figure, lmforge, peer, higher is better) rows as RESULTS.md's table; the machine is the server's threads
-    (it runs in its own process), not this client's."""
+def param_count(checkpoint: Path) -> int:
+    """Parameters in the checkpoint's safetensors files (read from their headers)."""
+    total = 0
+    for path in checkpoint.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def print_table(rows: list[tuple], command: str, decode_flops: float = 0.0) -> None:
+    """(figure, lmforge, peer, higher is better) rows as RESULTS.md's table, printed and appended; the machine is
+    the server's threads (it runs in its own process), not this client's. The limit is this CPU's fp32 matmul
+    peak; `decode_flops` (2 x params x output tokens/s) is held against it when given."""
     machine = machine_line(parallel=f"{os.environ.get('OMP_NUM_THREADS', os.cpu_count())} threads")
-    print()
-    print(table([(figure, f"{ours:.3g}", f"{peer:.3g}", f"{ours / peer if higher_better else peer / ours:.2f}x")
-                 for figure, ours, peer, higher_better in rows], machine, command))
+    peak = matmul_peak(torch.float32)
+    limit = f"matmul peak fp32 {peak / 1e9:.0f} GFLOP/s"
+    if decode_flops:
+        limit += f"; the concurrent decode runs 2 x params x tokens/s = {decode_flops / peak:.1%} of it"
+    report([(figure, f"{ours:.3g}", f"{peer:.3g}", f"{ours / peer if higher_better else peer / ours:.2f}x")
+            for figure, ours, peer, higher_better in rows], machine, command, limit)
 
 
 def main() -> None:
@@ -257,6 +272,7 @@ def main() -> None:
         return print_table(rows, command)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp) / "bench")
+        params = param_count(checkpoint)
         port = free_port()
         proc = start_server(checkpoint, port, max_batch=args.requests)
         url = f"http://127.0.0.1:{port}"
@@ -283,7 +299,7 @@ def main() -> None:
          statistics.median(con.served), statistics.median(seq.served), False),
     ]
     print(f"\nlargest batch decoded together: {batch_seen}; identical greedy texts in both modes: {same}/{n}")
-    print_table(rows, command)
+    print_table(rows, command, decode_flops=2 * params * con.tokens / con.wall)
 
 
 if __name__ == "__main__":

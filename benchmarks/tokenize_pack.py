@@ -5,7 +5,10 @@ The corpus is this machine's Python stdlib source (code + docstrings) plus pydoc
 into max(2, --workers) JSONL files (datatrove runs one task per file). A byte-level BPE is trained on the first
 few MB and saved once; both tools load that `tokenizer.json` and append eos to every document, so they
 must produce the same number of tokens (checked). Reported: MB of UTF-8 text per second into shards, and, for
-the in-process single-worker runs, MB per CPU-second (steadier than wall time on a shared machine).
+the in-process single-worker runs, MB per CPU-second (steadier than wall time on a shared machine). The limit
+it is held against: N workers each as fast as the in-process run per CPU-second (a row gives the fraction); which
+encoder lmforge used (tiktoken or HF tokenizers, `lmforge.tokenizer.fast`) is printed and in the machine column.
+Appends its rows to benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/tokenize_pack.py --mb 30 --workers 2
 """
@@ -21,11 +24,12 @@ import resource
 import time
 from pathlib import Path
 
-from common import machine_line, scratch_dir, table
+from common import machine_line, report, scratch_dir, script_command
 
 from lmforge.data.corpus import interleave, pydoc_topic_documents, stdlib_code_documents
 from lmforge.data.shards import ShardSet
 from lmforge.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer
+from lmforge.tokenizer.fast import tiktoken_encoding
 from lmforge.tokenizer.pack import tokenize_to_shards
 from lmforge.tokenizer.train import train_bpe
 
@@ -71,7 +75,8 @@ def run_datatrove(files: list[Path], tokenizer_json: Path, out: Path, workers: i
         pipeline=[JsonlReader(str(files[0].parent), glob_pattern="*.jsonl"),
                   DocumentTokenizer(str(out / "tokens"), tokenizer_name_or_path=str(tokenizer_json),
                                     eos_token=SPECIAL_TOKENS["eos"], shuffle_documents=True, seed=0)],
-        tasks=len(files), workers=workers, logging_dir=str(out / "logs"))
+        tasks=len(files), workers=workers, logging_dir=str(out / "logs"),
+        start_method="fork")  # as lmforge's workers start (its default, forkserver, re-imports this script)
     start = time.perf_counter()
     executor.run()
     seconds = time.perf_counter() - start
@@ -93,9 +98,10 @@ def main() -> None:
         tok.save(tmp / "tok")
         os.environ.pop("TOKENIZERS_PARALLELISM", None)
         mb = n_bytes / 1e6
-        machine = machine_line(parallel=f"{os.cpu_count()} cores")
-        command = f"benchmarks/tokenize_pack.py --mb {args.mb:g} --workers {args.workers}"
-        rows = []
+        encoder = "tiktoken" if tiktoken_encoding(tok.canonical_json()) is not None else "HF tokenizers"
+        machine = machine_line(parallel=f"{os.cpu_count()} cores", extra=f"lmforge encodes with {encoder}")
+        command = script_command()
+        rows, mb_per_s = [], {}
         for workers in sorted({1, args.workers}):
             label = f"{workers} worker{'s' if workers > 1 else ''}"
             cpu0 = cpu_seconds()
@@ -104,6 +110,7 @@ def main() -> None:
             dt_s, dt_tokens = run_datatrove(files, tmp / "tok" / TOKENIZER_FILE, tmp / f"datatrove{workers}",
                                             workers)
             lm_cpu, dt_cpu = cpu1 - cpu0, cpu_seconds() - cpu1
+            mb_per_s[workers] = (mb / lm_s, mb / dt_s)
             rows += [
                 (f"tokenize + pack, MB/s of text, {label}", f"{mb / lm_s:.2f}", f"{mb / dt_s:.2f}",
                  f"{dt_s / lm_s:.2f}x"),
@@ -112,11 +119,17 @@ def main() -> None:
                  "same" if lm_tokens == dt_tokens else f"{lm_tokens / max(dt_tokens, 1):.4f}"),
             ]
             if workers == 1:  # both run in this process: its CPU time is the whole cost (pools are not counted)
+                per_cpu = (mb / lm_cpu, mb / dt_cpu)
                 rows.append(("MB of text per CPU-second, 1 worker", f"{mb / lm_cpu:.2f}", f"{mb / dt_cpu:.2f}",
                              f"{dt_cpu / lm_cpu:.2f}x"))
+        if args.workers > 1:  # the limit: every worker busy at the in-process rate per CPU-second
+            n = args.workers
+            rows.append((f"{n} workers' MB/s / ({n} x MB per CPU-second) (limit 1.00)",
+                         f"{mb_per_s[n][0] / (n * per_cpu[0]):.2f}", f"{mb_per_s[n][1] / (n * per_cpu[1]):.2f}", "-"))
         rows.append(("corpus", f"{mb:.1f} MB, {sum(1 for f in files for _ in open(f)):,} docs", "same input", "-"))
         print(f"\nvocab {tok.vocab_size}, shuffle on in both\n")
-        print(table(rows, machine, command, peer="datatrove", numeric=True))
+        report(rows, machine, command, f"each of the {args.workers} workers as fast as the in-process run per "
+               f"CPU-second ({os.cpu_count()} cores; the fraction reached is a row)", peer="datatrove", numeric=True)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@ distributed tests' recipe, and `torchrun` the way the docs launch it."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from lmforge.checkpoint.store import LATEST_NAME, checkpoint_name, checkpoints_dir, list_checkpoints
 from lmforge.core.config import from_dict
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import read_metrics
@@ -25,6 +28,13 @@ def parallel_recipe(data: Path) -> dict[str, Any]:
             "model": {"preset": "debug", "vocab_size": VOCAB, "max_seq_len": 32},
             "train": {"steps": STEPS, "lr": 3e-3, "warmup_steps": 2, "precision": "fp32", "device": "cpu",
                       "log_every": 1, "eval_every": 0, "save_every": 3, "keep_checkpoints": 0, "plot_every": 0}}
+
+
+def recipe_file(root: Path, data: Path) -> Path:
+    """`parallel_recipe(data)` written to ROOT/recipe.json, for torchrun launches."""
+    path = root / "recipe.json"
+    path.write_text(json.dumps(parallel_recipe(data)))
+    return path
 
 
 def tiny_pretrain_config(tmp_path: Path, data: dict[str, Any], steps: int = 5, **train: Any) -> PretrainConfig:
@@ -49,6 +59,16 @@ def torchrun(config: Path, nproc: int, *overrides: str) -> subprocess.CompletedP
                    "pretrain", str(config), *overrides])
     assert out.returncode == 0, out.stderr[-3000:]
     return out
+
+
+def rewind(run: Path, to: Path, step: int) -> Path:
+    """A copy of run directory `run` at `to` whose latest checkpoint is `step` (as if the run had stopped there)."""
+    shutil.copytree(run, to)
+    for saved, path in list_checkpoints(to):
+        if saved > step:
+            shutil.rmtree(path)
+    (checkpoints_dir(to) / LATEST_NAME).write_text(checkpoint_name(step) + "\n")
+    return to
 
 
 def losses(run_dir: Path) -> list[float]:

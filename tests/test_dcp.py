@@ -1,16 +1,16 @@
 """Distributed checkpoints (torch.distributed.checkpoint): saved by 2 processes, resumed by 1 and by 2."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from lmforge.checkpoint.dcp import is_dcp_checkpoint
-from lmforge.checkpoint.store import LATEST_NAME, checkpoint_name, checkpoints_dir, list_checkpoints
+from lmforge.checkpoint.store import list_checkpoints
 from lmforge.core.config import from_dict
 from lmforge.train.pretrain import PretrainConfig, pretrain
-from recipes import REL, STEPS, losses, parallel_recipe, torchrun
+from recipes import REL, STEPS, losses, parallel_recipe, recipe_file, torchrun
+from recipes import rewind as rewind_copy
 
 SAVED = 3  # parallel_recipe saves at steps 3 and 6
 
@@ -19,21 +19,13 @@ SAVED = 3  # parallel_recipe saves at steps 3 and 6
 def saved_at_two(tmp_path_factory, learnable_data):
     """A 2-process FSDP run of STEPS steps with a DCP checkpoint every SAVED steps (all kept)."""
     root = tmp_path_factory.mktemp("dcp")
-    config = root / "recipe.json"
-    config.write_text(json.dumps(parallel_recipe(learnable_data)))
-    torchrun(config, 2, "--run_dir", str(root / "two"), "--parallel.data", "fsdp")
+    torchrun(recipe_file(root, learnable_data), 2, "--run_dir", str(root / "two"), "--parallel.data", "fsdp")
     return root
 
 
 def rewind(root: Path, name: str) -> Path:
     """A copy of the 2-process run whose latest checkpoint is step SAVED (as if it had stopped there)."""
-    run = root / name
-    shutil.copytree(root / "two", run)
-    for step, path in list_checkpoints(run):
-        if step > SAVED:
-            shutil.rmtree(path)
-    (checkpoints_dir(run) / LATEST_NAME).write_text(checkpoint_name(SAVED) + "\n")
-    return run
+    return rewind_copy(root / "two", root / name, SAVED)
 
 
 @pytest.mark.slow

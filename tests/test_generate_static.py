@@ -94,6 +94,18 @@ def test_compiled_cuda_graphs_match_engine() -> None:
     assert generate(model, [9, 1], Strategy(sampling=params, compile=True)) == short
 
 
+@pytest.mark.slow  # inductor compiles the step for the CPU (a minute or more on a busy machine)
+def test_compiled_on_cpu_matches_eager() -> None:
+    model = tiny_model(n_kv_heads=2)
+    params = SamplingParams(greedy=True, max_new_tokens=40)
+    expected = generate(model, PROMPT, params)
+    dec = static_decoder(model, compile=True)
+    assert dec.step is not dec.forward  # compiled, not the eager step
+    assert generate(model, PROMPT, Strategy(sampling=params, compile=True)) == expected
+    assert generate(model, [9, 1], Strategy(sampling=params, compile=True)) == generate(model, [9, 1], params)
+
+
+@pytest.mark.slow  # compiles the step with inductor on CPU (a minute or more)
 def test_cli_compile_flag_same_tokens(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     checkpoint = save_model(tiny_model(n_kv_heads=2), tmp_path / "model")
     outs = []

@@ -393,9 +393,68 @@ def test_tools_are_rendered_and_forced_calls_come_back_as_tool_calls(tool_server
         assert (c.function.name, set(args)) in (("get_weather", {"city"}), ("get_time", {"zone"}))
     chunks = list(client.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER, TIME],
                                                  tool_choice=named, temperature=0, max_tokens=40, stream=True))
-    streamed = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [(t.index, t.function.name, t.function.arguments) for t in streamed] == [
-        (0, "get_weather", choice.message.tool_calls[0].function.arguments)]
+    content, calls = accumulate(chunks)
+    assert content is None and [(c["name"], c["arguments"]) for c in calls] == [
+        ("get_weather", choice.message.tool_calls[0].function.arguments)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def accumulate(chunks) -> tuple[str | None, list[dict]]:
+    """A streamed chat answer put together as a client does: the content, and each call by its index (id, type
+    and name from its first delta, the arguments as the concatenation of every piece)."""
+    content, calls = None, []
+    for chunk in chunks:
+        for d in [c.delta for c in chunk.choices]:
+            if d.content:
+                content = (content or "") + d.content
+            for tc in d.tool_calls or []:
+                if tc.index == len(calls):
+                    assert tc.id and tc.type == "function" and tc.function.name  # the header comes first
+                    calls.append({"id": tc.id, "name": tc.function.name, "arguments": ""})
+                calls[tc.index]["arguments"] += tc.function.arguments or ""
+    return content, calls
+
+
+SCRIPTED = ('Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n'
+            '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>')
+
+
+def test_auto_tool_calls_stream_incrementally_and_add_up_to_the_whole_answer(tool_server):
+    """A model that writes Hermes calls (the real model's forward replaced by a script of token ids): the `openai`
+    SDK's stream gives content first, then each call's header and its arguments in several pieces, and the
+    accumulated deltas equal the non-streamed message."""
+    server, model, tok, client = tool_server
+    scheduler = server.server.config.app.state.scheduler
+    script = tok.encode(SCRIPTED) + [stop_token_ids(tok)[0]]
+
+    def scripted(jobs, rows, starts, chunks, full=False, prompts=False):
+        logits = torch.full((len(jobs), 1, model.cfg.vocab_size), -10.0)
+        for i, job in enumerate(jobs):
+            logits[i, 0, script[len(job.generated)]] = 10.0
+        return logits
+
+    scheduler._forward = scripted
+    try:
+        ask = dict(model=NAME, messages=[{"role": "user", "content": "Weather and time?"}], tools=[WEATHER, TIME],
+                   temperature=0, max_tokens=len(script) + 5)
+        whole = client.chat.completions.create(**ask).choices[0]
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+    finally:
+        del scheduler._forward
+    assert whole.finish_reason == "tool_calls" and whole.message.content == "Let me check."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+    content, calls = accumulate(chunks)
+    assert content == whole.message.content
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    pieces = [tc.function.arguments for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []
+              if tc.function.arguments]
+    assert len(pieces) > 4  # the arguments came as they were written, not in one piece at the end
+    kinds = ["content" if c.choices[0].delta.content else "call" for c in chunks
+             if c.choices and (c.choices[0].delta.content or c.choices[0].delta.tool_calls)]
+    first_call = kinds.index("call")  # plain text streamed as content before the first call, calls after it
+    assert first_call > 0 and set(kinds[:first_call]) == {"content"} and set(kinds[first_call:]) == {"call"}
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
@@ -429,3 +488,25 @@ def test_auto_tool_choice_parses_hermes_calls_out_of_the_text():
     broken = '<tool_call>{"name": "get_weather", "argu</tool_call>'
     assert tools.calls(broken) == (broken, [])  # a call that does not parse stays text
     assert tools.calls('<tool_call>{"name": "unknown", "arguments": {}}</tool_call>')[1] == []
+
+
+@pytest.mark.parametrize("text", [
+    SCRIPTED, "no call here ", " lead <tool_ca", '<tool_call>{"name": "get_weather", "argu</tool_call>',
+    'a <tool_call>{"name": "unknown", "arguments": {}}</tool_call> b',
+    '<tool_call>{"arguments": {"city": "Oslo"}, "name": "get_weather"}</tool_call> after',
+    'x <tool_call>{"name": "get_weather", "arguments": {"city": "Par'])
+def test_call_stream_gives_the_same_message_however_the_text_is_cut(text):
+    from lmforge.serve.tools import CallStream, parse_tools
+
+    tools = parse_tools({"tools": [WEATHER, TIME]}, TOOL_TEMPLATE)
+    whole = tools.calls(text)
+    stream = CallStream(tools)
+    deltas = [d for ch in text for d in stream.push(ch)] + stream.finish()
+    content = "".join(d["content"] for d in deltas if "content" in d) or None
+    calls: list[list[str]] = []
+    for d in deltas:
+        for tc in d.get("tool_calls", []):
+            if tc["index"] == len(calls):
+                calls.append([tc["function"]["name"], ""])
+            calls[tc["index"]][1] += tc["function"]["arguments"]
+    assert (content, calls) == (whole[0], [[c["function"]["name"], c["function"]["arguments"]] for c in whole[1]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from schedjobs import job, run
 from tinymodels import mha_model, text_tokenizer
 
 from lmforge.generate.engine import generate
@@ -22,18 +23,6 @@ def model_and_tok(seed: int = 5, **arch):
 
 def ids(n: int, seed: int, vocab: int) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def job(prompt: list[int], n: int, **kw) -> Job:
-    return Job(prompt, SamplingParams(greedy=True, max_new_tokens=n), lambda ev: None, **kw)
-
-
-def run(scheduler: Scheduler, jobs: list[Job]) -> list[list[int]]:
-    for j in jobs:
-        scheduler.submit(j)
-    while scheduler.in_flight:
-        scheduler.step()
-    return [j.generated for j in jobs]
 
 
 def reference(model, prompts: list[list[int]], n: int) -> list[list[int]]:

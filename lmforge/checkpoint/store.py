@@ -257,7 +257,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     `model` must be the plain model (not a `torch.compile` wrapper) with a `.cfg` ModelConfig.
     `state` is the caller's JSON-serializable resume state (loader position, counters).
     """
-    refuse_non_finite(run_dir, step, all_finite(model.parameters()))
+    # frozen weights (a PEFT base, possibly quantized) cannot have diverged: only what trains is checked
+    refuse_non_finite(run_dir, step, all_finite(p for p in model.parameters() if p.requires_grad))
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(_TMP_PREFIX + "*"):  # left by a process killed mid-save

@@ -24,6 +24,7 @@ from lmforge.data.shards import INDEX_NAME, ShardSet
 from lmforge.eval.harness import results_table, run_tasks, strip_examples
 from lmforge.eval.reasoning import search_eval
 from lmforge.model import load_model
+from lmforge.model.quant import QUANTIZE_HELP, Quantize, apply_quantize
 from lmforge.peft.config import load_trained
 from lmforge.posttrain.search import SearchSettings
 from lmforge.tokenizer import Tokenizer
@@ -44,6 +45,7 @@ class EvalConfig:
     seq_len: int = option(0, "tokens per scored window; 0 means the model's max_seq_len")
     batch_size: int = option(8, "windows per forward pass")
     max_batches: int = option(50, "stop after this many batches; 0 scores every window once")
+    quantize: Quantize = option("none", QUANTIZE_HELP)
     device: str = option("auto", "cpu, cuda, cuda:N, or auto")
     precision: Literal["auto", "fp32", "bf16"] = option("fp32", "autocast precision of the forward pass")
     reasoning: bool = option(False, "run test-time search on held-out reasoning problems (methods, PRM and budgets "
@@ -83,6 +85,7 @@ def eval_cmd(cfg: EvalConfig) -> int:
         model = load_trained(cfg.checkpoint, cfg.adapter, device=str(device))
     else:
         model = load_model(cfg.checkpoint, device)
+    apply_quantize(model, cfg.quantize, adapter=bool(cfg.adapter))
     record: dict = {"checkpoint": cfg.checkpoint, "adapter": cfg.adapter or None}
     if cfg.data:
         record.update(_perplexity(cfg, model, device, precision))

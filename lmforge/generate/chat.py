@@ -27,6 +27,7 @@ from lmforge.core.errors import LmforgeError
 from lmforge.core.runtime import resolve_device
 from lmforge.generate.engine import Strategy, generate_stream
 from lmforge.generate.sampling import SamplingParams
+from lmforge.model.quant import QUANTIZE_HELP, Quantize, apply_quantize
 from lmforge.peft.config import load_trained
 from lmforge.tasks.reasoning import ThinkSplitter
 from lmforge.tokenizer import StreamDecoder, Tokenizer
@@ -174,12 +175,14 @@ class ChatConfig:
     system: str = option("", "system message put before the conversation")
     sampling: SamplingParams = option(default_factory=_sampling, help="how answers are sampled (the n-th answer "
                                                                       "uses seed + n); /settings changes it")
+    quantize: Quantize = option("none", QUANTIZE_HELP)
     device: str = option("auto", "auto, cpu, cuda, ...")
 
 
 def chat_cmd(cfg: ChatConfig) -> int:
 
     model = load_trained(cfg.checkpoint, cfg.adapter or None, device=str(resolve_device(cfg.device)))
+    apply_quantize(model, cfg.quantize, adapter=bool(cfg.adapter))
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.checkpoint)
     params = cfg.sampling
     session = ChatSession(model, tokenizer, params, cfg.system)

@@ -26,6 +26,7 @@ from lmforge.generate.presets import apply_preset, describe_preset, preset_setti
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.stops import stop_at_strings
 from lmforge.model import load_model
+from lmforge.model.quant import QUANTIZE_HELP, Quantize, apply_quantize
 from lmforge.peft.config import load_any_adapter
 from lmforge.tasks.reasoning import split_reasoning
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -55,12 +56,14 @@ class GenerateConfig:
     draft: str = option("", "speculative decoding: a draft model directory (same tokenizer as the checkpoint), "
                             "or 'mtp' to draft with the checkpoint's own multi-token-prediction heads")
     num_draft_tokens: int = option(4, "speculative decoding: tokens the draft proposes per round")
-    compile: bool = option(False, "decode with the static-shape step under torch.compile (CUDA graphs on CUDA): "
-                                  "same tokens, much faster per token on small models; the first call compiles")
+    compile: bool = option(False, "decode with the static-shape step under torch.compile (CUDA graphs on CUDA, "
+                                  "inductor on CPU): same tokens, faster per token on small models; the first "
+                                  "call compiles (a minute or more on CPU)")
     stop: list[str] = option(default_factory=list, help="stop strings: generation ends at the first one, which "
                                                         "is not printed (needs a tokenizer)")
     json: bool = option(False, "print one JSON object {\"ids\": [new ids], \"text\": new text} "
                                "instead of streaming")
+    quantize: Quantize = option("none", QUANTIZE_HELP)
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
 
     def __post_init__(self) -> None:
@@ -142,6 +145,7 @@ def generate_cmd(cfg: GenerateConfig) -> int:
     model = load_model(checkpoint, device=resolve_device(cfg.device))
     if cfg.adapter:
         load_any_adapter(model, cfg.adapter)
+    apply_quantize(model, cfg.quantize, adapter=bool(cfg.adapter))
     tokenizer = load_tokenizer(checkpoint)
     if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
         raise LmforgeError(f"{checkpoint / TOKENIZER_FILE}: tokenizer has {tokenizer.vocab_size} tokens but "

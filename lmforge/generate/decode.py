@@ -8,8 +8,8 @@ Stop tokens end generation and are NOT yielded (unlike HF `generate`, which appe
 output): callers get exactly the text the model produced. The whole sequence (prompt + new
 tokens) never exceeds the model's `max_seq_len`.
 
-`compile=True` opts into the static-shape step of `lmforge.generate.static` (CUDA graphs on CUDA, eager
-on CPU), the same tokens with far less per-token overhead; models it does not support decode the normal way.
+`compile=True` opts into the static-shape step of `lmforge.generate.static` (CUDA graphs on CUDA, inductor's
+C++ kernels on CPU), the same tokens with far less per-token overhead; models it does not support decode the normal way.
 Callers go through `lmforge.generate.engine.generate`, which picks this loop for the "sample" strategy.
 """
 

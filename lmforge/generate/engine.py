@@ -44,7 +44,7 @@ class Strategy:
 
     kind: Kind = "sample"
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    compile: bool = False  # sample: the static-shape step, compiled (CUDA graphs on CUDA)
+    compile: bool = False  # sample: the static-shape step, compiled (CUDA graphs on CUDA, inductor on CPU)
     num_beams: int = 4  # beam: width
     length_penalty: float = 1.0  # beam: score = sum log-probs / length ** length_penalty
     early_stopping: bool | Literal["never"] = False  # beam: HF's stopping rule

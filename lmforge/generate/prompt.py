@@ -38,10 +38,14 @@ def check_prompt(prompt_ids: Sequence[int], vocab_size: int) -> None:
                                f"outside the model's vocabulary [0, {vocab_size})")
 
 
-def prefill_kwargs(model: nn.Module, rows: int, length: int, device: torch.device) -> dict[str, Any]:
-    """Extra arguments of the forward that prefills `rows` prompts of `length` tokens into a fresh cache: a
-    prefix LM (`model.cfg.prefix_lm`) reads the whole prompt as its prefix, both ways; later tokens attend
-    causally to it through the cache. Nothing for a causal model."""
+def prefill_kwargs(model: nn.Module, rows: int, length: int | Sequence[int], device: torch.device
+                   ) -> dict[str, Any]:
+    """Extra arguments of the forward that prefills `rows` prompts of `length` tokens (or row i of length[i])
+    into a fresh cache: a prefix LM (`model.cfg.prefix_lm`) reads the whole prompt as its prefix, both ways;
+    later tokens attend causally to it through the cache. Nothing for a causal model. The server's scheduler
+    prefills a prefix LM's prompts the same way."""
     if not getattr(model.cfg, "prefix_lm", False):
         return {}
-    return {"prefix_len": torch.full((rows,), length, device=device)}
+    if isinstance(length, int):
+        return {"prefix_len": torch.full((rows,), length, device=device)}
+    return {"prefix_len": torch.tensor(list(length), device=device)}

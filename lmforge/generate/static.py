@@ -6,7 +6,9 @@ captured once. Here a step always attends over all `max_len` cache slots, hiding
 length mask (key slot <= position), and takes its position as a tensor; every step then has the same
 shapes, and `torch.compile(mode="reduce-overhead")` records it once as a CUDA graph and replays it
 (gpt-fast's recipe). Masked slots get zero attention weight, so the tokens match the normal engine. On
-CPU the step runs eagerly (about the normal engine's speed); the gain is on CUDA.
+CPU the step is compiled by inductor without CUDA graphs (default mode): its C++ kernels fuse the step's small
+element-wise ops and drop most per-op dispatch, which is what batch-1 decode of a small model spends its time on;
+the first call compiles (a minute or more on a small or busy machine; later processes reuse inductor's cache).
 
 The prompt is prefilled eagerly through the model's ordinary forward into the same cache. Only plain
 decoder-only models qualify (`static_supported`): multi-head / grouped-query attention with RoPE,
@@ -75,8 +77,9 @@ class StaticDecoder(nn.Module):
         self.register_buffer("slots", torch.arange(model.context_length, device=p.device), persistent=False)
         self.step = self.forward
         self.in_use = False  # set while a stream decodes through this cache (see engine.decode_static)
-        if compile and p.device.type == "cuda":  # CPU stays eager: inductor there costs minutes and a compiler
-            self.step = torch.compile(self.forward, mode="reduce-overhead", fullgraph=True)
+        if compile:  # CUDA: recorded once as a CUDA graph; CPU: inductor's fused C++ kernels, no graphs
+            mode = "reduce-overhead" if p.device.type == "cuda" else None
+            self.step = torch.compile(self.forward, mode=mode, fullgraph=True)
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:

@@ -94,30 +94,41 @@ class Experts(nn.Module):
         self.up = nn.Parameter(torch.randn(n_experts, 2 * d_ff, d_model) * std)
         self.down = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * down_std)
 
-    def _ffn(self, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        gate, h = torch.matmul(x, up.transpose(-1, -2)).chunk(2, dim=-1)
-        return torch.matmul(F.silu(gate) * h, down.transpose(-1, -2))
-
     def forward(self, xs: torch.Tensor, counts: torch.Tensor, slot: torch.Tensor, expert: torch.Tensor
                 ) -> torch.Tensor:
         """Expert outputs for `xs` [M, d], rows sorted by expert (`counts` [E] rows each, `slot` = row index
         within its expert `expert`)."""
-        E = counts.shape[0]
-        device = xs.device.type
-        # grouped_mm is not autocast-aware: cast to the autocast dtype ourselves
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs.dtype
-        if USE_GROUPED_MM and grouped_mm_ok(xs, self.up, dtype):  # one grouped GEMM per projection
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            up, down = self.up.to(dtype), self.down.to(dtype)
-            gate, h = F.grouped_mm(xs.to(dtype), up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-            return F.grouped_mm(F.silu(gate) * h, down.transpose(-2, -1), offs=offs)
-        capacity = int(counts.max())  # a host sync: the grouped path above avoids it
-        if E * capacity <= 2 * xs.shape[0]:  # little padding: one batched matmul over [E, capacity, d]
-            buf = xs.new_zeros(E, capacity, xs.shape[1])
-            buf[expert, slot] = xs
-            return self._ffn(buf, self.up, self.down)[expert, slot]
-        parts = xs.split(counts.tolist())
-        return torch.cat([self._ffn(p, self.up[e], self.down[e]) for e, p in enumerate(parts)])
+        return expert_ffn(xs, counts, slot, expert, self.up, self.down)
+
+    def _ffn(self, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        return _ffn(x, up, down)
+
+
+def _ffn(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    gate, h = torch.matmul(x, up.transpose(-1, -2)).chunk(2, dim=-1)
+    return torch.matmul(F.silu(gate) * h, down.transpose(-1, -2))
+
+
+def expert_ffn(xs: torch.Tensor, counts: torch.Tensor, slot: torch.Tensor, expert: torch.Tensor,
+               up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts `up` [E, 2F, d], `down` [E, d, F] applied to `xs` [M, d] sorted by expert (`counts` [E]
+    rows each, `slot` = row index within its expert `expert`); expert parallelism calls it on a rank's shard."""
+    E = counts.shape[0]
+    device = xs.device.type
+    # grouped_mm is not autocast-aware: cast to the autocast dtype ourselves
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs.dtype
+    if USE_GROUPED_MM and grouped_mm_ok(xs, up, dtype):  # one grouped GEMM per projection
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        up, down = up.to(dtype), down.to(dtype)
+        gate, h = F.grouped_mm(xs.to(dtype), up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * h, down.transpose(-2, -1), offs=offs)
+    capacity = int(counts.max())  # a host sync: the grouped path above avoids it
+    if E * capacity <= 2 * xs.shape[0]:  # little padding: one batched matmul over [E, capacity, d]
+        buf = xs.new_zeros(E, capacity, xs.shape[1])
+        buf[expert, slot] = xs
+        return _ffn(buf, up, down)[expert, slot]
+    parts = xs.split(counts.tolist())
+    return torch.cat([_ffn(p, up[e], down[e]) for e, p in enumerate(parts)])
 
 
 USE_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.10; tests switch it off to check the other paths
@@ -189,7 +200,7 @@ class MoE(nn.Module):
         if order.numel() == 0:  # every assignment dropped
             return torch.zeros_like(flat)
         token = order % N
-        ys = self.experts(flat[token], counts, slot, sorted_ids)
+        ys = self.experts(flat.index_select(0, token), counts, slot, sorted_ids)
         ys = ys * weights.t().flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(flat).index_add_(0, token, ys.to(flat.dtype))
 

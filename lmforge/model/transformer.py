@@ -91,11 +91,7 @@ class Transformer(nn.Module):
             start_pos += n - n_prompt  # prepended prompt rows are part of this chunk; prefix rows are not
             if prefix_len is not None:  # the caller counts its own tokens; they sit after the n virtual slots
                 prefix_len = prefix_len + n
-        if self.cfg.position == "learned":
-            x = x + self.pos_embed(positions)
-        elif self.cfg.position == "sinusoidal":
-            x = x + self.pos_table[positions].to(x.dtype)
-        x = self.embed_dropout(x)
+        x = self.add_positions(x, positions)
         rope = self.rope(positions) if self.rope is not None else None
         attn_mask = self_attention_mask(self.cfg, x.shape[1], start_pos, x.dtype, x.device, base=attn_mask,
                                         prefix_len=prefix_len, alibi=getattr(self, "alibi", None),
@@ -103,6 +99,15 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, start_pos, attn_mask, None if prefix is None else prefix[i])
         return self.norm(x[:, n_prompt:] if n_prompt else x)
+
+    def add_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token embeddings plus absolute position embeddings (learned or sinusoidal, else none), then embedding
+        dropout. Reads only cfg, pos_embed, pos_table and embed_dropout (a pipeline's first stage reuses it)."""
+        if self.cfg.position == "learned":
+            x = x + self.pos_embed(positions)
+        elif self.cfg.position == "sinusoidal":
+            x = x + self.pos_table[positions].to(x.dtype)
+        return self.embed_dropout(x)
 
     def _add_virtual(self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None,
                      first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list | None, int]:

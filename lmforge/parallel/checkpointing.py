@@ -19,10 +19,21 @@ def _checkpointed(forward, *args, **kwargs):
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks, decoder then encoder (encoder-decoder models): the unit of sharding and recompute."""
-    blocks = list(getattr(model, "blocks", []))
-    encoder = getattr(model, "encoder", None)
+    """The repeated blocks, decoder then encoder (encoder-decoder models): the unit of sharding and recompute.
+    A module around a Transformer (a reward model's backbone, PPO's policy with a value head) gives its blocks;
+    a pipeline stage holds its blocks in a ModuleDict keyed by their index in the whole model."""
+    core = next((m for m in model.modules()
+                 if isinstance(getattr(m, "blocks", None), (nn.ModuleList, nn.ModuleDict))), model)
+    blocks = getattr(core, "blocks", [])
+    blocks = list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)
+    encoder = getattr(core, "encoder", None)
     return blocks + (list(encoder) if isinstance(encoder, nn.ModuleList) else [])
+
+
+def checkpointed_blocks(model: nn.Module) -> int:
+    """How many of `transformer_blocks(model)` recompute their activations in backward."""
+    return sum(isinstance(b.forward, functools.partial) and b.forward.func is _checkpointed
+               for b in transformer_blocks(model))
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> int:

@@ -3,7 +3,9 @@
 torch's `clip_grad_norm_` needs every gradient on one mesh; with TP the embedding stays a plain replicated
 tensor while attention weights are DTensors, and under FSDP x TP they live on different meshes. Here each
 group (plain, or one mesh) gets its norm reduced to a plain number first, and the groups combine as
-sqrt(sum of squares) — the same norm a single process computes.
+sqrt(sum of squares) — the same norm a single process computes. Under pipeline parallelism each process holds
+other parameters: the squares are also summed over the pipeline's process group, so every stage clips by the
+global norm.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 
 
 def is_dtensor(t: object) -> bool:
@@ -28,16 +31,23 @@ def _group_norm(grads: list[torch.Tensor]) -> float:
     return float(norm)
 
 
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
-    """Scale all gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping."""
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, group: object = None) -> float:
+    """Scale all gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
+    `group`: the process group whose processes hold the other parameters (pipeline stages), or None."""
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]
-    if not any(is_dtensor(g) for g in grads):  # the single-process path, exactly torch's
+    if group is None and not any(is_dtensor(g) for g in grads):  # the single-process path, exactly torch's
         return torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
     groups: dict[object, list[torch.Tensor]] = {}
     for g in grads:
         groups.setdefault(g.device_mesh if is_dtensor(g) else None, []).append(g)
-    total = math.sqrt(sum(_group_norm(gs) ** 2 for gs in groups.values()))
+    squares = sum(_group_norm(gs) ** 2 for gs in groups.values())
+    if group is not None:
+        device = grads[0].device if grads else torch.device("cpu")
+        t = torch.tensor([squares], dtype=torch.float64, device=device)
+        dist.all_reduce(t, group=group)
+        squares = t.item()
+    total = math.sqrt(squares)
     coef = max_norm / (total + 1e-6)
     if coef < 1:
         with torch.no_grad():

@@ -66,7 +66,8 @@ def tp_plan(model: nn.Module, k: int) -> tuple[dict[str, object], TensorParallel
     plan: dict[str, object] = {}
     layout = TensorParallelLayout(k)
     cfg = model.cfg
-    for i, block in enumerate(model.blocks):
+    blocks = model.blocks  # a ModuleDict keyed by layer index in a pipeline stage (lmforge.parallel.pipeline)
+    for i, block in (blocks.items() if isinstance(blocks, nn.ModuleDict) else enumerate(blocks)):
         attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
         if type(attn) is Attention:
             H, KV, D = attn.n_heads, attn.n_kv_heads, attn.head_dim

@@ -26,6 +26,7 @@ from torch import nn
 from lmforge.core.config import option
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.model.io import load_model, save_model
+from lmforge.model.quant import quantize_weights
 from lmforge.model.transformer import Transformer
 from lmforge.peft.adapter import PEFT_TYPE as BOTTLENECK_TYPE
 from lmforge.peft.adapter import AdapterConfig, apply_adapters, load_adapters, save_adapters
@@ -50,10 +51,18 @@ class PeftConfig:
 
 def apply_peft(model: Transformer, cfg: PeftConfig) -> Transformer:
     """Prepare `model` for training under `cfg`, in place, and print trainable vs total parameters."""
+    if cfg.method != "lora" and cfg.lora.quantize != "none":
+        raise ConfigError(f"peft.lora.quantize={cfg.lora.quantize} needs peft.method lora (QLoRA), got "
+                          f"{cfg.method}")
     if cfg.method == "lora":
         if "lm_head" in cfg.lora.targets:
             raise ConfigError("peft.lora.targets: lm_head cannot be trained here (the fused LM loss reads "
                               "lm_head.weight directly, so its LoRA would get no gradient); drop it")
+        if cfg.lora.quantize != "none":
+            for p in model.parameters():
+                p.requires_grad_(False)
+            report = quantize_weights(model, int(cfg.lora.quantize[3:]), head=False)
+            print(f"peft: QLoRA base, {report.summary()}")
         apply_lora(model, cfg.lora)
     elif cfg.method == "adapter":
         apply_adapters(model, cfg.adapter)

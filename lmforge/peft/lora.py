@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import nn
 from lmforge.core.config import option, require, suggest
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.model.hf.registry import module_map
+from lmforge.model.quant import QuantLinear, dequantize, quantized_linear
 from lmforge.model.transformer import Transformer
 
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -35,11 +37,17 @@ class LoraConfig:
     rslora: bool = option(False, "scale by alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023), stable at high rank")
     dora: bool = option(False, "DoRA (Liu et al. 2024): a trainable per-row magnitude times the LoRA-updated "
                                "direction W + sBA, normalized row by row")
+    quantize: Literal["none", "int8", "int4"] = option(
+        "none", "QLoRA: hold the frozen base's linear layers (all but lm_head) in int8 or int4 weights (torchao, "
+                "`pip install 'lmforge[quant]'`) while the adapter trains in full precision; the saved adapter "
+                "applies to the full-precision base")
 
     def __post_init__(self) -> None:
         require(self.r > 0, "lora.r", self.r, "positive")
         require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "in [0, 1)")
         require(bool(self.targets), "lora.targets", self.targets, "a non-empty list of module names")
+        require(not (self.dora and self.quantize != "none"), "lora.quantize", self.quantize,
+                "none with lora.dora (DoRA's row norms need the full-precision base rows)")
         for name in self.targets:
             if name not in TARGET_NAMES:
                 hint = suggest(name, TARGET_NAMES)
@@ -114,6 +122,7 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
+        self.quantized = isinstance(base, QuantLinear)  # QLoRA: a frozen int8/int4 weight under the adapter
         self.weight = base.weight
         self.register_parameter("bias", base.bias)  # None stays None
         self.adapters = nn.ModuleDict()  # adapter name -> ModuleDict(part name -> LoraPart)
@@ -127,8 +136,11 @@ class LoraLinear(nn.Module):
             raise ValueError(f"rows [{row_start}, {row_end}) outside a layer with "
                              f"{self.out_features} outputs")
         parts = self.adapters[adapter_name] if adapter_name in self.adapters else nn.ModuleDict()
+        if cfg.dora and self.quantized:
+            raise LmforgeError("DoRA on a quantized base is not supported (lora.quantize none)")
         parts[part_name] = LoraPart(self.in_features, row_start, row_end, cfg, device=self.weight.device,
-                                    dtype=self.weight.dtype, base_rows=self.weight[row_start:row_end])
+                                    dtype=self.weight.dtype,
+                                    base_rows=None if self.quantized else self.weight[row_start:row_end])
         self.adapters[adapter_name] = parts
 
     def active_parts(self) -> list[LoraPart]:
@@ -137,7 +149,7 @@ class LoraLinear(nn.Module):
         return list(self.adapters[self.active].values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = (quantized_linear if self.quantized else F.linear)(x, self.weight, self.bias)
         if self.merged is not None:
             return y
         if self.row_adapters is not None:
@@ -196,9 +208,15 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the active adapter into `weight` (W[rows] += s B A): inference then costs nothing extra."""
+        """Fold the active adapter into `weight` (W[rows] += s B A): inference then costs nothing extra. A
+        quantized base is dequantized first, so the merged layer is full precision (with the base's rounding:
+        for the exact merge, load the adapter on the full-precision base, as `lmforge merge-adapter` does)."""
         if self.merged is not None or not self.active_parts():
             return
+        if self.quantized:
+            dtype = self.active_parts()[0].lora_A.weight.dtype
+            self.weight = nn.Parameter(dequantize(self.weight, dtype), requires_grad=False)
+            self.quantized = False
         for part in self.active_parts():
             rows = self.weight[part.row_start:part.row_end]
             merged = rows.float() + part.delta_weight()

@@ -8,6 +8,7 @@ need no reference at all. The losses themselves live in `lmforge.posttrain.losse
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from lmforge.core.config import option, require
 from lmforge.posttrain import losses
 from lmforge.posttrain.losses import DPOLossType, orpo_loss, sequence_logps, simpo_loss
 from lmforge.posttrain.pairs import EncodedPair, PairBatches, PairStageConfig, load_pairs, score_pairs
+from lmforge.posttrain.sft import prefix_kwargs
 from lmforge.posttrain.stage import Stage, before_after, run_dir_option, summary, train_option
 from lmforge.train.config import TrainConfig
 
@@ -63,8 +65,9 @@ class DpoConfig(PairStageConfig):
 
 
 def pair_logps(model: nn.Module, input_ids: Tensor, labels: Tensor, average: bool = False) -> tuple[Tensor, Tensor]:
-    """(chosen, rejected) response log-probs [B] of a `collate_pairs` batch, one forward pass."""
-    return sequence_logps(model(input_ids), labels, average=average).chunk(2)
+    """(chosen, rejected) response log-probs [B] of a `collate_pairs` batch, one forward pass (a prefix LM reads
+    each prompt as its bidirectional prefix, as SFT trains it and generate reads it)."""
+    return sequence_logps(model(input_ids, **prefix_kwargs(model, labels)), labels, average=average).chunk(2)
 
 
 def precompute_logps(model: nn.Module, pairs: list[EncodedPair], pad_id: int, average: bool = False,
@@ -101,41 +104,59 @@ def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen:
             "preference_accuracy": (chosen > rejected).float().mean().item()}
 
 
+def preference_stderrs(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen: Tensor, rejected: Tensor
+                       ) -> dict[str, float]:
+    """Standard errors of the margins and accuracies of `preference_metrics`: the sample standard deviation of
+    the per-pair values over sqrt(n) (for an accuracy p that is sqrt(p (1 - p) / (n - 1)), as the eval harness)."""
+    per_pair = {"reward_margin": chosen_rewards - rejected_rewards,
+                "reward_accuracy": (chosen_rewards > rejected_rewards).float(),
+                "logp_margin": chosen - rejected, "preference_accuracy": (chosen > rejected).float()}
+    n = chosen.numel()
+    return {f"{k}_stderr": (v.detach().float().std() / math.sqrt(n)).item() if n > 1 else 0.0
+            for k, v in per_pair.items()}
+
+
 def evaluate_heldout(cfg: DpoConfig, model: nn.Module, pairs: list[EncodedPair], ref: Tensor | None,
                      pad_id: int) -> dict[str, float]:
-    """Held-out: policy log-prob margin log pi(y_w) - log pi(y_l), preference accuracy, implicit rewards."""
+    """Held-out: policy log-prob margin log pi(y_w) - log pi(y_l), preference accuracy, implicit rewards, and
+    the standard errors of the margins and accuracies (the report draws them as error bars)."""
     policy = precompute_logps(model, pairs, pad_id, average=cfg.average_logps)
     _, cr, rr = preference_loss(cfg, policy[:, 0], policy[:, 1], ref)
-    return {f"heldout_{k}": v for k, v in preference_metrics(cr, rr, policy[:, 0], policy[:, 1]).items()}
+    metrics = {**preference_metrics(cr, rr, policy[:, 0], policy[:, 1]),
+               **preference_stderrs(cr, rr, policy[:, 0], policy[:, 1])}
+    return {f"heldout_{k}": v for k, v in metrics.items()}
 
 
 def run_dpo(cfg: DpoConfig) -> dict[str, Any]:
     """Train the policy on preference pairs; returns held-out margin/accuracy before and after training."""
-    stage = Stage("dpo", cfg)
-    train_enc, held_enc = load_pairs(cfg, stage.tokenizer)
-    pad_id = stage.pad_id
-    ref_train = ref_held = None
-    if not cfg.reference_free:
-        ref = stage.reference(cfg.ref_checkpoint)
-        ref_train = precompute_logps(ref, train_enc, pad_id, average=cfg.average_logps)
-        ref_held = precompute_logps(ref, held_enc, pad_id, average=cfg.average_logps)
-        del ref  # never needed again: the reference log-probs travel with the batches
-    stage.open()
-    before = evaluate_heldout(cfg, stage.policy, held_enc, ref_held, pad_id)
-    stage.add_peft()
+    with Stage("dpo", cfg) as stage:
+        stage.check_divides(cfg.batch_size, "batch_size")
+        train_enc, held_enc = load_pairs(cfg, stage.tokenizer)
+        pad_id = stage.pad_id
+        ref_train = ref_held = None
+        if not cfg.reference_free:
+            ref = stage.reference(cfg.ref_checkpoint)
+            ref_train = precompute_logps(ref, train_enc, pad_id, average=cfg.average_logps)
+            ref_held = precompute_logps(ref, held_enc, pad_id, average=cfg.average_logps)
+            del ref  # never needed again: the reference log-probs travel with the batches
+        stage.open()
+        before = evaluate_heldout(cfg, stage.policy, held_enc, ref_held, pad_id)
+        stage.add_peft()
 
-    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        loss, metrics = batch_loss(cfg, model, batch)
-        return loss.mean(), metrics
+        def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+            loss, metrics = batch_loss(cfg, model, batch)
+            return loss.mean(), metrics
 
-    print(f"dpo: {len(train_enc)} training pairs, {len(held_enc)} held out, "
-          f"{'SimPO' if cfg.simpo else 'ORPO' if cfg.orpo else cfg.loss_type} beta {cfg.beta}", file=sys.stderr)
-    batches = PairBatches(train_enc, cfg.batch_size, pad_id, seed=cfg.seed,
-                          extra={} if ref_train is None else {"ref": ref_train})
-    result = stage.fit(stage.policy, loss_fn, batches, lambda m: evaluate_heldout(cfg, m, held_enc, ref_held, pad_id))
-    model_dir = stage.save()
-    out = summary(result, model_dir, **before_after(before, result))
-    print(f"dpo: held-out log-prob margin {out['heldout_logp_margin_before']:.3f} -> {out['heldout_logp_margin']:.3f}, "
-          f"preference accuracy {out['heldout_preference_accuracy_before']:.3f} -> "
-          f"{out['heldout_preference_accuracy']:.3f} -> {model_dir}")
-    return out
+        print(f"dpo: {len(train_enc)} training pairs, {len(held_enc)} held out, "
+              f"{'SimPO' if cfg.simpo else 'ORPO' if cfg.orpo else cfg.loss_type} beta {cfg.beta}", file=sys.stderr)
+        batches = PairBatches(train_enc, cfg.batch_size, pad_id, seed=cfg.seed,
+                              extra={} if ref_train is None else {"ref": ref_train})
+        result = stage.fit(stage.policy, loss_fn, batches,
+                           lambda m: evaluate_heldout(cfg, m, held_enc, ref_held, pad_id))
+        model_dir = stage.save()
+        out = summary(result, model_dir, **before_after(before, result))
+        print(f"dpo: held-out log-prob margin {out['heldout_logp_margin_before']:.3f} -> "
+              f"{out['heldout_logp_margin']:.3f}, "
+              f"preference accuracy {out['heldout_preference_accuracy_before']:.3f} -> "
+              f"{out['heldout_preference_accuracy']:.3f} -> {model_dir}")
+        return out

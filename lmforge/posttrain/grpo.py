@@ -49,30 +49,30 @@ class GrpoConfig(PolicyOptimizationConfig):
 
 def run_grpo(cfg: GrpoConfig) -> dict[str, Any]:
     """Train with GRPO; returns the held-out greedy reward (and exact match) before and after."""
-    rl = RLStage("grpo", cfg, with_reference=cfg.kl_coef > 0)
-    temperature = cfg.sampling.temperature
+    with RLStage("grpo", cfg, with_reference=cfg.kl_coef > 0, samples=cfg.group_size) as rl:
+        temperature = cfg.sampling.temperature
 
-    def make_rollout(index: int) -> Rollout:
-        batch = rl.rollout(index, cfg.group_size)
-        advantages = rloo_advantages if cfg.advantage == "rloo" else group_advantages
-        batch["advantages"] = advantages(batch["rewards"], cfg.group_size)
-        if rl.ref is not None:
-            batch["ref_logps"] = model_token_logps(rl.ref, batch["input_ids"], batch["labels"], temperature)
-        return batch
+        def make_rollout(index: int) -> Rollout:
+            batch = rl.rollout(index, cfg.group_size)
+            advantages = rloo_advantages if cfg.advantage == "rloo" else group_advantages
+            batch["advantages"] = advantages(batch["rewards"], cfg.group_size)
+            if rl.ref is not None:
+                batch["ref_logps"] = model_token_logps(rl.ref, batch["input_ids"], batch["labels"], temperature)
+            return batch
 
-    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        logits = model(batch["input_ids"]) / temperature  # the sampling policy: ratios and KL at its temperature
-        logps = token_logps(logits, batch["labels"])
-        mask = batch["mask"]
-        loss, stats = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
-                                cfg.clip_eps, cfg.kl_coef, cfg.loss_norm)
-        entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
-        logged = {"reward": batch["rewards"].mean().item(), "kl": stats["kl"].item(),
-                  "clip_frac": stats["clip_frac"].item(), "entropy": entropy.item(),
-                  "completion_len": mask.sum(1).mean().item()}
-        for key in ("correct", "think_tokens"):  # the reasoning task: accuracy and chain-of-thought length
-            if key in batch:
-                logged["accuracy" if key == "correct" else key] = batch[key].float().mean().item()
-        return loss, logged
+        def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+            logits = model(batch["input_ids"]) / temperature  # the sampling policy: ratios and KL at its temperature
+            logps = token_logps(logits, batch["labels"])
+            mask = batch["mask"]
+            loss, stats = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
+                                    cfg.clip_eps, cfg.kl_coef, cfg.loss_norm)
+            entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
+            logged = {"reward": batch["rewards"].mean().item(), "kl": stats["kl"].item(),
+                      "clip_frac": stats["clip_frac"].item(), "entropy": entropy.item(),
+                      "completion_len": mask.sum(1).mean().item()}
+            for key in ("correct", "think_tokens"):  # the reasoning task: accuracy and chain-of-thought length
+                if key in batch:
+                    logged["accuracy" if key == "correct" else key] = batch[key].float().mean().item()
+            return loss, logged
 
-    return rl.optimize(rl.policy, loss_fn, make_rollout, cfg.group_size)
+        return rl.optimize(rl.policy, loss_fn, make_rollout, cfg.group_size)

@@ -96,6 +96,7 @@ class EncodedPair:
     chosen: Encoded
     rejected: Encoded
     source: str
+    rating: float | None = None  # the pair's preference strength (PreferencePair.rating)
 
 
 def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[PreferencePair], max_len: int) -> list[EncodedPair]:
@@ -109,7 +110,7 @@ def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[PreferencePair], max_len:
             dropped.append(p.source)
             continue
         cut += c.truncated or r.truncated
-        out.append(EncodedPair(c, r, p.source))
+        out.append(EncodedPair(c, r, p.source, p.rating))
     if dropped:
         print(f"warning: dropped {len(dropped)} preference pair(s) whose prompt fills max_len={max_len} "
               f"(first: {dropped[0]})", file=sys.stderr)
@@ -164,6 +165,18 @@ class PairBatches:
         self.position += self.batch_size
         ids, labels = collate_pairs([self.pairs[i] for i in idx], self.pad_id)
         return {"input_ids": ids, "labels": labels, **{k: v[idx] for k, v in self.extra.items()}}
+
+    @staticmethod
+    def rank_slice(batch: dict[str, Tensor], rank: int, world: int) -> dict[str, Tensor]:
+        """Rank `rank`'s pairs of a global batch: its share of the B chosen rows and the same pairs' rejected rows
+        (input_ids and labels hold 2B rows, chosen first; `extra` tensors hold B)."""
+        b = len(batch["input_ids"]) // 2
+        if b % world:
+            raise LmforgeError(f"a batch of {b} pairs does not split evenly over {world} data-parallel processes; "
+                               f"make batch_size (and the number of pairs) a multiple of {world}")
+        lo, hi = rank * b // world, (rank + 1) * b // world
+        rows = torch.cat([torch.arange(lo, hi), torch.arange(b + lo, b + hi)])
+        return {k: v[rows] if k in ("input_ids", "labels") else v[lo:hi] for k, v in batch.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position}

@@ -45,7 +45,7 @@ class PolicyWithValue(nn.Module):
     def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(logits [B, T, V], values [B, T]); values[t] estimates the return from the state ending at t."""
         h = self.policy(input_ids, return_hidden=True)
-        return self.policy.lm_head(h), self.value_head(h).squeeze(-1).float()
+        return self.policy.lm_head(h), self.value_head(h).squeeze(-1).float().clone()  # no view (FSDP's hooks)
 
 
 @torch.no_grad()
@@ -85,40 +85,41 @@ class PpoConfig(PolicyOptimizationConfig):
 def run_ppo(cfg: PpoConfig) -> dict[str, Any]:
     """Train with PPO; returns the held-out greedy reward (and exact match) before and after, and the final KL
     coefficient."""
-    rl = RLStage("ppo", cfg)
-    ref = rl.ref
-    assert ref is not None  # PPO always loads one (with_reference)
-    model = PolicyWithValue(rl.policy).to(rl.device)
-    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
-    temperature = cfg.sampling.temperature
+    with RLStage("ppo", cfg, samples=cfg.samples_per_prompt) as rl:
+        ref = rl.ref
+        assert ref is not None  # PPO always loads one (with_reference)
+        model = PolicyWithValue(rl.policy).to(rl.device)
+        kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
+        temperature = cfg.sampling.temperature
 
-    def make_rollout(index: int) -> Rollout:
-        batch = rl.rollout(index, cfg.samples_per_prompt)
-        mask = batch["mask"]
-        ref_logps = model_token_logps(ref, batch["input_ids"], batch["labels"], temperature)
-        values = model_values(model, batch["input_ids"]) * mask
-        kl = ((batch["old_logps"] - ref_logps) * mask).sum(1)  # per-sequence KL estimate
-        beta = kl_ctl.value
-        rewards = kl_shaped_rewards(batch["rewards"], batch["old_logps"], ref_logps, mask, beta)
-        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        kl_ctl.update(kl.mean().item(), len(kl))
-        n = len(kl)
-        return {**batch, "old_values": values, "returns": returns, "advantages": whiten(advantages, mask),
-                "seq_kl": kl, "kl_coef": torch.full((n,), beta)}
+        def make_rollout(index: int) -> Rollout:
+            batch = rl.rollout(index, cfg.samples_per_prompt)
+            mask = batch["mask"]
+            ref_logps = model_token_logps(ref, batch["input_ids"], batch["labels"], temperature)
+            values = model_values(model, batch["input_ids"]) * mask
+            kl = ((batch["old_logps"] - ref_logps) * mask).sum(1)  # per-sequence KL estimate
+            beta = kl_ctl.value
+            rewards = kl_shaped_rewards(batch["rewards"], batch["old_logps"], ref_logps, mask, beta)
+            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            kl_ctl.update(rl.global_mean(kl.mean().item()), len(kl) * rl.dp_size)  # every rank's beta alike
+            n = len(kl)
+            return {**batch, "old_values": values, "returns": returns, "advantages": whiten(advantages, mask),
+                    "seq_kl": kl, "kl_coef": torch.full((n,), beta)}
 
-    def loss_fn(m: PolicyWithValue, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        logits, values = m(batch["input_ids"])
-        logits = logits / temperature  # the sampling policy: ratios at its temperature
-        logps = token_logps(logits, batch["labels"])
-        mask = batch["mask"]
-        pg, clipped = clipped_surrogate(logps, batch["old_logps"], batch["advantages"], cfg.clip_eps)
-        pg_loss = masked_mean(pg, mask)
-        vf_loss, vf_clip = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip)
-        entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
-        return pg_loss + cfg.vf_coef * vf_loss, {
-            "reward": batch["rewards"].mean().item(), "kl": batch["seq_kl"].mean().item(),
-            "kl_coef": batch["kl_coef"].mean().item(), "entropy": entropy.item(),
-            "clip_frac": masked_mean(clipped, mask).item(), "value_loss": vf_loss.item(),
-            "value_clip_frac": vf_clip.item()}
+        def loss_fn(m: PolicyWithValue, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+            logits, values = m(batch["input_ids"])
+            logits = logits / temperature  # the sampling policy: ratios at its temperature
+            logps = token_logps(logits, batch["labels"])
+            mask = batch["mask"]
+            pg, clipped = clipped_surrogate(logps, batch["old_logps"], batch["advantages"], cfg.clip_eps)
+            pg_loss = masked_mean(pg, mask)
+            vf_loss, vf_clip = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip)
+            entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
+            return pg_loss + cfg.vf_coef * vf_loss, {
+                "reward": batch["rewards"].mean().item(), "kl": batch["seq_kl"].mean().item(),
+                "kl_coef": batch["kl_coef"].mean().item(), "entropy": entropy.item(),
+                "clip_frac": masked_mean(clipped, mask).item(), "value_loss": vf_loss.item(),
+                "value_clip_frac": vf_clip.item()}
 
-    return rl.optimize(model, loss_fn, make_rollout, cfg.samples_per_prompt, extra=lambda: {"kl_coef": kl_ctl.value})
+        return rl.optimize(model, loss_fn, make_rollout, cfg.samples_per_prompt,
+                           extra=lambda: {"kl_coef": kl_ctl.value}, wrap=PolicyWithValue)

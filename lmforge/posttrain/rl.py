@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.core.config import option, require
-from lmforge.core.errors import LmforgeError
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.generate.sampling import SamplingParams
 from lmforge.posttrain.models import pad_id_of
@@ -170,14 +170,37 @@ def sample_rollout(policy: nn.Module, tokenizer: Tokenizer, params: SamplingPara
             "old_logps": model_token_logps(policy, ids, labels, params.temperature), "rewards": rewards}, texts
 
 
+RANK_SEED_STRIDE = 1_000_003 ** 2  # apart from every (seed, rollout) pair of a run with < 10^6 rollouts
+
+
+def rollout_seed(seed: int, index: int, dp_rank: int = 0) -> int:
+    """Sampling seed of rollout `index` on data-parallel rank `dp_rank` (rank 0: that of a one-process run)."""
+    return seed * 1_000_003 + index + dp_rank * RANK_SEED_STRIDE
+
+
 class RLStage(Stage):
     """A `Stage` set up for on-policy RL: on construction it loads the reference (when asked for), the
     scorer and the prompts, opens RUN, measures the held-out reward, then applies PEFT."""
 
     cfg: PolicyOptimizationConfig
 
-    def __init__(self, name: str, cfg: PolicyOptimizationConfig, with_reference: bool = True) -> None:
+    def __init__(self, name: str, cfg: PolicyOptimizationConfig, with_reference: bool = True, samples: int = 1
+                 ) -> None:
         super().__init__(name, cfg)
+        try:
+            self._setup(cfg, with_reference, samples)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cfg: PolicyOptimizationConfig, with_reference: bool, samples: int) -> None:
+        k, world = cfg.rollout.prompts_per_rollout, self.dp_size
+        if k % world:
+            raise ConfigError(f"rollout.prompts_per_rollout must be a multiple of the {world} data-parallel processes "
+                              f"(each samples whole groups for its own prompts; a group is never split), got {k}")
+        if cfg.minibatches > k // world * samples:
+            raise ConfigError(f"minibatches must be at most the {k // world * samples} completions each of the "
+                              f"{world} processes samples per rollout, got {cfg.minibatches}")
         self.ref = self.reference(cfg.ref_checkpoint) if with_reference else None
         self.scorer = Scorer(cfg, self.tokenizer, self.device)
         self.prompts = PromptSource(cfg, self.scorer)
@@ -202,26 +225,38 @@ class RLStage(Stage):
         return out
 
     def rollout(self, index: int, samples: int) -> dict[str, Tensor]:
-        """Rollout `index`: `samples` completions of each of its prompts, scored (see `sample_rollout`); on the
-        reasoning task also each completion's `correct` and `think_tokens` (`thinking_stats`)."""
-        examples = self.prompts(index)
-        batch, texts = sample_rollout(self.policy, self.tokenizer, self.cfg.sampling, examples, samples,
-                                      self.scorer, seed=self.cfg.seed * 1_000_003 + index)
+        """Rollout `index`: `samples` completions of each of its prompts, scored (see `sample_rollout`). Under
+        torchrun each data-parallel rank samples its own equal share of the prompts (whole groups), seeded by
+        `rollout_seed`. On the reasoning task also each completion's `correct` and `think_tokens`
+        (`thinking_stats`)."""
+        prompts = self.prompts(index)
+        share = len(prompts) // self.dp_size
+        mine = prompts[self.dp_rank * share:(self.dp_rank + 1) * share]
+        batch, texts = sample_rollout(self.policy, self.tokenizer, self.cfg.sampling, mine, samples, self.scorer,
+                                      seed=rollout_seed(self.cfg.seed, index, self.dp_rank))
         if self.cfg.task == "reasoning":
-            batch.update(thinking_stats(self.tokenizer, [ex for ex in examples for _ in range(samples)], texts))
+            batch.update(thinking_stats(self.tokenizer, [ex for ex in mine for _ in range(samples)], texts))
         return batch
 
     def optimize(self, model: nn.Module, loss_fn: LossFn, make_rollout: Callable[[int], Rollout], samples: int,
-                 extra: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+                 extra: Callable[[], dict[str, Any]] | None = None,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, Any]:
         """Rollouts as resumable minibatches through `train_loop`, then the policy saved.
 
-        `model` is what trains (the policy, or the policy with a value head); `extra()` adds result fields."""
+        `model` is what trains (the policy, or `wrap(policy)`: the policy with a value head); `extra()` adds result
+        fields. Each rank's rollout is already its own share, and is sampled with the parameters gathered."""
         cfg = self.cfg
         print(f"{self.name}: {cfg.rollout.prompts_per_rollout} prompts x {samples} samples per rollout, "
               f"{cfg.epochs} epochs x {cfg.minibatches} minibatches, kl_coef {cfg.kl_coef}; held-out before "
               f"{self.before}", file=sys.stderr)
-        batches = RolloutBatches(make_rollout, cfg.epochs, cfg.minibatches, seed=cfg.seed)
-        result = self.fit(model, loss_fn, batches, (lambda m: self.evaluate()) if self.heldout else None)
+
+        def gathered_rollout(index: int) -> Rollout:
+            with self.gathered(model):
+                return make_rollout(index)
+
+        batches = RolloutBatches(gathered_rollout, cfg.epochs, cfg.minibatches, seed=cfg.seed)
+        result = self.fit(model, loss_fn, batches, (lambda m: self.evaluate()) if self.heldout else None,
+                          wrap=wrap, split=False)
         model_dir = self.save()
         out = summary(result, model_dir, **before_after(self.before, result), **(extra() if extra else {}),
                       rollouts=batches.index)

@@ -185,6 +185,23 @@ class SftBatches:
             del batch["positions"], batch["segments"]  # plain causal attention over right-padded rows
         return batch
 
+    @staticmethod
+    def rank_slice(batch: dict[str, Tensor], rank: int, world: int) -> dict[str, Tensor]:
+        """Rank `rank`'s rows of a global batch (as equal as the row count allows), with `loss_scale` =
+        world x its share of the batch's loss tokens: averaged over ranks (DDP/FSDP average gradients), the
+        scaled per-rank means give the global token mean, so N processes repeat one."""
+        rows = len(batch["input_ids"])
+        if rows < world:
+            raise LmforgeError(f"sft: a batch of {rows} sequences cannot give each of the {world} data-parallel "
+                               "processes a sequence; raise batch_size (or give more data) or use fewer processes")
+        idx = torch.arange(rows).tensor_split(world)[rank]
+        out = {k: v[idx] for k, v in batch.items()}
+        total = int((batch["labels"] != IGNORE_INDEX).sum())
+        mine = int((out["labels"] != IGNORE_INDEX).sum())
+        out["loss_scale"] = torch.tensor(world * mine / max(total, 1))
+        out["batch_loss_tokens"] = torch.tensor(total)
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "index": self.index}
 
@@ -197,23 +214,54 @@ class SftBatches:
 # loss and evaluation
 
 
+def prompt_prefix(labels: Tensor, positions: Tensor | None = None) -> Tensor:
+    """[B, T] bool: the tokens of each conversation's prompt, up to its first answer (every token before the
+    first labelled position, and that one: it is the prompt's last token, whose label is the answer's first).
+    `positions` (restarting at 0 per conversation, as `collate_packed` makes them) tells packed conversations
+    apart. A row with no label is prompt throughout."""
+    labelled = (labels != IGNORE_INDEX).long()
+    before = labelled.cumsum(-1) - labelled  # labelled tokens before t in the row
+    if positions is not None:  # ... and before the start of t's conversation
+        starts = torch.arange(labels.shape[1], device=labels.device)[None, :] - positions
+        before = before - before.gather(-1, starts)
+    return before == 0
+
+
+def prefix_kwargs(model: nn.Module, labels: Tensor, segments: Tensor | None = None,
+                  positions: Tensor | None = None) -> dict[str, Tensor]:
+    """A prefix LM (`model.cfg.prefix_lm`) reads each conversation's prompt bidirectionally, as generate and serve
+    read it (`lmforge.generate.prompt.prefill_kwargs`): `prefix_len` per row as the prefix objective passes it,
+    or, for packed rows, the block-diagonal mask opened over each conversation's prompt. The answer stays causal.
+    Nothing for a causal model (packed rows: their block-diagonal mask)."""
+    prefix_lm = bool(getattr(getattr(model, "cfg", None), "prefix_lm", False))
+    if segments is None:
+        return {"prefix_len": prompt_prefix(labels).sum(-1)} if prefix_lm else {}
+    mask = packed_attention_mask(segments)
+    if prefix_lm:
+        same = segments[:, :, None] == segments[:, None, :]
+        mask = mask | (same & prompt_prefix(labels, positions)[:, None, :])[:, None]
+    return {"positions": positions, "attn_mask": mask}
+
+
 def sft_forward(model: nn.Module, batch: dict[str, Tensor], return_hidden: bool = False) -> Tensor:
-    """The model on a (possibly packed) batch: packed rows get position reset and the block-diagonal mask."""
-    kwargs = {}
-    if "segments" in batch:
-        kwargs = {"positions": batch["positions"], "attn_mask": packed_attention_mask(batch["segments"])}
+    """The model on a (possibly packed) batch: packed rows get position reset and the block-diagonal mask; a
+    prefix LM reads each prompt as its bidirectional prefix (`prefix_kwargs`)."""
+    kwargs = prefix_kwargs(model, batch["labels"], batch.get("segments"), batch.get("positions"))
     return model(batch["input_ids"], return_hidden=return_hidden, **kwargs)
 
 
 def sft_loss(model: nn.Module, batch: dict[str, Tensor], fused: bool = True) -> tuple[Tensor, dict[str, Any]]:
-    """Mean cross-entropy over assistant tokens (labels not IGNORE_INDEX) of the batch."""
-    n_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+    """Mean cross-entropy over assistant tokens (labels not IGNORE_INDEX) of the batch; a rank's slice of a
+    global batch (`SftBatches.rank_slice`) scales its mean by its `loss_scale`."""
+    n_tokens = int(batch.get("batch_loss_tokens", (batch["labels"] != IGNORE_INDEX).sum()))
     head = getattr(model, "lm_head", None)
     if fused and type(head) is nn.Linear:  # a PEFT-wrapped head runs unfused
         loss = linear_cross_entropy(sft_forward(model, batch, return_hidden=True), head.weight, batch["labels"],
                                     bias=head.bias)
     else:
         loss = causal_lm_loss(sft_forward(model, batch), batch["labels"])
+    if "loss_scale" in batch:
+        loss = loss * batch["loss_scale"]
     return loss, {"loss_tokens": n_tokens}
 
 
@@ -230,7 +278,7 @@ def validation_loss(model: nn.Module, encoded: Sequence[Encoded], pad_id: int, b
             inputs, labels = inputs.to(device), labels.to(device)
             n = int((labels != IGNORE_INDEX).sum())
             if n:
-                total += float(causal_lm_loss(model(inputs), labels, reduction="sum"))
+                total += float(causal_lm_loss(model(inputs, **prefix_kwargs(model, labels)), labels, reduction="sum"))
                 count += n
     finally:
         model.train(was_training)
@@ -350,50 +398,51 @@ def run_sft(cfg: SftConfig) -> dict[str, Any]:
     "model_dir", "train_conversations", "truncated", "rejected"}.
     """
 
-    stage = Stage("sft", cfg)
-    model, tokenizer = stage.policy, stage.tokenizer
-    stage.add_peft()
-    virtual = getattr(getattr(model, "virtual_tokens", None), "n_tokens", 0)  # prompt/prefix tuning positions
-    room = model.cfg.max_seq_len - virtual
-    max_len = cfg.max_len or room
-    if max_len > room:
-        raise ConfigError(f"max_len {max_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}"
-                          + (f" minus {virtual} virtual tokens" if virtual else ""))
-    data = load_sft_data(cfg, tokenizer, max_len)
-    run_dir = stage.open()
-    if data.truncated:
-        print(f"warning: {data.truncated} of {len(data.train)} training conversations were longer than max_len "
-              f"{max_len} tokens and were truncated", file=sys.stderr)
-    if data.rejected:
-        atomic_write_text(run_dir / "rejected.jsonl", "".join(
-            json.dumps({"source": s, "reason": r}) + "\n" for s, r in data.rejected))
-        print(f"warning: {len(data.rejected)} conversations rejected (first: {data.rejected[0][0]}: "
-              f"{data.rejected[0][1]}); all listed in {run_dir / 'rejected.jsonl'}", file=sys.stderr)
-    pad_id = stage.pad_id
-    batches = SftBatches(data.train, cfg.batch_size, max_len, cfg.packing, pad_id, cfg.seed)
-    held_out = held_out_examples(cfg)
+    with Stage("sft", cfg) as stage:
+        model, tokenizer = stage.policy, stage.tokenizer
+        stage.add_peft()
+        virtual = getattr(getattr(model, "virtual_tokens", None), "n_tokens", 0)  # prompt/prefix tuning positions
+        room = model.cfg.max_seq_len - virtual
+        max_len = cfg.max_len or room
+        if max_len > room:
+            raise ConfigError(f"max_len {max_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}"
+                              + (f" minus {virtual} virtual tokens" if virtual else ""))
+        data = load_sft_data(cfg, tokenizer, max_len)
+        run_dir = stage.open()
+        if data.truncated:
+            print(f"warning: {data.truncated} of {len(data.train)} training conversations were longer than max_len "
+                  f"{max_len} tokens and were truncated", file=sys.stderr)
+        if data.rejected and stage.is_main:
+            atomic_write_text(run_dir / "rejected.jsonl", "".join(
+                json.dumps({"source": s, "reason": r}) + "\n" for s, r in data.rejected))
+            print(f"warning: {len(data.rejected)} conversations rejected (first: {data.rejected[0][0]}: "
+                  f"{data.rejected[0][1]}); all listed in {run_dir / 'rejected.jsonl'}", file=sys.stderr)
+        pad_id = stage.pad_id
+        batches = SftBatches(data.train, cfg.batch_size, max_len, cfg.packing, pad_id, cfg.seed)
+        held_out = held_out_examples(cfg)
 
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        out = {}
-        if data.val:
-            out["val_loss"] = validation_loss(m, data.val, pad_id, cfg.batch_size)
-        if held_out:
-            out["exact_match"] = task_accuracy(m, tokenizer, held_out, cfg.max_new_tokens)
+        def evaluate(m: nn.Module) -> dict[str, float]:
+            out = {}
+            if data.val:
+                out["val_loss"] = validation_loss(m, data.val, pad_id, cfg.batch_size)
+            if held_out:
+                out["exact_match"] = task_accuracy(m, tokenizer, held_out, cfg.max_new_tokens)
+            return out
+
+        with without_virtual_tokens(model):  # the base model, not the base plus untrained soft prompts
+            base = {f"base_{k}": v for k, v in evaluate(model).items()}
+        if base:
+            print("sft: base model " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in base.items()), file=sys.stderr)
+        n_tokens = sum(len(e.input_ids) for e in data.train)
+        print(f"sft: {len(data.train)} conversations ({n_tokens:,} tokens), {len(data.val)} held out, "
+              f"{'packed' if cfg.packing else 'padded'} into sequences of <= {max_len} tokens", file=sys.stderr)
+        fused = cfg.train.fused_ce
+        result = stage.fit(model, lambda m, b: sft_loss(m, b, fused), batches, evaluate if base else None)
+        out_dir = stage.save("model" if cfg.peft.method == "none" else "adapter")
+        out = summary(result, out_dir, val_loss=result.get("val_loss"), exact_match=result.get("exact_match"),
+                      **base, train_conversations=len(data.train), truncated=data.truncated,
+                      rejected=len(data.rejected))
+        shown = [f"{k} {out[k]:.4f}" for k in ("base_exact_match", "exact_match", "base_val_loss", "val_loss")
+                 if out.get(k) is not None]
+        print(f"sft: {out['steps']} steps, final loss {out['final_loss']:.4f}; {', '.join(shown)} -> {out_dir}")
         return out
-
-    with without_virtual_tokens(model):  # the base model, not the base plus untrained soft prompts
-        base = {f"base_{k}": v for k, v in evaluate(model).items()}
-    if base:
-        print("sft: base model " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in base.items()), file=sys.stderr)
-    n_tokens = sum(len(e.input_ids) for e in data.train)
-    print(f"sft: {len(data.train)} conversations ({n_tokens:,} tokens), {len(data.val)} held out, "
-          f"{'packed' if cfg.packing else 'padded'} into sequences of <= {max_len} tokens", file=sys.stderr)
-    fused = cfg.train.fused_ce
-    result = stage.fit(model, lambda m, b: sft_loss(m, b, fused), batches, evaluate if base else None)
-    out_dir = stage.save("model" if cfg.peft.method == "none" else "adapter")
-    out = summary(result, out_dir, val_loss=result.get("val_loss"), exact_match=result.get("exact_match"), **base,
-                  train_conversations=len(data.train), truncated=data.truncated, rejected=len(data.rejected))
-    shown = [f"{k} {out[k]:.4f}" for k in ("base_exact_match", "exact_match", "base_val_loss", "val_loss")
-             if out.get(k) is not None]
-    print(f"sft: {out['steps']} steps, final loss {out['final_loss']:.4f}; {', '.join(shown)} -> {out_dir}")
-    return out

@@ -32,6 +32,7 @@ from lmforge.core.config import option, require
 from lmforge.core.errors import LmforgeError
 from lmforge.core.runtime import resolve_device
 from lmforge.model import load_model
+from lmforge.model.quant import QUANTIZE_HELP, Quantize, apply_quantize
 from lmforge.peft.io import load_adapter
 from lmforge.peft.lora import set_adapter
 from lmforge.serve.grammar import Grammars
@@ -80,14 +81,12 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise LmforgeError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                            f"{model.cfg.vocab_size}")
-    if model.cfg.arch == "encdec" or model.cfg.prefix_lm:  # the scheduler prefills causally, decoder-only
-        kind = "an encoder-decoder (model.arch='encdec')" if model.cfg.arch == "encdec" else "a prefix LM"
-        raise LmforgeError(f"serve does not run {kind} yet: its scheduler decodes causal decoder-only models; "
-                           "use lmforge generate, chat or eval for this checkpoint")
     if name in adapters:
         raise LmforgeError(f"adapter name '{name}' is the base model's name; give the adapter another")
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_concurrent=max_concurrent,
                           prefix_cache=prefix_cache, prefill_chunk=prefill_chunk)
+    if scheduler.prefix_cache_off:
+        log.warning("serve: prefix caching is off for this model: %s", scheduler.prefix_cache_off)
     stops = stop_token_ids(tokenizer)
     info = ModelInfo(name, tokenizer, scheduler.context, stops, Grammars(tokenizer, model.cfg.vocab_size, stops),
                      adapters=tuple(adapters))
@@ -127,7 +126,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, name: str, max_batch: int
 
     def model_card(model_id: str) -> dict[str, Any]:  # an adapter's card names its base as `parent` (as vLLM's)
         return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "lmforge",
-                "max_model_len": info.context_length, "root": name, "parent": None if model_id == name else name}
+                "max_model_len": info.context_length, "root": name, "parent": None if model_id == name else name,
+                "prefix_caching": scheduler.prefix is not None}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -284,6 +284,7 @@ class ServeConfig:
                                      "prompt does not stall running streams; 0: whole prompts")
     adapter: list[str] = option(default_factory=list, help="LoRA adapters served beside the base model: NAME=DIR "
                                 "...; a request whose model is NAME is answered by that adapter")
+    quantize: Quantize = option("none", QUANTIZE_HELP)
     device: str = option("auto", "auto, cpu, cuda, ...")
     api_key: str = option("", f"require 'Authorization: Bearer KEY' on /v1/ routes (HTTP 401 otherwise); "
                               f"empty reads ${API_KEY_ENV}, which keeps the key out of the process list")
@@ -350,6 +351,7 @@ def serve_cmd(cfg: ServeConfig) -> int:
     check_address(cfg.host, cfg.port)
     model = load_model(cfg.checkpoint, device=resolve_device(cfg.device))
     adapters = load_adapters(model, cfg.adapter)
+    apply_quantize(model, cfg.quantize, adapter=bool(adapters))
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.checkpoint)
     name = cfg.name or Path(cfg.checkpoint).resolve().name
     policy = policy_of(cfg)

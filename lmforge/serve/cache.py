@@ -22,6 +22,11 @@ position depend on the tokens up to it only (causal attention), so the copied bl
 request would compute itself. Blocks are copied into the request's row rather than shared in place (this
 cache is contiguous per row, not paged), so a block is never pinned by a running request and eviction is
 plain LRU over blocks without cached children.
+
+`SourceCache` is an encoder-decoder's second cache: each slot's cross-attention keys and values of its
+request's encoded source, computed once at admission, beside the decoder's self-attention KV in `SlotCache`.
+A pass over several rows reads their sources up to the longest one, with a [n, S] mask hiding each shorter
+source's padding.
 """
 
 from __future__ import annotations
@@ -197,3 +202,49 @@ class PrefixCache:
                     block.parent.children -= 1
                 return block.slot
         return None
+
+
+class SourceCache:
+    """Per-slot cross-attention K/V of encoded sources: every decoder layer's [slots, KV heads, max_len, dim] keys
+    and values, and each slot's source length. Buffers are made at the first `put` (their shape is the model's)."""
+
+    def __init__(self, slots: int, max_len: int) -> None:
+        self.slots, self.max_len = slots, max_len
+        self.k: torch.Tensor | None = None  # [layers, slots, KV, max_len, dim]
+        self.v: torch.Tensor | None = None
+        self.lengths = [0] * slots
+
+    def put(self, row: int, memory: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep one source's per-layer (k, v) [1, KV, S, dim] in slot `row`."""
+        k0 = memory[0][0]
+        S = k0.shape[-2]
+        if S > self.max_len:
+            raise ValueError(f"a source of {S} tokens does not fit {self.max_len} slots")
+        if self.k is None:
+            shape = (len(memory), self.slots, k0.shape[1], self.max_len, k0.shape[-1])
+            self.k, self.v = k0.new_zeros(shape), k0.new_zeros(shape)
+        for layer, (k, v) in enumerate(memory):
+            self.k[layer, row, :, :S] = k[0]
+            self.v[layer, row, :, :S] = v[0]
+        self.lengths[row] = S
+
+    def move(self, src: int, dst: int) -> None:
+        """Row `src`'s source into row `dst` (the scheduler keeps running rows contiguous)."""
+        S = self.lengths[dst] = self.lengths[src]
+        for buf in (self.k, self.v):
+            buf[:, dst, :, :S] = buf[:, src, :, :S]
+
+    def read(self, rows: list[int]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        """The sources of `rows` as per-layer (k, v) [n, KV, S, dim] (S: the longest of them) and the [n, S] mask
+        of real source tokens (None when every source is S long)."""
+        lengths = [self.lengths[r] for r in rows]
+        S = max(lengths)
+        if rows == list(range(len(rows))):
+            k, v = self.k[:, :len(rows), :, :S], self.v[:, :len(rows), :, :S]
+        else:
+            index = torch.tensor(rows, device=self.k.device)
+            k, v = self.k[:, index, :, :S], self.v[:, index, :, :S]
+        mask = None
+        if min(lengths) < S:
+            mask = torch.arange(S, device=self.k.device)[None, :] < torch.tensor(lengths, device=self.k.device)[:, None]
+        return list(zip(k.unbind(0), v.unbind(0))), mask

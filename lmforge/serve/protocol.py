@@ -31,7 +31,7 @@ from lmforge.generate.sampling import SamplingParams
 from lmforge.serve.grammar import GrammarError, Grammars, response_schema
 from lmforge.serve.reasoning import EFFORTS, effort_budget
 from lmforge.serve.scheduler import Delta, Done, Event, Failed, Job, PromptLogprobs, TokenLogprob
-from lmforge.serve.tools import ToolError, Tools, parse_tools, template_message
+from lmforge.serve.tools import CallStream, ToolError, Tools, parse_tools, template_message
 from lmforge.tasks.reasoning import ThinkSplitter, split_reasoning
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids
@@ -513,6 +513,7 @@ class Choice:
                  tools: Tools | None = None) -> None:
         self.kind, self.index, self.tokenizer, self.with_logprobs = kind, index, tokenizer, logprobs
         self.tools = tools if tools is not None and tools.choice != "none" else None
+        self.calls = CallStream(self.tools) if self.tools is not None else None  # tells content from tool calls
         self.tool_calls: list[dict[str, Any]] = []
         self.content: str | None = None  # the message content once finished (tool calls taken out)
         self.text: list[str] = []
@@ -528,8 +529,9 @@ class Choice:
             return {"content": [], "refusal": None}
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-    def add(self, text: str, entries: list[TokenLogprob]) -> dict[str, Any]:
-        """Append text and its tokens' logprobs; returns this piece as a stream chunk's choice."""
+    def add(self, text: str, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+        """Append text and its tokens' logprobs; returns what it adds as stream chunks' choices (with tools: the
+        content and tool-call deltas `CallStream` can tell apart so far, the logprobs with the first)."""
         self.text.append(text)
         piece: dict[str, Any] = {"index": self.index, "finish_reason": None, "logprobs": None}
         if self.with_logprobs:
@@ -539,10 +541,22 @@ class Choice:
                     self._add_entry(part, e)
                 self.offset += len(self.tokenizer.decode([e.token]))
         if self.splitter is not None:
-            piece["delta"] = _delta(*self.splitter.feed(text))
-        else:
-            piece["text"] = text
-        return piece
+            return self._deltas(piece, *self.splitter.feed(text))
+        piece["text"] = text
+        return [piece]
+
+    def _deltas(self, piece: dict[str, Any], reasoning: str, content: str) -> list[dict[str, Any]]:
+        """Chat stream choices of new reasoning and content text (the content through `CallStream` with tools);
+        the logprobs ride on the first. Nothing when the splitter holds everything back and there are no
+        logprobs."""
+        deltas: list[dict[str, Any]] = [{"reasoning_content": reasoning}] if reasoning else []
+        if self.calls is not None:
+            deltas += self.calls.push(content) if content else []
+        elif content:
+            deltas.append({"content": content})
+        if not deltas and piece["logprobs"] is not None:
+            deltas = [{}] if self.calls is not None else [{"content": ""}]
+        return [{**piece, "delta": d, "logprobs": piece["logprobs"] if k == 0 else None} for k, d in enumerate(deltas)]
 
     def _add_entry(self, out: dict[str, Any], e: TokenLogprob) -> None:
         token = self._token(e.token)
@@ -566,18 +580,22 @@ class Choice:
     def _chat_token(token: tuple[str, bytes], logprob: float | None) -> dict[str, Any]:
         return {"token": token[0], "logprob": logprob, "bytes": list(token[1])}
 
-    def finish(self, reason: str, completion_tokens: int) -> dict[str, str]:
-        """Record the end; returns the delta of what the thinking splitter still held (empty when nothing)."""
+    def finish(self, reason: str, completion_tokens: int) -> list[dict[str, Any]]:
+        """The end: returns the last deltas (what the thinking splitter and, with tools, `CallStream` held back)."""
         self.finish_reason, self.completion_tokens = reason, completion_tokens
         self.content = "".join(self.text)
-        tail = _delta(*self.splitter.finish()) if self.splitter is not None else {}
-        if self.splitter is not None:
-            self.reasoning, self.content = split_reasoning(self.content)
-        if self.tools is not None:
-            self.content, self.tool_calls = self.tools.calls(self.content)
-            if self.tool_calls:
-                self.finish_reason = "tool_calls"
-        return tail if tail.get("content") or tail.get("reasoning_content") else {}
+        if self.splitter is None:
+            return []
+        piece: dict[str, Any] = {"index": self.index, "finish_reason": None, "logprobs": None}
+        deltas = self._deltas(piece, *self.splitter.finish())
+        self.reasoning, self.content = split_reasoning(self.content)
+        if self.calls is None:
+            return deltas
+        deltas += [{**piece, "delta": d} for d in self.calls.finish()]
+        self.content, self.tool_calls = self.calls.content, self.calls.calls
+        if self.tool_calls and reason != "length":
+            self.finish_reason = "tool_calls"
+        return deltas
 
     def message(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": "assistant", "content": self.content}
@@ -618,23 +636,11 @@ class Answer:
             self.echoed[i] = True
             scored = event.entries if isinstance(event, PromptLogprobs) else []
             prompt = self.req.prompts[i // self.req.n]
-            chunks.append(self._chunk([choice.add(self.tokenizer.decode(prompt), scored)]))
+            chunks += [self._chunk([p]) for p in choice.add(self.tokenizer.decode(prompt), scored)]
         if isinstance(event, Delta):
-            piece = choice.add(event.text, event.logprobs)
-            # with tools, the text is held until it can be told from tool calls; a piece the thinking splitter
-            # holds back entirely (part of a tag) goes out with the next one, unless it carries logprobs
-            if choice.tools is None and (piece.get("delta") != {"content": ""} or piece["logprobs"] is not None):
-                chunks.append(self._chunk([piece]))
+            chunks += [self._chunk([p]) for p in choice.add(event.text, event.logprobs)]
         elif isinstance(event, Done):
-            tail = choice.finish(event.finish_reason, event.completion_tokens)
-            if choice.tools is None and tail:
-                chunks.append(self._chunk([{"index": i, "delta": tail, "logprobs": None, "finish_reason": None}]))
-            if choice.tools is not None:
-                delta = {k: v for k, v in choice.message().items() if k != "role" and v is not None}
-                if "tool_calls" in delta:
-                    delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(delta["tool_calls"])]
-                chunks.append(self._chunk([{"index": i, "delta": delta, "logprobs": choice.logprobs,
-                                            "finish_reason": None}]))
+            chunks += [self._chunk([p]) for p in choice.finish(event.finish_reason, event.completion_tokens)]
             chunks.append(self._chunk([self._end(choice)]))
         elif isinstance(event, Failed):
             self.error = event.message
@@ -671,14 +677,6 @@ class Answer:
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.req.kind == "chat" else "text_completion"
         return {"id": self.rid, "object": kind, "created": int(time.time()), "model": self.model, "choices": choices}
-
-
-def _delta(reasoning: str, content: str) -> dict[str, str]:
-    """A chat stream delta: the reasoning text and/or the content text (content "" when there is neither)."""
-    out = {"reasoning_content": reasoning} if reasoning else {}
-    if content or not reasoning:
-        out["content"] = content
-    return out
 
 
 def sse(data: dict[str, Any] | str) -> str:

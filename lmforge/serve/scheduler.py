@@ -29,6 +29,19 @@ scores the prompt's tokens too, from the prefill's logits (such a prompt is pref
 from the prefix cache). Errors stay local: an
 exception while sampling one request fails that request only; an exception in a shared prefill or
 decode step fails the requests in that step, and the loop goes on.
+
+Every architecture the project trains is served, read as `lmforge.generate` reads it:
+
+- a prefix LM (`model.prefix_lm`) prefills each prompt whole, bidirectionally within itself (the same
+  `prefix_len` forward as `lmforge.generate.prompt.prefill_kwargs`), and decodes causally after it. Its
+  prompts are never chunked (a later prompt token changes the keys and values of earlier ones) and never
+  served from the prefix cache (a block's keys and values depend on the whole prompt, not on the tokens
+  up to it): prefix caching is off for it;
+- an encoder-decoder (`model.arch=encdec`) encodes a request's prompt as its source once, at admission,
+  and keeps its cross-attention keys and values in the request's slot (`cache.SourceCache`); its decoder
+  starts from `decoder_start_id` and is decoded like a decoder-only model, rows with sources of different
+  lengths in one pass (padded, masked). Prefix caching is off for it (the decoder's prompt is one token).
+
 A job with a thinking budget (`serve.reasoning.ThinkBudget`) has the tokens of `</think>` fed in place of
 sampled ones once its thinking has used the budget.
 """
@@ -46,10 +59,12 @@ from torch import nn
 
 from lmforge.core.errors import LmforgeError
 from lmforge.generate.processors import History
+from lmforge.generate.prompt import prefill_kwargs
 from lmforge.generate.sampling import SamplingParams, new_generator, sample_next
 from lmforge.generate.stops import StopMatcher
+from lmforge.model.encdec import EncoderDecoder, SourceBound
 from lmforge.peft.lora import lora_layers, set_row_adapters
-from lmforge.serve.cache import BLOCK, PrefixCache, SlotCache, extend_mask
+from lmforge.serve.cache import BLOCK, PrefixCache, SlotCache, SourceCache, extend_mask
 from lmforge.serve.grammar import Constraint
 from lmforge.serve.reasoning import ThinkBudget
 from lmforge.tokenizer import StreamDecoder, Tokenizer
@@ -114,6 +129,8 @@ class Job:
     adapter: str | None = None  # the LoRA adapter that answers (None: the base model)
     think_budget: int | None = None  # tokens of thinking before </think> is forced (None: no cap)
     cancelled: bool = False
+    # an encoder-decoder's prompt, encoded at admission (`prompt` is then the decoder's start)
+    source: list[int] | None = None
     # state kept by the scheduler
     length: int = 0  # tokens in this job's cache row
     decoding: bool = False  # the whole prompt is in the cache
@@ -157,6 +174,18 @@ class Scheduler:
         self.context = model.context_length
         self.device = next(model.parameters()).device
         self.cache = SlotCache(model, max_batch, self.context)
+        self.encdec = isinstance(model, EncoderDecoder)
+        self.prefix_lm = bool(model.cfg.prefix_lm)
+        self.sources = SourceCache(max_batch, model.cfg.max_seq_len) if self.encdec else None
+        # why the prefix cache is off although asked for (the server says so at startup and in /v1/models)
+        self.prefix_cache_off = None
+        if prefix_cache and (self.encdec or self.prefix_lm):
+            self.prefix_cache_off = ("an encoder-decoder's decoder prompt is one start token" if self.encdec else
+                                     "a prefix LM's prompt keys and values depend on the whole prompt")
+            prefix_cache = False
+        if self.prefix_lm and prefill_chunk:
+            log.info("serve: a prefix LM prefills whole prompts (--prefill-chunk %d does not apply)", prefill_chunk)
+            prefill_chunk = 0
         self.prefill_chunk = prefill_chunk
         self.multi_lora = bool(lora_layers(model))
         # several prompts share a pass only where one [n, T] mask says everything: no position bias, and no
@@ -191,6 +220,9 @@ class Scheduler:
                 raise LmforgeError("the prompt is empty")
             if len(job.prompt) >= self.context:
                 raise LmforgeError(f"the prompt has {len(job.prompt)} tokens; the model's context is {self.context}")
+            if self.encdec and job.echo_logprobs:
+                raise LmforgeError("prompt logprobs (echo) need a decoder-only model; this one is an "
+                                   "encoder-decoder, whose prompt is its source")
         with self._cond:
             if self._unfinished + len(jobs) > self.max_concurrent:
                 more = f" (this request needs {len(jobs)})" if len(jobs) > 1 else ""
@@ -252,26 +284,30 @@ class Scheduler:
         self._remove_finished()
 
     def _forward(self, jobs: list[Job], rows: list[int], starts: list[int], chunks: list[list[int]],
-                 full: bool = False) -> torch.Tensor:
+                 full: bool = False, prompts: bool = False) -> torch.Tensor:
         """Run chunk i of tokens at slots starts[i].. of cache row rows[i]. Logits [n, 1, V] at each chunk's last
-        token, or with `full` [n, T, V] at every column (padded columns are garbage)."""
+        token, or with `full` [n, T, V] at every column (padded columns are garbage). `prompts`: the chunks are
+        whole prompts (a prefix LM reads each as its bidirectional prefix)."""
         counts = [len(c) for c in chunks]
         T = max(counts)
         ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=self.device)
         self.cache.extend(rows, starts, counts)
         if self.multi_lora:
             set_row_adapters(self.model, [job.adapter for job in jobs])
+        model, extra = self.model, prefill_kwargs(self.model, len(jobs), counts, self.device) if prompts else {}
+        if self.encdec:  # the decoder over these rows' sources (its hidden states come scaled)
+            model = SourceBound(self.model, *self.sources.read(rows))
         if len(jobs) == 1:  # the model's own causal mask, position bias and window, from slot starts[0]
-            h = self.model(ids, cache=self.cache, start_pos=starts[0], return_hidden=True)
+            h = model(ids, cache=self.cache, start_pos=starts[0], return_hidden=True, **extra)
         else:
             columns = torch.minimum(torch.arange(T, device=self.device)[None, :],
                                     torch.tensor(counts, device=self.device)[:, None] - 1)
             positions = torch.tensor(starts, device=self.device)[:, None] + columns
-            h = self.model(ids, cache=self.cache, start_pos=0, positions=positions, return_hidden=True,
-                           attn_mask=extend_mask(starts, counts, self.device, self.model.cfg.sliding_window))
+            h = model(ids, cache=self.cache, start_pos=0, positions=positions, return_hidden=True,
+                      attn_mask=extend_mask(starts, counts, self.device, self.model.cfg.sliding_window), **extra)
         if not full:  # the head only where a token is sampled: a long prompt's logits would be [T, V]
             h = h[torch.arange(len(jobs), device=self.device), torch.tensor(counts, device=self.device) - 1][:, None]
-        if self.model.cfg.output_scale != 1.0:  # as `Transformer.forward` scales before the head
+        if self.model.cfg.output_scale != 1.0 and not self.encdec:  # as `Transformer.forward` scales before the head
             h = h * self.model.cfg.output_scale
         return self.model.lm_head(h)
 
@@ -336,9 +372,23 @@ class Scheduler:
                 job.bias[list(job.logit_bias)] = torch.tensor(list(job.logit_bias.values()), device=self.device)
             if blocks:
                 self.prefix.load(blocks, row)
+            if self.encdec:
+                try:
+                    self._encode(job, row)
+                except Exception as e:
+                    log.exception("encoding failed")
+                    self._fail(job, f"encoding the prompt failed: {e}")
+                    continue
             job.length = len(blocks) * BLOCK
             self.stats.cached_tokens += job.length
             self.running.append(job)
+
+    def _encode(self, job: Job, row: int) -> None:
+        """An encoder-decoder's prompt becomes its source: encoded once, its cross-attention keys and values kept
+        in slot `row`; the decoder's prompt is `decoder_start_id` (as `lmforge.generate.engine.bind_sources`)."""
+        source = torch.tensor([job.prompt], device=self.device)
+        self.sources.put(row, self.model.memory_kv(self.model.encode(source)))
+        job.source, job.prompt = job.prompt, [self.model.cfg.decoder_start_id]
 
     def _coming(self, job: Job, cached: int) -> bool:
         """Will a prompt being prefilled put more of `job`'s prompt blocks into the prefix cache than `cached`?"""
@@ -370,7 +420,7 @@ class Scheduler:
         try:
             full = any(job.echo_logprobs for job in jobs)
             logits = self._forward(jobs, [r for r, _, _ in batch], [j.length for j in jobs],
-                                   [j.prompt[j.length:j.length + n] for _, j, n in batch], full)
+                                   [j.prompt[j.length:j.length + n] for _, j, n in batch], full, self.prefix_lm)
         except Exception as e:
             log.exception("prefill failed")
             for job in jobs:
@@ -448,7 +498,7 @@ class Scheduler:
             self._send(job, job.matcher.push(job.decoder.flush()) + job.matcher.flush())
         self._end(job)
         self.stats.completed += 1
-        self._send(job, Done(reason, len(job.prompt), job.completion_tokens))
+        self._send(job, Done(reason, len(job.source or job.prompt), job.completion_tokens))
 
     def _fail(self, job: Job, message: str) -> None:
         self._end(job)
@@ -481,6 +531,8 @@ class Scheduler:
             if i != last:
                 moved = self.running[last]
                 self.cache.move(last, i, moved.length)
+                if self.sources is not None:
+                    self.sources.move(last, i)
                 self.running[i] = moved
             self.running.pop()
 

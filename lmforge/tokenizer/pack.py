@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import tokenizers
 from tqdm.auto import tqdm
 
 from lmforge.core.config import option
@@ -36,6 +35,7 @@ from lmforge.data.mixture import concat_shards
 from lmforge.data.readers import Document, read_documents
 from lmforge.data.shards import ShardSet, clear_shard_dir, shard_layout, token_dtype, write_index, write_shard
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer.fast import TextEncoder
 
 T = TypeVar("T")
 
@@ -213,25 +213,26 @@ def document_start(tokenizer: Tokenizer) -> list[int]:
 
 
 def _init_worker(tokenizer_json: str, start: list[int], eos_id: int, dtype: str, in_pool: bool = True) -> None:
-    if in_pool:  # one process per core already: no Rust threads inside each
+    # one process per core in a pool: one text at a time inside each (no Rust threads for the HF fallback);
+    # in this process: all cores
+    if in_pool:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_state.update(tk=tokenizers.Tokenizer.from_str(tokenizer_json), start=start, eos_id=eos_id,
+    _worker_state.update(encoder=TextEncoder(tokenizer_json, threads=1 if in_pool else None),
+                         start=np.asarray(start, np.int64), eos=np.asarray([eos_id], np.int64),
                          dtype=np.dtype(dtype))
 
 
 def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids of all texts, each as start + text + eos, as one array; tokens per text; UTF-8 bytes per text)."""
-    eos_id, start = _worker_state["eos_id"], _worker_state["start"]
-    flat: list[int] = []
-    lengths = np.empty(len(texts), np.int64)
-    for i, encoding in enumerate(_worker_state["tk"].encode_batch_fast(texts, add_special_tokens=False)):
-        ids = encoding.ids
-        flat.extend(start)
-        flat.extend(ids)
-        flat.append(eos_id)
-        lengths[i] = len(start) + len(ids) + 1
+    """(ids of all texts, each as start + text + eos, as one array; tokens per text; UTF-8 bytes per text).
+
+    Texts are plain characters: a special token's text in a document is never read as that token."""
+    start, eos = _worker_state["start"], _worker_state["eos"]
+    pieces: list[np.ndarray] = []
+    for ids in _worker_state["encoder"].encode_batch(texts):
+        pieces += [start, ids, eos]
+    lengths = np.fromiter((len(ids) for ids in pieces[1::3]), np.int64, len(texts)) + len(start) + 1
     n_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), np.int64, len(texts))
-    return np.array(flat, dtype=_worker_state["dtype"]), lengths, n_bytes
+    return np.concatenate(pieces).astype(_worker_state["dtype"]), lengths, n_bytes
 
 
 def _write_shard_job(job: tuple[str, int, str, str, np.ndarray, np.ndarray, int]) -> dict[str, Any]:
@@ -255,8 +256,8 @@ class _Workers:
             _init_worker(*self._init, in_pool=False)
         else:
             # fork where there is one: workers start in milliseconds and a caller's script needs no
-            # `if __name__ == "__main__"` guard (spawn re-imports it); workers rebuild the tokenizer from JSON
-            # and run it single-threaded, so no Rust thread pool state crosses the fork
+            # `if __name__ == "__main__"` guard (spawn re-imports it); workers rebuild the encoder from JSON
+            # and run it single-threaded, so no thread pool state crosses the fork
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.n, mp_context=multiprocessing.get_context(method), initializer=_init_worker,

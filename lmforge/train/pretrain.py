@@ -26,6 +26,7 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.encdec import build_model
 from lmforge.model.io import WEIGHTS_NAME, load_into, load_weights, save_model
 from lmforge.parallel import DistributedRun, ParallelConfig, setup_parallel
+from lmforge.parallel.checkpointing import apply_activation_checkpointing
 from lmforge.parallel.launch import launch_pretrain, under_torchrun
 from lmforge.parallel.run import data_slice
 from lmforge.train.config import TrainConfig
@@ -220,6 +221,10 @@ def _pretrain(cfg: PretrainConfig, run: DistributedRun | None) -> dict[str, Any]
     if cfg.init_from:  # continued pretraining: same shapes, possibly new RoPE scaling / max_seq_len
 
         load_into(model, load_weights(Path(cfg.init_from) / WEIGHTS_NAME), cfg.init_from)
+    if run is None:  # DistributedRun.prepare applies it under torchrun
+        n_ac = apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.ac_every)
+        if n_ac:
+            print(f"pretrain: activation checkpointing on {n_ac} blocks", file=sys.stderr)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"pretrain: {n_params / 1e6:.2f}M parameters, {plan.n_tokens if plan else shards.n_tokens:,} training "
           f"tokens, run dir {run_dir}", file=sys.stderr)
@@ -232,6 +237,10 @@ def _pretrain(cfg: PretrainConfig, run: DistributedRun | None) -> dict[str, Any]
         loss_fn = functools.partial(denoise_loss, aux=with_aux_losses)
     if model_cfg.arch == "encdec":
         evaluate = None  # validation perplexity is a decoder-only measure
+    if evaluate is not None and run is not None and run.pipelined:
+        print("note: no validation with parallel.pipeline > 1 (no process holds the whole model); evaluate "
+              f"{run_dir / 'model'} afterwards", file=sys.stderr)
+        evaluate = None
     hooks = [plan.hook] if plan else []
     if model_cfg.moe_experts:  # expert-utilization metrics, and aux-loss-free bias updates when enabled
 

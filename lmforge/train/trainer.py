@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from lmforge.checkpoint.dcp import load_any_checkpoint
 from lmforge.checkpoint.store import STATE_NAME, checkpoint_name, checkpoints_dir, latest_checkpoint, save_checkpoint
-from lmforge.core.errors import LmforgeError
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.files import dir_lock
 from lmforge.core.runtime import autocast, compile_model, resolve_device, resolve_precision
 from lmforge.parallel.grad import clip_grad_norm
@@ -100,16 +100,17 @@ def forward_backward(model: nn.Module, loss_fn: LossFn, batches: Batches, grad_a
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
-                   scaler: torch.amp.GradScaler | None = None) -> float:
+                   scaler: torch.amp.GradScaler | None = None, norm_group: Any = None) -> float:
     """Clip the global grad norm (unscaled first under fp16), step, zero grads; returns the pre-clip norm.
 
     A non-finite norm (a NaN or inf gradient, even with a finite loss) skips the update: the weights and the
     optimizer state stay as they were (under fp16 the GradScaler does the same and lowers its scale).
+    `norm_group`: the pipeline's process group, whose other stages hold the rest of the gradients.
     """
     if scaler is not None:
         scaler.unscale_(optimizer)
     max_norm = grad_clip if grad_clip > 0 else math.inf
-    norm = clip_grad_norm(model.parameters(), max_norm)  # also sharded (DTensor) gradients
+    norm = clip_grad_norm(model.parameters(), max_norm, norm_group)  # also sharded (DTensor) gradients
     if scaler is None and not math.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         return norm
@@ -180,12 +181,29 @@ def train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainCo
     under another batch geometry); saved with each checkpoint, and a resume that differs is refused naming the key.
     A step whose gradient is not finite is skipped (counted as `skipped_steps` in metrics.jsonl); after
     MAX_SKIPPED_IN_A_ROW in a row the run stops. The run directory is locked (`dir_lock`) while the loop runs.
+    Under pipeline parallelism (parallel.cfg.pipeline > 1) each process trains only its own stages of `model`
+    (`DistributedRun.save_model` gathers the rest): the library's schedule runs forward and backward itself over
+    the micro-batches, calling `loss_fn` on the last stage with a model whose call returns the final hidden
+    states and whose `lm_head` is the model's, so an LM loss of (inputs, targets) batches works unchanged;
+    `evaluate`, fp16 and compile are refused there.
     Returns {"steps", "final_loss", "tokens_seen", "tokens_per_s", **last evaluation}.
     """
     main = parallel is None or parallel.is_main
     with dir_lock(run_dir) if main else contextlib.nullcontext():
         return _train_loop(model, loss_fn, batches, cfg, Path(run_dir), evaluate, resume, count_tokens, desc,
                            on_step_end, parallel, fixed or {})
+
+
+def check_pipeline_loop(cfg: TrainConfig, precision: str, evaluate: Evaluate | None) -> None:
+    """What the loop cannot do yet under pipeline parallelism: one line each, never a silent skip."""
+    if precision == "fp16":
+        raise ConfigError("train.precision=fp16 with parallel.pipeline > 1: the schedule's backward bypasses the "
+                          "loss scaler; use bf16 or fp32")
+    if cfg.compile:
+        raise ConfigError("train.compile with parallel.pipeline > 1 is not supported yet; set train.compile false")
+    if evaluate is not None:
+        raise ConfigError("evaluation with parallel.pipeline > 1 is not supported yet (no stage holds the whole "
+                          "model); evaluate the saved model afterwards")
 
 
 def check_fixed(saved: dict[str, Any], fixed: dict[str, Any], where: Path) -> None:
@@ -208,7 +226,12 @@ def _train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainC
                             else (parallel.load_checkpoint, parallel.save_checkpoint))
     precision = resolve_precision(cfg.precision, device)
     model.to(device).train()
-    forward_model = model if parallel is None else parallel.prepare(model)  # shards before the optimizer sees it
+    pipelined = parallel is not None and parallel.pipelined
+    if pipelined:
+        check_pipeline_loop(cfg, precision, evaluate)
+        model = forward_model = parallel.prepare(model)  # this process's stages, under the whole model's names
+    else:
+        forward_model = model if parallel is None else parallel.prepare(model)  # shards before the optimizer
     optimizer = build_optimizer(model, cfg)
     if parallel is not None:
         parallel.adapt_optimizer(optimizer)
@@ -239,7 +262,7 @@ def _train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainC
     if guard is not None and saved is not None:
         guard.detector.load_state_dict(saved.get("spike_window") or {})
     shrink = (shrink_embedding_gradient(input_embedding(model), cfg.embed_grad_alpha)
-              if cfg.embed_grad_alpha < 1 else None)
+              if cfg.embed_grad_alpha < 1 and not (pipelined and not hasattr(model, "embed")) else None)
     train_model = compile_model(forward_model) if cfg.compile else forward_model
     warmup = resolve_warmup(cfg.warmup_steps, cfg.steps)
 
@@ -265,9 +288,14 @@ def _train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainC
             if guard is not None:
                 guard.before_step(batches)
             t0 = time.perf_counter()
-            stats = forward_backward(train_model, loss_fn, batches, accum, device, precision, scaler,
-                                     count_tokens)
+            if pipelined:  # the schedule runs forward and backward over its micro-batches itself
+                stats = StepStats(*parallel.pipeline.forward_backward(loss_fn, batches, accum, precision,
+                                                                      count_tokens))
+            else:
+                stats = forward_backward(train_model, loss_fn, batches, accum, device, precision, scaler,
+                                         count_tokens)
             if parallel is not None:
+                parallel.sync_grads()
                 stats = parallel.reduce_stats(stats)  # global mean loss and total tokens on every rank
             if guard is not None and guard.is_spike(stats.loss):
                 optimizer.zero_grad(set_to_none=True)
@@ -287,7 +315,8 @@ def _train_loop(model: nn.Module, loss_fn: LossFn, batches: Batches, cfg: TrainC
                 raise LmforgeError(f"step {state.step + 1}: loss is {stats.loss} (training diverged); "
                                    "lower train.lr or raise train.warmup_steps, then resume from the last "
                                    "checkpoint")
-            grad_norm = optimizer_step(model, optimizer, cfg.grad_clip, scaler)
+            grad_norm = optimizer_step(model, optimizer, cfg.grad_clip, scaler,
+                                       parallel.pp_group if pipelined else None)
             if scaler is None and not math.isfinite(grad_norm):
                 state.skipped_steps += 1
                 state.skipped_in_a_row += 1

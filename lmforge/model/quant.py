@@ -1,0 +1,208 @@
+"""Weight-only quantization for inference: `quantize_weights(model, bits)` swaps linear layers for frozen
+int8 / int4 ones (torchao's weight tensors and kernels; `pip install 'lmforge[quant]'`).
+
+Batch-1 decoding reads every weight once per token, so its speed is bandwidth / bytes of weights; int8 reads a
+quarter of fp32's bytes, int4 an eighth (plus one scale per row, or per group of `group_size` inputs).
+Activations stay in the model's dtype ("weight-only"): int8 keeps one scale per output row (torchao
+`Int8WeightOnlyConfig`), int4 one scale and zero point per group of inputs (torchao's CPU int4 layout,
+`_weight_int4pack_mm_for_cpu`; tinygemm's layout on CUDA).
+
+`QuantLinear` is an `nn.Linear` whose weight is the quantized tensor, frozen: its forward is differentiable
+with respect to its input (`quantized_linear`), so an adapter can train on top of it (QLoRA); the backward
+multiplies by the dequantized weight. Embeddings are not quantized by default (a token reads one row of them);
+the LM head is (it is the largest matrix a token reads), unless `head=False`. A tied head is untied by
+quantizing it: the embedding keeps its full-precision copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.core.errors import LmforgeError
+
+Quantize = Literal["none", "int8", "int4"]
+QUANTIZE_HELP = ("weight-only quantization of the linear layers (torchao, `pip install 'lmforge[quant]'`): "
+                 "int8 or int4 weights, activations in the model's dtype; none keeps the weights as loaded")
+INT4_GROUP_SIZES = (128, 64, 32)  # what torchao's int4 kernels accept; the largest dividing in_features is used
+
+
+def _torchao():
+    """torchao's quantization API, or a one-line error naming the extra to install."""
+    # torchao reports its optional CUDA extensions failing to load, and torch a deprecation in how torchao
+    # registers an enum: expected noise on CPU, kept off the user's terminal
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            logging.getLogger("torchao").setLevel(logging.ERROR)
+            pytree_log.setLevel(logging.ERROR)
+            import torchao.quantization as tq
+            from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+    except ImportError as e:
+        raise LmforgeError(f"weight quantization needs torchao ({e}): pip install 'lmforge[quant]'") from None
+    finally:
+        pytree_log.setLevel(level)
+    return tq, PrototypeInt4WeightOnlyConfig
+
+
+@dataclass
+class QuantReport:
+    """What `quantize_weights` did: the layers it quantized and the ones it kept (with why)."""
+
+    bits: int
+    quantized: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        kept = f"; kept {len(self.kept)} in full precision ({', '.join(sorted(set(self.kept.values())))})" \
+            if self.kept else ""
+        return f"int{self.bits} weights: {len(self.quantized)} linear layers quantized{kept}"
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = x W^T + b with a frozen quantized W: forward through the quantized kernel, backward dx = dy W
+    with W dequantized on the fly (nothing is kept between steps)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ dequantize(ctx.weight, grad.dtype), None, None
+
+
+def dequantize(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The full-precision [out, in] matrix of a quantized weight (a plain tensor is returned as it is)."""
+    if type(weight) in (torch.Tensor, nn.Parameter):
+        return weight.to(dtype)
+    if type(weight).dequantize is not torch.Tensor.dequantize:
+        return weight.dequantize().to(dtype)
+    # torchao's CPU int4 tensor has no dequantize: push the identity through its matmul (x W^T with x = I)
+    eye = torch.eye(weight.shape[1], dtype=dtype, device=weight.device)
+    with torch.no_grad():
+        return F.linear(eye, weight).t().contiguous()
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` with a frozen quantized weight, differentiable with respect to `x` (and only `x`)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _QuantMatmul.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class QuantLinear(nn.Linear):
+    """A frozen `nn.Linear` holding a torchao weight-only quantized weight (int8 per row, or int4 per group)."""
+
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor, bits: int) -> None:
+        nn.Module.__init__(self)  # no fresh full-precision weight: the quantized one replaces it
+        self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}"
+
+
+def _quantize_tensor(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """torchao's quantized tensor of a plain [out, in] weight."""
+    tq, Int4Config = _torchao()
+    holder = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    holder.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    config = tq.Int8WeightOnlyConfig() if bits == 8 else Int4Config(group_size=group_size, set_inductor_config=False)
+    tq.quantize_(holder, config)
+    return holder.weight.data
+
+
+def _int4_group(in_features: int, group_size: int) -> int | None:
+    sizes = [g for g in INT4_GROUP_SIZES if g <= group_size and in_features % g == 0]
+    return sizes[0] if sizes else None
+
+
+def quantize_weights(model: nn.Module, bits: int, *, head: bool = True, group_size: int = 128,
+                     skip: tuple[str, ...] = ()) -> QuantReport:
+    """Replace `model`'s `nn.Linear` layers (in place) by frozen `QuantLinear`s with `bits` (8 or 4) weights.
+
+    `head=False` keeps the LM head (`lm_head`) in full precision; `skip` names more layers to keep (a name
+    matches a layer when it is the layer's qualified name or one of its dotted parts, e.g. "router").
+    int4 groups `group_size` inputs per scale (the largest of 128/64/32 up to it that divides the layer's
+    inputs; a layer no group divides, or whose outputs are not a multiple of 16, is kept; CPU only).
+    Embeddings are never quantized. Returns what was done (`QuantReport`)."""
+    if bits not in (8, 4):
+        raise LmforgeError(f"quantize: bits must be 8 or 4, got {bits}")
+    _torchao()
+    devices = {p.device.type for p in model.parameters()}
+    if bits == 4 and devices != {"cpu"}:
+        raise LmforgeError(f"quantize: int4 runs on CPU only here (torchao's CPU int4 kernel); the model is on "
+                           f"{', '.join(sorted(devices))}: use int8")
+    report = QuantReport(bits)
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    for name, linear in targets:
+        parts = name.split(".")
+        if name in skip or any(p in skip for p in parts) or (not head and parts[-1] == "lm_head"):
+            report.kept[name] = "skipped"
+            continue
+        group = _int4_group(linear.in_features, group_size) if bits == 4 else 0
+        if group is None or (bits == 4 and linear.out_features % 16):
+            report.kept[name] = (f"int4 needs in_features a multiple of {INT4_GROUP_SIZES[-1]} "
+                                 "and out_features of 16")
+            continue
+        if linear.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            report.kept[name] = f"weight dtype {linear.weight.dtype}"
+            continue
+        quantized = QuantLinear(linear, _quantize_tensor(linear.weight, bits, group), bits)
+        parent = model.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else model
+        setattr(parent, parts[-1], quantized)
+        report.quantized.append(name)
+    return report
+
+
+def weight_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor's storage takes; for a torchao quantized tensor, its packed data plus its scales."""
+    names = getattr(tensor, "tensor_data_names", None)
+    if names is None:
+        return tensor.numel() * tensor.element_size()
+    names = [*names, *getattr(tensor, "optional_tensor_data_names", [])]
+    inner = [getattr(tensor, n, None) for n in names]
+    return sum(weight_bytes(t) for t in inner if isinstance(t, torch.Tensor))
+
+
+def bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights a batch-1 decode step reads: every linear layer's weight (and bias) whole, and one row
+    of each embedding table. The roofline of decoding is memory bandwidth / this."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += weight_bytes(m.weight) + (weight_bytes(m.bias) if m.bias is not None else 0)
+        elif isinstance(m, nn.Embedding):
+            total += m.weight.shape[1] * m.weight.element_size()
+    return total
+
+
+def apply_quantize(model: nn.Module, mode: Quantize, *, adapter: bool = False) -> QuantReport | None:
+    """What a command's `--quantize` does to the model it loaded: nothing for "none", else `quantize_weights`
+    with its summary on stderr. `adapter`: the command also loaded an adapter, which is refused (merge it first:
+    its layers would stay in full precision on top of quantized ones nobody validated)."""
+    if mode == "none":
+        return None
+    if mode not in ("int8", "int4"):
+        raise LmforgeError(f"quantize: expected none, int8 or int4, got {mode!r}")
+    if adapter:
+        raise LmforgeError("--quantize with an adapter: fold it in first (`lmforge merge-adapter`), then quantize "
+                           "the merged model")
+    report = quantize_weights(model, int(mode[3:]))
+    print(f"lmforge: {report.summary()}", file=sys.stderr)
+    return report

@@ -1,0 +1,103 @@
+"""QLoRA: LoRA on a frozen int8/int4 base (torchao weights): logits near the full-precision base, only the
+adapter learns, the saved adapter applies to the full-precision base, and the options that do not combine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tinymodels import debug_model, random_ids, save_checkpoint, text_tokenizer
+
+from lmforge.cli import main
+from lmforge.core.errors import LmforgeError
+from lmforge.model.quant import QuantLinear, weight_bytes
+from lmforge.peft.config import PeftConfig, apply_peft, load_trained, merge_adapter
+from lmforge.peft.io import save_adapter
+from lmforge.peft.lora import LoraConfig, LoraLinear
+
+pytest.importorskip("torchao")
+
+BOUNDS = {"int8": 0.02, "int4": 0.15}  # |logits - fp32 logits| / max |fp32 logit|, as tests/test_quant.py
+
+
+def qlora(quantize: str, seed: int = 0):
+    model = debug_model(seed=seed)
+    cfg = PeftConfig(method="lora", lora=LoraConfig(r=4, targets=["q_proj", "v_proj", "down_proj"],
+                                                    quantize=quantize))
+    return model, apply_peft(debug_model(seed=seed), cfg), cfg
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_base_logits_within_bound_and_only_the_adapter_learns(quantize):
+    full, model, _ = qlora(quantize)
+    ids = random_ids(length=16)
+    with torch.no_grad():
+        err = (model(ids) - full(ids)).abs().max() / full(ids).abs().max()
+    assert 0 < err <= BOUNDS[quantize], err  # B = 0: the QLoRA model is the quantized base
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(m.quantized for m in layers)
+    assert any(isinstance(m, QuantLinear) for m in model.modules())  # the non-target linears too
+    assert not isinstance(model.lm_head, QuantLinear)  # the fused loss reads lm_head.weight
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    target = random_ids(seed=2, length=16)
+    losses = []
+    for _ in range(25):
+        loss = F.cross_entropy(model(ids).flatten(0, 1), target.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses  # seeded: ~5.6 -> ~4.5 on a fixed batch
+
+
+def test_base_memory_and_the_adapter_applies_to_the_full_precision_base(tmp_path):
+    full, model, cfg = qlora("int8")
+    fp32 = sum(p.numel() * 4 for n, m in full.named_modules() if type(m) is torch.nn.Linear
+               and n != "lm_head" for p in [m.weight])
+    held = sum(weight_bytes(m.weight) for n, m in model.named_modules()
+               if isinstance(m, (QuantLinear, LoraLinear)) and n != "lm_head")
+    assert held < 0.3 * fp32  # int8 + one scale per row
+    for m in model.modules():  # a trained adapter: random B
+        if isinstance(m, LoraLinear):
+            for part in m.adapters["default"].values():
+                torch.nn.init.normal_(part.lora_B.weight, std=0.05)
+    save_adapter(model, tmp_path / "adapter", cfg.lora)
+    base_dir = save_checkpoint(debug_model(), text_tokenizer(), tmp_path / "base")
+    exact = load_trained(base_dir, tmp_path / "adapter")  # the adapter on the full-precision base
+    ids = random_ids(length=16)
+    with torch.no_grad():
+        expected, got = exact(ids), model(ids)
+        assert (got - expected).abs().max() / expected.abs().max() <= BOUNDS["int8"]
+        merged = merge_adapter(model)  # in memory: dequantized base + delta, plain full-precision layers
+        assert not any(isinstance(m, (QuantLinear, LoraLinear)) for n, m in merged.named_modules()
+                       if n.endswith(("q_proj", "v_proj", "down_proj", "attn.q", "attn.qkv")))
+        torch.testing.assert_close(merged(ids), got, rtol=1e-4, atol=1e-4)
+
+
+def test_options_that_do_not_combine_are_errors():
+    with pytest.raises(LmforgeError, match="lora.quantize must be none with lora.dora"):
+        LoraConfig(dora=True, quantize="int8")
+    with pytest.raises(LmforgeError, match="needs peft.method lora"):
+        apply_peft(debug_model(), PeftConfig(method="adapter", lora=LoraConfig(quantize="int4")))
+
+
+def test_sft_with_a_quantized_base_from_the_cli(tmp_path):
+    tok = text_tokenizer()
+    base_dir = save_checkpoint(debug_model(tok.vocab_size), tok, tmp_path / "base")
+    conversations = tmp_path / "chats.jsonl"
+    conversations.write_text("".join(json.dumps({"instruction": f"say {w}", "output": f"{w} {w}"}) + "\n"
+                                     for w in ["red", "green", "blue", "warm", "cold", "dark"] * 4))
+    code = main(["sft", "--checkpoint", str(base_dir), "--data", str(conversations), "--run_dir",
+                 str(tmp_path / "sft"), "--peft.method", "lora", "--peft.lora.quantize", "int8",
+                 "--train.steps", "3", "--train.device", "cpu", "--max_len", "32", "--eval_tasks", "0"])
+    assert code == 0
+    adapter = tmp_path / "sft" / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert main(["merge-adapter", "--checkpoint", str(base_dir), "--adapter", str(adapter), "--output",
+                 str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
