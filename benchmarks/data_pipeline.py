@@ -4,9 +4,13 @@ FineWeb -> MinHash (5-grams, 14 x 8), both with a 2-process local executor, one 
 The corpus (>= 100k documents) is built from tinyshakespeare and the Python stdlib (code and pydoc
 topics): random spans of 8-40 lines, perturbed (word substitutions, boilerplate, shouting, lorem ipsum),
 so filters and near-duplicate removal both have work. Prints docs/s for both, the ratio, and how often
-the two agree on keep/remove, per filter chain and end to end (with dedup).
+the two agree on keep/remove, per filter chain and end to end (with dedup), and appends the rows to
+benchmarks/RESULTS.md with the machine's load average at the start.
 
-    .venv/bin/python benchmarks/data_pipeline.py --docs 100000 --workers 2
+Two layouts: `many` files (one shard per file for both tools) and `one` large file, which lmforge splits
+into byte ranges (`split_bytes`) so every worker has work, while datatrove reads a file in one task.
+
+    .venv/bin/python benchmarks/data_pipeline.py --docs 100000 --workers 2 --layout both
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import random
 import time
 from pathlib import Path
 
-from common import machine_line, scratch_dir, table
+from common import append_results, machine_line, scratch_dir, table
 from textdata import SHAKESPEARE  # tests/, on the import path through common
 
 from lmforge.data.corpus import pydoc_topic_documents, stdlib_code_documents
@@ -57,10 +61,11 @@ def build_corpus(out: Path, n_docs: int, n_files: int, seed: int = 0) -> list[Pa
     return files
 
 
-def run_lmforge(inputs: Path, out: Path, workers: int) -> tuple[float, set[str], set[str], dict[str, str]]:
+def run_lmforge(inputs: Path, out: Path, workers: int, split_bytes: int = 64 << 20
+                ) -> tuple[float, set[str], set[str], dict[str, str]]:
     steps = [make_step(n) for n in ("gopher_repetition", "gopher_quality", "c4", "fineweb", "minhash")]
     start = time.perf_counter()
-    Pipeline(steps, workers=workers, progress=False).run([inputs], out)
+    Pipeline(steps, workers=workers, progress=False, split_bytes=split_bytes).run([inputs], out)
     seconds = time.perf_counter() - start
     kept = {json.loads(line)["id"] for f in (out / "kept").glob("*.jsonl") for line in open(f)}
     rejects = out / "rejects" / "minhash.jsonl"
@@ -127,7 +132,7 @@ def run_datatrove(inputs: Path, out: Path, workers: int, n_files: int
             if r["metadata"].get("minhash_cluster_id", -1) >= 0:
                 cluster[r["id"]] = r["metadata"]["minhash_cluster_id"]
     keeper = {c: i for i, c in cluster.items() if i in kept}
-    return seconds, filtered, kept, {i: keeper[c] for i, c in cluster.items()}
+    return seconds, filtered, kept, {i: keeper.get(c, f"cluster {c}") for i, c in cluster.items()}
 
 
 def breakdown(ids: list[str], lm: tuple[set[str], set[str], dict[str, str]],
@@ -154,37 +159,55 @@ def breakdown(ids: list[str], lm: tuple[set[str], set[str], dict[str, str]],
     return out
 
 
+def compare(tmp: Path, n_docs: int, n_files: int, workers: int, split_parts: int) -> list[tuple[str, ...]]:
+    """Build the corpus in `n_files` files, run both tools, return the table rows."""
+    (tmp / "in").mkdir()
+    files = build_corpus(tmp / "in", n_docs, n_files)
+    size = sum(f.stat().st_size for f in files)
+    ids = [f"doc{i}" for i in range(n_docs)]
+    split = size // split_parts + 1 if n_files == 1 else 64 << 20
+    lm_s, lm_filtered, lm_kept, lm_clusters = run_lmforge(tmp / "in", tmp / "lmforge", workers, split)
+    dt_s, dt_filtered, dt_kept, dt_clusters = run_datatrove(tmp / "in", tmp / "datatrove", workers, n_files)
+    why = breakdown(ids, (lm_filtered, lm_kept, lm_clusters), (dt_filtered, dt_kept, dt_clusters))
+    agree_filters = sum((i in lm_filtered) == (i in dt_filtered) for i in ids) / len(ids)
+    agree_all = sum((i in lm_kept) == (i in dt_kept) for i in ids) / len(ids)
+    layout = (f"1 file of {size / 2**20:.0f} MiB (lmforge: {split_parts} byte ranges)" if n_files == 1
+              else f"{n_files} files")
+    return [
+        (f"documents/s (filters + MinHash), {layout}", f"{n_docs / lm_s:,.0f}", f"{n_docs / dt_s:,.0f}",
+         f"{dt_s / lm_s:.2f}x"),
+        (f"wall time, s, {layout}", f"{lm_s:.1f}", f"{dt_s:.1f}", f"{dt_s / lm_s:.2f}x"),
+        (f"docs passing the 4 filters, {layout}", f"{len(lm_filtered):,}", f"{len(dt_filtered):,}", "-"),
+        (f"docs kept after MinHash, {layout}", f"{len(lm_kept):,}", f"{len(dt_kept):,}", "-"),
+        (f"decision agreement, filters, {layout}", f"{agree_filters:.2%}", "-", "-"),
+        (f"decision agreement, filters + MinHash, {layout}", f"{agree_all:.2%}", "-", "-"),
+        *((f"decisions differing: {k}, {layout}", f"{v:,}", "-", "-") for k, v in why.items()),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=100_000)
-    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--files", type=int, default=8, help="files of the 'many' layout")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--layout", choices=("one", "many", "both"), default="both")
+    parser.add_argument("--split_parts", type=int, default=8, help="byte ranges lmforge cuts the one file into")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "RESULTS.md",
+                        help="append the rows here ('' : print only)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with scratch_dir("lmforge-bench-data-", keep=args.keep) as tmp:
-        (tmp / "in").mkdir()
-        build_corpus(tmp / "in", args.docs, args.files)
-        ids = [f"doc{i}" for i in range(args.docs)]
-        lm_s, lm_filtered, lm_kept, lm_clusters = run_lmforge(tmp / "in", tmp / "lmforge", args.workers)
-        dt_s, dt_filtered, dt_kept, dt_clusters = run_datatrove(tmp / "in", tmp / "datatrove", args.workers,
-                                                                args.files)
-        why = breakdown(ids, (lm_filtered, lm_kept, lm_clusters), (dt_filtered, dt_kept, dt_clusters))
-        agree_filters = sum((i in lm_filtered) == (i in dt_filtered) for i in ids) / len(ids)
-        agree_all = sum((i in lm_kept) == (i in dt_kept) for i in ids) / len(ids)
-        machine = machine_line(parallel=f"{args.workers} workers")
-        command = f"benchmarks/data_pipeline.py --docs {args.docs} --workers {args.workers}"
-        rows = [
-            ("documents/s (filters + MinHash)", f"{args.docs / lm_s:,.0f}", f"{args.docs / dt_s:,.0f}",
-             f"{dt_s / lm_s:.2f}x"),
-            ("wall time, s", f"{lm_s:.1f}", f"{dt_s:.1f}", f"{dt_s / lm_s:.2f}x"),
-            ("docs passing the 4 filters", f"{len(lm_filtered):,}", f"{len(dt_filtered):,}", "-"),
-            ("docs kept after MinHash", f"{len(lm_kept):,}", f"{len(dt_kept):,}", "-"),
-            ("decision agreement, filters", f"{agree_filters:.2%}", "-", "-"),
-            ("decision agreement, filters + MinHash", f"{agree_all:.2%}", "-", "-"),
-            *((f"decisions differing: {k}", f"{v:,}", "-", "-") for k, v in why.items()),
-        ]
-        print(table(rows, machine, command, peer="datatrove", numeric=True))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    machine = machine_line(parallel=f"{args.workers} workers", extra=f"load average {load:.1f} at start")
+    command = (f"benchmarks/data_pipeline.py --docs {args.docs} --workers {args.workers} --layout {args.layout} "
+               f"--files {args.files} --split_parts {args.split_parts}")
+    rows: list[tuple[str, ...]] = []
+    for n_files in {"one": [1], "many": [args.files], "both": [1, args.files]}[args.layout]:
+        with scratch_dir("lmforge-bench-data-", keep=args.keep) as tmp:
+            rows += compare(tmp, args.docs, n_files, args.workers, args.split_parts)
+    print(table(rows, machine, command, peer="datatrove", numeric=True))
+    if str(args.results):
+        append_results(args.results, rows, machine, command)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ COMMANDS: dict[str, Command] = {
                                     "write a shard set as a Megatron-LM .bin/.idx indexed dataset"),
     "data clean": Command("lmforge.data.pipeline", "CleanConfig", "clean_cmd",
                           "filter, de-duplicate and redact documents (kept/, rejects/, stats.json, report.md)"),
+    "data train-classifier": Command("lmforge.data.filters.classifier", "TrainClassifierConfig",
+                                     "train_classifier_cmd", "train a hashed n-gram classifier (toxicity, quality) "
+                                     "from labelled examples; precision/recall on held-out labels"),
     "pretrain": Command("lmforge.train.pretrain", "PretrainConfig", "pretrain",
                         "pretrain a model on token shards"),
     "plan": Command("lmforge.parallel.plan", "PlanConfig", "plan_cmd",
@@ -46,6 +49,8 @@ COMMANDS: dict[str, Command] = {
                    "supervised fine-tuning on conversations / synthetic tasks (loss on assistant tokens, packing)"),
     "rejection-sample": Command("lmforge.posttrain.rejection", "RejectionConfig", "run_rejection",
                                 "best-of-N sampling scored by a verifier or reward model, then SFT on the winners"),
+    "rlhf": Command("lmforge.posttrain.iterative", "IterativeRlhfConfig", "run_iterative_rlhf",
+                    "LLaMA 2's iterative RLHF: K rounds of rejection sampling, fine-tuning and PPO with one reward"),
     "self-instruct": Command("lmforge.posttrain.self_instruct", "SelfInstructConfig", "run_self_instruct",
                              "Self-Instruct / Alpaca: generate, filter (ROUGE-L, keywords) and write instructions"),
     "eval": Command("lmforge.eval.perplexity", "EvalConfig", "eval_cmd",

@@ -161,7 +161,7 @@ def test_hashed_logistic_regression_quality_classifier(tmp_path):
         len(test_good) + len(test_other))
     print(f"classifier held-out accuracy {accuracy:.3f}")
     assert accuracy >= 0.9
-    path = tmp_path / "clf.npz"
+    path = tmp_path / "clf.safetensors"
     clf.save(path)
     step = ClassifierFilter(model=str(path))
     d = doc(test_good[0])

@@ -36,6 +36,14 @@ def test_dpo_loss_is_the_tested_loss():
         torch.testing.assert_close(got, want)
 
 
+def test_heldout_standard_errors_on_hand_computed_numbers():
+    chosen, rejected = torch.tensor([1.0, 0.0, 3.0]), torch.tensor([0.0, 1.0, 1.0])  # margins 1, -1, 2
+    err = dpo.preference_stderrs(chosen, rejected, chosen, rejected)
+    assert err["preference_accuracy_stderr"] == pytest.approx(((2 / 3) * (1 / 3) / 2) ** 0.5)  # p = 2/3, n = 3
+    assert err["logp_margin_stderr"] == pytest.approx((((1 / 3) ** 2 + (5 / 3) ** 2 + (4 / 3) ** 2) / 2 / 3) ** 0.5)
+    assert dpo.preference_stderrs(*[torch.tensor([1.0])] * 4)["logp_margin_stderr"] == 0.0  # one pair: no spread
+
+
 def test_reference_runs_only_before_training_and_margin_rises(checkpoint, tmp_path, monkeypatch):
     calls = []
     real = dpo.precompute_logps
@@ -50,6 +58,7 @@ def test_reference_runs_only_before_training_and_margin_rises(checkpoint, tmp_pa
     assert ref_calls == [72, 24] and len(calls) == 4  # ref x2, policy before + after; none per step
     assert out["heldout_logp_margin"] > out["heldout_logp_margin_before"] + 1.0, out
     assert out["heldout_preference_accuracy"] >= 0.75 and out["heldout_reward_accuracy"] >= 0.75
+    assert 0 < out["heldout_logp_margin_stderr"] < out["heldout_logp_margin"]  # the report's error bars
 
 
 def test_ref_forward_is_never_called_in_the_loop(checkpoint, tmp_path, monkeypatch):

@@ -70,3 +70,32 @@ def test_margin_loss_and_cli_bad_data(checkpoint, tmp_path, capsys):
     assert code != 0 and "bad.jsonl:1" in err and "Traceback" not in err
     code = main(["reward", "--run_dir", str(tmp_path / "r2")])
     assert code != 0 and "checkpoint" in capsys.readouterr().err
+
+
+def test_ratings_become_per_pair_margins_llama2_style(checkpoint, tmp_path, capsys):
+    from lmforge.data.formats import read_preference_pairs
+    from lmforge.posttrain.pairs import EncodedPair, PairBatches, encode_pairs
+    from lmforge.posttrain.reward import pair_margins
+
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": "bad", "rating": rating}
+            for i, rating in enumerate(["significantly better", "Better", "slightly better", "unsure", 3, None])]
+    path = tmp_path / "rated.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n" for r in rows))
+    pairs = read_preference_pairs(path)
+    assert [p.rating for p in pairs[:5]] == pytest.approx([1, 2 / 3, 1 / 3, 0, 1]) and pairs[5].rating is None
+    encoded = encode_pairs(tiny_tokenizer(), pairs, 32)
+    assert pair_margins(encoded, 0.25, 3.0).tolist() == pytest.approx([3, 2, 1, 0, 3, 0.25])  # LLaMA 2 "large"
+    assert pair_margins(encoded, 0.25, 0.0).tolist() == pytest.approx([0.25] * 6)  # ratings ignored
+    assert pair_margins(encoded[3:4], 0.0, 1.0) is None
+    margins = pair_margins(encoded, 0.0, 1.0)
+    batch = PairBatches(encoded, 3, 0, seed=1, extra={"margin": margins}).next_batch()
+    first_ids = batch["input_ids"][:3]  # the margin travels with its own pair through the shuffle
+    for row, m in zip(first_ids, batch["margin"]):
+        index = next(i for i, e in enumerate(encoded) if row[:len(e.chosen.input_ids)].tolist() ==
+                     list(e.chosen.input_ids))
+        assert m.item() == pytest.approx(margins[index].item())
+    assert isinstance(encoded[0], EncodedPair)
+    path.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "rating": "much better"}) + "\n")
+    code = main(["reward", "--checkpoint", str(checkpoint), "--data", str(path), "--run_dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code != 0 and "rated.jsonl:1" in err and "field 'rating'" in err

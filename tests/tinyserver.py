@@ -22,10 +22,10 @@ CONTEXT = 128
 
 
 @contextmanager
-def serving(directory: Path, **app_kwargs: Any) -> Iterator[tuple[Any, Any, Tokenizer]]:
+def serving(directory: Path, context: int = CONTEXT, **app_kwargs: Any) -> Iterator[tuple[Any, Any, Tokenizer]]:
     """Save a tiny random model + tokenizer to `directory`, load it back, serve it; yields (server, model, tok)."""
     tok = text_tokenizer()
-    save_checkpoint(mha_model(tok.vocab_size, seed=3, init_std=0.2, max_seq_len=CONTEXT), tok, directory)
+    save_checkpoint(mha_model(tok.vocab_size, seed=3, init_std=0.2, max_seq_len=context), tok, directory)
     model, tok = load_model(directory), Tokenizer.load(directory)
     with BackgroundServer(create_app(model, tok, NAME, **app_kwargs)) as server:
         yield server, model, tok

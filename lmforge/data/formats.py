@@ -15,6 +15,7 @@ the field, so a user can fix the data without a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class PreferencePair:
     chosen: str
     rejected: str
     source: str
+    rating: float | None = None  # how strongly chosen was preferred, in [0, 1] (`preference_rating`); None = unrated
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,6 +343,26 @@ def _pair(prompt: list[Message], chosen: str, rejected: str, source: str) -> Pre
     return PreferencePair(prompt, chosen, rejected, source)
 
 
+# LLaMA 2's four-level preference scale (Touvron et al. 2023, sec. 3.2.1) and the "small" margin of its
+# Table 28, m(r) in {1, 2/3, 1/3, 0}: the reward model must separate strongly preferred pairs further.
+RATING_LEVELS = {"significantly better": 1.0, "better": 2 / 3, "slightly better": 1 / 3, "negligibly better": 0.0,
+                 "unsure": 0.0}
+
+
+def preference_rating(record: dict[str, Any], source: str) -> float | None:
+    """The strength of a pair's preference in [0, 1] from its optional `rating` field: one of LLaMA 2's levels
+    (significantly better, better, slightly better, negligibly better / unsure) or the level as a number 0-3."""
+    value = record.get("rating")
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() in RATING_LEVELS:
+        return RATING_LEVELS[value.strip().lower()]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 3:
+        return float(value) / 3
+    raise BadRecord(source, f"field 'rating' must be one of {', '.join(RATING_LEVELS)} or a number in [0, 3], "
+                            f"got {value!r}")
+
+
 PREFERENCE_FORMATS: dict[str, Callable[[dict[str, Any], str], PreferencePair]] = {
     "hh-rlhf": hh_pair, "shp": shp_pair, "pku": pku_pair, "se": se_pair, "plain": plain_pair,
 }
@@ -363,6 +385,9 @@ def detect_preference_format(record: dict[str, Any], source: str) -> str:
 
 
 def read_preference_pairs(path: str | Path, format: str = "auto") -> list[PreferencePair]:
-    """All preference pairs in `path` (file or directory)."""
-    return [pair for _, pair in _parse_records(path, format, PREFERENCE_FORMATS, detect_preference_format,
-                                               "preference")]
+    """All preference pairs in `path` (file or directory), each with its `rating` when the record has one."""
+    rated = {**PREFERENCE_FORMATS}
+    for name, parse in PREFERENCE_FORMATS.items():
+        rated[name] = lambda record, source, parse=parse: dataclasses.replace(
+            parse(record, source), rating=preference_rating(record, source))
+    return [pair for _, pair in _parse_records(path, format, rated, detect_preference_format, "preference")]

@@ -9,10 +9,13 @@ Output layout (stable):
                                    documents between stages keep their input's "source" (file:line) for rejects
     OUT/.lock                      held by the running `data clean` (one owner per OUT)
 
-A shard is one input file. Steps between barriers stream in one pass per shard; a barrier (global
-dedup) splits the run into stages: stage k's shards all finish, the barrier resolves over every
-shard's keys, then stage k+1 applies its decision. A shard's marker is written last and atomically,
-so a killed run resumes at the first shard without one.
+A shard is one input file, or one part of a file larger than `split_bytes` (a byte range of an
+uncompressed JSONL file, a run of Parquet row groups: `readers.split_input`); parts are numbered in
+file order, so the kept and rejects files, read in shard order, are the unsplit run's byte for byte.
+Steps between barriers stream in one pass per shard; a barrier (global dedup) splits the run into
+stages: stage k's shards all finish, the barrier resolves over every shard's keys, then stage k+1
+applies its decision. A shard's marker is written last and atomically, so a killed run resumes at the
+first shard without one.
 """
 
 from __future__ import annotations
@@ -37,7 +40,15 @@ from lmforge.core.config import from_dict, option, suggest
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.files import atomic_write, atomic_write_json, atomic_write_text, dir_lock, writable_dir
 from lmforge.data.executors import ExecutorName, map_shards
-from lmforge.data.readers import BadRecord, Document, InvalidUTF8, iter_input_files, iter_records
+from lmforge.data.readers import (
+    BadRecord,
+    Document,
+    InputPart,
+    InvalidUTF8,
+    iter_input_files,
+    iter_records,
+    split_input,
+)
 from lmforge.data.steps import Barrier, Step
 from lmforge.data.writers import JsonlWriter, document_record
 
@@ -48,8 +59,12 @@ STEPS: dict[str, str] = {
     "c4": "lmforge.data.filters.c4:C4Quality",
     "fineweb": "lmforge.data.filters.fineweb:FineWebQuality",
     "keyword": "lmforge.data.filters.keyword:KeywordFilter",
+    "url": "lmforge.data.filters.url:URLFilter",
+    "gutenberg": "lmforge.data.filters.gutenberg:GutenbergFilter",
+    "code": "lmforge.data.filters.code:CodeFilter",
     "perplexity": "lmforge.data.filters.perplexity:PerplexityFilter",
     "classifier": "lmforge.data.filters.classifier:ClassifierFilter",
+    "toxicity": "lmforge.data.filters.toxicity:ToxicityFilter",
     "exact_dedup": "lmforge.data.dedup.exact:ExactDedup",
     "minhash": "lmforge.data.dedup.minhash:MinHashDedup",
     "line_dedup": "lmforge.data.dedup.lines:LineDedup",
@@ -140,6 +155,7 @@ class ShardTask:
     invalid_utf8: InvalidUTF8 = "reject"
     max_doc_chars: int = 10_000_000
     carry_source: bool = False  # output is a work file: keep each document's input file:line for later stages
+    part: InputPart | None = None  # stage 0: the part of the input file this shard reads (None: all of it)
 
 
 def run_shard(task: ShardTask) -> dict[str, Any]:
@@ -189,7 +205,8 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
                     keys.append(task.barrier.key(doc))
                     ids.append(doc.id)
                 kept.write(document_record(doc, source=doc.source) if task.carry_source else document_record(doc))
-        if task.first and n_read == 0 and not stats[READ_STEP]["reasons"]:
+        whole_file = task.part is None or task.part.whole
+        if task.first and n_read == 0 and not stats[READ_STEP]["reasons"] and whole_file:
             warnings.append(f"{task.input}: no documents (empty file)")
         for label, step in zip(task.labels, task.steps):
             stats[label]["counters"].update(step.pop_counters())
@@ -274,7 +291,7 @@ def _shard_documents(task: ShardTask, reject: Any, read_stats: dict[str, Any], f
         yield from read_work_file(task.input)
         return
     try:
-        for item in iter_records(task.input, task.text_field, task.id_field, task.invalid_utf8):
+        for item in iter_records(task.input, task.text_field, task.id_field, task.invalid_utf8, task.part):
             if isinstance(item, BadRecord):
                 read_stats["docs_in"] += 1
                 reject(READ_STEP, Document(id=item.source, text=item.raw, source=item.source), item.problem)
@@ -324,12 +341,13 @@ class Pipeline:
     compress: write kept shards as .jsonl.zst. invalid_utf8: "reject" a bad record or "repair" it
     (U+FFFD, counted in metadata). max_doc_chars: longer documents are rejected at read time.
     overwrite: clear an OUT holding a run of a different step list instead of refusing.
+    split_bytes: an input file larger than this is read as several shards (0: one shard per file).
     """
 
     def __init__(self, steps: Sequence[Step], workers: int = 0, executor: ExecutorName = "local",
                  compress: bool = False, text_field: str = "text", id_field: str = "id",
                  invalid_utf8: InvalidUTF8 = "reject", max_doc_chars: int = 10_000_000,
-                 overwrite: bool = False, progress: bool = True) -> None:
+                 overwrite: bool = False, progress: bool = True, split_bytes: int = 64 << 20) -> None:
         if not steps:
             raise ConfigError("a pipeline needs at least one step")
         self.steps = list(steps)
@@ -337,6 +355,7 @@ class Pipeline:
         self.workers, self.executor, self.compress = workers, executor, compress
         self.text_field, self.id_field, self.invalid_utf8 = text_field, id_field, invalid_utf8
         self.max_doc_chars, self.overwrite, self.progress = max_doc_chars, overwrite, progress
+        self.split_bytes = split_bytes
 
     def stages(self) -> list[tuple[list[int], int | None]]:
         """Step indices per stage: (streaming steps, the barrier ending the stage or None)."""
@@ -353,7 +372,8 @@ class Pipeline:
 
     def fingerprint(self) -> str:
         desc = repr([(label, step) for label, step in zip(self.labels, self.steps)])
-        desc += repr((self.text_field, self.id_field, self.invalid_utf8, self.max_doc_chars, self.compress))
+        desc += repr((self.text_field, self.id_field, self.invalid_utf8, self.max_doc_chars, self.compress,
+                      self.split_bytes))
         return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
     def run(self, inputs: Sequence[str | Path] | str | Path, output: str | Path) -> dict[str, Any]:
@@ -366,7 +386,9 @@ class Pipeline:
         start = time.perf_counter()
         work = output / ".work"
         self._claim(output, work, files)
-        shards = [f"{i:05d}-{_slug(p)}" for i, p in enumerate(files)]
+        parts = [part for f in files for part in split_input(f, self.split_bytes)]
+        index = {f: i for i, f in enumerate(files)}
+        shards = [f"{index[p.path]:05d}-{_slug(p.path)}" + ("" if p.whole else f"-part{p.index:05d}") for p in parts]
         suffix = ".jsonl.zst" if self.compress else ".jsonl"
         stages = self.stages()
         results: list[list[dict[str, Any]]] = []
@@ -378,14 +400,14 @@ class Pipeline:
             for s, shard in enumerate(shards):
                 tasks.append(ShardTask(
                     stage=k, shard=shard, first=k == 0,
-                    input=files[s] if k == 0 else work / f"stage{k - 1}" / f"{shard}.jsonl",
+                    input=parts[s].path if k == 0 else work / f"stage{k - 1}" / f"{shard}.jsonl",
                     labels=[self.labels[i] for i in streaming], steps=[self.steps[i] for i in streaming],
                     apply=(self.labels[prev], self.steps[prev], plans[s]) if prev is not None and plans else None,
                     barrier=self.steps[barrier_idx] if barrier_idx is not None else None,
                     output=(output / "kept" / f"{shard}{suffix}") if last else work / f"stage{k}" / f"{shard}.jsonl",
                     rejects=work / f"stage{k}" / "rejects" / shard, marker=work / f"stage{k}" / f"{shard}.done.json",
                     text_field=self.text_field, id_field=self.id_field, invalid_utf8=self.invalid_utf8,
-                    max_doc_chars=self.max_doc_chars, carry_source=not last))
+                    max_doc_chars=self.max_doc_chars, carry_source=not last, part=parts[s] if k == 0 else None))
             names = [self.labels[i] for i in streaming] + ([self.labels[barrier_idx]] if barrier_idx is not None
                                                            else [])
             results.append(self._run_stage(tasks, f"stage {k + 1}/{len(stages)} [{', '.join(names) or '-'}]"))
@@ -396,7 +418,7 @@ class Pipeline:
                     keys.append(shard_keys)
                     ids.append(shard_ids)
                 plans = self.steps[barrier_idx].resolve(keys, ids)
-        stats = self._finish(output, work, results, len(files), time.perf_counter() - start)
+        stats = self._finish(output, work, results, (len(files), len(parts)), time.perf_counter() - start)
         return stats
 
     def _run_stage(self, tasks: list[ShardTask], desc: str) -> list[dict[str, Any]]:
@@ -437,7 +459,7 @@ class Pipeline:
         atomic_write_json(run_file, {"fingerprint": fingerprint, "inputs": inputs,
                                      "steps": [[label, repr(step)] for label, step in zip(self.labels, self.steps)]})
 
-    def _finish(self, output: Path, work: Path, results: list[list[dict[str, Any]]], n_files: int,
+    def _finish(self, output: Path, work: Path, results: list[list[dict[str, Any]]], n_inputs: tuple[int, int],
                 seconds: float) -> dict[str, Any]:
         """Merge per-shard stats and rejects into OUT/stats.json, OUT/report.md and OUT/rejects/<step>.jsonl."""
         order = [READ_STEP, *self.labels]
@@ -454,7 +476,7 @@ class Pipeline:
         _merge_rejects(output, work, len(results), order)
         kept_docs = merged[self.labels[-1]]["docs_out"]
         stats = {
-            "inputs": n_files, "seconds": round(seconds, 3),
+            "inputs": n_inputs[0], "shards": n_inputs[1], "seconds": round(seconds, 3),
             "docs_in": merged[READ_STEP]["docs_in"], "chars_in": merged[READ_STEP]["chars_in"],
             "docs_kept": kept_docs, "chars_kept": merged[self.labels[-1]]["chars_out"],
             "docs_per_second": round(merged[READ_STEP]["docs_in"] / max(seconds, 1e-9), 1),
@@ -582,6 +604,8 @@ class CleanConfig:
     workers: int = option(0, help="processes (0: all cores)")
     executor: Literal["local", "ray"] = option("local", help="local process pool or Ray")
     overwrite: bool = option(False, help="replace an OUT holding a different run")
+    split_mb: int = option(64, help="read an input file larger than this many MiB as several shards (uncompressed "
+                                    "JSONL by byte range, Parquet by row group); 0: one shard per file")
 
 
 def clean_cmd(cfg: CleanConfig) -> int:
@@ -590,6 +614,7 @@ def clean_cmd(cfg: CleanConfig) -> int:
     options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                if f.name in ("workers", "executor", "compress", "text_field", "id_field", "invalid_utf8",
                              "max_doc_chars", "overwrite")}
+    options["split_bytes"] = cfg.split_mb << 20
     stats = Pipeline(steps, **options).run(cfg.input, cfg.output)
     print(f"kept {stats['docs_kept']:,} of {stats['docs_in']:,} documents "
           f"({stats['docs_per_second']:,.0f} docs/s); report: {Path(cfg.output) / 'report.md'}")

@@ -12,9 +12,11 @@ and counts them in `metadata["utf8_repaired"]`.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import json
+import logging
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,11 +24,13 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from lmforge.core.errors import LmforgeError
+from lmforge.data import wiki
 
 JSONL_SUFFIXES = (".jsonl", ".json")
-COMPRESSED_SUFFIXES = (".gz", ".zst")
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".bz2")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 WARC_SUFFIXES = (".warc", ".wet", ".arc")
+WIKI_SUFFIXES = (".xml",)
 InvalidUTF8 = Literal["reject", "repair"]
 
 
@@ -64,15 +68,18 @@ def read_documents(paths: Sequence[str | Path], text_field: str = "text", id_fie
 
 
 def iter_records(path: Path, text_field: str = "text", id_field: str = "id",
-                 invalid_utf8: InvalidUTF8 = "reject") -> Iterator[Document | BadRecord]:
+                 invalid_utf8: InvalidUTF8 = "reject", part: InputPart | None = None) -> Iterator[Document | BadRecord]:
     """Every record of one file by format: a Document, or a BadRecord for one that cannot be read.
 
+    `part` (from `split_input`) limits it to one byte range of a JSONL file or a run of Parquet row groups.
     File-level failures (a corrupt archive, an unreadable Parquet footer) still raise LmforgeError.
     """
     if is_jsonl(path):
-        yield from read_jsonl(path, text_field, id_field, invalid_utf8, bad="yield")
+        yield from read_jsonl(path, text_field, id_field, invalid_utf8, bad="yield", part=part)
     elif is_parquet(path):
-        yield from read_parquet(path, text_field, id_field)
+        yield from read_parquet(path, text_field, id_field, part=part)
+    elif is_wiki_xml(path):
+        yield from read_wiki_xml(path)
     elif is_warc(path):
         yield from read_warc(path)
     else:
@@ -122,10 +129,17 @@ def is_warc(path: Path) -> bool:
     return _base_suffix(path) in WARC_SUFFIXES
 
 
+def is_wiki_xml(path: Path) -> bool:
+    """`.xml` (optionally .gz/.bz2/.zst): a MediaWiki dump such as enwiki-...-pages-articles.xml.bz2."""
+    return _base_suffix(path) in WIKI_SUFFIXES
+
+
 def open_binary(path: Path) -> IO[bytes]:
-    """Open for reading bytes, decompressing `.gz` and `.zst` on the fly."""
+    """Open for reading bytes, decompressing `.gz`, `.bz2` and `.zst` on the fly."""
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
+    if path.suffix == ".bz2":
+        return io.BufferedReader(bz2.open(path, "rb"))
     if path.suffix == ".zst":
         try:
             import zstandard
@@ -138,13 +152,15 @@ def open_binary(path: Path) -> IO[bytes]:
 
 
 def read_jsonl(path: Path, text_field: str = "text", id_field: str = "id", invalid_utf8: InvalidUTF8 = "reject",
-               bad: Literal["raise", "yield"] = "raise") -> Iterator[Any]:
+               bad: Literal["raise", "yield"] = "raise", part: InputPart | None = None) -> Iterator[Any]:
     """One document per non-blank line, streamed (the file is never held in memory).
 
     `bad="yield"` yields a BadRecord for a line that cannot be read and goes on with the next.
+    `part`: only the lines that start inside its byte range (numbered as in the whole file).
     """
     with open_binary(path) as f:
-        for lineno, raw in _numbered_lines(f, path):
+        lines = _numbered_lines(f, path) if part is None or part.whole else _range_lines(f, part)
+        for lineno, raw in lines:
             if raw.strip():
                 try:
                     yield parse_jsonl_line(raw, f"{path}:{lineno}", text_field, id_field, invalid_utf8)
@@ -155,9 +171,11 @@ def read_jsonl(path: Path, text_field: str = "text", id_field: str = "id", inval
                     yield e
 
 
-def read_parquet(path: Path, text_field: str = "text", id_field: str = "id",
-                 batch_rows: int = 1024) -> Iterator[Document | BadRecord]:
-    """One document per row, read a row group batch at a time; the source is "path:row" (1-based)."""
+def read_parquet(path: Path, text_field: str = "text", id_field: str = "id", batch_rows: int = 1024,
+                 part: InputPart | None = None) -> Iterator[Document | BadRecord]:
+    """One document per row, read a row group batch at a time; the source is "path:row" (1-based).
+
+    `part`: only row groups [part.start, part.end) (rows numbered as in the whole file)."""
     import pyarrow.parquet as pq
 
     try:
@@ -166,8 +184,9 @@ def read_parquet(path: Path, text_field: str = "text", id_field: str = "id",
         raise LmforgeError(f"{path}: cannot read Parquet file ({str(e).splitlines()[0]})") from None
     if text_field not in pf.schema_arrow.names:
         raise LmforgeError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)})")
-    row = 0
-    for batch in pf.iter_batches(batch_size=batch_rows):
+    groups = None if part is None or part.whole else list(range(part.start, part.end))
+    row = 0 if groups is None else sum(pf.metadata.row_group(g).num_rows for g in range(part.start))
+    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups):
         for record in batch.to_pylist():
             row += 1
             try:
@@ -202,18 +221,63 @@ def read_warc(path: Path) -> Iterator[Document | BadRecord]:
                 if not content_type.startswith("text/"):
                     continue
                 text = record.content_stream().read().decode("utf-8", "replace")
-                if "html" in content_type:
-                    text = html_to_text(text)
                 rid = record.rec_headers.get_header("WARC-Record-ID") or source
                 meta = {"url": record.rec_headers.get_header("WARC-Target-URI"),
                         "date": record.rec_headers.get_header("WARC-Date")}
+                if "html" in content_type:
+                    html, text = text, html_to_text(text)
+                    if not text.strip():
+                        yield BadRecord(source, f"no main text extracted from the HTML of {meta['url']}",
+                                        raw=html[:1000])
+                        continue
                 yield Document(id=rid, text=text, source=source, metadata=meta)
         except ArchiveLoadFailed as e:
             raise LmforgeError(f"{path}: not a readable WARC file ({str(e).splitlines()[0]})") from None
 
 
+def read_wiki_xml(path: Path) -> Iterator[Document | BadRecord]:
+    """Articles of a MediaWiki XML dump (`lmforge.data.wiki`): id "wiki:<page id>", text with the markup removed,
+    metadata title; a page whose text is empty after that is a BadRecord."""
+    with open_binary(path) as f:
+        for n, page in enumerate(wiki.iter_pages(f, path), 1):
+            source = f"{path}:page {n}"
+            text = wiki.wikitext_to_text(page["wikitext"])
+            if not text:
+                yield BadRecord(source, "page has no text once markup is removed", raw=page["wikitext"][:1000])
+                continue
+            yield Document(id=f"wiki:{page['id'] or n}", text=text, source=source, metadata={"title": page["title"]})
+
+
 def html_to_text(html: str) -> str:
-    """Visible text of an HTML page: script/style dropped, block elements become line breaks."""
+    """Main text of an HTML page. With trafilatura installed (FineWeb's extractor, `pip install 'lmforge[data]'`):
+    navigation, headers, footers, sidebars and comments are removed. Without it, the stdlib fallback keeps all
+    visible text (script/style dropped), and the log says so once per process."""
+    extract = _trafilatura_extract()
+    if extract is not None:
+        return extract(html, favor_precision=True, include_comments=False, include_tables=True,
+                       deduplicate=False) or ""
+    return visible_text(html)
+
+
+_TRAFILATURA: list[Any] = []  # [extract function or None], filled on first use
+
+
+def _trafilatura_extract() -> Any:
+    if not _TRAFILATURA:
+        try:
+            from trafilatura import extract
+        except ImportError:
+            extract = None
+            logging.getLogger(__name__).warning(
+                "trafilatura is not installed: HTML is reduced to all of its visible text (boilerplate kept); "
+                "pip install 'lmforge[data]' for main-text extraction")
+        _TRAFILATURA.append(extract)
+    return _TRAFILATURA[0]
+
+
+def visible_text(html: str) -> str:
+    """Every visible text of an HTML page (the fallback extractor): script/style dropped, block elements become
+    line breaks."""
     from html.parser import HTMLParser
 
     blocks = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article", "title"}
@@ -244,6 +308,87 @@ def html_to_text(html: str) -> str:
     parser.feed(html)
     lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
     return "\n".join(line for line in lines if line)
+
+
+@dataclass(frozen=True)
+class InputPart:
+    """One shard of an input file: bytes [start, end) of an uncompressed JSONL file (it owns the lines that
+    START in the range), or row groups [start, end) of a Parquet file. `lines_before` is the number of
+    newlines before `start`, so line numbers stay those of the whole file. `parts == 1`: the whole file."""
+
+    path: Path
+    index: int = 0
+    parts: int = 1
+    start: int = 0
+    end: int = 0
+    lines_before: int = 0
+
+    @property
+    def whole(self) -> bool:
+        return self.parts == 1
+
+
+def split_input(path: Path, split_bytes: int) -> list[InputPart]:
+    """Cut a file larger than `split_bytes` into parts of about that size, so one big file keeps every worker
+    busy: uncompressed JSONL by byte range, Parquet by row group. Compressed files (.gz/.zst cannot be entered
+    in the middle), WARC, wiki dumps and text files (one document each) stay whole. Deterministic: the parts
+    depend on the file and `split_bytes` only, never on the number of workers."""
+    size = path.stat().st_size
+    if split_bytes <= 0 or size <= split_bytes:
+        return [InputPart(path)]
+    if is_jsonl(path) and path.suffix not in COMPRESSED_SUFFIXES:
+        n = -(-size // split_bytes)
+        bounds = [size * i // n for i in range(n + 1)]
+        newlines = _newlines_before(path, bounds[1:-1])
+        return [InputPart(path, i, n, bounds[i], bounds[i + 1], ([0] + newlines)[i]) for i in range(n)]
+    if is_parquet(path):
+        import pyarrow.parquet as pq
+
+        try:
+            groups = pq.ParquetFile(path).metadata.num_row_groups
+        except Exception:  # a bad footer: left whole, so the reader reports it the usual way
+            return [InputPart(path)]
+        n = min(groups, -(-size // split_bytes))
+        if n <= 1:
+            return [InputPart(path)]
+        bounds = [groups * i // n for i in range(n + 1)]
+        return [InputPart(path, i, n, bounds[i], bounds[i + 1]) for i in range(n)]
+    return [InputPart(path)]
+
+
+def _newlines_before(path: Path, offsets: list[int], block: int = 1 << 24) -> list[int]:
+    """Newlines in bytes [0, offset) for each (ascending) offset, in one pass over the file."""
+    out: list[int] = []
+    count = pos = 0
+    with open(path, "rb") as f:
+        for offset in offsets:
+            while pos < offset:
+                data = f.read(min(block, offset - pos))
+                if not data:
+                    break
+                count += data.count(b"\n")
+                pos += len(data)
+            out.append(count)
+    return out
+
+
+def _range_lines(f: IO[bytes], part: InputPart) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of every line that starts in [part.start, part.end): a line crossing `start` belongs
+    to the part before, one crossing `end` to this part, so each line is read exactly once."""
+    lineno = part.lines_before + 1
+    if part.start > 0:
+        f.seek(part.start - 1)
+        if f.read(1) != b"\n":  # we are inside a line that started in the previous part: skip it
+            f.readline()
+            lineno += 1
+    pos = f.tell()
+    while pos < part.end:
+        raw = f.readline()
+        if not raw:
+            return
+        yield lineno, raw
+        lineno += 1
+        pos += len(raw)
 
 
 def _numbered_lines(f: IO[bytes], path: Path) -> Iterator[tuple[int, bytes]]:

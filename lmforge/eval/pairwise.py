@@ -3,8 +3,9 @@
 Win rate (as in AlpacaEval / the RLHF papers' head-to-head evaluations): both models answer the
 same held-out prompts; a judge prefers one answer or calls a tie; win_rate = (wins + ties / 2) / n.
 The prompts are held-out synthetic-suite prompts or the user's prompt file (`--prompts`, with reference
-answers). The judge is either a verifier (an answer is right or wrong: exact, numeric or math equivalence
-against the reference) or a trained reward model (`lmforge reward`: the higher reward wins).
+answers). The judge is a verifier (an answer is right or wrong: exact, numeric or math equivalence
+against the reference), a trained reward model (`lmforge reward`: the higher reward wins), or an LLM behind
+an OpenAI-compatible endpoint (`--judge api --judge-url URL`, `lmforge.eval.judge`: both orders, ties counted).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from lmforge.core.files import atomic_write_json
 from lmforge.core.runtime import resolve_device
 from lmforge.data.formats import read_preference_pairs
 from lmforge.data.readers import BadRecord
+from lmforge.eval.judge import judge_pairs
 from lmforge.generate.engine import Strategy, generate
+from lmforge.generate.remote import ApiConfig, RemoteClient
 from lmforge.generate.sampling import SamplingParams
 from lmforge.peft.config import load_trained
 from lmforge.posttrain.models import pad_id_of
@@ -57,12 +60,13 @@ def tally(scores_a: list[float], scores_b: list[float]) -> dict[str, Any]:
 
 
 def win_rate(model_a: nn.Module, model_b: nn.Module, tokenizer: Tokenizer, n: int = 100, seed: int = 1,
-             judge: Literal["verifier", "reward"] = "verifier", reward_model: nn.Module | None = None,
+             judge: Literal["verifier", "reward", "api"] = "verifier", reward_model: nn.Module | None = None,
              max_new_tokens: int = 32, examples: list[PromptExample] | None = None,
-             verifier: str = "exact") -> dict[str, Any]:
+             verifier: str = "exact", judge_client: RemoteClient | None = None) -> dict[str, Any]:
     """A's win rate over B on `examples` (prompts with reference answers, e.g. `read_prompts`), else on `n`
     held-out synthetic-suite prompts (odd `seed`: never seen in training). The verifier judge scores each answer
-    with `verifier` (exact, numeric or math) against the reference; the reward judge with `reward_model`."""
+    with `verifier` (exact, numeric or math) against the reference; the reward judge with `reward_model`; the api
+    judge asks the LLM behind `judge_client` (no reference needed)."""
 
     examples = examples if examples is not None else task_prompts(make_examples(n, seed))
     n = len(examples)
@@ -73,17 +77,27 @@ def win_rate(model_a: nn.Module, model_b: nn.Module, tokenizer: Tokenizer, n: in
             if not e.answer:
                 raise BadRecord(e.source, "the verifier judge needs a reference answer (field 'answer', or a last "
                                           "assistant turn)")
-    elif reward_model is None:
+    elif judge == "reward" and reward_model is None:
         raise LmforgeError("judge 'reward' needs a reward model (--reward-model DIR from `lmforge reward`)")
+    elif judge == "api" and judge_client is None:
+        raise LmforgeError("judge 'api' needs an endpoint (--judge-url URL of an OpenAI-compatible server)")
     out_a = answers(model_a, tokenizer, prompts, max_new_tokens)
     out_b = answers(model_b, tokenizer, prompts, max_new_tokens)
+    judged: dict[str, Any] = {}
     if judge == "verifier":
         sa = [verify(c, e.answer) for e, c in zip(examples, out_a)]
         sb = [verify(c, e.answer) for e, c in zip(examples, out_b)]
-    else:
+    elif judge == "reward":
         sa = score_texts(reward_model, tokenizer, prompts, out_a)
         sb = score_texts(reward_model, tokenizer, prompts, out_b)
+    else:
+        judged = judge_pairs(judge_client, [e.prompt for e in examples], out_a, out_b)
+        sa = judged["scores"]
+        sb = [1.0 - s for s in sa]
     result = tally(sa, sb)
+    if judged:
+        result.update(judge_invalid=judged["invalid"], position_consistency=judged["position_consistency"],
+                      judge_api=dict(judge_client.stats))
     result.update(judge=judge, accuracy_a=None, accuracy_b=None,
                   examples=[{"prompt": e.prompt, "a": a, "b": b} for e, a, b in zip(examples[:20], out_a, out_b)])
     if judge == "verifier":
@@ -112,9 +126,12 @@ class WinRateConfig:
     baseline: str = option(help="model B (the baseline), e.g. the SFT model when A is the DPO one")
     adapter: str = option("", "PEFT adapter on top of model A")
     baseline_adapter: str = option("", "PEFT adapter on top of model B")
-    judge: Literal["verifier", "reward"] = option("verifier", "verifier: the synthetic task's exact answer; "
-                                                              "reward: a reward model's score")
+    judge: Literal["verifier", "reward", "api"] = option(
+        "verifier", "verifier: the reference answer decides; reward: a reward model's score; api: an LLM judge "
+                    "behind --judge-url, asked in both orders")
     reward_model: str = option("", "reward model directory (`lmforge reward` output) for judge=reward")
+    judge_url: str = option("", "judge=api: OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    api: ApiConfig = option(default_factory=ApiConfig, help="judge=api: model, key, retries, rate limit, cache")
     prompts: str = option("", "prompt file (JSONL/JSON, the formats of `lmforge grpo --prompts`): the first n prompts "
                               "and their reference answers; empty = held-out synthetic prompts")
     format: str = option("auto", "format of the prompt file (auto recognizes each record)")
@@ -139,13 +156,23 @@ def win_rate_cmd(cfg: WinRateConfig) -> int:
     if cfg.reward_model:
         rm = load_reward_model(cfg.reward_model, device)
     examples = read_prompts(cfg.prompts, cfg.format)[:cfg.n] if cfg.prompts else None
-    result = win_rate(model_a, model_b, tokenizer, cfg.n, cfg.seed, cfg.judge, rm, cfg.max_new_tokens, examples,
-                      cfg.verifier)
+    if cfg.judge_url and cfg.judge != "api":
+        raise LmforgeError(f"--judge-url is only used with --judge api (got --judge {cfg.judge})")
+    client = RemoteClient(cfg.judge_url, cfg.api) if cfg.judge == "api" and cfg.judge_url else None
+    try:
+        result = win_rate(model_a, model_b, tokenizer, cfg.n, cfg.seed, cfg.judge, rm, cfg.max_new_tokens,
+                          examples, cfg.verifier, judge_client=client)
+    finally:
+        if client is not None:
+            client.close()
     if rm is not None:
         result["reward_model"] = reward_accuracy(rm, tokenizer, cfg.reward_data, n=cfg.n, seed=cfg.seed)
     print(f"A {cfg.checkpoint} vs B {cfg.baseline}, judged by {cfg.judge} on {result['n']} held-out prompts: "
           f"win rate {result['win_rate']:.3f} ({result['wins']} wins, {result['ties']} ties, "
           f"{result['losses']} losses)")
+    if "judge_invalid" in result:
+        print(f"LLM judge: {result['judge_invalid']} unusable replies (scored as ties), the two orders agreed on "
+              f"{result['position_consistency']:.0%} of prompts")
     if result["accuracy_a"] is not None:
         print(f"exact-answer accuracy: A {result['accuracy_a']:.3f}, B {result['accuracy_b']:.3f}")
     if rm is not None:

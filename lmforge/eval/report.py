@@ -1,290 +1,24 @@
-"""`lmforge report RUN_DIR`: one self-contained HTML page about a run, readable offline.
-
-The run directory is searched (a few levels deep, skipping checkpoints and TensorBoard folders)
-for what the stages leave behind, so the same command works on a single `lmforge pretrain` run
-and on a quickstart run with one subfolder per stage:
-
-- `metrics.jsonl` (any stage that trained) -> loss, validation loss and learning-rate curves (inline SVG)
-- `config.json` / `*_config.json` of runs (not of model or tokenizer folders) -> the configuration
-- `stats.json` (data pipeline) and shard `index.json` files -> data statistics
-- `summary.json` (quickstart) -> stage timings, results and samples before/after
-- JSON files with a "tasks" mapping -> the evaluation table (one column per file) and decontamination
+"""`lmforge report RUN_DIR`: one self-contained HTML page about a run, readable offline, top down as a report
+card: the lifecycle card (`card.py`), the charts (`charts.py`), validation metrics, evaluation per task and per
+kind of example, decontamination, the chat model's answers side by side across stages, samples, every stage
+result folded away, data statistics and the configuration. What it shows is found by `rundir.collect_run`.
 """
 
 from __future__ import annotations
 
-import datetime
-import html
 import json
 import math
-import os
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmforge.core.config import option
-from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_text
-from lmforge.eval.svg import PALETTE, Series, line_chart
-from lmforge.eval.tasks import load_task
-from lmforge.train.metrics import read_metrics, smooth
-
-SKIP_DIRS = {"checkpoints", "tb", "__pycache__", ".git"}
-MAX_JSON_BYTES = 20_000_000
-MAX_DEPTH = 4
-TASK_METRICS = ("acc", "acc_norm", "exact_match", "f1", "win_rate", "reward_accuracy")
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
-padding:0 1em}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ddd;padding:.3em .6em;
-text-align:left;vertical-align:top}th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
-pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em;white-space:pre-wrap}
-.muted{color:#777}.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:.8em}
-.charts svg{width:100%;height:auto}.chart text{font-size:11px;fill:#333}
-.chart .title{font-size:13px;font-weight:600}.chart .grid{stroke:#eee}.chart .frame{fill:none;stroke:#999}
-.card{border:1px solid #ccc;border-radius:8px;padding:.6em 1.2em;background:#fafbfc}.card h1{margin-top:.2em}
-.card td.change{font-variant-numeric:tabular-nums}
-.up{color:#1a7f37}.down{color:#cf222e}td.sample{font-family:ui-monospace,monospace;white-space:pre-wrap;
-font-size:.85em;max-width:500px}
-"""
-
-
-@dataclass
-class RunData:
-    root: Path
-    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
-    summary: dict[str, Any] | None = None
-    evals: dict[str, dict[str, Any]] = field(default_factory=dict)
-    decontam: dict[str, dict[str, Any]] = field(default_factory=dict)
-    kinds: dict[str, dict[str, list[str | None]]] = field(default_factory=dict)  # eval -> task -> kind per example
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.root.resolve().name
-
-
-def _walk(root: Path) -> list[Path]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        depth = len(Path(dirpath).relative_to(root).parts)
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".") and depth < MAX_DEPTH)
-        files += [Path(dirpath) / f for f in sorted(filenames)]
-    return files
-
-
-def _load_json(path: Path) -> Any:
-    if path.stat().st_size > MAX_JSON_BYTES:
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def _is_model_dir(directory: Path) -> bool:
-    return any((directory / f).is_file() for f in ("model.safetensors", "adapter_model.safetensors",
-                                                   "adapter_config.json", "tokenizer.json"))
-
-
-def _task_kind(data: Any) -> str | None:
-    tasks = data.get("tasks") if isinstance(data, dict) else None
-    if not isinstance(tasks, dict) or not tasks or not all(isinstance(t, dict) for t in tasks.values()):
-        return None
-    first = next(iter(tasks.values()))
-    if "contaminated" in first:
-        return "decontam"
-    if any(m in first for m in TASK_METRICS):
-        return "eval"
-    return None
-
-
-def collect_run(run_dir: str | Path) -> RunData:
-    """Everything a report shows, found under `run_dir`."""
-
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise LmforgeError(f"run directory not found: {root}")
-    run = RunData(root)
-    for path in _walk(root):
-        rel = path.relative_to(root)
-        label = str(rel.parent) if str(rel.parent) != "." else "run"
-        if path.name == "metrics.jsonl":
-            rows = read_metrics(path)
-            if rows:
-                run.metrics[label] = rows
-            continue
-        if path.suffix != ".json":
-            continue
-        if path.name in ("config.json", "quickstart_config.json") or (
-                path.name.endswith("_config.json") and path.name not in ("tokenizer_config.json",
-                                                                         "adapter_config.json")):
-            if not _is_model_dir(path.parent):
-                data = _load_json(path)
-                if isinstance(data, dict):
-                    run.configs[str(rel)] = data
-            continue
-        data = _load_json(path)
-        if not isinstance(data, dict):
-            continue
-        if path.name == "stats.json":
-            run.stats[label] = data
-        elif path.name == "index.json" and "n_tokens" in data:
-            run.stats[label] = {k: data[k] for k in ("n_tokens", "n_docs", "n_bytes", "vocab_size") if k in data}
-        elif path.name == "summary.json" and rel.parent == Path(".") and isinstance(data.get("stages"), dict):
-            run.summary = data
-        elif path.name == "done.json":
-            run.stages[label] = data
-        elif (kind := _task_kind(data)) == "eval":
-            run.evals[str(rel.with_suffix(""))] = data
-            run.kinds[str(rel.with_suffix(""))] = example_kinds(path, data)
-        elif kind == "decontam":
-            run.decontam[str(rel.with_suffix(""))] = data
-    if run.summary is not None:
-        run.stages = {k: v for k, v in run.summary["stages"].items() if isinstance(v, dict)}
-    if not (run.metrics or run.configs or run.summary or run.evals or run.stats):
-        raise LmforgeError(f"{root}: nothing to report (no metrics.jsonl, config, summary.json, stats or eval "
-                           "results found)")
-    return run
-
-
-def example_kinds(path: Path, record: dict[str, Any]) -> dict[str, list[str | None]]:
-    """Per task, the `kind` of each scored example (copy, reverse, ...): from the example itself, else from the
-    row of the task's data it was made from (the task YAML's path, or a `tasks/` folder beside the results
-    when the run directory moved). Tasks whose data has no kinds are left out."""
-    out: dict[str, list[str | None]] = {}
-    for name, result in record["tasks"].items():
-        examples = result.get("examples")
-        if not isinstance(examples, list) or not examples:
-            continue
-        kinds = [e.get("kind") if isinstance(e, dict) else None for e in examples]
-        if not any(kinds) and isinstance(result.get("path"), str):
-            rows: list[dict[str, Any]] = []
-            for task_file in (Path(result["path"]), path.parent / "tasks" / Path(result["path"]).name):
-                try:
-                    rows = [ex.fields for ex in load_task(task_file).examples]
-                    break
-                except LmforgeError:
-                    continue
-            kinds = [rows[e["index"]].get("kind") if isinstance(e, dict) and isinstance(e.get("index"), int)
-                     and 0 <= e["index"] < len(rows) else None for e in examples]
-        if any(kinds):
-            out[name] = kinds
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# pieces of HTML
-
-
-def esc(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def fmt_value(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return str(v)
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:,.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3g}"
-    return str(v)
-
-
-def table(header: list[str], rows: list[list[Any]], raw: bool = False) -> str:
-    """An HTML table; numbers right-aligned. `raw` cells are inserted unescaped (already HTML)."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = []
-    for row in rows:
-        cells = []
-        for v in row:
-            cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
-            cells.append(f"<td{cls}>{v if raw and isinstance(v, str) else esc(fmt_value(v))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
-def flatten(data: dict[str, Any], prefix: str = "", depth: int = 2) -> dict[str, Any]:
-    """Scalar leaves of a nested dict as dotted keys (lists and deep values left out)."""
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and depth > 0:
-            out.update(flatten(v, key + ".", depth - 1))
-        elif isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) <= 120) or v is None:
-            out[key] = v
-    return out
-
-
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def column(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if finite(r.get(key))]
-    return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
-
-
-def loss_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """Train-row keys worth a curve: loss first, then other losses/rewards/margins that a stage logs.
-    Counters (tokens seen, tokens per source, loss tokens per batch) and throughput are left out: a
-    cumulative count is a straight line that says nothing about the run."""
-    keys = {k for r in rows for k, v in r.items() if finite(v)}
-    skip = {"step", "lr", "tokens_seen", "tokens_per_s", "grad_norm", "seconds", "elapsed", "loss_tokens"}
-    main = [k for k in ("loss", "val_loss") if k in keys]
-    return main + sorted(k for k in keys - skip - set(main)
-                         if not k.startswith(("val_", "tokens.", "n_")) and not k.endswith(("_tokens", "_count")))
-
-
-def says_something(series: list[Series]) -> bool:
-    """A chart is worth drawing when some series in it takes at least two distinct values."""
-    return any(len(set(s.ys)) >= 2 for s in series)
-
-
-def stage_charts(label: str, rows: list[dict[str, Any]], with_lr: bool = True) -> list[str]:
-    """The small multiples of one stage: loss (train and validation on one chart), learning rate (when
-    `with_lr`), and the other curves it logs; only charts with at least two distinct values."""
-    candidates: list[tuple[str, list[Series], str]] = []
-    xs, ys = column(rows, "loss")
-    vx, vy = column(rows, "val_loss")
-    series = []
-    if xs:
-        window = 2 * (len(ys) // 40) + 1
-        series += [Series("train loss", xs, ys, PALETTE[0], 1, 0.35),
-                   Series("train loss (smoothed)", xs, smooth(ys, window), PALETTE[0], 2)]
-    if vx:
-        series.append(Series("val loss", vx, vy, PALETTE[1], 2, markers=True))
-    candidates.append((f"{label}: loss", series, "nats/token"))
-    if with_lr:
-        lx, ly = column(rows, "lr")
-        candidates.append((f"{label}: learning rate", [Series("lr", lx, ly, PALETTE[2], 2)], "lr"))
-    others = [k for k in loss_keys(rows) if k not in ("loss", "val_loss")]
-    for i, key in enumerate(others[:6]):
-        kx, ky = column(rows, key)
-        candidates.append((f"{label}: {key}", [Series(key, kx, ky, PALETTE[(3 + i) % len(PALETTE)], 2,
-                                                      markers=len(kx) <= 5)], ""))
-    return [line_chart(ss, title, ylabel=unit, width=420, height=240)
-            for title, ss, unit in candidates if says_something(ss)]
-
-
-def charts_html(metrics: dict[str, list[dict[str, Any]]]) -> str:
-    """Every stage's charts in lifecycle order in one grid; the learning rate drawn once (the first stage that has
-    a schedule worth drawing), since each stage's warmup-and-decay looks the same."""
-    charts: list[str] = []
-    lr_drawn = False
-    for label in lifecycle_order(list(metrics)):
-        rows = metrics[label]
-        has_lr = says_something([Series("lr", *column(rows, "lr"))])
-        charts += stage_charts(label, rows, with_lr=has_lr and not lr_drawn)
-        lr_drawn = lr_drawn or has_lr
-    return f'<div class="charts">{"".join(charts)}</div>' if charts else ""
+from lmforge.eval.card import lifecycle_card
+from lmforge.eval.charts import charts_html
+from lmforge.eval.page import esc, flatten, page, table
+from lmforge.eval.rundir import TASK_METRICS, RunData, collect_run, column, finite, lifecycle_order
 
 
 def val_rows(run: RunData) -> list[list[Any]]:
@@ -378,6 +112,40 @@ def samples_html(stages: dict[str, dict[str, Any]]) -> str:
     return "".join(out)
 
 
+def chat_samples(run: RunData) -> tuple[list[str], list[dict[str, Any]]]:
+    """The chat model's answers to the same held-out prompts at each stage (base, after SFT, after DPO/RL):
+    (stage labels in lifecycle order, [{"prompt", "answer", label: output, ...}]). From the eval stage's
+    `models.<label>.samples` of a quickstart, else from the eval results files' generated answers."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    models = (run.stages.get("eval") or {}).get("models")
+    for label, scores in (models or {}).items():
+        samples = scores.get("samples") if isinstance(scores, dict) else None
+        if isinstance(samples, list):
+            by_label[label] = [x for x in samples if isinstance(x, dict) and isinstance(x.get("prompt"), str)]
+    if not by_label:
+        by_label = {label.split("/")[-1]: answers for label, answers in run.answers.items() if answers}
+    labels = lifecycle_order([k for k, v in by_label.items() if v])
+    if len(labels) < 2:  # one model's answers are no comparison (the eval table has its score)
+        return [], []
+    rows: dict[str, dict[str, Any]] = {}
+    for label in labels:
+        for x in by_label[label]:
+            row = rows.setdefault(x["prompt"], {"prompt": x["prompt"], "answer": x.get("answer", "")})
+            row[label] = x.get("output", "")
+    return labels, [r for r in rows.values() if sum(label in r for label in labels) >= 2]
+
+
+def chat_samples_html(run: RunData) -> str:
+    """One table, a row per held-out prompt and a column per stage: what each stage changed in the answers."""
+    labels, rows = chat_samples(run)
+    if not rows:
+        return ""
+    head = "".join(f"<th>{esc(h)}</th>" for h in ("prompt", "expected", *labels))
+    body = "".join("<tr>" + "".join(f'<td class="sample">{esc(r.get(k, ""))}</td>'
+                                    for k in ("prompt", "answer", *labels)) + "</tr>" for r in rows)
+    return f'<table id="side-by-side"><tr>{head}</tr>{body}</table>'
+
+
 def stage_results_table(stages: dict[str, dict[str, Any]]) -> str:
     """Every scalar a stage returned, in lifecycle order, folded under a <details>; values a stage did not
     measure (None) are left out."""
@@ -391,134 +159,12 @@ def stage_results_table(stages: dict[str, dict[str, Any]]) -> str:
             f"{table(['stage', 'result', 'value'], rows)}</details>")
 
 
-# ------------------------------------------------------------------------------------------------
-# the lifecycle card: one row per stage, in the order a run goes through them
-
-LIFECYCLE = ("corpus", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "preference", "reward", "ppo",
-             "grpo", "rl", "reasoning", "eval")
-
-
-def lifecycle_order(names: list[str]) -> list[str]:
-    """Stage names in lifecycle order (corpus -> ... -> eval); unknown names keep their place after the known."""
-    rank = {name: i for i, name in enumerate(("base", *LIFECYCLE))}
-
-    def key(name: str) -> tuple[int, int]:
-        parts = name.split("/")  # a stage folder (`sft`), or an eval file of a stage's model (`eval/sft`)
-        return min(rank.get(p, len(rank)) for p in (parts[0], parts[-1])), names.index(name)
-    return sorted(names, key=key)
-
-
-def _arrow(before: Any, after: Any, fmt: str = ".3f") -> str:
-    return f"{before:{fmt}} -> {after:{fmt}}" if finite(before) and finite(after) else ""
-
-
-def _scored(r: dict[str, Any], metric: str) -> str:
-    value, err = r.get(metric), r.get(metric + "_stderr")
-    if not finite(value):
-        return ""
-    return f"{value:.3f} ± {err:.3f}" if finite(err) else f"{value:.3f}"
-
-
-def _eval_lines(models: dict[str, Any]) -> list[str]:
-    """`task metric: base x ± se -> sft y ± se -> ...` for the headline metric of each task."""
-    lines = []
-    tasks = {t: r for m in models.values() if isinstance(m, dict) for t, r in m.items() if isinstance(r, dict)}
-    for task, first in tasks.items():
-        metric = next((m for m in ("exact_match", "acc_norm", "acc", "f1") if m in first), None)
-        if metric is None:
-            continue
-        shown = [f"{label} {_scored(m.get(task, {}), metric)}" for label, m in models.items()
-                 if isinstance(m, dict) and _scored(m.get(task, {}), metric)]
-        if shown:
-            lines.append(f"{task} {metric}: " + " -> ".join(shown))
-    return lines
-
-
-def stage_headline(stage: str, r: dict[str, Any]) -> tuple[str, str]:
-    """(what the stage made, what it changed) for one stage's result, as plain text."""
-    kind = stage.split("/")[0]
-    if kind == "corpus":
-        return f"{fmt_value(r.get('docs'))} docs, {r.get('bytes', 0) / 1e6:.2f} MB", ""
-    if kind == "clean":
-        kept = f"kept {fmt_value(r.get('docs_kept'))} of {fmt_value(r.get('docs_in'))} docs"
-        return ", ".join(r.get("steps", [])), kept
-    if kind == "tokenizer":
-        return f"vocab {fmt_value(r.get('vocab_size'))}", ""
-    if kind == "shards":
-        return f"{fmt_value(r.get('train_tokens'))} train / {fmt_value(r.get('val_tokens'))} val tokens", ""
-    if kind == "pretrain":
-        b, a = r.get("val_before") or {}, r.get("val_after") or {}
-        change = "; ".join(x for x in (f"val loss {_arrow(b.get('loss'), a.get('loss'))}" if a else "",
-                                       f"bits/byte {_arrow(b.get('bits_per_byte'), a.get('bits_per_byte'))}"
-                                       if finite(a.get("bits_per_byte")) else "") if x)
-        return f"{fmt_value(r.get('steps'))} steps, {fmt_value(round(r.get('tokens_per_s') or 0))} tokens/s", change
-    if kind == "eval":
-        return "", "; ".join(_eval_lines(r.get("models") or {}))
-    made = f"{fmt_value(r.get('steps'))} steps" if "steps" in r else ""
-    if finite(r.get("train_conversations")):
-        made += f" on {fmt_value(r['train_conversations'])} conversations"
-    changes = []
-    if finite(r.get("heldout_logp_margin")):
-        changes.append(f"preference margin {_arrow(r.get('heldout_logp_margin_before'), r['heldout_logp_margin'])}")
-    if finite(r.get("heldout_preference_accuracy")):
-        changes.append("preference accuracy "
-                       + _arrow(r.get("heldout_preference_accuracy_before"), r["heldout_preference_accuracy"]))
-    if finite(r.get("val_loss")):
-        changes.append(f"val loss {_arrow(r.get('base_val_loss'), r['val_loss']) or fmt_value(r['val_loss'])}")
-    if not changes and finite(r.get("final_loss")):
-        changes.append(f"final train loss {r['final_loss']:.3f}")
-    return made, "; ".join(changes)
-
-
-def _machine_line(machine: dict[str, Any] | None, precision: str | None) -> str:
-    if not machine and not precision:
-        return ""
-    m = machine or {}
-    parts = [f"{k} {fmt_value(m[k])}" for k in ("cpu", "threads", "gpu") if m.get(k)]
-    if m.get("cpu_flags"):
-        parts.append("CPU flags " + " ".join(m["cpu_flags"]))
-    if precision:
-        parts.append(f"precision {precision}")
-    return f'<p class="muted">machine: {esc(", ".join(parts))}</p>'
-
-
-def lifecycle_card(run: RunData, title: str) -> str:
-    """The first thing on the page: every stage in lifecycle order with its headline figures and wall time."""
-    rows = []
-    for stage in lifecycle_order(list(run.stages)):
-        made, change = stage_headline(stage, run.stages[stage])
-        seconds = run.stages[stage].get("seconds")
-        rows.append([stage, made, change.replace("; ", "\n"), seconds if finite(seconds) else ""])
-    if not rows:  # a single training run: its curves' first and last validation values
-        for label, metrics in run.metrics.items():
-            _, ys = column(metrics, "val_loss")
-            _, ts = column(metrics, "loss")
-            rows.append([label, f"{len(ts)} logged steps", f"val loss {_arrow(ys[0], ys[-1])}" if ys else
-                         (f"train loss {_arrow(ts[0], ts[-1])}" if ts else ""), ""])
-    total = run.summary.get("seconds") if run.summary else None
-    head = f"<h1>{esc(title)}</h1>"
-    if finite(total):
-        head += f"<p>Finished in <b>{fmt_value(total)} s</b> ({len(run.stages)} stages).</p>"
-    body = table(["stage", "made", "change", "seconds"], rows).replace("\n", "<br>") if rows else ""
-    precision = next((c.get("train", {}).get("precision") for n, c in run.configs.items()
-                      if n.startswith("pretrain") and isinstance(c.get("train"), dict)), None)
-    machine = run.summary.get("machine") if run.summary else None
-    return f'<section class="card" id="card">{head}{body}{_machine_line(machine, precision)}</section>'
-
-
-def page(title: str, body: list[str], card: str = "") -> str:
-    """The HTML page; `card` (which holds the title) comes first in the body when given."""
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    head = card or f"<h1>{esc(title)}</h1>"
-    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
-            f"<style>{CSS}</style></head><body>{head}"
-            f"<p class=\"muted\">generated by lmforge on {stamp}</p>{''.join(body)}</body></html>\n")
-
-
 def render_report(run: RunData) -> str:
     body = []
+    charts = charts_html(run)
+    if charts:
+        body.append("<h2>Training curves</h2>" + charts)
     if run.metrics:
-        body.append("<h2>Training curves</h2>" + charts_html(run.metrics))
         vr = val_rows(run)
         if vr:
             body.append("<h2>Validation metrics</h2>" + table(["stage", "metric", "first", "last", "best", "evals"],
@@ -530,6 +176,10 @@ def render_report(run: RunData) -> str:
             body.append("<h3>By kind of example</h3>" + kinds)
     if run.decontam:
         body.append("<h2>Decontamination</h2>" + decontam_table(run.decontam))
+    side_by_side = chat_samples_html(run)
+    if side_by_side:
+        body.append("<h2>Answers side by side</h2><p class=\"muted\">the same held-out prompts, answered by the "
+                    "model after each stage</p>" + side_by_side)
     samples = samples_html(run.stages)
     if samples:
         body.append("<h2>Samples</h2>" + samples)

@@ -8,6 +8,7 @@ need no reference at all. The losses themselves live in `lmforge.posttrain.losse
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -101,12 +102,27 @@ def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen:
             "preference_accuracy": (chosen > rejected).float().mean().item()}
 
 
+def preference_stderrs(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen: Tensor, rejected: Tensor
+                       ) -> dict[str, float]:
+    """Standard errors of the margins and accuracies of `preference_metrics`: the sample standard deviation of
+    the per-pair values over sqrt(n) (for an accuracy p that is sqrt(p (1 - p) / (n - 1)), as the eval harness)."""
+    per_pair = {"reward_margin": chosen_rewards - rejected_rewards,
+                "reward_accuracy": (chosen_rewards > rejected_rewards).float(),
+                "logp_margin": chosen - rejected, "preference_accuracy": (chosen > rejected).float()}
+    n = chosen.numel()
+    return {f"{k}_stderr": (v.detach().float().std() / math.sqrt(n)).item() if n > 1 else 0.0
+            for k, v in per_pair.items()}
+
+
 def evaluate_heldout(cfg: DpoConfig, model: nn.Module, pairs: list[EncodedPair], ref: Tensor | None,
                      pad_id: int) -> dict[str, float]:
-    """Held-out: policy log-prob margin log pi(y_w) - log pi(y_l), preference accuracy, implicit rewards."""
+    """Held-out: policy log-prob margin log pi(y_w) - log pi(y_l), preference accuracy, implicit rewards, and
+    the standard errors of the margins and accuracies (the report draws them as error bars)."""
     policy = precompute_logps(model, pairs, pad_id, average=cfg.average_logps)
     _, cr, rr = preference_loss(cfg, policy[:, 0], policy[:, 1], ref)
-    return {f"heldout_{k}": v for k, v in preference_metrics(cr, rr, policy[:, 0], policy[:, 1]).items()}
+    metrics = {**preference_metrics(cr, rr, policy[:, 0], policy[:, 1]),
+               **preference_stderrs(cr, rr, policy[:, 0], policy[:, 1])}
+    return {f"heldout_{k}": v for k, v in metrics.items()}
 
 
 def run_dpo(cfg: DpoConfig) -> dict[str, Any]:

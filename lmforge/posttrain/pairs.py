@@ -96,6 +96,7 @@ class EncodedPair:
     chosen: Encoded
     rejected: Encoded
     source: str
+    rating: float | None = None  # the pair's preference strength (PreferencePair.rating)
 
 
 def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[PreferencePair], max_len: int) -> list[EncodedPair]:
@@ -109,7 +110,7 @@ def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[PreferencePair], max_len:
             dropped.append(p.source)
             continue
         cut += c.truncated or r.truncated
-        out.append(EncodedPair(c, r, p.source))
+        out.append(EncodedPair(c, r, p.source, p.rating))
     if dropped:
         print(f"warning: dropped {len(dropped)} preference pair(s) whose prompt fills max_len={max_len} "
               f"(first: {dropped[0]})", file=sys.stderr)

@@ -109,12 +109,24 @@ class RewardConfig(PairStageConfig):
                                                  "reward_head.safetensors)")
     train: TrainConfig = train_option(steps=300, lr=3e-4, warmup_steps=10, weight_decay=0.0, log_every=10,
                                       eval_every=100, save_every=0, plot_every=0)
-    margin: float = option(0.0, "Bradley-Terry margin m in -log sigma(r_w - r_l - m) (LLaMA 2 eq. 2); 0 = none")
+    margin: float = option(0.0, "Bradley-Terry margin m in -log sigma(r_w - r_l - m) (LLaMA 2 eq. 2) for pairs "
+                                "without a rating; 0 = none")
+    rating_margin: float = option(1.0, "pairs with a 'rating' get m(r) = rating_margin x their level (significantly "
+                                       "better 1, better 2/3, slightly better 1/3, negligibly better 0): 1 is LLaMA "
+                                       "2's small margin, 3 its large one; 0 ignores ratings")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.peft.method in ("none", "lora"), "peft.method", self.peft.method,
                 "none or lora for the reward model")
+        require(self.rating_margin >= 0, "rating_margin", self.rating_margin, ">= 0")
+
+
+def pair_margins(pairs: list[EncodedPair], margin: float, rating_margin: float) -> Tensor | None:
+    """Per-pair margins [N]: rating_margin x rating for rated pairs, `margin` for the rest; None when all are 0."""
+    out = torch.tensor([margin if p.rating is None or not rating_margin else rating_margin * p.rating
+                        for p in pairs])
+    return out if bool(out.any()) else None
 
 
 def pair_rewards(rm: RewardModel, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -141,16 +153,21 @@ def run_reward(cfg: RewardConfig) -> dict[str, Any]:
     rm = RewardModel(stage.policy).to(stage.device)
     stage.open()
     before = evaluate_pairs(rm, held_enc, pad_id)
-    margin = torch.tensor(cfg.margin) if cfg.margin else None
+    margins = pair_margins(train_enc, cfg.margin, cfg.rating_margin)
 
     def loss_fn(model: RewardModel, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         c, r = pair_rewards(model, batch)
-        loss = reward_pair_loss(c, r, None if margin is None else margin.to(c.device)).mean()
+        loss = reward_pair_loss(c, r, batch["margin"].to(c) if "margin" in batch else None).mean()
         return loss, {"accuracy": reward_accuracy(c.detach(), r.detach()), "margin": (c - r).mean().item()}
 
     print(f"reward: {len(train_enc)} training pairs, {len(held_enc)} held out; held-out accuracy before "
           f"training {before['heldout_accuracy']:.3f}", file=sys.stderr)
-    batches = PairBatches(train_enc, cfg.batch_size, pad_id, seed=cfg.seed)
+    rated = sum(p.rating is not None for p in train_enc)
+    if rated and cfg.rating_margin:
+        print(f"reward: {rated} of {len(train_enc)} training pairs carry a rating: margin {cfg.rating_margin:g} x "
+              "rating level", file=sys.stderr)
+    batches = PairBatches(train_enc, cfg.batch_size, pad_id, seed=cfg.seed,
+                          extra=None if margins is None else {"margin": margins})
     result = stage.fit(rm, loss_fn, batches, lambda m: evaluate_pairs(m, held_enc, pad_id))
     if cfg.peft.method == "lora":
         merge_lora(rm.backbone)

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from lmforge.core.files import atomic_write_json, atomic_write_text
 from lmforge.data.formats import iter_records
 from lmforge.data.readers import BadRecord
 from lmforge.generate.batch import generate_batch
+from lmforge.generate.remote import ApiConfig, RemoteClient, choice_text, sampling_body
 from lmforge.generate.sampling import SamplingParams
 from lmforge.posttrain.models import load_policy
 from lmforge.posttrain.stage import RunConfig, open_run, run_dir_option
@@ -195,6 +196,13 @@ class SelfInstructConfig(RunConfig):
                                       help="sampling for instructions and instances")
     seed: int = option(0, "seed of the seed-task sampling")
     device: str = option("auto", "cpu, cuda, or auto")
+    teacher_url: str = option("", "generate with an OpenAI-compatible endpoint instead of --checkpoint (Alpaca's "
+                                  "text-davinci-003 route), e.g. http://localhost:8000/v1")
+    teacher_endpoint: Literal["completions", "chat"] = option(
+        "completions", "completions sends each prompt as text to continue (a base model, as Self-Instruct "
+                       "prompts it); chat sends it as one user message (for chat-only APIs)")
+    api: ApiConfig = option(default_factory=ApiConfig, help="the teacher endpoint: model, key, retries, rate "
+                                                            "limit, cache")
 
     def __post_init__(self) -> None:
         for name in ("num_instructions", "requests_per_round", "max_rounds", "num_human"):
@@ -278,19 +286,57 @@ def model_generator(checkpoint: str, sampling: SamplingParams, device: str = "au
     return generate
 
 
+def api_generator(client: RemoteClient, sampling: SamplingParams,
+                  endpoint: Literal["completions", "chat"] = "completions") -> Generate:
+    """Continuations from an OpenAI-compatible endpoint. Request i of call c carries seed sampling.seed + c * 100003
+    + i, so every request differs, a rerun sends the same requests (and finds them in the cache)."""
+
+    calls = [0]
+    temperature = 0.0 if sampling.is_greedy else sampling.temperature
+
+    def generate(prompts: list[str]) -> list[str]:
+        bodies = []
+        for i, text in enumerate(prompts):
+            seed = None if sampling.seed is None else sampling.seed + calls[0] * 100_003 + i
+            body = sampling_body(temperature, sampling.top_p, sampling.max_new_tokens, seed)
+            if endpoint == "completions":
+                body["prompt"] = text
+            else:
+                body["messages"] = [{"role": "user", "content": text}]
+            bodies.append(body)
+        calls[0] += 1
+        path = "/completions" if endpoint == "completions" else "/chat/completions"
+        return [choice_text(r, endpoint) for r in client.map(path, bodies)]
+
+    return generate
+
+
 def run_self_instruct(cfg: SelfInstructConfig) -> dict[str, Any]:
     """Generate, filter and write RUN/instructions.json (Alpaca: instruction, input, output)."""
     if not cfg.seed_tasks:
         raise LmforgeError("self-instruct: give --seed_tasks FILE (e.g. self_instruct_seed_tasks.jsonl)")
+    if bool(cfg.checkpoint) == bool(cfg.teacher_url):
+        raise LmforgeError("self-instruct: give exactly one teacher: --checkpoint DIR (a local model) or "
+                           "--teacher-url URL (an OpenAI-compatible endpoint)")
     seeds = read_seed_tasks(cfg.seed_tasks)
-    generate = model_generator(cfg.checkpoint, cfg.sampling, cfg.device)
+    client = RemoteClient(cfg.teacher_url, cfg.api) if cfg.teacher_url else None
+    if client is not None:
+        generate = api_generator(client, cfg.sampling, cfg.teacher_endpoint)
+    else:
+        generate = model_generator(cfg.checkpoint, cfg.sampling, cfg.device)
     run_dir = open_run(cfg)
-    result = self_instruct(cfg, seeds, generate)
+    try:
+        result = self_instruct(cfg, seeds, generate)
+    finally:
+        if client is not None:
+            client.close()
     out_path = run_dir / "instructions.json"
     atomic_write_json(out_path, [dataclasses.asdict(t) for t in result.kept])
     atomic_write_text(run_dir / "rejected.jsonl", "".join(json.dumps(r) + "\n" for r in result.rejected))
     stats = {"seed_tasks": len(seeds), "rounds": result.rounds, **dict(result.counts),
              "instructions": str(out_path)}
+    if client is not None:
+        stats["api"] = dict(client.stats)
     atomic_write_json(run_dir / "stats.json", stats)
     print(f"self-instruct: {result.counts['generated']} generated, {len(result.kept)} kept after {result.rounds} "
           f"rounds -> {out_path}", file=sys.stderr)

@@ -5,6 +5,10 @@
 Features: word 1- and 2-grams hashed into `dim` buckets, log(1 + count), L2-normalized per document.
 Training is full-batch gradient descent on the L2-regularized log loss, vectorized over a CSR matrix
 (np.add.reduceat for the logits, np.bincount for the gradient).
+
+The same model, trained from labelled examples by `lmforge data train-classifier`, backs the `toxicity` step.
+A model is a safetensors file (weights `w`, `b`; `dim` and `ngrams` in its metadata): no pickle, nothing in
+it runs. Older `.npz` models are still read, with numpy's pickle loading off.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 
 from lmforge.core.config import option, require
 from lmforge.core.errors import LmforgeError
+from lmforge.core.files import atomic_write, atomic_write_json
 from lmforge.data.dedup.decontaminate import word_hashes
 from lmforge.data.filters.text import ngram_hashes
 from lmforge.data.readers import Document, read_documents
@@ -79,17 +84,40 @@ class HashedLogReg:
         return float(self._sigmoid(np.array([self.w[idx] @ val + self.b]))[0])
 
     def save(self, path: str | Path) -> None:
-        with open(path, "wb") as f:
-            np.savez(f, w=self.w, b=self.b, dim=self.dim, ngrams=self.ngrams)
+        """A safetensors file, written atomically."""
+        from safetensors.numpy import save
+
+        data = save({"w": self.w.astype(np.float32), "b": np.array([self.b], dtype=np.float32)},
+                    metadata={"format": "lmforge-hashed-logreg", "dim": str(self.dim), "ngrams": str(self.ngrams)})
+
+        def write(tmp: str) -> None:
+            Path(tmp).write_bytes(data)
+
+        atomic_write(Path(path), write)
 
     @classmethod
     def load(cls, path: str | Path) -> HashedLogReg:
+        """Read a model saved by `save` (or an older .npz, pickle refused); a bad file is one LmforgeError."""
+        path = Path(path)
+        if not path.is_file():
+            raise LmforgeError(f"{path}: no such classifier file")
         try:
-            data = np.load(path)
-        except (OSError, ValueError) as e:
-            raise LmforgeError(f"{path}: not a classifier file ({e})") from None
-        model = cls(int(data["dim"]), int(data["ngrams"]))
-        model.w, model.b = data["w"], float(data["b"])
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as data:
+                    dim, ngrams, w, b = int(data["dim"]), int(data["ngrams"]), data["w"], float(data["b"])
+            else:
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="numpy") as f:
+                    meta = f.metadata() or {}
+                    dim, ngrams = int(meta["dim"]), int(meta["ngrams"])
+                    w, b = f.get_tensor("w").astype(np.float64), float(f.get_tensor("b")[0])
+        except Exception as e:  # safetensors raises its own error types; numpy OSError/ValueError/KeyError
+            raise LmforgeError(f"{path}: not a classifier file ({type(e).__name__}: {e})") from None
+        if w.shape != (dim,):
+            raise LmforgeError(f"{path}: weights of shape {w.shape}, expected ({dim},)")
+        model = cls(dim, ngrams)
+        model.w, model.b = w, b
         return model
 
 
@@ -98,7 +126,8 @@ class ClassifierFilter(Step):
     """Keep documents the classifier scores at least `threshold`; the score goes to metadata."""
 
     name = "classifier"
-    model: str = option("", help="a saved classifier (.npz); trained and saved here when good/random are given")
+    model: str = option("", help="a saved classifier (.safetensors); trained and saved here when good/random "
+                                 "are given")
     good: list[str] = option(default_factory=list, help="files of high-quality reference text")
     random: list[str] = option(default_factory=list, help="files sampled from the raw corpus")
     threshold: float = option(0.5, help="lowest p(good) to keep")
@@ -124,3 +153,84 @@ class ClassifierFilter(Step):
         score = self.classifier().score(doc.text)
         doc.metadata["quality_score"] = round(score, 4)
         return "low_quality_score" if score < self.threshold else None
+
+
+# ----------------------------------------------------------------------------------------------
+# `lmforge data train-classifier`: a classifier from labelled examples, measured on held-out labels
+
+
+def labelled_examples(inputs: list[str], label_field: str, positive: str) -> tuple[list[str], list[bool]]:
+    """(texts, is_positive) of every record; a record without the label field is an error naming file:line."""
+    texts, labels = [], []
+    for doc in read_documents(inputs):
+        if label_field not in doc.metadata:
+            raise LmforgeError(f"{doc.source}: no '{label_field}' field (the label)")
+        value = doc.metadata[label_field]
+        value = int(value) if isinstance(value, bool) else value
+        texts.append(doc.text)
+        labels.append(str(value) == positive)
+    return texts, labels
+
+
+def held_out_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices): a seeded permutation, `fraction` of it held out."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = int(round(n * fraction))
+    return np.sort(order[n_held:]), np.sort(order[:n_held])
+
+
+def precision_recall(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    predicted = scores >= threshold
+    tp = int((predicted & labels).sum())
+    fp = int((predicted & ~labels).sum())
+    fn = int((~predicted & labels).sum())
+    return {"precision": round(tp / max(tp + fp, 1), 4), "recall": round(tp / max(tp + fn, 1), 4),
+            "accuracy": round(float((predicted == labels).mean()) if len(labels) else 0.0, 4),
+            "positives": int(labels.sum()), "negatives": int((~labels).sum())}
+
+
+@dataclass
+class TrainClassifierConfig:
+    input: list[str] = option(default_factory=list, help="labelled JSONL/Parquet files or folders")
+    output: str = option("classifier.safetensors", help="the model (safetensors); metrics go beside it as .json")
+    label_field: str = option("label", help="field holding each example's label")
+    positive: str = option("1", help="label value of the positive class (e.g. toxic); every other value is negative")
+    held_out: float = option(0.2, help="fraction of the examples kept out of training to measure precision/recall")
+    threshold: float = option(0.5, help="p(positive) at which an example counts as positive when measuring")
+    seed: int = option(0, help="seed of the held-out split")
+    dim: int = option(2**18, help="hashed feature buckets")
+    steps: int = option(300, help="gradient steps")
+
+
+def train_classifier(cfg: TrainClassifierConfig) -> dict[str, float]:
+    """Train on the labelled examples less a held-out fraction, measure precision/recall on that fraction, save
+    the model and `<output>.json` (the metrics); returns the metrics."""
+    require(bool(cfg.input), "input", cfg.input, "at least one labelled file")
+    require(0.0 <= cfg.held_out < 1.0, "held_out", cfg.held_out, "in [0, 1)")
+    texts, is_pos = labelled_examples(cfg.input, cfg.label_field, cfg.positive)
+    labels = np.array(is_pos, dtype=bool)
+    if labels.all() or not labels.any():
+        raise LmforgeError(f"{', '.join(cfg.input)}: every example has the same label; need '{cfg.positive}' "
+                           f"examples in field '{cfg.label_field}' and others")
+    train, held = held_out_split(len(texts), cfg.held_out, cfg.seed)
+    clf = HashedLogReg(cfg.dim).fit([texts[i] for i in train if labels[i]], [texts[i] for i in train if not labels[i]],
+                                    steps=cfg.steps)
+    metrics: dict[str, float] = {"train_examples": len(train), "held_out_examples": len(held),
+                                 "threshold": cfg.threshold}
+    if len(held):
+        scores = np.array([clf.score(texts[i]) for i in held])
+        metrics.update(precision_recall(scores, labels[held], cfg.threshold))
+    output = Path(cfg.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    clf.save(output)
+    atomic_write_json(output.with_suffix(".json"), {"label_field": cfg.label_field, "positive": cfg.positive,
+                                                    "inputs": cfg.input, **metrics})
+    return metrics
+
+
+def train_classifier_cmd(cfg: TrainClassifierConfig) -> int:
+    m = train_classifier(cfg)
+    held = (f"; held-out ({m['held_out_examples']}): precision {m['precision']:.3f}, recall {m['recall']:.3f}, "
+            f"accuracy {m['accuracy']:.3f}" if m["held_out_examples"] else "")
+    print(f"trained on {m['train_examples']} examples{held}; model: {cfg.output}")
+    return 0
