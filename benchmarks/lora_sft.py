@@ -78,8 +78,8 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
     from lmforge.model.hf.convert import to_hf
     from lmforge.model.presets import PRESETS
     from lmforge.model.size import num_params
-    from lmforge.posttrain.sft import SftBatches, SftConfig, load_sft_data
     from lmforge.posttrain.models import pad_id_of
+    from lmforge.posttrain.sft import SftBatches, SftConfig, load_sft_data
 
     tok = task_tokenizer()
     shape = {"preset": args.preset, "max_seq_len": max(args.seq_len, 128)}
@@ -111,9 +111,9 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
 
 def sft_settings(args: argparse.Namespace, work: Path, quantize: str) -> dict:
     lora = {"r": args.rank, "alpha": 2.0 * args.rank, "targets": ALL_LINEAR, "quantize": quantize}
-    return {"checkpoint": str(work / "base"), "run_dir": str(work / f"run-{quantize}"), "data": [str(work / "convs.jsonl")],
-            "tasks": 0, "eval_tasks": 0, "val_fraction": 0.0, "max_len": args.seq_len, "batch_size": 1,
-            "packing": True, "peft": {"method": "lora", "lora": lora},
+    return {"checkpoint": str(work / "base"), "run_dir": str(work / f"run-{quantize}"),
+            "data": [str(work / "convs.jsonl")], "tasks": 0, "eval_tasks": 0, "val_fraction": 0.0,
+            "max_len": args.seq_len, "batch_size": 1, "packing": True, "peft": {"method": "lora", "lora": lora},
             "train": {"steps": args.warmup + args.steps, "lr": LR, "warmup_steps": 0,
                       "log_every": 1, "save_every": 0, "eval_every": 0, "device": "cpu", "precision": "auto",
                       "grad_clip": 1.0}}
@@ -186,7 +186,8 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict:
 
 def child(args: argparse.Namespace, work: Path, what: str) -> dict:
     cmd = [sys.executable, __file__, "--child", what, "--work", str(work), "--preset", args.preset,
-           "--vocab", str(args.vocab), "--layers", str(args.layers), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
+           "--vocab", str(args.vocab), "--layers", str(args.layers), "--seq-len", str(args.seq_len),
+           "--rank", str(args.rank),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--conversations", str(args.conversations)]
     t0 = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -243,14 +244,13 @@ def main() -> int:
     rows = []
     if "trl" in runs:
         ours, trl = runs["none"], runs["trl"]
+        grown = {k: r["peak_mib"] - r["after_imports_mib"] for k, r in (("ours", ours), ("trl", trl))}
         rows += [(f"LoRA SFT step time s, lmforge sft vs TRL SFTTrainer + PEFT (peer), {what}",
                   f"{step['none']:.2f}", f"{step['trl']:.2f}", f"{step['trl'] / step['none']:.2f}x"),
                  (f"LoRA SFT peak RSS MiB (whole process), lmforge vs TRL + PEFT, {what}",
                   f"{ours['peak_mib']:,.0f}", f"{trl['peak_mib']:,.0f}", f"{trl['peak_mib'] / ours['peak_mib']:.2f}x"),
                  (f"LoRA SFT peak RSS MiB over RSS after imports, lmforge vs TRL + PEFT, {what}",
-                  f"{ours['peak_mib'] - ours['after_imports_mib']:,.0f}",
-                  f"{trl['peak_mib'] - trl['after_imports_mib']:,.0f}",
-                  f"{(trl['peak_mib'] - trl['after_imports_mib']) / (ours['peak_mib'] - ours['after_imports_mib']):.2f}x")]
+                  f"{grown['ours']:,.0f}", f"{grown['trl']:,.0f}", f"{grown['trl'] / grown['ours']:.2f}x")]
     for q in ("int4", "int8"):
         if q in runs:
             full, quant = runs["none"], runs[q]
