@@ -10,7 +10,7 @@ scores greedy answers to them with the `numeric` verifier before and after: the 
 its standard error over the held-out prompts (binomial: the reward is 0 or 1), per seed, and the mean over
 seeds with the standard error across seeds.
 
-    OMP_NUM_THREADS=2 python benchmarks/posttrain_user.py [--algos grpo,ppo] [--seeds 0,1] [--append]
+    python benchmarks/posttrain_user.py [--algos grpo,ppo] [--seeds 0,1] [--append]
 """
 
 from __future__ import annotations
@@ -78,12 +78,15 @@ def main() -> int:
     ap.add_argument("--numbers", type=int, default=20, help="operands 0..N-1 (N^2 prompts in all)")
     ap.add_argument("--sft-share", type=float, default=0.5, help="share of the pairs in the SFT file")
     ap.add_argument("--heldout", type=float, default=0.3, help="share of the RL prompts held out")
-    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--rl-steps", type=int, default=40)
     ap.add_argument("--rl-lr", type=float, default=2e-4)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: a tiny model on a loaded machine runs "
+                                                           "far faster on one thread than on contended two)")
     ap.add_argument("--load", default="", help="what else loads the machine, for the machine column")
     ap.add_argument("--append", action="store_true", help=f"append the rows to {RESULTS.name}")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     load = args.load or f"load average {Path('/proc/loadavg').read_text().split()[0]}"
     t0 = time.time()
     rows = []
