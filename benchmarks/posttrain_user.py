@@ -62,7 +62,7 @@ def binomial_se(p: float, n: int) -> float:
 
 def rl_config(algo: str, args: argparse.Namespace, model: str, prompts: Path, run_dir: Path, seed: int):
     common = {"checkpoint": model, "run_dir": str(run_dir), "prompts": [str(prompts)], "reward": "numeric",
-              "heldout": args.heldout, "seed": seed, "sampling": {"max_new_tokens": 6, "temperature": 1.0},
+              "heldout": args.heldout, "seed": seed, "sampling": {"max_new_tokens": 6, "temperature": args.temperature},
               "rollout": {"prompts_per_rollout": 16}}
     if algo == "grpo":
         return from_dict(GrpoConfig, {**common, "group_size": 8, "kl_coef": 0.0,
@@ -81,6 +81,7 @@ def main() -> int:
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--rl-steps", type=int, default=40)
     ap.add_argument("--rl-lr", type=float, default=2e-4)
+    ap.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: a tiny model on a loaded machine runs "
                                                            "far faster on one thread than on contended two)")
     ap.add_argument("--load", default="", help="what else loads the machine, for the machine column")
@@ -101,7 +102,7 @@ def main() -> int:
         t_sft = time.time() - t0
         n_held = heldout_count(n_rl, args.heldout)
         data = (f"{n_rl} addition prompts 'What is a + b?' (a, b < {args.numbers}; {n_held} held out by each seed), "
-                f"--reward numeric, from the debug-shape model SFT'd {args.sft_steps} steps on {n_sft} other pairs")
+                f"--reward numeric, T={args.temperature}, lr {args.rl_lr:g}, from the debug-shape model SFT'd {args.sft_steps} steps on {n_sft} other pairs")
         for algo in args.algos.split(","):
             run = run_grpo if algo == "grpo" else run_ppo
             before, after = [], []
