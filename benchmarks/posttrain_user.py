@@ -102,7 +102,8 @@ def main() -> int:
         t_sft = time.time() - t0
         n_held = heldout_count(n_rl, args.heldout)
         data = (f"{n_rl} addition prompts 'What is a + b?' (a, b < {args.numbers}; {n_held} held out by each seed), "
-                f"--reward numeric, T={args.temperature}, lr {args.rl_lr:g}, from the debug-shape model SFT'd {args.sft_steps} steps on {n_sft} other pairs")
+                f"--reward numeric, T={args.temperature}, lr {args.rl_lr:g}, from the debug-shape model SFT'd "
+                f"{args.sft_steps} steps on {n_sft} other pairs")
         for algo in args.algos.split(","):
             run = run_grpo if algo == "grpo" else run_ppo
             before, after = [], []
