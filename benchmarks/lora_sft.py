@@ -2,7 +2,8 @@
 on a 4-bit / 8-bit base (QLoRA) vs its full-precision base.
 
 Both sides train the same weights on the same tokens:
-- the model is a preset (default `qwen2-0.5b`: its full shape, 151,936-token vocabulary included) at random init,
+- the model is a preset (default `qwen2-0.5b`: its widths and 151,936-token vocabulary, 4 of its 24 blocks unless
+  `--layers 0`) at random init,
   saved as an lmforge checkpoint and exported for transformers with `lmforge.model.hf.convert.to_hf`;
 - the data are conversations cut from text the package ships (tests/textdata.py: Python's own English docs),
   rendered with the chat template and packed into `--seq-len` rows by lmforge's SFT batcher; the first rows are
