@@ -119,3 +119,38 @@ def test_sequence_longer_than_max_seq_len_is_refused():
     model = build(max_seq_len=8)
     with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+LOAD_PEAK_CHILD = """
+import sys
+from lmforge.model.io import load_model
+def kib(field):
+    return int(next(line for line in open('/proc/self/status') if line.startswith(field)).split()[1])
+with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')  # reset VmHWM (the peak RSS) to the current RSS
+before = kib('VmRSS:')
+load_model(sys.argv[1])
+print(kib('VmHWM:') - before)
+"""
+
+
+def test_load_model_never_holds_a_second_copy_of_the_weights(tmp_path):
+    """Found benchmarking LoRA SFT of the qwen2-0.5b shape: loading built the model, then read the whole file
+    beside it, so the load peaked at twice the weights. Now each tensor is copied in as it is read."""
+    import os
+    import subprocess
+    import sys
+
+    from lmforge.model import save_model
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    torch.manual_seed(0)  # 8 blocks of 512 wide: ~100 MB of fp32 weights, no tensor over 3 MB
+    model = Transformer(ModelConfig(vocab_size=256, d_model=512, n_layers=8, n_heads=8, max_seq_len=64))
+    weights_kib = sum(p.numel() * 4 for p in model.parameters()) / 1024
+    save_model(model, tmp_path / "m")
+    del model
+    out = subprocess.run([sys.executable, "-c", LOAD_PEAK_CHILD, str(tmp_path / "m")], capture_output=True,
+                         text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    grew = int(out.stdout.strip().splitlines()[-1])
+    assert grew < 1.4 * weights_kib, (grew, weights_kib)  # was ~2x: the built model plus the whole file
