@@ -23,7 +23,8 @@ transfer and, on a shared CPU, time the other processes took from this one.
 Planner vs measured memory (`--plan`, appended to RESULTS.md): a ~40M-parameter fp32 model trained a few steps
 by `lmforge pretrain` in 1 process, DDP 2, FSDP 2, PP 2 and TP 2 (each rank run through this script's
 `--child-plan` wrapper under torchrun); each rank's peak RSS during training (VmHWM at the end of each step,
-before the final checkpoint) minus its RSS before `pretrain` started (everything imported), against what
+before the final checkpoint; glibc's mmap threshold pinned so freed tensors leave RSS) minus its RSS before
+`pretrain` started (everything imported), against what
 `lmforge.parallel.plan` predicts for the same model and layout with `precision="fp32"`. Not modelled by the
 planner: the allocator's slack, gloo's buffers, DDP's gradient buckets, FSDP's gathered blocks, PP's
 full-model build before the split.
@@ -295,7 +296,11 @@ def measured_peaks(root: Path, name: str, flags: list[str]) -> tuple[list[float]
     run = root / f"run-{out.name}"
     cmd = [sys.executable, *launcher, str(Path(__file__).resolve()), "--child-plan", str(out), "--", "pretrain",
            str(root / "plan.json"), "--run_dir", str(run), *flags]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # glibc's default mmap threshold rises after the first large free, after which freed tensors stay in the
+    # heap and RSS keeps every tensor that ever lived; a fixed 128 KiB threshold hands them back, so RSS follows
+    # the live tensors (without it the 1-process peak read ~20% and FSDP's ~140% above the planner).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
     peaks = []
