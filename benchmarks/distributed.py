@@ -20,7 +20,17 @@ Pipeline parallelism (`--pipeline`, appended to RESULTS.md): 2-stage 1F1B `lmfor
 theoretical (P-1)/(M+P-1) (interleaved: (P-1)/(V*M+P-1)). The measured figure also holds point-to-point
 transfer and, on a shared CPU, time the other processes took from this one.
 
+Planner vs measured memory (`--plan`, appended to RESULTS.md): a ~40M-parameter fp32 model trained a few steps
+by `lmforge pretrain` in 1 process, DDP 2, FSDP 2, PP 2 and TP 2 (each rank run through this script's
+`--child-plan` wrapper under torchrun); each rank's peak RSS during training (VmHWM at the end of each step,
+before the final checkpoint; glibc's mmap threshold pinned so freed tensors leave RSS) minus its RSS before
+`pretrain` started (everything imported), against what
+`lmforge.parallel.plan` predicts for the same model and layout with `precision="fp32"`. Not modelled by the
+planner: the allocator's slack, gloo's buffers, DDP's gradient buckets, FSDP's gathered blocks, PP's
+full-model build before the split.
+
     python benchmarks/distributed.py
+    python benchmarks/distributed.py --plan
     python benchmarks/distributed.py --pipeline --steps 12
     python benchmarks/distributed.py --only ep --steps 12
 """
@@ -43,13 +53,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from common import append_results, machine_line, script_command, table
 
+from lmforge.cli import main as lmforge_main
 from lmforge.core.config import from_dict
 from lmforge.data.shards import ShardWriter
 from lmforge.model import ModelConfig, Transformer
+from lmforge.model.size import num_params
 from lmforge.parallel import ParallelConfig
 from lmforge.parallel.checkpointing import apply_activation_checkpointing
 from lmforge.parallel.launch import free_port
 from lmforge.parallel.pipeline import PipelineRunner, split_model, theoretical_bubble
+from lmforge.parallel.plan import Layout, PlanConfig, evaluate
+from lmforge.train import pretrain as pretrain_module
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import read_metrics
 from lmforge.train.optim import build_optimizer
@@ -61,6 +75,18 @@ MOE_MODEL = {**MODEL, "moe_experts": 8, "moe_top_k": 2, "moe_d_ff": 128}
 AC_MODEL = {"d_model": 256, "n_layers": 6, "n_heads": 8, "vocab_size": VOCAB, "max_seq_len": 256}
 AC_BATCH = 8
 COMMAND = "python benchmarks/distributed.py"
+PLAN_MODEL = {"d_model": 640, "n_layers": 8, "n_heads": 8, "n_kv_heads": 8, "d_ff": 1792, "vocab_size": VOCAB,
+              "max_seq_len": 64}  # ~41M parameters
+PLAN_BATCH, PLAN_STEPS = 8, 4
+# name, `lmforge pretrain` flags, the planner's layout (micro_batch = the sequences one forward holds)
+PLAN_LAYOUTS = [
+    ("1 process", [], Layout(micro_batch=PLAN_BATCH)),
+    ("DDP 2", ["--parallel.data", "ddp"], Layout(dp=2, zero=0, micro_batch=PLAN_BATCH // 2)),
+    ("FSDP 2", ["--parallel.data", "fsdp"], Layout(dp=2, zero=3, micro_batch=PLAN_BATCH // 2)),
+    ("PP 2 (1F1B, 4 micro-batches)", ["--parallel.pipeline", "2", "--parallel.microbatches", "4"],
+     Layout(pp=2, micro_batch=PLAN_BATCH // 4)),
+    ("TP 2", ["--parallel.tensor", "2"], Layout(tp=2, micro_batch=PLAN_BATCH)),
+]
 
 
 def write_random_shards(directory: Path, n_tokens: int = 300_000) -> None:
@@ -226,6 +252,96 @@ def expert_rows(root: Path, steps: int) -> list[tuple[str, float | str, float | 
             ("tokens/s, MoE 8 experts: EP=2 (2 proc x 1 thread) vs 1 proc x 2 threads", ep, one_2, ep / one_2)]
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise SystemExit(f"/proc/self/status has no {field} (the --plan rows need Linux)")
+
+
+def child_plan(out: str, argv: list[str]) -> int:
+    """One training process (a torchrun worker, or the only process): its RSS before `lmforge pretrain` starts
+    (lmforge and torch already imported), then `pretrain` with a step-end hook that reads the peak RSS (VmHWM)
+    after every optimizer step, so the final checkpoint and model save are not counted."""
+    peak = {"kib": 0}
+    original = pretrain_module.train_loop
+
+    def record(model: torch.nn.Module, step: int) -> dict[str, float]:
+        peak["kib"] = _status_kib("VmHWM")
+        return {}
+
+    def loop(*args, on_step_end=None, **kwargs):
+        return original(*args, on_step_end=[*(on_step_end or []), record], **kwargs)
+    pretrain_module.train_loop = loop
+    baseline = _status_kib("VmRSS")
+    rc = lmforge_main(argv)
+    rank = os.environ.get("RANK", "0")
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"baseline_kib": baseline, "peak_kib": peak["kib"]}))
+    return rc
+
+
+def measured_peaks(root: Path, name: str, flags: list[str]) -> tuple[list[float], ModelConfig]:
+    """Per-rank peak training memory (MiB) of a short `lmforge pretrain` of PLAN_MODEL in fp32, and the model
+    config the run resolved (RUN/config.json: pretrain's defaults fill what PLAN_MODEL leaves out)."""
+    recipe = {"data": {"path": str(root / "shards"), "seq_len": PLAN_MODEL["max_seq_len"],
+                       "batch_size": PLAN_BATCH},
+              "model": PLAN_MODEL,
+              "train": {"steps": PLAN_STEPS, "lr": 1e-4, "precision": "fp32", "device": "cpu", "log_every": 1,
+                        "eval_every": 0, "save_every": 0, "plot_every": 0}}
+    (root / "plan.json").write_text(json.dumps(recipe))
+    out = root / f"peaks-{len(list(root.glob('peaks-*')))}"
+    out.mkdir()
+    nproc = 2 if flags else 1
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if flags else []
+    run = root / f"run-{out.name}"
+    cmd = [sys.executable, *launcher, str(Path(__file__).resolve()), "--child-plan", str(out), "--", "pretrain",
+           str(root / "plan.json"), "--run_dir", str(run), *flags]
+    # glibc's default mmap threshold rises after the first large free, after which freed tensors stay in the
+    # heap and RSS keeps every tensor that ever lived; a fixed 128 KiB threshold hands them back, so RSS follows
+    # the live tensors (without it the 1-process peak read ~20% and FSDP's ~140% above the planner).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    peaks = []
+    for rank in range(nproc):
+        r = json.loads((out / f"rank{rank}.json").read_text())
+        peaks.append((r["peak_kib"] - r["baseline_kib"]) / 1024)
+    return peaks, from_dict(ModelConfig, json.loads((run / "config.json").read_text())["model"])
+
+
+def plan_rows(results: Path) -> None:
+    """Peak memory per rank of each layout, measured vs the planner (fp32 weights, grads, AdamW, activations)."""
+    load = os.getloadavg()[0]
+    machine = machine_line(parallel=f"1-2 processes x 1 thread, {os.cpu_count()} cores",
+                           extra=f"load average {load:.1f} at start")
+    rows, notes = [], []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_random_shards(root / "shards", 100_000)
+        for name, flags, layout in PLAN_LAYOUTS:
+            peaks, model = measured_peaks(root, name, flags)
+            setup = PlanConfig(model=model, gpus=layout.gpus, seq_len=PLAN_MODEL["max_seq_len"],
+                               global_batch=PLAN_BATCH, precision="fp32")
+            predicted = evaluate(layout, setup)["memory_gib"]
+            for rank, mib in enumerate(peaks):
+                # PP: the planner's activations are the busier stage's; its states are per stage (even split)
+                plan_mib = predicted["total"] * 1024
+                who = f", rank {rank}" if len(peaks) > 1 else ""
+                rows.append((f"peak memory per rank MiB, {name}{who}: measured vs planner", fmt(mib),
+                             fmt(plan_mib), f"{mib / plan_mib:.2f}"))
+            parts = ", ".join(f"{k} {v * 1024:.0f}" for k, v in predicted.items() if k != "total")
+            notes.append(f"{name}: planner {parts} MiB")
+    command = COMMAND + " --plan"
+    print(table(rows, machine, command))
+    print("\n".join(notes))
+    print(f"\nmodel {num_params(model) / 1e6:.1f}M parameters (d640 x 8 layers), vocab {VOCAB}, seq "
+          f"{PLAN_MODEL['max_seq_len']}, global batch {PLAN_BATCH}, "
+          f"{PLAN_STEPS} steps, fp32 AdamW. Wall time {time.perf_counter() - t0:.0f} s.")
+    append_results(results, rows, machine, command)
+
+
 def fmt(v: float | str) -> str:
     return v if isinstance(v, str) else f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
@@ -240,8 +356,17 @@ def main() -> int:
     ap.add_argument("--only", choices=["all", "ep"], default="all", help="ep: only the expert-parallel rows")
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     ap.add_argument("--child-ac", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-plan", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--plan", action="store_true",
+                    help="only the planner-vs-measured peak memory rows, appended to --results")
+    ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     ap.add_argument("--pipeline", action="store_true", help="only the pipeline-parallel rows, appended to --results")
     args = ap.parse_args()
+    if args.child_plan:
+        return child_plan(args.child_plan, [a for a in args.rest if a != "--"])
+    if args.plan:
+        plan_rows(Path(args.results))
+        return 0
     if args.pipeline:
         pipeline_rows(args.steps, Path(args.results))
         return 0

@@ -164,9 +164,9 @@ def test_deepseek_v3_published_layout_fits_80gb():
     assert row["comm_gb"]["ep"] > 0 and row["comm_gb"]["tp"] == 0
 
 
-def _saved_bytes(cfg: ModelConfig, ids: torch.Tensor) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves for backward in one bf16 forward."""
-    model = Transformer(cfg).to(torch.bfloat16)
+def _saved_bytes(cfg: ModelConfig, ids: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves for backward in one forward in `dtype`."""
+    model = Transformer(cfg).to(dtype)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -188,6 +188,29 @@ def test_activation_prediction_near_what_autograd_saves_per_block():
     measured = _saved_bytes(two, ids) - _saved_bytes(one, ids)
     predicted = activation_bytes_per_layer(two, 64, 2)
     assert 1.0 <= measured / predicted < 1.15
+
+
+def test_fp32_precision_equals_a_real_fp32_adamw_step_and_fp32_activations():
+    """--precision fp32 (a CPU run: fp32 weights, grads and AdamW, no autocast): 4 + 4 + 8 bytes per parameter,
+    counted on a real step, and activations as autograd saves them in fp32."""
+    cfg = small()
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, cfg.vocab_size, (2, 16))).logsumexp(-1).mean().backward()
+    opt.step()
+
+    def nbytes(ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+    states = opt.state_dict()["state"].values()
+    measured = {"params": nbytes(model.parameters()), "grads": nbytes(p.grad for p in model.parameters()),
+                "optimizer": nbytes(t for s in states for t in s.values() if t.dim() > 0)}
+    assert measured == state_bytes(Sizes.of(cfg, 16), Layout(), "fp32")
+    ids = torch.randint(0, 256, (2, 64))
+    one, two = (preset("debug", vocab_size=256, n_layers=n) for n in (1, 2))
+    per_block = _saved_bytes(two, ids, torch.float32) - _saved_bytes(one, ids, torch.float32)
+    assert 1.0 <= per_block / activation_bytes_per_layer(two, 64, 2, precision="fp32") < 1.15
+    setup = PlanConfig(model=cfg, gpus=2, seq_len=16, global_batch=4, precision="fp32")
+    assert evaluate(Layout(), setup)["memory_gib"]["optimizer"] * 2**30 == measured["optimizer"]
 
 
 def test_communication_volumes_by_hand():

@@ -16,6 +16,8 @@ Memory, per GPU:
   activations while it is recomputed. With 1F1B the first pipeline stage holds min(p, micro-batches) micro-batches.
 - KV cache (inference): 2 (K and V) x layers x kv_heads x head_dim x tokens x 2 bytes (MLA: the latent and the
   shared RoPE key), split over TP (by kv heads) and PP (by layers).
+- `--precision fp32` (what a CPU run does: fp32 weights, gradients and AdamW, no autocast) counts 4 + 4 + 8 bytes
+  per parameter and 4-byte activations instead.
 
 What it ignores, and says so: allocator fragmentation, temporary buffers (gathered FSDP blocks, communication
 buckets, the logits' loss workspace beyond one fp32 copy), CUDA context (~0.5-1 GB), and overlap of communication
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from lmforge.core.config import option, require
 from lmforge.core.errors import LmforgeError
@@ -35,6 +38,10 @@ from lmforge.model.moe import is_moe_layer
 from lmforge.model.size import active_params, flops_per_token, num_params
 
 BYTES_PARAM, BYTES_GRAD, BYTES_OPTIM = 2, 2, 12  # bf16 weights, bf16 grads, fp32 master + Adam m + v
+# bytes per parameter (weights, grads, optimizer) and per activation element, by training precision
+PRECISION_BYTES = {"bf16": (BYTES_PARAM, BYTES_GRAD, BYTES_OPTIM, 2),  # mixed precision: fp32 master + m + v
+                   "fp32": (4, 4, 8, 4)}  # fp32 weights and grads, AdamW's fp32 m + v, fp32 activations
+Precision = Literal["bf16", "fp32"]
 GiB = 1024 ** 3
 
 HONEST = ("ignores allocator fragmentation, temporary buffers (gathered FSDP blocks, comm buckets), the CUDA "
@@ -77,8 +84,9 @@ class Sizes:
         return cls(num_params(cfg), _expert_params(cfg), active_params(cfg), flops_per_token(cfg, seq_len))
 
 
-def state_bytes(sizes: Sizes, layout: Layout) -> dict[str, float]:
-    """Parameter, gradient and optimizer bytes one GPU holds: 2 + 2 + 12 bytes per parameter, divided by
+def state_bytes(sizes: Sizes, layout: Layout, precision: Precision = "bf16") -> dict[str, float]:
+    """Parameter, gradient and optimizer bytes one GPU holds: 2 + 2 + 12 bytes per parameter (fp32: 4 + 4 + 8),
+    divided by
     TP x PP (routed experts: also by EP) and, from the ZeRO stage that shards it on, by the data-parallel
     degree (an expert is replicated dp / ep times, so its shard is experts / (tp pp dp) too)."""
     split = layout.tp * layout.pp
@@ -87,11 +95,12 @@ def state_bytes(sizes: Sizes, layout: Layout) -> dict[str, float]:
 
     def held(stage: int) -> float:
         return sharded if layout.zero >= stage else local
-    return {"params": BYTES_PARAM * held(3), "grads": BYTES_GRAD * held(2), "optimizer": BYTES_OPTIM * held(1)}
+    param, grad, optim, _ = PRECISION_BYTES[precision]
+    return {"params": param * held(3), "grads": grad * held(2), "optimizer": optim * held(1)}
 
 
 def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, micro_batch: int, tp: int = 1,
-                               paper: bool = False) -> float:
+                               paper: bool = False, precision: Precision = "bf16") -> float:
     """Bytes one block stores for backward, with sequence parallelism over `tp` ranks (everything / t).
 
     paper=True is Korthikanti et al. 2022 eq. (2) with sequence parallelism: sbh(34 + 5as/h) / t, for a GPT
@@ -104,6 +113,7 @@ def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, micro_batch: int,
     Here q = heads x head_dim and kv = kv_heads x head_dim, so GQA shrinks the K/V terms. MLA (approximate: its
     latent projections are not counted) uses per-head Q/K of nope + rope dims and the mean of K and V widths;
     MoE layers count the top-k routed plus shared experts' widths as f (tokens per expert balanced).
+    precision="fp32": every activation term above is 4 bytes per element instead of 2.
     """
     s, b, h = seq_len, micro_batch, cfg.d_model
     if paper:
@@ -113,20 +123,21 @@ def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, micro_batch: int,
     if cfg.attention == "mla":
         kv = cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2
         q = cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    a = PRECISION_BYTES[precision][3]
     norms = 2 * (4 * h + 4)
-    attn = 2 * h + 2 * (q + 2 * kv) + 2 * (q + kv) + 4 * cfg.n_heads + 2 * q
+    attn = a * h + a * (q + 2 * kv) + a * (q + kv) + 4 * cfg.n_heads + a * q
     ff = cfg.moe_d_ff * (cfg.moe_top_k + cfg.moe_shared_experts) if cfg.moe_experts else cfg.d_ff
-    mlp = 2 * h + (8 if cfg.gated_mlp else 4) * ff
+    mlp = a * h + (4 if cfg.gated_mlp else 2) * a * ff
     return s * b * (norms + attn + mlp) / tp
 
 
-def activation_bytes(cfg: ModelConfig, seq_len: int, layout: Layout) -> float:
+def activation_bytes(cfg: ModelConfig, seq_len: int, layout: Layout, precision: Precision = "bf16") -> float:
     """Activations at the peak of a step on the busier of the first pipeline stage (1F1B: p micro-batches in
     flight) and the last (one micro-batch plus the fp32 logits, split over TP)."""
     layers = math.ceil(cfg.n_layers / layout.pp)
-    per_layer = activation_bytes_per_layer(cfg, seq_len, layout.micro_batch, layout.tp)
+    per_layer = activation_bytes_per_layer(cfg, seq_len, layout.micro_batch, layout.tp, precision=precision)
     if layout.checkpointing:  # keep each block's input; recompute one block at a time in backward
-        stored = layers * 2 * seq_len * layout.micro_batch * cfg.d_model / layout.tp
+        stored = layers * PRECISION_BYTES[precision][3] * seq_len * layout.micro_batch * cfg.d_model / layout.tp
         first, last = stored * layout.pp + per_layer, stored + per_layer
     else:
         first, last = layers * per_layer * layout.pp, layers * per_layer
@@ -147,16 +158,18 @@ def _ring(n: int) -> float:
     return 2 * (n - 1) / n
 
 
-def comm_bytes(cfg: ModelConfig, sizes: Sizes, seq_len: int, global_batch: int, layout: Layout) -> dict[str, float]:
+def comm_bytes(cfg: ModelConfig, sizes: Sizes, seq_len: int, global_batch: int, layout: Layout,
+               precision: Precision = "bf16") -> dict[str, float]:
     """Bytes each GPU sends per optimizer step, by kind of collective (ring algorithms)."""
+    grad_bytes, elem = PRECISION_BYTES[precision][1], PRECISION_BYTES[precision][3]
     local = sizes.params / (layout.tp * layout.pp)
     n_micro = global_batch // (layout.dp * layout.micro_batch)
     layers = math.ceil(cfg.n_layers / layout.pp)
-    act = 2 * seq_len * layout.micro_batch * cfg.d_model  # one bf16 [b, s, h] tensor
+    act = elem * seq_len * layout.micro_batch * cfg.d_model  # one [b, s, h] activation tensor
     # DDP/ZeRO-1/2: an all-reduce (= reduce-scatter + all-gather) of bf16 grads; ZeRO-3 adds a second
     # all-gather of the parameters in backward: 3 x (n-1)/n instead of 2 x (n-1)/n.
     dp_factor = _ring(layout.dp) * (1.5 if layout.zero == 3 else 1.0)
-    dp = dp_factor * BYTES_GRAD * local
+    dp = dp_factor * grad_bytes * local
     # TP (Megatron + sequence parallelism): per block, 2 all-gather + 2 reduce-scatter forward, as many
     # backward, each moving act x (t-1)/t; recomputation repeats the forward ones.
     passes = 3 if layout.checkpointing else 2
@@ -179,6 +192,8 @@ class PlanConfig:
     # the workload
     seq_len: int = option(4096, "training sequence length (also the KV-cache length reported)")
     global_batch: int = option(512, "sequences per optimizer step")
+    precision: Precision = option("bf16", "bf16: mixed-precision AdamW (2 + 2 + 12 B/param, bf16 activations); "
+                                  "fp32: fp32 weights, grads and AdamW (4 + 4 + 8 B/param, fp32 activations)")
     # the speeds the step time is predicted from
     gpu_tflops: float = option(400.0, "sustained bf16 TFLOP/s per GPU (H100 SXM peak is ~989 dense)")
     intra_node_gbps: float = option(450.0, "GB/s per GPU inside a node (NVLink)")
@@ -201,11 +216,11 @@ def evaluate(layout: Layout, setup: PlanConfig, sizes: Sizes | None = None) -> d
     hw = setup  # the cluster and its speeds
     cfg, seq_len, global_batch = setup.model, setup.seq_len, setup.global_batch
     sizes = sizes or Sizes.of(cfg, seq_len)
-    state = state_bytes(sizes, layout)
-    acts = activation_bytes(cfg, seq_len, layout)
+    state = state_bytes(sizes, layout, setup.precision)
+    acts = activation_bytes(cfg, seq_len, layout, setup.precision)
     mem = {**state, "activations": acts}
     total = sum(mem.values())
-    comm = comm_bytes(cfg, sizes, seq_len, global_batch, layout)
+    comm = comm_bytes(cfg, sizes, seq_len, global_batch, layout, setup.precision)
     tokens = global_batch * seq_len
     n_micro = global_batch // (layout.dp * layout.micro_batch)
     recompute = 8 / 6 if layout.checkpointing else 1.0  # one more forward (2 of the 6 FLOPs per param-token)
