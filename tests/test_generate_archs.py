@@ -216,15 +216,6 @@ def test_eval_tasks_run_on_every_architecture(tmp_path, model, tokenizer):
     assert len(evaluate_task(model, tokenizer, load_task(mc))["examples"][0]["logliks"]) == 2
 
 
-@pytest.mark.parametrize("arch,kind", [("t5", "an encoder-decoder"), ("prefix", "a prefix LM")])
-def test_serve_refuses_at_startup_in_one_line(arch, kind, tokenizer):
-    pytest.importorskip("fastapi")
-    from lmforge.serve.app import create_app
-
-    with pytest.raises(LmforgeError, match=f"serve does not run {kind}"):
-        create_app(build(arch), tokenizer, "m")
-
-
 # ------------------------------------------------------------------------------------------------------------
 # decoding details against transformers
 
