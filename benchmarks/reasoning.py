@@ -1,0 +1,98 @@
+"""Reasoning on held-out problems, two seeds: SFT on the <think> task family (greedy accuracy before/after), the
+PRM's step accuracy against the true step labels, and test-time search at equal budgets (greedy, majority vote,
+PRM-guided beam search, MCTS) with standard errors: issue 18's "Measured".
+
+Each seed runs the quickstart's reasoning stage (`lmforge.quickstart.run_reasoning_stage`: SFT of a chat model on
+solved problems, a Math-Shepherd PRM from its rollouts, search on held-out problems) with that seed for the SFT
+order, the PRM's rollouts and the search problems and sampling. The base model is scored greedily on the same
+held-out problems first. The peer column of a search row is majority vote at the same budget scale.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reasoning.py --checkpoint runs/quickstart/sft/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import machine_line, report, script_command
+
+from lmforge.posttrain.models import load_policy
+from lmforge.posttrain.search import search_curve
+from lmforge.quickstart import ReasoningStageConfig, run_reasoning_stage
+
+
+def base_accuracy(checkpoint: str, stage: ReasoningStageConfig) -> dict[str, float]:
+    """Greedy accuracy of the model before the reasoning SFT, on the stage's held-out problems."""
+    policy, tokenizer = load_policy(checkpoint)
+    greedy = dataclasses.replace(stage.search, methods=["greedy"], scales=[1], prm="")
+    result, _ = search_curve(greedy, policy, tokenizer)
+    return result["test_time_curve"][0]
+
+
+def one_seed(checkpoint: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
+    stage = ReasoningStageConfig(problems=args.problems)
+    stage.sft.seed = seed
+    stage.sft.train.steps = args.sft_steps
+    stage.prm.seed = seed
+    stage.search = dataclasses.replace(stage.search, seed=seed, problems=args.eval_problems, methods=args.methods)
+    before = base_accuracy(checkpoint, stage)
+    t0 = time.perf_counter()
+    result = run_reasoning_stage(stage, out / f"seed{seed}", checkpoint)
+    result["seconds"] = time.perf_counter() - t0
+    result["base"] = before
+    return result
+
+
+def fmt(p: dict) -> str:
+    return f"{p['accuracy']:.3f} +- {p['stderr']:.3f} ({p['tokens']:.0f} tok)"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default="runs/quickstart/sft/model", help="a chat model (the quickstart's SFT)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--problems", type=int, default=3000, help="solved training problems for the SFT")
+    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--eval-problems", type=int, default=32)
+    ap.add_argument("--methods", nargs="+", default=["greedy", "vote", "beam", "mcts"])
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+    if not (Path(args.checkpoint) / "tokenizer.json").is_file():
+        raise SystemExit(f"{args.checkpoint}: no chat model there; run ./scripts/quickstart.sh first or pass "
+                         "--checkpoint")
+    rows = []
+    machine = machine_line(extra=f"load average {os.getloadavg()[0]:.1f} at start")
+    with tempfile.TemporaryDirectory(prefix="lmforge-reasoning-") as tmp:
+        results = {seed: one_seed(args.checkpoint, seed, args, Path(tmp)) for seed in args.seeds}
+    for seed, r in results.items():
+        points = r["test_time_curve"]
+        greedy = next(p for p in points if p["method"] == "greedy")
+        rows.append((f"seed {seed}: held-out greedy accuracy after the reasoning SFT (peer: before)", fmt(greedy),
+                     fmt(r["base"]), f"{greedy['accuracy'] - r['base']['accuracy']:+.3f}"))
+        rows.append((f"seed {seed}: PRM step accuracy vs the true step labels (peer: rollout-label agreement)",
+                     f"{r['prm_step_accuracy']:.3f}", f"{r['prm_label_agreement']:.3f}", "-"))
+        votes = [p for p in points if p["method"] == "vote"]
+        for p in points:
+            if p["method"] in ("greedy", "vote"):
+                continue
+            peer = min(votes, key=lambda v: abs(v["tokens"] - p["tokens"])) if votes else None
+            gap = p["accuracy"] - peer["accuracy"] if peer else float("nan")
+            se = math.hypot(p["stderr"], peer["stderr"]) if peer else float("nan")
+            rows.append((f"seed {seed}: {p['method']} held-out accuracy (peer: majority vote at the nearest budget); "
+                         f"gap in standard errors {gap / se if se else float('nan'):+.1f}", fmt(p),
+                         fmt(peer) if peer else "-", f"{gap:+.3f}"))
+        print(f"seed {seed}: stage took {r['seconds']:.0f} s", file=sys.stderr)
+    limit = "no hardware limit applies: accuracy on held-out problems (binomial standard errors)"
+    report(rows, machine, script_command(), limit, append=not args.no_append)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
