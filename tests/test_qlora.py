@@ -79,7 +79,11 @@ def test_base_memory_and_the_adapter_applies_to_the_full_precision_base(tmp_path
         torch.testing.assert_close(merged(ids), got, rtol=1e-4, atol=1e-4)
 
 
-def test_options_that_do_not_combine_are_errors():
+def test_options_that_do_not_combine_are_errors(tmp_path, capsys):
+    code = main(["sft", "--checkpoint", str(tmp_path / "none"), "--run_dir", str(tmp_path / "r"), "--peft.method",
+                 "lora", "--peft.lora.quantize", "int8", "--parallel.data", "ddp"])
+    err = capsys.readouterr().err
+    assert code != 0 and "runs in one process only" in err and "Traceback" not in err
     with pytest.raises(LmforgeError, match="lora.quantize must be none with lora.dora"):
         LoraConfig(dora=True, quantize="int8")
     with pytest.raises(LmforgeError, match="needs peft.method lora"):

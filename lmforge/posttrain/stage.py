@@ -79,11 +79,16 @@ def open_run(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def check_post_training_parallel(cfg: ParallelConfig, key: str = "parallel") -> None:
-    """The parallel options a post-training stage honours: everything but tensor parallelism."""
+def check_post_training_parallel(cfg: ParallelConfig, key: str = "parallel", peft: PeftConfig | None = None) -> None:
+    """The parallel options a post-training stage honours: everything but tensor parallelism, and no data
+    parallelism over a quantized (QLoRA) base, whose torchao weights DDP cannot broadcast nor FSDP shard."""
     if cfg.tensor > 1:
         raise ConfigError(f"{key}.tensor must be 1 for a post-training stage, got {cfg.tensor} (tensor parallelism "
                           f"is pretraining-only; shard a large model with --{key}.data fsdp)")
+    if peft is not None and peft.lora.quantize != "none" and cfg.data != "none":
+        raise ConfigError(f"peft.lora.quantize={peft.lora.quantize} runs in one process only (a quantized base "
+                          f"cannot be replicated or sharded by {key}.data={cfg.data}); use {key}.data none, or LoRA "
+                          "on a full-precision base")
 
 
 def rank_rows(batch: Any, rank: int, world: int) -> Any:
@@ -124,7 +129,7 @@ class Stage:
 
     def __init__(self, name: str, cfg: StageConfig) -> None:
         self.name, self.cfg = name, cfg
-        check_post_training_parallel(cfg.parallel)
+        check_post_training_parallel(cfg.parallel, peft=cfg.peft)
         self.run_dir = Path(cfg.run_dir)
         self.run: DistributedRun | None = setup_parallel(cfg.parallel, cfg.train.device, log_dir=self.run_dir / "logs")
         try:
