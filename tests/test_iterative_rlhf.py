@@ -62,9 +62,10 @@ def test_two_rounds_raise_the_heldout_reward_and_resume(setup, tmp_path):
     # a finished run is not overwritten; with --resume and more rounds it continues from round 2's model
     with pytest.raises(LmforgeError, match="already holds 2 finished round"):
         run_iterative_rlhf(cfg)
+    finished = rows
     more = run_iterative_rlhf(config(setup, tmp_path / "run", rounds=3, resume=True, with_ppo=False))
     rows = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2, 3] and rows[:3] == rows[:3]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and rows[:3] == finished  # finished rounds kept as they were
     assert more["model_dir"] == str(tmp_path / "run" / "round-3" / "sft" / "model")
     sft_config = json.loads((tmp_path / "run" / "round-3" / "sft" / "config.json").read_text())
     assert sft_config["checkpoint"] == str(tmp_path / "run" / "round-2" / "ppo" / "model")
