@@ -8,8 +8,12 @@ Labels need no human (Wang et al. 2024, Math-Shepherd): the policy samples solut
 from the prefix that ends at each step, `rollouts` continuations are sampled; a step is good ("hard
 estimation") when at least one continuation reaches the right answer, or is the fraction that do ("soft").
 The answer step is good when the answer is right. The PRM is trained with binary cross-entropy on every step
-end, and its step-level accuracy is measured on held-out problems against the task family's true labels
-(`tasks.reasoning.step_labels`), as is the agreement of the rollout labels themselves.
+end, class-weighted by default: rollout labels of a weak policy are mostly "bad" (a few percent good), and
+unweighted BCE then learns to call every step bad, so the good steps' loss is weighted by the ratio of bad to
+good labels (`pos_weight`, King & Zeng's prior correction in its simplest form). Its step-level accuracy is
+measured on held-out problems against the task family's true labels (`tasks.reasoning.step_labels`), plain and
+balanced (the mean of the per-class recalls: under a 95/5 split plain accuracy rewards the constant "bad"), as is
+the agreement of the rollout labels themselves.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -33,7 +38,7 @@ from lmforge.peft.lora import merge_lora
 from lmforge.posttrain.models import copy_tokenizer, device_of, pad_id_of
 from lmforge.posttrain.reward import RewardModel, save_reward_model
 from lmforge.posttrain.stage import Stage, StageConfig, run_dir_option, summary, train_option
-from lmforge.tasks.reasoning import Problem, make_problems, split_steps, step_labels, verify
+from lmforge.tasks.reasoning import Problem, StepRange, make_problems, split_steps, step_labels, verify
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import prompt_ids, stop_token_ids
 from lmforge.train.config import TrainConfig
@@ -153,11 +158,12 @@ def label_agreement(labelled: list[tuple[Problem, str, list[float]]]) -> float:
 
 @torch.no_grad()
 def step_accuracy(rm: RewardModel, tokenizer: Tokenizer, labelled: list[tuple[Problem, str, Any]]) -> dict[str, float]:
-    """The PRM's step classification (P(good) > 0.5) against the true step labels: accuracy over all steps, the
-    share of truly good steps called good, and of first wrong steps called bad (a PRM that calls every step
-    bad scores 0 on the first, one that calls every step good 0 on the second), and the share of good steps
+    """The PRM's step classification (P(good) > 0.5) against the true step labels: accuracy over all steps; the
+    share of truly good steps called good, of bad steps called bad, and of first wrong steps called bad (a PRM
+    that calls every step bad scores 0 on the first, one that calls every step good 0 on the others); balanced
+    accuracy, the mean of the good and bad recalls (0.5 for any constant answer); and the share of good steps
     (the accuracy of always answering "bad" is one minus it)."""
-    hits = good_hits = n_good = first_err = n_first = total = 0
+    hits = good_hits = n_good = bad_hits = first_err = n_first = total = 0
     for p, text, _ in labelled:
         scores = score_steps(rm, tokenizer, p.messages(False), [text])[0]
         truth = step_labels(p, text)
@@ -166,10 +172,13 @@ def step_accuracy(rm: RewardModel, tokenizer: Tokenizer, labelled: list[tuple[Pr
             total += 1
             n_good += t
             good_hits += t and s > 0.5
+            bad_hits += not t and s <= 0.5
             if not t and (k == 0 or truth[k - 1]):
                 n_first += 1
                 first_err += s <= 0.5
-    return {"step_accuracy": hits / max(total, 1), "good_step_recall": good_hits / max(n_good, 1),
+    good_recall, bad_recall = good_hits / max(n_good, 1), bad_hits / max(total - n_good, 1)
+    return {"step_accuracy": hits / max(total, 1), "balanced_step_accuracy": (good_recall + bad_recall) / 2,
+            "good_step_recall": good_recall, "bad_step_recall": bad_recall,
             "first_error_recall": first_err / max(n_first, 1), "good_step_share": n_good / max(total, 1)}
 
 
@@ -178,7 +187,7 @@ def step_accuracy(rm: RewardModel, tokenizer: Tokenizer, labelled: list[tuple[Pr
 
 
 @dataclass
-class PrmConfig(StageConfig):
+class PrmConfig(StageConfig, StepRange):
     run_dir: str = run_dir_option("runs/prm", "config.json, checkpoints, metrics, labels.jsonl and RUN/model "
                                               "(backbone + reward_head.safetensors)")
     train: TrainConfig = train_option(steps=200, lr=1e-3, warmup_steps=10, weight_decay=0.0, log_every=10,
@@ -192,8 +201,11 @@ class PrmConfig(StageConfig):
     temperature: float = option(1.0, "sampling temperature of solutions and rollouts")
     max_new_tokens: int = option(64, "token budget of a solution or rollout")
     batch_size: int = option(16, "solutions per training batch")
+    balance: bool = option(True, "class-weighted BCE: weight the good steps' loss by the ratio of bad to good "
+                                 "rollout labels, so rare good steps are not drowned out (false: plain BCE)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("problems", "heldout_problems", "samples", "rollouts", "max_new_tokens", "batch_size"):
             require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         require(self.temperature > 0, "temperature", self.temperature, "> 0 (rollouts must sample)")
@@ -222,12 +234,24 @@ class StepBatches:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def prm_loss(rm: RewardModel, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Binary cross-entropy of the head's logit at every step end against the step's (soft) label."""
+def balance_weight(labels: list[float]) -> float:
+    """BCE's `pos_weight` that gives the good and the bad steps equal total weight: the bad label mass over the
+    good (soft labels count fractionally); 1.0 when either class is absent."""
+    good = sum(labels)
+    bad = len(labels) - good
+    return bad / good if good > 0 and bad > 0 else 1.0
+
+
+def prm_loss(rm: RewardModel, batch: dict[str, Tensor], pos_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
+    """Binary cross-entropy of the head's logit at every step end against the step's (soft) label, the good
+    term weighted by `pos_weight`: mean of -(w y log s + (1 - y) log(1 - s)), s = sigmoid(logit)."""
     logits = step_logits(rm, batch["input_ids"])[batch["mask"]]
     targets = batch["targets"][batch["mask"]]
-    loss = F.binary_cross_entropy_with_logits(logits, targets)
-    return loss, {"step_accuracy": ((logits > 0) == (targets >= 0.5)).float().mean().item()}
+    loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=torch.tensor(pos_weight))
+    said, good = logits > 0, targets >= 0.5
+    recalls = [(said[c] == good[c]).float().mean().item() for c in (good, ~good) if c.any()]
+    return loss, {"step_accuracy": (said == good).float().mean().item(),
+                  "balanced_step_accuracy": sum(recalls) / max(len(recalls), 1)}
 
 
 def run_prm(cfg: PrmConfig) -> dict[str, Any]:
@@ -235,8 +259,8 @@ def run_prm(cfg: PrmConfig) -> dict[str, Any]:
     stage = Stage("prm", cfg)
     policy, tok = stage.policy, stage.tokenizer
     params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-    train_p = make_problems(cfg.problems, seed=2 * cfg.seed)
-    held_p = make_problems(cfg.heldout_problems, seed=2 * cfg.seed + 1)
+    train_p = make_problems(cfg.problems, 2 * cfg.seed, cfg.min_steps, cfg.max_steps)
+    held_p = make_problems(cfg.heldout_problems, 2 * cfg.seed + 1, cfg.min_steps, cfg.max_steps)
     labelled = rollout_labels(policy, tok, train_p, cfg.samples, cfg.rollouts, params, cfg.seed, cfg.labels == "soft")
     held_texts = sample_texts(policy, tok, [p.messages(False) for p in held_p], [""] * len(held_p), 1, params,
                               cfg.seed + 7)
@@ -245,6 +269,8 @@ def run_prm(cfg: PrmConfig) -> dict[str, Any]:
         print("prm: the policy wrote no steps; train it on the task first (`lmforge sft`)", file=sys.stderr)
     agreement = label_agreement(labelled)
     examples = [encode_steps(tok, p.messages(False), text, policy.cfg.max_seq_len, ys) for p, text, ys in labelled]
+    step_ys = [y for e in examples for y in e.labels]
+    pos_weight = balance_weight(step_ys) if cfg.balance else 1.0
     torch.manual_seed(cfg.seed)
     stage.add_peft()
     rm = RewardModel(policy).to(stage.device)
@@ -253,10 +279,12 @@ def run_prm(cfg: PrmConfig) -> dict[str, Any]:
         json.dumps({"prompt": p.prompt, "response": t, "labels": ys, "true_labels": step_labels(p, t)}) + "\n"
         for p, t, ys in labelled))
     before = step_accuracy(rm.eval(), tok, held)
-    print(f"prm: {len(examples)} labelled solutions ({sum(len(e.labels) for e in examples)} steps; rollout labels "
-          f"agree with the true ones on {agreement:.3f}); held-out step accuracy before {before['step_accuracy']:.3f}",
-          file=sys.stderr)
-    result = stage.fit(rm, prm_loss, StepBatches(examples, cfg.batch_size, stage.pad_id, cfg.seed),
+    share = sum(step_ys) / max(len(step_ys), 1)
+    print(f"prm: {len(examples)} labelled solutions ({len(step_ys)} steps, {share:.3f} good; good-step weight "
+          f"{pos_weight:.2f}; rollout labels agree with the true ones on {agreement:.3f}); held-out step accuracy "
+          f"before {before['step_accuracy']:.3f}", file=sys.stderr)
+    result = stage.fit(rm, partial(prm_loss, pos_weight=pos_weight),
+                       StepBatches(examples, cfg.batch_size, stage.pad_id, cfg.seed),
                        lambda m: step_accuracy(m, tok, held))
     if cfg.peft.method == "lora":
         merge_lora(rm.backbone)
@@ -264,8 +292,10 @@ def run_prm(cfg: PrmConfig) -> dict[str, Any]:
     model_dir = save_reward_model(rm, run_dir / "model")
     copy_tokenizer(cfg.checkpoint, model_dir)
     out = summary(result, model_dir, label_agreement=agreement, step_accuracy_before=before["step_accuracy"],
-                  **after, labelled_solutions=len(examples))
-    print(f"prm: held-out step accuracy {before['step_accuracy']:.3f} -> {after['step_accuracy']:.3f} (good steps "
-          f"called good {after['good_step_recall']:.3f}, first wrong steps called bad "
+                  **after, labelled_solutions=len(examples), pos_weight=pos_weight)
+    print(f"prm: held-out step accuracy {before['step_accuracy']:.3f} -> {after['step_accuracy']:.3f}, balanced "
+          f"{before['balanced_step_accuracy']:.3f} -> {after['balanced_step_accuracy']:.3f} (good steps "
+          f"called good {after['good_step_recall']:.3f}, bad steps called bad {after['bad_step_recall']:.3f}, "
+          f"first wrong steps called bad "
           f"{after['first_error_recall']:.3f}; {after['good_step_share']:.3f} of the steps are good) -> {model_dir}")
     return out
