@@ -42,7 +42,7 @@ from lmforge.posttrain.models import load_policy
 from lmforge.posttrain.prm import PrmConfig, run_prm
 from lmforge.posttrain.search import SearchSettings, search_curve
 from lmforge.posttrain.sft import SftConfig, run_sft
-from lmforge.tasks.reasoning import ReasoningDataConfig, write_reasoning_data
+from lmforge.tasks.reasoning import ReasoningDataConfig, StepRange, write_reasoning_data
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.pack import tokenize_by_source
 from lmforge.tokenizer.train import train_bpe
@@ -88,8 +88,9 @@ def _default_sft() -> SftConfig:
 
 
 @dataclass
-class ReasoningStageConfig:
-    """The reasoning stage: SFT on solved <think> problems, a Math-Shepherd PRM, search on held-out problems."""
+class ReasoningStageConfig(StepRange):
+    """The reasoning stage: SFT on solved <think> problems, a Math-Shepherd PRM, search on held-out problems, all
+    with `min_steps`..`max_steps` reasoning steps (a longer range is harder: more room for search)."""
 
     problems: int = option(3000, "solved training problems for SFT")
     sft: SftConfig = field(default_factory=lambda: SftConfig(
@@ -285,7 +286,14 @@ def run_reasoning_stage(cfg: ReasoningStageConfig, out: Path, checkpoint: str) -
     """SFT `checkpoint` on solved reasoning problems, train a PRM on its rollout labels, then search held-out
     problems: the result holds the PRM's step accuracy and `test_time_curve` (accuracy vs generated tokens per
     method, the run report's curve); the headline is printed."""
-    data = write_reasoning_data(ReasoningDataConfig(out=str(out / "data.jsonl"), problems=cfg.problems))
+    for key, nested in (("prm", cfg.prm), ("search", cfg.search)):
+        pair, default = (nested.min_steps, nested.max_steps), (StepRange().min_steps, StepRange().max_steps)
+        if pair not in (default, (cfg.min_steps, cfg.max_steps)):
+            raise ConfigError(f"reasoning.{key}.min_steps/max_steps {pair} differ from reasoning.min_steps/max_steps "
+                              f"{(cfg.min_steps, cfg.max_steps)}; set the stage's range, which all its parts share")
+        nested.min_steps, nested.max_steps = cfg.min_steps, cfg.max_steps
+    data = write_reasoning_data(ReasoningDataConfig(out=str(out / "data.jsonl"), problems=cfg.problems,
+                                                    min_steps=cfg.min_steps, max_steps=cfg.max_steps))
     cfg.sft.data = cfg.sft.data or [str(data)]
     sft = _posttrain(run_sft, cfg.sft, out / "sft", checkpoint)
     prm = _posttrain(run_prm, cfg.prm, out / "prm", sft["model_dir"])
@@ -295,11 +303,13 @@ def run_reasoning_stage(cfg: ReasoningStageConfig, out: Path, checkpoint: str) -
     curve, _ = search_curve(cfg.search, policy, tokenizer)
     points = curve["test_time_curve"]
     print("[quickstart] reasoning: held-out accuracy vs generated tokens per problem (PRM step accuracy "
-          f"{prm['step_accuracy']:.3f}):")
+          f"{prm['step_accuracy']:.3f}, balanced {prm['balanced_step_accuracy']:.3f}):")
     for p in points:
         print(f"  {p['method']:<8} {p['tokens']:7.1f} tokens  accuracy {p['accuracy']:.3f} +- {p['stderr']:.3f}")
     return {"model_dir": sft["model_dir"], "prm_dir": prm["model_dir"], "prm_step_accuracy": prm["step_accuracy"],
-            "prm_label_agreement": prm["label_agreement"], "search": curve["methods"], "test_time_curve": points}
+            "prm_balanced_step_accuracy": prm["balanced_step_accuracy"], "prm_good_step_share": prm["good_step_share"],
+            "prm_label_agreement": prm["label_agreement"], "search": curve["methods"], "test_time_curve": points,
+            "curve": curve["curve"]}
 
 
 def _posttrain(run: Callable[[Any], dict[str, Any]], stage_cfg: Any, out: Path, checkpoint: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from textdata import SHAKESPEARE
 from tinymodels import debug_model, save_checkpoint
 
 from lmforge.cli import main
-from lmforge.core.errors import LmforgeError
+from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.generate.sampling import SamplingParams
 from lmforge.posttrain.prm import (
     StepBatches,
@@ -31,6 +31,7 @@ from lmforge.posttrain.search import (
     mcts,
     oracle_step_scorer,
     outcome_of,
+    paired_gap,
     step_beam_search,
 )
 from lmforge.posttrain.sft import sft_loss
@@ -124,6 +125,26 @@ def reasoner():
     torch.manual_seed(0)
     tok = reasoning_tokenizer()
     return sft_on_problems(debug_model(tok.vocab_size, seed=0, max_seq_len=96), tok, steps=200, batch=32), tok
+
+
+def test_paired_gap_is_the_mean_difference_and_its_standard_error():
+    a = [True, True, True, False, True, False]
+    b = [True, False, False, False, True, True]
+    gap, se = paired_gap(a, b)  # d = 0, 1, 1, 0, 0, -1: mean 1/6, sample variance (3 + 50 + 49) / 36 / 5 = 17/30
+    assert gap == pytest.approx(1 / 6) and se == pytest.approx((17 / 30 / 6) ** 0.5)
+    assert paired_gap([True] * 4, [True] * 4) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="equally long"):
+        paired_gap([True, False], [True])
+
+
+def test_reasoning_stage_refuses_a_part_with_another_step_range(tmp_path):
+    from lmforge.quickstart import ReasoningStageConfig, run_reasoning_stage
+
+    cfg = ReasoningStageConfig(min_steps=3, max_steps=5)
+    cfg.search.max_steps = 4
+    with pytest.raises(ConfigError, match=r"reasoning.search.min_steps/max_steps \(2, 4\) differ"):
+        run_reasoning_stage(cfg, tmp_path / "stage", str(tmp_path / "no-model"))
+    assert not (tmp_path / "stage").exists()  # nothing written
 
 
 def test_aggregates_and_oracle_scorer():
@@ -325,7 +346,8 @@ def test_quickstart_reasoning_stage_reports_the_curve(untrained, tmp_path, capsy
     model, tok = untrained
     ckpt = save_checkpoint(model, tok, tmp_path / "policy")
     cfg = from_dict(QuickstartConfig, {"extra": ["reasoning"], "reasoning": {
-        "problems": 64, "sft": {"batch_size": 4, "train": {"steps": 2, "device": "cpu"}},
+        "problems": 64, "min_steps": 3, "max_steps": 4,
+        "sft": {"batch_size": 4, "train": {"steps": 2, "device": "cpu"}},
         "prm": {"problems": 3, "heldout_problems": 3, "samples": 1, "rollouts": 1, "max_new_tokens": 10,
                 "batch_size": 2, "train": {"steps": 2, "device": "cpu"}},
         "search": {"problems": 2, "n": 2, "expansions": 2, "max_new_tokens": 10, "scales": [1, 2]}}}).reasoning
@@ -334,6 +356,12 @@ def test_quickstart_reasoning_stage_reports_the_curve(untrained, tmp_path, capsy
     assert [p["method"] for p in curve] == ["greedy", "vote", "vote", "beam", "beam"]
     assert all(set(p) == {"method", "tokens", "accuracy", "stderr", "n"} for p in curve)
     assert 0 <= result["prm_step_accuracy"] <= 1 and (tmp_path / "stage" / "prm" / "model").is_dir()
+    assert 0 <= result["prm_balanced_step_accuracy"] <= 1 and len(result["curve"]["beam"][1]["outcomes"]) == 2
+    # the stage's step range reaches the SFT data, the PRM and the search
+    rows = [json.loads(line) for line in (tmp_path / "stage" / "data.jsonl").read_text().splitlines()]
+    assert {len(parse_problem(r["messages"][0]["content"]).ops) for r in rows} == {3, 4}
+    saved = json.loads((tmp_path / "stage" / "prm" / "config.json").read_text())
+    assert (saved["min_steps"], saved["max_steps"]) == (3, 4) and (cfg.search.min_steps, cfg.search.max_steps) == (3, 4)
     out = capsys.readouterr().out
     assert "held-out accuracy vs generated tokens" in out and out.count("tokens  accuracy") == 5
     with pytest.raises(Exception, match="extra: unknown stage"):

@@ -349,6 +349,18 @@ def accuracy_stats(correct: list[bool], tokens: list[int]) -> dict[str, float]:
     return {"accuracy": p, "stderr": math.sqrt(p * (1 - p) / n), "tokens": sum(tokens) / n}
 
 
+def paired_gap(a: list[bool], b: list[bool]) -> tuple[float, float]:
+    """The accuracy gap of method `a` over method `b` on the same problems and its paired standard error: the mean
+    of the per-problem differences d = a - b (each -1, 0 or 1) and sqrt(var(d) / n), var with n - 1. Problems
+    both solve or both miss add nothing to the variance, so this is tighter than combining two binomial errors."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired_gap needs two equally long outcome lists of >= 2 problems, got {len(a)} and {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, math.sqrt(var / len(d))
+
+
 def scaled(cfg: SearchSettings, scale: int) -> SearchSettings:
     """`cfg` with every method's budget times `scale`: samples (vote, best_of_n), expansions (beam), simulations."""
     return dataclasses.replace(cfg, n=cfg.n * scale, expansions=cfg.expansions * scale,
@@ -382,7 +394,8 @@ def search_curve(cfg: SearchSettings, model: nn.Module, tokenizer: Tokenizer
     """Every method of `cfg.methods` on the same held-out problems at every budget scale: (results, traces).
 
     results: `problems`, `scorer`, `methods` (each method's first point: accuracy, stderr, tokens), `curve`
-    (method -> one point per scale) and `test_time_curve` (the run report's list of {method, tokens, accuracy,
+    (method -> one point per scale, with `outcomes`: solved or not per problem, for paired comparisons) and
+    `test_time_curve` (the run report's list of {method, tokens, accuracy,
     stderr, n}: accuracy against mean generated tokens per problem)."""
     device = device_of(model)
     prm = load_reward_model(cfg.prm, device) if cfg.prm and not cfg.oracle else None
@@ -405,12 +418,13 @@ def search_curve(cfg: SearchSettings, model: nn.Module, tokenizer: Tokenizer
                 traces.append({"method": method, "scale": scale, "prompt": p.prompt, "answer": r.answer,
                                "correct": r.answer == p.answer, "tokens": r.tokens, "response": r.best,
                                "trace": r.trace})
-            s = {"scale": scale, **accuracy_stats(correct, tokens)}
+            s = {"scale": scale, **accuracy_stats(correct, tokens), "outcomes": correct}
             curve.setdefault(method, []).append(s)
             print(f"search: {method:<10} x{scale:<3} accuracy {s['accuracy']:.3f} +- {s['stderr']:.3f}  "
                   f"tokens/problem {s['tokens']:.1f}", file=sys.stderr)
     out = {"problems": len(problems), "scorer": "oracle" if cfg.oracle else cfg.prm or cfg.orm or "none",
-           "methods": {m: {k: v for k, v in points[0].items() if k != "scale"} for m, points in curve.items()},
+           "methods": {m: {k: v for k, v in points[0].items() if k not in ("scale", "outcomes")}
+                       for m, points in curve.items()},
            "curve": curve,
            "test_time_curve": [{"method": m, "tokens": p["tokens"], "accuracy": p["accuracy"], "stderr": p["stderr"],
                                 "n": len(problems)} for m, points in curve.items() for p in points]}
