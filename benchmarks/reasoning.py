@@ -48,7 +48,8 @@ def one_seed(checkpoint: str, seed: int, args: argparse.Namespace, out: Path) ->
     stage.search = dataclasses.replace(stage.search, seed=seed, problems=args.eval_problems, methods=args.methods,
                                        max_new_tokens=args.max_new_tokens, scales=args.scales, n=args.n,
                                        beam_width=args.beam_width, expansions=args.expansions,
-                                       simulations=args.simulations, min_steps=args.min_steps,
+                                       simulations=args.simulations, temperature=args.temperature,
+                                       min_steps=args.min_steps,
                                        max_steps=args.max_steps)
     before = base_accuracy(checkpoint, stage)
     t0 = time.perf_counter()
@@ -82,6 +83,7 @@ def main() -> int:
     ap.add_argument("--beam-width", type=int, default=2)
     ap.add_argument("--expansions", type=int, default=2, help="beam / MCTS next steps per node at scale 1")
     ap.add_argument("--simulations", type=int, default=8, help="MCTS simulations at scale 1")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every search but greedy")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     if not (Path(args.checkpoint) / "tokenizer.json").is_file():
