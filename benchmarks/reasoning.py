@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -85,6 +86,7 @@ def main() -> int:
     ap.add_argument("--simulations", type=int, default=8, help="MCTS simulations at scale 1")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every search but greedy")
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--dump", default="", help="write every seed's stage result (JSON) here")
     args = ap.parse_args()
     if not (Path(args.checkpoint) / "tokenizer.json").is_file():
         raise SystemExit(f"{args.checkpoint}: no chat model there; run ./scripts/quickstart.sh first or pass "
@@ -93,6 +95,8 @@ def main() -> int:
     machine = machine_line(extra=f"load average {os.getloadavg()[0]:.1f} at start")
     with tempfile.TemporaryDirectory(prefix="lmforge-reasoning-") as tmp:
         results = {seed: one_seed(args.checkpoint, seed, args, Path(tmp)) for seed in args.seeds}
+    if args.dump:
+        Path(args.dump).write_text(json.dumps(results, indent=1))
     for seed, r in results.items():
         points = r["test_time_curve"]
         greedy = next(p for p in points if p["method"] == "greedy")
