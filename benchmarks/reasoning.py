@@ -27,7 +27,7 @@ from pathlib import Path
 from common import machine_line, report, script_command
 
 from lmforge.posttrain.models import load_policy
-from lmforge.posttrain.search import paired_gap, search_curve
+from lmforge.posttrain.search import accuracy_stats, paired_gap, search_curve
 from lmforge.quickstart import ReasoningStageConfig, run_reasoning_stage
 
 
@@ -64,6 +64,65 @@ def fmt(p: dict) -> str:
     return f"{p['accuracy']:.3f} +- {p['stderr']:.3f} ({p['tokens']:.0f} tok)"
 
 
+def vote_peer(votes: list[dict], point: dict) -> dict:
+    """The majority-vote point whose mean tokens per problem are nearest `point`'s."""
+    return min(votes, key=lambda v: abs(v["tokens"] - point["tokens"]))
+
+
+def gap_row(label: str, point: dict, peer: dict, outcomes: tuple[list[bool], list[bool]]) -> tuple:
+    gap, se = paired_gap(*outcomes)
+    return (f"{label} (peer: majority vote x{peer['scale']}, the nearest budget); gap in paired standard errors "
+            f"{gap / se if se else float('nan'):+.1f}", fmt(point), fmt(peer), f"{gap:+.3f}")
+
+
+def seed_rows(seed: int, r: dict) -> list[tuple]:
+    """One seed's rows: greedy before/after SFT, the PRM's step accuracy, each PRM search point against vote."""
+    greedy = r["curve"]["greedy"][0]
+    rows = [(f"seed {seed}: held-out greedy accuracy after the reasoning SFT (peer: before)", fmt(greedy),
+             fmt(r["base"]), f"{greedy['accuracy'] - r['base']['accuracy']:+.3f}"),
+            (f"seed {seed}: PRM step accuracy vs the true step labels, plain / balanced (mean of the per-class "
+             f"recalls; {r['prm_good_step_share']:.2f} of the steps good) (peer: rollout-label agreement)",
+             f"{r['prm_step_accuracy']:.3f} / {r['prm_balanced_step_accuracy']:.3f}",
+             f"{r['prm_label_agreement']:.3f}", "-")]
+    votes = r["curve"].get("vote", [])
+    for method, pts in r["curve"].items():
+        if method in ("greedy", "vote") or not votes:
+            continue
+        for p in pts:
+            peer = vote_peer(votes, p)
+            rows.append(gap_row(f"seed {seed}: {method} x{p['scale']} held-out accuracy", p, peer,
+                                (p["outcomes"], peer["outcomes"])))
+    print(f"seed {seed}: stage took {r.get('seconds', float('nan')):.0f} s", file=sys.stderr)
+    return rows
+
+
+def pooled_rows(results: dict[int, dict]) -> list[tuple]:
+    """Each PRM search point against vote over every seed's problems together (accuracy, tokens and the paired
+    gap over the pooled problems), when there are several seeds."""
+    if len(results) < 2:
+        return []
+    rows = []
+    first = next(iter(results.values()))["curve"]
+    for method, pts in first.items():
+        if method in ("greedy", "vote") or "vote" not in first:
+            continue
+        for k in range(len(pts)):
+            mine, peers = [], []
+            for r in results.values():
+                p = r["curve"][method][k]
+                mine.append(p)
+                peers.append(vote_peer(r["curve"]["vote"], p))
+            a = [x for p in mine for x in p["outcomes"]]
+            b = [x for p in peers for x in p["outcomes"]]
+            pool = {"scale": mine[0]["scale"], **accuracy_stats(a, [0]),
+                    "tokens": sum(p["tokens"] for p in mine) / len(mine)}
+            peer = {"scale": peers[0]["scale"], **accuracy_stats(b, [0]),
+                    "tokens": sum(p["tokens"] for p in peers) / len(peers)}
+            rows.append(gap_row(f"seeds {'+'.join(map(str, results))} pooled ({len(a)} problems): {method} "
+                                f"x{mine[0]['scale']} held-out accuracy", pool, peer, (a, b)))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="runs/quickstart/sft/model", help="a chat model (the quickstart's SFT)")
@@ -87,37 +146,21 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every search but greedy")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--dump", default="", help="write every seed's stage result (JSON) here")
+    ap.add_argument("--from-dump", nargs="+", default=[], help="build the rows from --dump files instead of running")
     args = ap.parse_args()
-    if not (Path(args.checkpoint) / "tokenizer.json").is_file():
+    if not args.from_dump and not (Path(args.checkpoint) / "tokenizer.json").is_file():
         raise SystemExit(f"{args.checkpoint}: no chat model there; run ./scripts/quickstart.sh first or pass "
                          "--checkpoint")
-    rows = []
-    machine = machine_line(extra=f"load average {os.getloadavg()[0]:.1f} at start")
-    with tempfile.TemporaryDirectory(prefix="lmforge-reasoning-") as tmp:
-        results = {seed: one_seed(args.checkpoint, seed, args, Path(tmp)) for seed in args.seeds}
-    if args.dump:
-        Path(args.dump).write_text(json.dumps(results, indent=1))
-    for seed, r in results.items():
-        points = r["test_time_curve"]
-        greedy = next(p for p in points if p["method"] == "greedy")
-        rows.append((f"seed {seed}: held-out greedy accuracy after the reasoning SFT (peer: before)", fmt(greedy),
-                     fmt(r["base"]), f"{greedy['accuracy'] - r['base']['accuracy']:+.3f}"))
-        rows.append((f"seed {seed}: PRM step accuracy vs the true step labels, plain / balanced (mean of the "
-                     f"per-class recalls; {r['prm_good_step_share']:.2f} of the steps good) (peer: rollout-label "
-                     "agreement)", f"{r['prm_step_accuracy']:.3f} / {r['prm_balanced_step_accuracy']:.3f}",
-                     f"{r['prm_label_agreement']:.3f}", "-"))
-        votes = r["curve"].get("vote", [])
-        for method, pts in r["curve"].items():
-            if method in ("greedy", "vote"):
-                continue
-            for p in pts:
-                peer = min(votes, key=lambda v: abs(v["tokens"] - p["tokens"])) if votes else None
-                gap, se = paired_gap(p["outcomes"], peer["outcomes"]) if peer else (float("nan"), float("nan"))
-                rows.append((f"seed {seed}: {method} x{p['scale']} held-out accuracy (peer: majority vote x"
-                             f"{peer['scale'] if peer else '-'}, the nearest budget); gap in paired standard errors "
-                             f"{gap / se if se else float('nan'):+.1f}", fmt(p), fmt(peer) if peer else "-",
-                             f"{gap:+.3f}"))
-        print(f"seed {seed}: stage took {r['seconds']:.0f} s", file=sys.stderr)
+    if args.from_dump:
+        results = {int(k): v for f in args.from_dump for k, v in json.loads(Path(f).read_text()).items()}
+        machine = machine_line(extra="rows rebuilt from the runs' --dump files")
+    else:
+        machine = machine_line(extra=f"load average {os.getloadavg()[0]:.1f} at start")
+        with tempfile.TemporaryDirectory(prefix="lmforge-reasoning-") as tmp:
+            results = {seed: one_seed(args.checkpoint, seed, args, Path(tmp)) for seed in args.seeds}
+        if args.dump:
+            Path(args.dump).write_text(json.dumps(results, indent=1))
+    rows = [row for seed, r in results.items() for row in seed_rows(seed, r)] + pooled_rows(results)
     limit = ("no hardware limit applies: accuracy on held-out problems (binomial standard errors; gaps in paired "
              "standard errors)")
     report(rows, machine, script_command(), limit, append=not args.no_append)
