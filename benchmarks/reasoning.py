@@ -153,7 +153,7 @@ def main() -> int:
                          "--checkpoint")
     if args.from_dump:
         results = {int(k): v for f in args.from_dump for k, v in json.loads(Path(f).read_text()).items()}
-        machine = machine_line(extra="rows rebuilt from the runs' --dump files")
+        machine = machine_line(extra="rows rebuilt from the runs' --dump files (see the section's prose for the runs)")
     else:
         machine = machine_line(extra=f"load average {os.getloadavg()[0]:.1f} at start")
         with tempfile.TemporaryDirectory(prefix="lmforge-reasoning-") as tmp:
