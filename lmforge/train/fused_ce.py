@@ -19,7 +19,6 @@ from torch import Tensor
 
 from lmforge.core.tensors import IGNORE_INDEX
 
-
 CHUNK_BYTES = 128 * 2**20  # one [chunk, V] block: 1024 rows of a 32K vocabulary in fp32, 220 rows of 152K
 MAX_CHUNK_ROWS = 1024
 
