@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -129,6 +130,7 @@ def run_lmforge(args: argparse.Namespace, work: Path, quantize: str) -> dict:
     from lmforge.core.config import from_dict
     from lmforge.posttrain.sft import SftConfig, run_sft
 
+    shutil.rmtree(work / f"run-{quantize}", ignore_errors=True)  # an earlier round's run of this side
     base = rss_mib()
     run_sft(from_dict(SftConfig, sft_settings(args, work, quantize)))
     peak = peak_mib()
