@@ -14,13 +14,14 @@ Both sides train the same weights on the same tokens:
   1.0, batch 1, `precision auto` (bf16 autocast where the CPU has fast bf16, else fp32; TRL gets the same),
   gradient checkpointing off on both sides (TRL's SFTConfig default is on; lmforge has none).
 
-Each run is a fresh subprocess (`--child`); lmforge and TRL each run `--rounds` times in ABBA order, so load
-that drifts during the benchmark falls on both sides alike, and a side's figure pools its runs' timed steps.
-lmforge runs through `run_sft` (what `lmforge sft` runs), TRL through `SFTTrainer.train()`. Step time: the
-median over the steps after `--warmup` (lmforge from its metrics.jsonl rows, TRL from a callback around each
-step). Peak memory: the child's `ru_maxrss`, whole process, and that minus the RSS after imports (the model,
-data and training). The setup (model, export, data) runs in a child too, so this process stays small: Linux
-carries a parent's RSS into a child's ru_maxrss across fork + exec.
+Each run is a fresh subprocess (`--child`); lmforge and TRL each run `--rounds` times in ABBA order, so load that
+drifts during the benchmark falls on both sides alike, and a side's figure pools its runs' timed steps. lmforge runs
+through `run_sft` (what `lmforge sft` runs), TRL through `SFTTrainer.train()`. Step time: the median over the steps
+after `--warmup` (lmforge from its metrics.jsonl rows, TRL from a callback around each step), and the process CPU
+time per step (lmforge between its loss calls, TRL around each step: the time a step took on the cores whatever else
+runs, where the wall time of a loaded machine swings). Peak memory: the child's `ru_maxrss`, whole process, and that
+minus the RSS after imports (the model, data and training). The setup (model, export, data) runs in a child too, so
+this process stays small: Linux carries a parent's RSS into a child's ru_maxrss across fork + exec.
 
     OMP_NUM_THREADS=2 python benchmarks/lora_sft.py               # qwen2-0.5b widths and vocabulary, 4 blocks; int8
     OMP_NUM_THREADS=2 python benchmarks/lora_sft.py --layers 0 --quantize int4,int8   # all 24 blocks: slow on a CPU
@@ -128,17 +129,22 @@ def sft_settings(args: argparse.Namespace, work: Path, quantize: str) -> dict:
 
 def run_lmforge(args: argparse.Namespace, work: Path, quantize: str) -> dict:
     from lmforge.core.config import from_dict
+    from lmforge.posttrain import sft
     from lmforge.posttrain.sft import SftConfig, run_sft
 
     shutil.rmtree(work / f"run-{quantize}", ignore_errors=True)  # an earlier round's run of this side
+    starts = []  # process CPU time at each step's loss call: the CPU time a step took, whatever else runs
+    loss = sft.sft_loss
+    sft.sft_loss = lambda *a, **k: starts.append(time.process_time()) or loss(*a, **k)
     base = rss_mib()
-    run_sft(from_dict(SftConfig, sft_settings(args, work, quantize)))
+    run_sft(from_dict(SftConfig, sft_settings(args, work, quantize)))  # the last step's CPU time goes unmeasured
     peak = peak_mib()
     rows = [json.loads(line) for line in (work / f"run-{quantize}" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_s" in r]
     seen = [0] + [r["tokens_seen"] for r in rows]
     step_s = [(seen[i + 1] - seen[i]) / r["tokens_per_s"] for i, r in enumerate(rows)]
-    return {"step_s": step_s, "losses": [r["loss"] for r in rows], "peak_mib": peak, "after_imports_mib": base}
+    return {"step_s": step_s, "cpu_s": [b - a for a, b in zip(starts, starts[1:])], "losses": [r["loss"] for r in rows],
+            "peak_mib": peak, "after_imports_mib": base}
 
 
 def run_trl(args: argparse.Namespace, work: Path) -> dict:
@@ -162,14 +168,16 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict:
         tok.pad_token = tok.eos_token or tok.unk_token
     data = Dataset.from_list(json.loads((work / "rows.json").read_text()))
     times: list[float] = []
+    cpu: list[float] = []
     losses: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *_, **__):
-            self.t = time.perf_counter()
+            self.t, self.cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *_, **__):
             times.append(time.perf_counter() - self.t)
+            cpu.append(time.process_time() - self.cpu)
 
         def on_log(self, _args, _state, _control, logs=None, **__):
             if logs and "loss" in logs:
@@ -185,7 +193,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict:
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, peft_config=lora,
                          callbacks=[Clock()])
     trainer.train()
-    return {"step_s": times, "losses": losses, "peak_mib": peak_mib(), "after_imports_mib": base}
+    return {"step_s": times, "cpu_s": cpu, "losses": losses, "peak_mib": peak_mib(), "after_imports_mib": base}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +218,8 @@ def child(args: argparse.Namespace, work: Path, what: str) -> dict:
 def pooled(runs: list[dict], warmup: int) -> dict:
     """The timed steps of several runs of one side together (each run's warm-up dropped), its worst peak RSS."""
     worst = max(runs, key=lambda r: r["peak_mib"])
-    return {"step_s": [t for r in runs for t in r["step_s"][warmup:]], "losses": runs[0]["losses"],
+    return {"step_s": [t for r in runs for t in r["step_s"][warmup:]],
+            "cpu_s": [t for r in runs for t in r["cpu_s"][warmup:]], "losses": runs[0]["losses"],
             "peak_mib": worst["peak_mib"], "after_imports_mib": worst["after_imports_mib"]}
 
 
@@ -257,6 +266,7 @@ def main() -> int:
         for q in [q for q in args.quantize.split(",") if q]:
             runs[q] = pooled([child(args, work, f"lmforge-{q}")], args.warmup)
     step = {k: statistics.median(r["step_s"]) for k, r in runs.items()}
+    cpu = {k: statistics.median(r["cpu_s"]) for k, r in runs.items()}
     what = (f"{info['model']}, LoRA r={args.rank} all linear, batch 1 x {args.seq_len} packed "
             f"(~{info['supervised']:.0f} supervised tokens/row), precision auto, median of {args.steps} steps "
             f"after {args.warmup} warm-up x {args.rounds} alternating runs")
@@ -266,6 +276,9 @@ def main() -> int:
         grown = {k: r["peak_mib"] - r["after_imports_mib"] for k, r in (("ours", ours), ("trl", trl))}
         rows += [(f"LoRA SFT step time s, lmforge sft vs TRL SFTTrainer + PEFT (peer), {what}",
                   f"{step['none']:.2f}", f"{step['trl']:.2f}", f"{step['trl'] / step['none']:.2f}x"),
+                 (f"LoRA SFT CPU seconds per step (all threads; less distorted by other jobs than wall time), "
+                  f"lmforge vs TRL + PEFT, {what}",
+                  f"{cpu['none']:.2f}", f"{cpu['trl']:.2f}", f"{cpu['trl'] / cpu['none']:.2f}x"),
                  (f"LoRA SFT peak RSS MiB (whole process), lmforge vs TRL + PEFT, {what}",
                   f"{ours['peak_mib']:,.0f}", f"{trl['peak_mib']:,.0f}", f"{trl['peak_mib'] / ours['peak_mib']:.2f}x"),
                  (f"LoRA SFT peak RSS MiB over RSS after imports, lmforge vs TRL + PEFT, {what}",
