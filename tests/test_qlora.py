@@ -31,6 +31,20 @@ def qlora(quantize: str, seed: int = 0, **lora):
     return model, apply_peft(debug_model(seed=seed), cfg), cfg
 
 
+def train_losses(model, ids, target, steps: int) -> list[float]:
+    """AdamW (lr 1e-2) on the trainable parameters, `steps` steps on one fixed batch."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(ids).flatten(0, 1), target.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantized_base_logits_within_bound_and_only_the_adapter_learns(quantize):
     full, model, _ = qlora(quantize)
@@ -44,16 +58,7 @@ def test_quantized_base_logits_within_bound_and_only_the_adapter_learns(quantize
     assert not isinstance(model.lm_head, QuantLinear)  # the fused loss reads lm_head.weight
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    target = random_ids(seed=2, length=16)
-    losses = []
-    for _ in range(25):
-        loss = F.cross_entropy(model(ids).flatten(0, 1), target.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, ids, random_ids(seed=2, length=16), 25)
     assert losses[-1] < losses[0] - 0.5, losses  # seeded: ~5.6 -> ~4.5 on a fixed batch
 
 
@@ -64,18 +69,9 @@ def test_dora_on_a_quantized_base_starts_at_it_and_learns(quantize):
     ids, target = random_ids(length=16), random_ids(seed=2, length=16)
     with torch.no_grad():  # magnitude = the dequantized rows' norms, B = 0: DoRA starts at the quantized base
         torch.testing.assert_close(model(ids), plain(ids), rtol=1e-5, atol=1e-5)
-    model.train()
-    trainable = [p for n, p in model.named_parameters() if p.requires_grad]
     assert any("lora_magnitude" in n for n, p in model.named_parameters() if p.requires_grad)
-    opt = torch.optim.AdamW(trainable, lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = F.cross_entropy(model(ids).flatten(0, 1), target.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.3, losses  # seeded: ~4.66 -> ~4.26 (dropout on: W xd through the quantized layer)
+    losses = train_losses(model, ids, target, 15)  # dropout on: W xd through the quantized layer
+    assert losses[-1] < losses[0] - 0.3, losses  # seeded: ~4.66 -> ~4.26
 
 
 def trained(model):
