@@ -200,7 +200,7 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 class QuantLinear(nn.Linear):
-    """A frozen `nn.Linear` holding a torchao weight-only quantized weight (int8 per row, or int4 per group)."""
+    """A frozen `nn.Linear` holding a weight-only quantized weight: torchao's int8 (per row) or an `Int4Weight`."""
 
     def __init__(self, linear: nn.Linear, weight: torch.Tensor, bits: int) -> None:
         nn.Module.__init__(self)  # no fresh full-precision weight: the quantized one replaces it
@@ -265,7 +265,7 @@ def quantize_weights(model: nn.Module, bits: int, *, head: bool = True, group_si
 
 
 def weight_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a tensor's storage takes; for a torchao quantized tensor, its packed data plus its scales."""
+    """Bytes a tensor's storage takes; for a quantized tensor (torchao's, `Int4Weight`), its packed data plus scales."""
     names = getattr(tensor, "tensor_data_names", None)
     if names is None:
         return tensor.numel() * tensor.element_size()
