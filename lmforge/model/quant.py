@@ -187,7 +187,7 @@ def dequantize(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
     """The full-precision [out, in] matrix of a quantized weight (a plain tensor is returned in `dtype`)."""
     if type(weight) in (torch.Tensor, nn.Parameter):
         return weight.to(dtype)
-    return weight.dequantize(dtype) if isinstance(weight, Int4Weight) else weight.dequantize().to(dtype)
+    return weight.dequantize(dtype)  # an Int4Weight, or torchao's int8 tensor
 
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
