@@ -14,10 +14,10 @@ from tinymodels import debug_model, random_ids, save_checkpoint, text_tokenizer
 from lmforge.cli import main
 from lmforge.core.errors import LmforgeError
 from lmforge.model import load_model
-from lmforge.model.quant import DENSE_ROWS, QuantLinear, dequantize, weight_bytes
+from lmforge.model.quant import DENSE_ROWS, QuantLinear, dequantize, quantize_weights, weight_bytes
 from lmforge.peft.config import PeftConfig, apply_peft, load_trained, merge_adapter
 from lmforge.peft.io import save_adapter
-from lmforge.peft.lora import LoraConfig, LoraLinear, load_lora_state_dict, lora_state_dict
+from lmforge.peft.lora import LoraConfig, LoraLinear, delete_adapter, load_lora_state_dict, lora_state_dict
 
 pytest.importorskip("torchao")
 
@@ -139,6 +139,20 @@ def test_base_memory_and_the_adapter_applies_to_the_full_precision_base(tmp_path
         assert not any(isinstance(m, (QuantLinear, LoraLinear)) for n, m in merged.named_modules()
                        if n.endswith(("q_proj", "v_proj", "down_proj", "attn.q", "attn.qkv")))
         torch.testing.assert_close(merged(ids), got, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_deleting_the_adapter_gives_back_the_quantized_base(quantize):
+    base = debug_model()
+    quantize_weights(base, int(quantize[3:]), head=False)  # what QLoRA does before the adapter is added
+    _, model, _ = qlora(quantize)
+    delete_adapter(trained(model), "default")
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert {n for n, m in model.named_modules() if isinstance(m, QuantLinear)} == \
+        {n for n, m in base.named_modules() if isinstance(m, QuantLinear)}
+    ids = random_ids(length=16)
+    with torch.no_grad():
+        assert torch.equal(model(ids), base(ids))
 
 
 def test_options_that_do_not_combine_are_errors(tmp_path, capsys):
