@@ -196,17 +196,18 @@ def test_cli_bad_prompt_file_is_one_line(tmp_path, capsys):
 # ---- GRPO on a user prompt file -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("advantage,steps", [("group", 8), pytest.param("rloo", 12, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("advantage,steps", [("group", 16), pytest.param("rloo", 16, marks=pytest.mark.slow)])
 def test_grpo_on_a_user_prompt_file_raises_the_heldout_reward(tmp_path, advantage, steps):
-    """Seeded: a random policy's greedy replies to held-out prompts never pass the regex verifier; 8 GRPO steps
-    (12 with RLOO's unnormalized advantages) on the train prompts make most of them pass."""
+    """Seeded: a random policy's greedy replies to held-out prompts never pass the regex verifier (a vowel), though
+    some of its samples do; 16 GRPO steps on the train prompts make most of them pass (so with seeds 0-3 too)."""
     tok = text_tokenizer()
     ckpt = save_checkpoint(mha_model(tok.vocab_size), tok, tmp_path / "base")
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"add: {a} + {b}", "answer": str(a + b)}
                                                     for a in range(8) for b in range(6)])
     cfg = from_dict(GrpoConfig, {
         "checkpoint": str(ckpt), "run_dir": str(tmp_path / "run"), "prompts": [str(path)], "reward": "regex",
-        "regex": "s", "heldout": 0.25, "group_size": 4, "advantage": advantage, "rollout": {"prompts_per_rollout": 4},
+        "regex": "[aeiou]", "heldout": 0.25, "group_size": 4, "advantage": advantage,
+        "rollout": {"prompts_per_rollout": 4},
         "sampling": {"max_new_tokens": 4}, "train": {"steps": steps, "lr": 3e-2, "device": "cpu", "eval_every": 0}})
     out = run_grpo(cfg)
     assert out["heldout_reward"] >= out["heldout_reward_before"] + 0.5
