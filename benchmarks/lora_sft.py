@@ -14,17 +14,22 @@ Both sides train the same weights on the same tokens:
   1.0, batch 1, `precision auto` (bf16 autocast where the CPU has fast bf16, else fp32; TRL gets the same),
   gradient checkpointing off on both sides (TRL's SFTConfig default is on; lmforge has none).
 
-Each run is a fresh subprocess (`--child`): lmforge through `run_sft` (what `lmforge sft` runs), TRL through
-`SFTTrainer.train()`. Step time: the median over the steps after `--warmup` (lmforge from its metrics.jsonl rows,
-TRL from a callback around each step). Peak memory: the child's `ru_maxrss`, whole process, and that minus the
-RSS after imports (the model, data and training). The setup (model, export, data) runs in a child too, so this
-process stays small: Linux carries a parent's RSS into a child's ru_maxrss across fork + exec.
+Each run is a fresh subprocess (`--child`); lmforge and TRL each run `--rounds` times in ABBA order, so load that
+drifts during the benchmark falls on both sides alike, and a side's figure pools its runs' timed steps. lmforge runs
+through `run_sft` (what `lmforge sft` runs), TRL through `SFTTrainer.train()`. Step time: the median over the steps
+after `--warmup` (lmforge from its metrics.jsonl rows, TRL from a callback around each step), and the process CPU
+time per step (lmforge between its loss calls, TRL around each step: the time a step took on the cores whatever else
+runs, where the wall time of a loaded machine swings). Peak memory: the child's `ru_maxrss`, whole process, and that
+minus the RSS after imports (the model, data and training). The setup (model, export, data) runs in a child too, so
+this process stays small: Linux carries a parent's RSS into a child's ru_maxrss across fork + exec.
 
     OMP_NUM_THREADS=2 python benchmarks/lora_sft.py               # qwen2-0.5b widths and vocabulary, 4 blocks; int8
     OMP_NUM_THREADS=2 python benchmarks/lora_sft.py --layers 0 --quantize int4,int8   # all 24 blocks: slow on a CPU
 
-The defaults take about 10 minutes on 2 cores shared with other jobs (setup 77 s, lmforge 191 s, TRL 157 s,
-int8 ~190 s). torchao's int4 base has no fast CPU path: one step took over 10 minutes there.
+The defaults take about 15 minutes on 2 cores shared with other jobs (setup 30-80 s, lmforge ~70 s and TRL
+~150 s a run, int8 ~190 s). A QLoRA base multiplies the training rows by each layer's dequantized weight with the
+dense kernel, so its steps take about as long as the full-precision base's (int4 once took over 10 minutes a
+step, through torchao's scalar CPU int4 kernel).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -125,16 +131,22 @@ def sft_settings(args: argparse.Namespace, work: Path, quantize: str) -> dict:
 
 def run_lmforge(args: argparse.Namespace, work: Path, quantize: str) -> dict:
     from lmforge.core.config import from_dict
+    from lmforge.posttrain import sft
     from lmforge.posttrain.sft import SftConfig, run_sft
 
+    shutil.rmtree(work / f"run-{quantize}", ignore_errors=True)  # an earlier round's run of this side
+    starts = []  # process CPU time at each step's loss call: the CPU time a step took, whatever else runs
+    loss = sft.sft_loss
+    sft.sft_loss = lambda *a, **k: starts.append(time.process_time()) or loss(*a, **k)
     base = rss_mib()
-    run_sft(from_dict(SftConfig, sft_settings(args, work, quantize)))
+    run_sft(from_dict(SftConfig, sft_settings(args, work, quantize)))  # the last step's CPU time goes unmeasured
     peak = peak_mib()
     rows = [json.loads(line) for line in (work / f"run-{quantize}" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_s" in r]
     seen = [0] + [r["tokens_seen"] for r in rows]
     step_s = [(seen[i + 1] - seen[i]) / r["tokens_per_s"] for i, r in enumerate(rows)]
-    return {"step_s": step_s, "losses": [r["loss"] for r in rows], "peak_mib": peak, "after_imports_mib": base}
+    return {"step_s": step_s, "cpu_s": [b - a for a, b in zip(starts, starts[1:])], "losses": [r["loss"] for r in rows],
+            "peak_mib": peak, "after_imports_mib": base}
 
 
 def run_trl(args: argparse.Namespace, work: Path) -> dict:
@@ -158,14 +170,16 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict:
         tok.pad_token = tok.eos_token or tok.unk_token
     data = Dataset.from_list(json.loads((work / "rows.json").read_text()))
     times: list[float] = []
+    cpu: list[float] = []
     losses: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *_, **__):
-            self.t = time.perf_counter()
+            self.t, self.cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *_, **__):
             times.append(time.perf_counter() - self.t)
+            cpu.append(time.process_time() - self.cpu)
 
         def on_log(self, _args, _state, _control, logs=None, **__):
             if logs and "loss" in logs:
@@ -181,7 +195,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> dict:
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok, peft_config=lora,
                          callbacks=[Clock()])
     trainer.train()
-    return {"step_s": times, "losses": losses, "peak_mib": peak_mib(), "after_imports_mib": base}
+    return {"step_s": times, "cpu_s": cpu, "losses": losses, "peak_mib": peak_mib(), "after_imports_mib": base}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +217,14 @@ def child(args: argparse.Namespace, work: Path, what: str) -> dict:
     return out
 
 
+def pooled(runs: list[dict], warmup: int) -> dict:
+    """The timed steps of several runs of one side together (each run's warm-up dropped), its worst peak RSS."""
+    worst = max(runs, key=lambda r: r["peak_mib"])
+    return {"step_s": [t for r in runs for t in r["step_s"][warmup:]],
+            "cpu_s": [t for r in runs for t in r["cpu_s"][warmup:]], "losses": runs[0]["losses"],
+            "peak_mib": worst["peak_mib"], "after_imports_mib": worst["after_imports_mib"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="qwen2-0.5b")
@@ -212,6 +234,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (median)")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each side, alternating lmforge/TRL (ABBA)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--quantize", default="int8", help="QLoRA bases to measure besides full precision ('' none)")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL + PEFT run")
@@ -236,21 +259,28 @@ def main() -> int:
     load = args.load or f"load average {Path('/proc/loadavg').read_text().split()[0]}"
     with scratch_dir("lmforge-lora-sft-") as work:
         info = child(args, work, "prepare")
-        runs = {"none": child(args, work, "lmforge-none")}
-        if not args.no_trl:
-            runs["trl"] = child(args, work, "trl")
+        sides = ["lmforge-none"] + ([] if args.no_trl else ["trl"])
+        rounds = []  # ABBA order: load that drifts during the run falls on both sides alike
+        for r in range(args.rounds):
+            rounds.append({what.removeprefix("lmforge-"): child(args, work, what)
+                           for what in (sides if r % 2 == 0 else sides[::-1])})
+        runs = {k: pooled([rnd[k] for rnd in rounds], args.warmup) for k in rounds[0]}
         for q in [q for q in args.quantize.split(",") if q]:
-            runs[q] = child(args, work, f"lmforge-{q}")
-    step = {k: statistics.median(r["step_s"][args.warmup:]) for k, r in runs.items()}
+            runs[q] = pooled([child(args, work, f"lmforge-{q}")], args.warmup)
+    step = {k: statistics.median(r["step_s"]) for k, r in runs.items()}
+    cpu = {k: statistics.median(r["cpu_s"]) for k, r in runs.items()}
     what = (f"{info['model']}, LoRA r={args.rank} all linear, batch 1 x {args.seq_len} packed "
-            f"(~{info['supervised']:.0f} supervised tokens/row), precision auto, {args.steps} steps after "
-            f"{args.warmup} warm-up")
+            f"(~{info['supervised']:.0f} supervised tokens/row), precision auto, median of {args.steps} steps "
+            f"after {args.warmup} warm-up x {args.rounds} alternating runs")
     rows = []
     if "trl" in runs:
         ours, trl = runs["none"], runs["trl"]
         grown = {k: r["peak_mib"] - r["after_imports_mib"] for k, r in (("ours", ours), ("trl", trl))}
         rows += [(f"LoRA SFT step time s, lmforge sft vs TRL SFTTrainer + PEFT (peer), {what}",
                   f"{step['none']:.2f}", f"{step['trl']:.2f}", f"{step['trl'] / step['none']:.2f}x"),
+                 (f"LoRA SFT CPU seconds per step (all threads; less distorted by other jobs than wall time), "
+                  f"lmforge vs TRL + PEFT, {what}",
+                  f"{cpu['none']:.2f}", f"{cpu['trl']:.2f}", f"{cpu['trl'] / cpu['none']:.2f}x"),
                  (f"LoRA SFT peak RSS MiB (whole process), lmforge vs TRL + PEFT, {what}",
                   f"{ours['peak_mib']:,.0f}", f"{trl['peak_mib']:,.0f}", f"{trl['peak_mib'] / ours['peak_mib']:.2f}x"),
                  (f"LoRA SFT peak RSS MiB over RSS after imports, lmforge vs TRL + PEFT, {what}",

@@ -41,17 +41,19 @@ def reference(hidden, weight, bias, targets):
     return causal_lm_loss(F.linear(hidden, weight, bias), targets)
 
 
-def fused(chunk_size=1024):
-    return lambda hidden, weight, bias, targets: linear_cross_entropy(hidden, weight, targets,
-                                                                      chunk_size=chunk_size, bias=bias)
+def fused(chunk_size=1024, skip_ignored=False):
+    return lambda hidden, weight, bias, targets: linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size,
+                                                                      bias=bias, skip_ignored=skip_ignored)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 150, 1000])  # N = 150: ragged last chunk, one chunk, > N
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_value_and_grads_match_the_materialized_logits(chunk_size, with_bias):
+@pytest.mark.parametrize("skip_ignored", [False, True])
+def test_value_and_grads_match_the_materialized_logits(chunk_size, with_bias, skip_ignored):
     args = problem(with_bias=with_bias)
+    args[3].view(-1)[30:140:3] = IGNORE_INDEX  # ignored rows scattered through every chunk, not only a prefix
     ref_loss, ref_grads = loss_and_grads(reference, *args)
-    loss, grads = loss_and_grads(fused(chunk_size), *args)
+    loss, grads = loss_and_grads(fused(chunk_size, skip_ignored), *args)
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
     assert len(grads) == len(ref_grads) == (3 if with_bias else 2)
     for g, ref in zip(grads, ref_grads):
@@ -72,13 +74,29 @@ def test_ignored_rows_get_no_gradient_and_do_not_count_in_the_mean():
                                rtol=0, atol=1e-5)
 
 
-def test_all_targets_ignored_is_zero_loss_and_zero_grads():
+@pytest.mark.parametrize("skip_ignored", [False, True])
+def test_all_targets_ignored_is_zero_loss_and_zero_grads(skip_ignored):
     hidden, weight, bias, targets = problem(shape=(2, 9), with_bias=True)
     targets.fill_(IGNORE_INDEX)
-    loss, grads = loss_and_grads(fused(4), hidden, weight, bias, targets)
+    loss, grads = loss_and_grads(fused(4, skip_ignored), hidden, weight, bias, targets)
     assert loss.item() == 0.0
-    for g in grads:
-        assert torch.isfinite(g).all() and torch.all(g == 0)
+    for (g, t) in zip(grads, (hidden, weight, bias)):
+        assert g.shape == t.shape and torch.isfinite(g).all() and torch.all(g == 0)
+
+
+def test_skip_ignored_runs_the_head_on_the_counted_rows_only(monkeypatch):
+    hidden, weight, _, targets = problem(shape=(64,), ignored=40)
+    rows_seen = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, *a, **k: rows_seen.append(x.shape[0]) or linear(x, *a, **k))
+    linear_cross_entropy(hidden, weight, targets, skip_ignored=True)
+    assert rows_seen == [24]
+
+
+def test_the_default_chunk_keeps_one_logits_block_near_128_mib():
+    from lmforge.train.fused_ce import auto_chunk_size
+
+    assert auto_chunk_size(32_000) == 1024 and auto_chunk_size(151_936) == 220 and auto_chunk_size(10**9) == 16
 
 
 def test_hidden_without_grad_and_non_contiguous_hidden():

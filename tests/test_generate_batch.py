@@ -46,6 +46,21 @@ def test_num_return_sequences_are_prompt_major_and_seeded():
     assert greedy[0] == greedy[1] and greedy[2] == greedy[3]
 
 
+def test_per_prompt_seeds_make_a_prompts_samples_independent_of_its_batch():
+    """With one seed per prompt, a prompt's samples are the same alone, in another batch, or split off (what lets
+    data-parallel RL ranks each sample their share of a rollout and get one process's samples)."""
+    model = tiny_model(64, seed=2, init_std=0.3)
+    params = SamplingParams(temperature=1.0, max_new_tokens=8)
+    together = generate_batch(model, PROMPTS, params, 3, seeds=[10, 11, 12, 13])
+    assert len({tuple(r) for r in together[:3]}) > 1  # a prompt's samples still differ
+    halves = (generate_batch(model, PROMPTS[:2], params, 3, seeds=[10, 11])
+              + generate_batch(model, PROMPTS[2:], params, 3, seeds=[12, 13]))
+    assert halves == together
+    assert generate_batch(model, [PROMPTS[2]], params, 3, seeds=[12]) == together[6:9]
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate_batch(model, PROMPTS, params, seeds=[1])
+
+
 def test_budget_respects_max_seq_len_and_mode_is_restored():
     model = tiny_model(64, seed=1, max_seq_len=16).train()
     out = generate_batch(model, [[1] * 10, [2] * 4], SamplingParams(greedy=True, max_new_tokens=50))

@@ -15,7 +15,7 @@ from lmforge.core.errors import ConfigError
 from lmforge.core.tensors import IGNORE_INDEX
 from lmforge.generate.sampling import SamplingParams
 from lmforge.posttrain.grpo import GrpoConfig, run_grpo
-from lmforge.posttrain.rl_losses import clipped_surrogate, group_advantages, grpo_loss, k3_kl
+from lmforge.posttrain.rl_losses import clipped_surrogate, group_advantages, grpo_loss, k3_kl, masked_mean
 from lmforge.posttrain.rollout import RolloutBatches, pack_sequences, token_logps
 
 T = torch.tensor
@@ -96,6 +96,24 @@ def test_rollout_batches_reuse_each_rollout_for_epochs():
     assert made == [0, 1] and b.state_dict() == {"index": 2}
 
 
+def test_rank_slices_of_a_rollout_minibatch_scale_to_its_global_means():
+    """Averaged over ranks (as DDP/FSDP average gradients), each rank's scaled sequence and token means are the
+    global minibatch's, also when the rows do not split evenly."""
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(7, 5, generator=g) > 0.3).float()
+    mask[:, 0] = 1
+    batch = {"mask": mask, "x": torch.randn(7, 5, generator=g)}
+    for world in (1, 2, 3):
+        slices = [RolloutBatches.rank_slice(batch, r, world) for r in range(world)]
+        assert torch.cat([s["x"] for s in slices]).equal(batch["x"])
+        seq = sum(s["row_scale"] * masked_mean(s["x"], s["mask"], dim=1).mean() for s in slices) / world
+        tok = sum(s["token_scale"] * masked_mean(s["x"], s["mask"]) for s in slices) / world
+        torch.testing.assert_close(seq, masked_mean(batch["x"], mask, dim=1).mean())
+        torch.testing.assert_close(tok, masked_mean(batch["x"], mask))
+    with pytest.raises(ValueError, match="cannot give each of 8 ranks one"):
+        RolloutBatches.rank_slice(batch, 0, 8)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     tok = tiny_tokenizer()
@@ -155,7 +173,7 @@ def test_rollout_logps_are_the_sampling_policys_at_its_temperature(checkpoint):
     model, tok = load_policy(str(checkpoint), "cpu")
     params = SamplingParams(temperature=0.5, max_new_tokens=4)
     batch, _ = sample_rollout(model, tok, params, task_prompts(make_examples(2)), 2,
-                              lambda ex, texts: torch.zeros(len(texts)), seed=0)
+                              lambda ex, texts: torch.zeros(len(texts)), seeds=[0, 1])
     with torch.no_grad():
         logp = torch.log_softmax(model.eval()(batch["input_ids"]).float() / 0.5, -1)
     labels = batch["labels"]

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from tinymodels import mha_model, reward_model_dir, save_checkpoint, text_tokenizer
 
 from lmforge.cli import main
 from lmforge.core.config import from_dict
 from lmforge.core.errors import LmforgeError
+from lmforge.model import load_model
+from lmforge.model.io import load_weights
+from lmforge.peft import load_trained
 from lmforge.posttrain.iterative import IterativeRlhfConfig, run_iterative_rlhf
 
 WORDS = "red green blue small large quick slow bright dark warm".split()
@@ -74,9 +79,45 @@ def test_two_rounds_raise_the_heldout_reward_and_resume(setup, tmp_path):
 def test_options_the_recipe_owns_are_refused(setup, tmp_path, capsys):
     base, rm, prompts = setup
     for flag in (["--ppo.run_dir", "x"], ["--rejection.reward_model", str(rm)], ["--ppo.prompts", str(prompts)],
-                 ["--rejection.sft.data", "w.jsonl"], ["--ppo.peft.method", "lora"]):
+                 ["--rejection.sft.data", "w.jsonl"], ["--ppo.peft.method", "prompt"],
+                 ["--rejection.sft.peft.method", "adapter"]):
         code = main(["rlhf", "--checkpoint", str(base), "--reward_model", str(rm), "--run_dir", str(tmp_path / "r"),
                      *flag])
         err = capsys.readouterr().err
         assert code != 0 and flag[0][2:] in err and "Traceback" not in err, err
     assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_lora_rounds_merge_each_adapter_before_the_next_stage_samples(setup, tmp_path):
+    """With LoRA in the fine-tuning and PPO sections, each stage trains an adapter on the policy it starts from;
+    the recipe merges it (RUN/round-K/STAGE/merged) and the next stage and round start from the merged model."""
+    train = {"steps": 2, "lr": 1e-2, "device": "cpu", "save_every": 0, "eval_every": 0, "plot_every": 0}
+    lora = {"method": "lora", "lora": {"r": 4}}
+    cfg = config(setup, tmp_path / "run", rounds=2, rejection={
+        "n": 2, "sampling": {"max_new_tokens": 4},
+        "sft": {"max_len": 48, "eval_tasks": 0, "train": train, "peft": lora}},
+        ppo={"samples_per_prompt": 2, "rollout": {"prompts_per_rollout": 2}, "sampling": {"max_new_tokens": 4},
+             "train": train, "peft": lora})
+    out = run_iterative_rlhf(cfg)
+    run, base = tmp_path / "run", setup[0]
+    starts = [str(base)]
+    for k in (1, 2):
+        for stage in ("sft", "ppo"):
+            folder = run / f"round-{k}" / stage
+            assert json.loads((folder / "config.json").read_text())["checkpoint"] == starts[-1]
+            [adapter] = [p.parent for p in folder.glob("*/adapter_model.safetensors")]  # sft/adapter, ppo/model
+            assert not (adapter / "model.safetensors").exists()  # the stage saved its adapter only
+            # merged: the start + the adapter, folded into plain weights that moved away from the start
+            ids = torch.randint(0, 300, (2, 10))
+            with torch.no_grad():
+                expected = load_trained(starts[-1], adapter).eval()(ids)
+                got = load_model(folder / "merged").eval()(ids)
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            before, after = load_weights(Path(starts[-1]) / "model.safetensors"), load_weights(
+                folder / "merged" / "model.safetensors")
+            assert any(not torch.equal(before[n], after[n]) for n in before)
+            starts.append(str(folder / "merged"))
+        rejection = json.loads((run / f"round-{k}" / "rejection" / "config.json").read_text())
+        assert rejection["checkpoint"] == starts[2 * k - 2]  # round k samples with round k-1's merged policy
+    assert out["model_dir"] == starts[-1]

@@ -13,7 +13,7 @@ from lmforge.cli import main
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.posttrain.grpo import GrpoConfig, run_grpo
-from lmforge.posttrain.ppo import PpoConfig
+from lmforge.posttrain.ppo import PpoConfig, run_ppo
 from lmforge.posttrain.rejection import RejectionConfig
 from lmforge.posttrain.rewards import RewardTerm, Scorer, parse_reward
 from lmforge.tasks import verifiers
@@ -193,22 +193,26 @@ def test_cli_bad_prompt_file_is_one_line(tmp_path, capsys):
     assert f"{path}:2: reward numeric needs a reference answer" in err and len(err.splitlines()) == 1
 
 
-# ---- GRPO on a user prompt file -------------------------------------------------------------------------------
+# ---- GRPO and PPO on a user prompt file ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("advantage,steps", [("group", 8), pytest.param("rloo", 12, marks=pytest.mark.slow)])
-def test_grpo_on_a_user_prompt_file_raises_the_heldout_reward(tmp_path, advantage, steps):
-    """Seeded: a random policy's greedy replies to held-out prompts never pass the regex verifier; 8 GRPO steps
-    (12 with RLOO's unnormalized advantages) on the train prompts make most of them pass."""
+@pytest.mark.parametrize("algo,extra", [("grpo", {"group_size": 4}),
+                                        pytest.param("grpo", {"group_size": 4, "advantage": "rloo"},
+                                                     marks=pytest.mark.slow),
+                                        pytest.param("ppo", {"samples_per_prompt": 4}, marks=pytest.mark.slow)])
+def test_rl_on_a_user_prompt_file_raises_the_heldout_reward(tmp_path, algo, extra):
+    """Seeded: a random policy's greedy replies to held-out prompts never pass the regex verifier (a vowel), though
+    some of its samples do; 16 GRPO (group or RLOO advantages) or PPO steps on the train prompts make most of them
+    pass (GRPO so with seeds 0-3 too)."""
     tok = text_tokenizer()
     ckpt = save_checkpoint(mha_model(tok.vocab_size), tok, tmp_path / "base")
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"add: {a} + {b}", "answer": str(a + b)}
                                                     for a in range(8) for b in range(6)])
-    cfg = from_dict(GrpoConfig, {
+    cfg = from_dict(GrpoConfig if algo == "grpo" else PpoConfig, {
         "checkpoint": str(ckpt), "run_dir": str(tmp_path / "run"), "prompts": [str(path)], "reward": "regex",
-        "regex": "s", "heldout": 0.25, "group_size": 4, "advantage": advantage, "rollout": {"prompts_per_rollout": 4},
-        "sampling": {"max_new_tokens": 4}, "train": {"steps": steps, "lr": 3e-2, "device": "cpu", "eval_every": 0}})
-    out = run_grpo(cfg)
+        "regex": "[aeiou]", "heldout": 0.25, "rollout": {"prompts_per_rollout": 4}, **extra,
+        "sampling": {"max_new_tokens": 4}, "train": {"steps": 16, "lr": 3e-2, "device": "cpu", "eval_every": 0}})
+    out = (run_grpo if algo == "grpo" else run_ppo)(cfg)
     assert out["heldout_reward"] >= out["heldout_reward_before"] + 0.5
     assert "heldout_exact_match" in out  # every prompt has an answer: exact match is measured too
 

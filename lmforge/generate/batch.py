@@ -44,16 +44,19 @@ def prefill_mask(pads: torch.Tensor, width: int, prefix: bool = False) -> torch.
 
 @torch.no_grad()
 def generate_batch(model: nn.Module, prompts: list[list[int]], params: SamplingParams,
-                   num_return_sequences: int = 1, seed: int | None = None, keep_stop: bool = False
-                   ) -> list[list[int]]:
+                   num_return_sequences: int = 1, seed: int | None = None, keep_stop: bool = False,
+                   seeds: Sequence[int] | None = None) -> list[list[int]]:
     """New token ids (stop token not included) for each prompt, `num_return_sequences` rows per prompt.
     `keep_stop` appends the stop token a row ended with (RL trains on it, so the policy learns to stop).
 
     Rows come prompt-major: the samples of prompt i are rows i*n .. i*n+n-1. `seed` (else
     `params.seed`) seeds one generator for the whole batch, so a call is reproducible but a row's
-    sample depends on its batch. Prompts too long for the model keep their last tokens (with a
-    warning), as in `generate`; every row stops at `params.max_new_tokens` or when the longest
-    prompt plus the new tokens fills `max_seq_len`.
+    sample depends on its batch; `seeds` (one per prompt) instead draws each prompt's rows from its own
+    generator, so they do not depend on the other prompts of the call (up to float rounding of a
+    differently padded batch): RL rollouts split over data-parallel ranks sample what one process does.
+    Prompts too long for the model keep their last tokens (with a warning), as in `generate`; every
+    row stops at `params.max_new_tokens` or when the longest prompt plus the new tokens fills
+    `max_seq_len`.
     """
     if num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
@@ -72,7 +75,10 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], params: SamplingP
     out: list[list[int]] = [[] for _ in range(B)]
     if budget <= 0:
         return out
-    generator = new_generator(seed if seed is not None else params.seed, device)
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"seeds: one per prompt, got {len(seeds)} for {len(prompts)} prompts")
+    generator = ([torch.Generator(device=device).manual_seed(s) for s in seeds] if seeds is not None
+                 else new_generator(seed if seed is not None else params.seed, device))
     stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
     was_training = model.training
     model.eval()

@@ -106,11 +106,20 @@ def new_generator(seed: int | None, device: torch.device) -> torch.Generator | N
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+def sample_next(logits: torch.Tensor, params: SamplingParams,
+                generator: torch.Generator | list[torch.Generator] | None = None,
                 history: History | None = None) -> torch.Tensor:
     """Next token of each row of `logits` [B, V] -> [B]; argmax (after any penalties) when greedy.
-    `history` (the tokens so far) is needed when `params.needs_history`."""
+    `history` (the tokens so far) is needed when `params.needs_history`. A list of k generators splits the rows
+    into k equal consecutive blocks, each drawn from its own generator: a block's tokens then depend on its own
+    rows and generator only, not on what else shares the batch."""
     logits = filtered_logits(logits, params, history)
     if params.is_greedy:
         return torch.argmax(logits, dim=-1)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(logits, dim=-1)
+    if isinstance(generator, list):
+        if len(probs) % len(generator):
+            raise ValueError(f"{len(probs)} rows do not split into {len(generator)} equal blocks of generators")
+        blocks = probs.split(len(probs) // len(generator))
+        return torch.cat([torch.multinomial(b, 1, generator=g) for b, g in zip(blocks, generator)]).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

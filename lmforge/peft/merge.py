@@ -23,9 +23,15 @@ class MergeAdapterConfig:
     output: str = option(help="model directory to write the merged model (and the base's tokenizer) into")
 
 
+def merge_to_dir(checkpoint: str | Path, adapter: str | Path, output: str | Path) -> Path:
+    """The base model `checkpoint` with the LoRA/DoRA `adapter` folded in, written to `output` with the base's
+    tokenizer files: a plain model directory."""
+    out = save_model(merge_adapter(load_trained(checkpoint, adapter)), output)
+    copy_tokenizer_files(Path(checkpoint), out)
+    return out
+
+
 def merge_adapter_cmd(cfg: MergeAdapterConfig) -> int:
-    model = merge_adapter(load_trained(cfg.checkpoint, cfg.adapter))
-    out = save_model(model, cfg.output)
-    copy_tokenizer_files(Path(cfg.checkpoint), out)
+    out = merge_to_dir(cfg.checkpoint, cfg.adapter, cfg.output)
     print(f"wrote {out} (base {cfg.checkpoint} + adapter {cfg.adapter}, merged)")
     return 0

@@ -53,11 +53,12 @@ def run_grpo(cfg: GrpoConfig) -> dict[str, Any]:
         temperature = cfg.sampling.temperature
 
         def make_rollout(index: int) -> Rollout:
-            batch = rl.rollout(index, cfg.group_size)
-            advantages = rloo_advantages if cfg.advantage == "rloo" else group_advantages
-            batch["advantages"] = advantages(batch["rewards"], cfg.group_size)
+            batch = rl.rollout(index, cfg.group_size)  # this rank's groups
             if rl.ref is not None:
                 batch["ref_logps"] = model_token_logps(rl.ref, batch["input_ids"], batch["labels"], temperature)
+            batch = rl.gather_rollout(batch)
+            advantages = rloo_advantages if cfg.advantage == "rloo" else group_advantages
+            batch["advantages"] = advantages(batch["rewards"], cfg.group_size)
             return batch
 
         def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -66,6 +67,8 @@ def run_grpo(cfg: GrpoConfig) -> dict[str, Any]:
             mask = batch["mask"]
             loss, stats = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
                                     cfg.clip_eps, cfg.kl_coef, cfg.loss_norm)
+            if "row_scale" in batch:  # a rank's slice of the minibatch (RolloutBatches.rank_slice)
+                loss = loss * batch["row_scale" if cfg.loss_norm == "sequence" else "token_scale"]
             entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
             logged = {"reward": batch["rewards"].mean().item(), "kl": stats["kl"].item(),
                       "clip_frac": stats["clip_frac"].item(), "entropy": entropy.item(),

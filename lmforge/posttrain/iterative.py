@@ -7,6 +7,10 @@ Round k starts from round k-1's policy (round 1 from `--checkpoint`) and runs
   2. fine-tuning on the winners of this round and, with `accumulate`, of every earlier round (LLaMA 2 kept
      the top samples of all iterations, so a later round cannot forget what an earlier one found);
   3. PPO from the fine-tuned policy with the same reward (`with_ppo`).
+With `peft.method lora` in `rejection.sft` or `ppo`, that stage trains a fresh LoRA/DoRA adapter on the policy it
+starts from, and the recipe merges it into that policy (RUN/round-K/STAGE/merged) before anything samples from it:
+every stage and round starts from, and samples with, a plain full model, while training holds only adapter
+gradients and optimizer state (a QLoRA base is merged back at full precision).
 Before round 1 and after every round the policy answers the held-out prompts greedily; their mean reward
 (and exact match, when the prompts have reference answers) goes to RUN/metrics.jsonl (one row per round, the
 run report draws it) and RUN/rounds.jsonl. Prompts come from files, split once into train and held-out, or
@@ -25,6 +29,8 @@ from typing import Any
 from lmforge.core.config import option, require, save_config
 from lmforge.core.errors import LmforgeError
 from lmforge.core.files import atomic_write_json, atomic_write_text, dir_lock, writable_dir
+from lmforge.peft.config import PeftConfig
+from lmforge.peft.merge import merge_to_dir
 from lmforge.posttrain.models import device_of, load_policy
 from lmforge.posttrain.ppo import PpoConfig, run_ppo
 from lmforge.posttrain.rejection import RejectionConfig, run_rejection
@@ -82,8 +88,9 @@ class IterativeRlhfConfig(RewardSource, RunConfig):
             if getattr(self.rejection.sft, name):
                 raise LmforgeError(f"rejection.sft.{name}: the rlhf recipe sets it in every round")
         for key, peft in (("rejection.sft.peft.method", self.rejection.sft.peft), ("ppo.peft.method", self.ppo.peft)):
-            require(peft.method == "none", key, peft.method, "none: each round starts from the previous round's "
-                                                             "full model (adapters between rounds are not supported)")
+            require(peft.method in ("none", "lora"), key, peft.method,
+                    "none or lora: each stage's adapter is merged into the policy before the next stage samples, and "
+                    "prompt, prefix and bottleneck adapters cannot be merged")
 
 
 def reward_fields(cfg: IterativeRlhfConfig) -> dict[str, Any]:
@@ -127,6 +134,15 @@ def write_rows(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in numbers))
 
 
+def merged_policy(stage: dict[str, Any], start: str, peft: PeftConfig) -> str:
+    """The policy a stage trained from `start`, as a full model directory: its RUN/model, or under LoRA the adapter
+    in RUN/model merged into `start` (written to RUN/merged)."""
+    if peft.method == "none":
+        return stage["model_dir"]
+    adapter = Path(stage["model_dir"])
+    return str(merge_to_dir(start, adapter, adapter.parent / "merged"))
+
+
 def run_round(cfg: IterativeRlhfConfig, k: int, policy: str, train_file: str, winners: list[str], run_dir: Path
               ) -> dict[str, Any]:
     """Round k from `policy`: rejection sampling, fine-tuning on the winners, PPO; returns the round's figures."""
@@ -146,13 +162,14 @@ def run_round(cfg: IterativeRlhfConfig, k: int, policy: str, train_file: str, wi
     sft = run_sft(sft_cfg)
     row: dict[str, Any] = {"round": k, "rs_mean_reward": rs["mean_reward"], "rs_best_of_n_reward":
                            rs["best_of_n_reward"], "winners": rs["winners"], "sft_final_loss": sft["final_loss"],
-                           "model_dir": sft["model_dir"]}
+                           "model_dir": merged_policy(sft, policy, cfg.rejection.sft.peft)}
     if cfg.with_ppo:
-        ppo_cfg = dataclasses.replace(cfg.ppo, **reward_fields(cfg), checkpoint=sft["model_dir"],
+        ppo_cfg = dataclasses.replace(cfg.ppo, **reward_fields(cfg), checkpoint=row["model_dir"],
                                       run_dir=str(where / "ppo"), prompts=prompts, resume=cfg.resume,
                                       seed=cfg.ppo.seed + k)
         ppo = run_ppo(ppo_cfg)
-        row.update(ppo_final_loss=ppo["final_loss"], ppo_kl_coef=ppo.get("kl_coef"), model_dir=ppo["model_dir"])
+        row.update(ppo_final_loss=ppo["final_loss"], ppo_kl_coef=ppo.get("kl_coef"),
+                   model_dir=merged_policy(ppo, row["model_dir"], cfg.ppo.peft))
     return row
 
 

@@ -93,18 +93,19 @@ def run_ppo(cfg: PpoConfig) -> dict[str, Any]:
         temperature = cfg.sampling.temperature
 
         def make_rollout(index: int) -> Rollout:
-            batch = rl.rollout(index, cfg.samples_per_prompt)
-            mask = batch["mask"]
-            ref_logps = model_token_logps(ref, batch["input_ids"], batch["labels"], temperature)
-            values = model_values(model, batch["input_ids"]) * mask
+            batch = rl.rollout(index, cfg.samples_per_prompt)  # this rank's prompts
+            batch["ref_logps"] = model_token_logps(ref, batch["input_ids"], batch["labels"], temperature)
+            batch["old_values"] = model_values(model, batch["input_ids"]) * batch["mask"]
+            batch = rl.gather_rollout(batch)  # the whole rollout, on every rank
+            mask, ref_logps, values = batch["mask"], batch.pop("ref_logps"), batch["old_values"]
             kl = ((batch["old_logps"] - ref_logps) * mask).sum(1)  # per-sequence KL estimate
             beta = kl_ctl.value
             rewards = kl_shaped_rewards(batch["rewards"], batch["old_logps"], ref_logps, mask, beta)
             advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            kl_ctl.update(rl.global_mean(kl.mean().item()), len(kl) * rl.dp_size)  # every rank's beta alike
+            kl_ctl.update(kl.mean().item(), len(kl))  # the whole rollout's: every rank's beta alike
             n = len(kl)
-            return {**batch, "old_values": values, "returns": returns, "advantages": whiten(advantages, mask),
-                    "seq_kl": kl, "kl_coef": torch.full((n,), beta)}
+            return {**batch, "returns": returns, "advantages": whiten(advantages, mask), "seq_kl": kl,
+                    "kl_coef": torch.full((n,), beta)}
 
         def loss_fn(m: PolicyWithValue, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
             logits, values = m(batch["input_ids"])
@@ -115,7 +116,8 @@ def run_ppo(cfg: PpoConfig) -> dict[str, Any]:
             pg_loss = masked_mean(pg, mask)
             vf_loss, vf_clip = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip)
             entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
-            return pg_loss + cfg.vf_coef * vf_loss, {
+            loss = pg_loss + cfg.vf_coef * vf_loss  # token means; a rank's slice scales them to the minibatch's
+            return loss * batch.get("token_scale", 1.0), {
                 "reward": batch["rewards"].mean().item(), "kl": batch["seq_kl"].mean().item(),
                 "kl_coef": batch["kl_coef"].mean().item(), "entropy": entropy.item(),
                 "clip_frac": masked_mean(clipped, mask).item(), "value_loss": vf_loss.item(),

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.core.config import option, require
@@ -157,12 +159,12 @@ class PromptSource:
 
 
 def sample_rollout(policy: nn.Module, tokenizer: Tokenizer, params: SamplingParams, examples: list[PromptExample],
-                   n: int, scorer: Callable[[list[PromptExample], list[str]], Tensor], seed: int
+                   n: int, scorer: Callable[[list[PromptExample], list[str]], Tensor], seeds: list[int]
                    ) -> tuple[dict[str, Tensor], list[str]]:
-    """n completions per example, packed: input_ids, labels, mask, old_logps (at the sampling temperature),
-    rewards (per sequence)."""
+    """n completions per example (each example's from its own generator, seeded by `seeds`), packed: input_ids,
+    labels, mask, old_logps (at the sampling temperature), rewards (per sequence)."""
     prompts = chat_prompt_ids(tokenizer, [ex.messages for ex in examples])
-    tokens, texts = sample_completions(policy, tokenizer, prompts, params, n, seed=seed)
+    tokens, texts = sample_completions(policy, tokenizer, prompts, params, n, seeds=seeds)
     repeated = [p for p in prompts for _ in range(n)]
     ids, labels = pack_sequences(repeated, tokens, pad_id_of(tokenizer))
     rewards = scorer([ex for ex in examples for _ in range(n)], texts).float()
@@ -170,12 +172,10 @@ def sample_rollout(policy: nn.Module, tokenizer: Tokenizer, params: SamplingPara
             "old_logps": model_token_logps(policy, ids, labels, params.temperature), "rewards": rewards}, texts
 
 
-RANK_SEED_STRIDE = 1_000_003 ** 2  # apart from every (seed, rollout) pair of a run with < 10^6 rollouts
-
-
-def rollout_seed(seed: int, index: int, dp_rank: int = 0) -> int:
-    """Sampling seed of rollout `index` on data-parallel rank `dp_rank` (rank 0: that of a one-process run)."""
-    return seed * 1_000_003 + index + dp_rank * RANK_SEED_STRIDE
+def rollout_seed(seed: int, index: int, position: int) -> int:
+    """Sampling seed of the prompt at `position` in rollout `index` (its place among all the rollout's prompts): a
+    prompt's completions do not depend on which data-parallel rank samples them, nor on how many ranks there are."""
+    return (seed * 1_000_003 + index) * 1_000_003 + position
 
 
 class RLStage(Stage):
@@ -199,8 +199,9 @@ class RLStage(Stage):
             raise ConfigError(f"rollout.prompts_per_rollout must be a multiple of the {world} data-parallel processes "
                               f"(each samples whole groups for its own prompts; a group is never split), got {k}")
         if cfg.minibatches > k // world * samples:
-            raise ConfigError(f"minibatches must be at most the {k // world * samples} completions each of the "
-                              f"{world} processes samples per rollout, got {cfg.minibatches}")
+            raise ConfigError(f"minibatches must be at most {k // world * samples} (each minibatch of the "
+                              f"{k * samples} completions of a rollout gives each of the {world} processes one), "
+                              f"got {cfg.minibatches}")
         self.ref = self.reference(cfg.ref_checkpoint) if with_reference else None
         self.scorer = Scorer(cfg, self.tokenizer, self.device)
         self.prompts = PromptSource(cfg, self.scorer)
@@ -225,18 +226,42 @@ class RLStage(Stage):
         return out
 
     def rollout(self, index: int, samples: int) -> dict[str, Tensor]:
-        """Rollout `index`: `samples` completions of each of its prompts, scored (see `sample_rollout`). Under
-        torchrun each data-parallel rank samples its own equal share of the prompts (whole groups), seeded by
-        `rollout_seed`. On the reasoning task also each completion's `correct` and `think_tokens`
-        (`thinking_stats`)."""
+        """This rank's share of rollout `index`: `samples` completions of each of its prompts, scored (see
+        `sample_rollout`). Under torchrun each data-parallel rank samples its own equal share of the prompts (whole
+        groups); each prompt's completions are seeded by its place in the rollout (`rollout_seed`), so the shares
+        put together (`gather_rollout`) are the rollout one process samples. On the reasoning task also each
+        completion's `correct` and `think_tokens` (`thinking_stats`)."""
         prompts = self.prompts(index)
         share = len(prompts) // self.dp_size
-        mine = prompts[self.dp_rank * share:(self.dp_rank + 1) * share]
+        first = self.dp_rank * share
+        mine = prompts[first:first + share]
+        seeds = [rollout_seed(self.cfg.seed, index, first + i) for i in range(share)]
         batch, texts = sample_rollout(self.policy, self.tokenizer, self.cfg.sampling, mine, samples, self.scorer,
-                                      seed=rollout_seed(self.cfg.seed, index, self.dp_rank))
+                                      seeds=seeds)
         if self.cfg.task == "reasoning":
             batch.update(thinking_stats(self.tokenizer, [ex for ex in mine for _ in range(samples)], texts))
         return batch
+
+    def gather_rollout(self, batch: Rollout) -> Rollout:
+        """Collective: every rank's share of a rollout put together in rank order (the order of the rollout's
+        prompts), on every rank, sequences right-padded to the longest: the rollout one process would hold, which
+        `optimize` then cuts into the same global minibatches. The share itself in one process."""
+        if self.run is None or self.dp_size == 1:
+            return batch
+        group, device = self.run.dp_group, self.run.device
+        width = torch.tensor([max((v.shape[1] for v in batch.values() if v.dim() == 2), default=0)], device=device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX, group=group)
+        out = {}
+        for key in sorted(batch):  # the same order on every rank
+            v = batch[key]
+            if v.dim() == 2:
+                fill = self.pad_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
+                v = F.pad(v, (0, int(width.item()) - v.shape[1]), value=fill)
+            v = v.to(device)
+            parts = [torch.empty_like(v) for _ in range(self.dp_size)]
+            dist.all_gather(parts, v, group=group)
+            out[key] = torch.cat(parts).cpu()
+        return out
 
     def optimize(self, model: nn.Module, loss_fn: LossFn, make_rollout: Callable[[int], Rollout], samples: int,
                  extra: Callable[[], dict[str, Any]] | None = None,
@@ -244,7 +269,9 @@ class RLStage(Stage):
         """Rollouts as resumable minibatches through `train_loop`, then the policy saved.
 
         `model` is what trains (the policy, or `wrap(policy)`: the policy with a value head); `extra()` adds result
-        fields. Each rank's rollout is already its own share, and is sampled with the parameters gathered."""
+        fields. `make_rollout` runs with the parameters gathered and returns the whole rollout (`gather_rollout`):
+        every rank cuts the same global minibatches and trains on its slice of each (`RolloutBatches.rank_slice`),
+        so N processes repeat one."""
         cfg = self.cfg
         print(f"{self.name}: {cfg.rollout.prompts_per_rollout} prompts x {samples} samples per rollout, "
               f"{cfg.epochs} epochs x {cfg.minibatches} minibatches, kl_coef {cfg.kl_coef}; held-out before "
@@ -256,7 +283,7 @@ class RLStage(Stage):
 
         batches = RolloutBatches(gathered_rollout, cfg.epochs, cfg.minibatches, seed=cfg.seed)
         result = self.fit(model, loss_fn, batches, (lambda m: self.evaluate()) if self.heldout else None,
-                          wrap=wrap, split=False)
+                          wrap=wrap)
         model_dir = self.save()
         out = summary(result, model_dir, **before_after(self.before, result), **(extra() if extra else {}),
                       rollouts=batches.index)

@@ -104,6 +104,22 @@ class RolloutBatches:
         self.index += 1
         self.position = 0
 
+    @staticmethod
+    def rank_slice(batch: Rollout, rank: int, world: int) -> Rollout:
+        """Rank `rank`'s rows of a global minibatch (as equal as the row count allows) with two loss scales:
+        `row_scale` = world x its share of the rows and `token_scale` = world x its share of the completion tokens.
+        A rank's mean over sequences (or over tokens) times its scale, averaged over ranks as DDP/FSDP average
+        gradients, is the global minibatch's mean, so N processes take one process's steps."""
+        rows = len(batch["mask"])
+        if rows < world:
+            raise ValueError(f"a minibatch of {rows} completions cannot give each of {world} ranks one")
+        idx = torch.arange(rows).tensor_split(world)[rank]
+        out = {k: v[idx] for k, v in batch.items()}
+        tokens = batch["mask"].sum().clamp(min=1)
+        out["row_scale"] = torch.tensor(world * len(idx) / rows)
+        out["token_scale"] = world * out["mask"].sum() / tokens
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         return {"index": self.index}
 
@@ -121,11 +137,13 @@ def chat_prompt_ids(tokenizer: Tokenizer, prompts: list[list[Message]]) -> list[
 
 
 def sample_completions(model: nn.Module, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams,
-                       n: int = 1, seed: int | None = None) -> tuple[list[list[int]], list[str]]:
-    """`n` completions per prompt (prompt-major), as tokens WITH the stop token and as text without it."""
+                       n: int = 1, seed: int | None = None, seeds: list[int] | None = None
+                       ) -> tuple[list[list[int]], list[str]]:
+    """`n` completions per prompt (prompt-major), as tokens WITH the stop token and as text without it; `seeds`
+    (one per prompt) draws each prompt's completions from its own generator (see `generate_batch`)."""
     stops = set(stop_token_ids(tokenizer))
     params = dataclasses.replace(params, stop_token_ids=sorted(stops | set(params.stop_token_ids)))
-    tokens = generate_batch(model, prompts, params, n, seed=seed, keep_stop=True)
+    tokens = generate_batch(model, prompts, params, n, seed=seed, keep_stop=True, seeds=seeds)
     texts = [tokenizer.decode([t for t in row if t not in stops]) for row in tokens]
     return tokens, texts
 

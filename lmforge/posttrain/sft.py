@@ -257,7 +257,7 @@ def sft_loss(model: nn.Module, batch: dict[str, Tensor], fused: bool = True) -> 
     head = getattr(model, "lm_head", None)
     if fused and type(head) is nn.Linear:  # a PEFT-wrapped head runs unfused
         loss = linear_cross_entropy(sft_forward(model, batch, return_hidden=True), head.weight, batch["labels"],
-                                    bias=head.bias)
+                                    bias=head.bias, skip_ignored=True)
     else:
         loss = causal_lm_loss(sft_forward(model, batch), batch["labels"])
     if "loss_scale" in batch:

@@ -255,10 +255,6 @@ class Stage:
         if self.run is not None:
             dist.barrier()
 
-    def global_mean(self, value: float) -> float:
-        """`value` averaged over data-parallel ranks (itself in one process)."""
-        return value if self.run is None else self.run.mean(value)
-
     def close(self) -> None:
         """Leave the process group this stage joined (call last)."""
         if self.run is not None:

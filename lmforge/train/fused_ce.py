@@ -19,9 +19,18 @@ from torch import Tensor
 
 from lmforge.core.tensors import IGNORE_INDEX
 
+CHUNK_BYTES = 128 * 2**20  # one [chunk, V] block: 1024 rows of a 32K vocabulary in fp32, 220 rows of 152K
+MAX_CHUNK_ROWS = 1024
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk so that one fp32 [chunk, V] logits block stays near CHUNK_BYTES (at most MAX_CHUNK_ROWS)."""
+    return max(16, min(MAX_CHUNK_ROWS, CHUNK_BYTES // (vocab_size * 4)))
+
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
-                         chunk_size: int = 1024, bias: Tensor | None = None, z_loss: float = 0.0) -> Tensor:
+                         chunk_size: int | None = None, bias: Tensor | None = None, z_loss: float = 0.0,
+                         skip_ignored: bool = False) -> Tensor:
     """Mean next-token cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, chunk by chunk.
 
     hidden [..., d], weight [V, d] (the LM head, possibly tied to the embedding), targets [...].
@@ -30,12 +39,17 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
     Under autocast the head's matmuls run in the autocast dtype, log-softmax and dW accumulate in fp32.
     `z_loss` > 0 adds z_loss * mean(log^2 Z) (PaLM's z-loss, `lmforge.train.stability.z_loss`), with
     log Z_i = z_{i,y} - log p_{i,y} from the chunk's own log-softmax and d/dz = 2 z_loss log Z softmax(z).
+    `chunk_size` None keeps one logits block near CHUNK_BYTES (`auto_chunk_size`).
+    `skip_ignored` runs the head only on the rows whose target counts (SFT: the assistant tokens, often a
+    third of a packed row), at the price of one host sync for their count; ignored rows get zero gradient.
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on "
                          "the leading dimensions")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} is not [vocab, {hidden.shape[-1]}]")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     device_type = hidden.device.type
@@ -46,16 +60,21 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (hidden, weight, bias))
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_size, compute_dtype,
-                                     needs_grad, z_loss)
+                                     needs_grad, z_loss, skip_ignored)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int,
-                chunk_size: int, compute_dtype: torch.dtype, needs_grad: bool, z_loss: float) -> Tensor:
+                chunk_size: int, compute_dtype: torch.dtype, needs_grad: bool, z_loss: float,
+                skip_ignored: bool) -> Tensor:
         h = hidden.reshape(-1, hidden.shape[-1])  # copies only when hidden is not contiguous
         y = targets.reshape(-1, 1).long()
         valid = y.squeeze(1) != ignore_index
+        kept = None
+        if skip_ignored:
+            kept = valid.nonzero().squeeze(1)  # the host sync: how many rows count
+            h, y, valid = h[kept], y[kept], valid[kept]
         safe_y = y.masked_fill(~valid[:, None], 0)  # any in-range class; those rows are masked out below
         # d mean-loss / d loss_i: 1/n on counted rows, 0 on ignored ones; no host sync, and no 0/0 when
         # every target is ignored
@@ -65,7 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_b = needs_grad and bias is not None and bias.requires_grad
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
-        grad_h = torch.empty_like(h) if want_h else None
+        grad_h = torch.empty_like(h) if want_h else None  # of the kept rows when skip_ignored
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -86,6 +105,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     else:  # a low-precision product (fp32 inside), summed over chunks in fp32
                         grad_w += logits.t() @ scaled_h
 
+        if want_h and kept is not None:
+            full = grad_h.new_zeros(hidden.reshape(-1, hidden.shape[-1]).shape)
+            grad_h = full.index_copy_(0, kept, grad_h)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.input_meta = hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype
         return loss_sum
@@ -98,7 +120,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = None if grad_h is None else (grad_h * grad_output).to(hidden_dtype).reshape(hidden_shape)
         dw = None if grad_w is None else (grad_w * grad_output).to(weight_dtype)
         db = None if grad_b is None else (grad_b * grad_output).to(bias_dtype)
-        return dh, dw, db, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None
 
 
 SOFTMAX_BLOCK_ROWS = 128  # [128, 32K] fp32 is 16 MB: the log-softmax work stays in the last-level cache
