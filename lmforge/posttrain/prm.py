@@ -10,7 +10,7 @@ estimation") when at least one continuation reaches the right answer, or is the 
 The answer step is good when the answer is right. The PRM is trained with binary cross-entropy on every step
 end, class-weighted by default: rollout labels of a weak policy are mostly "bad" (a few percent good), and
 unweighted BCE then learns to call every step bad, so the good steps' loss is weighted by the ratio of bad to
-good labels (`pos_weight`, King & Zeng's prior correction in its simplest form). Its step-level accuracy is
+good labels (`pos_weight`: both classes weigh the same in the loss). Its step-level accuracy is
 measured on held-out problems against the task family's true labels (`tasks.reasoning.step_labels`), plain and
 balanced (the mean of the per-class recalls: under a 95/5 split plain accuracy rewards the constant "bad"), as is
 the agreement of the rollout labels themselves.
