@@ -125,3 +125,23 @@ def test_interleaved_streams_do_not_share_the_cache() -> None:
     both = list(b)
     assert first + list(a) == generate(model, PROMPT, params)
     assert both == generate(model, [9, 1], params)
+
+
+@pytest.mark.slow  # compiles the step with inductor on CPU
+def test_compiled_step_writes_the_cache_in_place() -> None:
+    """The compiled step writes one slot of each layer's cache; it never copies a whole layer's cache (which a write
+    into a view of one [layers, ...] cache tensor compiles to: a full copy of the cache every token)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model(n_kv_heads=2)
+    dec = StaticDecoder(model, compile=True)
+    dec.prefill(torch.tensor([PROMPT]))
+    _, code = run_and_get_code(dec.step, torch.tensor([[7]]), torch.tensor([len(PROMPT)]))
+    layer_cache = 2 * model.cfg.max_seq_len * model.cfg.head_dim  # elements of one layer's keys (2 kv heads)
+    assert f"static_cast<int64_t>({layer_cache}L)" not in "\n".join(code)
+    ref = StaticDecoder(model)
+    ref.prefill(torch.tensor([PROMPT]))
+    ref(torch.tensor([[7]]), torch.tensor([len(PROMPT)]))
+    for i in range(model.cfg.n_layers):
+        torch.testing.assert_close(dec.cache.k[i], ref.cache.k[i])
+        torch.testing.assert_close(dec.cache.v[i], ref.cache.v[i])
