@@ -13,7 +13,7 @@ from lmforge.core.config import from_dict
 from lmforge.generate.decode import decode_static
 from lmforge.generate.engine import Strategy, generate
 from lmforge.generate.sampling import SamplingParams
-from lmforge.generate.static import StaticDecoder, static_decoder, static_supported
+from lmforge.generate.static import WINDOW_STEP, StaticDecoder, static_decoder, static_supported
 from lmforge.model import ModelConfig, Transformer, save_model
 
 PROMPT = [5, 17, 3, 42, 8]
@@ -53,6 +53,21 @@ def test_static_logits_match_cached_forward() -> None:
         ours = dec(ids[:, pos:pos + 1], torch.tensor([pos]))
         ref = model(ids[:, pos:pos + 1], cache=cache, start_pos=pos)[:, -1]
         torch.testing.assert_close(ours, ref)
+
+
+@torch.no_grad()
+def test_windowed_step_matches_cached_forward() -> None:
+    """A CPU step attends over the slots written so far (rounded up to WINDOW_STEP), not the whole cache."""
+    model = tiny_model(n_kv_heads=2, max_seq_len=80)
+    dec = StaticDecoder(model)
+    cache = model.new_cache(1)
+    ids = torch.randint(0, 64, (1, 70), generator=torch.Generator().manual_seed(0))
+    dec.prefill(ids[:, :5]), model(ids[:, :5], cache=cache)
+    for pos in range(5, ids.shape[1]):
+        window = dec.window_for(pos)
+        assert len(window) == min(80, (pos // WINDOW_STEP + 1) * WINDOW_STEP) and pos < len(window)
+        ours = dec(ids[:, pos:pos + 1], torch.tensor([pos]), window)
+        torch.testing.assert_close(ours, model(ids[:, pos:pos + 1], cache=cache, start_pos=pos)[:, -1])
 
 
 def test_sampling_and_stop_tokens_match_engine() -> None:
