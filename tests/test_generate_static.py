@@ -62,7 +62,8 @@ def test_windowed_step_matches_cached_forward() -> None:
     dec = StaticDecoder(model)
     cache = model.new_cache(1)
     ids = torch.randint(0, 64, (1, 70), generator=torch.Generator().manual_seed(0))
-    dec.prefill(ids[:, :5]), model(ids[:, :5], cache=cache)
+    dec.prefill(ids[:, :5])
+    model(ids[:, :5], cache=cache)
     for pos in range(5, ids.shape[1]):
         window = dec.window_for(pos)
         assert len(window) == min(80, (pos // WINDOW_STEP + 1) * WINDOW_STEP) and pos < len(window)
