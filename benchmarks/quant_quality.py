@@ -4,7 +4,8 @@ Trains a small LLaMA-shaped model (d_model 128, 4 layers, d_ff 384, the tests' 3
 tokens a step) on Python's own English docs (tests/textdata.py: PYDOC_ENGLISH), the last 10 % of the tokens held
 out. Then, for fp32, `quantize_weights(model, 8, kernel="lmforge")` (lmforge's int8 kernel: `--quantize int8` on
 CPU) and torchao's int8 and int4 (head included): perplexity on the held-out tokens
-(128-token windows), and greedy agreement over 24 held-out prompts of 16 tokens, 32 new tokens each: the share of
+(128-token windows: a prefill, which lmforge's int8 layers compute from the dequantized weights), and greedy
+agreement over 24 held-out prompts of 16 tokens, 32 new tokens each, decoded one by one: the share of
 new tokens equal to fp32's before the first difference, and the share of prompts whose whole continuation is
 identical. Prints a markdown table.
 
@@ -63,7 +64,8 @@ def perplexity(model: Transformer, ids: torch.Tensor) -> float:
 
 
 def greedy(model: Transformer, prompts: list[list[int]], n: int) -> list[list[int]]:
-    return generate(model, prompts, SamplingParams(greedy=True, max_new_tokens=n))
+    """One prompt at a time (batch 1, as decoding runs: lmforge's int8 kernel serves up to 4 rows)."""
+    return [generate(model, p, SamplingParams(greedy=True, max_new_tokens=n)) for p in prompts]
 
 
 def agreement(reference: list[list[int]], other: list[list[int]]) -> tuple[float, float]:
