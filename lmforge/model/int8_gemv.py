@@ -12,8 +12,8 @@ int32 pairs (AVX2 `vpmaddwd`: a third of the instructions of converting every we
 every 2048 weights, times the two scales. Where the compiler does not target AVX2 a plain integer loop runs
 instead. Rows are split across `torch.get_num_threads()` OpenMP threads. It is compiled with the system C compiler
 on first use (as inductor does) into `$XDG_CACHE_HOME/lmforge/kernels/` (~/.cache by default), named by a hash of
-its source, compiler and flags, and loaded with ctypes; no compiler, or a failed build, falls back to plain torch
-(`F.linear(x, w.to(x.dtype) * scale)`) with one warning.
+its source, compiler, flags and CPU kind, and loaded with ctypes; no compiler, or a failed build, falls back to
+plain torch (`F.linear(x, w.to(x.dtype) * scale)`) with one warning.
 
 `torch.ops.lmforge.int8_linear` wraps it as a custom op with a fake implementation, so a compiled decode step
 (`lmforge.generate.static`) calls it inside the graph. Inputs with more than `GEMV_MAX_ROWS` rows (a prefill)
@@ -26,6 +26,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sysconfig
@@ -127,7 +128,9 @@ def kernel() -> ctypes.CDLL | None:
     if cc is None:
         log.warning("int8 weights: no C compiler found (set CC); using torch's slower dequantize + matmul")
         return None
-    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS]).encode()).hexdigest()[:16]
+    # -march=native: a cache shared by machines with other CPUs (a network home) must not mix their builds
+    cpu = f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+    key = hashlib.sha256("\0".join([SOURCE, cc, cpu, *FLAGS]).encode()).hexdigest()[:16]
     path = cache_dir() / f"int8_linear-{key}.so"
     if not path.exists():
         src = cache_dir() / f"int8_linear-{key}.c"
