@@ -38,8 +38,8 @@ from lmforge.model.int8_gemv import int8_linear, quantize_int8, reference_linear
 
 Quantize = Literal["none", "int8", "int4"]
 Kernel = Literal["torchao", "lmforge"]
-QUANTIZE_HELP = ("weight-only quantization of the linear layers (torchao, `pip install 'lmforge[quant]'`): "
-                 "int8 or int4 weights, activations in the model's dtype; none keeps the weights as loaded")
+QUANTIZE_HELP = ("weight-only quantization of the linear layers: int8 (on CPU lmforge's own kernel, elsewhere "
+                 "torchao) or int4 (torchao, `pip install 'lmforge[quant]'`); none keeps the weights as loaded")
 INT4_GROUP_SIZES = (128, 64, 32)  # what torchao's int4 kernels accept; the largest dividing in_features is used
 
 
