@@ -64,7 +64,7 @@ def perplexity(model: Transformer, ids: torch.Tensor) -> float:
 
 
 def greedy(model: Transformer, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """One prompt at a time (batch 1, as decoding runs: lmforge's int8 kernel serves up to 4 rows)."""
+    """One prompt at a time (batch 1, as decoding runs: lmforge's int8 kernel serves up to 32 rows)."""
     return [generate(model, p, SamplingParams(greedy=True, max_new_tokens=n)) for p in prompts]
 
 

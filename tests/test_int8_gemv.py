@@ -30,7 +30,7 @@ def rounding_bound(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tor
 
 
 @needs_cc
-@pytest.mark.parametrize(("out", "inp", "rows"), [(64, 128, 1), (33, 100, 1), (8, 7, 3), (96, 512, 4), (40, 64, 9)])
+@pytest.mark.parametrize(("out", "inp", "rows"), [(64, 128, 1), (33, 100, 1), (8, 7, 3), (96, 512, 32), (40, 64, 33)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_kernel_equals_dequantized_reference(out: int, inp: int, rows: int, bias: bool) -> None:
     assert int8_gemv.kernel() is not None  # built: the comparison below runs the C kernel, not the fallback
@@ -79,7 +79,8 @@ def test_model_logits_equal_the_dequantized_model() -> None:
         for name, m in model.named_modules():
             if isinstance(m, Int8Linear):
                 reference.get_submodule(name).weight.copy_(m.dequantized())
-        for ids in (random_ids()[:1, :1], random_ids()[:1]):  # one token (the kernel), a prefill (the matmul)
+        # one token and a short prefill (the kernel), a long prefill (torch's matmul)
+        for ids in (random_ids()[:1, :1], random_ids()[:1], random_ids(batch=1, length=40)):
             torch.testing.assert_close(model(ids), reference(ids), rtol=1e-4, atol=1e-4)
 
 
