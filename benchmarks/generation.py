@@ -11,8 +11,10 @@ greedy, a 32-token prompt, no stop token. HF uses its default (dynamic) KV cache
 - eager: the KV-cache engine (`generate(model, ids, params)`);
 - compiled: `Strategy(compile=True)`, the static-shape step (whole preallocated cache, length mask) under
   torch.compile (inductor's C++ kernels on CPU; CUDA graphs on CUDA), its compilation in the warm-up;
-- int8 / int4: the compiled step (eager with `--no-compile`) on weights quantized by `quantize_weights` (torchao
-  weight-only; int4 on CPU only).
+- int8: the compiled step (eager with `--no-compile`) on int8 weights through lmforge's own CPU kernel
+  (`quantize_weights(model, 8, kernel="lmforge")`, `lmforge.model.int8_gemv`; what `--quantize int8` runs on CPU);
+  on CUDA, torchao's int8;
+- int8 / int4 torchao (`--torchao`, CPU): the same step on torchao's weight-only tensors (slower than fp32 on AVX2).
 - speculative (34M only, `--spec`): the model as its own draft (acceptance 100 %, an upper bound).
 
 Timings are the median of interleaved repeats (A B A B ...), so other processes' load on a shared machine falls on
@@ -20,7 +22,7 @@ all alike; tokens/s counts new tokens over the whole call (prefill included). Th
 benchmarks/quant_quality.py's.
 
     .venv/bin/python benchmarks/generation.py [--repeats 5] [--new-tokens 128] [--big-new-tokens 16] \
-        [--shapes 34M 0.5B] [--threads N] [--no-quant] [--no-compile] [--spec] [--append]
+        [--shapes 34M 0.5B] [--threads N] [--no-quant] [--torchao] [--no-compile] [--spec] [--append]
 """
 
 from __future__ import annotations
@@ -69,14 +71,14 @@ def build(shape: str, device: torch.device) -> tuple[Transformer, torch.nn.Modul
     return ours.to(device), hf.to(device)
 
 
-def quantized(model: Transformer, bits: int) -> Transformer:
+def quantized(model: Transformer, bits: int, kernel: str = "torchao") -> Transformer:
     q = copy.deepcopy(model)
-    quantize_weights(q, bits)
+    quantize_weights(q, bits, kernel=kernel)
     return q
 
 
 def bench_shape(shape: str, n: int, repeats: int, device: torch.device, bandwidth: float, quant: bool,
-                spec: bool, compiled: bool = True) -> list[tuple[str, str, str, str]]:
+                spec: bool, compiled: bool = True, torchao: bool = False) -> list[tuple[str, str, str, str]]:
     ours, hf = build(shape, device)
     vocab = ours.cfg.vocab_size
     prompt = torch.randint(0, vocab, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -84,7 +86,11 @@ def bench_shape(shape: str, n: int, repeats: int, device: torch.device, bandwidt
     x = torch.tensor([prompt], device=device)
     models = {"eager": ours, "compiled": ours} if compiled else {"eager": ours}
     if quant and device.type == "cpu":
-        models.update({"int8": quantized(ours, 8), "int4": quantized(ours, 4)})
+        models["int8"] = quantized(ours, 8, "lmforge")
+        if compiled:
+            models["int8-eager"] = models["int8"]
+        if torchao:
+            models.update({"int8-torchao": quantized(ours, 8), "int4": quantized(ours, 4)})
     elif quant:
         models["int8"] = quantized(ours, 8)
 
@@ -97,7 +103,7 @@ def bench_shape(shape: str, n: int, repeats: int, device: torch.device, bandwidt
     def runner(model: Transformer, compile: bool):
         return lambda: generate(model, prompt, Strategy(sampling=params, compile=compile))
 
-    cases = {"hf": run_hf, **{name: runner(m, compiled and name != "eager") for name, m in models.items()}}
+    cases = {"hf": run_hf, **{name: runner(m, compiled and "eager" not in name) for name, m in models.items()}}
     if spec:
         cases["spec"] = lambda: speculative_generate(ours, ours, prompt, params, num_draft=4)[0]
     times, outputs = interleaved(cases, repeats, warmup=1, device=device)  # warm-up: compilation, allocator
@@ -106,12 +112,15 @@ def bench_shape(shape: str, n: int, repeats: int, device: torch.device, bandwidt
     same = outputs["eager"] == outputs["hf"] == outputs.get("compiled", outputs["eager"])
     print(f"{shape}: {params_m:.0f}M params, prompt {PROMPT_LEN}, {n} new tokens, greedy, batch 1; eager == HF == "
           f"compiled tokens: {same}; int8/int4 greedy agreement with fp32: "
-          + ", ".join(f"{k} {agreement(outputs['eager'], outputs[k]):.0%}" for k in ("int8", "int4") if k in outputs),
+          + ", ".join(f"{k} {agreement(outputs['eager'], outputs[k]):.0%}" for k in ("int8", "int8-torchao", "int4")
+                      if k in outputs),
           file=sys.stderr)
     peer = f"{tps['hf']:.1f} (HF generate)"
     how = f"compiled ({'CUDA graphs' if device.type == 'cuda' else 'inductor'})" if compiled else "eager"
     labels = {"eager": "eager KV-cache engine", "compiled": f"`compile=True` static-shape step, {how}",
-              "int8": f"int8 weights (torchao), {how}", "int4": f"int4 weights (torchao), {how}"}
+              "int8": f"int8 weights ({'lmforge kernel' if device.type == 'cpu' else 'torchao'}), {how}",
+              "int8-eager": "int8 weights (lmforge kernel), eager", "int8-torchao": f"int8 weights (torchao), {how}",
+              "int4": f"int4 weights (torchao), {how}"}
     rows = []
     for name, label in labels.items():
         if name not in tps:
@@ -146,6 +155,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     parser.add_argument("--no-quant", action="store_true", help="skip the int8/int4 rows")
+    parser.add_argument("--torchao", action="store_true", help="add torchao's int8 and int4 rows (CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled row; int8/int4 decode eagerly")
     parser.add_argument("--spec", action="store_true", help="add the speculative-decoding row (34M)")
     parser.add_argument("--append", action="store_true", help="append the rows to benchmarks/RESULTS.md")
@@ -160,7 +170,7 @@ def main() -> None:
     for shape in args.shapes:
         n = args.new_tokens if shape == "34M" else args.big_new_tokens
         rows += bench_shape(shape, n, args.repeats, device, bandwidth, not args.no_quant,
-                            args.spec and shape == "34M", not args.no_compile)
+                            args.spec and shape == "34M", not args.no_compile, args.torchao)
         gc.collect()  # the previous shape's models (the 0.5B one and its HF twin hold ~4 GB)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1]
     machine = machine_line(device, extra=f"triad {bandwidth / 1e9:.1f} GB/s, shared machine, load average{load}")

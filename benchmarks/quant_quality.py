@@ -2,8 +2,10 @@
 
 Trains a small LLaMA-shaped model (d_model 128, 4 layers, d_ff 384, the tests' 320-token BPE) briefly (8 x 64
 tokens a step) on Python's own English docs (tests/textdata.py: PYDOC_ENGLISH), the last 10 % of the tokens held
-out. Then, for fp32 and `quantize_weights(model, 8 | 4)` (head included): perplexity on the held-out tokens
-(128-token windows), and greedy agreement over 24 held-out prompts of 16 tokens, 32 new tokens each: the share of
+out. Then, for fp32, `quantize_weights(model, 8, kernel="lmforge")` (lmforge's int8 kernel: `--quantize int8` on
+CPU) and torchao's int8 and int4 (head included): perplexity on the held-out tokens
+(128-token windows: a prefill, which lmforge's int8 layers compute from the dequantized weights), and greedy
+agreement over 24 held-out prompts of 16 tokens, 32 new tokens each, decoded one by one: the share of
 new tokens equal to fp32's before the first difference, and the share of prompts whose whole continuation is
 identical. Prints a markdown table.
 
@@ -62,7 +64,8 @@ def perplexity(model: Transformer, ids: torch.Tensor) -> float:
 
 
 def greedy(model: Transformer, prompts: list[list[int]], n: int) -> list[list[int]]:
-    return generate(model, prompts, SamplingParams(greedy=True, max_new_tokens=n))
+    """One prompt at a time (batch 1, as decoding runs: lmforge's int8 kernel serves up to 32 rows)."""
+    return [generate(model, p, SamplingParams(greedy=True, max_new_tokens=n)) for p in prompts]
 
 
 def agreement(reference: list[list[int]], other: list[list[int]]) -> tuple[float, float]:
@@ -89,12 +92,12 @@ def main() -> None:
     prompts = [held_out[i:i + 16].tolist() for i in range(0, 24 * 200, 200)]
     reference = greedy(model, prompts, 32)
     rows = [f"| fp32 | {perplexity(model, held_out):.3f} | {1:.0%} | {1:.0%} |"]
-    for bits in (8, 4):
+    for bits, kernel in ((8, "lmforge"), (8, "torchao"), (4, "torchao")):
         q = copy.deepcopy(model)
-        report = quantize_weights(q, bits)
+        report = quantize_weights(q, bits, kernel=kernel)
         prefix, exact = agreement(reference, greedy(q, prompts, 32))
-        rows.append(f"| int{bits} ({len(report.quantized)} layers) | {perplexity(q, held_out):.3f} | {prefix:.0%} | "
-                    f"{exact:.0%} |")
+        rows.append(f"| int{bits} {kernel} ({len(report.quantized)} layers) | {perplexity(q, held_out):.3f} | "
+                    f"{prefix:.0%} | {exact:.0%} |")
     print(f"\nheld-out tokens: {len(held_out)}, {args.steps} training steps\n")
     print("| weights | held-out perplexity | greedy agreement (tokens before first difference) | identical answers |")
     print("|---|---:|---:|---:|")

@@ -13,7 +13,7 @@ from lmforge.core.config import from_dict
 from lmforge.generate.decode import decode_static
 from lmforge.generate.engine import Strategy, generate
 from lmforge.generate.sampling import SamplingParams
-from lmforge.generate.static import StaticDecoder, static_decoder, static_supported
+from lmforge.generate.static import WINDOW_STEP, StaticDecoder, static_decoder, static_supported
 from lmforge.model import ModelConfig, Transformer, save_model
 
 PROMPT = [5, 17, 3, 42, 8]
@@ -53,6 +53,22 @@ def test_static_logits_match_cached_forward() -> None:
         ours = dec(ids[:, pos:pos + 1], torch.tensor([pos]))
         ref = model(ids[:, pos:pos + 1], cache=cache, start_pos=pos)[:, -1]
         torch.testing.assert_close(ours, ref)
+
+
+@torch.no_grad()
+def test_windowed_step_matches_cached_forward() -> None:
+    """A CPU step attends over the slots written so far (rounded up to WINDOW_STEP), not the whole cache."""
+    model = tiny_model(n_kv_heads=2, max_seq_len=80)
+    dec = StaticDecoder(model)
+    cache = model.new_cache(1)
+    ids = torch.randint(0, 64, (1, 70), generator=torch.Generator().manual_seed(0))
+    dec.prefill(ids[:, :5])
+    model(ids[:, :5], cache=cache)
+    for pos in range(5, ids.shape[1]):
+        window = dec.window_for(pos)
+        assert len(window) == min(80, (pos // WINDOW_STEP + 1) * WINDOW_STEP) and pos < len(window)
+        ours = dec(ids[:, pos:pos + 1], torch.tensor([pos]), window)
+        torch.testing.assert_close(ours, model(ids[:, pos:pos + 1], cache=cache, start_pos=pos)[:, -1])
 
 
 def test_sampling_and_stop_tokens_match_engine() -> None:
@@ -125,3 +141,23 @@ def test_interleaved_streams_do_not_share_the_cache() -> None:
     both = list(b)
     assert first + list(a) == generate(model, PROMPT, params)
     assert both == generate(model, [9, 1], params)
+
+
+@pytest.mark.slow  # compiles the step with inductor on CPU
+def test_compiled_step_writes_the_cache_in_place() -> None:
+    """The compiled step writes one slot of each layer's cache; it never copies a whole layer's cache (which a write
+    into a view of one [layers, ...] cache tensor compiles to: a full copy of the cache every token)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model(n_kv_heads=2)
+    dec = StaticDecoder(model, compile=True)
+    dec.prefill(torch.tensor([PROMPT]))
+    _, code = run_and_get_code(dec.step, torch.tensor([[7]]), torch.tensor([len(PROMPT)]))
+    layer_cache = 2 * model.cfg.max_seq_len * model.cfg.head_dim  # elements of one layer's keys (2 kv heads)
+    assert f"static_cast<int64_t>({layer_cache}L)" not in "\n".join(code)
+    ref = StaticDecoder(model)
+    ref.prefill(torch.tensor([PROMPT]))
+    ref(torch.tensor([[7]]), torch.tensor([len(PROMPT)]))
+    for i in range(model.cfg.n_layers):
+        torch.testing.assert_close(dec.cache.k[i], ref.cache.k[i])
+        torch.testing.assert_close(dec.cache.v[i], ref.cache.v[i])

@@ -99,11 +99,15 @@ def decode_static(model: nn.Module, prompt: list[int], params: SamplingParams, c
         logits = dec.prefill(torch.tensor([prompt], device=device))
         pos = torch.tensor([len(prompt)], device=device)
 
+        n = len(prompt)  # the position on the host too: it picks the slots a CPU step attends over
+
         def step(token: torch.Tensor) -> torch.Tensor:
+            nonlocal n
             if graphs:  # the previous step's outputs are consumed: let the graph reuse its memory
                 torch.compiler.cudagraph_mark_step_begin()
-            out = dec.step(token.view(1, 1), pos)
+            out = dec.step(token.view(1, 1), pos, dec.window_for(n))
             pos.add_(1)
+            n += 1
             return out
 
         yield from sample_loop(logits, step, prompt, budget, params, device)

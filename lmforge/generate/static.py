@@ -20,23 +20,59 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmforge.model.attention import KVCache
 from lmforge.model.transformer import Transformer
 
+WINDOW_STEP = 32  # a CPU step attends over the slots written so far, rounded up to a multiple of this
+
 
 class StaticKVCache(KVCache):
-    """A `KVCache` that, given a tensor position, writes one slot in place and returns every slot.
+    """A `KVCache` with one key and one value tensor per layer ([B, KV, max_len, D] each) that, given a tensor
+    position, writes one slot in place and returns every slot of that layer.
 
-    With an int `start` (the eager prefill) it behaves exactly like `KVCache`."""
+    Separate per-layer tensors, not views of one [layers, ...] tensor: inductor then writes a step's keys into
+    the cache in place (an index_put on a graph input). A write into a view of one shared tensor is
+    functionalized into a copy of the whole cache every step (16 MB a token for the 34M benchmark model, more
+    than the step's attention reads). With an int `start` (the eager prefill) it behaves like `KVCache`."""
+
+    def __init__(self, cfg, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ck, cv = self.k[layer], self.v[layer]
         if not isinstance(start, torch.Tensor):
-            return super().update(layer, k, v, start)
-        self.k[layer].index_copy_(2, start, k)
-        self.v[layer].index_copy_(2, start, v)
-        return self.k[layer], self.v[layer]
+            end = start + k.shape[2]
+            if end > self.max_len:
+                raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+            ck[:, :, start:end], cv[:, :, start:end] = k, v
+            return ck[:, :, :end], cv[:, :, :end]
+        ck[:, :, start] = k
+        cv[:, :, start] = v
+        return ck, cv
+
+    def bytes_per_token(self) -> int:
+        batch, heads, _, dim = self.k[0].shape
+        return 2 * len(self.k) * heads * dim * self.k[0].element_size()
+
+
+class CacheWindow:
+    """The first `length` slots of a `StaticKVCache`: a step writes its slot as the cache does and attends over
+    these slots only (a CPU step then reads the keys written so far, rounded up, not the whole cache)."""
+
+    def __init__(self, cache: StaticKVCache, length: int | torch.SymInt) -> None:
+        self.cache, self.length = cache, length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ck, cv = self.cache.update(layer, k, v, start)
+        return ck[:, :, :self.length], cv[:, :, :self.length]
 
 
 def static_supported(model: nn.Module) -> str | None:
@@ -62,7 +98,12 @@ class StaticDecoder(nn.Module):
 
     Owns a `StaticKVCache` of `model.context_length` slots (registered as buffers, so CUDA graphs treat
     them as static memory updated in place); `prefill` fills it from a prompt and returns the last
-    position's logits. The cache is reused across calls: slots past the current position are masked."""
+    position's logits. The cache is reused across calls: slots past the current position are masked.
+
+    `forward(token, pos, window)` attends over the first `window.shape[0]` slots only (`window`: those slot
+    numbers, `window_for`), a size compiled as dynamic: the CPU step reads the keys written so far (rounded up
+    to `WINDOW_STEP`) instead of all `context_length` slots, one graph for every length. CUDA graphs need one
+    fixed shape, so CUDA steps attend over the whole cache."""
 
     def __init__(self, model: Transformer, compile: bool = False) -> None:
         super().__init__()
@@ -72,8 +113,9 @@ class StaticDecoder(nn.Module):
         self.model = model
         p = model.embed.weight
         self.cache = StaticKVCache(model.cfg, 1, model.context_length, dtype=p.dtype, device=p.device)
-        self.register_buffer("k", self.cache.k, persistent=False)
-        self.register_buffer("v", self.cache.v, persistent=False)
+        for i, (k, v) in enumerate(zip(self.cache.k, self.cache.v)):
+            self.register_buffer(f"k{i}", k, persistent=False)
+            self.register_buffer(f"v{i}", v, persistent=False)
         self.register_buffer("slots", torch.arange(model.context_length, device=p.device), persistent=False)
         self.step = self.forward
         self.in_use = False  # set while a stream decodes through this cache (see engine.decode_static)
@@ -86,9 +128,18 @@ class StaticDecoder(nn.Module):
         """Run the prompt [1, T] through the ordinary forward into this cache; logits of its last token."""
         return self.model(prompt, cache=self.cache, start_pos=0)[:, -1]
 
+    def window_for(self, pos: int) -> torch.Tensor | None:
+        """The `window` argument of a step at position `pos`: None (the whole cache) on CUDA."""
+        if self.slots.device.type == "cuda":
+            return None
+        window = self.slots[:min(len(self.slots), (pos // WINDOW_STEP + 1) * WINDOW_STEP)]
+        torch._dynamo.maybe_mark_dynamic(window, 0)  # one graph for every window length, not one per length
+        return window
+
     @torch.no_grad()
-    def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits [1, V] of `token` ([1, 1]) at position `pos` ([1], long), its K/V written at slot `pos`."""
+    def forward(self, token: torch.Tensor, pos: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [1, V] of `token` ([1, 1]) at position `pos` ([1], long), its K/V written at slot `pos`,
+        attending over the slots of `window` (their numbers, a prefix of the cache; None: all)."""
         m, cfg = self.model, self.model.cfg
         x = m.embed(token)
         if cfg.position == "learned":
@@ -96,9 +147,14 @@ class StaticDecoder(nn.Module):
         elif cfg.position == "sinusoidal":
             x = x + m.pos_table[pos].to(x.dtype)
         rope = m.rope(pos) if m.rope is not None else None
-        mask = (self.slots <= pos)[None, None, None, :]  # [1, 1, 1, S]: written slots only
-        for block in m.blocks:
-            x = block(x, rope, self.cache, pos, mask)
+        slots = self.slots if window is None else window
+        cache = self.cache if window is None else CacheWindow(self.cache, window.shape[0])
+        mask = (slots <= pos)[None, None, None, :]  # [1, 1, 1, S]: written slots only
+        # attention as plain matmuls + softmax: for one query, SDPA's CPU flash kernel spends more on its
+        # blocking than on the arithmetic (~0.7 ms a layer over 512 slots); inductor fuses the math version
+        with sdpa_kernel(SDPBackend.MATH):
+            for block in m.blocks:
+                x = block(x, rope, cache, pos, mask)
         h = m.norm(x)
         if cfg.output_scale != 1.0:
             h = h * cfg.output_scale
@@ -113,6 +169,6 @@ def static_decoder(model: Transformer, compile: bool = True) -> StaticDecoder:
     per_model = model.__dict__.setdefault("_lmforge_static_decoders", {})
     p = model.embed.weight
     dec = per_model.get(compile)
-    if dec is None or dec.k.device != p.device or dec.k.dtype != p.dtype:
+    if dec is None or dec.k0.device != p.device or dec.k0.dtype != p.dtype:
         dec = per_model[compile] = StaticDecoder(model, compile)
     return dec

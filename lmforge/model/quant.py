@@ -19,6 +19,12 @@ with respect to its input (`quantized_linear`), so an adapter can train on top o
 multiplies by the weight dequantized again (nothing is kept between forward and backward). Embeddings are not
 quantized by default (a token reads one row of them); the LM head is (it is the largest matrix a token reads),
 unless `head=False`. A tied head is untied by quantizing it: the embedding keeps its full-precision copy.
+
+`kernel="lmforge"` (int8 only; what `--quantize int8` uses for a model on CPU) swaps in `Int8Linear` instead:
+the same per-row int8 weights, multiplied by lmforge's own CPU kernel (`lmforge.model.int8_gemv`), which reads
+the int8 bytes directly; torchao's int8 CPU path runs a scalar loop on AVX2 CPUs, slower than fp32. It needs no
+torchao; it is for inference (differentiable with respect to its input, but not under an adapter: QLoRA keeps
+torchao's `QuantLinear`).
 """
 
 from __future__ import annotations
@@ -35,10 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.core.errors import LmforgeError
+from lmforge.model.int8_gemv import int8_linear, quantize_int8, reference_linear
 
 Quantize = Literal["none", "int8", "int4"]
-QUANTIZE_HELP = ("weight-only quantization of the linear layers (torchao, `pip install 'lmforge[quant]'`): "
-                 "int8 or int4 weights, activations in the model's dtype; none keeps the weights as loaded")
+Kernel = Literal["torchao", "lmforge"]
+QUANTIZE_HELP = ("weight-only quantization of the linear layers: int8 (on CPU lmforge's own kernel, elsewhere "
+                 "torchao) or int4 (torchao's quantization, `pip install 'lmforge[quant]'`); none keeps the weights "
+                 "as loaded")
 INT4_GROUP_SIZES = (128, 64, 32)  # inputs per int4 scale; the largest dividing in_features is used
 DENSE_ROWS = 32  # from this many input rows on, a quantized layer multiplies by its dequantized weight
 
@@ -215,6 +224,30 @@ class QuantLinear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}"
 
 
+class Int8Linear(nn.Module):
+    """A frozen linear layer with int8 weights (`qweight` [out, in]) and one float32 `scale` per output row,
+    multiplied by `lmforge.model.int8_gemv.int8_linear` (fast for a few rows on CPU; dequantize + matmul else)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, 8
+        qweight, scale = quantize_int8(linear.weight)
+        self.register_buffer("qweight", qweight.to(linear.weight.device))
+        self.register_buffer("scale", scale.to(linear.weight.device))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # differentiable: the weight dequantized on the fly
+            return reference_linear(x, self.qweight, self.scale, self.bias)
+        return int8_linear(x, self.qweight, self.scale, self.bias)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 (lmforge kernel)"
+
+
 def _quantize_tensor(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """The quantized tensor of a plain [out, in] weight: torchao's int8 one, or an `Int4Weight`."""
     if bits == 4:
@@ -232,17 +265,20 @@ def _int4_group(in_features: int, group_size: int) -> int | None:
 
 
 def quantize_weights(model: nn.Module, bits: int, *, head: bool = True, group_size: int = 128,
-                     skip: tuple[str, ...] = ()) -> QuantReport:
+                     skip: tuple[str, ...] = (), kernel: Kernel = "torchao") -> QuantReport:
     """Replace `model`'s `nn.Linear` layers (in place) by frozen `QuantLinear`s with `bits` (8 or 4) weights.
 
     `head=False` keeps the LM head (`lm_head`) in full precision; `skip` names more layers to keep (a name
     matches a layer when it is the layer's qualified name or one of its dotted parts, e.g. "router").
     int4 groups `group_size` inputs per scale (the largest of 128/64/32 up to it that divides the layer's
-    inputs; a layer no group divides is kept). Embeddings are never quantized. Returns what was done
-    (`QuantReport`)."""
+    inputs; a layer no group divides is kept). Embeddings are never quantized. `kernel="lmforge"` (int8 only)
+    makes `Int8Linear` layers, without torchao. Returns what was done (`QuantReport`)."""
     if bits not in (8, 4):
         raise LmforgeError(f"quantize: bits must be 8 or 4, got {bits}")
-    _torchao()
+    if kernel not in ("torchao", "lmforge") or (kernel == "lmforge" and bits != 8):
+        raise LmforgeError(f"quantize: kernel must be torchao, or lmforge for int8; got {kernel!r} for int{bits}")
+    if kernel == "torchao":
+        _torchao()
     report = QuantReport(bits)
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     for name, linear in targets:
@@ -257,7 +293,8 @@ def quantize_weights(model: nn.Module, bits: int, *, head: bool = True, group_si
         if linear.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             report.kept[name] = f"weight dtype {linear.weight.dtype}"
             continue
-        quantized = QuantLinear(linear, _quantize_tensor(linear.weight, bits, group), bits)
+        quantized = Int8Linear(linear) if kernel == "lmforge" else \
+            QuantLinear(linear, _quantize_tensor(linear.weight, bits, group), bits)
         parent = model.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else model
         setattr(parent, parts[-1], quantized)
         report.quantized.append(name)
@@ -281,6 +318,8 @@ def bytes_per_token(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Linear):
             total += weight_bytes(m.weight) + (weight_bytes(m.bias) if m.bias is not None else 0)
+        elif isinstance(m, Int8Linear):
+            total += sum(weight_bytes(t) for t in (m.qweight, m.scale, m.bias) if t is not None)
         elif isinstance(m, nn.Embedding):
             total += m.weight.shape[1] * m.weight.element_size()
     return total
@@ -289,7 +328,8 @@ def bytes_per_token(model: nn.Module) -> int:
 def apply_quantize(model: nn.Module, mode: Quantize, *, adapter: bool = False) -> QuantReport | None:
     """What a command's `--quantize` does to the model it loaded: nothing for "none", else `quantize_weights`
     with its summary on stderr. `adapter`: the command also loaded an adapter, which is refused (merge it first:
-    its layers would stay in full precision on top of quantized ones nobody validated)."""
+    its layers would stay in full precision on top of quantized ones nobody validated). int8 on CPU runs on
+    lmforge's own kernel (`Int8Linear`), elsewhere on torchao's."""
     if mode == "none":
         return None
     if mode not in ("int8", "int4"):
@@ -297,6 +337,7 @@ def apply_quantize(model: nn.Module, mode: Quantize, *, adapter: bool = False) -
     if adapter:
         raise LmforgeError("--quantize with an adapter: fold it in first (`lmforge merge-adapter`), then quantize "
                            "the merged model")
-    report = quantize_weights(model, int(mode[3:]))
+    on_cpu = {p.device.type for p in model.parameters()} == {"cpu"}
+    report = quantize_weights(model, int(mode[3:]), kernel="lmforge" if mode == "int8" and on_cpu else "torchao")
     print(f"lmforge: {report.summary()}", file=sys.stderr)
     return report
