@@ -27,7 +27,9 @@ this process stays small: Linux carries a parent's RSS into a child's ru_maxrss 
     OMP_NUM_THREADS=2 python benchmarks/lora_sft.py --layers 0 --quantize int4,int8   # all 24 blocks: slow on a CPU
 
 The defaults take about 15 minutes on 2 cores shared with other jobs (setup 30-80 s, lmforge ~70 s and TRL
-~150 s a run, int8 ~190 s). torchao's int4 base has no fast CPU path: one step took over 10 minutes there.
+~150 s a run, int8 ~190 s). A QLoRA base multiplies the training rows by each layer's dequantized weight with the
+dense kernel, so its steps take about as long as the full-precision base's (int4 once took over 10 minutes a
+step, through torchao's scalar CPU int4 kernel).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Weight-only quantization (`lmforge.model.quant`, torchao): logits near fp32, gradients through the frozen
-layers, what is kept and why, the missing-extra error, and `--quantize` through the CLI."""
+layers, int4 storage that dequantizes as torchao does, the dense path for many rows, what is kept and why, the
+missing-extra error, and `--quantize` through the CLI."""
 
 from __future__ import annotations
 
@@ -17,8 +18,17 @@ from lmforge.core.errors import LmforgeError
 from lmforge.data.shards import ShardWriter
 from lmforge.generate.engine import Strategy, generate
 from lmforge.generate.sampling import SamplingParams
-from lmforge.model import save_model
-from lmforge.model.quant import QuantLinear, apply_quantize, bytes_per_token, dequantize, quantize_weights
+from lmforge.model import quant, save_model
+from lmforge.model.quant import (
+    DENSE_ROWS,
+    Int4Weight,
+    QuantLinear,
+    apply_quantize,
+    bytes_per_token,
+    dequantize,
+    quantize_weights,
+    weight_bytes,
+)
 
 pytest.importorskip("torchao")
 
@@ -61,11 +71,64 @@ def test_frozen_layer_passes_gradients_to_its_input(bits: int) -> None:
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_dequantizes_exactly_as_torchao_dequantize_affine(dtype: torch.dtype) -> None:
+    import torchao.quantization.quant_primitives as qp
+
+    weight = torch.randn(96, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
+    block = (1, 64)
+    scale, zero = qp.choose_qparams_affine(weight.float(), qp.MappingType.ASYMMETRIC, block, torch.uint8, 0, 15)
+    q = qp.quantize_affine(weight.float(), block, scale, zero, torch.uint8, 0, 15)
+    expected = qp.dequantize_affine(q, block, scale, zero, torch.uint8, 0, 15)
+    packed = Int4Weight.quantize(weight, 64)
+    assert torch.equal(packed.dequantize(torch.float32), expected)
+    assert packed.shape == weight.shape and packed.dtype == dtype and packed.dequantize().dtype == dtype
+    assert weight_bytes(packed) == 96 * 128 + 96 * 4 * (4 + 1)  # nibbles, fp32 scale + uint8 zero per group
+    moved = torch.nn.Parameter(packed, requires_grad=False).to(torch.bfloat16)  # a module's .to(dtype)
+    assert type(moved) is Int4Weight and torch.equal(moved.dequantize(torch.float32), expected)
+    with pytest.raises(NotImplementedError, match="dequantize"):
+        packed + 1
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_many_rows_multiply_the_dequantized_weight_few_rows_the_quantized_kernel(
+        bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    wrapper = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    quantize_weights(wrapper, bits)
+    layer = wrapper[0]
+    calls = []
+
+    def counted(weight, dtype=torch.float32):
+        calls.append(dtype)
+        return dequantize(weight, dtype)
+
+    monkeypatch.setattr(quant, "dequantize", counted)
+    few = torch.randn(DENSE_ROWS - 1, 128, requires_grad=True)
+    layer(few).sum().backward()
+    forward_dequantized = len(calls) - 1  # the backward always multiplies by the dequantized weight
+    assert forward_dequantized == (1 if bits == 4 else 0)  # int8 decodes through torchao's kernel
+    calls.clear()
+    many = torch.randn(2, DENSE_ROWS // 2, 128, requires_grad=True)
+    out = layer(many)
+    assert len(calls) == 1
+    plain = torch.nn.Linear(128, 64)
+    plain.weight.data, plain.bias.data = dequantize(layer.weight), layer.bias.detach().clone()
+    reference = many.detach().clone().requires_grad_()
+    torch.testing.assert_close(out, plain(reference), rtol=0, atol=0)  # the same dense matmul
+    out.square().sum().backward()
+    plain(reference).square().sum().backward()
+    assert len(calls) == 2  # dequantized again in the backward, not kept
+    torch.testing.assert_close(many.grad, reference.grad, rtol=1e-6, atol=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(many).dtype == torch.bfloat16 and calls[-1] == torch.bfloat16  # dequantized to the compute dtype
+
+
 def test_head_skip_and_unfit_layers_are_reported() -> None:
-    model = debug_model()  # vocab 100: int4 needs a multiple of 16 outputs, so the head stays fp32
+    model = debug_model(d_model=48)  # no int4 group (32-128 inputs) divides 48 inputs; d_ff 128 does
     report = quantize_weights(model, 4)
-    assert "lm_head" in report.kept and "out_features of 16" in report.kept["lm_head"]
-    assert type(model.lm_head) is torch.nn.Linear and "kept 1 in full precision" in report.summary()
+    assert "lm_head" in report.kept and "multiple of 32" in report.kept["lm_head"]
+    assert report.quantized == ["blocks.0.mlp.down", "blocks.1.mlp.down"]
+    assert type(model.lm_head) is torch.nn.Linear and "kept 7 in full precision" in report.summary()
     model = debug_model()
     report = quantize_weights(model, 8, head=False, skip=("wo",))
     assert report.kept["lm_head"] == "skipped" and all(n.endswith("wo") for n in report.kept if n != "lm_head")

@@ -39,15 +39,13 @@ class LoraConfig:
                                "direction W + sBA, normalized row by row")
     quantize: Literal["none", "int8", "int4"] = option(
         "none", "QLoRA: hold the frozen base's linear layers (all but lm_head) in int8 or int4 weights (torchao, "
-                "`pip install 'lmforge[quant]'`) while the adapter trains in full precision; the saved adapter "
-                "applies to the full-precision base")
+                "`pip install 'lmforge[quant]'`) while the adapter (LoRA or DoRA) trains in full precision; the "
+                "saved adapter applies to the full-precision base")
 
     def __post_init__(self) -> None:
         require(self.r > 0, "lora.r", self.r, "positive")
         require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "in [0, 1)")
         require(bool(self.targets), "lora.targets", self.targets, "a non-empty list of module names")
-        require(not (self.dora and self.quantize != "none"), "lora.quantize", self.quantize,
-                "none with lora.dora (DoRA's row norms need the full-precision base rows)")
         for name in self.targets:
             if name not in TARGET_NAMES:
                 hint = suggest(name, TARGET_NAMES)
@@ -100,14 +98,15 @@ class LoraPart(nn.Module):
             norm = (rows.float() + self.delta_weight()).norm(dim=1)
         return self.lora_magnitude / norm.to(self.lora_magnitude.dtype)
 
-    def dora_delta(self, x: torch.Tensor, base_rows_out: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    def dora_delta(self, x: torch.Tensor, base_rows_out: torch.Tensor | None, rows: torch.Tensor,
+                   base_linear=None) -> torch.Tensor:
         """What DoRA adds to the rows' output W x: (k - 1) W x + k s B A x with k = m / ||W + sBA||.
 
         Dropout, when active, is applied to x once for both terms (as PEFT does); `base_rows_out` = W x
-        (no bias) is reused when dropout is off."""
+        (no bias) is reused when dropout is off, else W xd is `base_linear(xd)` (default: xd times `rows`)."""
         xd = self.dropout(x)
         if base_rows_out is None or not isinstance(self.dropout, nn.Identity):
-            base_rows_out = F.linear(xd, rows)
+            base_rows_out = base_linear(xd) if base_linear is not None else F.linear(xd, rows)
         k = self.dora_scale(rows).to(x.dtype)
         return (k - 1) * base_rows_out + k * F.linear(self.lora_A(xd), self.lora_B.weight * self.scaling)
 
@@ -123,6 +122,7 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.quantized = isinstance(base, QuantLinear)  # QLoRA: a frozen int8/int4 weight under the adapter
+        self.bits = base.bits if self.quantized else None
         self.weight = base.weight
         self.register_parameter("bias", base.bias)  # None stays None
         self.adapters = nn.ModuleDict()  # adapter name -> ModuleDict(part name -> LoraPart)
@@ -136,11 +136,11 @@ class LoraLinear(nn.Module):
             raise ValueError(f"rows [{row_start}, {row_end}) outside a layer with "
                              f"{self.out_features} outputs")
         parts = self.adapters[adapter_name] if adapter_name in self.adapters else nn.ModuleDict()
-        if cfg.dora and self.quantized:
-            raise LmforgeError("DoRA on a quantized base is not supported (lora.quantize none)")
+        rows = None
+        if cfg.dora:  # DoRA's magnitude starts at the base rows' norms: the dequantized ones on a QLoRA base
+            rows = self.full_weight(self.weight.dtype)[row_start:row_end]
         parts[part_name] = LoraPart(self.in_features, row_start, row_end, cfg, device=self.weight.device,
-                                    dtype=self.weight.dtype,
-                                    base_rows=None if self.quantized else self.weight[row_start:row_end])
+                                    dtype=self.weight.dtype, base_rows=rows)
         self.adapters[adapter_name] = parts
 
     def active_parts(self) -> list[LoraPart]:
@@ -173,19 +173,29 @@ class LoraLinear(nn.Module):
             out[idx] = self._adapt(x[idx], y[idx], list(self.adapters[name].values()))
         return out
 
+    def full_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight as a plain [out, in] matrix: itself, or dequantized (a fresh copy) on a QLoRA base."""
+        return dequantize(self.weight, dtype) if self.quantized else self.weight
+
     def _adapt(self, x: torch.Tensor, y: torch.Tensor, parts: list[LoraPart]) -> torch.Tensor:
         """y = W x + b plus what `parts` add."""
         plain = [part for part in parts if part.lora_magnitude is None]
         out = y + self.low_rank(x, plain) if plain else y
-        for part in parts:
-            if part.lora_magnitude is not None:
-                rows = self.weight[part.row_start:part.row_end]
-                base = y[..., part.row_start:part.row_end]
-                if self.bias is not None:
-                    base = base - self.bias[part.row_start:part.row_end]
-                delta = part.dora_delta(x, base, rows)
-                # Pad the part's rows out to the full width: out-of-place, so autograd sees a plain sum.
-                out = out + F.pad(delta, (part.row_start, self.out_features - part.row_end))
+        dora = [part for part in parts if part.lora_magnitude is not None]
+        # a quantized base is dequantized once for all DoRA parts: its rows enter the (constant) row norms only
+        weight = self.full_weight(self.weight.dtype) if dora else None
+        for part in dora:
+            start, end = part.row_start, part.row_end
+            base = y[..., start:end]
+            if self.bias is not None:
+                base = base - self.bias[start:end]
+            base_linear = None
+            if self.quantized:  # W xd under dropout through the quantized layer: no dequantized W kept for backward
+                def base_linear(xd, start=start, end=end):
+                    return quantized_linear(xd, self.weight)[..., start:end]
+            delta = part.dora_delta(x, base, weight[start:end], base_linear)
+            # Pad the part's rows out to the full width: out-of-place, so autograd sees a plain sum.
+            out = out + F.pad(delta, (start, self.out_features - end))
         return out
 
     def low_rank(self, x: torch.Tensor, parts: list[LoraPart]) -> torch.Tensor:
@@ -389,8 +399,11 @@ def merge_lora(model: Transformer) -> Transformer:
 
 
 def _replace_with_linear(model: nn.Module, name: str, layer: LoraLinear) -> None:
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    linear.weight, linear.bias = layer.weight, layer.bias
+    if layer.quantized:  # an unmerged QLoRA layer: its frozen quantized base again
+        linear = QuantLinear(layer, layer.weight, layer.bits)
+    else:
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight, linear.bias = layer.weight, layer.bias
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, linear)
 
