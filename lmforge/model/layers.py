@@ -28,6 +28,38 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+class _GatedActivation(torch.autograd.Function):
+    """act(gate) * up that keeps only gate and up for backward (act(gate) is recomputed there), where autograd
+    would also keep act(gate): one [tokens, d_ff] tensor less per block, the same values and gradients."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.kind = kind
+        return _activation(gate, kind) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_act = grad * up
+        if ctx.kind == "swiglu":
+            grad_gate = torch.ops.aten.silu_backward(grad_act, gate)
+        else:
+            grad_gate = torch.ops.aten.gelu_backward(grad_act, gate, approximate="tanh")
+        return grad_gate, grad * _activation(gate, ctx.kind), None
+
+
+def _activation(gate: torch.Tensor, kind: str) -> torch.Tensor:
+    return F.silu(gate) if kind == "swiglu" else F.gelu(gate, approximate="tanh")
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
+    """SwiGLU's silu(gate) * up (GeGLU's with tanh-GeLU), saving one activation less for backward when training."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _GatedActivation.apply(gate, up, kind)
+    return _activation(gate, kind) * up
+
+
 class MLP(nn.Module):
     """Feed-forward block. Gated variants (Shazeer 2020, eq. 6: SwiGLU = (Swish(xW) * xV) W2, GeGLU the same
     with GeLU, tanh-approximated as T5 v1.1 does) fuse gate and up into one matmul."""
@@ -45,7 +77,7 @@ class MLP(nn.Module):
         h = self.up(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = (F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")) * up
+            h = gated_activation(gate, up, self.kind)
         elif self.kind == "gelu":
             h = F.gelu(h, approximate="tanh")
         else:
