@@ -73,8 +73,12 @@ def machine_line(device: torch.device | str = "cpu", parallel: str = "", extra: 
 
 
 def script_command() -> str:
-    """How this benchmark was run, for the command column: `python benchmarks/x.py --flag ...`."""
-    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    """How this benchmark was run, for the command column: `python benchmarks/x.py --flag ...`, the script named from
+    the repository root whatever directory it was run from (`append_results` files rows by that name)."""
+    script = Path(sys.argv[0])
+    if script.resolve().parent == Path(__file__).resolve().parent:
+        script = Path("benchmarks") / script.name
+    return "python " + " ".join([script.as_posix(), *sys.argv[1:]])
 
 
 def table_rows(rows: Iterable[Sequence[Any]], machine: str, command: str) -> list[str]:
@@ -105,7 +109,7 @@ def append_results(path: Path, rows: Iterable[Sequence[Any]], machine: str, comm
     lines = (path.read_text() if path.exists() else "# Benchmark results\n").rstrip("\n").split("\n")
     script = script_of(command) or "other"
     starts = [i for i, line in enumerate(lines) if line.startswith("## ")]
-    mine = next((i for i in starts if script in lines[i]), None)
+    mine = next((i for i in starts if f"`{script}`" in lines[i]), None)
     if mine is None:
         lines += ["", f"## `{script}`", "", header, *new_rows]
     else:

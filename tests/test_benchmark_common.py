@@ -56,12 +56,24 @@ def test_append_results_files_rows_under_their_scripts_section(common, tmp_path)
     common.append_results(results, [("gen", "2", "1", "2.00")], "m", "python benchmarks/generation.py --x")
     common.append_results(results, [("srv", "3", "1", "3.00")], "m", "python benchmarks/serving.py")
     common.append_results(results, [("new", "4", "1", "4.00")], "m", "python benchmarks/other.py")
+    common.append_results(results, [("bare", "5", "1", "5.00")], "m", "python -c pass")  # no script: not "other"
     lines = results.read_text().splitlines()
     assert lines[lines.index("| old | 1 | 1 | 1 | m | `c` |") + 1].startswith("| gen | 2 |")  # in its table
     assert lines.index("A closing remark.") < lines.index("## Serving — `benchmarks/serving.py`")
     serving = lines.index("## Serving — `benchmarks/serving.py`")
     assert lines[serving + 4].startswith("| figure | lmforge") and lines[serving + 6].startswith("| srv | 3 |")
-    assert lines[-5] == "## `benchmarks/other.py`" and lines[-1].startswith("| new | 4 |")
+    other = lines.index("## `benchmarks/other.py`")
+    assert lines[other + 4].startswith("| new | 4 |")
+    assert lines[-5] == "## `other`" and lines[-1].startswith("| bare | 5 |")
+
+
+def test_the_command_names_the_script_from_the_repository_root(common, monkeypatch):
+    bench = Path(common.__file__).resolve().parent
+    monkeypatch.chdir(bench)
+    monkeypatch.setattr(sys, "argv", ["generation.py", "--threads", "1"])
+    assert common.script_command() == "python benchmarks/generation.py --threads 1"
+    monkeypatch.setattr(sys, "argv", [str(bench / "generation.py")])
+    assert common.script_command() == "python benchmarks/generation.py"
 
 
 def test_report_prints_the_limit_and_appends_the_rows(common, tmp_path, monkeypatch, capsys):
