@@ -46,10 +46,12 @@ def one_seed(checkpoint: str, seed: int, args: argparse.Namespace, out: Path) ->
     stage.prm = dataclasses.replace(stage.prm, seed=seed, problems=args.prm_problems, balance=not args.unbalanced,
                                     max_new_tokens=args.max_new_tokens, heldout_problems=args.prm_heldout)
     stage.prm.train.steps = args.prm_steps
+    stage.prm.train.lr = args.prm_lr
     stage.search = dataclasses.replace(stage.search, seed=seed, problems=args.eval_problems, methods=args.methods,
                                        max_new_tokens=args.max_new_tokens, scales=args.scales, n=args.n,
                                        beam_width=args.beam_width, expansions=args.expansions,
                                        simulations=args.simulations, temperature=args.temperature,
+                                       aggregate=args.aggregate,
                                        min_steps=args.min_steps,
                                        max_steps=args.max_steps)
     before = base_accuracy(checkpoint, stage)
@@ -137,6 +139,8 @@ def main() -> int:
     ap.add_argument("--prm-problems", type=int, default=48, help="training problems whose rollouts label the PRM")
     ap.add_argument("--prm-heldout", type=int, default=24, help="held-out problems of the PRM's step accuracy")
     ap.add_argument("--prm-steps", type=int, default=60)
+    ap.add_argument("--prm-lr", type=float, default=ReasoningStageConfig().prm.train.lr,
+                    help="the PRM's peak learning rate (full fine-tune of the SFT model and its head)")
     ap.add_argument("--unbalanced", action="store_true", help="plain BCE for the PRM (no class weighting)")
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 2], help="budget multipliers of the search")
     ap.add_argument("--n", type=int, default=4, help="vote samples at scale 1")
@@ -144,6 +148,7 @@ def main() -> int:
     ap.add_argument("--expansions", type=int, default=2, help="beam / MCTS next steps per node at scale 1")
     ap.add_argument("--simulations", type=int, default=8, help="MCTS simulations at scale 1")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every search but greedy")
+    ap.add_argument("--aggregate", default="min", help="PRM step scores -> one score: min, prod or last")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--dump", default="", help="write every seed's stage result (JSON) here")
     ap.add_argument("--from-dump", nargs="+", default=[], help="build the rows from --dump files instead of running")
