@@ -148,7 +148,8 @@ def main() -> int:
     ap.add_argument("--expansions", type=int, default=2, help="beam / MCTS next steps per node at scale 1")
     ap.add_argument("--simulations", type=int, default=8, help="MCTS simulations at scale 1")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every search but greedy")
-    ap.add_argument("--aggregate", default="min", choices=["min", "prod", "last"], help="PRM step scores -> one score: min, prod or last")
+    ap.add_argument("--aggregate", default="min", choices=["min", "prod", "last"],
+                    help="PRM step scores -> one score")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--dump", default="", help="write every seed's stage result (JSON) here")
     ap.add_argument("--from-dump", nargs="+", default=[], help="build the rows from --dump files instead of running")
