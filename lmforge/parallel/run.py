@@ -204,12 +204,6 @@ class DistributedRun:
                 unit.reshard()
                 unit.set_reshard_after_forward(unit is not model and self.cfg.reshard_after_forward, recurse=False)
 
-    def mean(self, value: float) -> float:
-        """Collective: `value` averaged over data-parallel ranks."""
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.dp_group)
-        return t.item() / self.dp_size
-
     # ------------------------------------------------------------------------------------------
     # bookkeeping
 
