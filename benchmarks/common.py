@@ -177,7 +177,7 @@ def interleaved(fns: dict[Hashable, Callable[[], Any]], reps: int, warmup: int =
     return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
-def _matmul_seconds(a: torch.Tensor, b: torch.Tensor, reps: int,
+def matmul_seconds(a: torch.Tensor, b: torch.Tensor, reps: int,
                     clock: Callable[[], float] = time.perf_counter) -> float:
     """The fastest of `reps` products: other processes' load only ever slows one down."""
     best = math.inf
@@ -201,9 +201,9 @@ def matmul_peak(dtype: torch.dtype, budget_s: float = 1.0, max_n: int = 2048,
     n = 256
     while True:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        one = _matmul_seconds(a, b, 1)  # warm-up, and the cost of one product at this size
+        one = matmul_seconds(a, b, 1)  # warm-up, and the cost of one product at this size
         reps = max(1, min(20, int(0.25 * (deadline - time.perf_counter()) / max(one, 1e-9))))
-        rate = 2 * n**3 / max(_matmul_seconds(a, b, reps, clock), 1e-9)
+        rate = 2 * n**3 / max(matmul_seconds(a, b, reps, clock), 1e-9)
         # the next size costs ~8x per product; probe it only when a warm-up and 3 products fit the budget
         if 2 * n > max_n or 4 * 8 * one > deadline - time.perf_counter():
             return rate

@@ -80,6 +80,28 @@ def moe_layer_pair(args: argparse.Namespace) -> tuple[MoE, torch.nn.Module]:
     return ours.to(args.device, dtype), hf.to(args.device, dtype)
 
 
+def gemm_floor_seconds(layer: MoE, x: torch.Tensor, reps: int = 3) -> float:
+    """Seconds of the layer's fwd+bwd matmuls run alone, nothing else: for every routed expert, at the number of
+    rows the router sends it, and for the shared experts at all rows, the forward gate/up and down products and
+    both gradients of each (input and weight): 6 GEMMs each, each the median of `reps` as the layers are. No
+    implementation of this layer, HF's or ours, can take less on this machine with these kernels."""
+    flat = x.detach().reshape(-1, x.shape[-1])
+    with torch.no_grad():
+        experts = layer.router(flat)[1]
+    rows = torch.bincount(experts.flatten(), minlength=layer.cfg.moe_experts).tolist()
+    d, f = layer.cfg.d_model, layer.cfg.moe_d_ff
+    mlps = [(n, f) for n in rows if n] + ([(len(flat), f * layer.cfg.moe_shared_experts)] if layer.shared else [])
+    kw = dict(device=x.device, dtype=x.dtype)
+    total = 0.0
+    for n, hidden in mlps:
+        for m, k, o in ((n, d, 2 * hidden), (n, hidden, d),  # forward: gate/up, down
+                        (n, 2 * hidden, d), (d, n, 2 * hidden),  # gate/up: input and weight gradients
+                        (n, d, hidden), (hidden, n, d)):  # down: input and weight gradients
+            a, b = torch.randn(m, k, **kw), torch.randn(k, o, **kw)
+            total += timed([functools.partial(torch.matmul, a, b)], x.device.type, reps, warmup=1)[0]
+    return total
+
+
 def moe_layer_rows(args: argparse.Namespace) -> list[tuple[str, float, float, str]]:
     ours, hf = moe_layer_pair(args)
     x = torch.randn(args.batch, args.seq_len, args.d_model, device=args.device, dtype=DTYPES[args.dtype])
@@ -101,6 +123,10 @@ def moe_layer_rows(args: argparse.Namespace) -> list[tuple[str, float, float, st
         rows.append((f"MoE layer fwd+bwd ms, {args.experts} experts top-{args.top_k} + 2 shared, "
                      f"{args.batch * args.seq_len} tokens (vs HF DeepseekV3MoE, {what})",
                      t_ours * 1e3, t_hf * 1e3, "peer/lmforge"))
+    floor = gemm_floor_seconds(ours, x)
+    rows.append(("MoE layer fwd+bwd ms: its expert and shared-expert matmuls alone, the floor of any "
+                 "implementation (vs HF grouped_mm; the ratio is the most any MoE layer can gain over it here)",
+                 floor * 1e3, t_hf * 1e3, "peer/lmforge"))
     return rows
 
 

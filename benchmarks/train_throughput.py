@@ -4,7 +4,9 @@ Measures tokens/s of full training steps (forward, loss, backward, AdamW step) f
 autocast: lmforge through the trainer's own loss (`lm_loss`: LM head fused with the cross-entropy) and
 compile path (`compile_model`), HF through its logits, both with `build_optimizer`'s AdamW. Reports each
 whole step's achieved FLOP/s as a fraction of this machine's matmul peak at the same precision (the peer's
-fraction bounds any speed-up), measured in the same run (`common.matmul_peaks`, ~1 s per dtype), and appends
+fraction bounds any speed-up), measured in the same run (`common.matmul_peaks`, ~1 s per dtype), and, in fp32, against
+the rate this shape's own weight matmuls reach when run alone (`gemm_floor`: a d256 model's small inner dimension
+keeps its GEMMs below the square-matmul peak, so no step of that shape reaches the peak), and appends
 its table to benchmarks/RESULTS.md. bf16 rows are skipped, saying why, on a CPU whose bf16 matmuls are slower
 than fp32's (no AVX-512-BF16 or AMX).
 
@@ -22,6 +24,7 @@ from common import (
     machine_line,
     matmul_peak,
     matmul_peaks,
+    matmul_seconds,
     peak_line,
     report,
     script_command,
@@ -69,6 +72,26 @@ def measure(model: torch.nn.Module, is_hf: bool, precision: str, batch: int, seq
     return tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu)
 
 
+def gemm_floor(model: torch.nn.Module, tokens: int, clock=time.process_time, reps: int = 2) -> tuple[float, float]:
+    """(seconds, FLOPs) of one fp32 training step's weight matmuls run alone at this model's shapes: for every
+    `nn.Linear` (weight [out, in]) the forward [T, in] @ [in, out], the input gradient [T, out] @ [out, in] and
+    the weight gradient [in, T] @ [T, out], T = `tokens`; each shape timed once (fastest of `reps`). Small inner
+    dimensions run below the square-matmul peak, so this is the limit a step of this shape can reach; a step's
+    attention scores, norms and loss come on top of it."""
+    seconds, flops, cache = 0.0, 0.0, {}
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        n_out, n_in = module.weight.shape
+        for m, k, n in ((tokens, n_in, n_out), (tokens, n_out, n_in), (n_in, tokens, n_out)):
+            if (m, k, n) not in cache:
+                a, b = torch.randn(m, k), torch.randn(k, n)
+                a @ b  # warm-up
+                cache[(m, k, n)] = matmul_seconds(a, b, reps, clock)
+            seconds, flops = seconds + cache[(m, k, n)], flops + 2 * m * k * n
+    return seconds, flops
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=list(SHAPES), default="tiny")
@@ -87,6 +110,10 @@ def main() -> int:
     cpu_peak = {"fp32": matmul_peak(torch.float32, clock=time.process_time)}  # per CPU-second: steadier under load
     print(f"threads={threads}  {peak_line(peaks)} (fp32 per CPU-second {cpu_peak['fp32'] / 1e9:.0f})  "
           f"params {num_params(cfg) / 1e6:.1f}M  FLOPs/token {flops / 1e6:.1f}M")
+    floor_s, floor_flops = gemm_floor(Transformer(cfg), batch * seq_len)
+    floor_rate = floor_flops / floor_s  # FLOP per CPU-second of this shape's weight matmuls alone
+    print(f"GEMM floor: this shape's weight matmuls alone run at {floor_rate / cpu_peak['fp32']:.1%} of the fp32 "
+          f"peak per CPU-second (small inner dimensions run below the square-matmul peak)")
     precisions = args.precisions.split(",")
     if "bf16" in precisions and bf16_skip_reason(peaks):
         print(bf16_skip_reason(peaks))
@@ -109,7 +136,9 @@ def main() -> int:
             of_peak, hf_of_peak = tps * flops / peaks[precision], hf_tps * flops / peaks[precision]
             # the same per CPU-second (fp32): what load from other processes changes least
             cpu_note = (f"; per CPU-second {tps_cpu * flops / cpu_peak['fp32']:.1%} vs "
-                        f"{hf_cpu * flops / cpu_peak['fp32']:.1%}" if precision == "fp32" else "")
+                        f"{hf_cpu * flops / cpu_peak['fp32']:.1%}, and {tps_cpu * flops / floor_rate:.1%} vs "
+                        f"{hf_cpu * flops / floor_rate:.1%} of the rate this shape's matmuls reach alone "
+                        f"({floor_rate / cpu_peak['fp32']:.1%} of the peak)" if precision == "fp32" else "")
             rows.append((f"train tokens/s, {args.preset} ({cfg.d_model}d x{cfg.n_layers}), {precision}, "
                          f"lmforge {label} vs HF eager (lmforge = {of_peak:.1%}, HF = {hf_of_peak:.1%} of the "
                          f"{precision} matmul peak{cpu_note})", tps, hf_tps))

@@ -99,7 +99,7 @@ class ReasoningStageConfig(StepRange):
         metadata={"help": "SFT of the sft stage's model on the reasoning problems"})
     prm: PrmConfig = field(default_factory=lambda: PrmConfig(
         problems=48, heldout_problems=24, samples=2, rollouts=3, max_new_tokens=48, batch_size=8,
-        train=TrainConfig(steps=60, lr=1e-3, warmup_steps=5, weight_decay=0.0, eval_every=0, save_every=0,
+        train=TrainConfig(steps=60, lr=5e-5, warmup_steps=5, weight_decay=0.0, eval_every=0, save_every=0,
                           log_every=10, plot_every=0)), metadata={"help": "the process reward model"})
     search: SearchSettings = field(default_factory=lambda: SearchSettings(
         methods=["greedy", "vote", "beam"], problems=32, n=4, beam_width=2, expansions=2, max_new_tokens=48,

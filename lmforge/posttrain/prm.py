@@ -23,6 +23,7 @@ import json
 import sys
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -34,9 +35,10 @@ from lmforge.core.files import atomic_write_text
 from lmforge.data.formats import Message
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
+from lmforge.model.transformer import Transformer
 from lmforge.peft.lora import merge_lora
 from lmforge.posttrain.models import copy_tokenizer, device_of, pad_id_of
-from lmforge.posttrain.reward import RewardModel, save_reward_model
+from lmforge.posttrain.reward import RewardModel, load_reward_model, save_reward_model
 from lmforge.posttrain.stage import Stage, StageConfig, run_dir_option, summary, train_option
 from lmforge.tasks.reasoning import Problem, StepRange, make_problems, split_steps, step_labels, verify
 from lmforge.tokenizer import Tokenizer
@@ -52,6 +54,7 @@ class StepExample:
     input_ids: list[int]  # prompt + response tokens
     positions: list[int]  # index of each step's last token in input_ids
     labels: list[float]  # one per position (training targets), empty when only scoring
+    start: int = 0  # index of the first response token (where the first step begins)
 
 
 def encode_steps(tokenizer: Tokenizer, prompt: list[Message], response: str, max_len: int,
@@ -70,13 +73,70 @@ def encode_steps(tokenizer: Tokenizer, prompt: list[Message], response: str, max
         while j < len(resp) - 1 and ends[j] < step.end:
             j += 1
         positions.append(min(len(base) + j, len(ids) - 1))
-    return StepExample(ids, positions, list(labels or []))
+    return StepExample(ids, positions, list(labels or []), min(len(base), len(ids) - 1))
 
 
-def step_logits(rm: RewardModel, input_ids: Tensor) -> Tensor:
-    """The head's logit at every position [B, T] of right-padded `input_ids`."""
+PrmScore = Literal["hidden", "likelihood"]
+
+
+class ProcessRewardModel(RewardModel):
+    """A reward model read at every step end, in one of two ways (`score`):
+
+    - "hidden": the head on the hidden state at the step's last token (a reward model read per step).
+    - "likelihood": `likelihood_scale` * (the lowest log-probability the LM gives any response token up to the
+      step's end) + the head's bias; the head's weight stays 0. A wrong step is most often one surprising token
+      (a wrong result) and the LM already computes that surprise; the minimum runs over the whole solution so
+      far, so a step after a wrong one scores no higher than it (first-error labels). Training moves the LM's
+      own probabilities, which a 6.5M-parameter model learns from a few thousand step labels where a new head
+      on its hidden states does not (measured in benchmarks/RESULTS.md)."""
+
+    def __init__(self, backbone: Transformer, score: PrmScore = "hidden") -> None:
+        super().__init__(backbone)
+        self.score_kind = score
+        if score == "likelihood":
+            nn.init.zeros_(self.head.weight)
+            self.head.weight.requires_grad_(False)
+            self.likelihood_scale = nn.Parameter(torch.ones(()))
+
+    def head_state(self) -> dict[str, Tensor]:
+        state = super().head_state()
+        if self.score_kind == "likelihood":
+            state["likelihood_scale"] = self.likelihood_scale.detach().reshape(1).contiguous()
+        return state
+
+    def load_head_state(self, state: dict[str, Tensor]) -> None:
+        super().load_head_state(state)
+        if self.score_kind == "likelihood":
+            with torch.no_grad():
+                self.likelihood_scale.copy_(state["likelihood_scale"].reshape(()))
+
+
+def load_prm(directory: str | Path, device: str | torch.device = "cpu") -> ProcessRewardModel:
+    """A PRM directory `lmforge prm` wrote, of either score kind (a "likelihood" PRM's head file holds its
+    `likelihood_scale`); any other reward model directory loads as a "hidden" PRM."""
+    return load_reward_model(directory, device, lambda backbone, state: ProcessRewardModel(
+        backbone, "likelihood" if "likelihood_scale" in state else "hidden"))  # type: ignore[return-value]
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """log p(token t | tokens < t) [B, T] from next-token `logits` [B, T, V]; 0 at t = 0 (nothing predicts it)."""
+    B, T = input_ids.shape
+    lp = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
+    return torch.cat([lp.new_zeros(B, 1), lp.view(B, T - 1)], dim=1)
+
+
+def step_logits(rm: RewardModel, input_ids: Tensor, starts: Tensor | None = None) -> Tensor:
+    """The PRM's logit at every position [B, T] of right-padded `input_ids` (read at step ends). A "likelihood"
+    PRM needs `starts` [B]: the index of each row's first response token."""
     h = rm.backbone(input_ids, return_hidden=True)
-    return rm.head(h.to(rm.head.weight.dtype)).squeeze(-1).float()
+    logits = rm.head(h.to(rm.head.weight.dtype)).squeeze(-1).float()
+    if getattr(rm, "score_kind", "hidden") == "likelihood":
+        if starts is None:
+            raise ValueError("a likelihood PRM reads the response from its start: pass `starts`")
+        lp = token_logprobs(rm.backbone.lm_head(h), input_ids)
+        before = torch.arange(lp.shape[1], device=lp.device) < starts.to(lp.device)[:, None]
+        logits = logits + rm.likelihood_scale * lp.masked_fill(before, 0.0).cummin(dim=1).values
+    return logits
 
 
 def _collate(examples: list[StepExample], pad_id: int) -> dict[str, Tensor]:
@@ -88,7 +148,8 @@ def _collate(examples: list[StepExample], pad_id: int) -> dict[str, Tensor]:
         ids[r, :len(e.input_ids)] = torch.tensor(e.input_ids)
         for p, y in zip(e.positions, e.labels or [0.0] * len(e.positions)):
             targets[r, p], mask[r, p] = y, True
-    return {"input_ids": ids, "targets": targets, "mask": mask}
+    starts = torch.tensor([e.start for e in examples])
+    return {"input_ids": ids, "targets": targets, "mask": mask, "starts": starts}
 
 
 @torch.no_grad()
@@ -101,7 +162,8 @@ def score_steps(rm: RewardModel, tokenizer: Tokenizer, prompt: list[Message], re
         if not any(e.positions for e in enc):
             out += [[] for _ in enc]
             continue
-        probs = torch.sigmoid(step_logits(rm, _collate(enc, pad_id_of(tokenizer))["input_ids"].to(device_of(rm))))
+        batch = _collate(enc, pad_id_of(tokenizer))
+        probs = torch.sigmoid(step_logits(rm, batch["input_ids"].to(device_of(rm)), batch["starts"]))
         out += [probs[r, e.positions].tolist() for r, e in enumerate(enc)]
     return out
 
@@ -190,7 +252,7 @@ def step_accuracy(rm: RewardModel, tokenizer: Tokenizer, labelled: list[tuple[Pr
 class PrmConfig(StageConfig, StepRange):
     run_dir: str = run_dir_option("runs/prm", "config.json, checkpoints, metrics, labels.jsonl and RUN/model "
                                               "(backbone + reward_head.safetensors)")
-    train: TrainConfig = train_option(steps=200, lr=1e-3, warmup_steps=10, weight_decay=0.0, log_every=10,
+    train: TrainConfig = train_option(steps=200, lr=5e-5, warmup_steps=10, weight_decay=0.0, log_every=10,
                                       eval_every=100, save_every=0, plot_every=0)
     problems: int = option(64, "training problems (train split) whose sampled solutions get rollout labels")
     heldout_problems: int = option(32, "held-out problems for the step accuracy against the true labels")
@@ -203,6 +265,9 @@ class PrmConfig(StageConfig, StepRange):
     batch_size: int = option(16, "solutions per training batch")
     balance: bool = option(True, "class-weighted BCE: weight the good steps' loss by the ratio of bad to good "
                                  "rollout labels, so rare good steps are not drowned out (false: plain BCE)")
+    score: PrmScore = option("likelihood", "how a step is scored: likelihood (the LM's lowest token log-probability "
+                                           "in the solution so far, scaled; learns at lr ~5e-5) or hidden (a new "
+                                           "linear head on the step end's hidden state; wants lr ~1e-3)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -245,13 +310,41 @@ def balance_weight(labels: list[float]) -> float:
 def prm_loss(rm: RewardModel, batch: dict[str, Tensor], pos_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
     """Binary cross-entropy of the head's logit at every step end against the step's (soft) label, the good
     term weighted by `pos_weight`: mean of -(w y log s + (1 - y) log(1 - s)), s = sigmoid(logit)."""
-    logits = step_logits(rm, batch["input_ids"])[batch["mask"]]
+    logits = step_logits(rm, batch["input_ids"], batch["starts"])[batch["mask"]]
     targets = batch["targets"][batch["mask"]]
     loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=torch.tensor(pos_weight))
     said, good = logits > 0, targets >= 0.5
     recalls = [(said[c] == good[c]).float().mean().item() for c in (good, ~good) if c.any()]
     return loss, {"step_accuracy": (said == good).float().mean().item(),
                   "balanced_step_accuracy": sum(recalls) / max(len(recalls), 1)}
+
+
+def calibrate_likelihood(rm: ProcessRewardModel, examples: list[StepExample], pad_id: int, pos_weight: float,
+                         iterations: int = 300, batch_size: int = 64) -> tuple[float, float]:
+    """Fit a likelihood PRM's `likelihood_scale` and bias to the step labels by (class-weighted) logistic
+    regression on the LM's features as they are, before any fine-tuning moves the LM: the two numbers that turn
+    "the lowest log-probability so far" into P(good). Returns (scale, bias)."""
+    device = device_of(rm)
+    features, targets = [], []
+    with torch.no_grad():
+        rm.likelihood_scale.fill_(1.0)
+        rm.head.bias.zero_()
+        for i in range(0, len(examples), batch_size):
+            batch = _collate(examples[i:i + batch_size], pad_id)
+            features.append(step_logits(rm, batch["input_ids"].to(device), batch["starts"])[batch["mask"]].cpu())
+            targets.append(batch["targets"][batch["mask"]])
+    x, y = torch.cat(features), torch.cat(targets)
+    scale, bias = torch.ones((), requires_grad=True), torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([scale, bias], lr=0.05)
+    for _ in range(iterations):
+        loss = F.binary_cross_entropy_with_logits(scale * x + bias, y, pos_weight=torch.tensor(pos_weight))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        rm.likelihood_scale.fill_(scale.item())
+        rm.head.bias.fill_(bias.item())
+    return scale.item(), bias.item()
 
 
 def run_prm(cfg: PrmConfig) -> dict[str, Any]:
@@ -273,7 +366,11 @@ def run_prm(cfg: PrmConfig) -> dict[str, Any]:
     pos_weight = balance_weight(step_ys) if cfg.balance else 1.0
     torch.manual_seed(cfg.seed)
     stage.add_peft()
-    rm = RewardModel(policy).to(stage.device)
+    rm = ProcessRewardModel(policy, cfg.score).to(stage.device)
+    if cfg.score == "likelihood" and examples:
+        scale, bias = calibrate_likelihood(rm, examples, stage.pad_id, pos_weight)
+        print(f"prm: likelihood score calibrated on the labels: logit = {scale:.3f} * lowest log-probability "
+              f"{bias:+.3f}", file=sys.stderr)
     run_dir = stage.open()
     atomic_write_text(run_dir / "labels.jsonl", "".join(
         json.dumps({"prompt": p.prompt, "response": t, "labels": ys, "true_labels": step_labels(p, t)}) + "\n"

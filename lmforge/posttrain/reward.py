@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,13 @@ class RewardModel(nn.Module):
 
     forward = score
 
+    def head_state(self) -> dict[str, Tensor]:
+        """The tensors `save_reward_model` writes beside the backbone."""
+        return {k: v.detach().contiguous() for k, v in self.head.state_dict().items()}
+
+    def load_head_state(self, state: dict[str, Tensor]) -> None:
+        self.head.load_state_dict({k: state[k] for k in ("weight", "bias")})
+
 
 def last_lengths(labels: Tensor) -> Tensor:
     """Real length of each right-padded row = index of its last labelled (response) position + 1."""
@@ -65,21 +73,26 @@ def last_lengths(labels: Tensor) -> Tensor:
 def save_reward_model(rm: RewardModel, directory: str | Path) -> Path:
     directory = Path(directory)
     save_model(rm.backbone, directory, extra={"reward_head": HEAD_NAME})
-    head = {k: v.detach().contiguous() for k, v in rm.head.state_dict().items()}
+    head = rm.head_state()
     atomic_write(directory / HEAD_NAME, lambda tmp: save_file(head, tmp, metadata={"format": "pt"}))
     return directory
 
 
-def load_reward_model(directory: str | Path, device: str | torch.device = "cpu") -> RewardModel:
-    """A directory `lmforge reward` wrote (model files + reward_head.safetensors), in eval mode."""
+def load_reward_model(directory: str | Path, device: str | torch.device = "cpu",
+                      build: Callable[[Transformer, dict[str, Tensor]], RewardModel] | None = None) -> RewardModel:
+    """A directory `lmforge reward` (or `lmforge prm`) wrote (model files + reward_head.safetensors), in eval
+    mode; `build` makes the model from the backbone and the head file's tensors (default: a `RewardModel`)."""
     directory = Path(directory)
     if not (directory / HEAD_NAME).is_file():
         raise LmforgeError(f"{directory}: not a reward model (no {HEAD_NAME}); train one with `lmforge reward`")
-    rm = RewardModel(load_model(directory))
     state = load_weights(directory / HEAD_NAME)
-    if set(state) != {"weight", "bias"} or state["weight"].shape != rm.head.weight.shape:
-        raise LmforgeError(f"{directory / HEAD_NAME}: expected a [1, {rm.cfg.d_model}] head weight and a bias")
-    rm.head.load_state_dict(state)
+    backbone = load_model(directory)
+    rm = build(backbone, state) if build else RewardModel(backbone)
+    want = rm.head_state()
+    if set(state) != set(want) or any(state[k].shape != v.shape for k, v in want.items()):
+        raise LmforgeError(f"{directory / HEAD_NAME}: expected the tensors " + ", ".join(
+            f"{k} {list(v.shape)}" for k, v in want.items()) + f", found {sorted(state)}")
+    rm.load_head_state(state)
     return rm.to(device).eval()
 
 

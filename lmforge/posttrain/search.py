@@ -37,7 +37,7 @@ from lmforge.data.formats import Message
 from lmforge.generate.batch import generate_batch
 from lmforge.generate.sampling import SamplingParams
 from lmforge.posttrain.models import device_of, load_policy
-from lmforge.posttrain.prm import prm_scorer
+from lmforge.posttrain.prm import load_prm, prm_scorer
 from lmforge.posttrain.reward import load_reward_model, score_texts
 from lmforge.posttrain.stage import RunConfig, open_run, run_dir_option
 from lmforge.tasks.reasoning import Problem, StepRange, extract_answer, make_problems, split_steps, step_labels
@@ -398,7 +398,7 @@ def search_curve(cfg: SearchSettings, model: nn.Module, tokenizer: Tokenizer
     `test_time_curve` (the run report's list of {method, tokens, accuracy,
     stderr, n}: accuracy against mean generated tokens per problem)."""
     device = device_of(model)
-    prm = load_reward_model(cfg.prm, device) if cfg.prm and not cfg.oracle else None
+    prm = load_prm(cfg.prm, device) if cfg.prm and not cfg.oracle else None
     orm = load_reward_model(cfg.orm, device) if cfg.orm else None
     problems = make_problems(cfg.problems, 2 * cfg.seed + 1, cfg.min_steps, cfg.max_steps)
     curve: dict[str, list[dict[str, float]]] = {}
