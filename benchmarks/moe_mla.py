@@ -14,9 +14,10 @@ a dense model vs an MoE with the same active parameters, and MLA vs GQA of the s
     .venv/bin/python benchmarks/moe_mla.py --only moe_layer --threads 1   # the MoE layer rows alone
 
 Every row is also appended to benchmarks/RESULTS.md. The MoE layer on CPU is GEMM-bound: the profile
-(torch.profiler) puts 70-88 % of its fwd+bwd in the per-expert matmuls that grouped_mm runs on CPU, the same
-ones in lmforge and in HF, so the ratio to HF's grouped_mm path is bounded by the other 12-30 % (routing,
-gather/scatter, SiLU-gate).
+(torch.profiler) puts 66-73 % of its fwd+bwd in the per-expert matmuls that grouped_mm runs on CPU, the same
+ones in lmforge and in HF, so the ratio to HF's grouped_mm path is bounded by the rest (routing, gather/scatter,
+SiLU-gate). The last MoE row times those matmuls alone at the routed row counts (`gemm_floor_seconds`, warm
+operands): the time no implementation of the layer goes below here.
 """
 
 from __future__ import annotations

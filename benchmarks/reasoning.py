@@ -1,6 +1,7 @@
 """Reasoning on held-out problems, two seeds: SFT on the <think> task family (greedy accuracy before/after), the
 PRM's step accuracy against the true step labels, and test-time search at equal budgets (greedy, majority vote,
-PRM-guided beam search, MCTS) with standard errors: issue 18's "Measured".
+PRM-guided beam search, MCTS) with standard errors, and (`--grpo-steps`) GRPO from the SFT model with the
+verifier as reward: issue 18's "Measured".
 
 Each seed runs the quickstart's reasoning stage (`lmforge.quickstart.run_reasoning_stage`: SFT of a chat model on
 solved problems, a Math-Shepherd PRM from its rollouts, search on held-out problems) with that seed for the SFT
@@ -26,6 +27,8 @@ from pathlib import Path
 
 from common import machine_line, report, script_command
 
+from lmforge.core.config import from_dict
+from lmforge.posttrain.grpo import GrpoConfig, run_grpo
 from lmforge.posttrain.models import load_policy
 from lmforge.posttrain.search import accuracy_stats, paired_gap, search_curve
 from lmforge.quickstart import ReasoningStageConfig, run_reasoning_stage
@@ -59,7 +62,22 @@ def one_seed(checkpoint: str, seed: int, args: argparse.Namespace, out: Path) ->
     result = run_reasoning_stage(stage, out / f"seed{seed}", checkpoint)
     result["seconds"] = time.perf_counter() - t0
     result["base"] = before
+    if args.grpo_steps:
+        result["grpo"] = grpo_accuracy(result["model_dir"], seed, args, out / f"seed{seed}" / "grpo")
     return result
+
+
+def grpo_accuracy(checkpoint: str, seed: int, args: argparse.Namespace, run_dir: Path) -> dict:
+    """GRPO from the stage's SFT model on the task family's train problems, the verifier as reward: held-out
+    greedy accuracy before and after (`run_grpo`'s own held-out problems, the odd seed's half)."""
+    cfg = from_dict(GrpoConfig, {
+        "checkpoint": checkpoint, "run_dir": str(run_dir), "task": "reasoning", "seed": seed, "group_size": 8,
+        "kl_coef": 0.0, "rollout": {"prompts_per_rollout": 8, "eval_prompts": args.eval_problems},
+        "sampling": {"max_new_tokens": args.max_new_tokens},
+        "train": {"steps": args.grpo_steps, "lr": args.grpo_lr, "log_every": 10, "eval_every": 0}})
+    out = run_grpo(cfg)
+    return {"steps": args.grpo_steps, "lr": args.grpo_lr, "n": args.eval_problems,
+            "before": out["heldout_accuracy_before"], "after": out["heldout_accuracy"]}
 
 
 def fmt(p: dict) -> str:
@@ -81,11 +99,19 @@ def seed_rows(seed: int, r: dict) -> list[tuple]:
     """One seed's rows: greedy before/after SFT, the PRM's step accuracy, each PRM search point against vote."""
     greedy = r["curve"]["greedy"][0]
     rows = [(f"seed {seed}: held-out greedy accuracy after the reasoning SFT (peer: before)", fmt(greedy),
-             fmt(r["base"]), f"{greedy['accuracy'] - r['base']['accuracy']:+.3f}"),
-            (f"seed {seed}: PRM step accuracy vs the true step labels, plain / balanced (mean of the per-class "
-             f"recalls; {r['prm_good_step_share']:.2f} of the steps good) (peer: rollout-label agreement)",
-             f"{r['prm_step_accuracy']:.3f} / {r['prm_balanced_step_accuracy']:.3f}",
-             f"{r['prm_label_agreement']:.3f}", "-")]
+             fmt(r["base"]), f"{greedy['accuracy'] - r['base']['accuracy']:+.3f}")]
+    if "prm_step_accuracy" in r:  # the stage trained a PRM (a search method scores steps)
+        rows.append((f"seed {seed}: PRM step accuracy vs the true step labels, plain / balanced (mean of the "
+                     f"per-class recalls; {r['prm_good_step_share']:.2f} of the steps good) (peer: rollout-label "
+                     f"agreement)", f"{r['prm_step_accuracy']:.3f} / {r['prm_balanced_step_accuracy']:.3f}",
+                     f"{r['prm_label_agreement']:.3f}", "-"))
+    if "grpo" in r:
+        g = r["grpo"]
+        se = [(p * (1 - p) / g["n"]) ** 0.5 for p in (g["after"], g["before"])]
+        rows.append((f"seed {seed}: held-out greedy accuracy after GRPO ({g['steps']} steps, lr {g['lr']:g}, the "
+                     f"verifier as reward, {g['n']} problems) (peer: the SFT model)",
+                     f"{g['after']:.3f} +- {se[0]:.3f}", f"{g['before']:.3f} +- {se[1]:.3f}",
+                     f"{g['after'] - g['before']:+.3f}"))
     votes = r["curve"].get("vote", [])
     for method, pts in r["curve"].items():
         if method in ("greedy", "vote") or not votes:
@@ -150,6 +176,8 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every search but greedy")
     ap.add_argument("--aggregate", default="min", choices=["min", "prod", "last"],
                     help="PRM step scores -> one score")
+    ap.add_argument("--grpo-steps", type=int, default=0, help="GRPO steps from each seed's SFT model (0: none)")
+    ap.add_argument("--grpo-lr", type=float, default=1e-4, help="GRPO's learning rate")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--dump", default="", help="write every seed's stage result (JSON) here")
     ap.add_argument("--from-dump", nargs="+", default=[], help="build the rows from --dump files instead of running")

@@ -283,9 +283,10 @@ def _apply_arch(cfg: QuickstartConfig) -> None:
 
 
 def run_reasoning_stage(cfg: ReasoningStageConfig, out: Path, checkpoint: str) -> dict[str, Any]:
-    """SFT `checkpoint` on solved reasoning problems, train a PRM on its rollout labels, then search held-out
-    problems: the result holds the PRM's step accuracy and `test_time_curve` (accuracy vs generated tokens per
-    method, the run report's curve); the headline is printed."""
+    """SFT `checkpoint` on solved reasoning problems, train a PRM on its rollout labels (when a search method
+    scores steps and no PRM is given), then search held-out problems: the result holds the PRM's step accuracy
+    and `test_time_curve` (accuracy vs generated tokens per method, the run report's curve); the headline is
+    printed."""
     for key, nested in (("prm", cfg.prm), ("search", cfg.search)):
         pair, default = (nested.min_steps, nested.max_steps), (StepRange().min_steps, StepRange().max_steps)
         if pair not in (default, (cfg.min_steps, cfg.max_steps)):
@@ -296,20 +297,23 @@ def run_reasoning_stage(cfg: ReasoningStageConfig, out: Path, checkpoint: str) -
                                                     min_steps=cfg.min_steps, max_steps=cfg.max_steps))
     cfg.sft.data = cfg.sft.data or [str(data)]
     sft = _posttrain(run_sft, cfg.sft, out / "sft", checkpoint)
-    prm = _posttrain(run_prm, cfg.prm, out / "prm", sft["model_dir"])
-    cfg.search.prm = cfg.search.prm or prm["model_dir"]
+    # a PRM only when a search method scores steps and none was given
+    prm = (_posttrain(run_prm, cfg.prm, out / "prm", sft["model_dir"])
+           if cfg.search.step_scored() and not cfg.search.prm and not cfg.search.oracle else None)
+    cfg.search.prm = cfg.search.prm or (prm["model_dir"] if prm else "")
     cfg.search.require_scorers("reasoning.search.")
     policy, tokenizer = load_policy(sft["model_dir"])
     curve, _ = search_curve(cfg.search, policy, tokenizer)
     points = curve["test_time_curve"]
-    print("[quickstart] reasoning: held-out accuracy vs generated tokens per problem (PRM step accuracy "
-          f"{prm['step_accuracy']:.3f}, balanced {prm['balanced_step_accuracy']:.3f}):")
+    print("[quickstart] reasoning: held-out accuracy vs generated tokens per problem" + (
+        f" (PRM step accuracy {prm['step_accuracy']:.3f}, balanced {prm['balanced_step_accuracy']:.3f}):"
+        if prm else ":"))
     for p in points:
         print(f"  {p['method']:<8} {p['tokens']:7.1f} tokens  accuracy {p['accuracy']:.3f} +- {p['stderr']:.3f}")
-    return {"model_dir": sft["model_dir"], "prm_dir": prm["model_dir"], "prm_step_accuracy": prm["step_accuracy"],
-            "prm_balanced_step_accuracy": prm["balanced_step_accuracy"], "prm_good_step_share": prm["good_step_share"],
-            "prm_label_agreement": prm["label_agreement"], "search": curve["methods"], "test_time_curve": points,
-            "curve": curve["curve"]}
+    trained = {f"prm_{k}": prm[k] for k in ("step_accuracy", "balanced_step_accuracy", "good_step_share",
+                                             "label_agreement")} if prm else {}
+    return {"model_dir": sft["model_dir"], "prm_dir": cfg.search.prm, **trained, "search": curve["methods"],
+            "test_time_curve": points, "curve": curve["curve"]}
 
 
 def _posttrain(run: Callable[[Any], dict[str, Any]], stage_cfg: Any, out: Path, checkpoint: str) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """`lmforge prm`: a process reward model, trained on step labels that rollouts produce (Math-Shepherd).
 
 A PRM is the reward model of `lmforge reward` (a backbone and reward.py's scalar head) read at the end of
-every reasoning step instead of only at the last token: sigmoid(head(h_t)) at a step's last token is the
-probability that the solution so far can still reach the right answer.
+every reasoning step instead of only at the last token: sigmoid(logit) at a step's last token is the
+probability that the solution so far can still reach the right answer. The logit is the head on the hidden
+state there (`score="hidden"`) or, by default, a scaled lowest token log-probability of the LM over the
+solution so far (`score="likelihood"`, `ProcessRewardModel`), which a small model learns far better.
 
 Labels need no human (Wang et al. 2024, Math-Shepherd): the policy samples solutions to training problems;
 from the prefix that ends at each step, `rollouts` continuations are sampled; a step is good ("hard

@@ -303,9 +303,13 @@ class SearchSettings(StepRange):
         require(self.mcts_value in ("prm", "rollout"), "mcts_value", self.mcts_value, "prm or rollout")
         require(self.temperature > 0, "temperature", self.temperature, "> 0")
 
+    def step_scored(self) -> list[str]:
+        """The methods of this search that score steps (with the PRM, or the oracle)."""
+        return [m for m in self.methods if m in ("beam", "mcts") or (m == "best_of_n" and not self.orm)]
+
     def require_scorers(self, prefix: str = "") -> None:
         """A PRM (or the oracle) for the methods that score steps: a one-line ConfigError otherwise."""
-        needs = [m for m in self.methods if m in ("beam", "mcts") or (m == "best_of_n" and not self.orm)]
+        needs = self.step_scored()
         require(not needs or bool(self.prm) or self.oracle, f"{prefix}prm", self.prm,
                 f"a PRM directory (or --{prefix}oracle true) for {', '.join(needs)}")
 
