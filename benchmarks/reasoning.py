@@ -47,7 +47,8 @@ def one_seed(checkpoint: str, seed: int, args: argparse.Namespace, out: Path) ->
     stage.sft.seed = seed
     stage.sft.train.steps = args.sft_steps
     stage.prm = dataclasses.replace(stage.prm, seed=seed, problems=args.prm_problems, balance=not args.unbalanced,
-                                    max_new_tokens=args.max_new_tokens, heldout_problems=args.prm_heldout)
+                                    max_new_tokens=args.max_new_tokens, heldout_problems=args.prm_heldout,
+                                    labels=args.prm_labels, rollouts=args.prm_rollouts)
     stage.prm.train.steps = args.prm_steps
     stage.prm.train.lr = args.prm_lr
     stage.search = dataclasses.replace(stage.search, seed=seed, problems=args.eval_problems, methods=args.methods,
@@ -168,6 +169,10 @@ def main() -> int:
     ap.add_argument("--prm-lr", type=float, default=ReasoningStageConfig().prm.train.lr,
                     help="the PRM's peak learning rate (full fine-tune of the SFT model and its head)")
     ap.add_argument("--unbalanced", action="store_true", help="plain BCE for the PRM (no class weighting)")
+    ap.add_argument("--prm-labels", choices=["hard", "soft"], default=ReasoningStageConfig().prm.labels,
+                    help="Math-Shepherd labels: any rollout reaches the answer (hard) or the fraction that do (soft)")
+    ap.add_argument("--prm-rollouts", type=int, default=ReasoningStageConfig().prm.rollouts,
+                    help="continuations per step prefix that label the step")
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 2], help="budget multipliers of the search")
     ap.add_argument("--n", type=int, default=4, help="vote samples at scale 1")
     ap.add_argument("--beam-width", type=int, default=2)
