@@ -73,11 +73,11 @@ def grpo_accuracy(checkpoint: str, seed: int, args: argparse.Namespace, run_dir:
     greedy accuracy before and after (`run_grpo`'s own held-out problems, the odd seed's half)."""
     cfg = from_dict(GrpoConfig, {
         "checkpoint": checkpoint, "run_dir": str(run_dir), "task": "reasoning", "seed": seed, "group_size": 8,
-        "kl_coef": 0.0, "rollout": {"prompts_per_rollout": 8, "eval_prompts": args.eval_problems},
+        "kl_coef": args.grpo_kl, "rollout": {"prompts_per_rollout": 8, "eval_prompts": args.eval_problems},
         "sampling": {"max_new_tokens": args.max_new_tokens},
         "train": {"steps": args.grpo_steps, "lr": args.grpo_lr, "log_every": 10, "eval_every": 0}})
     out = run_grpo(cfg)
-    return {"steps": args.grpo_steps, "lr": args.grpo_lr, "n": args.eval_problems,
+    return {"steps": args.grpo_steps, "lr": args.grpo_lr, "kl": args.grpo_kl, "n": args.eval_problems,
             "before": out["heldout_accuracy_before"], "after": out["heldout_accuracy"]}
 
 
@@ -109,7 +109,8 @@ def seed_rows(seed: int, r: dict) -> list[tuple]:
     if "grpo" in r:
         g = r["grpo"]
         se = [(p * (1 - p) / g["n"]) ** 0.5 for p in (g["after"], g["before"])]
-        rows.append((f"seed {seed}: held-out greedy accuracy after GRPO ({g['steps']} steps, lr {g['lr']:g}, the "
+        rows.append((f"seed {seed}: held-out greedy accuracy after GRPO ({g['steps']} steps, lr {g['lr']:g}, KL "
+                     f"{g.get('kl', 0.0):g}, the "
                      f"verifier as reward, {g['n']} problems) (peer: the SFT model)",
                      f"{g['after']:.3f} +- {se[0]:.3f}", f"{g['before']:.3f} +- {se[1]:.3f}",
                      f"{g['after'] - g['before']:+.3f}"))
@@ -182,7 +183,8 @@ def main() -> int:
     ap.add_argument("--aggregate", default="min", choices=["min", "prod", "last"],
                     help="PRM step scores -> one score")
     ap.add_argument("--grpo-steps", type=int, default=0, help="GRPO steps from each seed's SFT model (0: none)")
-    ap.add_argument("--grpo-lr", type=float, default=1e-4, help="GRPO's learning rate")
+    ap.add_argument("--grpo-lr", type=float, default=GrpoConfig().train.lr, help="GRPO's learning rate")
+    ap.add_argument("--grpo-kl", type=float, default=GrpoConfig().kl_coef, help="GRPO's KL coefficient")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--dump", default="", help="write every seed's stage result (JSON) here")
     ap.add_argument("--from-dump", nargs="+", default=[], help="build the rows from --dump files instead of running")
