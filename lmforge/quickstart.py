@@ -1,11 +1,11 @@
 """`lmforge quickstart`: the lifecycle end to end on a corpus every machine with Python already has.
 
 Stages, each in its own folder under run_dir with a `done.json` once finished:
-corpus -> clean -> tokenizer -> shards -> pretrain -> sft -> dpo (LoRA) -> eval, then report.html.
-A second run reuses finished stages (`--fresh` redoes all, `--rerun sft dpo` redoes some); an
-interrupted pretraining resumes from its last checkpoint; `--skip dpo` leaves optional stages out;
-`--extra reasoning` adds the reasoning stage (SFT on the <think> task family, a PRM, the test-time compute
-curve of greedy / vote / PRM beam search on held-out problems).
+corpus -> clean -> tokenizer -> shards -> pretrain -> sft -> dpo (LoRA) -> eval -> reasoning (SFT on the
+<think> task family, a PRM, the test-time compute curve of greedy / vote / PRM beam search on held-out
+problems), then report.html. A second run reuses finished stages (`--fresh` redoes all, `--rerun sft dpo`
+redoes some); an interrupted pretraining resumes from its last checkpoint; `--skip dpo reasoning` leaves
+optional stages out.
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.pretrain import DataConfig, PretrainConfig, objective_ids, pretrain
 
 STAGES = ("corpus", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval", "reasoning")
-EXTRA_STAGES = ("reasoning",)  # left out unless --extra names them
-OPTIONAL_STAGES = ("clean", "sft", "dpo", "eval")
+OPTIONAL_STAGES = ("clean", "sft", "dpo", "eval", "reasoning")
 # --arch: (model preset, pretraining objective), all sized like `tiny` in active parameters.
 ARCHES = {"llama": ("tiny", "causal"), "moe": ("moe-tiny", "causal"), "mla": ("mla-tiny", "causal"),
           "prefix": ("prefix-tiny", "prefix_lm"), "t5": ("t5-tiny", "span_corruption")}
-DECODER_ONLY_STAGES = ("sft", "dpo", "eval")  # they generate with a decoder-only model; t5 stops after pretrain
+# they generate with a decoder-only model; t5 stops after pretrain
+DECODER_ONLY_STAGES = ("sft", "dpo", "eval", "reasoning")
 
 
 # The shards stage writes one shard set per corpus source; pretraining mixes them. The English docs are
@@ -122,8 +122,6 @@ class QuickstartConfig:
     fresh: bool = option(False, "redo every stage even if a previous run finished it")
     rerun: list[str] = option(default_factory=list, help=f"stages to redo although finished: {', '.join(STAGES)}")
     skip: list[str] = option(default_factory=list, help=f"optional stages to leave out: {', '.join(OPTIONAL_STAGES)}")
-    extra: list[str] = option(default_factory=list, help=f"stages to add: {', '.join(EXTRA_STAGES)} (the reasoning "
-                                                         "stage takes minutes on 2 cores; see docs/posttrain.md)")
     corpus_max_bytes: int = option(6_000_000, "bytes of stdlib code and docs to put in the corpus")
     clean_steps: list[str] = option(default_factory=lambda: ["exact_dedup", "minhash", "pii"],
                                     help="cleaning steps (`lmforge data clean --help`); the web-text quality "
@@ -141,12 +139,11 @@ class QuickstartConfig:
     dpo: DpoConfig = field(default_factory=_default_dpo, metadata={"help": "DPO with LoRA on synthetic "
                                                                            "preference pairs"})
     reasoning: ReasoningStageConfig = field(default_factory=ReasoningStageConfig,
-                                            metadata={"help": "the reasoning stage (--extra reasoning)"})
+                                            metadata={"help": "the reasoning stage (--skip reasoning leaves it out)"})
 
     def __post_init__(self) -> None:
         _one_of("arch", "architecture", self.arch, list(ARCHES))
-        for key, names, allowed in (("rerun", self.rerun, STAGES), ("skip", self.skip, OPTIONAL_STAGES),
-                                    ("extra", self.extra, EXTRA_STAGES)):
+        for key, names, allowed in (("rerun", self.rerun, STAGES), ("skip", self.skip, OPTIONAL_STAGES)):
             for name in names:
                 _one_of(key, "stage", name, allowed)
 
@@ -251,8 +248,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             else (stages.results["dpo"]["model_dir"], None)
     stages.run("eval", lambda out: evaluate_models(out, models, run_dir / "tokenizer", run_dir / "shards",
                                                    cfg.eval_examples, cfg.cloze_examples, cfg.sft.task_kinds))
-    if "reasoning" in cfg.extra and "reasoning" not in cfg.skip:
-        stages.run("reasoning", lambda out: run_reasoning_stage(cfg.reasoning, out, sft_model), resumable=True)
+    stages.run("reasoning", lambda out: run_reasoning_stage(cfg.reasoning, out, sft_model), resumable=True)
 
     summary = {"run_dir": str(run_dir), "seconds": round(time.perf_counter() - start, 1), "stages": stages.results,
                "models": {k: {"checkpoint": c, "adapter": a} for k, (c, a) in models.items()},

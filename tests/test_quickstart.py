@@ -19,7 +19,8 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
             "--pretrain.train.compile", "false", "--sft.tasks", "200", "--sft.train.steps", "6",
             "--sft.max-len", "64", "--sft.batch-size", "4", "--dpo.synthetic-pairs", "24", "--dpo.train.steps", "3",
             "--dpo.batch-size", "4", "--eval-examples", "6", "--cloze-examples", "10"]
-    assert main(argv) == 0
+    # the reasoning stage (on by default) is tested on its own in test_reasoning.py
+    assert main([*argv, "--skip", "reasoning"]) == 0
     out = capsys.readouterr().out
     assert "samples after pretraining" in out and "lmforge generate --checkpoint" in out
     summary = json.loads((run / "summary.json").read_text())
@@ -43,18 +44,18 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
                  "eval/base.json", "eval/decontam.json", "summary.md", "report.html"]:
         assert (run / path).exists(), path
 
-    assert main(argv) == 0  # second run reuses every finished stage
+    assert main([*argv, "--skip", "reasoning"]) == 0  # second run reuses every finished stage
     out = capsys.readouterr().out
     assert out.count("reusing") == 8
 
     # one stage rerun alone, an optional one skipped
-    assert main([*argv, "--rerun", "dpo", "--skip", "eval"]) == 0
+    assert main([*argv, "--rerun", "dpo", "--skip", "eval", "reasoning"]) == 0
     out = capsys.readouterr().out
     assert out.count("reusing") == 6 and "dpo ..." in out and "eval: skipped" in out
 
     # an interrupted pretraining (no done.json) resumes from its last checkpoint instead of starting over
     (run / "pretrain" / "done.json").unlink()
-    assert main([*argv, "--pretrain.train.steps", "45"]) == 0
+    assert main([*argv, "--skip", "reasoning", "--pretrain.train.steps", "45"]) == 0
     captured = capsys.readouterr()
     assert "resuming" in captured.err and "from step 30" in captured.err
     assert json.loads((run / "summary.json").read_text())["stages"]["pretrain"]["steps"] == 45
@@ -71,7 +72,7 @@ def test_quickstart_other_architectures(tmp_path, capsys, arch):
             "--pretrain.data.seq-len", "64", "--pretrain.data.batch-size", "8", "--pretrain.train.precision", "fp32",
             "--pretrain.train.compile", "false", "--sft.tasks", "100", "--sft.train.steps", "3", "--sft.max-len", "64",
             "--sft.batch-size", "4", "--dpo.synthetic-pairs", "12", "--dpo.train.steps", "2", "--dpo.batch-size", "4",
-            "--eval-examples", "4", "--cloze-examples", "4"]
+            "--eval-examples", "4", "--cloze-examples", "4", "--skip", "reasoning"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     summary = json.loads((run / "summary.json").read_text())

@@ -473,6 +473,10 @@ def test_likelihood_prm_scores_the_lowest_token_log_probability_of_the_solution_
                                                                               [text])
     with pytest.raises(LmforgeError, match="likelihood_scale"):
         load_reward_model(directory)
+    # labels of one class calibrate nothing: the identity stays
+    all_good = encode_steps(tok, P.messages(False), P.solution(), 96, [1.0, 1.0, 1.0])
+    assert calibrate_likelihood(prm, [all_good], 0, 1.0) is None
+    assert prm.likelihood_scale.item() == 1.0 and prm.head.bias.item() == 0.0
 
 
 def test_likelihood_prm_learns_to_check_steps_through_the_lm_probabilities(untrained):
@@ -507,7 +511,8 @@ def test_likelihood_prm_learns_to_check_steps_through_the_lm_probabilities(untra
     torch.manual_seed(0)
     prm = ProcessRewardModel(model, "likelihood")
     weight = balance_weight([y for e in train for y in e.labels])
-    calibrate_likelihood(prm, train, 0, weight)
+    scale, _ = calibrate_likelihood(prm, train, 0, weight)
+    assert scale > 0  # a less likely step scores lower
     before = balanced(prm, train), balanced(prm, held)
     opt = torch.optim.AdamW([p for p in prm.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     batches = StepBatches(train, 32, 0, seed=0)

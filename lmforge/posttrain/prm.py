@@ -322,10 +322,11 @@ def prm_loss(rm: RewardModel, batch: dict[str, Tensor], pos_weight: float = 1.0)
 
 
 def calibrate_likelihood(rm: ProcessRewardModel, examples: list[StepExample], pad_id: int, pos_weight: float,
-                         iterations: int = 300, batch_size: int = 64) -> tuple[float, float]:
+                         iterations: int = 300, batch_size: int = 64) -> tuple[float, float] | None:
     """Fit a likelihood PRM's `likelihood_scale` and bias to the step labels by (class-weighted) logistic
     regression on the LM's features as they are, before any fine-tuning moves the LM: the two numbers that turn
-    "the lowest log-probability so far" into P(good). Returns (scale, bias)."""
+    "the lowest log-probability so far" into P(good). The scale stays >= 0. Returns (scale, bias), or None when
+    the labels are all of one class (scale 1, bias 0 are kept)."""
     device = device_of(rm)
     features, targets = [], []
     with torch.no_grad():
@@ -337,12 +338,16 @@ def calibrate_likelihood(rm: ProcessRewardModel, examples: list[StepExample], pa
             targets.append(batch["targets"][batch["mask"]])
     x, y = torch.cat(features), torch.cat(targets)
     scale, bias = torch.ones((), requires_grad=True), torch.zeros((), requires_grad=True)
+    if not ((y >= 0.5).any() and (y < 0.5).any()):  # one class only: nothing to separate, keep the identity
+        return None
     opt = torch.optim.Adam([scale, bias], lr=0.05)
     for _ in range(iterations):
         loss = F.binary_cross_entropy_with_logits(scale * x + bias, y, pos_weight=torch.tensor(pos_weight))
         opt.zero_grad()
         loss.backward()
         opt.step()
+        with torch.no_grad():
+            scale.clamp_(min=0.0)  # a less likely step never scores higher
     with torch.no_grad():
         rm.likelihood_scale.fill_(scale.item())
         rm.head.bias.fill_(bias.item())
@@ -370,9 +375,10 @@ def run_prm(cfg: PrmConfig) -> dict[str, Any]:
     stage.add_peft()
     rm = ProcessRewardModel(policy, cfg.score).to(stage.device)
     if cfg.score == "likelihood" and examples:
-        scale, bias = calibrate_likelihood(rm, examples, stage.pad_id, pos_weight)
-        print(f"prm: likelihood score calibrated on the labels: logit = {scale:.3f} * lowest log-probability "
-              f"{bias:+.3f}", file=sys.stderr)
+        fit = calibrate_likelihood(rm, examples, stage.pad_id, pos_weight)
+        print("prm: likelihood score " + (f"calibrated on the labels: logit = {fit[0]:.3f} * lowest log-probability "
+                                          f"{fit[1]:+.3f}" if fit else "not calibrated: every label is of one class"),
+              file=sys.stderr)
     run_dir = stage.open()
     atomic_write_text(run_dir / "labels.jsonl", "".join(
         json.dumps({"prompt": p.prompt, "response": t, "labels": ys, "true_labels": step_labels(p, t)}) + "\n"
