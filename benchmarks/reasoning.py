@@ -97,7 +97,8 @@ def gap_row(label: str, point: dict, peer: dict, outcomes: tuple[list[bool], lis
 
 
 def seed_rows(seed: int, r: dict) -> list[tuple]:
-    """One seed's rows: greedy before/after SFT, the PRM's step accuracy, each PRM search point against vote."""
+    """One seed's rows: greedy before/after SFT, the PRM's step accuracy (when the stage trained one), GRPO
+    before/after (`--grpo-steps`), each PRM search point against vote."""
     greedy = r["curve"]["greedy"][0]
     rows = [(f"seed {seed}: held-out greedy accuracy after the reasoning SFT (peer: before)", fmt(greedy),
              fmt(r["base"]), f"{greedy['accuracy'] - r['base']['accuracy']:+.3f}")]
@@ -110,8 +111,7 @@ def seed_rows(seed: int, r: dict) -> list[tuple]:
         g = r["grpo"]
         se = [(p * (1 - p) / g["n"]) ** 0.5 for p in (g["after"], g["before"])]
         rows.append((f"seed {seed}: held-out greedy accuracy after GRPO ({g['steps']} steps, lr {g['lr']:g}, KL "
-                     f"{g.get('kl', 0.0):g}, the "
-                     f"verifier as reward, {g['n']} problems) (peer: the SFT model)",
+                     f"{g['kl']:g}, the verifier as reward, {g['n']} problems) (peer: the SFT model)",
                      f"{g['after']:.3f} +- {se[0]:.3f}", f"{g['before']:.3f} +- {se[1]:.3f}",
                      f"{g['after'] - g['before']:+.3f}"))
     votes = r["curve"].get("vote", [])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 from common import (
@@ -72,7 +73,8 @@ def measure(model: torch.nn.Module, is_hf: bool, precision: str, batch: int, seq
     return tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu)
 
 
-def gemm_floor(model: torch.nn.Module, tokens: int, clock=time.process_time, reps: int = 2) -> tuple[float, float]:
+def gemm_floor(model: torch.nn.Module, tokens: int, clock: Callable[[], float] = time.process_time,
+               reps: int = 2) -> tuple[float, float]:
     """(seconds, FLOPs) of one fp32 training step's weight matmuls run alone at this model's shapes: for every
     `nn.Linear` (weight [out, in]) the forward [T, in] @ [in, out], the input gradient [T, out] @ [out, in] and
     the weight gradient [in, T] @ [T, out], T = `tokens`; each shape timed once (fastest of `reps`). Small inner
