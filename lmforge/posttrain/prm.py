@@ -41,6 +41,7 @@ from lmforge.model.transformer import Transformer
 from lmforge.peft.lora import merge_lora
 from lmforge.posttrain.models import copy_tokenizer, device_of, pad_id_of
 from lmforge.posttrain.reward import RewardModel, load_reward_model, save_reward_model
+from lmforge.posttrain.rollout import token_logps
 from lmforge.posttrain.stage import Stage, StageConfig, run_dir_option, summary, train_option
 from lmforge.tasks.reasoning import Problem, StepRange, make_problems, split_steps, step_labels, verify
 from lmforge.tokenizer import Tokenizer
@@ -120,13 +121,6 @@ def load_prm(directory: str | Path, device: str | torch.device = "cpu") -> Proce
         backbone, "likelihood" if "likelihood_scale" in state else "hidden"))  # type: ignore[return-value]
 
 
-def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
-    """log p(token t | tokens < t) [B, T] from next-token `logits` [B, T, V]; 0 at t = 0 (nothing predicts it)."""
-    B, T = input_ids.shape
-    lp = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
-    return torch.cat([lp.new_zeros(B, 1), lp.view(B, T - 1)], dim=1)
-
-
 def step_logits(rm: RewardModel, input_ids: Tensor, starts: Tensor | None = None) -> Tensor:
     """The PRM's logit at every position [B, T] of right-padded `input_ids` (read at step ends). A "likelihood"
     PRM needs `starts` [B]: the index of each row's first response token."""
@@ -135,7 +129,8 @@ def step_logits(rm: RewardModel, input_ids: Tensor, starts: Tensor | None = None
     if getattr(rm, "score_kind", "hidden") == "likelihood":
         if starts is None:
             raise ValueError("a likelihood PRM reads the response from its start: pass `starts`")
-        lp = token_logprobs(rm.backbone.lm_head(h), input_ids)
+        lp = token_logps(rm.backbone.lm_head(h)[:, :-1], input_ids[:, 1:])  # of token t + 1, at t
+        lp = torch.cat([lp.new_zeros(len(lp), 1), lp], dim=1)  # log p(token t); nothing predicts token 0
         before = torch.arange(lp.shape[1], device=lp.device) < starts.to(lp.device)[:, None]
         logits = logits + rm.likelihood_scale * lp.masked_fill(before, 0.0).cummin(dim=1).values
     return logits
